@@ -1,0 +1,174 @@
+"""Noise schedules: beta sequences and the derived lookup tables.
+
+Every table is computed in float64 NumPy and stored as a float32 array of
+length T in a `Schedule` pytree, so a schedule can be passed through `jax.jit`
+like any other argument. Index i of every table belongs to the 0-based step
+t = i (t = 0 is the first, least noisy step; t = T-1 the last).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.struct
+import jax
+import numpy as np
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Lookup tables of a diffusion with T steps, each float32 of shape [T].
+
+    `fixedlarge_log_variance` is log([posterior_variance[1], betas[1:]]), the
+    log-variance the official DDPM code pairs with the variance `betas`.
+    """
+
+    betas: Array
+    alphas_cumprod: Array
+    alphas_cumprod_prev: Array
+    sqrt_alphas_cumprod: Array
+    sqrt_one_minus_alphas_cumprod: Array
+    log_one_minus_alphas_cumprod: Array
+    sqrt_recip_alphas_cumprod: Array
+    sqrt_recipm1_alphas_cumprod: Array
+    posterior_variance: Array
+    posterior_log_variance_clipped: Array
+    posterior_mean_coef1: Array
+    posterior_mean_coef2: Array
+    fixedlarge_log_variance: Array
+
+    @property
+    def num_timesteps(self) -> int:
+        """T, the number of steps (static: it is the tables' length)."""
+        return self.betas.shape[0]
+
+
+def _linear(num_timesteps: int, *, beta_start: float, beta_end: float) -> np.ndarray:
+    return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+
+
+def _quad(num_timesteps: int, *, beta_start: float, beta_end: float) -> np.ndarray:
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+def _const(num_timesteps: int, *, beta_end: float) -> np.ndarray:
+    return np.full(num_timesteps, beta_end, dtype=np.float64)
+
+
+def _jsd(num_timesteps: int) -> np.ndarray:
+    """1/T, 1/(T-1), ..., 1: the last step destroys the signal (alphas_cumprod[-1] = 0)."""
+    return 1.0 / np.linspace(num_timesteps, 1, num_timesteps, dtype=np.float64)
+
+
+def _warmup(fraction: float) -> Callable[..., np.ndarray]:
+    def betas(num_timesteps: int, *, beta_start: float, beta_end: float) -> np.ndarray:
+        out = np.full(num_timesteps, beta_end, dtype=np.float64)
+        warmup_steps = int(num_timesteps * fraction)
+        out[:warmup_steps] = np.linspace(beta_start, beta_end, warmup_steps, dtype=np.float64)
+        return out
+
+    return betas
+
+
+def _cosine(num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM: alphas_cumprod(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s)·π/2)."""
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    f = np.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+
+
+BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
+    "linear": _linear,
+    "quad": _quad,
+    "const": _const,
+    "jsd": _jsd,
+    "warmup10": _warmup(0.1),
+    "warmup50": _warmup(0.5),
+    "cosine": _cosine,
+}
+
+_DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
+
+
+def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
+    """float64 betas of shape [T] for a named schedule.
+
+    `linear`, `quad` and `warmup*` take `beta_start`/`beta_end` (DDPM defaults
+    1e-4, 0.02), `const` takes `beta_end`, `cosine` takes `s` and `max_beta`.
+    """
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps <= 0:
+        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+    make = BETA_SCHEDULES[name]
+    if name in ("linear", "quad", "warmup10", "warmup50"):
+        kwargs = {**_DEFAULTS, **kwargs}
+    elif name == "const":
+        kwargs = {"beta_end": _DEFAULTS["beta_end"], **kwargs}
+    try:
+        return make(int(num_timesteps), **kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments {sorted(kwargs)} for beta schedule {name!r}: {err}") from None
+
+
+def schedule_from_betas(betas) -> Schedule:
+    """All tables for the given betas ([T], each in (0, 1]), computed in float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size == 0:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    bad = np.flatnonzero(~((betas > 0.0) & (betas <= 1.0)))
+    if bad.size:
+        raise ValueError(f"betas must lie in (0, 1]; betas[{bad[0]}] = {betas[bad[0]]!r}")
+
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # Index 0 is exactly 0; the log is clipped by repeating index 1 there.
+        first = posterior_variance[1] if betas.size > 1 else betas[0]
+        posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
+        fixedlarge_log_variance = np.log(np.append(first, betas[1:]))
+        tables = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            log_one_minus_alphas_cumprod=np.log(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+            fixedlarge_log_variance=fixedlarge_log_variance,
+        )
+    return Schedule(**{k: jax.numpy.asarray(v, dtype=np.float32) for k, v in tables.items()})
+
+
+def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
+    """The `Schedule` of a named beta schedule (see `beta_schedule`)."""
+    return schedule_from_betas(beta_schedule(name, num_timesteps, **kwargs))
+
+
+def respace(schedule: Schedule, timesteps) -> Schedule:
+    """The schedule of a sub-sequence of steps (improved DDPM's respacing).
+
+    `timesteps` are increasing 0-based indices into `schedule`; step i of the
+    result jumps from timesteps[i-1] to timesteps[i], with
+    beta_i = 1 - alphas_cumprod[timesteps[i]] / alphas_cumprod[timesteps[i-1]],
+    so q(x_t | x_0) is unchanged at the kept steps. Computed in float64.
+    """
+    timesteps = np.asarray(timesteps)
+    num_timesteps = schedule.num_timesteps
+    if timesteps.ndim != 1 or timesteps.size == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}")
+    if timesteps[0] < 0 or timesteps[-1] >= num_timesteps or np.any(np.diff(timesteps) <= 0):
+        raise ValueError(f"timesteps must be strictly increasing within [0, {num_timesteps}), got {timesteps}")
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
+    kept = alphas_cumprod[timesteps]
+    return schedule_from_betas(1.0 - kept / np.append(1.0, kept[:-1]))
