@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+
 DATASETS = ("cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "synthetic")
 DTYPES = ("float32", "bfloat16")
-MEAN_TYPES = ("eps", "x_start", "v")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
-LOSS_TYPES = ("mse", "kl", "hybrid")
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "heun")
 
 

@@ -109,9 +109,17 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     elif name == "const":
         kwargs = {"beta_end": _DEFAULTS["beta_end"], **kwargs}
     try:
-        return make(int(num_timesteps), **kwargs)
+        betas = make(int(num_timesteps), **kwargs)
     except TypeError as err:
         raise ValueError(f"bad arguments {sorted(kwargs)} for beta schedule {name!r}: {err}") from None
+    _check_betas(betas, f"beta schedule {name!r} with {kwargs}")
+    return betas
+
+
+def _check_betas(betas: np.ndarray, source: str) -> None:
+    bad = np.flatnonzero(~((betas > 0.0) & (betas <= 1.0)))
+    if bad.size:
+        raise ValueError(f"{source}: betas must lie in (0, 1]; betas[{bad[0]}] = {float(betas[bad[0]])}")
 
 
 def schedule_from_betas(betas) -> Schedule:
@@ -119,9 +127,7 @@ def schedule_from_betas(betas) -> Schedule:
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-    bad = np.flatnonzero(~((betas > 0.0) & (betas <= 1.0)))
-    if bad.size:
-        raise ValueError(f"betas must lie in (0, 1]; betas[{bad[0]}] = {betas[bad[0]]!r}")
+    _check_betas(betas, "schedule_from_betas")
 
     alphas = 1.0 - betas
     alphas_cumprod = np.cumprod(alphas)
