@@ -178,3 +178,23 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
     kept = alphas_cumprod[timesteps]
     return schedule_from_betas(1.0 - kept / np.append(1.0, kept[:-1]))
+
+
+_SCHEDULE_ARGS = {
+    "linear": ("beta_start", "beta_end"),
+    "quad": ("beta_start", "beta_end"),
+    "warmup10": ("beta_start", "beta_end"),
+    "warmup50": ("beta_start", "beta_end"),
+    "const": ("beta_end",),
+    "jsd": (),
+    "cosine": (),
+}
+
+
+def schedule_from_config(diffusion_config) -> Schedule:
+    """The schedule of a config's `diffusion` section (schedule, num_timesteps, beta_start, beta_end)."""
+    name = diffusion_config.schedule
+    if name not in _SCHEDULE_ARGS:
+        raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
+    kwargs = {key: diffusion_config[key] for key in _SCHEDULE_ARGS[name]}
+    return make_schedule(name, diffusion_config.num_timesteps, **kwargs)

@@ -1,0 +1,166 @@
+"""The train state and the jitted train step: pure functions of (state, batch).
+
+One step: uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..T-1},
+ε ~ N(0, I) -> q_sample -> model -> loss -> gradient (optionally accumulated
+over micro-batches) -> global-norm clip -> Adam with linear warmup -> EMA.
+Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is
+a deterministic function of (seed, data order). A step whose loss or
+gradient is not finite leaves params, EMA and optimizer state untouched and
+is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxdiff import diffusion
+from jaxdiff.schedule import Schedule
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run carries from step to step; `step` counts optimizer updates attempted."""
+
+    step: Array  # int32 scalar
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: Array  # raw uint32 key
+    nonfinite_streak: Array  # int32: consecutive skipped (non-finite) steps
+    skipped: Array  # int32: all skipped steps
+
+
+def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr·min(step/warmup, 1): the first update (step 0) has lr 0; constant after warmup."""
+    if training.warmup_steps > 0:
+        return optax.linear_schedule(0.0, training.learning_rate, training.warmup_steps)
+    return optax.constant_schedule(training.learning_rate)
+
+
+def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clip, then Adam (no weight decay) with the warmup schedule."""
+    adam = optax.adam(
+        learning_rate_schedule(training), b1=training.adam_b1, b2=training.adam_b2, eps=training.adam_eps
+    )
+    if training.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(training.grad_clip_norm), adam)
+    return adam
+
+
+def dummy_inputs(model_config: ml_collections.ConfigDict) -> tuple[Array, Array, Array | None]:
+    """(x, t, y) of batch 1 for initialising the model."""
+    x = jnp.zeros((1, model_config.image_size, model_config.image_size, model_config.in_channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model_config.num_classes > 0 else None
+    return x, t, y
+
+
+def init_train_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters from `config.seed`; the EMA shadow starts as a copy of them."""
+    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = model.init({"params": init_rng}, *dummy_inputs(config.model), train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        rng=run_rng,
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def preprocess(images: Array, flip_rng: Array | None) -> Array:
+    """uint8 NHWC -> float32 in [-1, 1], each image flipped left-right with probability ½ when flip_rng is given."""
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    if flip_rng is None:
+        return x
+    flip = jax.random.bernoulli(flip_rng, 0.5, (x.shape[0], 1, 1, 1))
+    return jnp.where(flip, x[:, :, ::-1, :], x)
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule) -> Callable:
+    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar)."""
+    dc, num_classes = config.diffusion, config.model.num_classes
+
+    def loss_fn(params, images, labels, rng):
+        flip_rng, t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 5)
+        x_start = preprocess(images, flip_rng if config.data.random_flip else None)
+        t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
+        x_t = diffusion.q_sample(schedule, x_start, t, noise)
+        y = None
+        if num_classes > 0:
+            drop = jax.random.bernoulli(label_rng, config.training.label_dropout, labels.shape)
+            y = jnp.where(drop, num_classes, labels)
+        output = model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_rng})
+        losses = diffusion.training_losses(
+            schedule, output.astype(jnp.float32), x_start=x_start, x_t=x_t, t=t, noise=noise,
+            mean_type=dc.mean_type, var_type=dc.var_type, loss_type=dc.loss_type,
+            hybrid_lambda=dc.hybrid_lambda, min_snr_gamma=dc.min_snr_gamma,
+        )  # fmt: skip
+        return jnp.mean(losses)
+
+    return loss_fn
+
+
+def _accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_batches: int):
+    """Mean loss and gradient over `micro_batches` equal slices of the batch, scanned one at a time."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    if micro_batches == 1:
+        return grad_fn(params, images, labels, rng)
+    split = lambda a: a.reshape((micro_batches, a.shape[0] // micro_batches) + a.shape[1:])  # noqa: E731
+
+    def body(carry, inputs):
+        index, micro_images, micro_labels = inputs
+        loss, grads = grad_fn(params, micro_images, micro_labels, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(micro_batches), split(images), split(labels)))
+    return jax.tree.map(lambda g: g / micro_batches, (loss, grads))
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, schedule: Schedule, tx) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
+    loss_fn = make_loss_fn(config, model, schedule)
+    lr_schedule = learning_rate_schedule(config.training)
+    decay = config.training.ema_decay
+    micro_batches = config.training.grad_accum_steps
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, grads = _accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, micro_batches)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            ema_params=keep_if_finite(ema_params, state.ema_params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            rng=state.rng,
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
+            "skipped_updates": new_state.skipped,
+            "nonfinite_streak": new_state.nonfinite_streak,
+        }
+        return new_state, metrics
+
+    return train_step

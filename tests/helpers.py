@@ -1,0 +1,28 @@
+"""Shared test utilities: paths and subprocess runners."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_python(code: str, *, devices: int = 1, timeout: float = 300, env: dict | None = None) -> str:
+    """Run `code` in a fresh interpreter with `devices` simulated CPU devices; returns stdout, raises on failure."""
+    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu", **(env or {})}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
+    return proc.stdout

@@ -1,0 +1,228 @@
+"""End-to-end runs of `jaxdiff train`: mock CIFAR-10, exact resume, preemption, devices, hosts, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxdiff import checkpoint
+from jaxdiff.cli import load_config, main
+from jaxdiff.training_run import train_and_evaluate
+from tests.helpers import ROOT, TINY_CONFIG, free_port, run_python
+
+SUBPROCESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, devices=1, timeout=300, extra_env=None):
+    env = {**SUBPROCESS_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "jaxdiff.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def train_args(workdir, steps, *overrides):
+    return ["train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+            f"--config.training.num_train_steps={steps}", *overrides]  # fmt: skip
+
+
+def saved_state(workdir, step=None):
+    """The raw saved train state (nested dict of NumPy arrays) at `step` (default: latest)."""
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return step, restored.state
+
+
+def leaves(tree):
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [x for item in tree for x in leaves(item)]
+    return [np.asarray(tree)]
+
+
+def metrics_lines(workdir):
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.timeout(600)
+def test_end_to_end_on_mock_cifar10(tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        code = main(train_args(
+            tmp_path, 30, "--config.data.dataset=cifar10", "--config.model.image_size=32",
+            "--config.training.log_every_steps=5", "--config.training.checkpoint_every_steps=15",
+            "--config.training.sample_every_steps=30", "--config.training.num_sample_images=4",
+            "--config.sampling.steps=10",
+        ))  # fmt: skip
+    assert code == 0
+    lines = metrics_lines(tmp_path)
+    assert [m["step"] for m in lines] == [5, 10, 15, 20, 25, 30]
+    for m in lines:
+        assert {"loss", "steps_per_sec", "images_per_sec", "grad_norm", "learning_rate"} <= set(m)
+        assert np.isfinite(m["loss"])
+    assert sorted(checkpoint.make_manager(tmp_path, read_only=True).all_steps()) == [15, 30]
+    assert (tmp_path / "samples" / "step_00000030.png").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["dataset"] == "cifar10"
+
+
+@pytest.mark.timeout(900)
+def test_resume_is_bitwise_exact(tmp_path):
+    common = ["--config.training.checkpoint_every_steps=3", "--config.training.log_every_steps=1"]
+    straight = cli(*train_args(tmp_path / "straight", 6, *common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = cli(*train_args(tmp_path / "resumed", 3, *common))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = cli(*train_args(tmp_path / "resumed", 6, *common))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming at step 3" in second.stderr
+    step_a, a = saved_state(tmp_path / "straight")
+    step_b, b = saved_state(tmp_path / "resumed")
+    assert step_a == step_b == 6
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    losses = lambda d: [m["loss"] for m in metrics_lines(d)]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+    env = {**SUBPROCESS_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = train_args(tmp_path, 100_000, "--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=100000")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while len(metrics_lines(tmp_path)) < 3:
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(out.split("preempted at step ")[1].split(";")[0])
+    step, _ = saved_state(tmp_path)
+    assert step == stopped >= 3
+    again = cli(*train_args(tmp_path, stopped + 2, "--config.training.log_every_steps=1"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming at step {stopped}" in again.stderr
+    assert saved_state(tmp_path)[0] == stopped + 2
+
+
+DEVICE_RUN = """
+import json, jax, numpy as np
+from jaxdiff.cli import load_config
+from jaxdiff.training_run import train_and_evaluate
+from tests.helpers import TINY_CONFIG
+config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=3", "--config.training.log_every_steps=1",
+                                   "--config.training.batch_size=8"])
+train_and_evaluate(config, {workdir!r}, progress=False)
+print(json.dumps([jax.device_count(), [line for line in open({workdir!r} + "/metrics.jsonl")]]))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_eight_devices_match_one(tmp_path):
+    results = {}
+    for devices in (1, 8):
+        workdir = str(tmp_path / f"d{devices}")
+        count, lines = json.loads(run_python(DEVICE_RUN.format(workdir=workdir), devices=devices).splitlines()[-1])
+        assert count == devices
+        results[devices] = (workdir, [json.loads(line)["loss"] for line in lines])
+    np.testing.assert_allclose(results[8][1], results[1][1], rtol=1e-4)
+    _, one = saved_state(results[1][0])
+    _, eight = saved_state(results[8][0])
+    for x, y in zip(leaves(one["params"]), leaves(eight["params"]), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.timeout(900)
+def test_two_hosts_match_one_host_and_resume_collectively(tmp_path):
+    common = ["--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=2"]
+
+    def two_hosts(steps):
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "jaxdiff.cli", *train_args(tmp_path / "multi", steps, *common),
+                 "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                env={**SUBPROCESS_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        try:
+            outputs = [p.communicate(timeout=400) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        for p, (_, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-4000:]
+        return outputs
+
+    two_hosts(2)
+    outputs = two_hosts(4)
+    assert "resuming at step 2" in outputs[0][1]
+    single = cli(*train_args(tmp_path / "single", 4, *common), devices=4)
+    assert single.returncode == 0, single.stderr[-3000:]
+    _, multi = saved_state(tmp_path / "multi")
+    _, one = saved_state(tmp_path / "single")
+    for x, y in zip(leaves(multi), leaves(one), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="batchsize"):
+        main(train_args(tmp_path, 1, "--config.training.batchsize=4"))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dataset_image_size_must_fit_the_model(tmp_path):
+    config = load_config(TINY_CONFIG, ["--config.data.dataset=digits"])
+    with pytest.raises(ValueError, match=r"\(8, 8, 1\).*\(16, 16, 3\)"):
+        train_and_evaluate(config, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.timeout(600)
+def test_corrupt_checkpoint_falls_back_then_fails_clearly(tmp_path, caplog):
+    config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2"])
+    train_and_evaluate(config, tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoints"
+    for path in (ckpt / "4" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3])
+    config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=5", "--config.training.checkpoint_every_steps=100"])
+    result = train_and_evaluate(config, tmp_path, progress=False)
+    assert result.step == 5
+    assert "step 4" in caplog.text and "unreadable" in caplog.text
+    for step in (2, 5):  # resumed from 2, so 5 must differ from the damaged 4 and be readable
+        saved_state(tmp_path, step)
+    for path in ckpt.rglob("*"):
+        if path.is_file() and "state" in path.parts:
+            path.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        train_and_evaluate(config, tmp_path, progress=False)
+
+
+@pytest.mark.timeout(600)
+def test_workdir_of_a_different_config_is_refused(tmp_path):
+    config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=1"])
+    train_and_evaluate(config, tmp_path, progress=False)
+    changed = load_config(TINY_CONFIG, ["--config.training.num_train_steps=2", "--config.model.dropout=0.3"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"model.dropout: 0.1 -> 0.3"):
+        train_and_evaluate(changed, tmp_path, progress=False)
+    result = train_and_evaluate(changed, tmp_path, allow_config_change=True, progress=False)
+    assert result.step == 2
