@@ -1,0 +1,147 @@
+"""The shipped configs: valid, the intended recipes, and parameter counts equal to a closed form of the architecture."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxdiff.cli import load_config
+from jaxdiff.config import default_config, validate
+from jaxdiff.models import count_parameters, create_model
+from tests.helpers import ROOT
+
+CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.py"))
+LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
+
+
+def get(name):
+    return load_config(str(ROOT / "configs" / f"{name}.py"), [])
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def closed_form_parameters(m) -> int:
+    """Parameter count of the DDPM U-Net, written out from its description (not from the code)."""
+    temb = 4 * m.ch
+
+    def conv3x3(i, o):
+        return 9 * i * o + o
+
+    def dense(i, o):
+        return i * o + o
+
+    def resblock(i, o):  # norm1, conv1, temb_proj, norm2, conv2, nin_shortcut if i != o
+        return 2 * i + conv3x3(i, o) + dense(temb, o) + 2 * o + conv3x3(o, o) + (dense(i, o) if i != o else 0)
+
+    def attention(c):  # norm, q, k, v, proj_out
+        return 2 * c + 4 * dense(c, c)
+
+    levels = len(m.ch_mult)
+    total = dense(m.ch, temb) + dense(temb, temb) + conv3x3(m.in_channels, m.ch)
+    if m.num_classes:
+        total += (m.num_classes + 1) * temb
+    skips, c = [m.ch], m.ch
+    for i, mult in enumerate(m.ch_mult):
+        attn = m.image_size // 2**i in m.attn_resolutions
+        for _ in range(m.num_res_blocks):
+            total += resblock(c, m.ch * mult) + (attention(m.ch * mult) if attn else 0)
+            c = m.ch * mult
+            skips.append(c)
+        if i < levels - 1:
+            total += conv3x3(c, c) if m.resamp_with_conv else 0
+            skips.append(c)
+    total += 2 * resblock(c, c) + attention(c)
+    for i in reversed(range(levels)):
+        attn = m.image_size // 2**i in m.attn_resolutions
+        for _ in range(m.num_res_blocks + 1):
+            total += resblock(c + skips.pop(), m.ch * m.ch_mult[i]) + (attention(m.ch * m.ch_mult[i]) if attn else 0)
+            c = m.ch * m.ch_mult[i]
+        if i > 0:
+            total += conv3x3(c, c) if m.resamp_with_conv else 0
+    assert not skips
+    return total + 2 * c + conv3x3(c, m.out_channels)
+
+
+def parameters_by_eval_shape(model_config) -> int:
+    model = create_model(model_config)
+    size, channels = model_config.image_size, model_config.in_channels
+    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return count_parameters(jax.eval_shape(model.init, jax.random.key(0), x, t)["params"])
+
+
+def test_all_expected_configs_ship():
+    assert CONFIGS == sorted(
+        ["cifar10", "cifar10_cond", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "tiny"]
+    )
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_is_valid_and_counts_match_closed_form(name):
+    config = validate(get(name))
+    assert config.data.dataset == {"cifar10_cond": "cifar10", "tiny": "synthetic"}.get(name, name)
+    assert parameters_by_eval_shape(config.model) == closed_form_parameters(config.model)
+
+
+def test_closed_form_reproduces_published_sizes():
+    assert closed_form_parameters(get("cifar10").model) == 35_746_307
+    assert closed_form_parameters(get("celebahq256").model) == 113_673_219  # "114M"
+    assert closed_form_parameters(get("cifar10_cond").model) == 35_746_307 + 11 * 512
+
+
+def test_cifar10_is_exactly_the_default_recipe():
+    assert get("cifar10").to_dict() == default_config().to_dict()
+
+
+def test_cifar10_cond_differs_only_in_conditioning():
+    base, cond = flat(default_config().to_dict()), flat(get("cifar10_cond").to_dict())
+    assert base.keys() == cond.keys()
+    assert {key for key in base if base[key] != cond[key]} == {"model.num_classes", "training.label_dropout"}
+    assert cond["model.num_classes"] == 10 and cond["training.label_dropout"] == 0.1
+    assert cond["sampling.guidance"] == 0.0
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_256_recipes(name):
+    config = get(name)
+    m, tc = config.model, config.training
+    assert (m.image_size, m.in_channels, m.out_channels, m.ch) == (256, 3, 3, 128)
+    assert tuple(m.ch_mult) == (1, 1, 2, 2, 4, 4) and tuple(m.attn_resolutions) == (16,)
+    assert m.num_res_blocks == 2 and m.dropout == 0.0
+    assert (tc.learning_rate, tc.batch_size, tc.warmup_steps, tc.ema_decay) == (2e-5, 64, 5000, 0.9999)
+    assert config.diffusion.var_type == "fixedsmall"
+    dc = config.diffusion
+    assert (dc.schedule, dc.num_timesteps, dc.beta_start, dc.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    steps = dict(celebahq256=500_000, lsun_church256=1_200_000, lsun_bedroom256=2_400_000, lsun_cat256=1_800_000)
+    assert tc.num_train_steps == steps[name]
+    assert config.data.random_flip == (name != "lsun_cat256")
+
+
+def test_digits_and_tiny():
+    digits, tiny = get("digits"), get("tiny")
+    assert (digits.model.image_size, digits.model.in_channels, digits.model.out_channels) == (8, 1, 1)
+    assert tuple(digits.model.attn_resolutions) == (4,) and not digits.data.random_flip
+    assert (digits.training.batch_size, digits.training.learning_rate, digits.training.ema_decay) == (128, 1e-3, 0.999)
+    tm = tiny.model
+    assert (tm.image_size, tm.ch, tuple(tm.ch_mult), tm.num_res_blocks) == (16, 32, (1, 2), 1)
+    assert tuple(tiny.model.attn_resolutions) == (8,) and tiny.training.batch_size == 8
+    assert (tiny.diffusion.schedule, tiny.diffusion.num_timesteps) == ("linear", 1000)
+
+
+def test_closed_form_covers_variants():
+    """Average-pool resampling, learned variances and labels change the count as the architecture says."""
+    config = get("tiny").model
+    config.resamp_with_conv = False
+    config.out_channels = 6
+    config.num_classes = 5
+    assert parameters_by_eval_shape(config) == closed_form_parameters(config)
