@@ -20,10 +20,11 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     bad = [arg for arg in overrides if not arg.startswith("--config.")]
     if bad:
         raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(bad)}")
+    argv = ["jaxdiff", f"--config={path}", *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True)
+    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
     try:
-        values(["jaxdiff", f"--config={path}", *overrides])
+        values(argv)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as err:
         raise SystemExit(f"jaxdiff: bad config {path!r} or override: {err}") from None
     return values.config
@@ -47,7 +48,8 @@ def _info(args, extra) -> int:
     config = validate(load_config(args.config, extra))
     summary = model_summary(config.model)
     print(f"parameters: {summary['parameters']:,}")
-    print(f"forward GFLOPs per image: {summary['gflops']:.2f}")
+    print(f"forward GFLOPs per image: {summary['gflops']:.2f} (every multiply-add of convolutions and matmuls)")
+    print(f"XLA cost analysis GFLOPs: {summary['xla_gflops']:.2f} (omits convolution taps on zero padding)")
     return 0
 
 

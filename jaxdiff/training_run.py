@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoint, data, images, samplers, sharding
 from jaxdiff.config import validate
+from jaxdiff.denoiser import model_denoiser
 from jaxdiff.metrics import MetricsWriter
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
@@ -102,9 +103,7 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
     labels = None
     if config.model.num_classes > 0:
         labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-    denoise = samplers.model_denoiser(
-        model, params, labels=labels, guidance=config.sampling.guidance, null_label=config.model.num_classes
-    )
+    denoise = model_denoiser(model, params, labels=labels, guidance=config.sampling.guidance)
     shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
     return samplers.sample(
         denoise, schedule, shape, rng,

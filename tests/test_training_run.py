@@ -8,13 +8,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
 from jaxdiff import checkpoint
 from jaxdiff.cli import load_config, main
+from jaxdiff.models import create_model
+from jaxdiff.train import init_train_state, make_optimizer
 from jaxdiff.training_run import train_and_evaluate
 from tests.helpers import ROOT, TINY_CONFIG, free_port, run_python
 
@@ -33,20 +35,26 @@ def train_args(workdir, steps, *overrides):
 
 
 def saved_state(workdir, step=None):
-    """The raw saved train state (nested dict of NumPy arrays) at `step` (default: latest)."""
+    """(step, TrainState) of the tiny config saved in `workdir` (default: latest), on this process's first device.
+
+    Restoring onto one device also checks that a checkpoint written on any topology loads anywhere.
+    """
+    config = load_config(TINY_CONFIG, [])
+    model, tx = create_model(config.model), make_optimizer(config.training)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+        jax.eval_shape(lambda: init_train_state(config, model, tx)),
+    )
     manager = checkpoint.make_manager(workdir, read_only=True)
     step = manager.latest_step() if step is None else step
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    state = checkpoint.restore_state(manager, step, like)
     manager.close()
-    return step, restored.state
+    return step, state
 
 
 def leaves(tree):
-    if isinstance(tree, dict):
-        return [x for k in sorted(tree) for x in leaves(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [x for item in tree for x in leaves(item)]
-    return [np.asarray(tree)]
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def metrics_lines(workdir):
@@ -58,7 +66,7 @@ def metrics_lines(workdir):
 def test_end_to_end_on_mock_cifar10(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         code = main(train_args(
-            tmp_path, 30, "--config.data.dataset=cifar10", "--config.model.image_size=32",
+            tmp_path, 30, "--config.data.dataset=cifar10", "--config.model.image_size=32", "--config.model.attn_resolutions=(16,)",
             "--config.training.log_every_steps=5", "--config.training.checkpoint_every_steps=15",
             "--config.training.sample_every_steps=30", "--config.training.num_sample_images=4",
             "--config.sampling.steps=10",
@@ -141,7 +149,7 @@ def test_eight_devices_match_one(tmp_path):
     np.testing.assert_allclose(results[8][1], results[1][1], rtol=1e-4)
     _, one = saved_state(results[1][0])
     _, eight = saved_state(results[8][0])
-    for x, y in zip(leaves(one["params"]), leaves(eight["params"]), strict=True):
+    for x, y in zip(leaves(one.params), leaves(eight.params), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
