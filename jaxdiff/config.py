@@ -10,10 +10,10 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from jaxdiff.samplers import SAMPLERS, SPACINGS
 
 DATASETS = ("cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "synthetic")
 DTYPES = ("float32", "bfloat16")
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "heun")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.sampler = "ddpm"
     c.sampling.steps = 0  # 0: all T steps
     c.sampling.eta = 0.0
+    c.sampling.spacing = ""  # "": the sampler's default (uniform for ddpm/ddim, karras for the ODE solvers)
     c.sampling.clip_denoised = True
     c.sampling.guidance = 0.0
     c.sampling.batch_size = 256
@@ -90,6 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "diffusion.var_type": (config.diffusion.var_type, VAR_TYPES),
         "diffusion.loss_type": (config.diffusion.loss_type, LOSS_TYPES),
         "sampling.sampler": (config.sampling.sampler, SAMPLERS),
+        "sampling.spacing": (config.sampling.spacing, ("",) + tuple(SPACINGS)),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -108,6 +108,7 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
     return samplers.sample(
         denoise, schedule, shape, rng,
         sampler=config.sampling.sampler, steps=config.sampling.steps or None, eta=config.sampling.eta,
+        spacing=config.sampling.spacing or None,
         clip_denoised=config.sampling.clip_denoised, var_type=config.diffusion.var_type,
         mean_type=config.diffusion.mean_type,
     )  # fmt: skip
