@@ -49,6 +49,21 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_colle
     )
 
 
+def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, params: Any, ema_params: Any, *,
+               step: int = 0) -> None:  # fmt: skip
+    """Write a run checkpoint holding given weights (e.g. converted ones), with a fresh optimizer state.
+
+    Training can resume from it; samplers and the Pipeline use its EMA parameters.
+    """
+    from jaxdiff.train import make_optimizer, new_train_state, seed_keys
+
+    state = new_train_state(params, ema_params, make_optimizer(config.training), seed_keys(config.seed)[1], step=step)
+    manager = make_manager(workdir)
+    save(manager, step, state, config)
+    manager.wait_until_finished()
+    manager.close()
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 

@@ -82,6 +82,26 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+    """A locked config from a (saved, JSON-like) nested dict: defaults for absent keys, lists back to tuples.
+
+    Unknown keys are errors, so a file from a different program is not silently misread.
+    """
+    config = default_config()
+
+    def assign(target: ml_collections.ConfigDict, source: dict, prefix: str) -> None:
+        for key, value in source.items():
+            if key not in target:
+                raise ValueError(f"unknown config key {prefix}{key!r}")
+            if isinstance(target[key], ml_collections.ConfigDict):
+                assign(target[key], value, f"{prefix}{key}.")
+            else:
+                target[key] = tuple(value) if isinstance(value, list) else value
+
+    assign(config, values, "")
+    return config
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check the keys that have a fixed set of values and their consistency; returns `config`."""
     choices = {

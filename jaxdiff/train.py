@@ -68,19 +68,30 @@ def dummy_inputs(model_config: ml_collections.ConfigDict) -> tuple[Array, Array,
     return x, t, y
 
 
-def init_train_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh parameters from `config.seed`; the EMA shadow starts as a copy of them."""
-    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = model.init({"params": init_rng}, *dummy_inputs(config.model), train=False)["params"]
+def seed_keys(seed: int) -> tuple[Array, Array]:
+    """(init_rng, run_rng) of a run: parameter initialisation and per-step randomness."""
+    init_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed))
+    return init_rng, run_rng
+
+
+def new_train_state(params, ema_params, tx: optax.GradientTransformation, rng: Array, *, step: int = 0) -> TrainState:
+    """A state at `step` with the given weights and a fresh optimizer state."""
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
+        step=jnp.asarray(step, jnp.int32),
         params=params,
-        ema_params=jax.tree.map(jnp.copy, params),
+        ema_params=ema_params,
         opt_state=tx.init(params),
-        rng=run_rng,
+        rng=rng,
         nonfinite_streak=jnp.zeros((), jnp.int32),
         skipped=jnp.zeros((), jnp.int32),
     )
+
+
+def init_train_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh parameters from `config.seed`; the EMA shadow starts as a copy of them."""
+    init_rng, run_rng = seed_keys(config.seed)
+    params = model.init({"params": init_rng}, *dummy_inputs(config.model), train=False)["params"]
+    return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)
 
 
 def preprocess(images: Array, flip_rng: Array | None) -> Array:
