@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.resamp_with_conv = True
     c.model.num_classes = 0  # > 0: class-conditional, label `num_classes` is the null label
     c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.remat = False  # recompute ResBlock activations in the backward pass (saves memory)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
