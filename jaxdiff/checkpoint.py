@@ -101,6 +101,41 @@ def restore_state(manager: ocp.CheckpointManager, step: int, like: Any) -> Any:
     return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))).state
 
 
+def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
+    """(config, step, params) of a run's checkpoint (latest when `step` is None), on this process's first device.
+
+    Works whatever topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample
+    and evaluate with) over the raw ones.
+    """
+    from jaxdiff.config import config_from_dict, validate
+    from jaxdiff.models import create_model
+    from jaxdiff.train import init_train_state, make_optimizer
+
+    manager = make_manager(workdir, read_only=True)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(
+                f"no checkpoint in {manager.directory}: train with `jaxdiff train --workdir {workdir}` "
+                "or import weights with `jaxdiff convert`"
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; steps: {steps}")
+        config = validate(config_from_dict(restore_config(manager, step)))
+        model, tx = create_model(config.model), make_optimizer(config.training)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        like = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            jax.eval_shape(lambda: init_train_state(config, model, tx)),
+        )
+        state = restore_state(manager, step, like)
+    finally:
+        manager.close()
+    return config, step, state.ema_params if ema else state.params
+
+
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """'key: saved -> given' for every architecture key whose value differs."""
     given = config.to_dict()

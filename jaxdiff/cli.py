@@ -1,4 +1,4 @@
-"""The `jaxdiff` command: train | info (and the verbs registered below).
+"""The `jaxdiff` command: train | sample | info.
 
 Config files are ml_collections files defining `get_config()`; any key can be
 overridden as `--config.section.key=value`, and an unknown key is an error.
@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import ml_collections
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jaxdiff.checkpoint import CheckpointError
+    from jaxdiff.data import DatasetNotFoundError
+
+    return (ValueError, CheckpointError, DatasetNotFoundError, FileNotFoundError, FloatingPointError)
 
 
 def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -53,6 +62,56 @@ def _info(args, extra) -> int:
     return 0
 
 
+def _write_trajectory(path: str, trajectory: np.ndarray) -> None:
+    """uint8 [K, N, H, W, C] frames -> a strip PNG (one row per image, noise to image) or an animated GIF."""
+    from PIL import Image
+
+    from jaxdiff import images
+
+    frames, n = trajectory.shape[:2]
+    if path.lower().endswith(".gif"):
+        grids = [Image.fromarray(images.make_grid(frame).squeeze()) for frame in trajectory]
+        grids[0].save(path, save_all=True, append_images=grids[1:], duration=120, loop=0)
+        return
+    rows = np.swapaxes(trajectory, 0, 1).reshape(n * frames, *trajectory.shape[2:])
+    images.save_png(images.make_grid(rows, columns=frames), path, scale=max(1, 64 // trajectory.shape[2]))
+
+
+def _sample(args, extra) -> int:
+    import jax
+
+    from jaxdiff import images
+    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.sampling_job import sample_to_shards
+
+    if extra:
+        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
+    pipe = Pipeline.from_checkpoint(args.workdir, step=args.step)
+    settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                    class_label=args.class_label, guidance=args.guidance)  # fmt: skip
+    to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
+    if to_dir:
+        shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
+                                  **settings)  # fmt: skip
+        print(f"{args.num} images in {len(shards)} shards under {args.out}")
+    else:
+        if not args.out.lower().endswith((".png", ".npz")):
+            raise SystemExit(f"jaxdiff: --out must be a .png grid, a .npz file or a directory/, got {args.out!r}")
+        samples = pipe.sample(args.num, seed=args.seed, batch_size=args.batch_size, **settings)
+        if args.out.lower().endswith(".npz"):
+            np.savez(args.out, images=samples)
+        else:
+            images.save_png(images.make_grid(samples), args.out, scale=max(1, 64 // samples.shape[1]))
+        print(f"{len(samples)} images (checkpoint step {pipe.step}) -> {args.out}")
+    if args.trajectory:
+        n = min(8, args.num)
+        _, _, trajectory = pipe.sample_batch(n, jax.random.fold_in(jax.random.PRNGKey(args.seed), 0),
+                                             return_trajectory=True, **settings)  # fmt: skip
+        _write_trajectory(args.trajectory, trajectory)
+        print(f"trajectory of {n} images, {len(trajectory)} frames -> {args.trajectory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Denoising diffusion models in JAX.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -67,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, help="multi-host: this process's index")
     train.set_defaults(run=_train)
 
+    sample = verbs.add_parser("sample", help="draw images from a trained model (EMA parameters)")
+    sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir")
+    sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm_solver++ | heun")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
+    sample.add_argument("--spacing", help="uniform | quadratic | karras (default: the sampler's)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, help="images per device batch (default: config.sampling.batch_size)")
+    sample.add_argument("--out", required=True, help="grid.png, images.npz, or a directory/ for resumable .npz shards")
+    sample.add_argument("--shard-size", type=int, default=1000, help="images per shard with --out DIR/")
+    sample.add_argument("--trajectory", help="also write a noise-to-image strip (.png) or animation (.gif)")
+    sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
+    sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
+    sample.set_defaults(run=_sample)
+
     info = verbs.add_parser("info", help="parameter count and forward GFLOPs per image of a config's model")
     info.add_argument("--config", required=True)
     info.set_defaults(run=_info)
@@ -76,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    return args.run(args, extra)
+    try:
+        return args.run(args, extra)
+    except _user_errors() as err:
+        print(f"jaxdiff: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.guidance import guided_denoiser
 
@@ -30,8 +31,12 @@ def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Call
             raise ValueError(f"guidance={guidance} needs class labels to guide towards")
         return lambda x_t, t: model.apply({"params": params}, x_t, t, None, train=False)
     labels = jnp.asarray(labels)
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= model.num_classes):
-        raise ValueError(f"class labels must lie in [0, {model.num_classes}), got {labels.min()}..{labels.max()}")
+    try:
+        values = np.asarray(labels)
+    except jax.errors.TracerArrayConversionError:  # checked by the caller when traced
+        values = np.zeros(0, np.int32)
+    if values.size and (values.min() < 0 or values.max() >= model.num_classes):
+        raise ValueError(f"class labels must lie in [0, {model.num_classes}), got {values.min()}..{values.max()}")
 
     def apply(p, x_t, t, y):
         return model.apply({"params": p}, x_t, t, y, train=False)

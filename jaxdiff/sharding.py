@@ -86,6 +86,11 @@ def make_mesh(axis_name: str = "data") -> Mesh:
     return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
+def local_mesh(axis_name: str = "data") -> Mesh:
+    """A 1-D mesh over this process's devices only, for work each process does on its own (sampling shards)."""
+    return Mesh(np.array(jax.local_devices()), (axis_name,), axis_types=(AxisType.Auto,))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over the mesh's axis, the rest unsplit."""
     return NamedSharding(mesh, PartitionSpec(*mesh.axis_names))
