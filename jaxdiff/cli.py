@@ -32,11 +32,15 @@ def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
     argv = ["jaxdiff", f"--config={path}", *overrides]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
+    if not os.path.isfile(path):
+        raise SystemExit(f"jaxdiff: config file {path!r} not found")
     try:
         values(argv)
-    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as err:
+        config = values.config
+        config.to_dict()  # a file that failed to load yields a stand-in that raises its error here
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, ImportError, SyntaxError) as err:
         raise SystemExit(f"jaxdiff: bad config {path!r} or override: {err}") from None
-    return values.config
+    return config
 
 
 def _train(args, extra) -> int:
