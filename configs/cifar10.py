@@ -1,7 +1,7 @@
 """DDPM on CIFAR-10 32×32 (Ho et al. 2020): the official recipe, which is exactly the schema's defaults."""
 
-from jaxdiff.config import default_config
+from jaxdiff.recipes import cifar10
 
 
 def get_config():
-    return default_config()
+    return cifar10()

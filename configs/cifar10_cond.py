@@ -1,15 +1,7 @@
-"""Class-conditional CIFAR-10: the DDPM recipe plus a label embedding trained with 10% null labels.
+"""Class-conditional CIFAR-10 for classifier-free guidance: the DDPM recipe plus labels (10 = null, dropped 10%)."""
 
-Label 10 is the null label, so one network also serves classifier-free guidance
-(sampling.guidance = 0 samples the plain conditional model).
-"""
-
-from jaxdiff.config import default_config
+from jaxdiff.recipes import cifar10_cond
 
 
 def get_config():
-    config = default_config()
-    config.model.num_classes = 10
-    config.training.label_dropout = 0.1
-    config.sampling.guidance = 0.0
-    return config
+    return cifar10_cond()
