@@ -1,4 +1,4 @@
-"""The `jaxdiff` command: train | sample | info.
+"""The `jaxdiff` command: train | sample | eval | convert | info.
 
 Config files are ml_collections files defining `get_config()`; any key can be
 overridden as `--config.section.key=value`, and an unknown key is an error.
@@ -90,7 +90,7 @@ def _sample(args, extra) -> int:
 
     if extra:
         raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
-    pipe = Pipeline.from_checkpoint(args.workdir, step=args.step)
+    pipe = Pipeline.from_pretrained(args.workdir, step=args.step)
     settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance)  # fmt: skip
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
@@ -116,6 +116,57 @@ def _sample(args, extra) -> int:
     return 0
 
 
+def _inception(path: str | None):
+    """(params, SHA-256 of the weights file) of the FID Inception network."""
+    from jaxdiff.evaluation.inception_weights import file_sha256, find_weights, load_inception_params
+
+    found = find_weights(path)
+    return load_inception_params(found), file_sha256(found)
+
+
+def _eval(args, extra) -> int:
+    if extra:
+        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
+    if args.what == "stats":
+        from jaxdiff.evaluation.reference import dataset_statistics
+
+        if not args.dataset:
+            raise SystemExit("jaxdiff: eval stats needs --dataset")
+        params, _ = _inception(args.inception_weights)
+        mu, _ = dataset_statistics(args.dataset, args.split, inception_params=params, data_dir=args.data_dir,
+                                   batch_size=args.inception_batch_size)  # fmt: skip
+        print(f"{args.dataset} {args.split}: Inception statistics of dimension {mu.shape[0]} cached")
+        return 0
+    from jaxdiff.evaluation.evaluate import evaluate, parse_metrics
+    from jaxdiff.pipeline import Pipeline
+
+    if not args.workdir:
+        raise SystemExit("jaxdiff: eval needs --workdir")
+    metrics = parse_metrics(args.metrics)
+    pipe = Pipeline.from_pretrained(args.workdir, step=args.step)
+    params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
+    report = evaluate(
+        pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+        seed=args.seed, shard_size=args.shard_size, samples_dir=args.samples, inception_params=params,
+        inception_weights_sha256=sha, reference_path=args.reference, data_dir=args.data_dir,
+        bpd_batch_size=args.bpd_batch_size, bpd_num_images=args.bpd_images, bpd_num_t=args.bpd_num_t,
+    )  # fmt: skip
+    for name, value in report["results"].items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0
+
+
+def _convert(args, extra) -> int:
+    from jaxdiff.convert import convert
+
+    if extra:
+        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
+    out = convert(args.src, args.dst, source_format=args.source_format, target_format=args.target_format,
+                  step=args.step, dataset=args.dataset)  # fmt: skip
+    print(f"{args.src} ({args.source_format or 'detected'}) -> {out} ({args.target_format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Denoising diffusion models in JAX.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -131,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     sample = verbs.add_parser("sample", help="draw images from a trained model (EMA parameters)")
-    sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir")
+    sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     sample.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm_solver++ | heun")
@@ -146,6 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
     sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
     sample.set_defaults(run=_sample)
+
+    evaluate = verbs.add_parser("eval", help="FID / IS / precision-recall / bits-per-dim of a trained model")
+    evaluate.add_argument("what", nargs="?", choices=("model", "stats"), default="model",
+                          help="'model' (default) scores --workdir; 'stats' caches a dataset split's Inception statistics")  # fmt: skip
+    evaluate.add_argument("--workdir", help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
+    evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    evaluate.add_argument("--metrics", default="fid,is", help="comma-separated: fid, is, pr, bpd")
+    evaluate.add_argument("--num-samples", type=int, default=50_000)
+    evaluate.add_argument("--sampler", default="ddpm")
+    evaluate.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--shard-size", type=int, default=1000)
+    evaluate.add_argument("--samples", help="reuse (or resume) the shards of a `jaxdiff sample --out DIR/` job")
+    evaluate.add_argument("--reference", help="statistics .npz (keys mu, sigma); default: the dataset's train split")
+    evaluate.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth or a converted .npz")
+    evaluate.add_argument("--data-dir", default="", help="TFDS data_dir")
+    evaluate.add_argument("--bpd-batch-size", type=int, default=64)
+    evaluate.add_argument("--bpd-images", type=int, help="test images for bits/dim (default: all)")
+    evaluate.add_argument("--bpd-num-t", type=int, help="stratified estimate with K random t per image")
+    evaluate.add_argument("--dataset", help="eval stats: dataset name, e.g. cifar10")
+    evaluate.add_argument("--split", default="train", help="eval stats: TFDS split")
+    evaluate.add_argument("--inception-batch-size", type=int, default=50)
+    evaluate.set_defaults(run=_eval)
+
+    convert = verbs.add_parser("convert", help="convert weights between jaxdiff, diffusers and the official TF format")
+    convert.add_argument("--from", dest="source_format", choices=("tf", "diffusers", "jaxdiff"),
+                         help="source format (default: detected)")  # fmt: skip
+    convert.add_argument("--to", dest="target_format", choices=("jaxdiff", "diffusers"), default="jaxdiff")
+    convert.add_argument("--step", type=int, help="jaxdiff source: checkpoint step (default: latest)")
+    convert.add_argument("--dataset", help="training recipe for the converted config (default: the matching release)")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.set_defaults(run=_convert)
 
     info = verbs.add_parser("info", help="parameter count and forward GFLOPs per image of a config's model")
     info.add_argument("--config", required=True)

@@ -46,10 +46,12 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
         """Weights in any supported format: a jaxdiff workdir, a diffusers UNet2DModel folder, an official TF checkpoint."""
-        from jaxdiff.convert import load_weights
+        from jaxdiff.convert import detect_format, load_weights
 
+        if detect_format(path) == "jaxdiff":
+            return cls.from_checkpoint(path, step=step)
         config, params = load_weights(path, step=step)
-        return cls(config, params, step=step)
+        return cls(config, params)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -1,10 +1,16 @@
 """Shared test utilities: paths and subprocess runners."""
 
+import math
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
@@ -26,3 +32,36 @@ def run_python(code: str, *, devices: int = 1, timeout: float = 300, env: dict |
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-5000:]}")
     return proc.stdout
+
+
+def write_workdir(path, *overrides):
+    """A jaxdiff workdir with a tiny model's checkpoint at step 7 (EMA weights perturbed away from the raw ones)."""
+    from jaxdiff import checkpoint
+    from jaxdiff.cli import load_config
+    from jaxdiff.models import create_model
+    from jaxdiff.train import init_train_state, make_optimizer
+
+    config = load_config(TINY_CONFIG, list(overrides))
+    model = create_model(config.model)
+    state = jax.jit(lambda: init_train_state(config, model, make_optimizer(config.training)))()
+    # Perturb the EMA weights so samples depend on them (the near-zero output layer would hide them).
+    ema = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), state.params)
+    checkpoint.save_model(path, config, state.params, ema, step=7)
+    return config
+
+
+def random_inception_params(seed=0, with_logits=True):
+    """He-scaled random Inception kernels and mildly random BatchNorm, so pool_3 stays O(1)."""
+    from jaxdiff.evaluation import inception_weights
+
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in inception_weights.expected_param_shapes(with_logits=with_logits).items():
+        if path[-1] == "kernel":
+            value = rng.normal(size=shape) * math.sqrt(2.0 / math.prod(shape[:-1]))
+        elif path[-1] in ("scale", "var"):
+            value = rng.uniform(0.8, 1.2, size=shape)
+        else:  # bias, mean
+            value = 0.1 * rng.normal(size=shape)
+        flat[path] = jnp.asarray(value, jnp.float32)
+    return flax.traverse_util.unflatten_dict(flat)

@@ -7,24 +7,12 @@ import numpy as np
 import pytest
 
 from jaxdiff import checkpoint
-from jaxdiff.cli import load_config, main
-from jaxdiff.models import create_model
+from jaxdiff.cli import main
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.sampling_job import read_shards, sample_to_shards
-from jaxdiff.train import init_train_state, make_optimizer
-from tests.helpers import TINY_CONFIG, run_python
+from tests.helpers import run_python, write_workdir
 
 FAST = dict(sampler="ddim", steps=4)
-
-
-def write_workdir(path, *overrides):
-    config = load_config(TINY_CONFIG, list(overrides))
-    model = create_model(config.model)
-    state = jax.jit(lambda: init_train_state(config, model, make_optimizer(config.training)))()
-    # Perturb the EMA weights so samples depend on them (the near-zero output layer would hide them).
-    ema = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), state.params)
-    checkpoint.save_model(path, config, state.params, ema, step=7)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +110,7 @@ def test_cli_sample_bad_input(workdir, tmp_path, capsys, args, message):
 
 def test_cli_sample_without_checkpoint(tmp_path, capsys):
     assert main(["sample", "--workdir", str(tmp_path), "--out", str(tmp_path / "g.png")]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "unknown weights format" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
 
 

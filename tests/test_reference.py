@@ -1,37 +1,21 @@
 """FID reference statistics of a TFDS split (mock data, random Inception params), their cache and loading."""
 
-import math
 
 import flax.traverse_util
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from jaxdiff import data
-from jaxdiff.evaluation import inception_weights, reference
+from jaxdiff.evaluation import reference
 from jaxdiff.evaluation.fid import save_statistics
 from jaxdiff.evaluation.inception import inception_features
-
-
-def random_inception_params(seed=0):
-    """He-scaled random kernels and mildly random BatchNorm (no classifier), so pool_3 stays O(1)."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in inception_weights.expected_param_shapes(with_logits=False).items():
-        if path[-1] == "kernel":
-            value = rng.normal(size=shape) * math.sqrt(2.0 / math.prod(shape[:-1]))
-        elif path[-1] in ("scale", "var"):
-            value = rng.uniform(0.8, 1.2, size=shape)
-        else:  # bias, mean
-            value = 0.1 * rng.normal(size=shape)
-        flat[path] = jnp.asarray(value, jnp.float32)
-    return flax.traverse_util.unflatten_dict(flat)
+from tests.helpers import random_inception_params
 
 
 @pytest.fixture(scope="module")
 def params():
-    return random_inception_params()
+    return random_inception_params(with_logits=False)
 
 
 @pytest.mark.timeout(240)

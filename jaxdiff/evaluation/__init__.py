@@ -1,4 +1,7 @@
-"""Sample-quality evaluation: the FID Inception network, its weights, FID / IS / precision-recall."""
+"""Evaluation: the FID Inception network and its weights, FID / IS / precision-recall, bits/dim.
+
+`evaluate.evaluate` (the body of `jaxdiff eval`) imports the Pipeline, so it is not re-exported here.
+"""
 
 from jaxdiff.evaluation.fid import (
     ActivationStatistics,
@@ -14,6 +17,8 @@ from jaxdiff.evaluation.inception import (
     preprocess,
     resize_tf1_bilinear,
 )
+from jaxdiff.evaluation.likelihood import bpd_terms, evaluate_bpd, stratified_bpd
+from jaxdiff.evaluation.reference import dataset_statistics, load_reference
 from jaxdiff.evaluation.inception_weights import (
     HashMismatchError,
     UnsafePickleError,
@@ -26,6 +31,11 @@ from jaxdiff.evaluation.inception_weights import (
 
 __all__ = [
     "ActivationStatistics",
+    "bpd_terms",
+    "dataset_statistics",
+    "evaluate_bpd",
+    "load_reference",
+    "stratified_bpd",
     "HashMismatchError",
     "InceptionV3",
     "UnsafePickleError",

@@ -74,7 +74,7 @@ def check_hash_in_name(path: os.PathLike | str) -> None:
     match = _HASH_IN_NAME.search(path.name)
     if match is None:
         return
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if not digest.startswith(match.group(1)):
         raise HashMismatchError(
             f"{path}: SHA-256 is {digest} but the name promises a hash starting with "
@@ -83,7 +83,8 @@ def check_hash_in_name(path: os.PathLike | str) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: os.PathLike | str) -> str:
+    """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

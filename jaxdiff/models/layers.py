@@ -103,6 +103,15 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def single_head_attention(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q·kᵀ / sqrt(C)) · v for q, k, v [B, N, 1, C] (one head over N positions); returns [B, N, 1, C].
+
+    Logits and softmax are float32 whatever the input dtype; the output has the dtype of v.
+    `jax.nn.dot_product_attention` picks the backend's implementation (`implementation=None`).
+    """
+    return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation=None)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions, x [B,H,W,C] -> x + proj_out(attn(norm(x)))."""
 
@@ -112,10 +121,8 @@ class AttnBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
         h = group_norm(x, name="norm")
-        q, k, v = (dense(c, self.dtype, name=n)(h).reshape(b, height * width, c) for n in ("q", "k", "v"))
-        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
+        q, k, v = (dense(c, self.dtype, name=n)(h).reshape(b, height * width, 1, c) for n in ("q", "k", "v"))
+        h = single_head_attention(q, k, v).reshape(b, height, width, c)
         return x + dense(c, self.dtype, scale=ZERO_INIT_SCALE, name="proj_out")(h)
 
 

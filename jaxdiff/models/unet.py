@@ -51,7 +51,14 @@ MODEL_KEYS = (
     "resamp_with_conv",
     "num_classes",
     "dtype",
+    "remat",
 )
+
+
+def resblock_class(remat: bool) -> type[nn.Module]:
+    """ResBlock, or with remat=True a ResBlock whose activations are recomputed in the backward pass
+    (`nn.remat`: same parameters and outputs, less memory, about one more forward of compute)."""
+    return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock  # arg 3 of __call__ is `train`
 
 
 class DownLevel(nn.Module):
@@ -66,12 +73,13 @@ class DownLevel(nn.Module):
     resamp_with_conv: bool
     dropout: float
     dtype: jnp.dtype
+    remat: bool
 
     @nn.compact
     def __call__(self, h: Array, temb: Array, train: bool) -> list[Array]:
         skips = []
         for j in range(self.num_res_blocks):
-            h = ResBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(h, temb, train)
+            h = resblock_class(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(h, temb, train)
             if self.use_attn:
                 h = AttnBlock(self.dtype, name=f"attn_{j}")(h)
             skips.append(h)
@@ -85,13 +93,15 @@ class MidLevel(nn.Module):
 
     dropout: float
     dtype: jnp.dtype
+    remat: bool
 
     @nn.compact
     def __call__(self, h: Array, temb: Array, train: bool) -> Array:
         c = h.shape[-1]
-        h = ResBlock(c, self.dropout, self.dtype, name="block_1")(h, temb, train)
+        block = resblock_class(self.remat)
+        h = block(c, self.dropout, self.dtype, name="block_1")(h, temb, train)
         h = AttnBlock(self.dtype, name="attn_1")(h)
-        return ResBlock(c, self.dropout, self.dtype, name="block_2")(h, temb, train)
+        return block(c, self.dropout, self.dtype, name="block_2")(h, temb, train)
 
 
 class UpLevel(nn.Module):
@@ -103,11 +113,12 @@ class UpLevel(nn.Module):
     resamp_with_conv: bool
     dropout: float
     dtype: jnp.dtype
+    remat: bool
 
     @nn.compact
     def __call__(self, h: Array, skips: tuple[Array, ...], temb: Array, train: bool) -> Array:
         for j, skip in enumerate(skips):
-            h = ResBlock(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(
+            h = resblock_class(self.remat)(self.out_ch, self.dropout, self.dtype, name=f"block_{j}")(
                 jnp.concatenate([h, skip], axis=-1), temb, train
             )
             if self.use_attn:
@@ -163,6 +174,8 @@ def _check_fields(m: UNet) -> None:
         raise ValueError(f"dropout={m.dropout!r} must be a number in [0, 1)")
     if not isinstance(m.resamp_with_conv, bool):
         raise ValueError(f"resamp_with_conv={m.resamp_with_conv!r} must be a bool")
+    if not isinstance(m.remat, bool):
+        raise ValueError(f"remat={m.remat!r} must be a bool")
     if m.dtype not in DTYPES:
         raise ValueError(f"dtype={m.dtype!r} is not one of {DTYPES}")
 
@@ -184,6 +197,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool
     num_classes: int
     dtype: str
+    remat: bool = False
 
     def __post_init__(self):
         _check_fields(self)
@@ -242,10 +256,11 @@ class UNet(nn.Module):
                 resamp_with_conv=self.resamp_with_conv,
                 dropout=self.dropout,
                 dtype=dtype,
+                remat=self.remat,
                 name=f"down_{i}",
             )(hs[-1], temb, train)
 
-        h = MidLevel(self.dropout, dtype, name="mid")(hs[-1], temb, train)
+        h = MidLevel(self.dropout, dtype, self.remat, name="mid")(hs[-1], temb, train)
 
         for i in reversed(range(num_levels)):
             skips = tuple(hs.pop() for _ in range(self.num_res_blocks + 1))
@@ -256,6 +271,7 @@ class UNet(nn.Module):
                 resamp_with_conv=self.resamp_with_conv,
                 dropout=self.dropout,
                 dtype=dtype,
+                remat=self.remat,
                 name=f"up_{i}",
             )(h, skips, temb, train)
 
