@@ -1,16 +1,12 @@
 """Shared test utilities: paths and subprocess runners."""
 
-import math
 import os
 import pathlib
 import socket
 import subprocess
 import sys
 
-import flax.traverse_util
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "tiny.py")
@@ -48,20 +44,3 @@ def write_workdir(path, *overrides):
     ema = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), state.params)
     checkpoint.save_model(path, config, state.params, ema, step=7)
     return config
-
-
-def random_inception_params(seed=0, with_logits=True):
-    """He-scaled random Inception kernels and mildly random BatchNorm, so pool_3 stays O(1)."""
-    from jaxdiff.evaluation import inception_weights
-
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in inception_weights.expected_param_shapes(with_logits=with_logits).items():
-        if path[-1] == "kernel":
-            value = rng.normal(size=shape) * math.sqrt(2.0 / math.prod(shape[:-1]))
-        elif path[-1] in ("scale", "var"):
-            value = rng.uniform(0.8, 1.2, size=shape)
-        else:  # bias, mean
-            value = 0.1 * rng.normal(size=shape)
-        flat[path] = jnp.asarray(value, jnp.float32)
-    return flax.traverse_util.unflatten_dict(flat)

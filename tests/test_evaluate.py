@@ -11,7 +11,8 @@ from jaxdiff.evaluation.fid import ActivationStatistics, frechet_distance, incep
 from jaxdiff.evaluation.inception import inception_features
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.sampling_job import read_shards
-from tests.helpers import random_inception_params, write_workdir
+from jaxdiff.evaluation.inception_weights import random_params
+from tests.helpers import write_workdir
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.timeout(600)
 def test_fid_and_is_of_the_sampled_shards(workdir, tmp_path):
-    params = random_inception_params()
+    params = random_params()
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(40, 2048))
     save_statistics(tmp_path / "ref.npz", reference.mean(0), np.cov(reference, rowvar=False))

@@ -187,15 +187,8 @@ def test_download_is_verified_before_it_lands_in_the_cache(tmp_path, clean_env, 
 # --------------------------------------------------------------------------- converting and storing
 
 
-def _random_params(seed=0, with_logits=True):
-    rng = np.random.default_rng(seed)
-    flat = {path: rng.random(shape, dtype=np.float32) + 0.5 for path, shape in
-            iw.expected_param_shapes(with_logits).items()}
-    return flax.traverse_util.unflatten_dict(flat)
-
-
 def test_npz_roundtrip_and_rejections(tmp_path):
-    params = _random_params()
+    params = iw.random_params()
     iw.save_npz(params, tmp_path / "inception.npz")
     loaded = iw.load_npz(tmp_path / "inception.npz")
     flat, flat_loaded = (flax.traverse_util.flatten_dict(p) for p in (params, loaded))
@@ -213,7 +206,7 @@ def test_npz_roundtrip_and_rejections(tmp_path):
 
 def test_pytorch_fid_state_dict_converts_to_flax_layout(tmp_path):
     torch = pytest.importorskip("torch")
-    params = _random_params(seed=1)
+    params = iw.random_params(seed=1)
     flat = flax.traverse_util.flatten_dict(params)
     state = collections.OrderedDict()
     for path in (p[:-2] for p in flat if p[-2:] == ("conv", "kernel")):

@@ -10,12 +10,12 @@ from jaxdiff import data
 from jaxdiff.evaluation import reference
 from jaxdiff.evaluation.fid import save_statistics
 from jaxdiff.evaluation.inception import inception_features
-from tests.helpers import random_inception_params
+from jaxdiff.evaluation.inception_weights import random_params
 
 
 @pytest.fixture(scope="module")
 def params():
-    return random_inception_params(with_logits=False)
+    return random_params(with_logits=False)
 
 
 @pytest.mark.timeout(240)

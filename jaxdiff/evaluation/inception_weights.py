@@ -461,3 +461,21 @@ def load_npz(path: os.PathLike | str) -> dict:
     with np.load(path, allow_pickle=False) as data:
         flat = {key: data[key] for key in data.files}
     return check_params(flax.traverse_util.unflatten_dict(flat, sep="/"))
+
+
+def random_params(seed: int = 0, *, with_logits: bool = True) -> dict:
+    """Random Inception params (He-scaled kernels, mildly random BatchNorm, pool_3 of order 1).
+
+    For smoke runs and tests where the real weights cannot be had; scores computed with them mean nothing.
+    """
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in expected_param_shapes(with_logits=with_logits).items():
+        if path[-1] == "kernel":
+            value = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+        elif path[-1] in ("scale", "var"):
+            value = rng.uniform(0.8, 1.2, size=shape)
+        else:  # bias, mean
+            value = 0.1 * rng.normal(size=shape)
+        flat[path] = jnp.asarray(value, jnp.float32)
+    return flax.traverse_util.unflatten_dict(flat)
