@@ -464,7 +464,7 @@ def load_npz(path: os.PathLike | str) -> dict:
 
 
 def random_params(seed: int = 0, *, with_logits: bool = True) -> dict:
-    """Random Inception params (He-scaled kernels, mildly random BatchNorm, pool_3 of order 1).
+    """Random Inception params as NumPy float32 (He-scaled kernels, mildly random BatchNorm, pool_3 of order 1).
 
     For smoke runs and tests where the real weights cannot be had; scores computed with them mean nothing.
     """
@@ -477,5 +477,5 @@ def random_params(seed: int = 0, *, with_logits: bool = True) -> dict:
             value = rng.uniform(0.8, 1.2, size=shape)
         else:  # bias, mean
             value = 0.1 * rng.normal(size=shape)
-        flat[path] = jnp.asarray(value, jnp.float32)
+        flat[path] = value.astype(np.float32)
     return flax.traverse_util.unflatten_dict(flat)
