@@ -234,3 +234,20 @@ def test_workdir_of_a_different_config_is_refused(tmp_path):
         train_and_evaluate(changed, tmp_path, progress=False)
     result = train_and_evaluate(changed, tmp_path, allow_config_change=True, progress=False)
     assert result.step == 2
+
+
+@pytest.mark.timeout(600)
+def test_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(tmp_path):
+    stable = load_config(TINY_CONFIG, ["--config.training.num_train_steps=2", "--config.training.checkpoint_every_steps=2"])
+    train_and_evaluate(stable, tmp_path, progress=False)
+    # lr 1e30 throws the weights to ~1e30 in one finite update; every later loss overflows.
+    diverging = load_config(TINY_CONFIG, [
+        "--config.training.num_train_steps=50", "--config.training.learning_rate=1e30",
+        "--config.training.warmup_steps=0", "--config.training.log_every_steps=1",
+        "--config.training.max_consecutive_nonfinite=3", "--config.training.checkpoint_every_steps=1000",
+    ])  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps \(steps \d+\.\.\d+\)"):
+        train_and_evaluate(diverging, tmp_path, progress=False)
+    step, state = saved_state(tmp_path)
+    assert step == 2
+    assert all(np.isfinite(x).all() for x in leaves(state.params))

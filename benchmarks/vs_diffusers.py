@@ -1,0 +1,217 @@
+"""jaxdiff against Hugging Face diffusers' PyTorch `UNet2DModel`, the same architecture, timed in one run.
+
+The peer is the DDPM U-Net built from the same `config.model` (for CIFAR-10: block_out_channels
+(128, 256, 256, 256), 2 ResBlocks per level, single-head attention at 16×16, GroupNorm eps 1e-6,
+dropout in training). Both sides run the same training step on the same batch: [-1, 1] scaling,
+random flip, t ~ U{0..T-1}, ε-MSE loss, global-norm clip, Adam, EMA update; and the same sampling
+forward (eval mode, no gradient). Steps alternate (jax, torch, jax, ...) so that both see the same
+machine load; each side's images/s is batch / median step time, and the ratio is jaxdiff / diffusers.
+Both frameworks use all the process's cores: torch.set_num_threads(N), and XLA's CPU thread pool,
+which is one thread per core by default.
+
+    python benchmarks/vs_diffusers.py [--config configs/cifar10.py] [--batch-size 32] [--steps 10]
+        [--warmup 2] [--config.a.b=V ...]
+
+Prints a table, then one line `JSON {...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jaxdiff.cli import load_config  # noqa: E402
+from jaxdiff.config import validate  # noqa: E402
+from jaxdiff.denoiser import model_denoiser  # noqa: E402
+from jaxdiff.models import count_parameters, create_model  # noqa: E402
+from jaxdiff.models.unet import level_resolutions  # noqa: E402
+from jaxdiff.schedule import schedule_from_config  # noqa: E402
+from jaxdiff.train import init_train_state, make_optimizer, make_train_step  # noqa: E402
+
+
+def diffusers_unet(model_config) -> UNet2DModel:
+    """`UNet2DModel` with the DDPM architecture of `model_config` (unconditional, convolutional resampling)."""
+    if model_config.num_classes or not model_config.resamp_with_conv:
+        raise ValueError(
+            f"the peer supports unconditional models with resamp_with_conv=True, got num_classes="
+            f"{model_config.num_classes}, resamp_with_conv={model_config.resamp_with_conv}"
+        )
+    resolutions = level_resolutions(model_config.image_size, len(model_config.ch_mult))
+    attention = [res in model_config.attn_resolutions for res in resolutions]
+    return UNet2DModel(
+        sample_size=model_config.image_size,
+        in_channels=model_config.in_channels,
+        out_channels=model_config.out_channels,
+        block_out_channels=tuple(model_config.ch * mult for mult in model_config.ch_mult),
+        layers_per_block=model_config.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        attention_head_dim=None,  # one head over all channels, as in DDPM
+        norm_eps=1e-6,
+        dropout=model_config.dropout,
+        downsample_padding=0,  # TF "SAME" for stride 2: pad 0 before, 1 after
+        flip_sin_to_cos=False,
+        freq_shift=1,  # sinusoid frequencies exp(-i·ln(10000) / (half - 1)), as DDPM
+    )
+
+
+class TorchTrainer:
+    """The jaxdiff training step in PyTorch: flip, q_sample, ε-MSE, clip_grad_norm_, Adam, EMA."""
+
+    def __init__(self, model: UNet2DModel, config, alphas_cumprod: np.ndarray):
+        training = config.training
+        self.model = model
+        self.ema = [p.detach().clone() for p in model.parameters()]
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=training.learning_rate, betas=(training.adam_b1, training.adam_b2),
+            eps=training.adam_eps, foreach=True,
+        )  # fmt: skip
+        self.clip, self.decay = training.grad_clip_norm, training.ema_decay
+        self.random_flip = config.data.random_flip
+        self.alphas_cumprod = torch.tensor(alphas_cumprod, dtype=torch.float32)
+        self.generator = torch.Generator().manual_seed(0)
+
+    def step(self, images: torch.Tensor) -> float:
+        """One update on uint8 images NCHW; returns the loss."""
+        self.model.train()
+        x_start = images.float() / 127.5 - 1.0
+        batch = x_start.shape[0]
+        if self.random_flip:
+            flip = torch.rand(batch, 1, 1, 1, generator=self.generator) < 0.5
+            x_start = torch.where(flip, x_start.flip(3), x_start)
+        t = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=self.generator)
+        noise = torch.randn(x_start.shape, generator=self.generator)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x_start + (1.0 - a).sqrt() * noise
+        loss = torch.mean((self.model(x_t, t).sample - noise) ** 2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1.0 - self.decay)
+        return loss.item()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The eval-mode network output, no gradient."""
+        self.model.eval()
+        with torch.inference_mode():
+            return self.model(x_t, t).sample
+
+
+def alternate(jax_fn, torch_fn, *, steps: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of (jax_fn, torch_fn), called alternately `steps` times after `warmup` calls each."""
+    for _ in range(warmup):
+        jax.block_until_ready(jax_fn())
+        torch_fn()
+    jax_times, torch_times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(jax_fn())
+        jax_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        torch_fn()
+        torch_times.append(time.perf_counter() - start)
+    return statistics.median(jax_times), statistics.median(torch_times)
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10.py"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each side (medians are reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side after compilation")
+    args, overrides = parser.parse_known_args(argv)
+    for name, minimum in (("batch_size", 1), ("steps", 1), ("warmup", 0)):
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {minimum}")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    config = validate(load_config(args.config, overrides))
+    config.training.batch_size = args.batch_size
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.seed)
+
+    model = create_model(config.model)
+    tx = make_optimizer(config.training)
+    schedule = schedule_from_config(config.diffusion)
+    state = init_train_state(config, model, tx)
+    peer = TorchTrainer(diffusers_unet(config.model), config, np.asarray(schedule.alphas_cumprod))
+    jax_params = count_parameters(state.params)
+    torch_params = sum(p.numel() for p in peer.model.parameters())
+
+    rng = np.random.default_rng(0)
+    size, channels = config.model.image_size, config.model.in_channels
+    images = rng.integers(0, 256, (args.batch_size, size, size, channels), dtype=np.uint8)
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros((args.batch_size,), jnp.int32)}
+    torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    x_t = rng.standard_normal((args.batch_size, size, size, channels), dtype=np.float32)
+    t = np.full((args.batch_size,), schedule.num_timesteps // 2, np.int32)
+    jax_x, jax_t = jnp.asarray(x_t), jnp.asarray(t)
+    torch_x, torch_t = torch.from_numpy(x_t).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(t).long()
+
+    train_step = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
+    forward = jax.jit(lambda params, x, t: model_denoiser(model, params)(x, t))
+
+    def jax_train():
+        nonlocal state
+        state, metrics = train_step(state, batch)
+        return metrics["loss"]
+
+    train = alternate(jax_train, lambda: peer.step(torch_images), steps=args.steps, warmup=args.warmup)
+    sample = alternate(
+        lambda: forward(state.params, jax_x, jax_t), lambda: peer.forward(torch_x, torch_t),
+        steps=args.steps, warmup=args.warmup,
+    )  # fmt: skip
+
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, diffusers "
+          f"{__import__('diffusers').__version__}; {threads} threads each (torch.set_num_threads, XLA default)")  # fmt: skip
+    print(f"config {args.config} {' '.join(overrides)}; dtype {config.model.dtype}; batch {args.batch_size}; "
+          f"median of {args.steps} alternating steps after {args.warmup} warm-up")  # fmt: skip
+    print(f"parameters: jaxdiff {jax_params:,}, diffusers {torch_params:,}")
+    print(f"{'':10}{'jaxdiff img/s':>15}{'diffusers img/s':>17}{'ratio':>8}")
+    results = {}
+    for name, (jax_s, torch_s) in (("train", train), ("sample", sample)):
+        ratio = torch_s / jax_s
+        results[name] = {
+            "jaxdiff_images_per_s": args.batch_size / jax_s,
+            "diffusers_images_per_s": args.batch_size / torch_s,
+            "ratio": ratio,
+        }
+        print(f"{name:10}{args.batch_size / jax_s:>15.1f}{args.batch_size / torch_s:>17.1f}{ratio:>8.2f}")
+    summary = {
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "platform": jax.devices()[0].platform,
+        "threads": threads,
+        "config": args.config,
+        "overrides": overrides,
+        "dtype": config.model.dtype,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "parameters": {"jaxdiff": jax_params, "diffusers": torch_params},
+        **results,
+    }
+    print("JSON " + json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
