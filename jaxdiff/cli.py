@@ -149,6 +149,7 @@ def _eval(args, extra) -> int:
         pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
         seed=args.seed, shard_size=args.shard_size, samples_dir=args.samples, inception_params=params,
         inception_weights_sha256=sha, reference_path=args.reference, data_dir=args.data_dir,
+        inception_batch=args.inception_batch_size,
         bpd_batch_size=args.bpd_batch_size, bpd_num_images=args.bpd_images, bpd_num_t=args.bpd_num_t,
     )  # fmt: skip
     for name, value in report["results"].items():

@@ -18,9 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def xla_flags(devices: int) -> str:
+    """The session's XLA flags (see conftest.py) plus `devices` simulated CPU devices."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def run_python(code: str, *, devices: int = 1, timeout: float = 300, env: dict | None = None) -> str:
     """Run `code` in a fresh interpreter with `devices` simulated CPU devices; returns stdout, raises on failure."""
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    full_env = {**os.environ, "XLA_FLAGS": xla_flags(devices),
                 "JAX_PLATFORMS": "cpu", **(env or {})}  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT

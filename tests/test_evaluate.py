@@ -32,10 +32,12 @@ def test_fid_and_is_of_the_sampled_shards(workdir, tmp_path):
     report = evaluate(
         pipe, str(workdir), metrics=("fid", "is"), num_samples=10, sampler="ddim", steps=3, shard_size=5,
         inception_params=params, inception_weights_sha256="0" * 64, reference_path=str(tmp_path / "ref.npz"),
-        progress=False,
+        inception_batch=5, progress=False,
     )  # fmt: skip
     samples = read_shards(report["settings"]["samples_dir"])
-    pool, logits = inception_features(params, samples)
+    outputs = [inception_features(params, samples[i : i + 5]) for i in (0, 5)]  # the shape evaluate compiled
+    pool = np.concatenate([np.asarray(p) for p, _ in outputs])
+    logits = np.concatenate([np.asarray(l) for _, l in outputs])
     stats = ActivationStatistics()
     stats.update(np.asarray(pool, np.float64))
     want_fid = frechet_distance(stats.mean, stats.covariance, reference.mean(0), np.cov(reference, rowvar=False))

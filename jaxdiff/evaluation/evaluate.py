@@ -93,8 +93,8 @@ def evaluate(
     pipe: Pipeline, workdir: str, *, metrics: tuple[str, ...], num_samples: int = 50_000, sampler: str = "ddpm",
     steps: int | None = None, seed: int = 0, shard_size: int = 1000, samples_dir: str | None = None,
     inception_params=None, inception_weights_sha256: str | None = None, reference_path: str | None = None,
-    data_dir: str = "", bpd_batch_size: int = 64, bpd_num_images: int | None = None, bpd_num_t: int | None = None,
-    progress: bool = True,
+    data_dir: str = "", inception_batch: int = 50, bpd_batch_size: int = 64, bpd_num_images: int | None = None,
+    bpd_num_t: int | None = None, progress: bool = True,
 ) -> dict:  # fmt: skip
     """Score `pipe` on `metrics` and write `workdir/eval_<step>.json`; returns its content."""
     results: dict = {}
@@ -111,7 +111,7 @@ def evaluate(
         else:
             reference_stats = reference.dataset_statistics(
                 pipe.config.data.dataset, "train", inception_params=inception_params, data_dir=data_dir,
-                progress=progress,
+                batch_size=inception_batch, progress=progress,
             )  # fmt: skip
         real_images = None
         if "pr" in quality:
@@ -119,7 +119,8 @@ def evaluate(
             real_images = source.get(np.arange(min(num_samples, source.num_examples)))[0]
         results.update(sample_quality(
             pipe, samples_dir, metrics=tuple(quality), inception_params=inception_params,
-            reference_stats=reference_stats, real_images=real_images, num_images=num_samples,
+            reference_stats=reference_stats, real_images=real_images, inception_batch=inception_batch,
+            num_images=num_samples,
             shard_size=shard_size, seed=seed, sampler=sampler, steps=steps, progress=progress,
         ))  # fmt: skip
         settings.update(num_samples=num_samples, sampler=sampler, steps=steps, seed=seed, samples_dir=samples_dir,

@@ -1,0 +1,14 @@
+"""Test-session settings, inherited by the processes tests start: compile fast, compile once.
+
+The tests' programs are tiny, so XLA's backend optimisations cost far more compile time than they save
+run time (level 0 halves a tiny training run's wall time); and many tests compile the same programs, in
+this process and in the processes they start, so a persistent compilation cache compiles each once.
+"""
+
+import os
+import tempfile
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdiff-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
