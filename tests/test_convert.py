@@ -483,7 +483,7 @@ def test_bad_arguments_are_rejected(tmp_path, tiny_export):
         convert(folder, tmp_path / "dst", step=3)
     with pytest.raises(ValueError, match="already in the 'diffusers' format"):
         convert(folder, tmp_path / "dst", target_format="diffusers")
-    with pytest.raises(ValueError, match="no published recipe named 'imagenet'"):
+    with pytest.raises(ValueError, match="no recipe named 'imagenet'"):
         read_diffusers(folder, dataset="imagenet")
     conditional = load_config(TINY_CONFIG, ["--config.model.num_classes=10"])
     with pytest.raises(ValueError, match="num_classes=10"):
