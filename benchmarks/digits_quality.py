@@ -110,13 +110,14 @@ def evaluate(real_images, real_labels, generated: np.ndarray) -> dict:
 
 
 def print_table(result: dict) -> None:
-    generated_label = f"generated ({result['num_samples']}), share with p_max >= 0.8"
-    print(f"{'held-out real digits, share with p_max >= 0.8':<48}{result['real_share']:>8.3f}")
+    verdict = {True: "ok", False: "MISSED"}
+    real_label = f"held-out real digits, share with p_max >= {CONFIDENCE}"
+    generated_label = f"generated ({result['num_samples']}), share with p_max >= {CONFIDENCE}"
+    ratio_label = f"ratio generated / real (target >= {TARGET_RATIO})"
+    print(f"{real_label:<48}{result['real_share']:>8.3f}")
     print(f"{generated_label:<48}{result['generated_share']:>8.3f}")
-    verdict = "ok" if result["ratio_ok"] else "MISSED"
-    print(f"{'ratio generated / real (target >= 0.90)':<48}{result['ratio']:>8.3f}  {verdict}")
-    verdict = "ok" if result["classes_ok"] else "MISSED"
-    print(f"generated share per class (target: each >= 0.05)  {verdict}")
+    print(f"{ratio_label:<48}{result['ratio']:>8.3f}  {verdict[result['ratio_ok']]}")
+    print(f"generated share per class (target: each >= {TARGET_CLASS_SHARE})  {verdict[result['classes_ok']]}")
     print("  " + "".join(f"{k:>7d}" for k in range(NUM_CLASSES)))
     print("  " + "".join(f"{s:>7.3f}" for s in result["class_shares"]))
 
