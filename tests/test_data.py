@@ -1,7 +1,12 @@
-"""Input pipelines: batch order, sources (synthetic, digits, TFDS under mock data), errors."""
+"""Input pipelines: batch order, the grain iterator and its state, sources (synthetic, digits, CIFAR-10
+prepared without TensorFlow from files in the original binary format, TFDS under mock data), errors."""
 
 import gc
+import json
+import subprocess
 import sys
+import tarfile
+import textwrap
 import threading
 import time
 
@@ -11,6 +16,9 @@ import tensorflow_datasets as tfds
 
 from jaxdiff import data
 from jaxdiff.config import default_config
+from tests.helpers import ROOT
+
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def reference_indices(num_examples, seed, start, stop):
@@ -34,6 +42,24 @@ def data_config(**overrides):
     for key, value in overrides.items():
         setattr(config.data, key, value)
     return config.data
+
+
+def write_cifar10_binary(root, *, per_train_file=3, test=4, seed=0):
+    """Fake CIFAR-10 binary files (<label byte><1024 red><1024 green><1024 blue> per image) in
+    root/cifar-10-batches-bin; returns {"train": (images, labels), "test": (images, labels)} in file order."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    written = {"train": [], "test": []}
+    files = [(f"data_batch_{i}.bin", per_train_file, "train") for i in range(1, 6)] + [("test_batch.bin", test, "test")]
+    for name, count, split in files:
+        images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        planes = images.transpose(0, 3, 1, 2).reshape(count, 3 * 1024)
+        (folder / name).write_bytes(np.concatenate([labels[:, None], planes], axis=1).tobytes())
+        written[split].append((images, labels))
+    (folder / "batches.meta.txt").write_text("\n".join(CIFAR10_LABELS) + "\n\n")
+    return {k: tuple(np.concatenate(parts) for parts in zip(*v)) for k, v in written.items()}
 
 
 def splitmix64_reference(x):
@@ -132,17 +158,63 @@ def test_iterator_reraises_source_errors_and_stops_on_close():
         next(batches)
 
 
-def test_dropping_the_iterator_stops_its_thread():
+def test_dropping_the_iterator_stops_its_threads():
     before = set(threading.enumerate())
     batches = data.iterate_batches(
         data.SyntheticSource(24, (2, 2, 1)), seed=0, start_step=0, global_batch_size=4, process_index=0, process_count=1
     )
     next(batches)
-    (worker,) = set(threading.enumerate()) - before
+    workers = set(threading.enumerate()) - before
+    assert workers
     del batches
     gc.collect()
-    worker.join(timeout=5)
-    assert not worker.is_alive()
+    for worker in workers:
+        worker.join(timeout=5)
+        assert not worker.is_alive()
+
+
+def test_iterator_state_is_json_and_resuming_from_it_continues_identically():
+    source = data.SyntheticSource(29, (2, 3, 1))
+    kwargs = dict(seed=3, global_batch_size=6, process_index=0, process_count=1)
+    with data.iterate_batches(source, start_step=2, **kwargs) as batches:
+        for _ in range(4):
+            next(batches)
+        state = json.loads(json.dumps(batches.get_state()))
+        after = [next(batches) for _ in range(5)]
+    assert state == {"step": 6, "seed": 3, "global_batch_size": 6, "num_examples": 29}
+    with data.iterate_batches(source, start_step=0, **kwargs) as resumed:
+        next(resumed)
+        resumed.set_state(state)
+        assert resumed.get_state() == state
+        for expected in after:
+            got = next(resumed)
+            np.testing.assert_array_equal(got["image"], expected["image"])
+            np.testing.assert_array_equal(got["label"], expected["label"])
+        assert resumed.get_state()["step"] == 11
+        for key, value, message in [("seed", 4, "seed=4 \\(this run: 3\\)"), ("num_examples", 30, "num_examples=30"),
+                                    ("step", -1, "step must be an int >= 0")]:  # fmt: skip
+            with pytest.raises(ValueError, match=message):
+                resumed.set_state({**state, key: value})
+        with pytest.raises(ValueError, match="keys"):
+            resumed.set_state({"step": 3})
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_iterator_order_on_one_and_two_processes_is_the_reference_order(process_count):
+    num_examples, batch, seed = 23, 8, 11  # epochs end inside batches
+    source = indexed_source(num_examples)
+    local = batch // process_count
+    iterators = [
+        data.iterate_batches(source, seed=seed, start_step=1, global_batch_size=batch, process_index=p,
+                             process_count=process_count, prefetch=2)  # fmt: skip
+        for p in range(process_count)
+    ]
+    for step in range(1, 9):
+        expected = reference_indices(num_examples, seed, step * batch, (step + 1) * batch)
+        for p, iterator in enumerate(iterators):
+            np.testing.assert_array_equal(next(iterator)["label"], expected[p * local : (p + 1) * local])
+    for iterator in iterators:
+        iterator.close()
 
 
 @pytest.mark.parametrize(
@@ -211,20 +283,24 @@ def test_load_dataset_rejects_unknown_names():
         data.load_dataset(config.data)
 
 
-def test_digits_values_are_rounded_sixteenths():
+def test_digits_splits_are_a_fixed_held_out_fifth_with_rounded_sixteenths():
     sklearn_datasets = pytest.importorskip("sklearn.datasets")
     raw = sklearn_datasets.load_digits()
-    source = data.load_dataset(data_config(dataset="digits"))
-    assert (source.num_examples, source.image_shape, source.num_classes) == (1797, (8, 8, 1), 10)
-    images, labels = source.get(np.arange(1797))
-    assert images.dtype == np.uint8 and images.min() == 0 and images.max() == 255
-    expected = np.floor(raw.images.astype(np.float64) * 255.0 / 16.0 + 0.5)
-    np.testing.assert_array_equal(images[..., 0], expected)
-    np.testing.assert_array_equal(images[..., 0][raw.images == 16], 255)
-    np.testing.assert_array_equal(images[..., 0][raw.images == 8], 128)
-    np.testing.assert_array_equal(labels, raw.target)
-    with pytest.raises(ValueError, match="split='test'"):
-        data.load_dataset(data_config(dataset="digits", split="test"))
+    held_out = np.random.default_rng(0).permutation(1797)[1797 - 360 :]
+    expected_indices = {"test": np.sort(held_out), "train": np.array(sorted(set(range(1797)) - set(held_out)))}
+    for split, size in (("train", 1437), ("test", 360)):
+        source = data.load_dataset(data_config(dataset="digits", split=split))
+        assert (source.num_examples, source.image_shape, source.num_classes) == (size, (8, 8, 1), 10)
+        images, labels = source.get(np.arange(size))
+        rows = expected_indices[split]
+        expected = np.floor(raw.images[rows].astype(np.float64) * 255.0 / 16.0 + 0.5)
+        np.testing.assert_array_equal(images[..., 0], expected)
+        np.testing.assert_array_equal(labels, raw.target[rows])
+        assert images.dtype == np.uint8 and images.max() == 255
+        np.testing.assert_array_equal(images[..., 0][raw.images[rows] == 8], 128)
+    assert not set(expected_indices["train"]) & set(expected_indices["test"])
+    with pytest.raises(ValueError, match="split='validation'"):
+        data.load_dataset(data_config(dataset="digits", split="validation"))
 
 
 def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
@@ -233,20 +309,120 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch):
         data.load_dataset(data_config(dataset="digits"))
 
 
-@pytest.mark.timeout(120)
-def test_cifar10_through_tfds_mock_data(monkeypatch):
-    monkeypatch.setattr(data, "_TFDS_READ_BATCH", 5)  # the 13 examples arrive in 3 tf.data batches
+def test_cifar10_through_tfds_mock_data():
     with tfds.testing.mock_data(num_examples=13):
         source = data.load_dataset(data_config(dataset="cifar10"))
-        direct = list(tfds.as_numpy(tfds.load("cifar10", split="train")))
+        direct = tfds.data_source("cifar10", split="train")
+        expected_images = np.stack([direct[i]["image"] for i in range(13)])
+        expected_labels = [direct[i]["label"] for i in range(13)]
     assert (source.num_examples, source.image_shape, source.num_classes) == (13, (32, 32, 3), 10)
     images, labels = source.get(np.arange(13))
     assert images.dtype == np.uint8 and labels.dtype == np.int32
-    assert labels.min() >= 0 and labels.max() < 10
-    np.testing.assert_array_equal(images, np.stack([example["image"] for example in direct]))
-    np.testing.assert_array_equal(labels, [example["label"] for example in direct])
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
     batch = data.batch_for_step(source, seed=0, step=1, global_batch_size=4, process_index=0, process_count=1)
     np.testing.assert_array_equal(batch["image"], images[reference_indices(13, 0, 4, 8)])
+
+
+@pytest.fixture(scope="module")
+def prepared_cifar10(tmp_path_factory):
+    """(data_dir, fake files written) of a CIFAR-10 prepared without TensorFlow from fake binary files."""
+    root = tmp_path_factory.mktemp("cifar10")
+    written = write_cifar10_binary(root / "source")
+    with tarfile.open(root / "cifar-10-binary.tar.gz", "w:gz") as tar:
+        tar.add(root / "source" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+    where = data.prepare_dataset("cifar10", root / "tfds", source=root / "cifar-10-binary.tar.gz")
+    assert where == str(root / "tfds" / "cifar10" / "3.0.2")
+    return root, written
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_prepared_from_the_binary_archive_reads_back_exactly(prepared_cifar10):
+    root, written = prepared_cifar10
+    for split, size in (("train", 15), ("test", 4)):
+        source = data.load_dataset(data_config(dataset="cifar10", split=split, data_dir=str(root / "tfds")))
+        assert (source.num_examples, source.image_shape, source.num_classes) == (size, (32, 32, 3), 10)
+        images, labels = source.get(np.arange(size))
+        records = tfds.data_source("cifar10", split=split, data_dir=str(root / "tfds"))
+        ids = [records[i]["id"] for i in range(size)]
+        order = [int(i.decode().split("_")[1]) if isinstance(i, bytes) else int(i.split("_")[1]) for i in ids]
+        assert sorted(order) == list(range(size)) and order != list(range(size))  # TFDS shuffled them by key
+        np.testing.assert_array_equal(images, written[split][0][order])  # PNG round trip is lossless
+        np.testing.assert_array_equal(labels, written[split][1][order])
+    assert tfds.builder("cifar10", data_dir=str(root / "tfds")).info.features["label"].names == CIFAR10_LABELS
+
+
+@pytest.mark.timeout(120)
+def test_cifar10_prepared_from_a_folder_equals_from_the_archive_and_reprepare_is_a_no_op(prepared_cifar10, tmp_path):
+    root, _ = prepared_cifar10
+    where = data.prepare_dataset("cifar10", tmp_path, source=root / "source" / "cifar-10-batches-bin")
+    for split in ("train", "test"):
+        a = data.load_dataset(data_config(dataset="cifar10", split=split, data_dir=str(root / "tfds")))
+        b = data.load_dataset(data_config(dataset="cifar10", split=split, data_dir=str(tmp_path)))
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert data.prepare_dataset("cifar10", tmp_path) == where  # prepared: nothing downloaded or written
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_prepare_rejects_bad_arguments_before_writing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not an archive")
+    for name, source, error, message in [
+        ("lsun_cat256", None, ValueError, "cannot prepare dataset 'lsun_cat256'"),
+        ("cifar10", tmp_path / "missing.tar.gz", FileNotFoundError, "missing.tar.gz' does not exist"),
+        ("cifar10", tmp_path / "empty", ValueError, "holds no CIFAR-10 binary files"),
+        ("cifar10", tmp_path / "notes.txt", ValueError, "is not a tar archive"),
+    ]:
+        with pytest.raises(error, match=message):
+            data.prepare_dataset(name, tmp_path / "out", source=source)
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_tfrecord_cache_names_both_ways_out(prepared_cifar10, tmp_path):
+    import shutil
+
+    root, _ = prepared_cifar10
+    shutil.copytree(root / "tfds" / "cifar10", tmp_path / "cifar10")
+    info_path = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "fileFormat": "tfrecord"}))
+    version_dir = tmp_path / "cifar10" / "3.0.2"
+    for call in (
+        lambda: data.load_dataset(data_config(dataset="cifar10", data_dir=str(tmp_path))),
+        lambda: data.prepare_dataset("cifar10", tmp_path),
+    ):
+        with pytest.raises(data.DatasetNotFoundError) as info_error:
+            call()
+        message = str(info_error.value)
+        assert "\n" not in message and "tfrecord format" in message
+        assert f"tfds convert_format --dataset_version_dir={version_dir} --out_file_format=array_record" in message
+        assert "jaxdiff data prepare cifar10 --data-dir NEW_DIR" in message
+
+
+@pytest.mark.timeout(180)
+def test_data_and_tf_checkpoints_need_no_tensorflow(prepared_cifar10):
+    root, _ = prepared_cifar10
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from jaxdiff import data
+        from jaxdiff.config import default_config
+        from jaxdiff.convert.tf_bundle import TFCheckpoint
+        config = default_config().data
+        config.dataset, config.data_dir = "cifar10", {str(root / "tfds")!r}
+        source = data.load_dataset(config)
+        with data.iterate_batches(source, seed=0, start_step=0, global_batch_size=4, process_index=0,
+                                  process_count=1) as batches:
+            assert [next(batches)["image"].shape for _ in range(5)] == [(4, 32, 32, 3)] * 5
+        ckpt = TFCheckpoint({str(ROOT / "tests" / "data" / "tf_checkpoint" / "single" / "model.ckpt-5")!r})
+        assert ckpt.tensor("global_step") == 790000
+        print("tensorflow" in sys.modules, "tensorflow" in {{m.split(".")[0] for m in sys.modules}})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_lsun_through_tfds_mock_data_source():
@@ -265,7 +441,7 @@ def test_lsun_through_tfds_mock_data_source():
 @pytest.mark.parametrize(
     "dataset, tfds_name, hint",
     [
-        ("cifar10", "cifar10", "tfds build cifar10"),
+        ("cifar10", "cifar10", "jaxdiff data prepare cifar10 --data-dir {}"),
         ("lsun_bedroom256", "lsun/bedroom", "--file_format=array_record"),
         ("celebahq256", "celeb_a_hq/256", "data256x256.tar"),
     ],
@@ -280,7 +456,7 @@ def test_missing_dataset_fails_fast_naming_dataset_dir_and_fix(tmp_path, monkeyp
         data.load_dataset(data_config(dataset=dataset, data_dir=str(tmp_path)))
     assert time.monotonic() - start < 20
     message = str(info.value)
-    for part in (repr(dataset), tfds_name, str(tmp_path), hint):
+    for part in (repr(dataset), tfds_name, str(tmp_path), hint.format(tmp_path)):
         assert part in message
     if dataset == "celebahq256":
         assert f"--manual_dir={tmp_path}" in message

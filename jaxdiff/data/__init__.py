@@ -1,0 +1,55 @@
+"""Input pipelines: image sources, the deterministic batch order (a grain pipeline) and TF-free preparation.
+
+Sources (`sources`, `tfds_sources`) give random access to uint8 NHWC images; `pipeline` turns a
+source into this process's batches, in an order that is a pure function of (seed, step);
+`prepare` writes CIFAR-10 as TFDS array_record files without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdiff.config import DATASETS
+from jaxdiff.data.pipeline import BatchIterator, batch_dataset, batch_for_step, example_indices, iterate_batches
+from jaxdiff.data.prepare import prepare_dataset
+from jaxdiff.data.sources import ArraySource, Source, SyntheticSource, digits_split_indices, load_digits
+from jaxdiff.data.tfds_sources import (
+    DatasetNotFoundError,
+    RandomAccessSource,
+    center_crop_resize,
+    load_in_memory,
+    load_random_access,
+)
+
+SYNTHETIC_NUM_EXAMPLES = 50_000  # examples of the `synthetic` dataset built by `load_dataset`
+
+__all__ = [
+    "SYNTHETIC_NUM_EXAMPLES", "ArraySource", "BatchIterator", "DatasetNotFoundError", "RandomAccessSource",
+    "Source", "SyntheticSource", "batch_dataset", "batch_for_step", "center_crop_resize", "digits_split_indices",
+    "example_indices", "iterate_batches", "load_dataset", "prepare_dataset",
+]  # fmt: skip
+
+
+def load_dataset(
+    data_config: ml_collections.ConfigDict, *, image_shape_for_synthetic: tuple[int, int, int] | None = None
+) -> Source:
+    """The source named by `data_config.dataset` (one of `jaxdiff.config.DATASETS`).
+
+    Reads `dataset`, `split` and `data_dir` ("" = TFDS' default). `image_shape_for_synthetic`
+    (H, W, C) is required for, and used only by, `synthetic` (50,000 examples, 10 classes,
+    any split). Digits has the splits "train" (1437 images) and "test" (360 held out).
+    A TFDS dataset that is not prepared, or not in array_record format, raises
+    `DatasetNotFoundError` saying what to run.
+    """
+    dataset = data_config.dataset
+    if dataset not in DATASETS:
+        raise ValueError(f"data.dataset={dataset!r} is not one of {DATASETS}")
+    if dataset == "synthetic":
+        if image_shape_for_synthetic is None:
+            raise ValueError("data.dataset='synthetic' needs image_shape_for_synthetic=(H, W, C)")
+        return SyntheticSource(SYNTHETIC_NUM_EXAMPLES, tuple(image_shape_for_synthetic))
+    if dataset == "digits":
+        return load_digits(data_config.split)
+    if dataset == "cifar10":
+        return load_in_memory(dataset, data_config)
+    return load_random_access(dataset, data_config)

@@ -1,0 +1,149 @@
+"""Preparing CIFAR-10 as a TFDS array_record dataset without TensorFlow.
+
+TFDS' own `cifar10` builder reads the archive through `tf.io.gfile` and encodes PNGs with TensorFlow.
+`Cifar10WithoutTensorFlow` is that builder (same name, version, features, example keys, hence the same
+example order) reading the original binary files with plain Python and encoding each image as PNG with
+Pillow, so `tfds.data_source("cifar10", data_dir=...)` reads the result like a TFDS-built dataset.
+Only the binary archive (`cifar-10-binary.tar.gz`) is read: the "python" archive is pickled, and
+pickles are never loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pathlib
+import tarfile
+
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.image_classification.cifar import Cifar10
+
+from jaxdiff.data.tfds_sources import check_random_access_format
+
+CIFAR10_BINARY_FOLDER = "cifar-10-batches-bin"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch.bin"
+CIFAR10_LABELS_FILE = "batches.meta.txt"
+CIFAR10_RECORD_BYTES = 1 + 32 * 32 * 3  # label byte, then the red, green and blue planes row-major
+PREPARABLE = ("cifar10",)
+
+log = logging.getLogger(__name__)
+
+
+def read_cifar10_binary(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 32, 32, 3], labels uint8 [n]) of one CIFAR-10 binary batch file."""
+    raw = np.fromfile(path, np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD_BYTES:
+        raise ValueError(
+            f"{path} holds {raw.size} bytes, not a whole number of {CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
+        )
+    records = raw.reshape(-1, CIFAR10_RECORD_BYTES)
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), records[:, 0]
+
+
+def _png(image: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(image)  # the Image feature encodes a PIL image with Pillow, as PNG
+
+
+def _binary_folder(root: pathlib.Path) -> pathlib.Path | None:
+    for folder in (root, root / CIFAR10_BINARY_FOLDER):
+        if all((folder / name).is_file() for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)):
+            return folder
+    return None
+
+
+def _extract_binary_archive(archive: pathlib.Path, destination: pathlib.Path) -> pathlib.Path:
+    """Extracts the CIFAR-10 binary files (and nothing else) of `archive` into `destination`."""
+    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}" for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_LABELS_FILE)}
+    folder = destination / CIFAR10_BINARY_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.lstrip("./") in wanted:
+                with tar.extractfile(member) as src:
+                    (folder / pathlib.PurePosixPath(member.name).name).write_bytes(src.read())
+    return folder
+
+
+class Cifar10WithoutTensorFlow(Cifar10, skip_registration=True):
+    """TFDS' `cifar10` builder that needs no TensorFlow; `source` is the binary archive or its extracted folder
+    (None: TFDS' download manager fetches the archive)."""
+
+    name = "cifar10"
+
+    def __init__(self, *, source: str | os.PathLike | None = None, **kwargs):
+        self._source = None if source is None else pathlib.Path(source)
+        super().__init__(**kwargs)
+
+    def _split_generators(self, dl_manager):
+        if self._source is None:
+            folder = _binary_folder(pathlib.Path(dl_manager.download_and_extract(self._cifar_info.url)))
+        elif self._source.is_dir():
+            folder = _binary_folder(self._source)
+        else:
+            folder = _extract_binary_archive(self._source, pathlib.Path(dl_manager.download_dir) / "cifar10_binary")
+            folder = _binary_folder(folder)
+        if folder is None:
+            raise ValueError(
+                f"{self._source} holds no CIFAR-10 binary files ({CIFAR10_BINARY_FOLDER}/data_batch_1.bin, ...)"
+            )
+        labels_file = folder / CIFAR10_LABELS_FILE
+        if labels_file.is_file():
+            self.info.features["label"].names = [n for n in labels_file.read_text().split("\n") if n]
+        return {
+            tfds.Split.TRAIN: self._generate_examples("train_", [folder / name for name in CIFAR10_TRAIN_FILES]),
+            tfds.Split.TEST: self._generate_examples("test_", [folder / CIFAR10_TEST_FILE]),
+        }
+
+    def _generate_examples(self, split_prefix, filepaths):
+        """(index, example) in file order; TFDS shuffles by the index, as for its own builder."""
+        index = 0
+        for path in filepaths:
+            images, labels = read_cifar10_binary(path)
+            for image, label in zip(images, labels):
+                yield index, {"id": f"{split_prefix}{index:05d}", "image": _png(image), "label": int(label)}
+                index += 1
+
+
+def _check_source(source: str | os.PathLike | None) -> None:
+    if source is None:
+        return
+    path = pathlib.Path(source)
+    if path.is_dir():
+        if _binary_folder(path) is None:
+            raise ValueError(
+                f"source={os.fspath(source)!r} holds no CIFAR-10 binary files "
+                f"({', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE}, directly or in {CIFAR10_BINARY_FOLDER}/)"
+            )
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"source={os.fspath(source)!r} does not exist; give cifar-10-binary.tar.gz or its extracted folder"
+        )
+    elif not tarfile.is_tarfile(path):
+        raise ValueError(f"source={os.fspath(source)!r} is not a tar archive; give cifar-10-binary.tar.gz")
+
+
+def prepare_dataset(name: str, data_dir: str | os.PathLike | None, *, source: str | os.PathLike | None = None) -> str:
+    """Writes dataset `name` ("cifar10") as TFDS array_record files under `data_dir`; returns that folder.
+
+    `data_dir` None or "" is TFDS' default (~/tensorflow_datasets). `source`: the binary archive
+    `cifar-10-binary.tar.gz` or its extracted folder (offline); None downloads the archive. A
+    dataset already prepared there in array_record format is left as it is.
+    """
+    if name not in PREPARABLE:
+        raise ValueError(
+            f"cannot prepare dataset {name!r}: jaxdiff prepares {PREPARABLE}; digits and synthetic need no "
+            "preparation, and the 256x256 sets are built with TFDS: tfds build <name> --file_format=array_record"
+        )
+    _check_source(source)
+    builder = Cifar10WithoutTensorFlow(source=source, data_dir=os.fspath(data_dir) if data_dir else None)
+    if builder.is_prepared():
+        check_random_access_format(name, builder)
+        log.info("%s is already prepared in %s", name, builder.data_dir)
+        return os.fspath(builder.data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    return os.fspath(builder.data_dir)
