@@ -94,6 +94,7 @@ def digits() -> ml_collections.ConfigDict:
 
 
 RELEASED = ("cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
+RECIPES = ("cifar10", "cifar10_cond", *_256_RUNS, "digits")
 
 
 def recipe(name: str) -> ml_collections.ConfigDict:
@@ -106,4 +107,4 @@ def recipe(name: str) -> ml_collections.ConfigDict:
         return ddpm256(name)
     if name == "digits":
         return digits()
-    raise ValueError(f"no recipe named {name!r}; expected one of {('cifar10', 'cifar10_cond', *_256_RUNS, 'digits')}")
+    raise ValueError(f"no recipe named {name!r}; expected one of {RECIPES}")

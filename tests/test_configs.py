@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from jaxdiff.cli import load_config
-from jaxdiff.config import default_config, validate
+from jaxdiff.config import (
+    SPECS,
+    ConfigError,
+    config_from_dict,
+    default_config,
+    flat_keys,
+    keys_without_spec,
+    spec_of,
+    unknown_key_error,
+    validate,
+)
+from jaxdiff.recipes import RECIPES, recipe
 from jaxdiff.models import count_parameters, create_model
 from tests.helpers import ROOT
 
@@ -146,3 +158,95 @@ def test_closed_form_covers_variants():
     config.out_channels = 6
     config.num_classes = 5
     assert parameters_by_eval_shape(config) == closed_form_parameters(config)
+
+
+# ---------------------------------------------------------------- the spec table
+
+
+def test_every_key_has_an_explicit_spec():
+    """Keys without an entry in SPECS get only a type check; this lists them so they are noticed."""
+    assert keys_without_spec() == [], f"add these keys to jaxdiff.config.SPECS: {keys_without_spec()}"
+
+
+def test_every_default_and_recipe_satisfies_the_specs():
+    for name in RECIPES:
+        validate(recipe(name))
+    for key, value in flat_keys(default_config()).items():
+        assert spec_of(key, value).accepts(value), key
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("training.checkpoint_every_steps", 0, "an int >= 1"),
+        ("training.log_every_steps", 0, "an int >= 1"),
+        ("training.sample_every_steps", -3, "an int >= 1"),
+        ("training.grad_accum_steps", 0, "an int >= 1"),
+        ("training.num_train_steps", -5, "an int >= 1"),
+        ("training.batch_size", 0, "an int >= 1"),
+        ("training.ema_decay", 1.5, "a number in [0, 1]"),
+        ("training.learning_rate", -1.0, "a number > 0"),
+        ("training.learning_rate", float("nan"), "a number > 0"),
+        ("training.label_dropout", 1.0, "a number in [0, 1)"),
+        ("model.dropout", -0.1, "a number in [0, 1)"),
+        ("model.ch_mult", (1, 0), "a tuple of ints >= 1, at least 1"),
+        ("model.ch_mult", (), "a tuple of ints >= 1, at least 1"),
+        ("model.num_classes", -1, "an int >= 0"),
+        ("diffusion.num_timesteps", 1, "an int >= 2"),
+        ("diffusion.beta_start", 0.0, "a number in (0, 1]"),
+        ("diffusion.schedule", "cosin", "one of ("),
+        ("sampling.guidance", -1.0, "a number >= 0"),
+        ("seed", -1, "an int in [0, 4.29497e+09]"),
+        ("training.num_train_steps", 2.5, "an int >= 1"),
+        ("data.random_flip", 1, "a bool"),
+    ],
+)
+def test_a_value_outside_its_spec_is_refused_naming_key_value_and_allowed(key, value, allowed):
+    # Not type-safe, so ml_collections' own check on assignment does not hide validate's.
+    config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    section, name = key.rsplit(".", 1) if "." in key else (None, key)
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError) as err:
+        validate(config)
+    message = str(err.value)
+    assert f"{key}={value!r}" in message and allowed in message and "\n" not in message
+
+
+def test_a_key_without_spec_is_type_checked_from_its_default(monkeypatch):
+    monkeypatch.delitem(SPECS, "training.keep_checkpoints")
+    assert keys_without_spec() == ["training.keep_checkpoints"]
+    config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    validate(config)
+    config.training.keep_checkpoints = "3"
+    with pytest.raises(ConfigError, match=r"keep_checkpoints='3'.*an int"):
+        validate(config)
+
+
+def test_cross_checks():
+    config = default_config()
+    config.model.image_size = 20  # four levels halve three times: 20 is not divisible by 8
+    with pytest.raises(ConfigError, match=r"image_size=20 must be divisible by 2\^3"):
+        validate(config)
+    config = default_config()
+    config.sampling.steps = 1001
+    with pytest.raises(ConfigError, match="sampling.steps=1001 exceeds diffusion.num_timesteps=1000"):
+        validate(config)
+
+
+@pytest.mark.parametrize(
+    "key, suggestions",
+    [
+        ("training.checkpoint_every", ["training.checkpoint_every_steps"]),
+        ("model.chanels", ["model.in_channels", "model.out_channels"]),
+        ("trainig.batch_size", ["training.batch_size"]),
+        ("batch_size", ["training.batch_size", "sampling.batch_size"]),
+    ],
+)
+def test_unknown_keys_name_the_closest_valid_ones(key, suggestions):
+    message = str(unknown_key_error(key))
+    assert message.startswith(f"unknown config key {key!r}; did you mean ")
+    assert all(s in message for s in suggestions), message
+    assert str(unknown_key_error("nonexistent")).endswith("valid keys are seed, data.*, diffusion.*, model.*, "
+                                                          "sampling.*, training.*")
+    with pytest.raises(ConfigError, match="did you mean training.batch_size"):
+        config_from_dict({"training": {"batchsize": 3}})
