@@ -1,0 +1,128 @@
+"""Stable Diffusion's autoencoder and text encoder weights -> our configs and parameter trees (no torch needed).
+
+A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model.safetensors) and a
+transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder (`text_encoder/`: config.json,
+model.safetensors) are read from safetensors only. Our parameter paths mirror the PyTorch module names
+(`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`), so conversion is
+that renaming plus layout changes: conv OIHW -> HWIO, Linear [out, in] -> [in, out], embeddings unchanged.
+The VAE attention is found under its current names (`to_q`, `to_k`, `to_v`, `to_out.0`) or the
+pre-0.15 ones (`query`, `key`, `value`, `proj_attn`); CLIP tensors with or without the `text_model.` prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import safetensors
+
+from jaxdiff.convert.architecture import ParamPath
+from jaxdiff.convert.diffusers_format import _load_json, _weights_file, from_torch
+from jaxdiff.convert.matching import match_names
+from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
+from jaxdiff.models.clip_text import clip_text_config, create_clip_text
+
+CONFIG_FILE = "config.json"
+TRANSFORMERS_WEIGHTS_FILE = "model.safetensors"
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+CLIP_PREFIX = "text_model."
+CLIP_BUFFERS = ("embeddings.position_ids", CLIP_PREFIX + "embeddings.position_ids")  # not parameters
+
+
+def torch_name(path: ParamPath) -> str:
+    """Our parameter path as a PyTorch state-dict name: `_{i}` module suffixes become `.{i}`, leaves renamed."""
+    modules = [re.sub(r"_(\d+)$", r".\1", part) for part in path[:-1]]
+    return ".".join([*modules, LEAF_NAMES[path[-1]]])
+
+
+def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """PyTorch shape of our parameter: HWIO -> OIHW, dense [in, out] -> [out, in]; embeddings and vectors unchanged."""
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2 and path[-1] == "kernel":
+        return (shape[1], shape[0])
+    return shape
+
+
+def vae_names(path: ParamPath) -> tuple[str, ...]:
+    """Candidate diffusers names of a VAE parameter: the current one, then the pre-0.15 attention name."""
+    name = torch_name(path)
+    layer, leaf = name.rsplit(".", 1)
+    for new, old in LEGACY_VAE_ATTENTION.items():
+        if layer.endswith(".attentions.0." + new):
+            return (name, f"{layer[: -len(new)]}{old}.{leaf}")
+    return (name,)
+
+
+def clip_names(path: ParamPath) -> tuple[str, ...]:
+    """Candidate transformers names of a CLIP text parameter: without and with the `text_model.` prefix."""
+    name = torch_name(path)
+    return (name,) if path[0] == "text_projection" else (name, CLIP_PREFIX + name)
+
+
+def component_folder(folder: str | os.PathLike, subfolder: str) -> pathlib.Path:
+    """`folder` if it holds a config.json, else `folder/subfolder` (a pipeline folder); ValueError if neither."""
+    folder = pathlib.Path(folder)
+    for candidate in (folder, folder / subfolder):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise ValueError(f"{folder} has no {CONFIG_FILE}, nor has {folder / subfolder}")
+
+
+def read_weights(
+    file: pathlib.Path,
+    shapes: dict[ParamPath, tuple[int, ...]],
+    names: Callable[[ParamPath], tuple[str, ...]],
+    *,
+    ignored: tuple[str, ...] = (),
+) -> dict:
+    """Our parameter tree (float32 NumPy) from a safetensors file; one ValueError lists every missing,
+    unexpected (other than `ignored`) and mis-shaped tensor by name."""
+    wanted = {path: (names(path), torch_shape(path, shape)) for path, shape in shapes.items()}
+    with safetensors.safe_open(file, framework="np") as f:
+        available = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if n not in ignored}
+        found = match_names(wanted, available, source=str(file))
+        flat = {}
+        for path, name in found.items():
+            array = np.asarray(f.get_tensor(name), np.float32)
+            flat[path] = array if path[-1] == "embedding" else from_torch(array, shapes[path])
+    return flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
+
+
+def param_shapes(model: nn.Module, *inputs: Any) -> dict[ParamPath, tuple[int, ...]]:
+    """Shapes of `model`'s parameters, traced without allocating them."""
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)
+    return {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(variables["params"]).items()}
+
+
+def read_autoencoder(folder: str | os.PathLike, **options: Any) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, params) of a diffusers `AutoencoderKL` folder (or a pipeline folder with `vae/`);
+    `options` are `autoencoder_config`'s (dtype, remat)."""
+    vae_dir = component_folder(folder, "vae")
+    config = autoencoder_config(_load_json(vae_dir / CONFIG_FILE), **options)
+    side = 2 ** (len(config.block_out_channels) - 1)
+    image = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
+    shapes = param_shapes(create_autoencoder(config), image)
+    return config, read_weights(_weights_file(vae_dir), shapes, vae_names)
+
+
+def read_clip_text(folder: str | os.PathLike, **options: Any) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, params) of a transformers CLIP text encoder folder (or a pipeline folder with `text_encoder/`);
+    `options` are `clip_text_config`'s (dtype, remat)."""
+    clip_dir = component_folder(folder, "text_encoder")
+    config = clip_text_config(_load_json(clip_dir / CONFIG_FILE), **options)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = param_shapes(create_clip_text(config), ids)
+    weights = clip_dir / TRANSFORMERS_WEIGHTS_FILE
+    file = weights if weights.is_file() else _weights_file(clip_dir)
+    return config, read_weights(file, shapes, clip_names, ignored=CLIP_BUFFERS)
