@@ -22,6 +22,7 @@ import numpy as np
 from jaxdiff.config import validate
 from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, param_shapes
 from jaxdiff.convert.matching import match_names
+from jaxdiff.convert.tf_bundle import TFCheckpoint
 
 SCOPE = "model/"
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -41,15 +42,26 @@ def index_files(path: str | os.PathLike) -> list[pathlib.Path]:
     return sorted(path.glob("*.index")) if path.is_dir() else []
 
 
+def _latest_in_checkpoint_file(folder: pathlib.Path) -> str | None:
+    """The prefix that folder's `checkpoint` state file names as the latest, if it names one that exists."""
+    state = folder / "checkpoint"
+    if not state.is_file():
+        return None
+    for line in state.read_text(encoding="utf-8").splitlines():
+        found = re.fullmatch(r'\s*model_checkpoint_path:\s*"(.*)"\s*', line)
+        if found:
+            prefix = folder / found.group(1)  # a relative path is relative to the folder
+            return os.fspath(prefix) if prefix.with_name(prefix.name + ".index").is_file() else None
+    return None
+
+
 def checkpoint_prefix(path: str | os.PathLike) -> str:
     """The checkpoint prefix `path` names: itself, or in a folder its latest (per the `checkpoint` file) or only one."""
-    import tensorflow as tf
-
     indexes = index_files(path)
     if not indexes:
         raise ValueError(f"{path} is not a TF checkpoint: neither {path}.index nor a folder holding a *.index file")
     if pathlib.Path(path).is_dir():
-        latest = tf.train.latest_checkpoint(os.fspath(path))
+        latest = _latest_in_checkpoint_file(pathlib.Path(path))
         if latest:
             return latest
         if len(indexes) > 1:
@@ -122,12 +134,10 @@ def read_official_checkpoint(
     layout. Without `/ExponentialMovingAverage` copies the raw weights serve as both, with a warning.
     Any missing, unexpected or mis-shaped model variable raises one ValueError listing them all.
     """
-    import tensorflow as tf
-
     prefix = checkpoint_prefix(path)
     source = f"TF checkpoint {prefix}"
-    reader = tf.train.load_checkpoint(prefix)
-    raw, ema = _split_variables(reader.get_variable_to_shape_map())
+    reader = TFCheckpoint(prefix)
+    raw, ema = _split_variables({name: list(shape) for name, shape in reader.shapes().items()})
     config = build_config(infer_architecture(raw, source), image_size=image_size, dataset=dataset, source=source)
     validate(config)
     shapes = param_shapes(config.model)
@@ -140,7 +150,7 @@ def read_official_checkpoint(
         ema_found = found
 
     def load(names_by_path: dict[ParamPath, str]) -> dict:
-        tensors = {p: np.asarray(reader.get_tensor(n), dtype=np.float32) for p, n in names_by_path.items()}
+        tensors = {p: reader.tensor(n).astype(np.float32) for p, n in names_by_path.items()}
         return flax.traverse_util.unflatten_dict(tensors)
 
     return config, load(found), load(ema_found)
