@@ -1,14 +1,15 @@
 """jaxdiff.convert: official TF checkpoints and diffusers folders in, diffusers out.
 
-The TF checkpoints are written here from an independent listing of the official variables
-(`diffusion_tf/models/unet.py`, `nn.py`); the forward references are diffusers' own UNet2DModel run
-in float64.
+The TF checkpoints' tensors are made here from an independent listing of the official variables
+(`diffusion_tf/models/unet.py`, `nn.py`) and served by a stand-in for the bundle reader; the forward
+references are diffusers' own UNet2DModel run in float64.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pathlib
 import re
 import shutil
 
@@ -28,6 +29,7 @@ from jaxdiff.convert import (
     read_official_checkpoint,
     write_diffusers,
 )
+from jaxdiff.convert import tf_checkpoint
 from jaxdiff.convert.architecture import param_shapes
 from jaxdiff.models import count_parameters, create_model, timestep_embedding
 from tests.helpers import ROOT, TINY_CONFIG
@@ -307,12 +309,30 @@ def official_variables(*, ch, ch_mult, num_res_blocks, attn_levels, in_ch=3, out
     return shapes
 
 
+class StoredTensors:
+    """Stands in for `tf_bundle.TFCheckpoint` (checked on files TensorFlow wrote in test_tf_bundle.py):
+    serves the tensors `write_tf_checkpoint` stored for a prefix."""
+
+    def __init__(self, prefix):
+        with np.load(f"{prefix}.tensors.npz") as stored:
+            self.tensors = {name: stored[name] for name in stored.files}
+
+    def shapes(self):
+        return {name: value.shape for name, value in self.tensors.items()}
+
+    def tensor(self, name):
+        return self.tensors[name]
+
+
+@pytest.fixture(autouse=True)
+def stored_tensor_checkpoints(monkeypatch):
+    monkeypatch.setattr(tf_checkpoint, "TFCheckpoint", StoredTensors)
+
+
 def write_tf_checkpoint(prefix, tensors):
-    """A TF (V2 format) checkpoint holding `tensors` under exactly these names, as the official Saver wrote them."""
-    tf = pytest.importorskip("tensorflow")
-    names = sorted(tensors)
-    tf.raw_ops.SaveV2(prefix=str(prefix), tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=[tensors[n] for n in names])  # fmt: skip
+    """A checkpoint `prefix` (its `.index` file marks it) holding `tensors` under exactly these names."""
+    pathlib.Path(f"{prefix}.index").write_bytes(b"")
+    np.savez(f"{prefix}.tensors.npz", **tensors)
 
 
 SMALL_OFFICIAL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_levels=(1,))
