@@ -16,18 +16,26 @@ from jaxdiff.evaluation import inception_weights as iw
 from jaxdiff.evaluation.inception import inception_features, preprocess, resize_tf1_bilinear
 
 
-def _tf_resize(images, size=299):
-    tf = pytest.importorskip("tensorflow")
-    x = tf.constant(np.asarray(images, np.float32))
-    return tf.compat.v1.image.resize_bilinear(x, [size, size], align_corners=False).numpy()
+TF1_RESIZE = Path(__file__).parent / "data" / "tf1_resize_bilinear.npz"  # made by data/make_tf_fixtures.py
 
 
-@pytest.mark.parametrize("height, width", [(8, 8), (32, 32), (17, 45), (64, 100), (299, 299)])
-def test_resize_matches_tf1_resize_bilinear(height, width):
-    images = np.random.default_rng(height * width).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
+@pytest.mark.parametrize("height, width, channels, dtype", [
+    (8, 8, 3, "uint8"), (32, 32, 3, "uint8"), (17, 45, 3, "uint8"), (64, 100, 3, "uint8"), (299, 299, 3, "uint8"),
+    (8, 8, 1, "uint8"), (40, 30, 3, "float32")])  # fmt: skip
+def test_resize_matches_tf1_resize_bilinear(height, width, channels, dtype):
+    """Against `tf.compat.v1.image.resize_bilinear(align_corners=False)` outputs stored at sampled rows/columns."""
+    rng = np.random.default_rng(height * width)
+    count = 1 if dtype == "float32" else 2
+    if dtype == "uint8":
+        images = rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
+    else:
+        images = rng.uniform(0, 255, (count, height, width, channels)).astype(np.float32)
     got = np.asarray(resize_tf1_bilinear(images, 299))
-    assert got.shape == (2, 299, 299, 3)
-    assert np.max(np.abs(got - _tf_resize(images))) <= 1e-5
+    assert got.shape == (count, 299, 299, channels)
+    key = f"{height}x{width}x{channels}_{dtype}"
+    with np.load(TF1_RESIZE) as golden:
+        rows, cols = golden[key + "_rows"], golden[key + "_cols"]
+        assert np.max(np.abs(got[:, rows][:, :, cols] - golden[key])) <= 1e-5
 
 
 @pytest.mark.parametrize("shape, dtype", [((2, 32, 32, 3), np.uint8), ((2, 8, 8, 1), np.uint8),
@@ -38,7 +46,8 @@ def test_preprocess_is_tf1_resize_then_scaling(shape, dtype):
         images = rng.integers(0, 256, shape, dtype=np.uint8)
     else:
         images = rng.uniform(0, 255, shape).astype(dtype)
-    expected = (np.repeat(_tf_resize(images), 3 // shape[-1], axis=-1) - 128.0) / 128.0
+    resized = np.asarray(resize_tf1_bilinear(images, 299), np.float64)  # checked against TF above
+    expected = (np.repeat(resized, 3 // shape[-1], axis=-1) - 128.0) / 128.0
     got = np.asarray(preprocess(images))  # jitted: XLA may use FMAs, so ulp-level differences are allowed
     assert got.shape == (shape[0], 299, 299, 3) and got.dtype == np.float32
     assert np.max(np.abs(got - expected)) <= 1e-5
