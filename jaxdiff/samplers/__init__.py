@@ -1,0 +1,30 @@
+"""Samplers: the discrete DDPM family on schedule tables (`sample`) and the continuous-time family
+written against EDM's denoiser D(x; σ) on any noise process (`sample_continuous`)."""
+
+from jaxdiff.samplers.continuous import CONTINUOUS_SAMPLERS, DEFAULT_CONTINUOUS_STEPS, sample_continuous
+from jaxdiff.samplers.discrete import (
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    KARRAS_RHO,
+    SAMPLERS,
+    SPACINGS,
+    TRAJECTORY_FRAMES,
+    DenoiseFn,
+    sample,
+    sampling_timesteps,
+)
+
+__all__ = [
+    "CONTINUOUS_SAMPLERS",
+    "DEFAULT_CONTINUOUS_STEPS",
+    "DEFAULT_SPACING",
+    "DEFAULT_STEPS",
+    "KARRAS_RHO",
+    "SAMPLERS",
+    "SPACINGS",
+    "TRAJECTORY_FRAMES",
+    "DenoiseFn",
+    "sample",
+    "sample_continuous",
+    "sampling_timesteps",
+]
