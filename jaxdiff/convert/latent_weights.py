@@ -1,8 +1,8 @@
 """Stable Diffusion's autoencoder and text encoder weights -> our configs and parameter trees (no torch needed).
 
-A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model.safetensors) and a
+A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model[.<variant>].safetensors) and a
 transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder (`text_encoder/`: config.json,
-model.safetensors) are read from safetensors only. Our parameter paths mirror the PyTorch module names
+model[.<variant>].safetensors) are read from safetensors only; tensors become float32. Our parameter paths mirror the PyTorch module names
 (`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`), so conversion is
 that renaming plus layout changes: conv OIHW -> HWIO, Linear [out, in] -> [in, out], embeddings unchanged.
 The VAE attention is found under its current names (`to_q`, `to_k`, `to_v`, `to_out.0`) or the
@@ -26,13 +26,14 @@ import numpy as np
 import safetensors
 
 from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.diffusers_format import _load_json, _weights_file, from_torch
+from jaxdiff.convert.diffusers_format import _load_json, from_torch
 from jaxdiff.convert.matching import match_names
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 
 CONFIG_FILE = "config.json"
-TRANSFORMERS_WEIGHTS_FILE = "model.safetensors"
+VAE_WEIGHTS_STEM = "diffusion_pytorch_model"  # diffusers
+CLIP_WEIGHTS_STEM = "model"  # transformers
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 CLIP_PREFIX = "text_model."
@@ -79,6 +80,31 @@ def component_folder(folder: str | os.PathLike, subfolder: str) -> pathlib.Path:
     raise ValueError(f"{folder} has no {CONFIG_FILE}, nor has {folder / subfolder}")
 
 
+def weights_file(folder: pathlib.Path, stem: str, variant: str | None = None) -> pathlib.Path:
+    """`{stem}.safetensors`, or `{stem}.{variant}.safetensors` for a variant such as "fp16"; without a variant,
+    a folder whose only safetensors file has another name gives that file. ValueError listing the files otherwise."""
+    name = f"{stem}.safetensors" if variant is None else f"{stem}.{variant}.safetensors"
+    if (folder / name).is_file():
+        return folder / name
+    present = sorted(p.name for p in folder.glob("*.safetensors"))
+    if variant is None and len(present) == 1:
+        return folder / present[0]
+    missing = f"{folder} has no {name}" + (f" (variant={variant!r})" if variant else "")
+    raise ValueError(f"{missing}; its safetensors files: {present}")
+
+
+def read_config(
+    folder: pathlib.Path, make_config: Callable[..., ml_collections.ConfigDict], **options: Any
+) -> ml_collections.ConfigDict:
+    """`make_config(settings of folder/config.json, **options)`; its errors are prefixed with the file's path."""
+    path = folder / CONFIG_FILE
+    settings = _load_json(path)
+    try:
+        return make_config(settings, **options)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def read_weights(
     file: pathlib.Path,
     shapes: dict[ParamPath, tuple[int, ...]],
@@ -105,24 +131,27 @@ def param_shapes(model: nn.Module, *inputs: Any) -> dict[ParamPath, tuple[int, .
     return {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(variables["params"]).items()}
 
 
-def read_autoencoder(folder: str | os.PathLike, **options: Any) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, params) of a diffusers `AutoencoderKL` folder (or a pipeline folder with `vae/`);
-    `options` are `autoencoder_config`'s (dtype, remat)."""
+def read_autoencoder(
+    folder: str | os.PathLike, *, variant: str | None = None, **options: Any
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, params) of a diffusers `AutoencoderKL` folder (or a pipeline folder with `vae/`); `variant` picks
+    `diffusion_pytorch_model.<variant>.safetensors`; `options` are `autoencoder_config`'s (dtype, remat)."""
     vae_dir = component_folder(folder, "vae")
-    config = autoencoder_config(_load_json(vae_dir / CONFIG_FILE), **options)
+    config = read_config(vae_dir, autoencoder_config, **options)
     side = 2 ** (len(config.block_out_channels) - 1)
     image = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     shapes = param_shapes(create_autoencoder(config), image)
-    return config, read_weights(_weights_file(vae_dir), shapes, vae_names)
+    return config, read_weights(weights_file(vae_dir, VAE_WEIGHTS_STEM, variant), shapes, vae_names)
 
 
-def read_clip_text(folder: str | os.PathLike, **options: Any) -> tuple[ml_collections.ConfigDict, dict]:
+def read_clip_text(
+    folder: str | os.PathLike, *, variant: str | None = None, **options: Any
+) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a transformers CLIP text encoder folder (or a pipeline folder with `text_encoder/`);
-    `options` are `clip_text_config`'s (dtype, remat)."""
+    `variant` picks `model.<variant>.safetensors`; `options` are `clip_text_config`'s (dtype, remat)."""
     clip_dir = component_folder(folder, "text_encoder")
-    config = clip_text_config(_load_json(clip_dir / CONFIG_FILE), **options)
+    config = read_config(clip_dir, clip_text_config, **options)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = param_shapes(create_clip_text(config), ids)
-    weights = clip_dir / TRANSFORMERS_WEIGHTS_FILE
-    file = weights if weights.is_file() else _weights_file(clip_dir)
+    file = weights_file(clip_dir, CLIP_WEIGHTS_STEM, variant)
     return config, read_weights(file, shapes, clip_names, ignored=CLIP_BUFFERS)
