@@ -1,12 +1,12 @@
 """Stable Diffusion's autoencoder and text encoder weights -> our configs and parameter trees (no torch needed).
 
-A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model[.<variant>].safetensors) and a
-transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder (`text_encoder/`: config.json,
-model[.<variant>].safetensors) are read from safetensors only; tensors become float32. Our parameter paths mirror the PyTorch module names
-(`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`), so conversion is
-that renaming plus layout changes: conv OIHW -> HWIO, Linear [out, in] -> [in, out], embeddings unchanged.
-The VAE attention is found under its current names (`to_q`, `to_k`, `to_v`, `to_out.0`) or the
-pre-0.15 ones (`query`, `key`, `value`, `proj_attn`); CLIP tensors with or without the `text_model.` prefix.
+A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model[.<variant>].safetensors) and
+a transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder (`text_encoder/`: config.json,
+model[.<variant>].safetensors) are read from safetensors only; tensors become float32. Our parameter paths
+mirror the PyTorch module names (`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`),
+so conversion is that renaming plus layout changes: conv OIHW -> HWIO, Linear [out, in] -> [in, out],
+embeddings unchanged. The VAE attention is found under its current names (`to_q`, `to_k`, `to_v`, `to_out.0`)
+or the pre-0.15 ones (`query`, `key`, `value`, `proj_attn`); CLIP tensors with or without `text_model.`.
 """
 
 from __future__ import annotations
