@@ -18,6 +18,7 @@ from jaxdiff.evaluation.inception import (
     resize_tf1_bilinear,
 )
 from jaxdiff.evaluation.likelihood import bpd_terms, evaluate_bpd, stratified_bpd
+from jaxdiff.evaluation.ode_likelihood import ode_log_likelihood
 from jaxdiff.evaluation.reference import dataset_statistics, load_reference
 from jaxdiff.evaluation.inception_weights import (
     HashMismatchError,
@@ -35,6 +36,7 @@ __all__ = [
     "dataset_statistics",
     "evaluate_bpd",
     "load_reference",
+    "ode_log_likelihood",
     "stratified_bpd",
     "HashMismatchError",
     "InceptionV3",

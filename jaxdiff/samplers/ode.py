@@ -39,8 +39,9 @@ def solve(vector_field, y0, t0, t1, *, rtol: float, atol: float, solver: str, ma
     )
     y1 = jax.tree.map(lambda leaf: leaf[0], sol.ys[0])
     times = sol.ys[1]
-    reached = jnp.where(jnp.isfinite(times), times, jnp.inf if t1 < t0 else -jnp.inf)
-    t_reached = jnp.min(reached) if t1 < t0 else jnp.max(reached)
+    finite = jnp.isfinite(times)
+    lowest, highest = jnp.min(jnp.where(finite, times, jnp.inf)), jnp.max(jnp.where(finite, times, -jnp.inf))
+    t_reached = jnp.where(jnp.any(finite), jnp.where(t1 < t0, lowest, highest), t0)
     nfe = 1 + STAGES_PER_STEP * sol.stats["num_steps"]
     return y1, nfe, sol.result == diffrax.RESULTS.successful, t_reached
 
