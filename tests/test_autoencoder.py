@@ -75,6 +75,8 @@ def test_encode_decode_match_diffusers(tmp_path, overrides):
     assert relative_error(ours.logvar, nhwc(posterior.logvar)) < TOLERANCE
     assert relative_error(model.apply({"params": params}, z, method=model.decode), nhwc(decoded)) < TOLERANCE
     np.testing.assert_allclose(ours.kl(), posterior.kl().numpy(), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"H and W multiples of 2, got \(2, 15, 16, 3\)"):
+        model.apply({"params": params}, x[:, 1:], method=model.encode)
 
 
 def test_legacy_attention_names_give_the_same_params(tmp_path):

@@ -312,8 +312,10 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Array) -> DiagonalGaussian:
         """x [B,H,W,in_channels] in [-1, 1], H and W divisible by 2^(L-1) -> posterior q(z | x)."""
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"x must have shape [B, H, W, {self.in_channels}] (NHWC), got {x.shape}")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if x.ndim != 4 or x.shape[-1] != self.in_channels or x.shape[1] % factor or x.shape[2] % factor:
+            need = f"[B, H, W, {self.in_channels}] (NHWC) with H and W multiples of {factor}"
+            raise ValueError(f"x must have shape {need}, got {x.shape}")
         moments = self.encoder(x)
         if self.use_quant_conv:
             moments = self.quant_conv(moments)
