@@ -85,7 +85,7 @@ def test_bits_per_dim_convention():
 def test_dequantize_fills_each_pixel_cell():
     images = np.array([[0, 1, 254, 255]], np.uint8)
     x = np.asarray(dequantize(jnp.asarray(images), jax.random.key(0)), np.float64)
-    low = 2 * images / 256 - 1
+    low = 2 * images.astype(np.float64) / 256 - 1
     assert np.all(x >= low) and np.all(x < low + 2 / 256)
 
 
