@@ -9,7 +9,14 @@ import torch
 
 from jaxdiff.convert import score_diffusers
 from jaxdiff.models import ncsnpp
-from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, fir_filter, upfirdn2d, upsample_2d, upsample_conv_2d
+from jaxdiff.models.resample import (
+    conv_downsample_2d,
+    downsample_2d,
+    fir_filter,
+    upfirdn2d,
+    upsample_2d,
+    upsample_conv_2d,
+)
 from jaxdiff.models.summary import count_parameters
 
 
@@ -94,7 +101,8 @@ def score_sde_count(variant_config) -> int:
         return k * k * i * o + o
 
     def res(i, o, resample=False):  # GroupNorm, conv3x3, Dense(temb), GroupNorm, conv3x3[, 1×1 shortcut]
-        return 2 * i + conv(i, o, 3) + temb * o + o + 2 * o + conv(o, o, 3) + (conv(i, o, 1) if i != o or resample else 0)
+        shortcut = conv(i, o, 1) if i != o or resample else 0
+        return 2 * i + conv(i, o, 3) + temb * o + o + 2 * o + conv(o, o, 3) + shortcut
 
     def attn(ch):
         return 2 * ch + 4 * (ch * ch + ch)
@@ -203,7 +211,8 @@ def test_outputs_match_diffusers_ncsnpp():
     score_sde_group_counts(reference)
     with torch.no_grad():  # random weights everywhere, norms included
         for name, p in reference.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.5) + (1.0 if "norm" in name and "weight" in name else 0.0))
+            offset = 1.0 if "norm" in name and "weight" in name else 0.0
+            p.copy_(torch.randn_like(p) * (0.2 if p.ndim > 1 else 0.5) + offset)
     config = score_diffusers.config_from_diffusers(dict(reference.config))
     params = score_diffusers.params_from_diffusers(config, {k: v.numpy() for k, v in reference.state_dict().items()})
     x = np.random.RandomState(0).randn(2, 3, 16, 16).astype(np.float32)

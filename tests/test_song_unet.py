@@ -1,7 +1,6 @@
 """EDM's SongUNet: resampling filters, embeddings and one UNetBlock against float64 NumPy references written
 from EDM's `training/networks.py`; parameter counts and the skip/resolution structure of whole networks."""
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,8 @@ def np_correlate(x, w, pad, stride=1):
 
 def np_depthwise(x, f, pad, stride):
     """EDM's grouped conv2d with the filter f on every channel."""
-    return np.stack([np_correlate(x[..., c : c + 1], f[:, :, None, None], pad, stride)[..., 0] for c in range(x.shape[3])], -1)
+    channels = [np_correlate(x[..., c : c + 1], f[:, :, None, None], pad, stride)[..., 0] for c in range(x.shape[3])]
+    return np.stack(channels, -1)
 
 
 def np_edm_up(x, taps):
@@ -79,13 +79,14 @@ def test_embeddings_match_edm():
     x = np.array([-2.5, 0.0, 0.37, 40.0])
     # PositionalEmbedding(256, endpoint=True): freqs (1/10000)^(i/(half-1)), [cos, sin], swapped by SongUNet.
     freqs = (1 / 10000) ** (np.arange(128) / 127)
-    close(timestep_embedding(jnp.asarray(x, jnp.float32), 256), np.concatenate([np.sin(np.outer(x, freqs)), np.cos(np.outer(x, freqs))], 1))
+    expected = np.concatenate([np.sin(np.outer(x, freqs)), np.cos(np.outer(x, freqs))], 1)
+    close(timestep_embedding(jnp.asarray(x, jnp.float32), 256), expected)
     # FourierEmbedding: freqs ~ N(0, 16²), [cos(2π x f), sin(2π x f)], swapped.
     layer = GaussianFourierEmbedding(64, 16.0)
     params = layer.init(jax.random.PRNGKey(0), jnp.zeros(4))
     f = np.asarray(params["params"]["W"], np.float64)
     assert 10 < f.std() < 22
-    x = np.array([-1.5, 0.0, 0.37, 1.1])  # EDM's c_noise = ln(σ)/4 range; float32 phases of 2π·x·f lose digits beyond
+    x = np.array([-1.5, 0.0, 0.37, 1.1])  # EDM's c_noise range; beyond it float32 phases of 2π·x·f lose digits
     arg = 2 * np.pi * np.outer(x, f)
     close(layer.apply(params, jnp.asarray(x, jnp.float32)), np.concatenate([np.sin(arg), np.cos(arg)], 1), rtol=1e-4)
 

@@ -86,7 +86,8 @@ def config_from_diffusers(settings: Mapping) -> ml_collections.ConfigDict:
     config.update(
         image_size=size, num_channels=3, nf=widths[0], ch_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=settings.get("layers_per_block", 2),
-        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a), dropout=float(settings.get("dropout", 0.0)),
+        attn_resolutions=tuple(size // 2**i for i, a in enumerate(attn) if a),
+        dropout=float(settings.get("dropout", 0.0)),
         fir=True, progressive="output_skip", progressive_input="input_skip", embedding_type="fourier",
         fourier_scale=FOURIER_SCALE,
     )  # fmt: skip
@@ -109,7 +110,9 @@ def _layer_name(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
         block = f"up_blocks.{num_levels - 1 - int(level)}"
         if level == "0" and layer[1] in ("pyramid_norm", "pyramid_conv"):
             return ({"pyramid_norm": "conv_norm_out", "pyramid_conv": "conv_out"}[layer[1]],)
-        special = {"upsample": "resnet_up", "pyramid_norm": "skip_norm", "pyramid_conv": "skip_conv", "attn": "attentions.0"}
+        special = {
+            "upsample": "resnet_up", "pyramid_norm": "skip_norm", "pyramid_conv": "skip_conv", "attn": "attentions.0",
+        }  # fmt: skip
     if layer[1] in special:
         inner = f"{block}.{special[layer[1]]}"
         if layer[1] == "attn":
@@ -140,5 +143,5 @@ def params_from_diffusers(config: ml_collections.ConfigDict, tensors: Mapping[st
     levels = len(config.ch_mult)
     wanted = {p: (diffusers_names(p, levels), torch_shape(p, s)) for p, s in flat_shapes.items()}
     found = match_names(wanted, {name: tuple(np.shape(t)) for name, t in tensors.items()}, source="diffusers NCSN++")
-    flat = {p: np.ascontiguousarray(from_torch(np.asarray(tensors[n], np.float32), flat_shapes[p])) for p, n in found.items()}
-    return flax.traverse_util.unflatten_dict(flat)
+    flat = {p: from_torch(np.asarray(tensors[n], np.float32), flat_shapes[p]) for p, n in found.items()}
+    return flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})

@@ -12,7 +12,8 @@ Parameter tree (score_sde's layers, in the order its code creates them):
     fourier_embedding/W                       embedding_type "fourier" (fixed, no gradient)
     temb_dense0, temb_dense1                  conditional: embedding -> 4·nf -> 4·nf
     conv_in                                   3×3, C -> nf
-    down_{i}/block_{j}, down_{i}/attn_{j}     ResnetBlock (norm1, conv1, temb_proj, norm2, conv2[, shortcut]); AttnBlock (norm, q, k, v, proj_out)
+    down_{i}/block_{j}                        ResnetBlock: norm1, conv1, temb_proj, norm2, conv2[, shortcut]
+    down_{i}/attn_{j}                         AttnBlock: norm, q, k, v, proj_out (at attention resolutions)
     down_{i}/downsample                       all levels but the last: ResnetBlock(down) ("biggan") or Resample ("ddpm")
     down_{i}/pyramid_combine                  progressive_input "input_skip": 1×1 conv C -> channels of h
     down_{i}/pyramid_downsample               progressive_input "residual": Resample with a 3×3 conv
@@ -34,7 +35,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d, upsample_conv_2d
@@ -71,7 +71,7 @@ def resample(x: Array, direction: str, fir: bool, fir_kernel: tuple[int, ...]) -
 
 
 class FIRConv(nn.Module):
-    """3×3 convolution fused with FIR ×2 resampling (score_sde's `up_or_down_sampling.Conv2d`); params kernel, bias."""
+    """3×3 convolution fused with FIR ×2 resampling (score_sde's `up_or_down_sampling.Conv2d`): kernel, bias."""
 
     features: int
     direction: str

@@ -1,4 +1,4 @@
-"""EDM's SongUNet (Karras et al. 2022, `training/networks.py`): its reimplementation of DDPM++ and NCSN++, in Flax Linen.
+"""EDM's SongUNet (Karras et al. 2022, `training/networks.py`), its version of DDPM++ and NCSN++, in Flax Linen.
 
 (x [B,S,S,in_channels] float, noise_labels [B], class_labels) -> float32 [B,S,S,out_channels]. The noise
 labels are EDM's c_noise (e.g. ln(σ)/4), used as raw numbers by the positional (DDPM++) or Fourier
@@ -62,7 +62,8 @@ class ResampleConv(nn.Module):
         k = self.kernel_size
         if self.fused_down:
             kernel = self.param("kernel", scaled_init(self.init_scale), (k, k, x.shape[-1], self.features))
-            return conv_downsample_2d(x, kernel, self.resample_filter) + self.param("bias", nn.initializers.zeros, (self.features,))
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            return conv_downsample_2d(x, kernel, self.resample_filter) + bias
         if self.up:
             x = upsample_2d(x, self.resample_filter)
         if self.down:
@@ -155,7 +156,9 @@ class SongUNet(nn.Module):
             _check_int("channel_mult entry", mult, 1)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.img_resolution % factor:
-            raise ValueError(f"img_resolution={self.img_resolution} is not divisible by 2^(len(channel_mult)-1) = {factor}")
+            raise ValueError(
+                f"img_resolution={self.img_resolution} is not divisible by 2^(len(channel_mult)-1) = {factor}"
+            )
         if self.model_channels % 4 or (self.model_channels * self.channel_mult_noise) % 4:
             raise ValueError(f"model_channels={self.model_channels} must be divisible by 4")
         resolutions = tuple(self.img_resolution >> i for i in range(len(self.channel_mult)))
@@ -287,7 +290,9 @@ def cifar10_config(variant: str, *, label_dim: int = 0, augment_dim: int = 0) ->
     config = default_config()
     config.update(channel_mult=(2, 2, 2), dropout=0.13, label_dim=label_dim, augment_dim=augment_dim)
     if variant == "ncsnpp":
-        config.update(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1))
+        config.update(
+            embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=(1, 3, 3, 1)
+        )
     return config
 
 
