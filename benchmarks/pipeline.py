@@ -1,10 +1,14 @@
 """Throughput of the input pipeline alone (no model), in images/s, for the datasets available offline.
 
   python benchmarks/pipeline.py [--batch-size 128] [--seconds 2] [--one-core] [--datasets synthetic digits cifar10_mock]
+      [--cifar10-data-dir DIR]
 
 For each dataset it times three layers: `source.get` on one batch's indices, `batch_for_step`
-(index computation + gather), and `iterate_batches` with a background prefetch thread. `cifar10_mock`
-is the real TFDS code path on `tfds.testing.mock_data` at CIFAR-10's size (50,000×32×32×3), and
+(index computation + gather), and `iterate_batches` (the grain pipeline with its prefetch threads).
+`cifar10_mock` is the real CIFAR-10 code path at CIFAR-10's size (50,000×32×32×3): random images written
+as the original binary files, prepared without TensorFlow into TFDS array_record files (in
+`--cifar10-data-dir`, reused when already there; default a temporary folder) and read back through
+`tfds.data_source`; its "load s" is the read into memory, and the preparation time is printed apart.
 `numpy_gather` is bare fancy indexing of a (50000, 32, 32, 3) uint8 array, the floor of the in-memory path.
 """
 
@@ -14,6 +18,7 @@ import argparse
 import itertools
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +55,18 @@ def numpy_gather_rate(batch_size: int, seconds: float) -> float:
     return images_per_second(gather, batch_size, seconds)
 
 
-def load(name: str):
+def write_cifar10_binary(folder: Path) -> None:
+    """Random CIFAR-10-sized data in the original binary layout: 5 train files of 10,000 and a test file."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    for name in names:
+        records = rng.integers(0, 256, (CIFAR10_SIZE // 5, 1 + 32 * 32 * 3), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / name).write_bytes(records.tobytes())
+
+
+def load(name: str, cifar10_data_dir: str):
     config = default_config()
     if name == "synthetic":
         return data.SyntheticSource(CIFAR10_SIZE, (32, 32, 3))
@@ -58,11 +74,20 @@ def load(name: str):
         config.data.dataset = "digits"
         return data.load_dataset(config.data)
     if name == "cifar10_mock":
-        import tensorflow_datasets as tfds
-
-        with tfds.testing.mock_data(num_examples=CIFAR10_SIZE):
-            return data.load_dataset(config.data)
+        config.data.dataset, config.data.data_dir = "cifar10", cifar10_data_dir
+        return data.load_dataset(config.data)
     raise ValueError(f"unknown dataset {name!r}")
+
+
+def prepare_cifar10_mock(data_dir: str) -> float:
+    """Seconds to prepare the fake CIFAR-10 in `data_dir` (0 when it is already there)."""
+    source = Path(data_dir) / "source" / "cifar-10-batches-bin"
+    if (Path(data_dir) / "cifar10").exists():
+        return 0.0
+    write_cifar10_binary(source)
+    start = time.perf_counter()
+    data.prepare_dataset("cifar10", data_dir, source=source)
+    return time.perf_counter() - start
 
 
 def benchmark(source, batch_size: int, seconds: float) -> dict[str, float]:
@@ -86,7 +111,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum time per measurement")
     parser.add_argument("--one-core", action="store_true", help="pin the process to one CPU core (Linux)")
     parser.add_argument("--datasets", nargs="+", default=["numpy_gather", "synthetic", "digits", "cifar10_mock"])
+    parser.add_argument("--cifar10-data-dir", help="where the fake CIFAR-10 is prepared (default: a temporary folder)")
     args = parser.parse_args()
+    cifar10_data_dir = args.cifar10_data_dir or tempfile.mkdtemp(prefix="jaxdiff-pipeline-")
+    if "cifar10_mock" in args.datasets:
+        print(f"cifar10_mock prepared without TensorFlow in {prepare_cifar10_mock(cifar10_data_dir):.1f} s")
     if args.one_core:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
@@ -97,7 +126,7 @@ def main() -> None:
             print(f"{name:<14}{'-':>8}{numpy_gather_rate(args.batch_size, args.seconds):>12,.0f}")
             continue
         start = time.perf_counter()
-        source = load(name)
+        source = load(name, cifar10_data_dir)
         load_seconds = time.perf_counter() - start
         rates = benchmark(source, args.batch_size, args.seconds)
         columns = "".join(f"{rates[key]:>12,.0f}" for key in ("get", "batch_for_step", "iterate_batches"))

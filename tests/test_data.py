@@ -3,6 +3,7 @@ prepared without TensorFlow from files in the original binary format, TFDS under
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -369,11 +370,18 @@ def test_cifar10_prepared_from_a_folder_equals_from_the_archive_and_reprepare_is
 def test_prepare_rejects_bad_arguments_before_writing(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not an archive")
+    write_cifar10_binary(tmp_path / "short")
+    with open(tmp_path / "short" / "cifar-10-batches-bin" / "data_batch_3.bin", "ab") as f:
+        f.write(b"\0" * 10)
+    with tarfile.open(tmp_path / "partial.tar", "w") as tar:
+        tar.add(tmp_path / "short" / "cifar-10-batches-bin" / "test_batch.bin", "cifar-10-batches-bin/test_batch.bin")
     for name, source, error, message in [
         ("lsun_cat256", None, ValueError, "cannot prepare dataset 'lsun_cat256'"),
         ("cifar10", tmp_path / "missing.tar.gz", FileNotFoundError, "missing.tar.gz' does not exist"),
         ("cifar10", tmp_path / "empty", ValueError, "holds no CIFAR-10 binary files"),
         ("cifar10", tmp_path / "notes.txt", ValueError, "is not a tar archive"),
+        ("cifar10", tmp_path / "short", ValueError, r"data_batch_3.bin \(9229 bytes\) not a whole number of 3073"),
+        ("cifar10", tmp_path / "partial.tar", ValueError, r"no CIFAR-10 binary files \['data_batch_1.bin'"),
     ]:
         with pytest.raises(error, match=message):
             data.prepare_dataset(name, tmp_path / "out", source=source)
@@ -381,8 +389,6 @@ def test_prepare_rejects_bad_arguments_before_writing(tmp_path):
 
 
 def test_old_tfrecord_cache_names_both_ways_out(prepared_cifar10, tmp_path):
-    import shutil
-
     root, _ = prepared_cifar10
     shutil.copytree(root / "tfds" / "cifar10", tmp_path / "cifar10")
     info_path = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"

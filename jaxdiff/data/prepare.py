@@ -10,7 +10,6 @@ pickles are never loaded.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pathlib
@@ -45,10 +44,6 @@ def read_cifar10_binary(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(images), records[:, 0]
 
 
-def _png(image: np.ndarray) -> PIL.Image.Image:
-    return PIL.Image.fromarray(image)  # the Image feature encodes a PIL image with Pillow, as PNG
-
-
 def _binary_folder(root: pathlib.Path) -> pathlib.Path | None:
     for folder in (root, root / CIFAR10_BINARY_FOLDER):
         if all((folder / name).is_file() for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)):
@@ -58,7 +53,8 @@ def _binary_folder(root: pathlib.Path) -> pathlib.Path | None:
 
 def _extract_binary_archive(archive: pathlib.Path, destination: pathlib.Path) -> pathlib.Path:
     """Extracts the CIFAR-10 binary files (and nothing else) of `archive` into `destination`."""
-    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}" for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_LABELS_FILE)}
+    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_LABELS_FILE)
+    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}" for name in names}
     folder = destination / CIFAR10_BINARY_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:*") as tar:
@@ -105,26 +101,47 @@ class Cifar10WithoutTensorFlow(Cifar10, skip_registration=True):
         for path in filepaths:
             images, labels = read_cifar10_binary(path)
             for image, label in zip(images, labels):
-                yield index, {"id": f"{split_prefix}{index:05d}", "image": _png(image), "label": int(label)}
+                # the Image feature encodes a PIL image with Pillow (PNG), an array with TensorFlow
+                image = PIL.Image.fromarray(image)
+                yield index, {"id": f"{split_prefix}{index:05d}", "image": image, "label": int(label)}
                 index += 1
 
 
+def _source_file_sizes(path: pathlib.Path) -> dict[str, int]:
+    """Sizes of the CIFAR-10 binary batch files found in folder or tar archive `path`, by file name."""
+    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
+    if path.is_dir():
+        folder = path if (path / CIFAR10_TRAIN_FILES[0]).is_file() else path / CIFAR10_BINARY_FOLDER
+        return {name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
+    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}": name for name in names}
+    with tarfile.open(path, "r:*") as tar:
+        return {wanted[m.name.lstrip("./")]: m.size for m in tar if m.isfile() and m.name.lstrip("./") in wanted}
+
+
 def _check_source(source: str | os.PathLike | None) -> None:
+    """Checks that `source` holds every CIFAR-10 binary batch file, each a whole number of records."""
     if source is None:
         return
     path = pathlib.Path(source)
-    if path.is_dir():
-        if _binary_folder(path) is None:
-            raise ValueError(
-                f"source={os.fspath(source)!r} holds no CIFAR-10 binary files "
-                f"({', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE}, directly or in {CIFAR10_BINARY_FOLDER}/)"
-            )
-    elif not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"source={os.fspath(source)!r} does not exist; give cifar-10-binary.tar.gz or its extracted folder"
         )
-    elif not tarfile.is_tarfile(path):
+    if path.is_file() and not tarfile.is_tarfile(path):
         raise ValueError(f"source={os.fspath(source)!r} is not a tar archive; give cifar-10-binary.tar.gz")
+    sizes = _source_file_sizes(path)
+    missing = [name for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE) if name not in sizes]
+    if missing:
+        raise ValueError(
+            f"source={os.fspath(source)!r} holds no CIFAR-10 binary files {missing} "
+            f"(looked in it and in its {CIFAR10_BINARY_FOLDER}/)"
+        )
+    bad = [f"{name} ({size} bytes)" for name, size in sizes.items() if size == 0 or size % CIFAR10_RECORD_BYTES]
+    if bad:
+        raise ValueError(
+            f"source={os.fspath(source)!r}: {', '.join(bad)} not a whole number of "
+            f"{CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
+        )
 
 
 def prepare_dataset(name: str, data_dir: str | os.PathLike | None, *, source: str | os.PathLike | None = None) -> str:

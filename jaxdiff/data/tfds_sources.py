@@ -127,12 +127,12 @@ def check_random_access_format(dataset: str, builder) -> None:
     if "array_record" in formats:
         return
     version_dir = builder.data_dir
+    fresh = " (jaxdiff data prepare cifar10 --data-dir NEW_DIR)" if dataset == "cifar10" else ""
     raise DatasetNotFoundError(
-        f"dataset {dataset!r} in {version_dir} is in the {'/'.join(sorted(formats)) or 'tfrecord'} format, which jaxdiff "
-        "cannot read (it reads array_record, without TensorFlow): convert it once with TensorFlow installed "
+        f"dataset {dataset!r} in {version_dir} is in the {'/'.join(sorted(formats)) or 'tfrecord'} format, which "
+        "jaxdiff cannot read (it reads array_record, without TensorFlow): convert it once with TensorFlow installed "
         f"(pip install tensorflow; tfds convert_format --dataset_version_dir={version_dir} "
-        f"--out_file_format=array_record) or prepare it afresh in another data_dir"
-        + (" (jaxdiff data prepare cifar10 --data-dir NEW_DIR)" if dataset == "cifar10" else "")
+        f"--out_file_format=array_record) or prepare it afresh in another data_dir{fresh}"
     )
 
 
