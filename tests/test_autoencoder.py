@@ -11,7 +11,7 @@ import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from jaxdiff.convert.latent_weights import read_autoencoder
+from jaxdiff.convert.latent_weights import param_shapes, read_autoencoder, torch_shape, vae_names
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder, posterior_from_moments
 
 TINY = {
@@ -77,6 +77,23 @@ def test_encode_decode_match_diffusers(tmp_path, overrides):
     np.testing.assert_allclose(ours.kl(), posterior.kl().numpy(), rtol=1e-4)
     with pytest.raises(ValueError, match=r"H and W multiples of 2, got \(2, 15, 16, 3\)"):
         model.apply({"params": params}, x[:, 1:], method=model.encode)
+
+
+def test_stable_diffusion_size_names_and_shapes_match_diffusers():
+    """The SD 1.x/2.x VAE (83,653,863 parameters): every tensor name and PyTorch shape, built on the meta device."""
+    settings = {
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "sample_size": 512,
+    }
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in TorchAutoencoderKL(**settings).state_dict().items()}
+    config = autoencoder_config(settings)
+    shapes = param_shapes(create_autoencoder(config), jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+    assert {vae_names(path)[0]: torch_shape(path, shape) for path, shape in shapes.items()} == expected
+    assert sum(int(np.prod(shape)) for shape in shapes.values()) == 83_653_863
 
 
 def test_legacy_attention_names_give_the_same_params(tmp_path):

@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers import CLIPTokenizer as TorchCLIPTokenizer
 
-from jaxdiff.convert.latent_weights import read_clip_text
+from jaxdiff.convert.latent_weights import clip_names, param_shapes, read_clip_text, torch_shape
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.tokenizer import CLIPTokenizer
 
@@ -71,6 +71,28 @@ def test_outputs_match_transformers(tmp_path, hidden_act, projection):
     assert relative_error(ours.prompt_embeds, skipped) < TOLERANCE
     assert relative_error(ours.text_embeds if projection else ours.pooled_output, pooled) < TOLERANCE
     assert (ours.text_embeds is None) != projection
+
+
+@pytest.mark.parametrize(
+    "model_class, settings",
+    [
+        (CLIPTextModel, dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12)),  # SD 1.x
+        (CLIPTextModel, dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                             num_hidden_layers=23, hidden_act="gelu", projection_dim=512)),  # SD 2.x
+        (CLIPTextModelWithProjection, dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                           num_hidden_layers=32, hidden_act="gelu", projection_dim=1280)),  # SDXL
+    ],
+    ids=["sd1", "sd2", "sdxl-2"],
+)  # fmt: skip
+def test_stable_diffusion_size_names_and_shapes_match_transformers(model_class, settings):
+    """Every tensor name and PyTorch shape of the full-size text encoders, built on the meta device."""
+    with torch.device("meta"):
+        model = model_class(CLIPTextConfig(**settings))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    config = clip_text_config({**settings, "architectures": [model_class.__name__]})
+    shapes = param_shapes(create_clip_text(config), jax.ShapeDtypeStruct((1, 77), jnp.int32))
+    pick = -1 if model_class is CLIPTextModelWithProjection else 0  # the `text_model.`-prefixed candidate, or not
+    assert {clip_names(path)[pick]: torch_shape(path, shape) for path, shape in shapes.items()} == expected
 
 
 def test_pooling_at_first_eos_with_eos_padding_and_attention_mask(tmp_path):
