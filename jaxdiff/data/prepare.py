@@ -14,6 +14,7 @@ import logging
 import os
 import pathlib
 import tarfile
+from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -32,14 +33,14 @@ PREPARABLE = ("cifar10",)
 log = logging.getLogger(__name__)
 
 
-def read_cifar10_binary(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [n, 32, 32, 3], labels uint8 [n]) of one CIFAR-10 binary batch file."""
-    raw = np.fromfile(path, np.uint8)
-    if raw.size == 0 or raw.size % CIFAR10_RECORD_BYTES:
+def read_cifar10_binary(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [n, 32, 32, 3], labels uint8 [n]) of the bytes of CIFAR-10 binary batch file `name`."""
+    records = np.frombuffer(raw, np.uint8)
+    if records.size == 0 or records.size % CIFAR10_RECORD_BYTES:
         raise ValueError(
-            f"{path} holds {raw.size} bytes, not a whole number of {CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
+            f"{name} holds {records.size} bytes, not a whole number of {CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
         )
-    records = raw.reshape(-1, CIFAR10_RECORD_BYTES)
+    records = records.reshape(-1, CIFAR10_RECORD_BYTES)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), records[:, 0]
 
@@ -51,23 +52,35 @@ def _binary_folder(root: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
-def _extract_binary_archive(archive: pathlib.Path, destination: pathlib.Path) -> pathlib.Path:
-    """Extracts the CIFAR-10 binary files (and nothing else) of `archive` into `destination`."""
-    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_LABELS_FILE)
-    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}" for name in names}
-    folder = destination / CIFAR10_BINARY_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:*") as tar:
+def _archive_name(member: tarfile.TarInfo) -> str | None:
+    """The file name of a CIFAR-10 binary-archive member (cifar-10-batches-bin/<name>), else None."""
+    path = pathlib.PurePosixPath(member.name.lstrip("./"))
+    return path.name if member.isfile() and path.parent.name == CIFAR10_BINARY_FOLDER else None
+
+
+def _read_files(source: pathlib.Path, names: list[str]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of those of `names` that exist, in that order, from the binary folder or (without
+    extracting it) the tar archive `source`."""
+    if source.is_dir():
+        folder = _binary_folder(source)
+        for name in names:
+            if (folder / name).is_file():
+                yield name, (folder / name).read_bytes()
+        return
+    found = {}
+    with tarfile.open(source, "r:*") as tar:
         for member in tar:
-            if member.isfile() and member.name.lstrip("./") in wanted:
-                with tar.extractfile(member) as src:
-                    (folder / pathlib.PurePosixPath(member.name).name).write_bytes(src.read())
-    return folder
+            if _archive_name(member) in names:
+                with tar.extractfile(member) as f:
+                    found[_archive_name(member)] = f.read()
+    for name in names:
+        if name in found:
+            yield name, found.pop(name)
 
 
 class Cifar10WithoutTensorFlow(Cifar10, skip_registration=True):
     """TFDS' `cifar10` builder that needs no TensorFlow; `source` is the binary archive or its extracted folder
-    (None: TFDS' download manager fetches the archive)."""
+    (None: TFDS' download manager fetches and extracts the archive)."""
 
     name = "cifar10"
 
@@ -76,30 +89,19 @@ class Cifar10WithoutTensorFlow(Cifar10, skip_registration=True):
         super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
-        if self._source is None:
-            folder = _binary_folder(pathlib.Path(dl_manager.download_and_extract(self._cifar_info.url)))
-        elif self._source.is_dir():
-            folder = _binary_folder(self._source)
-        else:
-            folder = _extract_binary_archive(self._source, pathlib.Path(dl_manager.download_dir) / "cifar10_binary")
-            folder = _binary_folder(folder)
-        if folder is None:
-            raise ValueError(
-                f"{self._source} holds no CIFAR-10 binary files ({CIFAR10_BINARY_FOLDER}/data_batch_1.bin, ...)"
-            )
-        labels_file = folder / CIFAR10_LABELS_FILE
-        if labels_file.is_file():
-            self.info.features["label"].names = [n for n in labels_file.read_text().split("\n") if n]
+        source = self._source or pathlib.Path(dl_manager.download_and_extract(self._cifar_info.url))
+        for name, raw in _read_files(source, [CIFAR10_LABELS_FILE]):
+            self.info.features["label"].names = [n for n in raw.decode("utf-8").split("\n") if n]
         return {
-            tfds.Split.TRAIN: self._generate_examples("train_", [folder / name for name in CIFAR10_TRAIN_FILES]),
-            tfds.Split.TEST: self._generate_examples("test_", [folder / CIFAR10_TEST_FILE]),
+            tfds.Split.TRAIN: self._generate_examples("train_", _read_files(source, list(CIFAR10_TRAIN_FILES))),
+            tfds.Split.TEST: self._generate_examples("test_", _read_files(source, [CIFAR10_TEST_FILE])),
         }
 
-    def _generate_examples(self, split_prefix, filepaths):
+    def _generate_examples(self, split_prefix, files):
         """(index, example) in file order; TFDS shuffles by the index, as for its own builder."""
         index = 0
-        for path in filepaths:
-            images, labels = read_cifar10_binary(path)
+        for name, raw in files:
+            images, labels = read_cifar10_binary(raw, name)
             for image, label in zip(images, labels):
                 # the Image feature encodes a PIL image with Pillow (PNG), an array with TensorFlow
                 image = PIL.Image.fromarray(image)
@@ -113,9 +115,8 @@ def _source_file_sizes(path: pathlib.Path) -> dict[str, int]:
     if path.is_dir():
         folder = path if (path / CIFAR10_TRAIN_FILES[0]).is_file() else path / CIFAR10_BINARY_FOLDER
         return {name: (folder / name).stat().st_size for name in names if (folder / name).is_file()}
-    wanted = {f"{CIFAR10_BINARY_FOLDER}/{name}": name for name in names}
     with tarfile.open(path, "r:*") as tar:
-        return {wanted[m.name.lstrip("./")]: m.size for m in tar if m.isfile() and m.name.lstrip("./") in wanted}
+        return {_archive_name(m): m.size for m in tar if _archive_name(m) in names}
 
 
 def _check_source(source: str | os.PathLike | None) -> None:
