@@ -310,3 +310,9 @@ def test_bad_inputs_raise():
         ncsnpp.cifar10_config("ddpm++")
     with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
         ncsnpp.create_ncsnpp(tiny_config(extra=1))
+
+
+def test_unconditional_network_has_no_time_layers_but_keeps_fourier_frequencies():
+    flat = flax.traverse_util.flatten_dict(param_shapes(tiny_config(conditional=False, embedding_type="fourier")))
+    assert ("fourier_embedding", "W") in flat
+    assert not [p for p in flat if "temb_proj" in p or p[0].startswith("temb_dense")]

@@ -321,14 +321,12 @@ class NCSNpp(nn.Module):
             self.skip_rescale, self.init_scale,
         )  # fmt: skip
 
+        if self.embedding_type == "fourier":  # created even when unconditional, as score_sde does
+            emb = GaussianFourierEmbedding(self.nf, self.fourier_scale, name="fourier_embedding")(jnp.log(noise_labels))
+        else:
+            emb = timestep_embedding(noise_labels, self.nf)
         temb = None
         if self.conditional:
-            if self.embedding_type == "fourier":
-                emb = GaussianFourierEmbedding(self.nf, self.fourier_scale, name="fourier_embedding")(
-                    jnp.log(noise_labels)
-                )
-            else:
-                emb = timestep_embedding(noise_labels, self.nf)
             temb = nn.Dense(4 * self.nf, kernel_init=scaled_init(1.0), name="temb_dense0")(emb)
             temb = nn.Dense(4 * self.nf, kernel_init=scaled_init(1.0), name="temb_dense1")(nn.swish(temb))
 
@@ -378,7 +376,8 @@ CIFAR10_VARIANTS = ("ddpmpp", "ddpmpp_deep", "ncsnpp", "ncsnpp_deep", "ncsnpp_di
 def cifar10_config(variant: str) -> ml_collections.ConfigDict:
     """score_sde's CIFAR-10 networks: "ddpmpp" (VP/sub-VP cont.), "ddpmpp_deep", "ncsnpp" (VE cont.),
     "ncsnpp_deep", "ncsnpp_discrete" (SMLD, positional embedding) and "ddpm" (its `models/ddpm.py`:
-    DDPM ResBlocks, no rescaling, one attention block per up level)."""
+    DDPM ResBlocks, no rescaling, one attention block per up level; its GroupNorms have 32 groups, which is
+    min(C // 4, 32) for every width of this config)."""
     _check_choice("variant", variant, CIFAR10_VARIANTS)
     config = default_config()
     if variant.startswith("ncsnpp"):
