@@ -5,9 +5,9 @@ Every process is a pytree (its parameters are leaves) with jnp methods of t (a s
   noise_level(t) = σ/α        the σ of EDM's D(x; σ) for the unscaled x = x_t/α = x_0 + (σ/α)·ε;
   t_from_noise_level(level)   its inverse;
   drift(x, t), diffusion(t)   the forward SDE dx = f(x, t)·dt + g(t)·dw with f = (d log α/dt)·x and
-                              g² = α²·d(σ/α)²/dt, the unique SDE with these marginals;
+                              g² = α²·d(σ/α)²/dt, the SDE with linear drift that has these marginals;
   prior_sample, prior_logp    the reference distribution N(0, prior_std²·I) at t_max;
-and fields t_min, t_max (samplers run from t_max down to t_min). Papers' defaults:
+and fields t_min, t_max (samplers run from t_max down to t_min; t_min is score_sde's sampling eps). Defaults:
   ve     σ(t) = σ_min·(σ_max/σ_min)^t, α = 1, σ_min 0.01, σ_max 50, t in [1e-5, 1] (Song et al. 2021);
   vp     β(t) = β_min + t·(β_max − β_min), log α = −¼t²(β_max − β_min) − ½t·β_min, σ² = 1 − α²,
          β_min 0.1, β_max 20, t in [1e-3, 1];
@@ -206,20 +206,22 @@ def make_process(name: str, **params):
         if not math.isfinite(value):
             raise ValueError(f"{key}={value!r} must be finite")
     values = {key: float(value) for key, value in values.items()}
-    if "sigma_min" in values and not 0 < values["sigma_min"] < values["sigma_max"]:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={values['sigma_min']}, sigma_max={values['sigma_max']}")
-    if "beta_min" in values:
-        if values["beta_min"] < 0 or values["beta_max"] < 0:
-            raise ValueError(f"betas must be >= 0, got beta_min={values['beta_min']}, beta_max={values['beta_max']}")
-        if values["beta_max"] < values["beta_min"] or values["beta_max"] == 0:
-            raise ValueError(f"need 0 < beta_max >= beta_min, got beta_min={values['beta_min']}, beta_max={values['beta_max']}")
-    if "t_min" in values and not 0 < values["t_min"] < values["t_max"]:
-        raise ValueError(f"need 0 < t_min < t_max, got t_min={values['t_min']}, t_max={values['t_max']}")
+    _require(values, "sigma_min", lambda v: 0 < v["sigma_min"] < v["sigma_max"], "0 < sigma_min < sigma_max")
+    _require(values, "beta_min", lambda v: v["beta_min"] >= 0 and v["beta_max"] >= 0, "betas >= 0")
+    _require(values, "beta_min", lambda v: 0 < v["beta_max"] >= v["beta_min"], "0 < beta_max >= beta_min")
+    _require(values, "t_min", lambda v: 0 < v["t_min"] < v["t_max"], "0 < t_min < t_max")
     if name == "ve":
         return VEProcess(**values)
     if name == "edm":
         return EDMProcess(t_min=values["sigma_min"], t_max=values["sigma_max"])
     return (VPProcess if name == "vp" else SubVPProcess)(**values)
+
+
+def _require(values: dict, key: str, holds, rule: str) -> None:
+    """Raises naming `rule` and the values it reads unless `key` is absent or holds(values)."""
+    if key in values and not holds(values):
+        names = [name for name in values if name.split("_")[0] == key.split("_")[0]]
+        raise ValueError(f"need {rule}, got " + ", ".join(f"{name}={values[name]}" for name in names))
 
 
 def from_schedule(schedule) -> DiscreteProcess:

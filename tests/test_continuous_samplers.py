@@ -141,6 +141,40 @@ def test_nfe():
     assert 20 < nfe < 1000 and (nfe - 2) % 6 == 0  # 1 + 6·solver steps, + the final D
 
 
+def counting(denoiser, calls):
+    """The denoiser, adding 1 to calls[0] each time it runs (also inside scan, cond and diffrax loops)."""
+
+    def counted(x, sigma):
+        jax.debug.callback(lambda: calls.__setitem__(0, calls[0] + 1), ordered=False)
+        return denoiser(x, sigma)
+
+    return counted
+
+
+@pytest.mark.parametrize("sampler, steps", [("ode", None), ("heun", 18), ("pc", 5), ("edm_stochastic", 6), ("ddim", 9)])
+def test_reported_nfe_counts_the_calls(sampler, steps):
+    process, denoiser = PROCESSES["vp"]
+    calls = [0]
+    x, nfe = sample_continuous(counting(denoiser, calls), process, (4, 2), jax.random.key(0), sampler=sampler, steps=steps, return_nfe=True)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert int(nfe) == calls[0]
+
+
+@pytest.mark.parametrize("sampler", ["heun", "pc", "ode", "ddim"])
+def test_jit_with_the_process_as_an_argument(sampler):
+    process, denoiser = PROCESSES["vp"]
+    steps = None if sampler == "ode" else 20
+    run = lambda p, rng: sample_continuous(denoiser, p, (4, 2), rng, sampler=sampler, steps=steps)
+    np.testing.assert_allclose(jax.jit(run)(process, jax.random.key(2)), run(process, jax.random.key(2)), rtol=1e-4, atol=1e-5)
+
+
+def test_ode_failure_under_jit_is_nan_not_a_half_solved_sample():
+    process, denoiser = PROCESSES["vp"]
+    run = jax.jit(lambda rng: sample_continuous(denoiser, process, (4, 2), rng, sampler="ode", max_steps=3))
+    assert np.all(np.isnan(run(jax.random.key(0))))
+
+
 def test_ode_max_steps_is_an_error_naming_the_time():
     process, denoiser = PROCESSES["vp"]
     with pytest.raises(RuntimeError, match=r"stopped at t=0\.\d+ before t=0\.001"):
@@ -185,6 +219,7 @@ def test_clip_denoised():
         ({"sampler": "ddim", "eta": 1.5}, "eta=1.5 must lie in"),
         ({"sampler": "ode", "rtol": 0.0}, "rtol=0.0 must be a number in"),
         ({"sampler": "ode", "solver": "euler"}, "unknown ODE solver 'euler'"),
+        ({"sampler": "ode", "steps": 10}, "sampler 'ode' chooses its own steps"),
         ({"sampler": "pc", "n_corrector": -1}, "n_corrector=-1"),
     ],
 )

@@ -91,8 +91,8 @@ def test_discrete_schedule_is_a_special_case():
     "call, message",
     [
         (lambda: make_process("cosine"), "unknown process 'cosine'"),
-        (lambda: make_process("ve", sigma_min=50.0, sigma_max=10.0), "sigma_min < sigma_max"),
-        (lambda: make_process("vp", beta_min=-0.1), "betas must be >= 0"),
+        (lambda: make_process("ve", sigma_min=50.0, sigma_max=10.0), r"need 0 < sigma_min < sigma_max, got sigma_min=50.0, sigma_max=10.0"),
+        (lambda: make_process("vp", beta_min=-0.1), r"need betas >= 0, got beta_min=-0.1, beta_max=20.0"),
         (lambda: make_process("vp", sigma_max=3.0), "unknown parameter"),
         (lambda: make_process("subvp", t_min=0.0), "0 < t_min < t_max"),
         (lambda: make_process("edm", sigma_max=math.inf), "must be finite"),

@@ -29,7 +29,8 @@ def ode_log_likelihood(
     """(log p(x) in nats per example [B], the number of denoiser evaluations) for x [B, ...] float32.
 
     nfe counts denoiser calls: one JVP (forward mode: the value with its directional derivative) per
-    solver evaluation, or the value and D JVPs for the exact divergence (nfe = solver evaluations·(D + 1)). Reaching `max_steps` is an error naming the time reached.
+    solver evaluation, or the value and D JVPs for the exact divergence (nfe = solver evaluations·(D + 1)).
+    Reaching `max_steps` is an error naming the time reached.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")

@@ -103,6 +103,8 @@ def _validate(sampler, steps, shape, options) -> tuple[int, dict]:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; allowed: {sorted(allowed)}")
     options = {**allowed, **options}
+    if sampler == "ode" and steps is not None:
+        raise ValueError(f"steps={steps!r}: sampler 'ode' chooses its own steps (set rtol, atol); pass steps=None")
     if steps is None:
         steps = DEFAULT_CONTINUOUS_STEPS.get(sampler, _SDE_STEPS)
     if not _is_int(steps) or steps < 1:

@@ -3,8 +3,8 @@
 Both visit the `karras_noise_levels` grid (steps levels, then 0) with one evaluation per level and
 end on x̂_0. With ε̂ = (x − D(x; σ))/σ and ᾱ = 1/(1 + σ²) (the VP view of the same marginals):
   ddim           x' = D + sqrt(σ'² − τ²)·ε̂ + τ·z, τ = η·σ'·sqrt(σ² − σ'²)/σ: DDIM's
-                 x'_vp = sqrt(ᾱ')·D + sqrt(1 − ᾱ' − c²)·ε̂ + c·z, c = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'),
-                 divided by sqrt(ᾱ') (η = 0: x' = D + σ'·ε̂, deterministic);
+                 x'_vp = sqrt(ᾱ')·D + sqrt(1 − ᾱ' − c²)·ε̂ + c·z,
+                 c = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), divided by sqrt(ᾱ') (η = 0: x' = D + σ'·ε̂, deterministic);
   dpm_solver++   x' = (σ'/σ)·x + (1 − σ'/σ)·((1 + c_i)·D_i − c_i·D_{i−1}), c_i = h_i/(2·h_{i−1}),
                  h_i = ln(σ_i/σ_{i+1}); c = 0 at the first and the last step (to σ = 0, where x' = D).
 """
