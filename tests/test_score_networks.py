@@ -316,3 +316,34 @@ def test_unconditional_network_has_no_time_layers_but_keeps_fourier_frequencies(
     flat = flax.traverse_util.flatten_dict(param_shapes(tiny_config(conditional=False, embedding_type="fourier")))
     assert ("fourier_embedding", "W") in flat
     assert not [p for p in flat if "temb_proj" in p or p[0].startswith("temb_dense")]
+
+
+def torch_layer(tensors, name):
+    """A PyTorch layer in our layout: GroupNorm scale/bias, conv OIHW -> HWIO, Linear [out, in] -> [in, out]."""
+    weight, bias = tensors[f"{name}.weight"], tensors[f"{name}.bias"]
+    if "norm" in name:
+        return {"scale": weight, "bias": bias}
+    return {"kernel": weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T, "bias": bias}
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_ddpmpp_resampling_resblock_matches_diffusers(direction):
+    """DDPM++'s BigGAN block without FIR (nearest up / 2×2 mean down) = diffusers' ResnetBlock2D(kernel="sde_vp")."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    reference = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=12, groups=4, eps=1e-6,
+                              output_scale_factor=2**0.5, use_in_shortcut=True, kernel="sde_vp",
+                              up=direction == "up", down=direction == "down").eval()  # fmt: skip
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 12)
+    with torch.no_grad():
+        expected = reference(x, temb).numpy().transpose(0, 2, 3, 1)
+    tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
+    params = {ours: torch_layer(tensors, theirs) for ours, theirs in score_diffusers.RESBLOCK_LAYERS.items()}
+    opts = ncsnpp.BlockOptions("biggan", False, (1, 3, 3, 1), True, 0.0, True, 0.0)
+    block = ncsnpp.ResnetBlock(16, opts, direction)
+    ours = block.apply({"params": params}, x.numpy().transpose(0, 2, 3, 1), temb.numpy(), False)
+    close(ours, expected, rtol=1e-5)
