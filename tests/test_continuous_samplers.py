@@ -303,3 +303,136 @@ def test_edm_preconditioning_against_numpy():
     np.testing.assert_allclose(edm_precond(net)(xj, sj), edm, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(vp_precond(net)(xj, sj), vp, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(ve_precond(net)(xj, sj), ve, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- float64 NumPy loops with the same noise
+
+
+def toy(x, sigma, xp):
+    """A nonlinear denoiser, the same in JAX and NumPy: tanh(x/sqrt(1 + σ²)) + 0.1·sin(σ)."""
+    s = sigma.reshape((-1,) + (1,) * (x.ndim - 1))
+    return xp.tanh(x / xp.sqrt(1 + s**2)) + 0.1 * xp.sin(s)
+
+
+def draws(rng, shape, prior_std):
+    """x_T and the noise of iteration i, sub-step j, as the samplers draw them, in float64."""
+    init_key, noise_key = jax.random.split(rng)
+    x_T = prior_std * np.asarray(jax.random.normal(init_key, shape, jnp.float32), np.float64)
+
+    def noise(i, j=0):
+        key = jax.random.fold_in(jax.random.fold_in(noise_key, i), j)
+        return np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
+
+    return x_T, noise
+
+
+def ve_sigma(t):
+    return 0.01 * 5000.0**t
+
+
+@pytest.mark.parametrize("predictor", ["euler_maruyama", "reverse_diffusion", "ancestral"])
+@pytest.mark.parametrize("corrector", ["none", "langevin", "ald"])
+def test_pc_on_ve_matches_score_sde_formulas(predictor, corrector):
+    """score_sde's VE predictors and correctors (σ_i on the grid, f = 0, g = σ·sqrt(2 ln(σ_max/σ_min)))."""
+    steps, shape, snr = 6, (3, 2), 0.16
+    got = sample_continuous(lambda x, s: toy(x, s, jnp), make_process("ve"), shape, jax.random.key(8),
+                            sampler="pc", steps=steps, predictor=predictor, corrector=corrector)  # fmt: skip
+    x, noise = draws(jax.random.key(8), shape, 50.0)
+    grid = np.linspace(1.0, 1e-5, steps + 1)
+
+    def score(x, t):
+        return (toy(x, np.full(x.shape[0], ve_sigma(t)), np) - x) / ve_sigma(t) ** 2
+
+    for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        if corrector != "none":
+            z, grad = noise(i, 1), score(x, t)
+            if corrector == "langevin":
+                norm = lambda v: np.mean(np.linalg.norm(v, axis=1))
+                eps = 2 * (snr * norm(z) / norm(grad)) ** 2
+            else:
+                eps = 2 * (snr * ve_sigma(t)) ** 2
+            x = x + eps * grad + np.sqrt(2 * eps) * z
+        z = noise(i)
+        if predictor == "euler_maruyama":
+            g = ve_sigma(t) * np.sqrt(2 * np.log(5000.0))
+            mean = x - g**2 * score(x, t) * (s - t)
+            x = mean + g * np.sqrt(t - s) * z
+        else:
+            g2 = ve_sigma(t) ** 2 - ve_sigma(s) ** 2
+            mean = x + g2 * score(x, t)
+            std = np.sqrt(g2) if predictor == "reverse_diffusion" else np.sqrt(ve_sigma(s) ** 2 * g2 / ve_sigma(t) ** 2)
+            x = mean + std * z
+    expected = toy(mean, np.full(shape[0], ve_sigma(1e-5)), np)
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def karras(sigma_min, sigma_max, steps, rho=7.0):
+    u = np.linspace(0, 1, steps)
+    return np.append((sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho, 0.0)
+
+
+@pytest.mark.parametrize("s_churn", [0.0, 5.0])
+def test_edm_samplers_match_algorithms_1_and_2(s_churn):
+    steps, shape = 7, (3, 2)
+    got = sample_continuous(lambda x, s: toy(x, s, jnp), make_process("edm"), shape, jax.random.key(9),
+                            sampler="edm_stochastic", steps=steps, s_churn=s_churn, s_min=0.01, s_max=10.0)  # fmt: skip
+    x, noise = draws(jax.random.key(9), shape, 80.0)
+    levels = karras(0.002, 80.0, steps)
+    d = lambda x, s: (x - toy(x, np.full(shape[0], s), np)) / s
+    for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
+        gamma = min(s_churn / steps, np.sqrt(2) - 1) if 0.01 <= t <= 10.0 else 0.0
+        t_hat = t * (1 + gamma)
+        if s_churn:
+            x = x + np.sqrt(t_hat**2 - t**2) * noise(i)
+        slope = d(x, t_hat)
+        euler = x + (t_next - t_hat) * slope
+        x = euler if t_next == 0 else x + (t_next - t_hat) * 0.5 * (slope + d(euler, t_next))
+    np.testing.assert_allclose(got, x, rtol=2e-4, atol=2e-4)
+
+
+def test_dpm_solver_pp_and_ddim_match_numpy():
+    steps, shape = 6, (3, 2)
+    process = make_process("vp")
+    levels = karras(float(process.noise_level(1e-3)), float(process.noise_level(1.0)), steps)
+    alpha_max = float(process.alpha(1.0))
+    denoise = lambda x, s: toy(x, np.full(shape[0], s), np)
+    for sampler, options in [("dpm_solver++", {}), ("ddim", {"eta": 0.5})]:
+        got = sample_continuous(lambda x, s: toy(x, s, jnp), process, shape, jax.random.key(10),
+                                sampler=sampler, steps=steps, **options)  # fmt: skip
+        x_T, noise = draws(jax.random.key(10), shape, 1.0)
+        x, prev, h_prev = x_T / alpha_max, None, None
+        for i, (s, s_next) in enumerate(zip(levels[:-1], levels[1:])):
+            x0 = denoise(x, s)
+            if sampler == "ddim":
+                # DDIM in its own VP terms: ᾱ = 1/(1 + σ²), x_vp = sqrt(ᾱ)·x.
+                ac, ac_next = 1 / (1 + s**2), 1 / (1 + s_next**2)
+                eps = (np.sqrt(ac) * x - np.sqrt(ac) * x0) / np.sqrt(1 - ac)
+                c = 0.5 * np.sqrt((1 - ac_next) / (1 - ac) * (1 - ac / ac_next))
+                x_vp = np.sqrt(ac_next) * x0 + np.sqrt(1 - ac_next - c**2) * eps + c * noise(i)
+                x = x_vp / np.sqrt(ac_next)
+                continue
+            h = np.log(s / s_next) if s_next > 0 else None
+            d = x0 if prev is None or h is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * prev
+            x = x0 if s_next == 0 else (s_next / s) * x + (1 - s_next / s) * d
+            prev, h_prev = x0, h
+        np.testing.assert_allclose(got, x, rtol=2e-4, atol=2e-4, err_msg=sampler)
+
+
+def test_ancestral_on_a_discrete_schedule_is_ddpm_with_the_posterior_variance():
+    """On `from_schedule` with steps = T − 1 the grid is the integer steps, and each ancestral step is
+    DDPM's q(x_{t−1} | x_t, x̂_0) (mean coefficients and β̃_t of REFERENCE.md), then x̂_0 at t = 0."""
+    T, shape = 20, (3, 2)
+    betas = np.linspace(1e-4, 0.02, T)
+    ac = np.cumprod(1 - betas)
+    got = sample_continuous(lambda x, s: toy(x, s, jnp), from_schedule(make_schedule("linear", T)), shape,
+                            jax.random.key(11), sampler="ancestral", steps=T - 1)  # fmt: skip
+    x, noise = draws(jax.random.key(11), shape, 1.0)
+    x0_of = lambda x, t: toy(x / np.sqrt(ac[t]), np.full(shape[0], np.sqrt((1 - ac[t]) / ac[t])), np)
+    for i, t in enumerate(range(T - 1, 0, -1)):
+        x0 = x0_of(x, t)
+        coef1 = np.sqrt(ac[t - 1]) * betas[t] / (1 - ac[t])
+        coef2 = np.sqrt(1 - betas[t]) * (1 - ac[t - 1]) / (1 - ac[t])
+        variance = (1 - ac[t - 1]) / (1 - ac[t]) * betas[t]
+        x = coef1 * x0 + coef2 * x + np.sqrt(variance) * noise(i)
+        mean = x - np.sqrt(variance) * noise(i)
+    np.testing.assert_allclose(got, x0_of(mean, 0), rtol=5e-4, atol=5e-4)
