@@ -2,20 +2,23 @@
 
 Each step directory holds the train state (`state`) and the resolved config
 (`config`, JSON). Orbax writes into a temporary directory and renames it when
-complete, so a crash mid-save leaves the earlier steps intact; a step that is
-unreadable anyway (truncated files) is skipped in favour of the newest
-readable one, with a warning.
+complete, so a crash mid-save leaves the earlier steps intact. A step that is
+unreadable anyway (truncated files) is skipped in favour of the newest readable
+one, with one warning; training also moves it aside to `<step>.damaged-<n>`
+(never deleting it) so that the step can be written again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 # Sections that define the model and the diffusion: a run may not resume under different values.
@@ -25,19 +28,35 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that does not fit the run."""
+    """No usable checkpoint, or one that does not fit the run (a user error; the message is one line)."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
 
 
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+
+
 def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """The run's manager: keeps the last `keep` steps (all when None), saves asynchronously."""
+    """The run's manager: keeps the newest `keep` steps (all when None, never fewer than one), saves asynchronously.
+
+    A read-only manager needs an existing workdir and creates, saves and deletes nothing.
+    """
+    workdir = os.path.abspath(os.fspath(workdir))
+    if read_only and not os.path.isdir(checkpoint_dir(workdir)):
+        what = "does not exist" if not os.path.exists(workdir) else f"has no {CHECKPOINT_DIR}/ directory"
+        raise CheckpointError(
+            f"{workdir} {what}: train with `jaxdiff train --workdir {workdir}` or import weights with `jaxdiff convert`"
+        )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True
+        max_to_keep=None if keep is None or read_only else max(1, keep),
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=not read_only,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "config"))
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_handlers())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
@@ -64,76 +83,35 @@ def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, pa
     manager.close()
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The config saved with `step`, as a plain dict."""
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
-def restore_latest(manager: ocp.CheckpointManager, like: Any) -> tuple[int, Any] | None:
-    """(step, state) of the newest readable step, shaped and sharded like `like`; None if there is none.
+def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """'a/b/c' -> (shape, dtype) of every array leaf (dict keys, attribute names and indices joined by '/')."""
 
-    Unreadable steps are skipped with a warning; if steps exist but none is
-    readable, a `CheckpointError` lists them.
-    """
-    steps = sorted(manager.all_steps(), reverse=True)
-    failures = []
-    for step in steps:
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like))))
-        except Exception as err:  # orbax raises many types for damaged files
-            log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", step, manager.directory, err)
-            failures.append(f"step {step}: {type(err).__name__}: {err}")
-            continue
-        return step, restored.state
-    if failures:
-        raise CheckpointError(f"no readable checkpoint in {manager.directory}:\n" + "\n".join(failures))
-    return None
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in leaves}
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, like: Any) -> Any:
-    """The state saved at `step`, shaped and sharded like `like`."""
-    if step not in manager.all_steps():
-        raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; steps: {list(manager.all_steps())}")
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))).state
-
-
-def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
-    """(config, step, params) of a run's checkpoint (latest when `step` is None), on this process's first device.
-
-    Works whatever topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample
-    and evaluate with) over the raw ones.
-    """
-    from jaxdiff.config import config_from_dict, validate
-    from jaxdiff.models import create_model
-    from jaxdiff.train import init_train_state, make_optimizer
-
-    manager = make_manager(workdir, read_only=True)
-    try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise CheckpointError(
-                f"no checkpoint in {manager.directory}: train with `jaxdiff train --workdir {workdir}` "
-                "or import weights with `jaxdiff convert`"
-            )
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; steps: {steps}")
-        config = validate(config_from_dict(restore_config(manager, step)))
-        model, tx = create_model(config.model), make_optimizer(config.training)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        like = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            jax.eval_shape(lambda: init_train_state(config, model, tx)),
-        )
-        state = restore_state(manager, step, like)
-    finally:
-        manager.close()
-    return config, step, state.ema_params if ema else state.params
+def array_mismatches(saved: Any, target: Any) -> list[str]:
+    """Readable differences between the arrays of a checkpoint (orbax metadata tree) and a target tree."""
+    have, want = _flat_shapes(saved), _flat_shapes(target)
+    problems = [f"{k} is not in the checkpoint" for k in want if k not in have]
+    problems += [f"{k} is in the checkpoint but not in the model" for k in have if k not in want]
+    problems += [
+        f"{k} is saved as {have[k][1]}{list(have[k][0])} but the config needs {want[k][1]}{list(want[k][0])}"
+        for k in want
+        if k in have and have[k] != want[k]
+    ]
+    return problems
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -151,3 +129,118 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[s
             if a != b:
                 differences.append(f"{section}.{key}: {a!r} -> {b!r}")
     return differences
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _set_aside(directory: str, step: int) -> str:
+    """Rename `directory/<step>` to the first free `<step>.damaged-<n>`; returns the new name."""
+    n = 1
+    while os.path.exists(os.path.join(directory, f"{step}.damaged-{n}")):
+        n += 1
+    name = f"{step}.damaged-{n}"
+    os.rename(os.path.join(directory, str(step)), os.path.join(directory, name))
+    return name
+
+
+def restore_newest(
+    manager: ocp.CheckpointManager, target_for: Callable[[dict], Any], *, step: int | None = None,
+    set_aside_damaged: bool = False, config: ml_collections.ConfigDict | None = None,
+) -> tuple[int, dict, Any] | None:  # fmt: skip
+    """(step, saved config dict, state) of `step`, or of the newest readable step; None when there are no steps.
+
+    `target_for(saved_config)` gives the abstract state to restore into (shapes, dtypes, shardings); it
+    may raise to refuse a config. A step whose arrays do not fit the target is a `CheckpointError`
+    naming them, not damage. Unreadable steps newer than the one used are reported in one warning and,
+    with `set_aside_damaged` (writers only; collective on every process), renamed to
+    `<step>.damaged-<n>`. A requested `step` that is missing or unreadable is a `CheckpointError`.
+    `config`, the run's, names the architecture keys changed since the save when arrays do not fit.
+    """
+    directory = os.fspath(manager.directory)
+    available = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in available:
+        raise CheckpointError(f"no checkpoint at step {step} in {directory}; steps: {sorted(available)}")
+    damaged: list[tuple[int, str]] = []
+    for candidate in [step] if step is not None else available:
+        try:
+            saved_config = restore_config(manager, candidate)
+            saved_arrays = manager.item_metadata(candidate).state.tree
+        except Exception as err:  # orbax raises many types for damaged files
+            damaged.append((candidate, _one_line(err)))
+            continue
+        target = target_for(saved_config)
+        problems = array_mismatches(saved_arrays, target)
+        if problems:
+            changed = config_differences(saved_config, config) if config is not None else []
+            keys = f" (config changed since the save: {'; '.join(changed)})" if changed else ""
+            raise CheckpointError(
+                f"checkpoint step {candidate} in {directory} does not fit the config{keys}: "
+                f"{len(problems)} arrays differ, e.g. {'; '.join(problems[:3])}"
+            )
+        try:
+            state = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        except Exception as err:
+            damaged.append((candidate, _one_line(err)))
+            continue
+        if damaged:
+            _report_damaged(manager, damaged, candidate, set_aside_damaged)
+        return candidate, saved_config, state
+    if damaged:
+        steps = ", ".join(str(s) for s, _ in damaged)
+        raise CheckpointError(
+            f"no readable checkpoint in {directory}: step(s) {steps} damaged (step {damaged[0][0]}: {damaged[0][1]})"
+        )
+    return None
+
+
+def _report_damaged(manager: ocp.CheckpointManager, damaged: list[tuple[int, str]], used: int, set_aside: bool) -> None:
+    directory = os.fspath(manager.directory)
+    steps = ", ".join(str(s) for s, _ in damaged)
+    moved = ""
+    if set_aside:
+        if jax.process_index() == 0:
+            moved = " (moved aside to " + ", ".join(_set_aside(directory, s) for s, _ in damaged) + ")"
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxdiff: damaged checkpoints set aside")
+        manager.reload()
+    log.warning(
+        "using checkpoint step %d in %s: newer step(s) %s unreadable%s; step %d: %s",
+        used, directory, steps, moved, damaged[0][0], damaged[0][1],
+    )  # fmt: skip
+
+
+def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
+    """(config, step, params) of a run's checkpoint (newest readable when `step` is None), on this process's first device.
+
+    Works whatever topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample
+    and evaluate with) over the raw ones. Reads only: damaged steps are skipped, not moved.
+    """
+    from jaxdiff.config import config_from_dict, validate
+    from jaxdiff.models import create_model
+    from jaxdiff.train import init_train_state, make_optimizer
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_for(saved: dict):
+        config = validate(config_from_dict(saved))
+        model, tx = create_model(config.model), make_optimizer(config.training)
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+            jax.eval_shape(lambda: init_train_state(config, model, tx)),
+        )
+
+    manager = make_manager(workdir, read_only=True)
+    try:
+        restored = restore_newest(manager, target_for, step=step)
+    finally:
+        manager.close()
+    if restored is None:
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory}: train with `jaxdiff train --workdir {workdir}` "
+            "or import weights with `jaxdiff convert`"
+        )
+    step, saved, state = restored
+    return validate(config_from_dict(saved)), step, state.ema_params if ema else state.params

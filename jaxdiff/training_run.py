@@ -1,33 +1,48 @@
-"""A training run in a workdir: resume, train, log, checkpoint, sample; the body of `jaxdiff train`.
+"""A training run in a workdir: lock, resume, train, log, checkpoint, sample; the body of `jaxdiff train`.
 
 The workdir holds `checkpoints/` (orbax, with the config of each step),
-`config.json` (the resolved config), `metrics.jsonl`, `tensorboard/` and
-`samples/` (grids from the EMA parameters). Only process 0 writes files
-other than checkpoints, which every process writes collectively.
+`config.json` (the resolved config), `metrics.jsonl` (one line per logged
+step, each step at most once, also after a crash and resume), `tensorboard/`,
+`samples/` (grids from the EMA parameters) and, while a run is going,
+`train.lock`. Only process 0 writes files other than checkpoints, which every
+process writes collectively. SIGTERM or Ctrl-C saves at the next step
+boundary and stops; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
 import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoint, data, images, samplers, sharding
+from jaxdiff.checkpoint import CheckpointError
 from jaxdiff.config import validate
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.metrics import MetricsWriter
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
 from jaxdiff.train import TrainState, init_train_state, make_optimizer, make_train_step
+
+LOCK_FILE = "train.lock"
+METRICS_FILE = "metrics.jsonl"
+# Loggers of the libraries under a run (orbax logs through absl), kept at WARNING unless verbose.
+LIBRARY_LOGGERS = ("absl",)
 
 log = logging.getLogger(__name__)
 
@@ -39,35 +54,217 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class RunResult:
     step: int  # steps completed
-    preempted: bool  # stopped by SIGTERM, with a checkpoint at `step`
+    preempted: bool  # stopped by SIGTERM or SIGINT, with a checkpoint at `step`
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+class _StopSignals:
+    """SIGTERM or a first SIGINT: stop at the next step boundary; a second SIGINT: `on_abort()`, exit 130 at once."""
 
-    def __init__(self):
-        self.raised = False
-        self._previous = None
+    def __init__(self, on_abort: Callable[[], None]):
+        self.received: str | None = None
+        self._on_abort = on_abort
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler, no preemption
-            self._previous = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handlers, no stopping
+                break
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            hint = " (Ctrl-C again to exit at once without saving)" if signum == signal.SIGINT else ""
+            log.warning("%s received: saving at the next step boundary and stopping%s", name, hint)
+        elif signum == signal.SIGINT:
+            log.warning("second SIGINT: exiting at once without saving")
+            self._on_abort()
+            logging.shutdown()
+            os._exit(130)
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def agreed(self) -> bool:
         """True when any process was signalled (a collective when there are several processes)."""
         if jax.process_count() == 1:
-            return self.raised
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.raised))))
+            return self.received is not None
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _read_lock(path: str) -> dict | None:
+    """The holder recorded in lock file `path`; None when there is no such file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"lock file {path} is unreadable; delete it if no run uses this workdir") from None
+
+
+def _create_exclusive(path: str, record: dict) -> bool:
+    """Atomically create `path` holding `record` (written aside, then hard-linked); False if it exists."""
+    staging = f"{path}.{record['job']}"
+    with open(staging, "x", encoding="utf-8") as f:
+        json.dump(record, f)
+    try:
+        os.link(staging, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(staging)
+
+
+def _remove_stale(path: str, holder: dict) -> bool:
+    """Remove lock `path` if it still records `holder`; moving it aside first keeps a racing new lock intact."""
+    aside = f"{path}.stale-{os.getpid()}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if _read_lock(aside) != holder:  # another process took the lock meanwhile: put its lock back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+        os.unlink(aside)
+        return False
+    os.unlink(aside)
+    return True
+
+
+class WorkdirLock:
+    """`workdir/train.lock`: one training job per workdir, taken before any work and released on exit.
+
+    Process 0 creates the file atomically with {"pid", "host", "job"}; the job's other processes accept
+    it when it holds the job id process 0 broadcast. The lock of a process that is gone (same host,
+    pid not running) is taken over. Creating the lock also checks that the workdir is writable.
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._record: dict | None = None
+
+    def __enter__(self):
+        record, error = None, None
+        if jax.process_index() == 0:
+            try:
+                record = self._acquire()
+            except CheckpointError as err:
+                error = err
+        if jax.process_count() > 1:
+            self._agree_on_job(record)
+        if error is not None:
+            raise error
+        self._record = record
+        return self
+
+    def _acquire(self) -> dict:
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise CheckpointError(f"workdir {self.workdir} is a file, not a directory")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "job": uuid.uuid4().hex}
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            for _ in range(3):
+                if _create_exclusive(self.path, record):
+                    return record
+                holder = _read_lock(self.path)
+                if holder is None:  # released meanwhile
+                    continue
+                if holder.get("host") != record["host"] or _pid_alive(holder.get("pid", -1)):
+                    raise CheckpointError(
+                        f"workdir {self.workdir} is in use by process {holder.get('pid')} on host {holder.get('host')} "
+                        f"(lock {self.path}); stop that run or use another --workdir"
+                    )
+                if _remove_stale(self.path, holder):
+                    log.warning("took over the lock of process %s, which is no longer running", holder.get("pid"))
+        except OSError as err:
+            raise CheckpointError(f"cannot write to workdir {self.workdir}: {err.strerror or err}") from None
+        raise CheckpointError(f"could not lock workdir {self.workdir}: {self.path} keeps changing hands")
+
+    def _agree_on_job(self, record: dict | None) -> None:
+        """Every process learns process 0's job id (zeros: it failed) and checks the lock file holds it."""
+        job = bytes.fromhex(record["job"]) if record else bytes(16)
+        shared = multihost_utils.broadcast_one_to_all(np.frombuffer(job, np.uint8).astype(np.int32))
+        job = bytes(np.asarray(shared).astype(np.uint8)).hex()
+        if jax.process_index() == 0:
+            return
+        if job == bytes(16).hex():
+            raise CheckpointError(f"process 0 could not lock workdir {self.workdir} (see its error)")
+        holder = _read_lock(self.path)
+        if holder is None or holder.get("job") != job:
+            raise CheckpointError(f"lock {self.path} is not this job's (it holds {holder}); is the workdir shared?")
+
+    def release(self) -> None:
+        """Remove the lock if this process created it and still holds it."""
+        if self._record is not None:
+            with contextlib.suppress(OSError, CheckpointError):
+                if _read_lock(self.path) == self._record:
+                    os.unlink(self.path)
+            self._record = None
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+@contextlib.contextmanager
+def _library_logs(verbose: bool):
+    """Library loggers at WARNING for the duration (orbax logs ≈40 INFO lines per save), unless `verbose`."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace `path` by `text` in one rename, so a crash leaves the old or the new file, never a mix."""
+    staging = f"{path}.tmp-{os.getpid()}"
+    with open(staging, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Keep only lines of `workdir/metrics.jsonl` with step <= `step` (and no torn last line): a resumed run rewrites the rest."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # torn by a crash mid-write
+            continue
+    if len(kept) != len(lines):
+        _write_atomically(path, "".join(kept))
 
 
 def check_dataset_fits_model(source, config: ml_collections.ConfigDict) -> None:
@@ -114,26 +311,42 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
     )  # fmt: skip
 
 
-def _check_resumable(manager, config, allow_config_change: bool) -> None:
-    step = manager.latest_step()
-    if step is None:
-        return
-    differences = checkpoint.config_differences(checkpoint.restore_config(manager, step), config)
-    if differences and not allow_config_change:
-        raise checkpoint.CheckpointError(
-            f"the workdir holds a run with a different model/diffusion config (step {step}):\n  "
-            + "\n  ".join(differences)
-            + "\nUse another --workdir, or --allow-config-change to resume anyway."
-        )
+def _restore(manager, state: TrainState, config, allow_config_change: bool) -> TrainState | None:
+    """The state of the newest readable checkpoint (damaged newer ones moved aside), or None for a new run."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+    def check_config(saved: dict):
+        differences = checkpoint.config_differences(saved, config)
+        if differences and not allow_config_change:
+            raise CheckpointError(
+                f"the workdir holds a run with a different model/diffusion config ({'; '.join(differences)}); "
+                "use another --workdir, or --allow-config-change to resume anyway"
+            )
+        return target
+
+    restored = checkpoint.restore_newest(manager, check_config, set_aside_damaged=True, config=config)
+    return None if restored is None else restored[2]
+
+
+def _will_sample(start: int, total: int, every: int) -> bool:
+    return total // every > start // every
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, allow_config_change: bool = False,
-    progress: bool = True,
+    progress: bool = True, verbose: bool = False,
 ) -> RunResult:  # fmt: skip
-    """Train `config` in `workdir`, resuming from its latest checkpoint; returns where the run stopped."""
+    """Train `config` in `workdir`, resuming from its newest readable checkpoint; returns where the run stopped.
+
+    `progress` shows a progress bar; `verbose` lets the libraries' INFO logs (orbax) through.
+    """
     validate(config)
     workdir = os.path.abspath(os.fspath(workdir))
+    with WorkdirLock(workdir) as lock, _library_logs(verbose), _StopSignals(on_abort=lock.release) as stop:
+        return _run(config, workdir, allow_config_change=allow_config_change, progress=progress, stop=stop)
+
+
+def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
     tc = config.training
     model = create_model(config.model)
     schedule = schedule_from_config(config.diffusion)
@@ -144,69 +357,89 @@ def train_and_evaluate(
     check_batch_layout(config, mesh.devices.size)
 
     manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
-    _check_resumable(manager, config, allow_config_change)
     tx = make_optimizer(tc)
     replicated = sharding.replicated_sharding(mesh)
-    state = jax.jit(lambda: init_train_state(config, model, tx), out_shardings=replicated)()
-    restored = checkpoint.restore_latest(manager, state)
-    if restored is not None:
-        state = restored[1]
+    try:
+        state = jax.jit(lambda: init_train_state(config, model, tx), out_shardings=replicated)()
+        restored = _restore(manager, state, config, allow_config_change)
+        state = state if restored is None else restored
+    except BaseException:
+        manager.close()
+        raise
     start = int(fetch_replicated(state.step))
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
-        log.info("%s at step %d in %s", "resuming" if restored else "starting", start, workdir)
+    main_process = jax.process_index() == 0
+    if main_process:
+        truncate_metrics(workdir, start)
+        _write_atomically(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, default=str))
+        log.info("%s at step %d in %s", "resuming" if restored is not None else "starting", start, workdir)
 
-    train_step = jax.jit(
-        make_train_step(config, model, schedule, tx),
-        in_shardings=(replicated, sharding.batch_sharding(mesh)),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    sample_fn = jax.jit(
-        lambda params, rng: sample_images(config, model, schedule, params, rng, tc.num_sample_images),
-        out_shardings=replicated,
-    )
-    writer = MetricsWriter(workdir)
-    bar = ProgressBar(start, tc.num_train_steps, enabled=progress and jax.process_index() == 0)
-    pending: list[dict] = []
-    last_time, last_step = time.perf_counter(), start
-    step, preempted = start, False
     batches = data.iterate_batches(
         source, seed=config.seed, start_step=start, global_batch_size=tc.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
+    writer = MetricsWriter(workdir)
+    bar = None
+    step, saved_steps, sampled = start, [], False
     try:
-        with _PreemptionFlag() as preemption:
-            while step < tc.num_train_steps:
-                state, metrics = train_step(state, sharding.global_batch(next(batches), mesh))
-                pending.append(metrics)
-                step += 1
-                if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
-                    now = time.perf_counter()
-                    summary = _summarise(pending, steps=step - last_step, seconds=now - last_time, batch=tc.batch_size)
-                    pending, last_time, last_step = [], now, step
-                    writer.write(step, summary)
-                    bar.update(step, summary)
-                    _raise_if_diverged(summary, step, tc.max_consecutive_nonfinite)
-                if step % tc.checkpoint_every_steps == 0:
-                    checkpoint.save(manager, step, state, config)
-                if step % tc.sample_every_steps == 0:
-                    _write_samples(workdir, step, sample_fn(state.ema_params, jax.random.PRNGKey(step)))
-                if preemption.agreed():
-                    preempted = True
-                    log.warning("SIGTERM received: saving step %d and stopping", step)
-                    break
-        if manager.latest_step() != step:
+        compile_start = time.perf_counter()
+        first_batch = sharding.global_batch(next(batches), mesh)
+        train_step = jax.jit(
+            make_train_step(config, model, schedule, tx),
+            in_shardings=(replicated, sharding.batch_sharding(mesh)),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        ).lower(state, first_batch).compile()
+        sample_fn = None
+        if _will_sample(start, tc.num_train_steps, tc.sample_every_steps):
+            sample_fn = jax.jit(
+                lambda params, rng: sample_images(config, model, schedule, params, rng, tc.num_sample_images),
+                out_shardings=replicated,
+            ).lower(state.ema_params, jax.random.PRNGKey(0)).compile()
+        if main_process:
+            log.info("compiled in %.1f s", time.perf_counter() - compile_start)
+        global_batches = itertools.chain([first_batch], (sharding.global_batch(b, mesh) for b in batches))
+        bar = ProgressBar(start, tc.num_train_steps, enabled=progress and main_process)
+        pending: list[dict] = []
+        last_time, last_step, paused = time.perf_counter(), start, 0.0
+        while step < tc.num_train_steps:
+            if stop.agreed():
+                break
+            state, metrics = train_step(state, next(global_batches))
+            pending.append(metrics)
+            step += 1
+            if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
+                now = time.perf_counter()
+                summary = _summarise(pending, steps=step - last_step, seconds=now - last_time - paused,
+                                     batch=tc.batch_size)  # fmt: skip
+                pending, last_time, last_step, paused = [], now, step, 0.0
+                writer.write(step, summary)
+                bar.update(step, summary)
+                _raise_if_diverged(summary, step, tc.max_consecutive_nonfinite)
+            if step % tc.checkpoint_every_steps == 0:
+                checkpoint.save(manager, step, state, config)
+                saved_steps.append(step)
+            if step % tc.sample_every_steps == 0:
+                sampling_start = time.perf_counter()
+                _write_samples(workdir, step, sample_fn(state.ema_params, jax.random.PRNGKey(step)))
+                paused += time.perf_counter() - sampling_start
+                sampled = True
+        if step > start and manager.latest_step() != step:
             checkpoint.save(manager, step, state, config)
+            saved_steps.append(step)
         manager.wait_until_finished()
     finally:
         batches.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
         writer.close()
         manager.close()
-    return RunResult(step=step, preempted=preempted)
+    if main_process:
+        outcome = f"stopped by {stop.received}" if stop.received else "finished"
+        wrote = f"checkpoints {saved_steps} to {manager.directory}, " if saved_steps else ""
+        samples = f", sample grids to {os.path.join(workdir, 'samples')}" if sampled else ""
+        log.info("%s at step %d: wrote %smetrics to %s%s", outcome, step, wrote,
+                 os.path.join(workdir, METRICS_FILE), samples)  # fmt: skip
+    return RunResult(step=step, preempted=stop.received is not None)
 
 
 def _summarise(pending: list[dict], *, steps: int, seconds: float, batch: int) -> dict[str, float]:
@@ -238,23 +471,29 @@ def _write_samples(workdir: str, step: int, samples: jax.Array) -> None:
 
 
 class ProgressBar:
-    """tqdm bar showing loss, steps/s and images/s (process 0 only)."""
+    """tqdm bar of steps with rate and ETA, loss and images/s (process 0 only); log lines print above it.
+
+    Create it after compiling, so that its rate and ETA never include compilation.
+    """
 
     def __init__(self, start: int, total: int, *, enabled: bool):
-        self._bar = None
+        self._bar = self._redirect = None
         if enabled:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def update(self, step: int, summary: dict) -> None:
         if self._bar is not None:
-            self._bar.n = step
             self._bar.set_postfix(
-                loss=f"{summary['loss']:.4f}", steps_s=f"{summary['steps_per_sec']:.2f}",
-                images_s=f"{summary['images_per_sec']:.0f}",
-            )  # fmt: skip
+                loss=f"{summary['loss']:.4f}", images_s=f"{summary['images_per_sec']:.0f}", refresh=False
+            )
+            self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
