@@ -138,7 +138,7 @@ def test_bfloat16_compute_keeps_float32_params_and_remat_changes_nothing(tmp_pat
     assert np.array_equal(create_autoencoder(config).apply({"params": params}, x), reference)
     config.dtype = "bfloat16"
     model = create_autoencoder(config)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
     out = model.apply({"params": params}, x)
     assert out.dtype == jnp.float32

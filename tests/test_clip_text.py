@@ -133,7 +133,7 @@ def test_bfloat16_compute_keeps_float32_params_and_remat_changes_nothing(tmp_pat
     assert np.array_equal(create_clip_text(config).apply({"params": params}, ids).last_hidden_state, reference)
     config.dtype = "bfloat16"
     model = create_clip_text(config)
-    variables = model.init(jax.random.PRNGKey(0), ids)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
     out = model.apply({"params": params}, ids).last_hidden_state
     assert out.dtype == jnp.float32
