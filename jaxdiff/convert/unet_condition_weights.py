@@ -1,0 +1,80 @@
+"""diffusers `UNet2DConditionModel` weights (Stable Diffusion 1.x / 2.x) -> our `UNetCondition` config and parameters.
+
+A folder (or a pipeline folder's `unet/`) holds `config.json` and `diffusion_pytorch_model[.<variant>].safetensors`
+in PyTorch layouts; they are read with `safetensors` (never pickles) and need no torch. Our parameter paths are
+diffusers' module names with the list indices written `_{i}` (`up_blocks_1/attentions_0/proj_in/kernel` <->
+`up_blocks.1.attentions.0.proj_in.weight`), so conversion is a renaming plus layout changes: conv OIHW -> HWIO
+(the 1×1 `conv_shortcut` and, without `use_linear_projection`, `proj_in`/`proj_out` included), Linear
+[out, in] -> [in, out].
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdiff.convert.architecture import ParamPath, Shape
+from jaxdiff.convert.diffusers_format import _load_json, _weights_file
+from jaxdiff.convert.latent_weights import CONFIG_FILE, LEAF_NAMES, component_folder, param_shapes, read_weights
+from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+
+WEIGHTS_STEM = "diffusion_pytorch_model"
+# diffusers module lists, whose index our names write as `<list>_<index>` (unlike e.g. `linear_1`, a plain name).
+MODULE_LISTS = (
+    "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
+    "to_out", "net",
+)  # fmt: skip
+_LIST_ITEM = re.compile(rf"^({'|'.join(MODULE_LISTS)})_(\d+)$")
+
+
+def diffusers_tensor_name(path: ParamPath) -> str:
+    """The diffusers state-dict name of our parameter, e.g. ("up_blocks_1", "attentions_0", "transformer_blocks_0",
+    "attn1", "to_out_0", "kernel") -> "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"."""
+    modules = [_LIST_ITEM.sub(r"\1.\2", part) for part in path[:-1]]
+    return ".".join([*modules, LEAF_NAMES[path[-1]]])
+
+
+def unet_condition_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, Shape]:
+    """Every parameter of the U-Net of `model_config`: path -> shape (HWIO convs, [in, out] dense); none allocated."""
+    inputs = (
+        jax.ShapeDtypeStruct((1, 8, 8, model_config.in_channels), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, 1, model_config.cross_attention_dim), jnp.float32),
+    )
+    return param_shapes(create_unet_condition(model_config), *inputs)
+
+
+def read_unet_condition_weights(model_config: ml_collections.ConfigDict, file: str | os.PathLike) -> dict:
+    """Our parameter tree (float32 NumPy) from a diffusers `UNet2DConditionModel` safetensors file; one ValueError
+    lists every missing, unexpected and mis-shaped tensor by name before any tensor is read."""
+    shapes = unet_condition_shapes(model_config)
+    return read_weights(pathlib.Path(file), shapes, lambda path: (diffusers_tensor_name(path),))
+
+
+def read_unet_condition(
+    folder: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32", remat: bool = False
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """(model config, params) of a diffusers `UNet2DConditionModel` folder, or of a pipeline folder with `unet/`.
+
+    `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (e.g. "fp16"); tensors become float32.
+    Unsupported config settings raise ValueError before the weights are opened.
+    """
+    unet_dir = component_folder(folder, "unet")
+    config_path = unet_dir / CONFIG_FILE
+    settings = _load_json(config_path)
+    try:
+        config = config_from_diffusers(settings, dtype=dtype, remat=remat)
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    if variant is None:
+        return config, read_unet_condition_weights(config, _weights_file(unet_dir))
+    weights = unet_dir / f"{WEIGHTS_STEM}.{variant}.safetensors"
+    if not weights.is_file():
+        present = sorted(p.name for p in unet_dir.glob("*.safetensors"))
+        raise ValueError(f"{unet_dir} has no {weights.name} (variant={variant!r}); its safetensors files: {present}")
+    return config, read_unet_condition_weights(config, weights)

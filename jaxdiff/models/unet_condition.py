@@ -1,0 +1,598 @@
+"""Stable Diffusion's text-conditional U-Net (diffusers `UNet2DConditionModel`, SD 1.x / 2.x) in Flax Linen.
+
+The model is configured by a ConfigDict whose keys are those of a diffusers `config.json` (plus `dtype`
+and `remat`); `config_from_diffusers` reads such a dict and refuses settings this network lacks
+(SDXL's added embeddings, several transformer layers per block, class embeddings, ...).
+
+Parameter tree (diffusers' module names with the list index separators `.{i}` written `_{i}`):
+
+    conv_in                                       3×3, in_channels -> C_0
+    time_embedding/linear_1, linear_2             sinusoid(C_0) -> 4·C_0 -> 4·C_0
+    down_blocks_{i}/resnets_{j}                   norm1, conv1, time_emb_proj, norm2, conv2[, conv_shortcut]
+    down_blocks_{i}/attentions_{j}                norm, proj_in, transformer_blocks_0, proj_out
+    down_blocks_{i}/downsamplers_0/conv           3×3 stride 2, every level but the last
+    mid_block/resnets_0, attentions_0, resnets_1
+    up_blocks_{k}/resnets_{j}, attentions_{j}     j < layers + 1; up block k works at level L-1-k
+    up_blocks_{k}/upsamplers_0/conv               every up block but the last
+    conv_norm_out, conv_out
+
+A transformer block holds norm1, attn1 (self), norm2, attn2 (cross), norm3 and ff (net_0/proj: GEGLU, net_2);
+attentions hold to_q, to_k, to_v (no bias) and to_out_0. Conv kernels are HWIO (the 1×1 `proj_in`/`proj_out`
+too, unless `use_linear_projection`, which makes them dense), dense kernels [in, out].
+
+Heads: level i has `num_attention_heads[i]` heads when that key is set, else `attention_head_dim[i]` heads
+(diffusers' naming quirk: SD 1.x's `attention_head_dim: 8` and SD 2.x's `[5, 10, 20, 20]` are head
+counts), each of width C_i // heads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff.models.layers import conv3x3
+
+Array = jax.Array
+
+DTYPES = ("float32", "bfloat16")
+CLASS_NAME = "UNet2DConditionModel"
+DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has cross-attention
+UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+ACTIVATIONS = ("silu", "swish")
+
+# The settings this network reads, with diffusers' defaults (used when config.json omits a key).
+SUPPORTED_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 1280,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "center_input_sample": False,
+    "resnet_time_scale_shift": "default",
+}
+# Settings whose only supported values are these (the first is diffusers' default).
+FIXED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "only_cross_attention": (False,),
+    "dual_cross_attention": (False,),
+    "center_input_sample": (False,),
+    "resnet_time_scale_shift": ("default",),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,),
+    "dropout": (0,),
+    "transformer_layers_per_block": (1,),
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "projection_class_embeddings_input_dim": (None,),
+    "class_embeddings_concat": (False,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "addition_embed_type_num_heads": (64,),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "mid_block_only_cross_attention": (None, False),
+    "cross_attention_norm": (None,),
+}
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _as_fixed(key: str, value: Any) -> Any:
+    """`value` with per-level lists of one repeated value (e.g. transformer_layers_per_block [1, 1]) made scalar."""
+    if key == "transformer_layers_per_block" and isinstance(value, (list, tuple)) and len(set(value)) == 1:
+        return value[0]
+    return value
+
+
+def config_from_diffusers(settings: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False):
+    """The model ConfigDict of a diffusers `UNet2DConditionModel` config.json dict (SD 1.x / 2.x U-Nets).
+
+    Keys it omits take diffusers' defaults; keys starting with `_` are metadata. Settings this network
+    lacks, and unknown keys, raise one ValueError naming all of them; values are then checked as in
+    `check_config`.
+    """
+    name = settings.get("_class_name", CLASS_NAME)
+    if name != CLASS_NAME:
+        raise ValueError(f"_class_name={name!r}: only {CLASS_NAME} configs are supported")
+    unsupported = [
+        f"{key}={settings[key]!r}"
+        for key, allowed in FIXED_SETTINGS.items()
+        if key in settings and _as_fixed(key, settings[key]) not in allowed
+    ]
+    known = {*SUPPORTED_DEFAULTS, *FIXED_SETTINGS}
+    unknown = sorted(key for key in settings if not key.startswith("_") and key not in known)
+    if unsupported or unknown:
+        parts = [f"settings {', '.join(unsupported)}"] if unsupported else []
+        parts += [f"unknown keys {unknown}"] if unknown else []
+        raise ValueError(
+            f"{CLASS_NAME} config not supported yet: {'; '.join(parts)} (SD 1.x/2.x U-Nets only; "
+            "those keys must be absent or at diffusers' default)"
+        )
+    values = {key: settings.get(key, default) for key, default in SUPPORTED_DEFAULTS.items()}
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    config = ml_collections.ConfigDict({**values, "dtype": dtype, "remat": remat})
+    check_config(config)
+    return config
+
+
+def _per_level(key: str, value: Any, levels: int) -> tuple[Any, ...]:
+    """An int-or-list setting as one value per level."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+    if len(values) != levels:
+        raise ValueError(f"{key}={value!r} must be an int or a list of {levels} ints (one per level)")
+    return values
+
+
+def _require_int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{key}={value!r} must be an int >= {minimum}")
+
+
+def _require_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be true or false")
+
+
+def num_heads_per_level(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Attention heads at each level: `num_attention_heads` if set, else `attention_head_dim` (diffusers' rule)."""
+    levels = len(config.block_out_channels)
+    if config.num_attention_heads is not None:
+        return _per_level("num_attention_heads", config.num_attention_heads, levels)
+    return _per_level("attention_head_dim", config.attention_head_dim, levels)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first invalid setting of a model config (see `config_from_diffusers`)."""
+    missing = [key for key in (*SUPPORTED_DEFAULTS, "dtype", "remat") if key not in config]
+    if missing:
+        raise ValueError(f"model config lacks keys {missing}")
+    for key, allowed in FIXED_SETTINGS.items():
+        if key in SUPPORTED_DEFAULTS and config[key] not in allowed:
+            raise ValueError(f"{key}={config[key]!r} is not supported yet (supported: {list(allowed)})")
+    widths = config.block_out_channels
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise ValueError(f"block_out_channels={widths!r} must be a non-empty list of ints")
+    _require_int("norm_num_groups", config.norm_num_groups, 1)
+    for width in widths:
+        _require_int("block_out_channels entry", width, 1)
+        if width % config.norm_num_groups:
+            groups = config.norm_num_groups
+            raise ValueError(f"block_out_channels entry {width} is not divisible by norm_num_groups={groups}")
+    levels = len(widths)
+    for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        types = config[key]
+        if not isinstance(types, (list, tuple)) or len(types) != levels or any(t not in table for t in types):
+            raise ValueError(f"{key}={types!r} must list {levels} of {sorted(table)} (one per level)")
+    for value in _per_level("layers_per_block", config.layers_per_block, levels):
+        _require_int("layers_per_block", value, 1)
+    for width, heads in zip(widths, num_heads_per_level(config)):
+        _require_int("attention heads per level", heads, 1)
+        if heads > width:
+            raise ValueError(f"{heads} attention heads do not fit a level of {width} channels")
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        _require_int(key, config[key], 1)
+    for key in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "remat"):
+        _require_bool(key, config[key])
+    if not isinstance(config.freq_shift, (int, float)) or isinstance(config.freq_shift, bool):
+        raise ValueError(f"freq_shift={config.freq_shift!r} must be a number")
+    if config.freq_shift >= widths[0] // 2:
+        half = widths[0] // 2
+        raise ValueError(f"freq_shift={config.freq_shift!r} must be below half the timestep embedding width ({half})")
+    if not isinstance(config.norm_eps, (int, float)) or not config.norm_eps > 0:
+        raise ValueError(f"norm_eps={config.norm_eps!r} must be a positive number")
+    if config.act_fn not in ACTIVATIONS:
+        raise ValueError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(ACTIVATIONS)})")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype={config.dtype!r} is not one of {DTYPES}")
+
+
+def create_unet_condition(config: ml_collections.ConfigDict) -> UNetCondition:
+    """The U-Net of a model config (checked first; invalid settings raise ValueError)."""
+    check_config(config)
+    levels = len(config.block_out_channels)
+    return UNetCondition(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        block_out_channels=tuple(config.block_out_channels),
+        down_attention=tuple(DOWN_BLOCKS[t] for t in config.down_block_types),
+        up_attention=tuple(UP_BLOCKS[t] for t in config.up_block_types),
+        layers_per_block=_per_level("layers_per_block", config.layers_per_block, levels),
+        num_heads=num_heads_per_level(config),
+        cross_attention_dim=config.cross_attention_dim,
+        use_linear_projection=config.use_linear_projection,
+        upcast_attention=config.upcast_attention,
+        flip_sin_to_cos=config.flip_sin_to_cos,
+        freq_shift=float(config.freq_shift),
+        norm_num_groups=config.norm_num_groups,
+        norm_eps=float(config.norm_eps),
+        dtype=config.dtype,
+        remat=config.remat,
+    )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def timestep_sinusoid(t: Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float) -> Array:
+    """diffusers' `Timesteps`: t [B] (raw numbers) -> float32 [B, dim] (dim even).
+
+    half = dim // 2, f_i = exp(-i·ln(10000) / (half - freq_shift)), output [sin(t·f), cos(t·f)], or
+    [cos(t·f), sin(t·f)] with flip_sin_to_cos.
+    """
+    half = dim // 2
+    freqs = np.exp(-np.arange(half, dtype=np.float64) * math.log(10000.0) / (half - freq_shift)).astype(np.float32)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    parts = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
+    return jnp.concatenate(parts, axis=1)
+
+
+def nearest_resize(x: Array, size: tuple[int, int]) -> Array:
+    """Nearest-neighbour resize of x [B,H,W,C] to [B, size[0], size[1], C] with PyTorch's index rule
+    (output i reads input floor(i·H/size[0]), scale in float32); ×2 is plain pixel repetition."""
+    for axis, (n_in, n_out) in enumerate(zip(x.shape[1:3], size), start=1):
+        scale = np.float32(n_in) / np.float32(n_out)
+        index = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int32), n_in - 1)
+        x = jnp.take(x, index, axis=axis)
+    return x
+
+
+def _dense(features: int, dtype: Any, name: str, *, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _conv1x1(features: int, dtype: Any, name: str) -> nn.Conv:
+    return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _group_norm(x: Array, groups: int, eps: float, name: str) -> Array:
+    """GroupNorm as a submodule `name` of the calling compact method, computed in float32."""
+    norm = nn.GroupNorm(groups, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
+    return norm(x.astype(jnp.float32))
+
+
+def _layer_norm(x: Array, name: str) -> Array:
+    """LayerNorm (eps 1e-5, PyTorch's default) as a submodule `name`, computed in float32."""
+    norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, name=name)
+    return norm(x.astype(jnp.float32))
+
+
+class ResnetBlock(nn.Module):
+    """diffusers' `ResnetBlock2D` ("default" time embedding): x [B,H,W,C_in], temb [B,E] -> [B,H,W,out_ch].
+
+    h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb)); h = conv2(silu(norm2(h)));
+    returns conv_shortcut(x) + h, the 1×1 shortcut only when C_in != out_ch.
+    """
+
+    out_ch: int
+    groups: int
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array) -> Array:
+        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(_group_norm(x, self.groups, self.eps, "norm1")))
+        h = h + _dense(self.out_ch, self.dtype, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
+        h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(_group_norm(h, self.groups, self.eps, "norm2")))
+        if x.shape[-1] != self.out_ch:
+            x = _conv1x1(self.out_ch, self.dtype, "conv_shortcut")(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x [B,N,D] over context [B,M,D_ctx] (x itself when None) -> [B,N,D].
+
+    to_q/to_k/to_v (no bias) project to heads·head_dim, softmax(q·kᵀ/√head_dim)·v per head, to_out_0
+    back to D. With `upcast` the scores are computed from float32 q, k, v whatever the compute dtype.
+    """
+
+    num_heads: int
+    head_dim: int
+    upcast: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array | None = None) -> Array:
+        context = x if context is None else context
+        inner = self.num_heads * self.head_dim
+        q, k, v = (
+            _dense(inner, self.dtype, name, use_bias=False)(source)
+            for name, source in (("to_q", x), ("to_k", context), ("to_v", context))
+        )
+        q, k, v = (a.reshape(*a.shape[:2], self.num_heads, self.head_dim) for a in (q, k, v))
+        if self.upcast:
+            q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5, implementation=None)
+        out = out.reshape(*x.shape[:2], inner).astype(self.dtype)
+        return _dense(x.shape[-1], self.dtype, "to_out_0")(out)
+
+
+class GEGLU(nn.Module):
+    """x [..., D] -> a · gelu(g) [..., width] where [a, g] = proj(x) (exact, erf-based GELU)."""
+
+    width: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        a, gate = jnp.split(_dense(2 * self.width, self.dtype, "proj")(x), 2, axis=-1)
+        return a * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' `FeedForward` with GEGLU: x [..., D] -> net_2(net_0(x)), hidden width 4·D."""
+
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        return _dense(dim, self.dtype, "net_2")(GEGLU(4 * dim, self.dtype, name="net_0")(x))
+
+
+class TransformerBlock(nn.Module):
+    """diffusers' `BasicTransformerBlock`: x [B,N,D], context [B,M,D_ctx] -> [B,N,D].
+
+    x += attn1(norm1(x)); x += attn2(norm2(x), context); x += ff(norm3(x)) (LayerNorms eps 1e-5).
+    """
+
+    num_heads: int
+    head_dim: int
+    upcast: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        settings = (self.num_heads, self.head_dim, self.upcast, self.dtype)
+        x = x + Attention(*settings, name="attn1")(_layer_norm(x, "norm1"))
+        x = x + Attention(*settings, name="attn2")(_layer_norm(x, "norm2"), context)
+        return x + FeedForward(self.dtype, name="ff")(_layer_norm(x, "norm3"))
+
+
+class BlockSettings(NamedTuple):
+    """Settings every block shares."""
+
+    groups: int
+    eps: float
+    use_linear_projection: bool
+    upcast_attention: bool
+    dtype: Any
+    remat: bool
+
+
+def _resnet(s: BlockSettings, out_ch: int, name: str) -> nn.Module:
+    cls = nn.remat(ResnetBlock) if s.remat else ResnetBlock
+    return cls(out_ch, s.groups, s.eps, s.dtype, name=name)
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' `Transformer2DModel` (continuous input, one block): x [B,H,W,C], context [B,M,D_ctx] -> [B,H,W,C].
+
+    x + proj_out(transformer_blocks_0(proj_in(norm(x)))) over the H·W positions; GroupNorm eps 1e-6;
+    proj_in/proj_out are 1×1 convolutions, or dense layers with `use_linear_projection` (same function,
+    different weight layout). Inner width heads·(C // heads).
+    """
+
+    num_heads: int
+    settings: BlockSettings
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        s = self.settings
+        b, height, width, c = x.shape
+        head_dim = c // self.num_heads
+        inner = self.num_heads * head_dim
+        project = (lambda n, name: _dense(n, s.dtype, name)) if s.use_linear_projection else (
+            lambda n, name: _conv1x1(n, s.dtype, name))  # fmt: skip
+        h = project(inner, "proj_in")(_group_norm(x, s.groups, 1e-6, "norm"))
+        block = nn.remat(TransformerBlock) if s.remat else TransformerBlock
+        h = block(self.num_heads, head_dim, s.upcast_attention, s.dtype, name="transformer_blocks_0")(
+            h.reshape(b, height * width, inner), context
+        )
+        return x + project(c, "proj_out")(h.reshape(b, height, width, inner))
+
+
+class Downsampler(nn.Module):
+    """[B,H,W,C] -> [B,ceil(H/2),ceil(W/2),C]: 3×3 stride-2 convolution `conv`, zero padding 1 on each side."""
+
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        conv = nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                       param_dtype=jnp.float32, name="conv")  # fmt: skip
+        return conv(x)
+
+
+class Upsampler(nn.Module):
+    """[B,h,w,C] -> [B,H,W,C]: nearest resize to `size` = (H, W) (PyTorch's rule), then a 3×3 convolution `conv`."""
+
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, size: tuple[int, int]) -> Array:
+        return conv3x3(x.shape[-1], self.dtype, name="conv")(nearest_resize(x, size))
+
+
+class DownBlock(nn.Module):
+    """`CrossAttnDownBlock2D` (attention=True) or `DownBlock2D`: returns (h, skips), the skips being each
+    resnet's output (after its transformer) and the downsampled h unless this is the last level."""
+
+    out_ch: int
+    num_layers: int
+    num_heads: int
+    attention: bool
+    downsample: bool
+    settings: BlockSettings
+
+    @nn.compact
+    def __call__(self, h: Array, temb: Array, context: Array) -> tuple[Array, list[Array]]:
+        skips = []
+        for j in range(self.num_layers):
+            h = _resnet(self.settings, self.out_ch, f"resnets_{j}")(h, temb)
+            if self.attention:
+                h = SpatialTransformer(self.num_heads, self.settings, name=f"attentions_{j}")(h, context)
+            skips.append(h)
+        if self.downsample:
+            h = Downsampler(self.settings.dtype, name="downsamplers_0")(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    """`UNetMidBlock2DCrossAttn`: resnets_0, attentions_0, resnets_1 at constant width."""
+
+    num_heads: int
+    settings: BlockSettings
+
+    @nn.compact
+    def __call__(self, h: Array, temb: Array, context: Array) -> Array:
+        c = h.shape[-1]
+        h = _resnet(self.settings, c, "resnets_0")(h, temb)
+        h = SpatialTransformer(self.num_heads, self.settings, name="attentions_0")(h, context)
+        return _resnet(self.settings, c, "resnets_1")(h, temb)
+
+
+class UpBlock(nn.Module):
+    """`CrossAttnUpBlock2D` (attention=True) or `UpBlock2D`: resnet j takes [h, skips[-1-j]] concatenated on
+    channels (skips are consumed from the last); then, given `upsample_size`, an `Upsampler` to that size."""
+
+    out_ch: int
+    num_heads: int
+    attention: bool
+    settings: BlockSettings
+
+    @nn.compact
+    def __call__(self, h: Array, skips: list[Array], temb: Array, context: Array,
+                 upsample_size: tuple[int, int] | None) -> Array:  # fmt: skip
+        for j, skip in enumerate(reversed(skips)):
+            h = _resnet(self.settings, self.out_ch, f"resnets_{j}")(jnp.concatenate([h, skip], axis=-1), temb)
+            if self.attention:
+                h = SpatialTransformer(self.num_heads, self.settings, name=f"attentions_{j}")(h, context)
+        if upsample_size is not None:
+            h = Upsampler(self.settings.dtype, name="upsamplers_0")(h, upsample_size)
+        return h
+
+
+class TimestepEmbedding(nn.Module):
+    """t [B] -> linear_2(silu(linear_1(sinusoid(t)))) [B, 4·C_0]; sinusoid of width C_0 (diffusers' `Timesteps`)."""
+
+    width: int
+    flip_sin_to_cos: bool
+    freq_shift: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, t: Array) -> Array:
+        emb = timestep_sinusoid(t, self.width, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        emb = nn.silu(_dense(4 * self.width, self.dtype, "linear_1")(emb))
+        return _dense(4 * self.width, self.dtype, "linear_2")(emb)
+
+
+class UNetCondition(nn.Module):
+    """The text-conditional U-Net: (sample [B,H,W,in_channels], timesteps [B] or scalar, encoder_hidden_states
+    [B,M,cross_attention_dim]) -> float32 [B,H,W,out_channels]. Build it with `create_unet_condition`.
+
+    Fields are the config resolved per level (level i: width block_out_channels[i], layers_per_block[i],
+    num_heads[i]; down_attention[i] for down block i, up_attention[k] for up block k = level L-1-k).
+    `dtype` is the compute dtype of convolutions, dense layers and attention (parameters, norms and the
+    softmax stay float32); `remat` recomputes each resnet and transformer block in the backward pass.
+    """
+
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple[int, ...]
+    down_attention: tuple[bool, ...]
+    up_attention: tuple[bool, ...]
+    layers_per_block: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    cross_attention_dim: int
+    use_linear_projection: bool
+    upcast_attention: bool
+    flip_sin_to_cos: bool
+    freq_shift: float
+    norm_num_groups: int
+    norm_eps: float
+    dtype: str = "float32"
+    remat: bool = False
+
+    def _check_inputs(self, sample: Array, timesteps: Array, context: Array) -> None:
+        if sample.ndim != 4 or sample.shape[-1] != self.in_channels or not jnp.issubdtype(sample.dtype, jnp.floating):
+            raise ValueError(
+                f"sample must be a float array [B, H, W, {self.in_channels}] (NHWC), got {sample.dtype} {sample.shape}"
+            )
+        batch = sample.shape[0]
+        if timesteps.shape not in ((), (batch,)) or not jnp.issubdtype(timesteps.dtype, jnp.number):
+            got = f"{timesteps.dtype} {timesteps.shape}"
+            raise ValueError(f"timesteps must be a number or an array [{batch}], got {got}")
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must have shape [{batch}, L, {self.cross_attention_dim}], got {context.shape}"
+            )
+
+    @nn.compact
+    def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array) -> Array:
+        """timesteps are the scheduler's raw step numbers (ints or floats), one per example or one for all."""
+        sample, timesteps, context = map(jnp.asarray, (sample, timesteps, encoder_hidden_states))
+        self._check_inputs(sample, timesteps, context)
+        dtype = jnp.dtype(self.dtype)
+        s = BlockSettings(self.norm_num_groups, self.norm_eps, self.use_linear_projection, self.upcast_attention,
+                          dtype, self.remat)  # fmt: skip
+        widths, levels = self.block_out_channels, len(self.block_out_channels)
+
+        t = jnp.broadcast_to(timesteps, sample.shape[:1])
+        temb = TimestepEmbedding(widths[0], self.flip_sin_to_cos, self.freq_shift, dtype, name="time_embedding")(t)
+
+        h = conv3x3(widths[0], dtype, name="conv_in")(sample)
+        skips = [h]
+        for i in range(levels):
+            h, level_skips = DownBlock(widths[i], self.layers_per_block[i], self.num_heads[i], self.down_attention[i],
+                                       i < levels - 1, s, name=f"down_blocks_{i}")(h, temb, context)  # fmt: skip
+            skips += level_skips
+
+        h = MidBlock(self.num_heads[-1], s, name="mid_block")(h, temb, context)
+
+        for k in range(levels):
+            level = levels - 1 - k
+            n = self.layers_per_block[level] + 1
+            block_skips, skips = skips[-n:], skips[:-n]
+            upsample_size = tuple(skips[-1].shape[1:3]) if k < levels - 1 else None
+            h = UpBlock(widths[level], self.num_heads[level], self.up_attention[k], s, name=f"up_blocks_{k}")(
+                h, block_skips, temb, context, upsample_size
+            )
+
+        h = nn.silu(_group_norm(h, self.norm_num_groups, self.norm_eps, "conv_norm_out"))
+        return conv3x3(self.out_channels, dtype, name="conv_out")(h).astype(jnp.float32)
