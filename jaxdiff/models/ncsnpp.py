@@ -38,7 +38,16 @@ import ml_collections
 
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d, upsample_conv_2d
-from jaxdiff.models.score_layers import GaussianFourierEmbedding, conv, group_norm, residual_sum, scaled_init
+from jaxdiff.models.score_layers import (
+    GaussianFourierEmbedding,
+    check_choice,
+    check_int,
+    conv,
+    group_norm,
+    module_fields,
+    residual_sum,
+    scaled_init,
+)
 
 Array = jax.Array
 
@@ -228,16 +237,6 @@ class UpLevel(nn.Module):
         return h, pyramid
 
 
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
 class NCSNpp(nn.Module):
     """NCSN++ / DDPM++ / score_sde's DDPM: (x [B,S,S,C], noise_labels [B]) -> float32 [B,S,S,C].
 
@@ -270,16 +269,16 @@ class NCSNpp(nn.Module):
 
     def _check_fields(self) -> None:
         for name in ("image_size", "num_channels", "nf", "num_res_blocks"):
-            _check_int(name, getattr(self, name), 1)
-        _check_choice("resblock_type", self.resblock_type, RESBLOCK_TYPES)
-        _check_choice("progressive", self.progressive, PROGRESSIVE)
-        _check_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
-        _check_choice("progressive_combine", self.progressive_combine, COMBINE)
-        _check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
+            check_int(name, getattr(self, name), 1)
+        check_choice("resblock_type", self.resblock_type, RESBLOCK_TYPES)
+        check_choice("progressive", self.progressive, PROGRESSIVE)
+        check_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
+        check_choice("progressive_combine", self.progressive_combine, COMBINE)
+        check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(f"ch_mult={self.ch_mult!r} must be a non-empty tuple of ints")
         for mult in self.ch_mult:
-            _check_int("ch_mult entry", mult, 1)
+            check_int("ch_mult entry", mult, 1)
         if self.nf % 4:
             raise ValueError(f"nf={self.nf} must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
         factor = 2 ** (len(self.ch_mult) - 1)
@@ -378,7 +377,7 @@ def cifar10_config(variant: str) -> ml_collections.ConfigDict:
     "ncsnpp_deep", "ncsnpp_discrete" (SMLD, positional embedding) and "ddpm" (its `models/ddpm.py`:
     DDPM ResBlocks, no rescaling, one attention block per up level; its GroupNorms have 32 groups, which is
     min(C // 4, 32) for every width of this config)."""
-    _check_choice("variant", variant, CIFAR10_VARIANTS)
+    check_choice("variant", variant, CIFAR10_VARIANTS)
     config = default_config()
     if variant.startswith("ncsnpp"):
         config.update(fir=True, progressive_input="residual")
@@ -392,11 +391,4 @@ def cifar10_config(variant: str) -> ml_collections.ConfigDict:
 
 def create_ncsnpp(config: ml_collections.ConfigDict) -> NCSNpp:
     """The network of a config with the keys of `default_config()`; unknown or missing keys raise ValueError."""
-    keys = set(default_config().keys())
-    missing, unknown = sorted(keys - set(config.keys())), sorted(set(config.keys()) - keys)
-    if missing or unknown:
-        raise ValueError(f"NCSN++ config: missing keys {missing}, unknown keys {unknown}")
-    fields = {key: config[key] for key in keys}
-    for key in ("ch_mult", "attn_resolutions", "fir_kernel"):
-        fields[key] = tuple(fields[key])
-    return NCSNpp(**fields)
+    return NCSNpp(**module_fields(config, default_config(), ("ch_mult", "attn_resolutions", "fir_kernel"), "NCSN++"))

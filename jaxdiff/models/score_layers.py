@@ -2,14 +2,17 @@
 
 Feature maps are NHWC float32. Both code bases normalise with GroupNorm of min(C // 4, 32) groups and
 eps 1e-6, and embed noise levels either with the DDPM sinusoid (`jaxdiff.models.layers.timestep_embedding`)
-or with random Gaussian Fourier features.
+or with random Gaussian Fourier features. Also here: the config checks both networks run on construction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxdiff.models.layers import ZERO_INIT_SCALE, fan_avg_uniform
@@ -17,6 +20,29 @@ from jaxdiff.models.layers import ZERO_INIT_SCALE, fan_avg_uniform
 Array = jax.Array
 
 GROUP_NORM_EPS = 1e-6
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Raise ValueError unless `value` is an int (not a bool) >= minimum."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """Raise ValueError unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def module_fields(
+    config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, tuple_keys: Sequence[str], network: str
+) -> dict:
+    """A network's constructor arguments from its ConfigDict: exactly the keys of `defaults`, lists as tuples."""
+    keys = set(defaults.keys())
+    missing, unknown = sorted(keys - set(config.keys())), sorted(set(config.keys()) - keys)
+    if missing or unknown:
+        raise ValueError(f"{network} config: missing keys {missing}, unknown keys {unknown}")
+    return {key: tuple(config[key]) if key in tuple_keys else config[key] for key in keys}
 
 
 def scaled_init(scale: float) -> nn.initializers.Initializer:

@@ -32,7 +32,14 @@ import numpy as np
 
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d
-from jaxdiff.models.score_layers import GaussianFourierEmbedding, group_norm, scaled_init
+from jaxdiff.models.score_layers import (
+    GaussianFourierEmbedding,
+    check_choice,
+    check_int,
+    group_norm,
+    module_fields,
+    scaled_init,
+)
 
 Array = jax.Array
 
@@ -107,16 +114,6 @@ class UNetBlock(nn.Module):
         return x
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _check_choice(name: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
 class SongUNet(nn.Module):
     """EDM's SongUNet. Fields are the keys of `default_config()`; they are checked on construction."""
 
@@ -144,16 +141,16 @@ class SongUNet(nn.Module):
     def _check_fields(self) -> None:
         for name in ("img_resolution", "in_channels", "out_channels", "model_channels", "channel_mult_emb",
                      "num_blocks", "channel_mult_noise"):  # fmt: skip
-            _check_int(name, getattr(self, name), 1)
-        _check_int("label_dim", self.label_dim, 0)
-        _check_int("augment_dim", self.augment_dim, 0)
-        _check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
-        _check_choice("encoder_type", self.encoder_type, ENCODERS)
-        _check_choice("decoder_type", self.decoder_type, DECODERS)
+            check_int(name, getattr(self, name), 1)
+        check_int("label_dim", self.label_dim, 0)
+        check_int("augment_dim", self.augment_dim, 0)
+        check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
+        check_choice("encoder_type", self.encoder_type, ENCODERS)
+        check_choice("decoder_type", self.decoder_type, DECODERS)
         if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
             raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
         for mult in self.channel_mult:
-            _check_int("channel_mult entry", mult, 1)
+            check_int("channel_mult entry", mult, 1)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.img_resolution % factor:
             raise ValueError(
@@ -286,7 +283,7 @@ CIFAR10_VARIANTS = ("ddpmpp", "ncsnpp")
 def cifar10_config(variant: str, *, label_dim: int = 0, augment_dim: int = 0) -> ml_collections.ConfigDict:
     """EDM's CIFAR-10 networks (`train.py --arch=ddpmpp|ncsnpp`): 128 channels, channel_mult (2, 2, 2),
     dropout 0.13; label_dim 10 for the class-conditional model, augment_dim 9 with augmentation."""
-    _check_choice("variant", variant, CIFAR10_VARIANTS)
+    check_choice("variant", variant, CIFAR10_VARIANTS)
     config = default_config()
     config.update(channel_mult=(2, 2, 2), dropout=0.13, label_dim=label_dim, augment_dim=augment_dim)
     if variant == "ncsnpp":
@@ -298,11 +295,5 @@ def cifar10_config(variant: str, *, label_dim: int = 0, augment_dim: int = 0) ->
 
 def create_song_unet(config: ml_collections.ConfigDict) -> SongUNet:
     """The network of a config with the keys of `default_config()`; unknown or missing keys raise ValueError."""
-    keys = set(default_config().keys())
-    missing, unknown = sorted(keys - set(config.keys())), sorted(set(config.keys()) - keys)
-    if missing or unknown:
-        raise ValueError(f"SongUNet config: missing keys {missing}, unknown keys {unknown}")
-    fields = {key: config[key] for key in keys}
-    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
-        fields[key] = tuple(fields[key])
-    return SongUNet(**fields)
+    tuple_keys = ("channel_mult", "attn_resolutions", "resample_filter")
+    return SongUNet(**module_fields(config, default_config(), tuple_keys, "SongUNet"))
