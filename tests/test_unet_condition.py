@@ -23,7 +23,7 @@ from jaxdiff.convert.unet_condition_weights import (
     read_unet_condition_weights,
     unet_condition_shapes,
 )
-from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition, timestep_sinusoid
+from jaxdiff.models.unet_condition import Attention, config_from_diffusers, create_unet_condition, timestep_sinusoid
 
 TINY_LEVELS = dict(
     block_out_channels=[8, 16, 16], norm_num_groups=4, layers_per_block=2, cross_attention_dim=12,
@@ -165,6 +165,33 @@ def test_bfloat16_compute_and_remat():
     bf16_out = jax.jit(bf16_model.apply)({"params": params}, sample, steps, context)
     assert bf16_out.dtype == jnp.float32
     assert 1e-4 < relative_error(bf16_out, np.asarray(out, np.float64)) < 3e-2
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation of a jaxpr, nested jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (list, tuple)) else (value,):
+                inner = getattr(item, "jaxpr", item)
+                if hasattr(inner, "eqns"):
+                    yield from _dot_generals(inner)
+
+
+@pytest.mark.parametrize("upcast, score_dtype", [(False, jnp.bfloat16), (True, jnp.float32)])
+def test_upcast_attention_scores_from_float32_operands(upcast, score_dtype):
+    """In bf16 compute, q·kᵀ reads bf16 q, k unless upcast_attention, which makes them float32."""
+    attention = Attention(num_heads=2, head_dim=4, upcast=upcast, dtype=jnp.bfloat16)
+    x, context = jnp.zeros((1, 6, 8)), jnp.zeros((1, 3, 5))  # 6 queries, 3 keys
+    params = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(attention.init, jax.random.PRNGKey(0), x, context)
+    )
+    jaxpr = jax.make_jaxpr(attention.apply)(params, x, context).jaxpr
+    scores = [e for e in _dot_generals(jaxpr) if e.outvars[0].aval.shape[-1] == 3 and 6 in e.outvars[0].aval.shape]
+    assert len(scores) == 1
+    assert [v.aval.dtype for v in scores[0].invars] == [jnp.dtype(score_dtype)] * 2
+    assert scores[0].outvars[0].aval.dtype == jnp.float32
 
 
 # ---------------------------------------------------------------- parameter counts of the full U-Nets

@@ -116,7 +116,9 @@ def _as_fixed(key: str, value: Any) -> Any:
     return value
 
 
-def config_from_diffusers(settings: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False):
+def config_from_diffusers(
+    settings: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False
+) -> ml_collections.ConfigDict:
     """The model ConfigDict of a diffusers `UNet2DConditionModel` config.json dict (SD 1.x / 2.x U-Nets).
 
     Keys it omits take diffusers' defaults; keys starting with `_` are metadata. Settings this network
