@@ -1,64 +1,171 @@
 """The `jaxdiff` command: train | sample | eval | convert | info.
 
-Config files are ml_collections files defining `get_config()`; any key can be
-overridden as `--config.section.key=value`, and an unknown key is an error.
+`--config` takes a config file (an ml_collections file defining `get_config()`)
+or a recipe name (`jaxdiff.recipes.RECIPES`); any key can be overridden as
+`--config.section.key=value`, and the result is validated before anything runs.
+
+A user's mistake (bad value, bad file, bad path, missing data) ends with exit
+status 2 and one line on stderr; an internal error with status 1, a request to
+report it and the traceback. `-v/--verbose` adds the traceback to every error
+and shows all libraries' log messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import traceback
 
 import ml_collections
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
+
+logger = logging.getLogger("jaxdiff")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a value, a file, a path, missing data) rather than a bug."""
+    import zipfile
+
+    from safetensors import SafetensorError
+
     from jaxdiff.checkpoint import CheckpointError
     from jaxdiff.data import DatasetNotFoundError
 
-    return (ValueError, CheckpointError, DatasetNotFoundError, FileNotFoundError, FloatingPointError)
+    return (ValueError, OSError, CheckpointError, DatasetNotFoundError, FloatingPointError, SafetensorError,
+            zipfile.BadZipFile)  # fmt: skip
 
 
-def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
-    """The config of file `path` with `--config.a.b=v` overrides applied (types and keys checked)."""
+def load_config(source: str, overrides: list[str]) -> ml_collections.ConfigDict:
+    """The config of file `source` (or recipe `source`) with `--config.a.b=v` overrides applied, validated.
+
+    Raises ConfigError (a ValueError) naming the file, key or value at fault.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from jaxdiff.config import ConfigError, default_config, flat_keys, unknown_key_error, validate
+    from jaxdiff.recipes import RECIPES, recipe
+
     bad = [arg for arg in overrides if not arg.startswith("--config.")]
     if bad:
-        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(bad)}")
-    argv = ["jaxdiff", f"--config={path}", *overrides]
+        raise UsageError(f"unrecognised arguments: {' '.join(bad)} (config overrides look like --config.seed=1)")
+    known = flat_keys(default_config())
+    for arg in overrides:
+        key = arg[len("--config.") :].split("=", 1)[0]
+        if key not in known:
+            raise unknown_key_error(key)
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
-    if not os.path.isfile(path):
-        raise SystemExit(f"jaxdiff: config file {path!r} not found")
+    if os.path.isfile(source):
+        argv = ["jaxdiff", f"--config={source}", *overrides]
+        config_flags.DEFINE_config_file("config", default=None, flag_values=values, lock_config=True, sys_argv=argv)
+    elif source in RECIPES:
+        argv = ["jaxdiff", *overrides]
+        config_flags.DEFINE_config_dict("config", recipe(source), flag_values=values, lock_config=True, sys_argv=argv)
+    elif os.path.exists(source):
+        raise ConfigError(f"config {source!r} is not a file")
+    else:
+        raise ConfigError(f"config {source!r} is neither a config file nor a recipe; recipes: {', '.join(RECIPES)}")
     try:
         values(argv)
         config = values.config
         config.to_dict()  # a file that failed to load yields a stand-in that raises its error here
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, ImportError, SyntaxError) as err:
-        raise SystemExit(f"jaxdiff: bad config {path!r} or override: {err}") from None
-    return config
+        message = " ".join(str(err).split())
+        raise ConfigError(f"bad config {source!r} or override: {message}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {source!r}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    return validate(config)
+
+
+# Paths, checked before any work
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_creatable(path: str, what: str) -> None:
+    """`path` does not exist; its nearest existing ancestor must be a directory we may write in."""
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{what} {path!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r} cannot be created: no permission to write in {existing!r}")
+
+
+def check_output_dir(path: str, what: str) -> None:
+    """`path` is a writable directory, or one that can be created."""
+    if not os.path.exists(path):
+        _check_creatable(path, what)
+    elif not os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a file, not a directory")
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r}: no permission to write in it")
+
+
+def check_output_file(path: str, what: str) -> None:
+    """`path` is a file we may overwrite, or one that can be created (with its folders)."""
+    if not os.path.exists(path):
+        _check_creatable(path, what)
+    elif os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a directory, not a file")
+    elif not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path!r}: no permission to overwrite it")
+
+
+def _check_weights(path: str, what: str = "--workdir") -> None:
+    """A weights path (workdir, diffusers folder, TF checkpoint prefix) that exists."""
+    if not os.path.exists(path) and not os.path.exists(f"{path}.index"):
+        raise UsageError(f"{what} {path!r} does not exist")
+
+
+@contextlib.contextmanager
+def _reading_weights(path: str):
+    """safetensors' own error for a damaged file, as a user error naming the weights."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise UsageError(f"the .safetensors weights under {path!r} are damaged or not safetensors ({err})") from err
+
+
+def _load_pipeline(path: str, step: int | None):
+    from jaxdiff.pipeline import Pipeline
+
+    with _reading_weights(path):
+        return Pipeline.from_pretrained(path, step=step)
+
+
+# Verbs
 
 
 def _train(args, extra) -> int:
     from jaxdiff import sharding
     from jaxdiff.training_run import train_and_evaluate
 
-    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     config = load_config(args.config, extra)
+    check_output_dir(args.workdir, "--workdir")
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     result = train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change)
     print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}; workdir {args.workdir}")
     return 0
 
 
 def _info(args, extra) -> int:
-    from jaxdiff.config import validate
     from jaxdiff.models.summary import model_summary
 
-    config = validate(load_config(args.config, extra))
+    config = load_config(args.config, extra)
     summary = model_summary(config.model)
     print(f"parameters: {summary['parameters']:,}")
     print(f"forward GFLOPs per image: {summary['gflops']:.2f} (every multiply-add of convolutions and matmuls)")
@@ -81,38 +188,54 @@ def _write_trajectory(path: str, trajectory: np.ndarray) -> None:
     images.save_png(images.make_grid(rows, columns=frames), path, scale=max(1, 64 // trajectory.shape[2]))
 
 
+def _no_extra(extra: list[str]) -> None:
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
+
+
 def _sample(args, extra) -> int:
+    _no_extra(extra)
+    to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
+    if to_dir:
+        check_output_dir(args.out, "--out")
+    elif not args.out.lower().endswith((".png", ".npz")):
+        raise UsageError(f"--out must be a .png grid, a .npz file or a directory/, got {args.out!r}")
+    else:
+        check_output_file(args.out, "--out")
+    if args.trajectory:
+        if not args.trajectory.lower().endswith((".png", ".gif")):
+            raise UsageError(f"--trajectory must be a .png strip or a .gif animation, got {args.trajectory!r}")
+        check_output_file(args.trajectory, "--trajectory")
+    _check_weights(args.workdir)
+
     import jax
 
     from jaxdiff import images
-    from jaxdiff.pipeline import Pipeline
     from jaxdiff.sampling_job import sample_to_shards
 
-    if extra:
-        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
-    pipe = Pipeline.from_pretrained(args.workdir, step=args.step)
+    pipe = _load_pipeline(args.workdir, args.step)
     settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance)  # fmt: skip
-    to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:
         shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
                                   **settings)  # fmt: skip
-        print(f"{args.num} images in {len(shards)} shards under {args.out}")
+        wrote = f"{args.num} images in {len(shards)} shards under {args.out}"
     else:
-        if not args.out.lower().endswith((".png", ".npz")):
-            raise SystemExit(f"jaxdiff: --out must be a .png grid, a .npz file or a directory/, got {args.out!r}")
-        samples = pipe.sample(args.num, seed=args.seed, batch_size=args.batch_size, **settings)
+        samples = pipe.sample(args.num, seed=args.seed, batch_size=args.batch_size, progress=True, **settings)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         if args.out.lower().endswith(".npz"):
             np.savez(args.out, images=samples)
         else:
             images.save_png(images.make_grid(samples), args.out, scale=max(1, 64 // samples.shape[1]))
-        print(f"{len(samples)} images (checkpoint step {pipe.step}) -> {args.out}")
+        wrote = f"{len(samples)} images (checkpoint step {pipe.step}) -> {args.out}"
     if args.trajectory:
         n = min(8, args.num)
         _, _, trajectory = pipe.sample_batch(n, jax.random.fold_in(jax.random.PRNGKey(args.seed), 0),
                                              return_trajectory=True, **settings)  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.trajectory)), exist_ok=True)
         _write_trajectory(args.trajectory, trajectory)
-        print(f"trajectory of {n} images, {len(trajectory)} frames -> {args.trajectory}")
+        wrote += f"; trajectory of {n} images, {len(trajectory)} frames -> {args.trajectory}"
+    print(wrote)
     return 0
 
 
@@ -125,31 +248,33 @@ def _inception(path: str | None):
 
 
 def _eval(args, extra) -> int:
-    if extra:
-        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
+    _no_extra(extra)
     if args.what == "stats":
         from jaxdiff.evaluation.reference import dataset_statistics
 
         if not args.dataset:
-            raise SystemExit("jaxdiff: eval stats needs --dataset")
+            raise UsageError("eval stats needs --dataset")
         params, _ = _inception(args.inception_weights)
-        mu, _ = dataset_statistics(args.dataset, args.split, inception_params=params, data_dir=args.data_dir,
-                                   batch_size=args.inception_batch_size)  # fmt: skip
-        print(f"{args.dataset} {args.split}: Inception statistics of dimension {mu.shape[0]} cached")
+        mu, _ = dataset_statistics(args.dataset, args.split or "train", inception_params=params,
+                                   data_dir=args.data_dir, batch_size=args.inception_batch_size)  # fmt: skip
+        print(f"{args.dataset} {args.split or 'train'}: Inception statistics of dimension {mu.shape[0]} cached")
         return 0
     from jaxdiff.evaluation.evaluate import evaluate, parse_metrics
-    from jaxdiff.pipeline import Pipeline
 
     if not args.workdir:
-        raise SystemExit("jaxdiff: eval needs --workdir")
+        raise UsageError("eval needs --workdir")
     metrics = parse_metrics(args.metrics)
-    pipe = Pipeline.from_pretrained(args.workdir, step=args.step)
+    _check_weights(args.workdir)
+    check_output_dir(args.workdir, "--workdir")
+    if args.samples:
+        check_output_dir(args.samples, "--samples")
+    pipe = _load_pipeline(args.workdir, args.step)
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
     report = evaluate(
         pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
         seed=args.seed, shard_size=args.shard_size, samples_dir=args.samples, inception_params=params,
         inception_weights_sha256=sha, reference_path=args.reference, data_dir=args.data_dir,
-        inception_batch=args.inception_batch_size,
+        inception_batch=args.inception_batch_size, bpd_split=args.split,
         bpd_batch_size=args.bpd_batch_size, bpd_num_images=args.bpd_images, bpd_num_t=args.bpd_num_t,
     )  # fmt: skip
     for name, value in report["results"].items():
@@ -160,20 +285,37 @@ def _eval(args, extra) -> int:
 def _convert(args, extra) -> int:
     from jaxdiff.convert import convert
 
-    if extra:
-        raise SystemExit(f"jaxdiff: unrecognised arguments: {' '.join(extra)}")
-    out = convert(args.src, args.dst, source_format=args.source_format, target_format=args.target_format,
-                  step=args.step, dataset=args.dataset)  # fmt: skip
+    _no_extra(extra)
+    _check_weights(args.src, "SRC")
+    check_output_dir(args.dst, "DST")
+    with _reading_weights(args.src):
+        out = convert(args.src, args.dst, source_format=args.source_format, target_format=args.target_format,
+                      step=args.step, dataset=args.dataset)  # fmt: skip
     print(f"{args.src} ({args.source_format or 'detected'}) -> {out} ({args.target_format})")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxdiff", description="Denoising diffusion models in JAX.")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the message and where to find the usage."""
 
-    train = verbs.add_parser("train", help="train a model (resumes from the workdir's latest checkpoint)")
-    train.add_argument("--config", required=True, help="config file, e.g. configs/cifar10.py")
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxdiff.recipes import RECIPES
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="all libraries' log messages; tracebacks")
+    config_help = f"config file (e.g. configs/cifar10.py) or recipe name: {', '.join(RECIPES)}"
+    parser = _Parser(prog="jaxdiff", description="Denoising diffusion models in JAX.")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=help, parents=[common])
+
+    train = verb("train", "train a model (resumes from the workdir's latest checkpoint)")
+    train.add_argument("--config", required=True, help=config_help)
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, samples")
     train.add_argument("--allow-config-change", action="store_true",
                        help="resume even if the saved model/diffusion config differs")  # fmt: skip
@@ -182,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, help="multi-host: this process's index")
     train.set_defaults(run=_train)
 
-    sample = verbs.add_parser("sample", help="draw images from a trained model (EMA parameters)")
+    sample = verb("sample", "draw images from a trained model (EMA parameters)")
     sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
@@ -199,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
     sample.set_defaults(run=_sample)
 
-    evaluate = verbs.add_parser("eval", help="FID / IS / precision-recall / bits-per-dim of a trained model")
+    evaluate = verb("eval", "FID / IS / precision-recall / bits-per-dim of a trained model")
     evaluate.add_argument("what", nargs="?", choices=("model", "stats"), default="model",
                           help="'model' (default) scores --workdir; 'stats' caches a dataset split's Inception statistics")  # fmt: skip
     evaluate.add_argument("--workdir", help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
@@ -218,11 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bpd-images", type=int, help="test images for bits/dim (default: all)")
     evaluate.add_argument("--bpd-num-t", type=int, help="stratified estimate with K random t per image")
     evaluate.add_argument("--dataset", help="eval stats: dataset name, e.g. cifar10")
-    evaluate.add_argument("--split", default="train", help="eval stats: TFDS split")
+    evaluate.add_argument("--split", help="eval stats: the split (default train); bits/dim: the held-out split "
+                                          "(default test)")  # fmt: skip
     evaluate.add_argument("--inception-batch-size", type=int, default=50)
     evaluate.set_defaults(run=_eval)
 
-    convert = verbs.add_parser("convert", help="convert weights between jaxdiff, diffusers and the official TF format")
+    convert = verb("convert", "convert weights between jaxdiff, diffusers and the official TF format")
     convert.add_argument("--from", dest="source_format", choices=("tf", "diffusers", "jaxdiff"),
                          help="source format (default: detected)")  # fmt: skip
     convert.add_argument("--to", dest="target_format", choices=("jaxdiff", "diffusers"), default="jaxdiff")
@@ -232,20 +375,58 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.set_defaults(run=_convert)
 
-    info = verbs.add_parser("info", help="parameter count and forward GFLOPs per image of a config's model")
-    info.add_argument("--config", required=True)
+    info = verb("info", "parameter count and forward GFLOPs per image of a config's model")
+    info.add_argument("--config", required=True, help=config_help)
     info.set_defaults(run=_info)
     return parser
 
 
+class _Console(logging.StreamHandler):
+    """The command's one log handler on stderr (a distinct type, so a rerun in one process replaces it)."""
+
+
+def configure_logging(verbose: bool) -> None:
+    """jaxdiff's messages at INFO, other libraries' (absl, orbax, jax) at WARNING; with `verbose`, jaxdiff's
+    at DEBUG and everyone's at INFO.
+
+    The handler goes on the root logger before any library logs, so absl does not install its own; plain
+    console handlers a library installed on import are replaced, so nothing is printed twice.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) in (logging.StreamHandler, _Console):
+            root.removeHandler(handler)
+    console = _Console(sys.stderr)
+    console.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(name)s: %(message)s"
+    ))  # fmt: skip
+    root.addHandler(console)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("absl", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _one_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(args.verbose)
     try:
         return args.run(args, extra)
     except _user_errors() as err:
-        print(f"jaxdiff: error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"jaxdiff: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - everything else is a bug: say so, with the traceback
+        traceback.print_exc()
+        print(f"jaxdiff: internal error ({type(err).__name__}: {_one_line(err)}); this is a bug, please report it",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ def _shard_is_complete(path: str, n: int, image_shape: tuple[int, int, int]) -> 
     try:
         with np.load(path, allow_pickle=False) as shard:
             return shard["images"].shape == (n, *image_shape) and shard["images"].dtype == np.uint8
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a truncated or foreign file
         return False
 
 
@@ -46,7 +47,7 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
         differences = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in manifest.items() if saved.get(k) != v]
         if differences:
             raise ValueError(
-                f"{out_dir} holds shards drawn with other settings; use another directory:\n  " + "\n  ".join(differences)
+                f"{out_dir} holds shards drawn with other settings ({'; '.join(differences)}); use another directory"
             )
         return
     if jax.process_index() == 0:

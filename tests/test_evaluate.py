@@ -69,3 +69,32 @@ def test_bad_input(workdir, tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().err
     assert main(["eval", "--workdir", str(tmp_path), "--metrics", "bpd"]) == 2
     assert "unknown weights format" in capsys.readouterr().err
+
+
+DIGITS = ("--config.data.dataset=digits", "--config.model.image_size=8", "--config.model.in_channels=1",
+          "--config.model.out_channels=1", "--config.model.attn_resolutions=(4,)")  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_bits_per_dim_uses_the_held_out_split_or_the_one_asked_for(tmp_path, monkeypatch, capsys):
+    from jaxdiff.evaluation import evaluate as evaluate_module
+
+    write_workdir(tmp_path, *DIGITS)
+    seen = []
+    real = evaluate_module._data_source
+
+    def spy(pipe, split, data_dir):
+        source = real(pipe, split, data_dir)
+        seen.append((split, source.num_examples))
+        return source
+
+    monkeypatch.setattr(evaluate_module, "_data_source", spy)
+    bpd = dict(bpd_batch_size=2, bpd_num_images=2, bpd_num_t=2, progress=False)
+    report = evaluate(Pipeline.from_checkpoint(tmp_path), str(tmp_path), metrics=("bpd",), **bpd)
+    assert seen == [("test", 360)] and report["settings"]["bpd_split"] == "test"  # digits' 360 held-out images
+    assert json.loads((tmp_path / "bpd_step7_test.json").read_text())["bpd"] == report["results"]["bpd"]
+    assert main(["eval", "--workdir", str(tmp_path), "--metrics", "bpd", "--split", "train", "--bpd-images", "2",
+                 "--bpd-batch-size", "2", "--bpd-num-t", "2"]) == 0  # fmt: skip
+    assert seen[1] == ("train", 1437)
+    assert json.loads((tmp_path / "eval_7.json").read_text())["settings"]["bpd_split"] == "train"
+    assert (tmp_path / "bpd_step7_train.json").exists() and "bpd: " in capsys.readouterr().out

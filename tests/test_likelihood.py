@@ -319,7 +319,9 @@ def test_evaluation_resumes_after_the_last_finished_batch(tmp_path, linear20, un
     out = tmp_path / "resumed" / "bpd.json"
     with pytest.raises(RuntimeError, match="preempted"):
         evaluate_bpd(denoise, schedule, FailingAt(1), out_path=out, **EVALUATION)
-    saved = json.loads(progress_path(out, 0, 1).read_text())
+    [progress] = out.parent.glob("bpd.json.progress-*-0.json")
+    saved = json.loads(progress.read_text())
+    assert progress == progress_path(out, saved["identity"], 0)
     assert len(saved["totals"]) == 4 and not out.exists()
     source = RandomImages()
     resumed = evaluate_bpd(denoise, schedule, source, out_path=out, **EVALUATION)
@@ -327,7 +329,7 @@ def test_evaluation_resumes_after_the_last_finished_batch(tmp_path, linear20, un
     assert resumed == whole
 
     expected = direct_totals(schedule, source, batch_size=4, seed=5)
-    np.testing.assert_allclose(json.loads(progress_path(out, 0, 1).read_text())["totals"], expected, rtol=1e-5)
+    np.testing.assert_allclose(json.loads(progress.read_text())["totals"], expected, rtol=1e-5)
     assert resumed[0] == pytest.approx(expected.mean(), rel=1e-6)
     assert resumed[1] == pytest.approx(expected.std(ddof=1) / math.sqrt(10), rel=1e-4)
     assert json.loads(out.read_text())["bpd"] == resumed[0]
@@ -335,12 +337,19 @@ def test_evaluation_resumes_after_the_last_finished_batch(tmp_path, linear20, un
     again = RandomImages()
     assert evaluate_bpd(denoise, schedule, again, out_path=out, **EVALUATION) == whole and again.calls == 0
 
-    with pytest.raises(ValueError, match="num_timesteps=20 there, 10 here"):
-        evaluate_bpd(analytic_denoiser(make_schedule("linear", 10)), make_schedule("linear", 10), source,
-                     out_path=out, **EVALUATION)  # fmt: skip
+    # Another setting starts its own progress file and leaves the old one alone.
+    before = progress.read_bytes()
+    ten = make_schedule("linear", 10)
+    other = evaluate_bpd(analytic_denoiser(ten), ten, RandomImages(), out_path=out, **EVALUATION)
+    assert other != whole and json.loads(out.read_text())["num_timesteps"] == 10
+    assert len(list(out.parent.glob("bpd.json.progress-*-0.json"))) == 2 and progress.read_bytes() == before
     cut = tmp_path / "cut.json"
-    progress_path(cut, 0, 1).write_text(json.dumps({"identity": saved["identity"], "totals": [1.0, 2.0, 3.0]}))
-    with pytest.raises(ValueError, match="holds 3 totals, not a whole number of batches"):
+    cut_progress = progress_path(cut, saved["identity"], 0)
+    cut_progress.write_text(json.dumps({"identity": saved["identity"], "totals": [1.0, 2.0, 3.0]}))
+    with pytest.raises(ValueError, match="holds 3 totals, not a whole number of batches; delete it to start over"):
+        evaluate_bpd(denoise, schedule, source, out_path=cut, **EVALUATION)
+    cut_progress.write_text("{")
+    with pytest.raises(ValueError, match="is unreadable .*delete it to start this evaluation over"):
         evaluate_bpd(denoise, schedule, source, out_path=cut, **EVALUATION)
 
 

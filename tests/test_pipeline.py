@@ -50,6 +50,45 @@ def test_denoise_is_the_model_output(pipe):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # jit vs eager fusion
 
 
+@pytest.mark.parametrize("t", [-1, 1000, 10**6, 2**40, [0, 1000]])
+def test_denoise_refuses_steps_outside_0_to_T(pipe, t):
+    x = np.zeros((np.size(t), 16, 16, 3), np.float32)
+    with pytest.raises(ValueError, match=r"is out of range: the model expects 0-based step indices 0..T-1 = 0..999"):
+        pipe.denoise(x, np.broadcast_to(np.asarray(t), (len(x),)))
+
+
+def test_denoise_refuses_non_integer_steps(pipe):
+    with pytest.raises(ValueError, match="t has dtype float32; the model expects 0-based step indices"):
+        pipe.denoise(np.zeros((1, 16, 16, 3), np.float32), np.array([3.0], np.float32))
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 4), ("dpm_solver++", 3), ("heun", 3)])
+def test_progress_reports_every_model_call(pipe, sampler, steps):
+    calls = []
+    pipe.sample_batch(2, jax.random.PRNGKey(0), sampler=sampler, steps=steps, on_model_call=lambda: calls.append(1))
+    assert len(calls) == pipe.model_calls(sampler, steps) == (2 * steps - 1 if sampler == "heun" else steps)
+
+
+def test_sample_progress_bar_counts_every_batch(pipe, capsys):
+    pipe.sample(5, seed=0, batch_size=2, progress=True, **FAST)
+    assert "12/12" in capsys.readouterr().err  # 3 batches of 4 steps
+
+
+def test_a_truncated_shard_is_redrawn(pipe, tmp_path, monkeypatch):
+    settings = dict(num_images=5, shard_size=2, seed=1, progress=False, **FAST)
+    out = str(tmp_path / "job")
+    sample_to_shards(pipe, out, **settings)
+    whole = read_shards(out)
+    shard = tmp_path / "job" / "shard_00001.npz"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    redrawn = []
+    real = Pipeline.sample_batch
+    monkeypatch.setattr(Pipeline, "sample_batch", lambda self, n, *a, **k: redrawn.append(n) or real(self, n, *a, **k))
+    sample_to_shards(pipe, out, **settings)
+    assert redrawn == [2]
+    np.testing.assert_array_equal(read_shards(out), whole)
+
+
 def test_sharded_job_resumes_to_the_same_images(pipe, tmp_path, monkeypatch):
     settings = dict(num_images=7, shard_size=3, seed=5, progress=False, **FAST)
     straight = read_shards(sample_to_shards(pipe, str(tmp_path / "a"), **settings) and str(tmp_path / "a"))

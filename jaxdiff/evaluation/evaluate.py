@@ -3,7 +3,7 @@
 Samples are drawn (or reused) as a sharded sampling job, scored shard by shard
 with the FID Inception network (so the images never sit in memory at once),
 and compared with the Inception statistics of the training split; bits/dim is
-the variational bound on the test split. Everything lands in
+the variational bound on a held-out split (default "test"). Everything lands in
 `workdir/eval_<step>.json` with the settings that produced it.
 """
 
@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxdiff import data
 from jaxdiff.config import default_config
@@ -59,16 +60,16 @@ def _features(params, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, 
 
 def sample_quality(
     pipe: Pipeline, samples_dir: str, *, metrics: tuple[str, ...], inception_params, reference_stats,
-    real_images: np.ndarray | None, inception_batch: int = 50, **job,
+    real_images: np.ndarray | None, inception_batch: int = 50, progress: bool = True, **job,
 ) -> dict:  # fmt: skip
     """FID / IS / precision-recall of the job's samples (drawn into `samples_dir` unless already there).
 
     `job` holds `sample_to_shards`' settings (num_images, shard_size, seed, sampler, steps, ...).
     """
-    shards = sample_to_shards(pipe, samples_dir, **job)
+    shards = sample_to_shards(pipe, samples_dir, progress=progress, **job)
     statistics, logits, fake_features = ActivationStatistics(), [], []
     started = time.perf_counter()
-    for path in shards:
+    for path in tqdm(shards, desc="inception", unit="shard", disable=not progress, dynamic_ncols=True):
         with np.load(path, allow_pickle=False) as shard:
             pool, logit = _features(inception_params, shard["images"], inception_batch)
         statistics.update(pool)
@@ -93,10 +94,14 @@ def evaluate(
     pipe: Pipeline, workdir: str, *, metrics: tuple[str, ...], num_samples: int = 50_000, sampler: str = "ddpm",
     steps: int | None = None, seed: int = 0, shard_size: int = 1000, samples_dir: str | None = None,
     inception_params=None, inception_weights_sha256: str | None = None, reference_path: str | None = None,
-    data_dir: str = "", inception_batch: int = 50, bpd_batch_size: int = 64, bpd_num_images: int | None = None,
-    bpd_num_t: int | None = None, progress: bool = True,
+    data_dir: str = "", inception_batch: int = 50, bpd_split: str | None = None, bpd_batch_size: int = 64,
+    bpd_num_images: int | None = None, bpd_num_t: int | None = None, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Score `pipe` on `metrics` and write `workdir/eval_<step>.json`; returns its content."""
+    """Score `pipe` on `metrics` and write `workdir/eval_<step>.json`; returns its content.
+
+    Bits/dim is measured on `bpd_split` (default "test", the held-out split) of the model's dataset.
+    """
+    bpd_split = bpd_split or "test"
     results: dict = {}
     settings = dict(metrics=list(metrics), checkpoint_step=pipe.step, dataset=pipe.config.data.dataset)
     quality = [m for m in metrics if m != "bpd"]
@@ -129,13 +134,13 @@ def evaluate(
     if "bpd" in metrics:
         dc = pipe.config.diffusion
         mean, stderr = likelihood.evaluate_bpd(
-            model_denoiser(pipe.model, pipe.params), pipe.schedule, _data_source(pipe, "test", data_dir),
-            batch_size=bpd_batch_size, out_path=os.path.join(workdir, f"bpd_step{pipe.step}.json"), seed=seed,
+            model_denoiser(pipe.model, pipe.params), pipe.schedule, _data_source(pipe, bpd_split, data_dir),
+            batch_size=bpd_batch_size, out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"), seed=seed,
             num_images=bpd_num_images, num_t=bpd_num_t, mean_type=dc.mean_type, var_type=dc.var_type,
             progress=progress,
         )  # fmt: skip
         results.update(bpd=mean, bpd_stderr=stderr)
-        settings.update(bpd_num_images=bpd_num_images, bpd_num_t=bpd_num_t,
+        settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, bpd_num_t=bpd_num_t,
                         bpd_estimator="stratified" if bpd_num_t else "full bound")  # fmt: skip
     report = {"results": results, "settings": settings}
     if jax.process_index() == 0:

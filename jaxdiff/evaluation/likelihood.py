@@ -176,9 +176,11 @@ def stratified_bpd(
 # Test-set evaluation
 
 
-def progress_path(out_path: os.PathLike | str, process_index: int, process_count: int) -> Path:
-    """Where process p of P keeps its progress: `<out_path>.progress-<p>-of-<P>.json`."""
-    return Path(f"{os.fspath(out_path)}.progress-{process_index}-of-{process_count}.json")
+def progress_path(out_path: os.PathLike | str, identity: dict, process_index: int) -> Path:
+    """Where process p keeps its progress on the evaluation `identity` (its settings, see `_identity`):
+    `<out_path>.progress-<12 hex digits of the settings' SHA-256>-<p>.json`, so each setting has its own file."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(f"{os.fspath(out_path)}.progress-{key}-{process_index}.json")
 
 
 def _write_json_atomically(path: Path, content: dict) -> None:
@@ -202,21 +204,23 @@ def _load_progress(path: Path, identity: dict) -> list[float]:
     """Per-image totals of the batches finished earlier (none if `path` does not exist)."""
     if not path.exists():
         return []
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    for key, value in identity.items():
-        if saved["identity"].get(key) != value:
-            raise ValueError(
-                f"progress file {path} belongs to a different evaluation: {key}={saved['identity'].get(key)!r} "
-                f"there, {value!r} here; delete it or choose another out_path"
-            )
-    return saved["totals"]
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        totals, saved_identity = saved["totals"], saved["identity"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"progress file {path} is unreadable ({err}); delete it to start this evaluation over") from None
+    if saved_identity != identity:
+        raise ValueError(f"progress file {path} belongs to another evaluation; delete it to start this one over")
+    return totals
 
 
 def _finished_batches(num_totals: int, images_per_batch: list[int], path: Path) -> int:
     """How many of this process's batches the `num_totals` saved totals cover."""
     finished = np.cumsum([0] + images_per_batch)
     if num_totals not in finished:
-        raise ValueError(f"progress file {path} holds {num_totals} totals, not a whole number of batches")
+        raise ValueError(
+            f"progress file {path} holds {num_totals} totals, not a whole number of batches; delete it to start over"
+        )
     return int(np.flatnonzero(finished == num_totals)[0])
 
 
@@ -285,9 +289,10 @@ def evaluate_bpd(
     std(per-image totals, ddof=1)/sqrt(N) (NaN for one image).
 
     Resuming: after every batch each process writes its per-image totals so far to
-    `progress_path(out_path, p, P)`; a rerun with the same arguments continues after the
-    last finished batch and gives the same result. The file records the arguments and the
-    schedule, not the model: use a new `out_path` for another checkpoint.
+    `progress_path(out_path, identity, p)`, a file of its own for each setting (source,
+    schedule, arguments); a rerun with the same settings continues after the last finished
+    batch and gives the same result, one with other settings starts its own file. The
+    settings do not include the model: use a new `out_path` for another checkpoint.
 
     Multi-host: process p of P evaluates batches p, p + P, ... on its own devices; the
     totals are gathered from all processes at the end (every process must call this).
@@ -306,7 +311,7 @@ def evaluate_bpd(
         mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised), process_count=process_count,
     )  # fmt: skip
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    progress_file = progress_path(out_path, process_index, process_count)
+    progress_file = progress_path(out_path, identity, process_index)
     totals = _load_progress(progress_file, identity)
     images_per_batch = [min(batch_size, num_images - b * batch_size) for b in my_batches]
     done = _finished_batches(len(totals), images_per_batch, progress_file)
