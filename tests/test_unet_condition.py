@@ -212,6 +212,14 @@ def test_full_size_parameter_count(torch, diffusers, settings, expected):
     assert sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes)) == expected
 
 
+def test_heads_per_level():
+    """`attention_head_dim` counts heads (diffusers' quirk) unless `num_attention_heads` is set."""
+    assert create_unet_condition(config_from_diffusers(SD15_UNET)).num_heads == (8, 8, 8, 8)  # widths 40, 80, 160, 160
+    assert create_unet_condition(config_from_diffusers(SD21_UNET)).num_heads == (5, 10, 20, 20)  # width 64 each
+    explicit = dict(SD21_UNET, num_attention_heads=[5, 10, 20, 20], attention_head_dim=64)
+    assert create_unet_condition(config_from_diffusers(explicit)).num_heads == (5, 10, 20, 20)
+
+
 # ---------------------------------------------------------------- bad input
 
 
