@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.evaluation import ode_log_likelihood
-from jaxdiff.evaluation.ode_likelihood import bits_per_dim, dequantize
+from jaxdiff.evaluation.ode_likelihood import bits_per_dim, dequantize, ode_bits_per_dim
 from jaxdiff.processes import make_process
 
 MU, S = np.array([0.5, -0.3]), np.array([0.4, 0.7])
@@ -98,3 +98,21 @@ def test_bad_input():
         ode_log_likelihood(gaussian_denoiser, process, x, jax.random.key(0), atol=2)
     with pytest.raises(RuntimeError, match=r"stopped at t=0\.\d+ before t=1"):
         ode_log_likelihood(gaussian_denoiser, process, x, jax.random.key(0), max_steps=2)
+
+
+def test_ode_bits_per_dim_of_images():
+    """uint8 pixels scored by the exact denoiser of N(0, 0.3²) data in [-1, 1]: bpd = −log p/(D ln 2) + 7."""
+    mean, std = 0.0, 0.3
+    images = np.clip(np.random.default_rng(2).normal(127.5, 127.5 * std, size=(3, 2, 2, 1)), 0, 255).astype(np.uint8)
+
+    def denoiser(x, sigma):
+        s2 = sigma[:, None, None, None] ** 2
+        return (std**2 * x + s2 * mean) / (std**2 + s2)
+
+    process = make_process("ve")
+    bpd, _ = ode_bits_per_dim(denoiser, process, jnp.asarray(images), jax.random.key(3), divergence="exact")
+    dq_key, _ = jax.random.split(jax.random.key(3))
+    x = np.asarray(dequantize(jnp.asarray(images), dq_key), np.float64).reshape(3, -1)
+    var = std**2 + float(process.sigma(process.t_min)) ** 2
+    log_p = np.sum(-0.5 * np.log(2 * np.pi * var) - 0.5 * (x - mean) ** 2 / var, axis=1)
+    np.testing.assert_allclose(bpd, -log_p / (4 * np.log(2)) + 7, atol=2e-3)

@@ -104,3 +104,15 @@ def bits_per_dim(log_p: Array, num_dims: int, *, data_width: float = 2.0) -> Arr
     7 for data in [-1, 1] (width 2), 8 for [0, 1].
     """
     return -log_p / (num_dims * math.log(2.0)) + 8.0 - math.log2(data_width)
+
+
+def ode_bits_per_dim(denoiser, process, images: Array, rng: Array, **options) -> tuple[Array, Array]:
+    """(bits/dim [B], nfe) of uint8 images [B, H, W, C] for a model of data in [-1, 1].
+
+    `dequantize` with the first half of `split(rng)`, `ode_log_likelihood` (with `options`) with the
+    second, then `bits_per_dim`: bpd = −log p/(D·ln 2) + 7.
+    """
+    dequantize_key, probe_key = jax.random.split(rng)
+    x = dequantize(images, dequantize_key)
+    log_p, nfe = ode_log_likelihood(denoiser, process, x, probe_key, **options)
+    return bits_per_dim(log_p, math.prod(x.shape[1:])), nfe

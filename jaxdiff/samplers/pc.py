@@ -11,7 +11,8 @@ forward transition x_t = r·x_s + G·z):
   langevin           ε = 2·a·(snr·‖z‖/‖score‖)² (norms averaged over the batch), a = r²
                      (1 − β_i for VP, 1 for VE, as score_sde); x ← x + ε·score + sqrt(2ε)·z;
   ald                as langevin with ε = 2·a·(snr·σ_t)².
-The last predictor step's mean x_{t_min} is denoised, x̂_0 = D(x/α; σ/α) at t_min: steps·(n_corrector + 1)
+The grid is uniform in t, as score_sde's: on the edm process (t = σ) it leaves few steps at low noise,
+where EDM's samplers belong. The last predictor step's mean x_{t_min} is denoised, x̂_0 = D(x/α; σ/α) at t_min: steps·(n_corrector + 1)
 + 1 evaluations. Noise of step i: predictor sub-step 0, corrector j sub-step j + 1 (see `grids.step_noise`).
 """
 
