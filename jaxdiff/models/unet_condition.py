@@ -400,12 +400,17 @@ def _resnet(s: BlockSettings, out_ch: int, name: str) -> nn.Module:
     return cls(out_ch, s.groups, s.eps, s.dtype, name=name)
 
 
+def _projection(features: int, s: BlockSettings, name: str) -> nn.Module:
+    """A transformer's proj_in/proj_out over channels: dense with `use_linear_projection`, else a 1×1 convolution
+    (the same map; the weights differ only in layout)."""
+    return _dense(features, s.dtype, name) if s.use_linear_projection else _conv1x1(features, s.dtype, name)
+
+
 class SpatialTransformer(nn.Module):
     """diffusers' `Transformer2DModel` (continuous input, one block): x [B,H,W,C], context [B,M,D_ctx] -> [B,H,W,C].
 
-    x + proj_out(transformer_blocks_0(proj_in(norm(x)))) over the H·W positions; GroupNorm eps 1e-6;
-    proj_in/proj_out are 1×1 convolutions, or dense layers with `use_linear_projection` (same function,
-    different weight layout). Inner width heads·(C // heads).
+    x + proj_out(transformer_blocks_0(proj_in(norm(x)))), the block attending over the H·W positions;
+    GroupNorm eps 1e-6; inner width heads·(C // heads).
     """
 
     num_heads: int
@@ -417,14 +422,12 @@ class SpatialTransformer(nn.Module):
         b, height, width, c = x.shape
         head_dim = c // self.num_heads
         inner = self.num_heads * head_dim
-        project = (lambda n, name: _dense(n, s.dtype, name)) if s.use_linear_projection else (
-            lambda n, name: _conv1x1(n, s.dtype, name))  # fmt: skip
-        h = project(inner, "proj_in")(_group_norm(x, s.groups, 1e-6, "norm"))
+        h = _projection(inner, s, "proj_in")(_group_norm(x, s.groups, 1e-6, "norm"))
         block = nn.remat(TransformerBlock) if s.remat else TransformerBlock
         h = block(self.num_heads, head_dim, s.upcast_attention, s.dtype, name="transformer_blocks_0")(
             h.reshape(b, height * width, inner), context
         )
-        return x + project(c, "proj_out")(h.reshape(b, height, width, inner))
+        return x + _projection(c, s, "proj_out")(h.reshape(b, height, width, inner))
 
 
 class Downsampler(nn.Module):
