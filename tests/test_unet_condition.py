@@ -106,8 +106,9 @@ def random_inputs(settings, batch, height, width, seed):
     ids=["sd1", "sd2", "inpaint"],
 )
 def test_forward_matches_diffusers(torch, diffusers, tmp_path, settings, size):
-    """Batch timesteps and one scalar timestep; the inpainting case also has odd sizes (10 -> 5 -> 3 and back)."""
-    reference_unet = saved_random_unet(torch, diffusers, settings, tmp_path)
+    """Batch timesteps and one scalar timestep; the inpainting case also has odd sizes (10 -> 5 -> 3 and back).
+    The U-Net is saved as a pipeline's `unet/` and read from the pipeline folder."""
+    reference_unet = saved_random_unet(torch, diffusers, settings, tmp_path / "unet")
     config, params = read_unet_condition(tmp_path)
     model = create_unet_condition(config)
     apply = jax.jit(model.apply)
