@@ -80,6 +80,12 @@ def _cosine(num_timesteps: int, *, s: float = 0.008, max_beta: float = 0.999) ->
     return np.minimum(1.0 - f[1:] / f[:-1], max_beta)
 
 
+def _sigmoid(num_timesteps: int, *, beta_start: float, beta_end: float) -> np.ndarray:
+    """beta_start + (beta_end - beta_start)·sigmoid(u), u evenly spaced in [-6, 6] (diffusers' "sigmoid")."""
+    u = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
+    return beta_start + (beta_end - beta_start) / (1.0 + np.exp(-u))
+
+
 BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "linear": _linear,
     "quad": _quad,
@@ -88,6 +94,7 @@ BETA_SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     "warmup10": _warmup(0.1),
     "warmup50": _warmup(0.5),
     "cosine": _cosine,
+    "sigmoid": _sigmoid,
 }
 
 _DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
@@ -96,7 +103,7 @@ _DEFAULTS = {"beta_start": 1e-4, "beta_end": 0.02}
 def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     """float64 betas of shape [T] for a named schedule.
 
-    `linear`, `quad` and `warmup*` take `beta_start`/`beta_end` (DDPM defaults
+    `linear`, `quad`, `sigmoid` and `warmup*` take `beta_start`/`beta_end` (DDPM defaults
     1e-4, 0.02), `const` takes `beta_end`, `cosine` takes `s` and `max_beta`.
     """
     if name not in BETA_SCHEDULES:
@@ -104,7 +111,7 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps <= 0:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     make = BETA_SCHEDULES[name]
-    if name in ("linear", "quad", "warmup10", "warmup50"):
+    if name in ("linear", "quad", "warmup10", "warmup50", "sigmoid"):
         kwargs = {**_DEFAULTS, **kwargs}
     elif name == "const":
         kwargs = {"beta_end": _DEFAULTS["beta_end"], **kwargs}
@@ -188,6 +195,7 @@ _SCHEDULE_ARGS = {
     "const": ("beta_end",),
     "jsd": (),
     "cosine": (),
+    "sigmoid": ("beta_start", "beta_end"),
 }
 
 

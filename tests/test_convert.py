@@ -169,7 +169,7 @@ def test_jaxdiff_diffusers_jaxdiff_round_trip(tmp_path, torch, diffusers):
     convert(tmp_path / "run", tmp_path / "exported", target_format="diffusers")
     assert detect_format(tmp_path / "exported") == "diffusers"
     assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "jaxdiff_config.json", "scheduler"]  # fmt: skip
+        "jaxdiff_config.json", "model_index.json", "scheduler", "unet"]  # fmt: skip
 
     read_config, read_params = read_diffusers(tmp_path / "exported")
     assert read_config.to_dict() == config.to_dict()
@@ -187,7 +187,7 @@ def test_jaxdiff_diffusers_jaxdiff_round_trip(tmp_path, torch, diffusers):
     for key, value in flat(back_params).items():
         np.testing.assert_array_equal(value, expected[key], err_msg=str(key))
 
-    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported")
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported", subfolder="unet")
     x = np.random.default_rng(7).normal(size=(2, 16, 16, 3)).astype(np.float32)
     t = np.array([0, 999])
     reference = diffusers_forward(torch, unet, x, t)
@@ -205,8 +205,8 @@ def test_pipeline_layout_scheduler_and_old_attention_names(tmp_path, tiny_export
     pipeline = tmp_path / "pipeline"
     shutil.copytree(folder / "scheduler", pipeline / "scheduler")
     (pipeline / "unet").mkdir()
-    shutil.copy(folder / "config.json", pipeline / "unet")
-    tensors = safetensors.numpy.load_file(folder / "diffusion_pytorch_model.safetensors")
+    shutil.copy(folder / "unet" / "config.json", pipeline / "unet")
+    tensors = safetensors.numpy.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     renamed = {}
     for name, value in tensors.items():
@@ -231,7 +231,7 @@ def test_pipeline_layout_scheduler_and_old_attention_names(tmp_path, tiny_export
 
 def test_diffusers_layouts_are_transposed_per_layer_kind(tiny_export):
     _, params, folder = tiny_export
-    tensors = safetensors.numpy.load_file(folder / "diffusion_pytorch_model.safetensors")
+    tensors = safetensors.numpy.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     ours = flat(params)
     np.testing.assert_array_equal(tensors["conv_in.weight"], ours[("conv_in", "kernel")].transpose(3, 2, 0, 1))
     np.testing.assert_array_equal(tensors["time_embedding.linear_1.weight"], ours[("temb", "dense0", "kernel")].T)
@@ -428,24 +428,21 @@ def test_official_checkpoint_problems_are_all_listed(tmp_path):
 @pytest.mark.parametrize(
     "change, named",
     [
-        ({"attention_head_dim": 8}, "attention_head_dim=8"),
-        ({"downsample_padding": 1}, "downsample_padding=1"),
-        ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
-        ({"norm_eps": None}, "norm_eps=1e-05"),  # absent: diffusers' default 1e-5
-        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift'"),
+        ({"attention_head_dim": 24}, "attention_head_dim=24"),  # divides no attention width
+        ({"downsample_padding": 2}, "downsample_padding=2"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
+        ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
+        ({"act_fn": "tanh"}, "act_fn='tanh'"),
+        ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
         ({"up_block_types": ["UpBlock2D", "UpBlock2D"]}, "up_block_types"),
         ({"block_out_channels": [32, 48]}, "block_out_channels=[32, 48]"),
     ],
 )
 def test_unsupported_diffusers_settings_are_named(tmp_path, tiny_export, change, named):
     folder = shutil.copytree(tiny_export[2], tmp_path / "src")
-    settings = json.loads((folder / "config.json").read_text())
-    for key, value in change.items():
-        if value is None:
-            del settings[key]
-        else:
-            settings[key] = value
-    (folder / "config.json").write_text(json.dumps(settings))
+    settings = json.loads((folder / "unet" / "config.json").read_text())
+    settings.update(change)
+    (folder / "unet" / "config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=re.escape(f"unsupported setting {named}")):
         convert(folder, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
@@ -462,7 +459,7 @@ def test_unsupported_scheduler_setting_is_named(tmp_path, tiny_export):
 
 def test_missing_and_misshaped_diffusers_tensors_are_named(tmp_path, tiny_export):
     folder = shutil.copytree(tiny_export[2], tmp_path / "src")
-    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     tensors = safetensors.numpy.load_file(weights)
     del tensors["mid_block.resnets.1.conv2.weight"]
     tensors["conv_out.bias"] = np.zeros((4,), np.float32)
@@ -505,7 +502,7 @@ def test_bad_arguments_are_rejected(tmp_path, tiny_export):
         convert(folder, tmp_path / "dst", target_format="diffusers")
     with pytest.raises(ValueError, match="no recipe named 'imagenet'"):
         read_diffusers(folder, dataset="imagenet")
-    conditional = load_config(TINY_CONFIG, ["--config.model.num_classes=10"])
-    with pytest.raises(ValueError, match="num_classes=10"):
-        write_diffusers(conditional, params, tmp_path / "dst")
+    nearest = load_config(TINY_CONFIG, ["--config.model.resamp_with_conv=False"])
+    with pytest.raises(ValueError, match="resamp_with_conv=False"):
+        write_diffusers(nearest, params, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()

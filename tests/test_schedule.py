@@ -121,7 +121,7 @@ def test_respace_keeps_q_at_kept_steps():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: make_schedule("sigmoid", 10), "sigmoid"),
+        (lambda: make_schedule("tanh", 10), "tanh"),
         (lambda: make_schedule("linear", 0), "0"),
         (lambda: make_schedule("linear", -5), "-5"),
         (lambda: make_schedule("linear", 2.5), "2.5"),

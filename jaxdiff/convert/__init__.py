@@ -1,12 +1,14 @@
-"""Weights in other formats: official DDPM TF checkpoints and diffusers UNet2DModel folders, in and out.
+"""Weights in other formats: official DDPM TF checkpoints and diffusers UNet2DModel / DDPMPipeline / DDIMPipeline
+folders, in and out.
 
     convert("model.ckpt-790000", "runs/ddpm_cifar10")                  # official TF -> jaxdiff workdir
     convert("ddpm-cifar10-32", "runs/from_hub")                         # diffusers -> jaxdiff workdir
-    convert("runs/cifar10", "export/cifar10", target_format="diffusers")  # jaxdiff (EMA) -> diffusers
+    convert("runs/cifar10", "export/cifar10", target_format="diffusers")  # jaxdiff (EMA) -> DDPMPipeline folder
     config, ema_params = load_weights(path)                              # any of the three, for sampling
 
 Formats: "tf" (a checkpoint prefix with a `.index` file, or a folder holding one), "diffusers"
-(a folder with `config.json` and `*.safetensors`, or a pipeline folder with them in `unet/`),
+(a folder with `config.json` and `*.safetensors`, or a pipeline folder with them in `unet/` and the
+scheduler config, which sets the diffusion, in `scheduler/`),
 "jaxdiff" (a `jaxdiff train` workdir, i.e. a folder with `checkpoints/`).
 """
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 class Architecture(NamedTuple):
     """The U-Net hyper-parameters that weights determine. `attn_levels` are 0-based level indices
-    (level i works at image_size / 2^i), so they hold for any image size.
+    (level i works at image_size / 2^i), so they hold for any image size; every other field is the
+    `config.model` key of the same name, defaulting to the official DDPM network.
     """
 
     in_channels: int
@@ -37,40 +38,61 @@ class Architecture(NamedTuple):
     num_res_blocks: int
     attn_levels: tuple[int, ...]
     resamp_with_conv: bool
+    num_classes: int = 0
+    null_label: bool = True
+    flip_sin_to_cos: bool = False
+    freq_shift: int = 1
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    act: str = "silu"
+    attn_head_dim: int = 0
+    temb_scale_shift: bool = False
+    downsample_padding: int = 0
+    resblock_down_levels: tuple[int, ...] = ()
+    resblock_up_levels: tuple[int, ...] = ()
+    mid_attn: bool = True
+    mid_attn_norm: bool = True
+
+
+MODEL_FIELDS = tuple(name for name in Architecture._fields if name != "attn_levels")  # copied to/from config.model
+TUPLE_FIELDS = ("ch_mult", "resblock_down_levels", "resblock_up_levels")
 
 
 def architecture_of(model_config: ml_collections.ConfigDict) -> Architecture:
     """The `Architecture` of a config's `model` section."""
     resolutions = level_resolutions(model_config.image_size, len(model_config.ch_mult))
-    return Architecture(
-        in_channels=model_config.in_channels,
-        out_channels=model_config.out_channels,
-        ch=model_config.ch,
-        ch_mult=tuple(model_config.ch_mult),
-        num_res_blocks=model_config.num_res_blocks,
-        attn_levels=tuple(i for i, res in enumerate(resolutions) if res in tuple(model_config.attn_resolutions)),
-        resamp_with_conv=model_config.resamp_with_conv,
-    )
+    values = {key: model_config[key] for key in MODEL_FIELDS}
+    values.update({key: tuple(values[key]) for key in TUPLE_FIELDS})
+    attn = tuple(model_config.attn_resolutions)
+    return Architecture(attn_levels=tuple(i for i, res in enumerate(resolutions) if res in attn), **values)
 
 
-def _released_recipe(arch: Architecture, image_size: int | None, source: str) -> ml_collections.ConfigDict:
-    """The recipe of the first released model with this architecture (and image size, when known)."""
+def matching_released_recipe(
+    arch: Architecture, image_size: int | None, source: str
+) -> ml_collections.ConfigDict | None:
+    """The recipe of the first released model with this architecture (and image size, when known); None if none."""
     matches = []
     for name in RELEASED:
         config = recipe(name)
         if architecture_of(config.model) == arch and image_size in (None, config.model.image_size):
             matches.append((name, config))
-    if not matches:
-        raise ValueError(
-            f"{source}: architecture {arch._asdict()} (image size {image_size}) matches no released DDPM model "
-            f"({', '.join(RELEASED)}); pass dataset= to pick the training recipe"
-        )
     if len(matches) > 1:
         log.warning(
             "%s: the architecture fits the recipes %s; using %r (pass dataset= to choose)",
             source, [name for name, _ in matches], matches[0][0],
         )  # fmt: skip
-    return matches[0][1]
+    return matches[0][1] if matches else None
+
+
+def _released_recipe(arch: Architecture, image_size: int | None, source: str) -> ml_collections.ConfigDict:
+    """`matching_released_recipe`, or a ValueError asking for dataset= when no released model matches."""
+    config = matching_released_recipe(arch, image_size, source)
+    if config is None:
+        raise ValueError(
+            f"{source}: architecture {arch._asdict()} (image size {image_size}) matches no released DDPM model "
+            f"({', '.join(RELEASED)}); pass dataset= to pick the training recipe"
+        )
+    return config
 
 
 def build_config(
@@ -103,14 +125,9 @@ def build_config(
     if architecture_of(model) != arch and dataset is not None:
         log.warning("%s: the weights' architecture differs from the %r recipe's; using the weights'", source, dataset)
     resolutions = level_resolutions(model.image_size, len(arch.ch_mult))
-    model.in_channels = arch.in_channels
-    model.out_channels = arch.out_channels
-    model.ch = arch.ch
-    model.ch_mult = arch.ch_mult
-    model.num_res_blocks = arch.num_res_blocks
+    for key in MODEL_FIELDS:
+        model[key] = getattr(arch, key)
     model.attn_resolutions = tuple(resolutions[i] for i in arch.attn_levels)
-    model.resamp_with_conv = arch.resamp_with_conv
-    model.num_classes = 0
     return config
 
 

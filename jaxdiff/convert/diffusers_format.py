@@ -1,16 +1,17 @@
-"""Hugging Face diffusers `UNet2DModel` folders <-> our config and parameters (no torch needed).
+"""Hugging Face diffusers `UNet2DModel` folders and `DDPMPipeline`/`DDIMPipeline` folders <-> our config and
+parameters (no torch needed).
 
-A folder holds `config.json` and `diffusion_pytorch_model.safetensors` (PyTorch layouts: conv
-weights OIHW, Linear weights [out, in]); a `scheduler/scheduler_config.json` (`DDPMScheduler`) beside
-them, or in the pipeline folder around a `unet/` subfolder, carries the noise schedule. Exports add
-`jaxdiff_config.json`, the full run config, so that a round trip restores it exactly.
+A UNet folder holds `config.json` and `diffusion_pytorch_model.safetensors` (PyTorch layouts: conv
+weights OIHW, Linear weights [out, in]); a pipeline folder holds `model_index.json`, `unet/` and
+`scheduler/scheduler_config.json` (`DDPMScheduler` or `DDIMScheduler`), which sets the diffusion. Exports
+are `DDPMPipeline` folders plus `jaxdiff_config.json`, the full run config, so that a round trip restores it.
 
-The DDPM U-Net is the `UNet2DModel` with `DownBlock2D`/`AttnDownBlock2D` (attention where ours has
-it), single-head attention (`attention_head_dim` None), GroupNorm 32 groups eps 1e-6, SiLU, TF-style
-downsampling padding (`downsample_padding` 0: pad 0 before, 1 after) and the positional timestep
-embedding with `flip_sin_to_cos` False and `freq_shift` 1, i.e. [sin(t·f_i), cos(t·f_i)] with
-f_i = exp(-i·ln(10000)/(half - 1)) as in the official code. Down block i is our level `down_{i}`;
-up block k is our level `up_{L-1-k}` (diffusers orders up blocks from the lowest resolution).
+Supported UNets: `DownBlock2D`, `AttnDownBlock2D`, `ResnetDownsampleBlock2D` per level, up blocks mirroring
+where attention is (`UpBlock2D`, `AttnUpBlock2D`, `ResnetUpsampleBlock2D`), `UNetMidBlock2D`, the
+positional timestep embedding, and every setting of `UNET_SETTINGS` (each maps to a `config.model` key).
+Down block i is our level `down_{i}`; up block k is our level `up_{L-1-k}` (diffusers orders up blocks
+from the lowest resolution). The official DDPM network is the `UNet2DModel` with `flip_sin_to_cos`
+False, `freq_shift` 1, `downsample_padding` 0, `norm_eps` 1e-6 and `attention_head_dim` None.
 """
 
 from __future__ import annotations
@@ -27,38 +28,33 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from jaxdiff.config import config_from_dict, validate
-from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, param_shapes
+from jaxdiff.config import config_from_dict, default_config, validate
+from jaxdiff.convert.architecture import (
+    Architecture,
+    ParamPath,
+    build_config,
+    matching_released_recipe,
+    param_shapes,
+)
 from jaxdiff.convert.matching import match_names
-from jaxdiff.models.layers import GROUP_NORM_EPS, NUM_GROUPS
+from jaxdiff.models.layers import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+MODEL_INDEX_FILE = "model_index.json"
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
 JAXDIFF_CONFIG_FILE = "jaxdiff_config.json"
 
-# Settings a DDPM U-Net must have; a config.json that omits a key means diffusers' default, given second.
+# Settings that must have one value; a config.json that omits a key means diffusers' default, given second.
 REQUIRED_UNET_SETTINGS: dict[str, tuple[tuple[Any, ...], Any]] = {
     "center_input_sample": ((False,), False),
     "time_embedding_type": (("positional",), "positional"),
-    "flip_sin_to_cos": ((False,), True),
-    "freq_shift": ((1,), 0),
     "mid_block_type": (("UNetMidBlock2D",), "UNetMidBlock2D"),
     "mid_block_scale_factor": ((1,), 1),
-    "downsample_padding": ((0,), 1),
-    "downsample_type": (("conv",), "conv"),
-    "upsample_type": (("conv",), "conv"),
-    "act_fn": (("silu", "swish"), "silu"),
-    "norm_num_groups": ((NUM_GROUPS,), 32),
-    "attn_norm_num_groups": ((None, NUM_GROUPS), None),
-    "norm_eps": ((GROUP_NORM_EPS,), 1e-5),
-    "resnet_time_scale_shift": (("default",), "default"),
-    "add_attention": ((True,), True),
     "class_embed_type": ((None,), None),
-    "num_class_embeds": ((None,), None),
 }
 # Settings read into the architecture, with diffusers' defaults.
-ARCHITECTURE_DEFAULTS = {
+UNET_SETTINGS = {
     "sample_size": None,
     "in_channels": 3,
     "out_channels": 3,
@@ -68,16 +64,36 @@ ARCHITECTURE_DEFAULTS = {
     "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     "attention_head_dim": 8,
     "time_embedding_dim": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "num_class_embeds": None,
 }
 IGNORED_UNET_SETTINGS = ("dropout", "num_train_timesteps")  # training-only / unused by positional embeddings
-BLOCK_TYPES = {False: ("DownBlock2D", "UpBlock2D"), True: ("AttnDownBlock2D", "AttnUpBlock2D")}
+# Block types by (attention, resampled by a ResBlock); AttnDownBlock2D/AttnUpBlock2D choose their resampler
+# with downsample_type/upsample_type.
+DOWN_BLOCKS = {
+    (False, False): "DownBlock2D", (False, True): "ResnetDownsampleBlock2D", (True, False): "AttnDownBlock2D",
+}  # fmt: skip
+UP_BLOCKS = {
+    (False, False): "UpBlock2D", (False, True): "ResnetUpsampleBlock2D", (True, False): "AttnUpBlock2D",
+}  # fmt: skip
 
-# Our beta schedules, variance and mean types <-> DDPMScheduler's names.
-BETA_SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+# Our beta schedules, variance and mean types <-> the schedulers' names.
+BETA_SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
 VAR_TYPES = {
     "fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned": "learned", "learned_range": "learned_range",
 }  # fmt: skip
 MEAN_TYPES = {"eps": "epsilon", "x_start": "sample", "v": "v_prediction"}
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -91,6 +107,7 @@ SCHEDULER_DEFAULTS = {
     "clip_sample_range": 1.0,
     "rescale_betas_zero_snr": False,
 }
+DDIM_PIPELINE_STEPS = 50  # DDIMPipeline's default num_inference_steps
 
 # Our layer names -> diffusers' (attention: current name first, then the pre-0.15 one).
 RESBLOCK_LAYERS = {
@@ -104,17 +121,18 @@ ATTENTION_LAYERS = {
 TOP_LAYERS = {
     ("conv_in",): "conv_in", ("norm_out",): "conv_norm_out", ("conv_out",): "conv_out",
     ("temb", "dense0"): "time_embedding.linear_1", ("temb", "dense1"): "time_embedding.linear_2",
+    ("label_emb",): "class_embedding",
     ("mid", "block_1"): "mid_block.resnets.0", ("mid", "attn_1"): "mid_block.attentions.0",
     ("mid", "block_2"): "mid_block.resnets.1",
 }  # fmt: skip
 RESAMPLERS = {"downsample": "downsamplers", "upsample": "upsamplers"}
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
 
 log = logging.getLogger(__name__)
 
 
 class DiffusersExport(NamedTuple):
-    """An exported folder's contents: UNet config.json, tensors (PyTorch layouts), scheduler config, our config."""
+    """An exported pipeline's contents: UNet config.json, tensors (PyTorch layouts), scheduler config, our config."""
 
     unet_config: dict
     tensors: dict[str, np.ndarray]
@@ -136,7 +154,10 @@ def _layer_names(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
     direction, index = layer[0].split("_")
     block = f"down_blocks.{index}" if direction == "down" else f"up_blocks.{num_levels - 1 - int(index)}"
     if layer[1] in RESAMPLERS:
-        return (f"{block}.{RESAMPLERS[layer[1]]}.0.conv",)
+        resampler = f"{block}.{RESAMPLERS[layer[1]]}.0"
+        if layer[2] == "conv":
+            return (f"{resampler}.conv",)
+        return tuple(f"{resampler}.{name}" for name in RESBLOCK_LAYERS[layer[2]])
     kind, j = layer[1].split("_")
     if kind == "attn":
         return tuple(f"{block}.attentions.{j}.{name}" for name in ATTENTION_LAYERS[layer[2]])
@@ -150,10 +171,10 @@ def diffusers_names(path: ParamPath, num_levels: int) -> tuple[str, ...]:
 
 def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The PyTorch shape of our parameter: HWIO -> OIHW, dense [in, out] -> Linear [out, in],
-    `nin_shortcut` -> the 1×1 Conv2d `conv_shortcut` [out, in, 1, 1]."""
+    `nin_shortcut` -> the 1×1 Conv2d `conv_shortcut` [out, in, 1, 1]; embeddings keep [rows, dim]."""
     if len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:
+    if len(shape) == 2 and path[-1] != "embedding":
         return (shape[1], shape[0], 1, 1) if path[-2] == "nin_shortcut" else (shape[1], shape[0])
     return shape
 
@@ -162,13 +183,14 @@ def to_torch(path: ParamPath, array: np.ndarray) -> np.ndarray:
     """Our parameter at `path` in PyTorch layout (shape `torch_shape(path, array.shape)`)."""
     if array.ndim == 4:
         return array.transpose(3, 2, 0, 1)
-    if array.ndim == 2:
+    if array.ndim == 2 and path[-1] != "embedding":
         return array.T.reshape(torch_shape(path, array.shape))
     return array
 
 
 def from_torch(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A PyTorch tensor as our parameter of shape `shape`: OIHW -> HWIO, [out, in] or [out, in, 1, 1] -> [in, out]."""
+    """A PyTorch tensor as our parameter of shape `shape`: OIHW -> HWIO, [out, in] or [out, in, 1, 1] -> [in, out].
+    (Embedding tables need no conversion: do not pass them here.)"""
     if len(shape) == 4:
         return array.transpose(2, 3, 1, 0)
     if len(shape) == 2:
@@ -209,6 +231,40 @@ def _unsupported(source: str, key: str, value: Any, need: str) -> ValueError:
     return ValueError(f"{source}: unsupported setting {key}={value!r} ({need})")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _levels(down_types: list, up_types: list, s: dict, source: str) -> tuple[tuple[int, ...], tuple, tuple]:
+    """(attention levels, levels downsampled by a ResBlock, levels upsampled by a ResBlock) of the block types."""
+    num_levels = len(down_types)
+    attn, res_down, res_up = [], [], []
+    for i, name in enumerate(down_types):
+        kinds = [key for key, value in DOWN_BLOCKS.items() if value == name]
+        if not kinds:
+            need = f"each one of {sorted(DOWN_BLOCKS.values())}"
+            raise _unsupported(source, "down_block_types", down_types, need)
+        with_attn, by_resblock = kinds[0]
+        attn += [i] if with_attn else []
+        by_resblock = by_resblock or (with_attn and s["downsample_type"] == "resnet")
+        res_down += [i] if by_resblock and i < num_levels - 1 else []
+    for k, name in enumerate(up_types):
+        i = num_levels - 1 - k
+        kinds = [key for key, value in UP_BLOCKS.items() if value == name]
+        if not kinds or kinds[0][0] != (i in attn):
+            need = "an AttnUpBlock2D mirroring each AttnDownBlock2D, else UpBlock2D or ResnetUpsampleBlock2D"
+            raise _unsupported(source, "up_block_types", up_types, need)
+        with_attn, by_resblock = kinds[0]
+        by_resblock = by_resblock or (with_attn and s["upsample_type"] == "resnet")
+        res_up += [i] if by_resblock and i > 0 else []
+    return tuple(attn), tuple(res_down), tuple(sorted(res_up))
+
+
+def _check_choice(source: str, s: dict, key: str, allowed: tuple) -> None:
+    if s[key] not in allowed or isinstance(s[key], bool) != isinstance(allowed[0], bool):
+        raise _unsupported(source, key, s[key], "one of " + ", ".join(map(repr, allowed)))
+
+
 def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architecture, int]:
     """(architecture, image size) of a `UNet2DModel` config.json; unsupported settings raise ValueError naming them."""
     if settings.get("_class_name", "UNet2DModel") != "UNet2DModel":
@@ -216,37 +272,57 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     for key, (allowed, default) in REQUIRED_UNET_SETTINGS.items():
         value = settings.get(key, default)
         if value not in allowed:
-            raise _unsupported(source, key, value, "the DDPM U-Net needs " + " or ".join(map(repr, allowed)))
-    known = set(REQUIRED_UNET_SETTINGS) | set(ARCHITECTURE_DEFAULTS) | set(IGNORED_UNET_SETTINGS)
+            raise _unsupported(source, key, value, "supported: " + " or ".join(map(repr, allowed)))
+    known = set(REQUIRED_UNET_SETTINGS) | set(UNET_SETTINGS) | set(IGNORED_UNET_SETTINGS)
     unknown = sorted(k for k in settings if k not in known and not k.startswith("_"))
     if unknown:
         log.warning("%s: ignoring unknown settings %s", source, unknown)
-    s = {key: settings.get(key, default) for key, default in ARCHITECTURE_DEFAULTS.items()}
+    s = {key: settings.get(key, default) for key, default in UNET_SETTINGS.items()}
 
     size = s["sample_size"]
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    if not _is_int(size) or size < 1:
         raise _unsupported(source, "sample_size", s["sample_size"], "a square image size is needed")
     widths = list(s["block_out_channels"])
-    if not widths or any(not isinstance(w, int) or w < 1 or w % widths[0] for w in widths):
+    if not widths or any(not _is_int(w) or w < 1 or w % widths[0] for w in widths):
         raise _unsupported(source, "block_out_channels", widths, "positive multiples of the first entry")
     ch = widths[0]
-    down_types = list(s["down_block_types"])
-    down_names = (BLOCK_TYPES[False][0], BLOCK_TYPES[True][0])
-    if len(down_types) != len(widths) or any(t not in down_names for t in down_types):
-        raise _unsupported(source, "down_block_types", down_types, "DownBlock2D or AttnDownBlock2D per level")
-    attn_levels = tuple(i for i, t in enumerate(down_types) if t == BLOCK_TYPES[True][0])
-    up_types = [BLOCK_TYPES[i in attn_levels][1] for i in reversed(range(len(widths)))]
-    if list(s["up_block_types"]) != up_types:
-        raise _unsupported(source, "up_block_types", s["up_block_types"], f"the mirror of down_block_types: {up_types}")
-    head_dim = s["attention_head_dim"]
-    attn_widths = {widths[i] for i in attn_levels} | {widths[-1]}
-    if head_dim is not None and attn_widths != {head_dim}:
-        need = f"multi-head attention; the DDPM U-Net has one head: null, or the width {sorted(attn_widths)}"
-        raise _unsupported(source, "attention_head_dim", head_dim, need)
+    for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+        if not _is_int(s[key]) or s[key] < 1:
+            raise _unsupported(source, key, s[key], "a positive int")
+    _check_choice(source, s, "flip_sin_to_cos", (True, False))
+    _check_choice(source, s, "add_attention", (True, False))
+    _check_choice(source, s, "downsample_padding", (0, 1))
+    _check_choice(source, s, "downsample_type", ("conv", "resnet"))
+    _check_choice(source, s, "upsample_type", ("conv", "resnet"))
+    _check_choice(source, s, "act_fn", tuple(ACTIVATIONS))
+    _check_choice(source, s, "resnet_time_scale_shift", ("default", "scale_shift"))
+    if not _is_int(s["freq_shift"]) or not 0 <= s["freq_shift"] < ch // 2:
+        raise _unsupported(source, "freq_shift", s["freq_shift"], f"an int in 0..{ch // 2 - 1}")
+    if not isinstance(s["norm_eps"], (int, float)) or isinstance(s["norm_eps"], bool) or not s["norm_eps"] > 0:
+        raise _unsupported(source, "norm_eps", s["norm_eps"], "a number > 0")
     if s["time_embedding_dim"] not in (None, 4 * ch):
         raise _unsupported(source, "time_embedding_dim", s["time_embedding_dim"], f"must be 4·{ch} or null")
+    if s["attn_norm_num_groups"] not in (None, s["norm_num_groups"]):
+        need = f"null or norm_num_groups ({s['norm_num_groups']})"
+        raise _unsupported(source, "attn_norm_num_groups", s["attn_norm_num_groups"], need)
+    classes = s["num_class_embeds"]
+    if classes is not None and (not _is_int(classes) or classes < 1):
+        raise _unsupported(source, "num_class_embeds", classes, "null or a positive int")
+
+    down_types, up_types = list(s["down_block_types"]), list(s["up_block_types"])
+    if len(down_types) != len(widths) or len(up_types) != len(widths):
+        need = f"one block type per entry of block_out_channels ({len(widths)})"
+        raise _unsupported(source, "down_block_types" if len(down_types) != len(widths) else "up_block_types",
+                           down_types if len(down_types) != len(widths) else up_types, need)  # fmt: skip
+    attn_levels, res_down, res_up = _levels(down_types, up_types, s, source)
+    head_dim = s["attention_head_dim"]
+    attn_widths = sorted({widths[i] for i in attn_levels} | ({widths[-1]} if s["add_attention"] else set()))
+    if head_dim is not None and (not _is_int(head_dim) or head_dim < 1 or any(w % head_dim for w in attn_widths)):
+        need = f"null or a divisor of the attention widths {attn_widths}"
+        raise _unsupported(source, "attention_head_dim", head_dim, need)
+    scale_shift = s["resnet_time_scale_shift"] == "scale_shift"
     arch = Architecture(
         in_channels=s["in_channels"],
         out_channels=s["out_channels"],
@@ -255,6 +331,20 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
         num_res_blocks=s["layers_per_block"],
         attn_levels=attn_levels,
         resamp_with_conv=True,
+        num_classes=classes or 0,
+        null_label=False if classes else True,
+        flip_sin_to_cos=s["flip_sin_to_cos"],
+        freq_shift=s["freq_shift"],
+        norm_groups=s["norm_num_groups"],
+        norm_eps=float(s["norm_eps"]),
+        act=s["act_fn"],
+        attn_head_dim=head_dim or 0,
+        temb_scale_shift=scale_shift,
+        downsample_padding=s["downsample_padding"],
+        resblock_down_levels=res_down,
+        resblock_up_levels=res_up,
+        mid_attn=s["add_attention"],
+        mid_attn_norm=s["attn_norm_num_groups"] is not None or not scale_shift,
     )
     return arch, size
 
@@ -267,53 +357,83 @@ def _inverse(table: dict[str, str], value: str, key: str, source: str) -> str:
 
 
 def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, source: str) -> None:
-    """Set `config.diffusion` and `config.sampling.clip_denoised` from a `DDPMScheduler` config."""
-    if settings.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
-        raise ValueError(f"{source}: _class_name={settings['_class_name']!r}; only DDPMScheduler is supported")
+    """Set `config.diffusion` and `config.sampling.clip_denoised` from a `DDPMScheduler` or `DDIMScheduler`
+    config (a DDIMScheduler also selects the ddim sampler with DDIMPipeline's 50 steps). Sampling-only
+    settings (timestep_spacing, steps_offset, set_alpha_to_one) are not read."""
+    kind = settings.get("_class_name", "DDPMScheduler")
+    if kind not in SCHEDULERS:
+        raise ValueError(f"{source}: _class_name={kind!r}; supported schedulers: {', '.join(SCHEDULERS)}")
     s = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
     for key in ("trained_betas", "thresholding", "rescale_betas_zero_snr"):
         if s[key] not in (None, False):
             raise _unsupported(source, key, s[key], "DDPM sampling uses no such option")
     if s["clip_sample"] and s["clip_sample_range"] != 1.0:
-        raise _unsupported(source, "clip_sample_range", s["clip_sample_range"], "clipping is to [-1, 1]")
+        raise _unsupported(source, "clip_sample_range", s["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
+    if not _is_int(s["num_train_timesteps"]) or s["num_train_timesteps"] < 2:
+        raise _unsupported(source, "num_train_timesteps", s["num_train_timesteps"], "an int >= 2")
     d = config.diffusion
     d.schedule = _inverse(BETA_SCHEDULES, s["beta_schedule"], "beta_schedule", source)
-    d.num_timesteps = int(s["num_train_timesteps"])
+    d.num_timesteps = s["num_train_timesteps"]
     d.beta_start, d.beta_end = float(s["beta_start"]), float(s["beta_end"])
     d.var_type = _inverse(VAR_TYPES, s["variance_type"], "variance_type", source)
     d.mean_type = _inverse(MEAN_TYPES, s["prediction_type"], "prediction_type", source)
     config.sampling.clip_denoised = bool(s["clip_sample"])
+    if kind == "DDIMScheduler":
+        config.sampling.sampler, config.sampling.steps = "ddim", min(DDIM_PIPELINE_STEPS, d.num_timesteps)
 
 
-def _scheduler_file(unet_dir: pathlib.Path) -> pathlib.Path | None:
-    candidates = [unet_dir / SCHEDULER_FILE]
+def _beside(unet_dir: pathlib.Path, name: str) -> pathlib.Path | None:
+    """`name` in the UNet folder, or in the pipeline folder around it (when the UNet folder is `unet/`)."""
+    candidates = [unet_dir / name]
     if unet_dir.name == "unet":
-        candidates.append(unet_dir.parent / SCHEDULER_FILE)
+        candidates.append(unet_dir.parent / name)
     return next((c for c in candidates if c.is_file()), None)
+
+
+def _base_config(arch: Architecture, image_size: int, saved: pathlib.Path | None, source: str):
+    """(the config to build on, arch): the saved jaxdiff config if any (which also restores a null label that
+    diffusers stores as an ordinary class), else the released DDPM recipe of this architecture, else the
+    default (DDPM CIFAR-10) recipe."""
+    if saved is not None:
+        base = config_from_dict(_load_json(saved))
+        m = base.model
+        if m.num_classes and m.null_label and arch.num_classes == m.num_classes + 1:
+            arch = arch._replace(num_classes=m.num_classes, null_label=True)
+        return base, arch
+    return matching_released_recipe(arch, image_size, source) or default_config(), arch
 
 
 def read_diffusers(
     folder: str | os.PathLike, *, dataset: str | None = None
 ) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, params) of a diffusers `UNet2DModel` folder (or a pipeline folder with `unet/`).
+    """(config, params) of a diffusers `UNet2DModel` folder or of a pipeline folder with `unet/`.
 
     The model section comes from `config.json`; the rest from the recipe of `dataset` if given, else
-    the folder's `jaxdiff_config.json` if any, else the released DDPM model with that architecture;
-    a DDPMScheduler config, if present, sets the diffusion section. Params are nested dicts of float32
-    NumPy arrays in our layout. Unsupported settings and missing, unexpected or mis-shaped tensors
-    raise ValueError.
+    the folder's `jaxdiff_config.json` if any, else the released DDPM model with that architecture, else
+    the default recipe. The scheduler config, if present, sets the diffusion section; without one the
+    recipe's diffusion (DDPM's unless `dataset` says otherwise; learned_range variances for a UNet with
+    2·in_channels outputs) is kept and logged. Params are nested
+    dicts of float32 NumPy arrays in our layout. Unsupported settings and missing, unexpected or
+    mis-shaped tensors raise ValueError.
     """
     unet_dir = unet_folder(folder)
     if unet_dir is None:
         raise ValueError(f"{folder} is not a diffusers folder: no {CONFIG_FILE} with *.safetensors in it or in unet/")
     source = f"diffusers folder {unet_dir}"
     arch, image_size = architecture_from_unet_config(_load_json(unet_dir / CONFIG_FILE), source)
-    saved = unet_dir / JAXDIFF_CONFIG_FILE
-    base = config_from_dict(_load_json(saved)) if saved.is_file() else None
+    base, arch = _base_config(arch, image_size, _beside(unet_dir, JAXDIFF_CONFIG_FILE), source)
     config = build_config(arch, image_size=image_size, dataset=dataset, source=source, base=base)
-    scheduler = _scheduler_file(unet_dir)
+    scheduler = _beside(unet_dir, SCHEDULER_FILE)
     if scheduler is not None:
         apply_scheduler_config(config, _load_json(scheduler), str(scheduler))
+    else:
+        d = config.diffusion
+        if arch.out_channels == 2 * arch.in_channels and d.var_type not in ("learned", "learned_range"):
+            d.var_type = "learned_range"  # the output holds variances
+        log.info(
+            "%s: no %s; using the %s schedule with T=%d, %s prediction, %s variance",
+            source, SCHEDULER_FILE, d.schedule, d.num_timesteps, d.mean_type, d.var_type,
+        )  # fmt: skip
     validate(config)
     shapes = param_shapes(config.model)
     levels = len(arch.ch_mult)
@@ -321,36 +441,68 @@ def read_diffusers(
     with safetensors.safe_open(_weights_file(unet_dir), framework="np") as f:
         available = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         found = match_names(wanted, available, source=source)
-        flat = {p: from_torch(np.asarray(f.get_tensor(n), np.float32), shapes[p]) for p, n in found.items()}
+        flat = {p: np.asarray(f.get_tensor(n), np.float32) for p, n in found.items()}
+    flat = {p: a if p[-1] == "embedding" else from_torch(a, shapes[p]) for p, a in flat.items()}
     return config, flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
 
 
 # --------------------------------------------------------------------------- writing
 
 
+def _block_types(attn: list[bool], by_resblock: tuple[int, ...], resampled: range, table: dict, key: str):
+    """(block type of each level 0..L-1, the resampler type of its Attn blocks): "resnet" or "conv"."""
+    attn_kinds = {i in by_resblock for i in resampled if attn[i]}
+    if len(attn_kinds) > 1:
+        raise ValueError(
+            f"model.{key}={by_resblock}: UNet2DModel resamples all attention levels alike "
+            "(by ResBlocks or by convolutions)"
+        )
+    types = [table[(attn[i], not attn[i] and i in by_resblock)] for i in range(len(attn))]
+    return types, "resnet" if attn_kinds == {True} else "conv"
+
+
 def unet_config(config: ml_collections.ConfigDict) -> dict:
     """The `UNet2DModel` config.json of our model; models diffusers cannot express raise ValueError."""
     m = config.model
-    if m.num_classes:
-        raise ValueError(f"model.num_classes={m.num_classes}: class-conditional models have no UNet2DModel equivalent")
     if not m.resamp_with_conv:
         raise ValueError("model.resamp_with_conv=False: UNet2DModel always resamples with convolutions")
-    attn = [res in tuple(m.attn_resolutions) for res in (m.image_size // 2**i for i in range(len(m.ch_mult)))]
-    settings = {
+    if not m.mid_attn_norm and not m.temb_scale_shift:
+        raise ValueError("model.mid_attn_norm=False: UNet2DModel drops that GroupNorm only with temb_scale_shift")
+    num_levels = len(m.ch_mult)
+    attn = [res in tuple(m.attn_resolutions) for res in (m.image_size // 2**i for i in range(num_levels))]
+    down, down_type = _block_types(attn, tuple(m.resblock_down_levels), range(num_levels - 1), DOWN_BLOCKS,
+                                   "resblock_down_levels")  # fmt: skip
+    up, up_type = _block_types(attn, tuple(m.resblock_up_levels), range(1, num_levels), UP_BLOCKS, "resblock_up_levels")
+    return {
         "_class_name": "UNet2DModel",
         "sample_size": m.image_size,
         "in_channels": m.in_channels,
         "out_channels": m.out_channels,
         "block_out_channels": [m.ch * mult for mult in m.ch_mult],
         "layers_per_block": m.num_res_blocks,
-        "down_block_types": [BLOCK_TYPES[a][0] for a in attn],
-        "up_block_types": [BLOCK_TYPES[a][1] for a in reversed(attn)],
-        "attention_head_dim": None,
+        "down_block_types": down,
+        "up_block_types": up[::-1],
+        "downsample_type": down_type,
+        "upsample_type": up_type,
+        "attention_head_dim": m.attn_head_dim or None,
         "time_embedding_dim": None,
         "dropout": m.dropout,
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "flip_sin_to_cos": m.flip_sin_to_cos,
+        "freq_shift": m.freq_shift,
+        "mid_block_type": "UNetMidBlock2D",
+        "mid_block_scale_factor": 1,
+        "downsample_padding": m.downsample_padding,
+        "act_fn": m.act,
+        "norm_num_groups": m.norm_groups,
+        "attn_norm_num_groups": m.norm_groups if m.mid_attn_norm else None,
+        "norm_eps": m.norm_eps,
+        "resnet_time_scale_shift": "scale_shift" if m.temb_scale_shift else "default",
+        "add_attention": m.mid_attn,
+        "class_embed_type": None,
+        "num_class_embeds": m.num_classes + int(m.null_label) if m.num_classes else None,
     }
-    settings.update({key: allowed[0] for key, (allowed, _) in REQUIRED_UNET_SETTINGS.items()})
-    return settings
 
 
 def scheduler_config(config: ml_collections.ConfigDict) -> dict:
@@ -375,6 +527,15 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict:
     }
 
 
+def model_index() -> dict:
+    """The `model_index.json` of an exported `DDPMPipeline`."""
+    return {
+        "_class_name": "DDPMPipeline",
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "unet": ["diffusers", "UNet2DModel"],
+    }
+
+
 def to_diffusers(config: ml_collections.ConfigDict, params) -> DiffusersExport:
     """Everything `write_diffusers` writes, checked (config representable, params fit the model) and in memory."""
     validate(config)
@@ -389,16 +550,23 @@ def to_diffusers(config: ml_collections.ConfigDict, params) -> DiffusersExport:
 
 
 def save_export(export: DiffusersExport, folder: str | os.PathLike) -> None:
-    """Write `export` into `folder` (created if needed; files of the same names are replaced)."""
+    """Write `export` into `folder` as a `DDPMPipeline` folder (created if needed; files of the same names are
+    replaced): model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors), scheduler/ and
+    jaxdiff_config.json."""
     folder = pathlib.Path(folder)
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(export.tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    for name, content in ((CONFIG_FILE, export.unet_config), (SCHEDULER_FILE, export.scheduler_config),
-                          (JAXDIFF_CONFIG_FILE, export.jaxdiff_config)):  # fmt: skip
+    for sub in ("unet", "scheduler"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(export.tensors, folder / "unet" / WEIGHTS_FILE, metadata={"format": "pt"})
+    files = {
+        MODEL_INDEX_FILE: model_index(),
+        os.path.join("unet", CONFIG_FILE): export.unet_config,
+        SCHEDULER_FILE: export.scheduler_config,
+        JAXDIFF_CONFIG_FILE: export.jaxdiff_config,
+    }
+    for name, content in files.items():
         (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def write_diffusers(config: ml_collections.ConfigDict, params, folder: str | os.PathLike) -> None:
-    """Export our model as a diffusers `UNet2DModel` folder (config.json, diffusion_pytorch_model.safetensors)
-    with `scheduler/scheduler_config.json` (DDPMScheduler) and `jaxdiff_config.json`; checks everything first."""
+    """Export our model as a diffusers `DDPMPipeline` folder (see `save_export`); checks everything first."""
     save_export(to_diffusers(config, params), folder)

@@ -1,15 +1,16 @@
-"""Building blocks of the DDPM U-Net (Flax Linen).
+"""Building blocks of the DDPM U-Net and its diffusers `UNet2DModel` variants (Flax Linen).
 
 Conventions: feature maps are NHWC; `temb` is the timestep embedding [B, E];
 `dtype` is the compute dtype of convolutions, dense layers and attention
 matmuls, while parameters stay float32 and GroupNorm statistics and the
 attention softmax are computed in float32. Parameter names follow the
 official DDPM TensorFlow code (`norm1`, `conv1`, `temb_proj`, `q`, `proj_out`, ...).
+Every option defaults to the official DDPM behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,22 +25,43 @@ GROUP_NORM_EPS = 1e-6
 ZERO_INIT_SCALE = 1e-10
 
 
+def mish(x: Array) -> Array:
+    """x·tanh(softplus(x))."""
+    return x * jnp.tanh(jax.nn.softplus(x))
+
+
+# Activation names as diffusers spells them (`act_fn`); "silu" and "swish" are the same function.
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": nn.swish,
+    "swish": nn.swish,
+    "mish": mish,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+}
+RESAMPLES = ("none", "down", "up")
+
+
 def fan_avg_uniform(scale: float = 1.0) -> nn.initializers.Initializer:
     """`variance_scaling(scale, "fan_avg", "uniform")`: U(-l, l) with l = sqrt(3·scale / ((fan_in + fan_out) / 2))."""
     return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
-def timestep_embedding(t: Array, dim: int) -> Array:
+def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: int = 1) -> Array:
     """Sinusoidal embedding [B, dim] float32 of steps t [B] (0-based, used as raw numbers).
 
-    half = dim // 2, freq_i = exp(-i·ln(10000) / (half - 1)), output [sin(t·freq), cos(t·freq)].
+    half = dim // 2, freq_i = exp(-i·ln(10000) / (half - freq_shift)), output [sin(t·freq), cos(t·freq)],
+    or [cos, sin] with flip_sin_to_cos. The defaults are the official DDPM embedding; diffusers'
+    `UNet2DModel` defaults are flip_sin_to_cos=True, freq_shift=0.
     """
     if dim < 4 or dim % 2:
         raise ValueError(f"timestep embedding dim={dim} must be even and at least 4")
     half = dim // 2
-    freqs = np.exp(-np.arange(half, dtype=np.float64) * np.log(10000.0) / (half - 1)).astype(np.float32)
+    if half - freq_shift <= 0:
+        raise ValueError(f"freq_shift={freq_shift} must be below half the embedding dim ({half})")
+    freqs = np.exp(-np.arange(half, dtype=np.float64) * np.log(10000.0) / (half - freq_shift)).astype(np.float32)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    return jnp.concatenate(parts, axis=1)
 
 
 def dense(features: int, dtype: Any, *, scale: float = 1.0, name: str) -> nn.Dense:
@@ -47,13 +69,15 @@ def dense(features: int, dtype: Any, *, scale: float = 1.0, name: str) -> nn.Den
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=fan_avg_uniform(scale), name=name)
 
 
-def conv3x3(features: int, dtype: Any, *, scale: float = 1.0, strides: int = 1, name: str) -> nn.Conv:
-    """3×3 convolution, TF "SAME" padding, fan_avg-uniform kernel, zero bias."""
+def conv3x3(
+    features: int, dtype: Any, *, scale: float = 1.0, strides: int = 1, padding: Any = "SAME", name: str
+) -> nn.Conv:
+    """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME")."""
     return nn.Conv(
         features,
         (3, 3),
         strides=(strides, strides),
-        padding="SAME",
+        padding=padding,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=fan_avg_uniform(scale),
@@ -61,13 +85,23 @@ def conv3x3(features: int, dtype: Any, *, scale: float = 1.0, strides: int = 1, 
     )
 
 
-def group_norm(x: Array, *, name: str) -> Array:
-    """GroupNorm (32 groups, eps 1e-6) computed in float32; returns float32.
+def group_norm(x: Array, *, name: str, num_groups: int = NUM_GROUPS, eps: float = GROUP_NORM_EPS) -> Array:
+    """GroupNorm (default 32 groups, eps 1e-6) computed in float32; returns float32.
 
     Call only inside a compact method: the layer becomes a submodule `name` of the caller.
     """
-    norm = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=name)
+    norm = nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=jnp.float32, name=name)
     return norm(x.astype(jnp.float32))
+
+
+def upsample_nearest(x: Array) -> Array:
+    """[B,H,W,C] -> [B,2H,2W,C], each pixel repeated 2×2."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool2(x: Array) -> Array:
+    """[B,H,W,C] -> [B,H/2,W/2,C], mean of each 2×2 patch."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
 class TimestepEmbed(nn.Module):
@@ -75,36 +109,59 @@ class TimestepEmbed(nn.Module):
 
     ch: int
     dtype: Any = jnp.float32
+    flip_sin_to_cos: bool = False
+    freq_shift: int = 1
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        h = dense(4 * self.ch, self.dtype, name="dense0")(timestep_embedding(t, self.ch))
+        emb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        h = dense(4 * self.ch, self.dtype, name="dense0")(emb)
         return dense(4 * self.ch, self.dtype, name="dense1")(nn.swish(h))
 
 
 class ResBlock(nn.Module):
-    """x [B,H,W,C] -> [B,H,W,out_ch]: h = conv1(swish(norm1(x))) + temb_proj(swish(temb));
-    h = conv2(dropout(swish(norm2(h)))); returns nin_shortcut(x) + h (shortcut only when C != out_ch).
+    """x [B,H,W,C] -> [B,H',W',out_ch]: h = conv1(act(norm1(x))); h = act(norm2(h + temb_proj(act(temb))));
+    h = conv2(dropout(h)); returns nin_shortcut(x) + h (shortcut only when C != out_ch).
+
+    With scale_shift, temb_proj gives 2·out_ch channels (scale, shift) and the middle becomes
+    act(norm2(h)·(1 + scale) + shift). resample "down"/"up" average-pools / nearest-upsamples both
+    act(norm1(x)) and the shortcut input by 2 before conv1 (diffusers' ResnetBlock2D down/up).
     """
 
     out_ch: int
     dropout: float
     dtype: Any = jnp.float32
+    num_groups: int = NUM_GROUPS
+    eps: float = GROUP_NORM_EPS
+    act: str = "silu"
+    scale_shift: bool = False
+    resample: str = "none"
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.swish(group_norm(x, name="norm1")))
-        h = h + dense(self.out_ch, self.dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(group_norm(h, name="norm2"))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        act = ACTIVATIONS[self.act]
+        norm = lambda v, name: group_norm(v, name=name, num_groups=self.num_groups, eps=self.eps)  # noqa: E731
+        h = act(norm(x, "norm1"))
+        if self.resample != "none":
+            resample = avg_pool2 if self.resample == "down" else upsample_nearest
+            x, h = resample(x), resample(h)
+        h = conv3x3(self.out_ch, self.dtype, name="conv1")(h)
+        width = 2 * self.out_ch if self.scale_shift else self.out_ch
+        emb = dense(width, self.dtype, name="temb_proj")(act(temb))[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = norm(h, "norm2") * (1 + scale) + shift
+        else:
+            h = norm(h + emb, "norm2")
+        h = nn.Dropout(self.dropout, deterministic=not train)(act(h))
         h = conv3x3(self.out_ch, self.dtype, scale=ZERO_INIT_SCALE, name="conv2")(h)
         if x.shape[-1] != self.out_ch:
             x = dense(self.out_ch, self.dtype, name="nin_shortcut")(x)
         return x + h
 
 
-def single_head_attention(q: Array, k: Array, v: Array) -> Array:
-    """softmax(q·kᵀ / sqrt(C)) · v for q, k, v [B, N, 1, C] (one head over N positions); returns [B, N, 1, C].
+def multi_head_attention(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q·kᵀ / sqrt(D)) · v per head for q, k, v [B, N, heads, D] over N positions; returns [B, N, heads, D].
 
     Logits and softmax are float32 whatever the input dtype; the output has the dtype of v.
     `jax.nn.dot_product_attention` picks the backend's implementation (`implementation=None`).
@@ -112,31 +169,52 @@ def single_head_attention(q: Array, k: Array, v: Array) -> Array:
     return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation=None)
 
 
+# The official DDPM attention is the one-head case ([B, N, 1, C]).
+single_head_attention = multi_head_attention
+
+
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H·W positions, x [B,H,W,C] -> x + proj_out(attn(norm(x)))."""
+    """Self-attention over all H·W positions, x [B,H,W,C] -> x + proj_out(attn(norm(x))).
+
+    Channels are split into `num_heads` heads of C / num_heads (head-major, as diffusers' `Attention`);
+    with norm=False there is no GroupNorm (diffusers' mid-block attention of `scale_shift` models).
+    """
 
     dtype: Any = jnp.float32
+    num_heads: int = 1
+    num_groups: int = NUM_GROUPS
+    eps: float = GROUP_NORM_EPS
+    norm: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
-        h = group_norm(x, name="norm")
-        q, k, v = (dense(c, self.dtype, name=n)(h).reshape(b, height * width, 1, c) for n in ("q", "k", "v"))
-        h = single_head_attention(q, k, v).reshape(b, height, width, c)
+        if c % self.num_heads:
+            raise ValueError(f"AttnBlock: {c} channels do not split into num_heads={self.num_heads} heads")
+        h = group_norm(x, name="norm", num_groups=self.num_groups, eps=self.eps) if self.norm else x
+        shape = (b, height * width, self.num_heads, c // self.num_heads)
+        q, k, v = (dense(c, self.dtype, name=n)(h).reshape(shape) for n in ("q", "k", "v"))
+        h = multi_head_attention(q, k, v).reshape(b, height, width, c)
         return x + dense(c, self.dtype, scale=ZERO_INIT_SCALE, name="proj_out")(h)
 
 
 class Downsample(nn.Module):
-    """[B,H,W,C] -> [B,H/2,W/2,C]: 3×3 stride-2 conv `conv` (TF SAME: pad 0 before, 1 after) or 2×2 average pool."""
+    """[B,H,W,C] -> [B,H/2,W/2,C]: 3×3 stride-2 conv `conv` or 2×2 average pool.
+
+    padding 0 pads 0 before and 1 after (TF "SAME", the official code); padding 1 pads 1 on each side
+    (PyTorch, diffusers' default `downsample_padding`).
+    """
 
     with_conv: bool
     dtype: Any = jnp.float32
+    padding: int = 0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.with_conv:
-            return conv3x3(x.shape[-1], self.dtype, strides=2, name="conv")(x)
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+            padding = "SAME" if self.padding == 0 else ((self.padding, self.padding),) * 2
+            return conv3x3(x.shape[-1], self.dtype, strides=2, padding=padding, name="conv")(x)
+        return avg_pool2(x)
 
 
 class Upsample(nn.Module):
@@ -147,7 +225,7 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = upsample_nearest(x)
         if self.with_conv:
             x = conv3x3(x.shape[-1], self.dtype, name="conv")(x)
         return x
