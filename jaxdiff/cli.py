@@ -382,30 +382,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Console(logging.StreamHandler):
-    """The command's one log handler on stderr (a distinct type, so a rerun in one process replaces it)."""
+LIBRARY_LOGGERS = ("absl", "orbax", "jax")
 
 
-def configure_logging(verbose: bool) -> None:
-    """jaxdiff's messages at INFO, other libraries' (absl, orbax, jax) at WARNING; with `verbose`, jaxdiff's
-    at DEBUG and everyone's at INFO.
+@contextlib.contextmanager
+def command_logging(verbose: bool):
+    """For one command: jaxdiff's messages at INFO and other libraries' (absl, orbax, jax) at WARNING on stderr;
+    with `verbose`, jaxdiff's at DEBUG and everyone's at INFO. The previous logging set-up is restored after.
 
     The handler goes on the root logger before any library logs, so absl does not install its own; plain
-    console handlers a library installed on import are replaced, so nothing is printed twice.
+    console handlers a library installed on import are set aside, so nothing is printed twice.
     """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if type(handler) in (logging.StreamHandler, _Console):
-            root.removeHandler(handler)
-    console = _Console(sys.stderr)
+    named = [logger, *map(logging.getLogger, LIBRARY_LOGGERS)]
+    saved_levels = [(item, item.level) for item in (root, *named)]
+    set_aside = [handler for handler in root.handlers if type(handler) is logging.StreamHandler]
+    for handler in set_aside:
+        root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(name)s: %(message)s"
     ))  # fmt: skip
     root.addHandler(console)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in ("absl", "orbax", "jax"):
+    for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(console)
+        for handler in set_aside:
+            root.addHandler(handler)
+        for item, level in saved_levels:
+            item.setLevel(level)
 
 
 def _one_line(err: BaseException) -> str:
@@ -415,19 +425,19 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(args.verbose)
-    try:
-        return args.run(args, extra)
-    except _user_errors() as err:
-        if args.verbose:
+    with command_logging(args.verbose):
+        try:
+            return args.run(args, extra)
+        except _user_errors() as err:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"jaxdiff: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except Exception as err:  # noqa: BLE001 - everything else is a bug: say so, with the traceback
             traceback.print_exc()
-        print(f"jaxdiff: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - everything else is a bug: say so, with the traceback
-        traceback.print_exc()
-        print(f"jaxdiff: internal error ({type(err).__name__}: {_one_line(err)}); this is a bug, please report it",
-              file=sys.stderr)  # fmt: skip
-        return 1
+            print(f"jaxdiff: internal error ({type(err).__name__}: {_one_line(err)}); this is a bug, please report it",
+                  file=sys.stderr)  # fmt: skip
+            return 1
 
 
 if __name__ == "__main__":

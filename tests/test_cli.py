@@ -1,5 +1,6 @@
 """`jaxdiff info`, config loading (files, recipe names, overrides) and a quiet `jaxdiff sample`."""
 
+import logging
 import os
 import re
 import subprocess
@@ -51,6 +52,26 @@ def test_missing_config_file_or_recipe_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="'digitz' is neither a config file nor a recipe; recipes: ") as err:
         load_config("digitz", [])
     assert all(name in str(err.value) for name in RECIPES)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_jaxdiff_logs_at_info_libraries_at_warning_unless_verbose(capsys, monkeypatch, verbose):
+    def chatty(model_config):
+        logging.getLogger("jaxdiff.models").info("mine")
+        logging.getLogger("absl").info("theirs")
+        logging.getLogger("orbax").warning("warned")
+        logging.getLogger("jaxdiff.models").debug("details")
+        return {"parameters": 1, "gflops": 1.0, "xla_gflops": 1.0}
+
+    monkeypatch.setattr("jaxdiff.models.summary.model_summary", chatty)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level, logging.getLogger("jax").level, logging.getLogger("jaxdiff").level)
+    assert main(["info", "--config", TINY_CONFIG, *(["--verbose"] if verbose else [])]) == 0
+    err = capsys.readouterr().err
+    assert "jaxdiff.models: mine" in err and "orbax: warned" in err
+    assert ("absl: theirs" in err) == verbose and ("details" in err) == verbose
+    after = (list(root.handlers), root.level, logging.getLogger("jax").level, logging.getLogger("jaxdiff").level)
+    assert after == before  # the command's logging set-up is undone
 
 
 # ---------------------------------------------------------------- a real `jaxdiff sample`, counted
