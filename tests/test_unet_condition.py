@@ -23,7 +23,7 @@ from jaxdiff.convert.unet_condition_weights import (
     read_unet_condition_weights,
     unet_condition_shapes,
 )
-from jaxdiff.models.unet_condition import Attention, config_from_diffusers, create_unet_condition, timestep_sinusoid
+from jaxdiff.models.unet_condition import Attention, config_from_diffusers, create_unet_condition
 
 TINY_LEVELS = dict(
     block_out_channels=[8, 16, 16], norm_num_groups=4, layers_per_block=2, cross_attention_dim=12,
@@ -124,21 +124,6 @@ def test_forward_matches_diffusers(torch, diffusers, tmp_path, settings, size):
     reference_scalar = diffusers_forward(torch, reference_unet, sample, 500, context)
     assert relative_error(ours_scalar, reference_scalar) < 1e-4
     assert relative_error(ours_scalar, reference) > 1e-2  # the timestep matters
-
-
-def test_timestep_sinusoid_matches_float64_formula():
-    t = np.array([0.0, 1.0, 37.5, 999.0])
-    dim, shift = 16, 0
-    half = dim // 2
-    freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - shift))
-    args = t[:, None] * freqs[None, :]
-    expected = np.concatenate([np.cos(args), np.sin(args)], axis=1)
-    ours = timestep_sinusoid(jnp.asarray(t, jnp.float32), dim, flip_sin_to_cos=True, freq_shift=shift)
-    np.testing.assert_allclose(ours, expected, atol=2e-4)
-    unflipped = timestep_sinusoid(jnp.asarray(t, jnp.float32), dim, flip_sin_to_cos=False, freq_shift=1)
-    freqs = np.exp(-np.log(10000.0) * np.arange(half) / (half - 1))
-    args = t[:, None] * freqs[None, :]
-    np.testing.assert_allclose(unflipped, np.concatenate([np.sin(args), np.cos(args)], axis=1), atol=2e-4)
 
 
 def test_bfloat16_compute_and_remat():

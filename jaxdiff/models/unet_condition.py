@@ -27,7 +27,6 @@ counts), each of width C_i // heads.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.models.layers import conv3x3
+from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
 
 Array = jax.Array
 
@@ -249,19 +248,6 @@ def create_unet_condition(config: ml_collections.ConfigDict) -> UNetCondition:
 # --------------------------------------------------------------------------- layers
 
 
-def timestep_sinusoid(t: Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float) -> Array:
-    """diffusers' `Timesteps`: t [B] (raw numbers) -> float32 [B, dim] (dim even).
-
-    half = dim // 2, f_i = exp(-i·ln(10000) / (half - freq_shift)), output [sin(t·f), cos(t·f)], or
-    [cos(t·f), sin(t·f)] with flip_sin_to_cos.
-    """
-    half = dim // 2
-    freqs = np.exp(-np.arange(half, dtype=np.float64) * math.log(10000.0) / (half - freq_shift)).astype(np.float32)
-    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    parts = (jnp.cos(args), jnp.sin(args)) if flip_sin_to_cos else (jnp.sin(args), jnp.cos(args))
-    return jnp.concatenate(parts, axis=1)
-
-
 def nearest_resize(x: Array, size: tuple[int, int]) -> Array:
     """Nearest-neighbour resize of x [B,H,W,C] to [B, size[0], size[1], C] with PyTorch's index rule
     (output i reads input floor(i·H/size[0]), scale in float32); ×2 is plain pixel repetition."""
@@ -278,12 +264,6 @@ def _dense(features: int, dtype: Any, name: str, *, use_bias: bool = True) -> nn
 
 def _conv1x1(features: int, dtype: Any, name: str) -> nn.Conv:
     return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def _group_norm(x: Array, groups: int, eps: float, name: str) -> Array:
-    """GroupNorm as a submodule `name` of the calling compact method, computed in float32."""
-    norm = nn.GroupNorm(groups, epsilon=eps, dtype=jnp.float32, use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32))
 
 
 def _layer_norm(x: Array, name: str) -> Array:
@@ -306,9 +286,10 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, temb: Array) -> Array:
-        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(_group_norm(x, self.groups, self.eps, "norm1")))
+        norm = lambda v, name: group_norm(v, name=name, num_groups=self.groups, eps=self.eps)  # noqa: E731
+        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(norm(x, "norm1")))
         h = h + _dense(self.out_ch, self.dtype, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
-        h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(_group_norm(h, self.groups, self.eps, "norm2")))
+        h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(norm(h, "norm2")))
         if x.shape[-1] != self.out_ch:
             x = _conv1x1(self.out_ch, self.dtype, "conv_shortcut")(x)
         return x + h
@@ -337,8 +318,7 @@ class Attention(nn.Module):
         q, k, v = (a.reshape(*a.shape[:2], self.num_heads, self.head_dim) for a in (q, k, v))
         if self.upcast:
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5, implementation=None)
-        out = out.reshape(*x.shape[:2], inner).astype(self.dtype)
+        out = multi_head_attention(q, k, v).reshape(*x.shape[:2], inner).astype(self.dtype)
         return _dense(x.shape[-1], self.dtype, "to_out_0")(out)
 
 
@@ -422,24 +402,12 @@ class SpatialTransformer(nn.Module):
         b, height, width, c = x.shape
         head_dim = c // self.num_heads
         inner = self.num_heads * head_dim
-        h = _projection(inner, s, "proj_in")(_group_norm(x, s.groups, 1e-6, "norm"))
+        h = _projection(inner, s, "proj_in")(group_norm(x, name="norm", num_groups=s.groups, eps=1e-6))
         block = nn.remat(TransformerBlock) if s.remat else TransformerBlock
         h = block(self.num_heads, head_dim, s.upcast_attention, s.dtype, name="transformer_blocks_0")(
             h.reshape(b, height * width, inner), context
         )
         return x + _projection(c, s, "proj_out")(h.reshape(b, height, width, inner))
-
-
-class Downsampler(nn.Module):
-    """[B,H,W,C] -> [B,ceil(H/2),ceil(W/2),C]: 3×3 stride-2 convolution `conv`, zero padding 1 on each side."""
-
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        conv = nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                       param_dtype=jnp.float32, name="conv")  # fmt: skip
-        return conv(x)
 
 
 class Upsampler(nn.Module):
@@ -472,7 +440,7 @@ class DownBlock(nn.Module):
                 h = SpatialTransformer(self.num_heads, self.settings, name=f"attentions_{j}")(h, context)
             skips.append(h)
         if self.downsample:
-            h = Downsampler(self.settings.dtype, name="downsamplers_0")(h)
+            h = Downsample(True, self.settings.dtype, padding=1, name="downsamplers_0")(h)
             skips.append(h)
         return h, skips
 
@@ -522,7 +490,7 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
-        emb = timestep_sinusoid(t, self.width, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+        emb = timestep_embedding(t, self.width, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         emb = nn.silu(_dense(4 * self.width, self.dtype, "linear_1")(emb))
         return _dense(4 * self.width, self.dtype, "linear_2")(emb)
 
@@ -599,5 +567,5 @@ class UNetCondition(nn.Module):
                 h, block_skips, temb, context, upsample_size
             )
 
-        h = nn.silu(_group_norm(h, self.norm_num_groups, self.norm_eps, "conv_norm_out"))
+        h = nn.silu(group_norm(h, name="conv_norm_out", num_groups=self.norm_num_groups, eps=self.norm_eps))
         return conv3x3(self.out_channels, dtype, name="conv_out")(h).astype(jnp.float32)
