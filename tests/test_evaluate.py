@@ -1,6 +1,7 @@
 """`jaxdiff eval`: FID/IS from sampled shards, bits/dim, the report file, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -97,4 +98,6 @@ def test_bits_per_dim_uses_the_held_out_split_or_the_one_asked_for(tmp_path, mon
                  "--bpd-batch-size", "2", "--bpd-num-t", "2"]) == 0  # fmt: skip
     assert seen[1] == ("train", 1437)
     assert json.loads((tmp_path / "eval_7.json").read_text())["settings"]["bpd_split"] == "train"
-    assert (tmp_path / "bpd_step7_train.json").exists() and "bpd: " in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert (tmp_path / "bpd_step7_train.json").exists() and "bpd: " in captured.out
+    assert re.search(r"bits/dim: 100%.*1/1 \[", captured.err), captured.err  # the progress bar, finished
