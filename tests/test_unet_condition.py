@@ -229,6 +229,21 @@ def test_unsupported_settings_are_named():
     config_from_diffusers(dict(SD15_UNET, transformer_layers_per_block=1, class_embed_type=None, dropout=0.0))
 
 
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((2, 8, 8, 4), (2,), (2, 7, 12)), r"sample must be a float array \[B, H, W, 9\] \(NHWC\), got .* \(2, 8, 8, 4\)"),
+        (((2, 8, 8, 9), (3,), (2, 7, 12)), r"timesteps must be a number or an array \[2\], got float32 \(3,\)"),
+        (((2, 8, 8, 9), (), (2, 7, 768)), r"encoder_hidden_states must have shape \[2, L, 12\], got \(2, 7, 768\)"),
+    ],
+)
+def test_bad_inputs_are_named(shapes, message):
+    model = create_unet_condition(config_from_diffusers(INPAINT_TINY))
+    inputs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)
+
+
 def test_weight_file_problems_are_all_listed(tmp_path):
     config = config_from_diffusers(INPAINT_TINY)
     shapes = unet_condition_shapes(config)

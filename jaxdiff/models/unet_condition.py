@@ -44,7 +44,7 @@ DTYPES = ("float32", "bfloat16")
 CLASS_NAME = "UNet2DConditionModel"
 DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has cross-attention
 UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-ACTIVATIONS = ("silu", "swish")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 # The settings this network reads, with diffusers' defaults (used when config.json omits a key).
 SUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -215,8 +215,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"freq_shift={config.freq_shift!r} must be below half the timestep embedding width ({half})")
     if not isinstance(config.norm_eps, (int, float)) or not config.norm_eps > 0:
         raise ValueError(f"norm_eps={config.norm_eps!r} must be a positive number")
-    if config.act_fn not in ACTIVATIONS:
-        raise ValueError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(ACTIVATIONS)})")
+    if config.act_fn not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(SUPPORTED_ACTIVATIONS)})")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype={config.dtype!r} is not one of {DTYPES}")
 
