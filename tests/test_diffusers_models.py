@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 
 from jaxdiff import samplers
+from jaxdiff.cli import load_config
 from jaxdiff.convert import convert, read_diffusers, write_diffusers
+from jaxdiff.convert.diffusers_format import architecture_from_unet_config
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.models import create_model
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.schedule import schedule_from_config
-from tests.test_convert import diffusers_forward, randomized_unet
+from tests.helpers import TINY_CONFIG
+from tests.test_convert import diffusers_forward, random_params, randomized_unet
 
 # diffusers' default UNet2DModel() (DownBlock2D + 3 AttnDownBlock2D, 8-channel heads, cos/sin embedding,
 # symmetric downsampling padding, eps 1e-5) with narrower widths.
@@ -175,8 +178,7 @@ def test_ddim_pipeline_folder_selects_ddim(tmp_path, torch, diffusers):
 def test_ddim_from_same_noise_matches_diffusers_ddim_scheduler(tmp_path, torch, diffusers):
     """A DDPMPipeline folder (squaredcos_cap_v2, v_prediction, T = 20), sampled with DDIM η = 0 over all 20
     steps: jaxdiff's uniform spacing and diffusers' default "leading" spacing then visit the same steps.
-    (With fewer steps than T they differ: diffusers' "linspace" visits jaxdiff's steps but takes ᾱ of the
-    previous step at t − T // steps, "leading" and "trailing" visit other steps.)"""
+    (With fewer steps than T, "leading" and "trailing" visit other steps; see the next test for "linspace".)"""
     unet = randomized_unet(torch, diffusers, LEARNED_VARIANCE | dict(out_channels=3, act_fn="silu"), seed=3)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=20, beta_schedule="squaredcos_cap_v2",
                                         prediction_type="v_prediction")  # fmt: skip
@@ -206,6 +208,39 @@ def test_ddim_from_same_noise_matches_diffusers_ddim_scheduler(tmp_path, torch, 
 
 
 @pytest.mark.timeout(300)
+def test_ten_ddim_steps_match_diffusers_with_the_same_steps(tmp_path, torch, diffusers):
+    """T = 1000, 10 DDIM steps: jaxdiff visits 0, 111, ..., 999, as diffusers' "linspace" spacing does;
+    diffusers takes the previous step to be t − T // num_inference_steps, so it is told 9 (t − 111) after
+    set_timesteps(10)."""
+    unet = randomized_unet(torch, diffusers, LEARNED_VARIANCE | dict(out_channels=3, act_fn="silu"), seed=3)
+    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    pipe = Pipeline.from_pretrained(tmp_path / "pipe")
+    rng, shape, steps = jax.random.PRNGKey(5), (2, 16, 16, 3), 10
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(samplers.sample(
+            model_denoiser(pipe.model, pipe.params), pipe.schedule, shape, rng, sampler="ddim", steps=steps,
+            eta=0.0, clip_denoised=True, mean_type="v",
+        ))  # fmt: skip
+    x_T = np.asarray(jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32))
+
+    ddim = diffusers.DDIMScheduler.from_pretrained(
+        tmp_path / "pipe", subfolder="scheduler", timestep_spacing="linspace"
+    )
+    ddim.set_timesteps(steps)
+    np.testing.assert_array_equal(ddim.timesteps.numpy()[::-1], np.arange(0, 1000, 111))
+    ddim.num_inference_steps = 9  # 1000 // 9 = 111
+    unet = unet.float().eval()
+    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    theirs = x.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(theirs).max() > 0.1
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3)
+
+
+@pytest.mark.timeout(300)
 def test_export_is_a_ddpm_pipeline_diffusers_loads(tmp_path, torch, diffusers):
     source = randomized_unet(torch, diffusers, SCALE_SHIFT | dict(num_class_embeds=4), seed=4)
     scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
@@ -229,10 +264,6 @@ def test_export_is_a_ddpm_pipeline_diffusers_loads(tmp_path, torch, diffusers):
 
 
 def test_exporting_a_null_label_model_restores_it(tmp_path):
-    from jaxdiff.cli import load_config
-    from tests.helpers import TINY_CONFIG
-    from tests.test_convert import random_params
-
     config = load_config(TINY_CONFIG, ["--config.model.num_classes=3"])
     params = random_params(config.model, seed=1)
     write_diffusers(config, params, tmp_path / "export")
@@ -252,9 +283,7 @@ def test_exporting_a_null_label_model_restores_it(tmp_path):
         (dict(freq_shift=16), "freq_shift=16"),
     ],
 )
-def test_unsupported_unet_settings_are_named(tmp_path, change, named):
-    from jaxdiff.convert.diffusers_format import architecture_from_unet_config
-
+def test_unsupported_unet_settings_are_named(change, named):
     settings = {"_class_name": "UNet2DModel", **LEARNED_VARIANCE, **change}
     with pytest.raises(ValueError, match=f"unsupported setting {named}"):
         architecture_from_unet_config(json.loads(json.dumps(settings)), "src")
