@@ -334,14 +334,17 @@ def _will_sample(start: int, total: int, every: int) -> bool:
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, allow_config_change: bool = False,
-    progress: bool = True, verbose: bool = False,
+    progress: bool = True, verbose: bool | None = None,
 ) -> RunResult:  # fmt: skip
     """Train `config` in `workdir`, resuming from its newest readable checkpoint; returns where the run stopped.
 
-    `progress` shows a progress bar; `verbose` lets the libraries' INFO logs (orbax) through.
+    `progress` shows a progress bar. `verbose` lets the libraries' INFO logs (orbax: dozens of lines per
+    save) through; None: when the `jaxdiff` logger is at DEBUG.
     """
     validate(config)
     workdir = os.path.abspath(os.fspath(workdir))
+    if verbose is None:
+        verbose = logging.getLogger("jaxdiff").isEnabledFor(logging.DEBUG)
     with WorkdirLock(workdir) as lock, _library_logs(verbose), _StopSignals(on_abort=lock.release) as stop:
         return _run(config, workdir, allow_config_change=allow_config_change, progress=progress, stop=stop)
 
@@ -356,33 +359,32 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
     mesh = sharding.make_mesh()
     check_batch_layout(config, mesh.devices.size)
 
-    manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
-    tx = make_optimizer(tc)
-    replicated = sharding.replicated_sharding(mesh)
-    try:
+    with contextlib.ExitStack() as cleanup:  # closes, last opened first, whatever happens
+        manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
+        cleanup.callback(manager.close)
+        tx = make_optimizer(tc)
+        replicated = sharding.replicated_sharding(mesh)
         state = jax.jit(lambda: init_train_state(config, model, tx), out_shardings=replicated)()
         restored = _restore(manager, state, config, allow_config_change)
         state = state if restored is None else restored
-    except BaseException:
-        manager.close()
-        raise
-    start = int(fetch_replicated(state.step))
-    main_process = jax.process_index() == 0
-    if main_process:
-        truncate_metrics(workdir, start)
-        _write_atomically(os.path.join(workdir, "config.json"), json.dumps(config.to_dict(), indent=2, default=str))
-        log.info("%s at step %d in %s", "resuming" if restored is not None else "starting", start, workdir)
+        start = step = int(fetch_replicated(state.step))
+        main_process = jax.process_index() == 0
+        if main_process:
+            truncate_metrics(workdir, start)
+            config_text = json.dumps(config.to_dict(), indent=2, default=str)
+            _write_atomically(os.path.join(workdir, "config.json"), config_text)
+            log.info("%s at step %d in %s", "resuming" if restored is not None else "starting", start, workdir)
 
-    batches = data.iterate_batches(
-        source, seed=config.seed, start_step=start, global_batch_size=tc.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
-    writer = MetricsWriter(workdir)
-    bar = None
-    step, saved_steps, sampled = start, [], False
-    try:
+        batches = data.iterate_batches(
+            source, seed=config.seed, start_step=start, global_batch_size=tc.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+        cleanup.callback(batches.close)
+        writer = MetricsWriter(workdir)
+        cleanup.callback(writer.close)
         compile_start = time.perf_counter()
-        first_batch = sharding.global_batch(next(batches), mesh)
+        global_batches = (sharding.global_batch(b, mesh) for b in batches)
+        first_batch = next(global_batches)
         train_step = jax.jit(
             make_train_step(config, model, schedule, tx),
             in_shardings=(replicated, sharding.batch_sharding(mesh)),
@@ -397,13 +399,14 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
             ).lower(state.ema_params, jax.random.PRNGKey(0)).compile()
         if main_process:
             log.info("compiled in %.1f s", time.perf_counter() - compile_start)
-        global_batches = itertools.chain([first_batch], (sharding.global_batch(b, mesh) for b in batches))
+
         bar = ProgressBar(start, tc.num_train_steps, enabled=progress and main_process)
+        cleanup.callback(bar.close)
+        global_batches = itertools.chain([first_batch], global_batches)
         pending: list[dict] = []
-        last_time, last_step, paused = time.perf_counter(), start, 0.0
-        while step < tc.num_train_steps:
-            if stop.agreed():
-                break
+        saved_steps, sampled = [], False
+        last_time, last_step, paused = time.perf_counter(), start, 0.0  # paused: seconds spent sampling
+        while step < tc.num_train_steps and not stop.agreed():
             state, metrics = train_step(state, next(global_batches))
             pending.append(metrics)
             step += 1
@@ -427,12 +430,6 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
             checkpoint.save(manager, step, state, config)
             saved_steps.append(step)
         manager.wait_until_finished()
-    finally:
-        batches.close()
-        if bar is not None:
-            bar.close()
-        writer.close()
-        manager.close()
     if main_process:
         outcome = f"stopped by {stop.received}" if stop.received else "finished"
         wrote = f"checkpoints {saved_steps} to {manager.directory}, " if saved_steps else ""
