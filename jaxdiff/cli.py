@@ -419,8 +419,12 @@ def command_logging(verbose: bool):
 
 
 def _one_line(err: BaseException) -> str:
+    """The error's message on one line: lines joined by "; " (by a space after punctuation)."""
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip()) or type(err).__name__
+    message = ""
+    for line in filter(None, (line.strip() for line in str(text).splitlines())):
+        message += ("" if not message else " " if message[-1] in ".:;," else "; ") + line
+    return message or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

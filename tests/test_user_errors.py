@@ -167,3 +167,20 @@ def test_every_user_error_type_is_mapped():
                   SafetensorError):  # fmt: skip
         assert issubclass(error, mapped)
     assert not issubclass(TypeError, mapped) and not issubclass(AssertionError, mapped)
+
+
+def test_a_message_of_several_lines_is_joined_into_one(capsys, monkeypatch):
+    def fails(model_config):
+        raise ValueError("dataset not prepared.\nPrepare it:\n  jaxdiff data prepare x\nor set data_dir")
+
+    monkeypatch.setattr("jaxdiff.models.summary.model_summary", fails)
+    line = one_line_error(capsys, ["info", "--config", TINY_CONFIG])
+    assert line == "jaxdiff: error: dataset not prepared. Prepare it: jaxdiff data prepare x; or set data_dir"
+
+
+def test_a_sampling_job_with_other_settings_is_one_line(capsys, tmp_path, workdir):
+    job = ["sample", "--workdir", str(workdir), "--num", "2", "--sampler", "ddim", "--steps", "2",
+           "--out", str(tmp_path / "job") + "/"]  # fmt: skip
+    assert main(job) == 0
+    capsys.readouterr()
+    one_line_error(capsys, [*job, "--seed", "1"], "holds shards drawn with other settings (seed: 0 -> 1)")
