@@ -139,6 +139,8 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"ResBlock resample={self.resample!r} is not one of {RESAMPLES}")
         act = ACTIVATIONS[self.act]
         norm = lambda v, name: group_norm(v, name=name, num_groups=self.num_groups, eps=self.eps)  # noqa: E731
         h = act(norm(x, "norm1"))

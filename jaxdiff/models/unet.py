@@ -96,6 +96,7 @@ class BlockOptions(NamedTuple):
         )  # fmt: skip
 
     def attention(self, channels: int, name: str, norm: bool = True) -> AttnBlock:
+        """An AttnBlock over `channels` with heads of attn_head_dim channels (one head when 0)."""
         heads = channels // self.attn_head_dim if self.attn_head_dim else 1
         return AttnBlock(self.dtype, num_heads=heads, num_groups=self.num_groups, eps=self.eps, norm=norm, name=name)
 
