@@ -306,10 +306,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from jaxdiff.recipes import RECIPES
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="all libraries' log messages; tracebacks")
+    verbose_help = "all libraries' log messages; tracebacks"
+    common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: `jaxdiff -v VERB` is not overwritten by VERB's default
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     config_help = f"config file (e.g. configs/cifar10.py) or recipe name: {', '.join(RECIPES)}"
     parser = _Parser(prog="jaxdiff", description="Denoising diffusion models in JAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:

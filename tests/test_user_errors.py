@@ -137,8 +137,10 @@ def test_bad_arguments_are_one_line_too(capsys, workdir, tmp_path):
                    "unrecognised arguments: --bogus")  # fmt: skip
 
 
-def test_verbose_adds_the_traceback(capsys, tmp_path):
-    assert main(["info", "--config", str(tmp_path / "nope.py"), "--verbose"]) == 2
+@pytest.mark.parametrize("where", ["before the verb", "after it"])
+def test_verbose_adds_the_traceback(capsys, tmp_path, where):
+    argv = ["info", "--config", str(tmp_path / "nope.py")]
+    assert main(["-v", *argv] if where == "before the verb" else [*argv, "--verbose"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("jaxdiff: error:")
 
