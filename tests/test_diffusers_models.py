@@ -174,6 +174,15 @@ def test_ddim_pipeline_folder_selects_ddim(tmp_path, torch, diffusers):
     assert (config.sampling.sampler, config.sampling.steps) == ("ddim", 50)
 
 
+def test_other_pipelines_are_refused(tmp_path, torch, diffusers):
+    unet = randomized_unet(torch, diffusers, LEARNED_VARIANCE | dict(out_channels=3), seed=2)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    index = tmp_path / "pipe" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "LDMPipeline"}))
+    with pytest.raises(ValueError, match="_class_name='LDMPipeline'; supported pipelines: DDPMPipeline, DDIMPipeline"):
+        read_diffusers(tmp_path / "pipe")
+
+
 @pytest.mark.timeout(300)
 def test_ddim_from_same_noise_matches_diffusers_ddim_scheduler(tmp_path, torch, diffusers):
     """A DDPMPipeline folder (squaredcos_cap_v2, v_prediction, T = 20), sampled with DDIM η = 0 over all 20

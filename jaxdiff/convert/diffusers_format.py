@@ -94,6 +94,7 @@ VAR_TYPES = {
 }  # fmt: skip
 MEAN_TYPES = {"eps": "epsilon", "x_start": "sample", "v": "v_prediction"}
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
 SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -420,6 +421,10 @@ def read_diffusers(
     if unet_dir is None:
         raise ValueError(f"{folder} is not a diffusers folder: no {CONFIG_FILE} with *.safetensors in it or in unet/")
     source = f"diffusers folder {unet_dir}"
+    index = _beside(unet_dir, MODEL_INDEX_FILE) if unet_dir.name == "unet" else None
+    pipeline = _load_json(index).get("_class_name") if index is not None else None
+    if pipeline is not None and pipeline not in PIPELINES:
+        raise ValueError(f"{index}: _class_name={pipeline!r}; supported pipelines: {', '.join(PIPELINES)}")
     arch, image_size = architecture_from_unet_config(_load_json(unet_dir / CONFIG_FILE), source)
     base, arch = _base_config(arch, image_size, _beside(unet_dir, JAXDIFF_CONFIG_FILE), source)
     config = build_config(arch, image_size=image_size, dataset=dataset, source=source, base=base)
