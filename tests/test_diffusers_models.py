@@ -167,11 +167,12 @@ def test_pipeline_scheduler_sets_the_diffusion(tmp_path, torch, diffusers, sched
 
 
 def test_ddim_pipeline_folder_selects_ddim(tmp_path, torch, diffusers):
-    unet = randomized_unet(torch, diffusers, LEARNED_VARIANCE | dict(out_channels=3), seed=2)
+    unet = randomized_unet(torch, diffusers, LEARNED_VARIANCE, seed=2)  # 6 output channels
     diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(tmp_path / "pipe")
     assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
     config, _ = read_diffusers(tmp_path / "pipe")
     assert (config.sampling.sampler, config.sampling.steps) == ("ddim", 50)
+    assert config.diffusion.var_type == "learned_range"  # DDIMScheduler has no variance_type
 
 
 def test_other_pipelines_are_refused(tmp_path, torch, diffusers):

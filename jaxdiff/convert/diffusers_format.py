@@ -404,6 +404,25 @@ def _base_config(arch: Architecture, image_size: int, saved: pathlib.Path | None
     return matching_released_recipe(arch, image_size, source) or default_config(), arch
 
 
+def _set_diffusion(config: ml_collections.ConfigDict, arch: Architecture, unet_dir: pathlib.Path, source: str) -> None:
+    """The diffusion from the scheduler config beside the UNet, else the recipe's, logged. Either way a UNet
+    whose output holds variances (2·in_channels) gets learned_range variances unless a variance_type or the
+    recipe says which learned variances."""
+    scheduler = _beside(unet_dir, SCHEDULER_FILE)
+    settings = _load_json(scheduler) if scheduler is not None else {}
+    if scheduler is not None:
+        apply_scheduler_config(config, settings, str(scheduler))
+    d = config.diffusion
+    learned = d.var_type in ("learned", "learned_range")
+    if arch.out_channels == 2 * arch.in_channels and "variance_type" not in settings and not learned:
+        d.var_type = "learned_range"
+    if scheduler is None:
+        log.info(
+            "%s: no %s; using the %s schedule with T=%d, %s prediction, %s variance",
+            source, SCHEDULER_FILE, d.schedule, d.num_timesteps, d.mean_type, d.var_type,
+        )  # fmt: skip
+
+
 def read_diffusers(
     folder: str | os.PathLike, *, dataset: str | None = None
 ) -> tuple[ml_collections.ConfigDict, dict]:
@@ -412,10 +431,9 @@ def read_diffusers(
     The model section comes from `config.json`; the rest from the recipe of `dataset` if given, else
     the folder's `jaxdiff_config.json` if any, else the released DDPM model with that architecture, else
     the default recipe. The scheduler config, if present, sets the diffusion section; without one the
-    recipe's diffusion (DDPM's unless `dataset` says otherwise; learned_range variances for a UNet with
-    2·in_channels outputs) is kept and logged. Params are nested
-    dicts of float32 NumPy arrays in our layout. Unsupported settings and missing, unexpected or
-    mis-shaped tensors raise ValueError.
+    recipe's diffusion is kept (see `_set_diffusion`). Params are nested dicts of float32 NumPy arrays
+    in our layout. Other pipelines, unsupported settings and missing, unexpected or mis-shaped tensors
+    raise ValueError.
     """
     unet_dir = unet_folder(folder)
     if unet_dir is None:
@@ -428,17 +446,7 @@ def read_diffusers(
     arch, image_size = architecture_from_unet_config(_load_json(unet_dir / CONFIG_FILE), source)
     base, arch = _base_config(arch, image_size, _beside(unet_dir, JAXDIFF_CONFIG_FILE), source)
     config = build_config(arch, image_size=image_size, dataset=dataset, source=source, base=base)
-    scheduler = _beside(unet_dir, SCHEDULER_FILE)
-    if scheduler is not None:
-        apply_scheduler_config(config, _load_json(scheduler), str(scheduler))
-    else:
-        d = config.diffusion
-        if arch.out_channels == 2 * arch.in_channels and d.var_type not in ("learned", "learned_range"):
-            d.var_type = "learned_range"  # the output holds variances
-        log.info(
-            "%s: no %s; using the %s schedule with T=%d, %s prediction, %s variance",
-            source, SCHEDULER_FILE, d.schedule, d.num_timesteps, d.mean_type, d.var_type,
-        )  # fmt: skip
+    _set_diffusion(config, arch, unet_dir, source)
     validate(config)
     shapes = param_shapes(config.model)
     levels = len(arch.ch_mult)
