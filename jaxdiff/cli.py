@@ -1,4 +1,4 @@
-"""The `jaxdiff` command: train | sample | eval | convert | info.
+"""The `jaxdiff` command: train | sample | eval | convert | data | info.
 
 `--config` takes a config file (an ml_collections file defining `get_config()`)
 or a recipe name (`jaxdiff.recipes.RECIPES`); any key can be overridden as
@@ -296,6 +296,17 @@ def _convert(args, extra) -> int:
     return 0
 
 
+def _data(args, extra) -> int:
+    from jaxdiff.data import prepare_dataset
+
+    _no_extra(extra)
+    if args.source and not os.path.exists(args.source):
+        raise UsageError(f"--source {args.source!r} does not exist")
+    out = prepare_dataset(args.dataset, args.data_dir or None, source=args.source)
+    print(f"prepared {args.dataset} in {out}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the message and where to find the usage."""
 
@@ -377,6 +388,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src")
     convert.add_argument("dst")
     convert.set_defaults(run=_convert)
+
+    data = verb("data", "prepare a dataset for training and evaluation, without TensorFlow")
+    data.add_argument("action", choices=("prepare",))
+    data.add_argument("dataset", choices=("cifar10",))
+    data.add_argument("--source", help="cifar-10-binary.tar.gz or its extracted folder (default: download)")
+    data.add_argument("--data-dir", default="", help="TFDS data_dir (default: TFDS' ~/tensorflow_datasets)")
+    data.set_defaults(run=_data)
 
     info = verb("info", "parameter count and forward GFLOPs per image of a config's model")
     info.add_argument("--config", required=True, help=config_help)

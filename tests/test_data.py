@@ -485,3 +485,19 @@ def test_resize_keeps_constant_images_and_ramps():
     # sample centres of output pixel j lie at input coordinate (j + 0.5) / 2 - 0.5; ramp value is 2·x
     expected = 2.0 * ((np.arange(256) + 0.5) / 2.0 - 0.5)
     np.testing.assert_allclose(up[:, 8:-8], np.broadcast_to(expected[8:-8], (256, 240)), atol=1.0)
+
+
+@pytest.mark.timeout(120)
+def test_data_prepare_verb_prepares_cifar10_and_answers_a_missing_source_in_one_line(prepared_cifar10, tmp_path, capsys):
+    from jaxdiff.cli import main
+
+    root, _ = prepared_cifar10
+    source = str(root / "source" / "cifar-10-batches-bin")
+    assert main(["data", "prepare", "cifar10", "--source", source, "--data-dir", str(tmp_path / "d")]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == f"prepared cifar10 in {tmp_path / 'd' / 'cifar10' / '3.0.2'}"
+    direct = data.load_dataset(data_config(dataset="cifar10", split="test", data_dir=str(tmp_path / "d")))
+    assert direct.num_examples == 4
+    assert main(["data", "prepare", "cifar10", "--source", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing" in err
