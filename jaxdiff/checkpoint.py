@@ -1,7 +1,8 @@
 """Checkpoints of a run: orbax `CheckpointManager` under `workdir/checkpoints`, config beside each step.
 
-Each step directory holds the train state (`state`) and the resolved config
-(`config`, JSON). Orbax writes into a temporary directory and renames it when
+Each step directory holds the train state (`state`), the resolved config
+(`config`, JSON) and the input pipeline's position (`data_iterator`, JSON;
+absent from checkpoints of converted weights). Orbax writes into a temporary directory and renames it when
 complete, so a crash mid-save leaves the earlier steps intact. A step that is
 unreadable anyway (truncated files) is skipped in favour of the newest readable
 one, with one warning; training also moves it aside to `<step>.damaged-<n>`
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -31,12 +32,23 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that does not fit the run (a user error; the message is one line)."""
 
 
+class Restored(NamedTuple):
+    step: int
+    config: dict  # the config saved with the step
+    state: Any
+    data_state: dict | None  # the data iterator's `get_state()` at the step, if saved
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_DIR)
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
-    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+        "data_iterator": ocp.JsonCheckpointHandler(),
+    }
 
 
 def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -59,13 +71,16 @@ def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_on
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_handlers())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-    """Start an asynchronous save of `state` and `config` at `step` (collective on every process)."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())),
-        force=True,
-    )
+def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
+         data_state: dict | None = None) -> None:  # fmt: skip
+    """Start an asynchronous save at `step` (collective on every process).
+
+    `data_state` is the data iterator's `get_state()` after the batch of step `step - 1`.
+    """
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
+    if data_state is not None:
+        items["data_iterator"] = ocp.args.JsonSave(data_state)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, params: Any, ema_params: Any, *,
@@ -149,8 +164,8 @@ def _set_aside(directory: str, step: int) -> str:
 def restore_newest(
     manager: ocp.CheckpointManager, target_for: Callable[[dict], Any], *, step: int | None = None,
     set_aside_damaged: bool = False, config: ml_collections.ConfigDict | None = None,
-) -> tuple[int, dict, Any] | None:  # fmt: skip
-    """(step, saved config dict, state) of `step`, or of the newest readable step; None when there are no steps.
+) -> Restored | None:  # fmt: skip
+    """`step`, or the newest readable step; None when there are no steps.
 
     `target_for(saved_config)` gives the abstract state to restore into (shapes, dtypes, shardings); it
     may raise to refuse a config. A step whose arrays do not fit the target is a `CheckpointError`
@@ -167,7 +182,8 @@ def restore_newest(
     for candidate in [step] if step is not None else available:
         try:
             saved_config = restore_config(manager, candidate)
-            saved_arrays = manager.item_metadata(candidate).state.tree
+            saved_items = manager.item_metadata(candidate)
+            saved_arrays = saved_items.state.tree
         except Exception as err:  # orbax raises many types for damaged files
             damaged.append((candidate, _one_line(err)))
             continue
@@ -180,14 +196,17 @@ def restore_newest(
                 f"checkpoint step {candidate} in {directory} does not fit the config{keys}: "
                 f"{len(problems)} arrays differ, e.g. {'; '.join(problems[:3])}"
             )
+        items = {"state": ocp.args.StandardRestore(target)}
+        if "data_iterator" in saved_items.keys():
+            items["data_iterator"] = ocp.args.JsonRestore()
         try:
-            state = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+            restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as err:
             damaged.append((candidate, _one_line(err)))
             continue
         if damaged:
             _report_damaged(manager, damaged, candidate, set_aside_damaged)
-        return candidate, saved_config, state
+        return Restored(candidate, saved_config, restored.state, restored.get("data_iterator"))
     if damaged:
         steps = ", ".join(str(s) for s, _ in damaged)
         raise CheckpointError(
@@ -242,5 +261,5 @@ def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bo
             f"no checkpoint in {manager.directory}: train with `jaxdiff train --workdir {workdir}` "
             "or import weights with `jaxdiff convert`"
         )
-    step, saved, state = restored
-    return validate(config_from_dict(saved)), step, state.ema_params if ema else state.params
+    params = restored.state.ema_params if ema else restored.state.params
+    return validate(config_from_dict(restored.config)), restored.step, params

@@ -311,8 +311,8 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
     )  # fmt: skip
 
 
-def _restore(manager, state: TrainState, config, allow_config_change: bool) -> TrainState | None:
-    """The state of the newest readable checkpoint (damaged newer ones moved aside), or None for a new run."""
+def _restore(manager, state: TrainState, config, allow_config_change: bool) -> checkpoint.Restored | None:
+    """The newest readable checkpoint (damaged newer ones moved aside), or None for a new run."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
     def check_config(saved: dict):
@@ -324,8 +324,7 @@ def _restore(manager, state: TrainState, config, allow_config_change: bool) -> T
             )
         return target
 
-    restored = checkpoint.restore_newest(manager, check_config, set_aside_damaged=True, config=config)
-    return None if restored is None else restored[2]
+    return checkpoint.restore_newest(manager, check_config, set_aside_damaged=True, config=config)
 
 
 def _will_sample(start: int, total: int, every: int) -> bool:
@@ -366,7 +365,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
         replicated = sharding.replicated_sharding(mesh)
         state = jax.jit(lambda: init_train_state(config, model, tx), out_shardings=replicated)()
         restored = _restore(manager, state, config, allow_config_change)
-        state = state if restored is None else restored
+        state = state if restored is None else restored.state
         start = step = int(fetch_replicated(state.step))
         main_process = jax.process_index() == 0
         if main_process:
@@ -380,6 +379,8 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
             process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
         cleanup.callback(batches.close)
+        if restored is not None and restored.data_state is not None:
+            batches.set_state(restored.data_state)
         writer = MetricsWriter(workdir)
         cleanup.callback(writer.close)
         compile_start = time.perf_counter()
@@ -419,7 +420,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
                 bar.update(step, summary)
                 _raise_if_diverged(summary, step, tc.max_consecutive_nonfinite)
             if step % tc.checkpoint_every_steps == 0:
-                checkpoint.save(manager, step, state, config)
+                checkpoint.save(manager, step, state, config, batches.get_state())
                 saved_steps.append(step)
             if step % tc.sample_every_steps == 0:
                 sampling_start = time.perf_counter()
@@ -427,7 +428,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
                 paused += time.perf_counter() - sampling_start
                 sampled = True
         if step > start and manager.latest_step() != step:
-            checkpoint.save(manager, step, state, config)
+            checkpoint.save(manager, step, state, config, batches.get_state())
             saved_steps.append(step)
         manager.wait_until_finished()
     if main_process:

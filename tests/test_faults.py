@@ -21,7 +21,9 @@ from jaxdiff.cli import load_config
 from jaxdiff.pipeline import Pipeline
 from jaxdiff.training_run import LOCK_FILE, WorkdirLock, train_and_evaluate
 from tests.helpers import ROOT, TINY_CONFIG, write_workdir, xla_flags
-from tests.test_training_run import SUBPROCESS_ENV, cli, leaves, metrics_lines, saved_state, train_args
+from tests.test_training_run import (
+    SUBPROCESS_ENV, cli, leaves, metrics_lines, restored_checkpoint, saved_state, train_args,
+)  # fmt: skip
 
 
 def tiny(**training):
@@ -88,6 +90,9 @@ def test_damaged_latest_is_skipped_by_readers_and_moved_aside_by_training(tmp_pa
     for a, b in zip(leaves(reference), leaves(retrained), strict=True):
         assert (a == b).all()
     assert [m["step"] for m in metrics_lines(tmp_path)] == [1, 2, 3, 4]  # steps 3, 4 once, though trained twice
+    for step in (2, 4):  # the input pipeline's position, saved with each step and restored with it
+        data_state = {"step": step, "seed": config.seed, "global_batch_size": 8, "num_examples": 50_000}
+        assert restored_checkpoint(tmp_path, step).data_state == data_state
 
 
 def test_nothing_readable_is_one_line_naming_the_steps(tmp_path):

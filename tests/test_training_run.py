@@ -34,8 +34,8 @@ def train_args(workdir, steps, *overrides):
             f"--config.training.num_train_steps={steps}", *overrides]  # fmt: skip
 
 
-def saved_state(workdir, step=None):
-    """(step, TrainState) of the tiny config saved in `workdir` (default: latest), on this process's first device.
+def restored_checkpoint(workdir, step=None) -> checkpoint.Restored:
+    """The tiny config's checkpoint in `workdir` (default: latest), restored onto this process's first device.
 
     Restoring onto one device also checks that a checkpoint written on any topology loads anywhere.
     """
@@ -47,10 +47,16 @@ def saved_state(workdir, step=None):
         jax.eval_shape(lambda: init_train_state(config, model, tx)),
     )
     manager = checkpoint.make_manager(workdir, read_only=True)
-    step = manager.latest_step() if step is None else step
-    _, _, state = checkpoint.restore_newest(manager, lambda saved: like, step=step)
-    manager.close()
-    return step, state
+    try:
+        return checkpoint.restore_newest(manager, lambda saved: like, step=step)
+    finally:
+        manager.close()
+
+
+def saved_state(workdir, step=None):
+    """(step, TrainState) of the tiny config saved in `workdir` (default: latest)."""
+    restored = restored_checkpoint(workdir, step)
+    return restored.step, restored.state
 
 
 def leaves(tree):
