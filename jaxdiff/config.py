@@ -19,7 +19,9 @@ from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.samplers import SAMPLERS, SPACINGS
 from jaxdiff.schedule import BETA_SCHEDULES
 
-DATASETS = ("cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "synthetic")
+DATASETS = (
+    "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
+)  # fmt: skip
 DTYPES = ("float32", "bfloat16")
 
 

@@ -12,6 +12,8 @@ import ml_collections
 from jaxdiff.config import DATASETS
 from jaxdiff.data.pipeline import BatchIterator, batch_dataset, batch_for_step, example_indices, iterate_batches
 from jaxdiff.data.prepare import prepare_dataset
+from jaxdiff.data.shapes import NUM_EXAMPLES as SHAPES_NUM_EXAMPLES
+from jaxdiff.data.shapes import ShapesSource, draw_shapes, read_attributes
 from jaxdiff.data.sources import ArraySource, Source, SyntheticSource, digits_split_indices, load_digits
 from jaxdiff.data.tfds_sources import (
     DatasetNotFoundError,
@@ -25,8 +27,9 @@ SYNTHETIC_NUM_EXAMPLES = 50_000  # examples of the `synthetic` dataset built by 
 
 __all__ = [
     "SYNTHETIC_NUM_EXAMPLES", "ArraySource", "BatchIterator", "DatasetNotFoundError", "RandomAccessSource",
-    "Source", "SyntheticSource", "batch_dataset", "batch_for_step", "center_crop_resize", "digits_split_indices",
-    "example_indices", "iterate_batches", "load_dataset", "prepare_dataset",
+    "ShapesSource", "Source", "SyntheticSource", "batch_dataset", "batch_for_step", "center_crop_resize",
+    "digits_split_indices", "draw_shapes", "example_indices", "iterate_batches", "load_dataset", "prepare_dataset",
+    "read_attributes",
 ]  # fmt: skip
 
 
@@ -38,8 +41,9 @@ def load_dataset(
     Reads `dataset`, `split` and `data_dir` ("" = TFDS' default). `image_shape_for_synthetic`
     (H, W, C) is required for, and used only by, `synthetic` (50,000 examples, 10 classes,
     any split). Digits has the splits "train" (1437 images) and "test" (360 held out).
-    A TFDS dataset that is not prepared, or not in array_record format, raises
-    `DatasetNotFoundError` saying what to run.
+    `shapes` has the splits "train" (50,000 examples) and "heldout" (5,000), drawn on demand
+    with seed 0 (see `jaxdiff.data.shapes`). A TFDS dataset that is not prepared, or not in
+    array_record format, raises `DatasetNotFoundError` saying what to run.
     """
     dataset = data_config.dataset
     if dataset not in DATASETS:
@@ -50,6 +54,10 @@ def load_dataset(
         return SyntheticSource(SYNTHETIC_NUM_EXAMPLES, tuple(image_shape_for_synthetic))
     if dataset == "digits":
         return load_digits(data_config.split)
+    if dataset == "shapes":
+        if data_config.split not in SHAPES_NUM_EXAMPLES:
+            raise ValueError(f"shapes has the splits {tuple(SHAPES_NUM_EXAMPLES)}, got split={data_config.split!r}")
+        return ShapesSource(data_config.split, num_examples=SHAPES_NUM_EXAMPLES[data_config.split])
     if dataset == "cifar10":
         return load_in_memory(dataset, data_config)
     return load_random_access(dataset, data_config)

@@ -68,13 +68,16 @@ def _local_indices(
 
 def _read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
     images, labels = source.get(indices)
+    if hasattr(source, "captions"):  # captioned sources (shapes)
+        return {"image": images, "label": labels, "caption": source.captions(indices)}
     return {"image": images, "label": labels}
 
 
 def batch_for_step(
     source: Source, *, seed: int, step: int, global_batch_size: int, process_index: int, process_count: int
 ) -> dict[str, np.ndarray]:
-    """This process's part of global batch `step` (0-based): image uint8 [B/P, H, W, C], label int32 [B/P]."""
+    """This process's part of global batch `step` (0-based): image uint8 [B/P, H, W, C], label int32 [B/P],
+    and caption str [B/P] when the source has `captions(indices)`."""
     local = _check_batch_args(seed, step, global_batch_size, process_index, process_count)
     indices = _local_indices(
         step, num_examples=source.num_examples, seed=seed, global_batch_size=global_batch_size,
