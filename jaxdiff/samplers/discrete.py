@@ -90,6 +90,7 @@ def sample(
     mean_type: str = "eps",
     return_trajectory: bool = False,
     trajectory_every: int | None = None,
+    x_T: Array | None = None,
 ) -> Array | tuple[Array, Array]:
     """Draw images of `shape` = (B, H, W, C): float32 NHWC, in [-1, 1] when `clip_denoised`.
 
@@ -115,6 +116,7 @@ def sample(
     return_trajectory: also return the state x_t after steps every-1, 2·every-1, ... and
       after the last step, [ceil(steps / every), B, H, W, C] with every = `trajectory_every`
       (default ceil(steps / 10)); the last entry is the samples.
+    x_T: the starting state [B, H, W, C] at the first visited step, instead of normal(init_key, shape).
     """
     steps, spacing, every = _validate(
         schedule, shape, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
@@ -123,7 +125,10 @@ def sample(
     alphas_cumprod = _alphas_cumprod(schedule, needs_signal=None if sampler == "ddpm" else f"sampler {sampler!r}")
     timesteps = sampling_timesteps(schedule, steps, spacing)
     init_key, noise_key = jax.random.split(rng)
-    x_T = jax.random.normal(init_key, shape, jnp.float32)
+    if x_T is None:
+        x_T = jax.random.normal(init_key, shape, jnp.float32)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected shape {tuple(shape)}")
 
     def predict_x0(x: Array, t: Array) -> Array:
         mean_output, _ = split_model_output(_call(denoise_fn, x, t), x, var_type)
