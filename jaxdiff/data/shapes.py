@@ -56,7 +56,7 @@ OFF_CHANNEL_MAX = 0.15
 BACKGROUND_MAX = 0.12
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's state increment
-_RENDER_CHUNK = 128  # images rendered at once: the temporaries stay in cache
+_RENDER_CHUNK = 128  # images rendered or read at once: the temporaries stay in cache
 _NUM_DRAWS = 9  # combination+size, 2 centre offsets, size scale, on level, off level, 3 background channels
 
 
@@ -213,6 +213,7 @@ class ShapesSource:
 SMALL_LARGE_AREA = 50.0  # px²; small shapes cover at most 4·3.3² ≈ 43.6, large ones at least 2·5.4² ≈ 58.3
 TRIANGLE_SKEWNESS = -0.28  # vertical skewness of coverage: triangles (apex up) ≈ −0.57, circles and squares 0
 SQUARE_CORNERNESS = 0.44  # μ22 / mean(μ40, μ04): circles 1/3, squares 5/9
+_ATTRIBUTES = ("shape", "colour", "size", "position")
 
 
 def read_attributes(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -228,27 +229,34 @@ def read_attributes(images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise ValueError(f"read_attributes: images must be uint8 [n, 32, 32, 3], got {images.dtype} {images.shape}")
-    pixels = images.astype(np.float32).reshape(len(images), IMAGE_SIZE * IMAGE_SIZE, 3)
-    background = np.median(pixels, axis=1, keepdims=True)
-    rise = np.max(pixels - background, axis=2)
-    coverage = np.clip(rise / np.maximum(rise.max(axis=1, keepdims=True), 1.0), 0.0, None).astype(np.float64)
+    chunks = [_read_chunk(images[i : i + _RENDER_CHUNK]) for i in range(0, len(images), _RENDER_CHUNK)]
+    return {name: np.concatenate([c[name] for c in chunks] or [np.zeros(0, np.int64)]) for name in _ATTRIBUTES}
+
+
+def _read_chunk(images: np.ndarray) -> dict[str, np.ndarray]:
+    """`read_attributes` of a few images (checked by the caller)."""
+    flat = images.reshape(len(images), IMAGE_SIZE * IMAGE_SIZE, 3)
+    planes = np.ascontiguousarray(flat.transpose(2, 0, 1), dtype=np.float32)  # [3, n, 1024]: fast reductions
+    background = np.median(planes, axis=2, keepdims=True)
+    rise = np.max(planes - background, axis=0)
+    coverage = np.clip(rise / np.maximum(rise.max(axis=1, keepdims=True), 1.0), 0.0, None)
 
     inside = coverage > 0.5
-    mean_colour = (pixels * inside[..., None]).sum(axis=1) / np.maximum(inside.sum(axis=1), 1)[:, None]
+    mean_colour = (planes * inside).sum(axis=2).T / np.maximum(inside.sum(axis=1), 1)[:, None]
     pattern = mean_colour > 0.5 * mean_colour.max(axis=1, keepdims=True)
     colour = np.argmax((pattern[:, None, :] == COLOUR_CHANNELS[None].astype(bool)).all(axis=2), axis=1)
 
     area = np.maximum(coverage.sum(axis=1), 1e-9)
-    row, col = (np.indices((IMAGE_SIZE, IMAGE_SIZE)).reshape(2, -1) + 0.5)[:, None, :]
+    row, col = (np.indices((IMAGE_SIZE, IMAGE_SIZE), np.float32).reshape(2, -1) + 0.5)[:, None, :]
     mean_row = (coverage * row).sum(axis=1) / area
     mean_col = (coverage * col).sum(axis=1) / area
+    weight = coverage / area[:, None]
     dy, dx = row - mean_row[:, None], col - mean_col[:, None]
-
-    def moment(p: int, q: int) -> np.ndarray:
-        return (coverage * dx**p * dy**q).sum(axis=1) / area
-
-    skewness = moment(0, 3) / np.maximum(moment(0, 2), 1e-9) ** 1.5
-    cornerness = moment(2, 2) / np.maximum(0.5 * (moment(4, 0) + moment(0, 4)), 1e-9)
+    dy2, dx2 = dy * dy, dx * dx
+    weighted_dy2 = weight * dy2
+    skewness = (weighted_dy2 * dy).sum(axis=1) / np.maximum(weighted_dy2.sum(axis=1), 1e-9) ** 1.5
+    fourth = 0.5 * ((weight * dx2 * dx2).sum(axis=1) + (weighted_dy2 * dy2).sum(axis=1))
+    cornerness = (weighted_dy2 * dx2).sum(axis=1) / np.maximum(fourth, 1e-9)
     circle_or_square = np.where(cornerness > SQUARE_CORNERNESS, SHAPES.index("square"), SHAPES.index("circle"))
     shape = np.where(skewness < TRIANGLE_SKEWNESS, SHAPES.index("triangle"), circle_or_square)
     position = 2 * (mean_row >= IMAGE_SIZE / 2) + (mean_col >= IMAGE_SIZE / 2)
