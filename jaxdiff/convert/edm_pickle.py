@@ -1,0 +1,244 @@
+"""EDM's `network-snapshot-*.pkl` -> our `SongUNet` and its preconditioning, without running any of its code.
+
+The snapshot is a plain pickle of dict(ema, loss_fn, augment_pipe, dataset_kwargs). EDM's networks are
+"persistent" classes (`torch_utils/persistence.py`): each instance pickles as
+`_reconstruct_persistent_obj(meta)`, meta = dict(type="class", version, module_src, class_name, state),
+where `module_src` is the source code EDM's loader `exec`s and `state` is the module's `__dict__`
+(`_init_args`, `_init_kwargs`, `_parameters`, `_buffers`, `_modules`, ...). Tensors pickle as
+`torch._utils._rebuild_tensor_v2` over storages that are themselves small legacy `torch.save` files.
+
+Here a restricted unpickler admits an explicit list of globals only: the reconstruct function becomes a
+`PersistentObject` record (class name and state; `module_src` is dropped unread), tensor and storage
+rebuilding become NumPy, torch's module containers become inert `ModuleContainer` records; anything else
+(`os.system`, `builtins.eval`, ...) is refused by name before it is called.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import pathlib
+import pickle
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff.convert.diffusers_format import from_torch, torch_shape
+from jaxdiff.convert.matching import match_names
+from jaxdiff.evaluation import inception_weights
+from jaxdiff.models import song_unet
+
+PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
+# EDM's SongUNet constructor arguments in order (for positional `_init_args`).
+SONG_UNET_ARGS = (
+    "img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels", "channel_mult",
+    "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout", "label_dropout", "embedding_type",
+    "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter",
+)  # fmt: skip
+TRAINING_ONLY_ARGS = ("label_dropout",)
+# The preconditioning arguments EDM defaults, per class (its `training/networks.py`).
+PRECOND_DEFAULTS = {
+    "EDMPrecond": dict(sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5),
+    "VPPrecond": dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5),
+    "VEPrecond": dict(sigma_min=0.02, sigma_max=100.0),
+}
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "W": "freqs"}
+
+
+class EdmPickleError(ValueError):
+    """An EDM snapshot that cannot be read safely or holds a network we do not support."""
+
+
+@dataclasses.dataclass
+class PersistentObject:
+    """What `_reconstruct_persistent_obj(meta)` would have built: the class name and its pickled state."""
+
+    class_name: str
+    state: dict
+
+
+class ModuleContainer:
+    """Inert stand-in for torch's ModuleDict/ModuleList/Sequential: keeps the pickled `__dict__`."""
+
+    state: dict
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+
+class EasyDict(dict):
+    """Stand-in for `dnnlib.util.EasyDict` (a dict with attribute access): a plain dict here."""
+
+
+def _persistent_record(meta: Any) -> PersistentObject:
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
+        raise EdmPickleError("persistent object without type 'class' and a class_name")
+    state = meta.get("state")
+    return PersistentObject(meta["class_name"], dict(state) if isinstance(state, dict) else {})
+
+
+def _storage_from_bytes(data: bytes) -> np.ndarray:
+    """`torch.storage._load_from_bytes`: a storage saved alone in the legacy `torch.save` format."""
+    stream, storages = io.BytesIO(data), {}
+
+    def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+        storages.setdefault(key, np.empty(numel, dtype))
+        return storages[key]
+
+    def next_pickle() -> Any:
+        return inception_weights._RestrictedUnpickler(stream, load_storage).load()
+
+    if next_pickle() != inception_weights._LEGACY_MAGIC or next_pickle() != inception_weights._LEGACY_PROTOCOL:
+        raise EdmPickleError("a tensor storage is not in the legacy torch.save format")
+    endian = "<" if next_pickle().get("little_endian", True) else ">"
+    storage = next_pickle()
+    for key in next_pickle():
+        target = storages[str(key)]
+        numel = int(np.frombuffer(stream.read(8), endian + "i8")[0])
+        raw = stream.read(numel * target.itemsize)
+        if numel != target.size or len(raw) != numel * target.itemsize:
+            raise EdmPickleError(f"tensor storage {key} is truncated or has the wrong size")
+        target[...] = np.frombuffer(raw, target.dtype.newbyteorder(endian))
+    return storage
+
+
+def _rebuild_parameter(data: np.ndarray, *_unused) -> np.ndarray:
+    return data
+
+
+ALLOWED_GLOBALS = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
+    ("torch._utils", "_rebuild_tensor_v2"): inception_weights._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("dnnlib.util", "EasyDict"): EasyDict,
+    ("torch.nn.modules.container", "ModuleDict"): ModuleContainer,
+    ("torch.nn.modules.container", "ModuleList"): ModuleContainer,
+    ("torch.nn.modules.container", "Sequential"): ModuleContainer,
+}
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Resolves only `ALLOWED_GLOBALS`; everything else is refused, naming the global."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED_GLOBALS:
+            return ALLOWED_GLOBALS[module, name]
+        raise EdmPickleError(f"refusing to load global {module}.{name}: not part of an EDM network snapshot")
+
+
+def read_snapshot(path: str | os.PathLike) -> dict:
+    """The snapshot dict with networks as `PersistentObject`s and tensors as NumPy arrays; no code is run."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EdmPickleError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            snapshot = _SnapshotUnpickler(f).load()
+    except EdmPickleError as err:
+        raise EdmPickleError(f"{path}: {err}") from err
+    except Exception as err:
+        raise EdmPickleError(f"{path}: not a readable EDM snapshot ({type(err).__name__}: {err})") from err
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("ema"), PersistentObject):
+        raise EdmPickleError(f"{path}: not an EDM network snapshot (no persistent 'ema' network)")
+    return snapshot
+
+
+def state_dict(obj: PersistentObject | ModuleContainer, prefix: str = "") -> dict[str, np.ndarray]:
+    """The module's tensors by torch state-dict name (`enc.32x32_conv.weight`), as NumPy copies."""
+    state, tensors = obj.state, {}
+    skipped = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if isinstance(value, np.ndarray) and name not in skipped:
+                tensors[prefix + name] = np.array(value)
+    for name, child in (state.get("_modules") or {}).items():
+        if isinstance(child, (PersistentObject, ModuleContainer)):
+            tensors.update(state_dict(child, f"{prefix}{name}."))
+    return tensors
+
+
+def _plain(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def song_unet_config(network: PersistentObject, source: str) -> ml_collections.ConfigDict:
+    """Our SongUNet config from the constructor arguments EDM recorded (`_init_args`, `_init_kwargs`)."""
+    if network.class_name != "SongUNet":
+        raise EdmPickleError(f"{source}: network {network.class_name} is not supported (only SongUNet)")
+    args, kwargs = network.state.get("_init_args") or (), dict(network.state.get("_init_kwargs") or {})
+    kwargs.update(zip(SONG_UNET_ARGS, args))
+    unknown = sorted(set(kwargs) - set(SONG_UNET_ARGS))
+    if unknown:
+        raise EdmPickleError(f"{source}: unknown SongUNet arguments {unknown}; EDM's are {list(SONG_UNET_ARGS)}")
+    config = song_unet.default_config()
+    config.update({k: _plain(v) for k, v in kwargs.items() if k not in TRAINING_ONLY_ARGS})
+    try:
+        song_unet.create_song_unet(config)
+    except ValueError as err:
+        raise EdmPickleError(f"{source}: unsupported SongUNet arguments: {err}") from err
+    return config
+
+
+def edm_names(path: tuple[str, ...]) -> str:
+    """EDM's state-dict name of our SongUNet parameter, e.g. ("enc_16x16_down", "conv0", "conv", "kernel")
+    -> "model.enc.16x16_down.conv0.weight" (our ResampleConv's inner "conv" is EDM's Conv2d itself)."""
+    top = path[0]
+    if top.startswith(("enc_", "dec_")):
+        top = f"{top[:3]}.{top[4:]}"
+    inner = [p for p in path[1:-1] if p != "conv"]
+    return ".".join(["model", top, *inner, LEAF_NAMES[path[-1]]])
+
+
+def params_from_edm(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], source: str) -> dict:
+    """Our SongUNet params (NumPy float32) from EDM's `model.*` tensors; resampling filters are derived
+    from the config and skipped. Missing, mis-shaped or left-over tensors raise one EdmPickleError."""
+    model = song_unet.create_song_unet(config)
+    size, channels = config.img_resolution, config.in_channels
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.ones((1,)))
+    shapes = {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(abstract["params"]).items()}
+    wanted = {p: ((edm_names(p),), torch_shape(p, s)) for p, s in shapes.items()}
+    available = {n: t.shape for n, t in tensors.items() if n.startswith("model.") and not n.endswith("resample_filter")}
+    try:
+        found = match_names(wanted, available, source=source)
+    except ValueError as err:
+        raise EdmPickleError(str(err)) from err
+    flat = {p: np.ascontiguousarray(from_torch(tensors[n].astype(np.float32), shapes[p])) for p, n in found.items()}
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def _precond_info(precond: PersistentObject) -> dict:
+    kwargs = {**PRECOND_DEFAULTS[precond.class_name], **(precond.state.get("_init_kwargs") or {})}
+    info = {k: float(kwargs[k]) for k in PRECOND_DEFAULTS[precond.class_name]}
+    if precond.class_name == "EDMPrecond":
+        return dict(process="edm", parameterization="edm_precond", **info)
+    if precond.class_name == "VEPrecond":
+        return dict(process="ve", parameterization="ve_precond", **info)
+    return dict(process="vp", parameterization="vp_precond", beta_max=info["beta_min"] + info["beta_d"], **info)
+
+
+def read_edm_snapshot(path: str | os.PathLike) -> tuple[str, ml_collections.ConfigDict, dict, dict]:
+    """("song_unet", our network config, params (NumPy), process info) of the snapshot's `ema` network.
+
+    Process info: process ("edm", "vp", "ve"), parameterization ("edm_precond", "vp_precond", "ve_precond")
+    and the preconditioning's constants as the snapshot recorded them (EDM's defaults where it did not).
+    """
+    snapshot = read_snapshot(path)
+    precond = snapshot["ema"]
+    if precond.class_name not in PRECONDS:
+        raise EdmPickleError(f"{path}: preconditioning {precond.class_name} is not supported; supported: {PRECONDS}")
+    network = (precond.state.get("_modules") or {}).get("model")
+    if not isinstance(network, PersistentObject):
+        raise EdmPickleError(f"{path}: {precond.class_name} holds no persistent 'model' network")
+    config = song_unet_config(network, str(path))
+    params = params_from_edm(config, state_dict(precond), f"{path} (ema)")
+    return "song_unet", config, params, _precond_info(precond)

@@ -1,0 +1,81 @@
+"""diffusers `ScoreSdeVePipeline` folders (e.g. `google/ncsnpp-*`) -> our `NCSNpp` and its VE process.
+
+A folder holds `model_index.json`, `unet/` (config.json and safetensors of an NCSN++ `UNet2DModel`, read by
+`score_diffusers`) and `scheduler/scheduler_config.json` of a `ScoreSdeVeScheduler`, which gives σ_min,
+σ_max, N = num_train_timesteps and the predictor-corrector settings (snr, correct_steps, sampling_eps).
+The pipeline feeds the sample itself to the network and clamps its result to [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+import safetensors
+import safetensors.numpy
+
+from jaxdiff.convert import score_diffusers
+from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, _load_json, _weights_file
+
+PIPELINE = "ScoreSdeVePipeline"
+SCHEDULER = "ScoreSdeVeScheduler"
+SCHEDULER_DEFAULTS = dict(num_train_timesteps=2000, snr=0.15, sigma_min=0.01, sigma_max=1348.0, sampling_eps=1e-5,
+                          correct_steps=1)  # fmt: skip
+
+
+class ScoreFolderError(ValueError):
+    """A folder that is not a readable ScoreSdeVePipeline."""
+
+
+def _json(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise ScoreFolderError(f"{path}: missing; a {PIPELINE} folder has model_index.json, unet/ and scheduler/")
+    try:
+        settings = _load_json(path)
+    except ValueError as err:
+        raise ScoreFolderError(str(err)) from err
+    if not isinstance(settings, dict):
+        raise ScoreFolderError(f"{path}: expected a JSON object")
+    return settings
+
+
+def _scheduler_info(path: pathlib.Path) -> dict:
+    settings = _json(path)
+    if settings.get("_class_name", SCHEDULER) != SCHEDULER:
+        raise ScoreFolderError(f"{path}: _class_name={settings['_class_name']!r}; expected {SCHEDULER}")
+    values = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
+    for key, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ScoreFolderError(f"{path}: {key}={value!r} must be a positive number")
+    if not values["sigma_min"] < values["sigma_max"]:
+        raise ScoreFolderError(f"{path}: need sigma_min < sigma_max, got {values['sigma_min']}, {values['sigma_max']}")
+    return dict(
+        process="ve", sigma_min=float(values["sigma_min"]), sigma_max=float(values["sigma_max"]),
+        num_scales=int(values["num_train_timesteps"]), snr=float(values["snr"]),
+        correct_steps=int(values["correct_steps"]), sampling_eps=float(values["sampling_eps"]),
+        continuous=True, parameterization="score", noise_labels="sigma", scale_by_sigma=True,
+        data_range=(0.0, 1.0), network_input="x",
+    )  # fmt: skip
+
+
+def read_score_sde_ve_folder(folder: str | os.PathLike) -> tuple[str, ml_collections.ConfigDict, dict, dict]:
+    """("ncsnpp", our network config, params (NumPy), process info) of a ScoreSdeVePipeline folder.
+
+    Process info: process "ve" with the scheduler's sigma_min, sigma_max, num_scales (N), snr,
+    correct_steps, sampling_eps; the network output divided by σ is the score (scale_by_sigma).
+    """
+    folder = pathlib.Path(folder)
+    pipeline = _json(folder / MODEL_INDEX_FILE).get("_class_name")
+    if pipeline != PIPELINE:
+        raise ScoreFolderError(f"{folder / MODEL_INDEX_FILE}: _class_name={pipeline!r}; expected {PIPELINE}")
+    info = _scheduler_info(folder / "scheduler" / "scheduler_config.json")
+    unet = folder / "unet"
+    settings = _json(unet / CONFIG_FILE)
+    try:
+        config = score_diffusers.config_from_diffusers(settings)
+        tensors = safetensors.numpy.load_file(_weights_file(unet))
+        params = score_diffusers.params_from_diffusers(config, tensors)
+    except (ValueError, safetensors.SafetensorError) as err:
+        raise ScoreFolderError(f"{unet}: {err}") from err
+    return "ncsnpp", config, params, info
