@@ -47,7 +47,7 @@ def main() -> None:
     config = default_config()
     config.data.dataset = "shapes"
     source = data.load_dataset(config.data)
-    batch = dict(seed=0, global_batch_size=args.batch_size, process_index=0, process_count=1)
+    batch = {"seed": 0, "global_batch_size": args.batch_size, "process_index": 0, "process_count": 1}
     indices = data.example_indices(source.num_examples, seed=0, start=0, stop=args.batch_size)
 
     start = time.perf_counter()

@@ -112,7 +112,9 @@ class WordTokenizer:
             raise ValueError(f"word tokenizer JSON is not valid JSON: {err}") from None
         keys = {"format", "max_length", "words"}
         if not isinstance(content, dict) or set(content) != keys or content["format"] != JSON_FORMAT:
-            raise ValueError(f"word tokenizer JSON must be an object with keys {sorted(keys)} and format {JSON_FORMAT!r}")
+            raise ValueError(
+                f"word tokenizer JSON must be an object with keys {sorted(keys)} and format {JSON_FORMAT!r}"
+            )
         if not isinstance(content["words"], list):
             raise ValueError(f"word tokenizer JSON: words must be a list, got {content['words']!r}")
         return cls(content["words"], max_length=content["max_length"])

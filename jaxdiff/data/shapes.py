@@ -3,14 +3,17 @@
 Each image holds one shape (circle, square, triangle) of one colour, size and position (a quadrant) on a
 dark background, captioned "a {size} {colour} {shape} in the {position}". Example i of a seed is a pure
 function of (seed, i): its random numbers come from a SplitMix64 generator seeded with
-splitmix64(seed·2³² + i), so any slice or set of indices can be drawn on its own.
+splitmix64(seed·2³² + i), so any slice or set of indices can be drawn on its own. Its first output
+modulo 2K picks the (colour, shape, position) combination (choice // 2, of the split's K, in the order
+of COLOURS × SHAPES × POSITIONS) and the size (choice % 2); the next 8, as uniforms in [0, 1), the jitter.
 
 Geometry, in pixel coordinates (pixel (row, col) covers [row, row+1) × [col, col+1)): the shape's centre
 is its quadrant's centre (8 or 24 on each axis) moved by U(−1, 1) on each axis; its half-extent r is 3
 (small) or 6 (large) times U(0.9, 1.1). Circle: radius r; square: side 2r; triangle: apex up, base 2r
 at the bottom of its 2r × 2r bounding box. Edges are anti-aliased analytically: a pixel's coverage is
 clip(0.5 − d, 0, 1), d the signed distance of its centre to the shape's boundary. Foreground: on
-channels U(0.75, 1), off channels one U(0, 0.15) value; background: each channel U(0, 0.12).
+channels U(0.75, 1), off channels one U(0, 0.15) value; background: each channel U(0, 0.12); a pixel is
+round(255·(background + coverage·(foreground − background))).
 
 The 8 (colour, shape, position) combinations of `HELDOUT_COMBINATIONS` (in both sizes) are never
 drawn for the "train" split; the "heldout" split draws only them.
@@ -125,6 +128,14 @@ def _render(attributes: dict[str, np.ndarray], uniforms: np.ndarray) -> np.ndarr
     return images
 
 
+def _render_in_chunks(attributes: dict[str, np.ndarray], uniforms: np.ndarray) -> np.ndarray:
+    images = np.empty((len(uniforms), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for start in range(0, len(uniforms), _RENDER_CHUNK):
+        rows = slice(start, start + _RENDER_CHUNK)
+        images[rows] = _render({k: v[rows] for k, v in attributes.items()}, uniforms[rows])
+    return images
+
+
 def _circle_distance(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.sqrt(dx * dx + dy * dy) - r
 
@@ -141,13 +152,8 @@ def _triangle_distance(dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndar
 def draw_examples(indices: np.ndarray, *, seed: int = 0, split: str = "train") -> tuple[np.ndarray, list[str]]:
     """Images uint8 [n, 32, 32, 3] and captions of the examples `indices` (int, 0 <= i < 2**32) of (seed, split)."""
     _check_split_and_seed(split, seed)
-    indices = check_indices(indices, 2**32, "shapes")
-    attributes, uniforms = _attributes_and_jitter(indices, seed, split)
-    images = np.empty((len(indices), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    for start in range(0, len(indices), _RENDER_CHUNK):
-        rows = slice(start, start + _RENDER_CHUNK)
-        images[rows] = _render({k: v[rows] for k, v in attributes.items()}, uniforms[rows])
-    return images, _captions(attributes)
+    attributes, uniforms = _attributes_and_jitter(check_indices(indices, 2**32, "shapes"), seed, split)
+    return _render_in_chunks(attributes, uniforms), _captions(attributes)
 
 
 def draw_shapes(n: int, *, seed: int = 0, split: str = "train", start: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -185,7 +191,8 @@ class ShapesSource:
 
     def __post_init__(self):
         _check_split_and_seed(self.split, self.seed)
-        if not 0 < self.num_examples <= 2**32:
+        count = self.num_examples
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 2**32:
             raise ValueError(f"shapes: num_examples must be in [1, 2**32], got {self.num_examples}")
 
     @property
@@ -199,8 +206,8 @@ class ShapesSource:
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images uint8 [n, 32, 32, 3] and labels int32 [n] (all 0) of the examples `indices`."""
         indices = check_indices(indices, self.num_examples, self.name)
-        images, _ = draw_examples(indices, seed=self.seed, split=self.split)
-        return images, np.zeros(len(indices), np.int32)
+        attributes, uniforms = _attributes_and_jitter(indices, self.seed, self.split)
+        return _render_in_chunks(attributes, uniforms), np.zeros(len(indices), np.int32)
 
     def captions(self, indices: np.ndarray) -> np.ndarray:
         """Captions (str array [n]) of the examples `indices`."""
