@@ -328,6 +328,7 @@ def _restore(manager, state: TrainState, config, allow_config_change: bool) -> c
 
 
 def _will_sample(start: int, total: int, every: int) -> bool:
+    """Whether steps start+1..total include a multiple of `every` (a sample grid to draw)."""
     return total // every > start // every
 
 
@@ -349,6 +350,7 @@ def train_and_evaluate(
 
 
 def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
+    """The run itself, with the workdir locked and the stop signals handled."""
     tc = config.training
     model = create_model(config.model)
     schedule = schedule_from_config(config.diffusion)
