@@ -265,17 +265,19 @@ def persistent_class(reconstruct):
 
 
 def write_snapshot(path, edm_modules, precond: str, precond_kwargs: dict, net_class: str, net_kwargs: dict,
-                   tensors: dict) -> None:  # fmt: skip
-    """An EDM `network-snapshot-*.pkl`: dict(ema=precond(model=network), loss_fn, augment_pipe, dataset_kwargs)."""
+                   tensors: dict, protocol: int = 4) -> None:  # fmt: skip
+    """An EDM `network-snapshot-*.pkl`: dict(ema=precond(model=network), loss_fn, augment_pipe, dataset_kwargs).
+    Its blocks record NumPy scalars among their constructor arguments, as EDM's UNetBlocks do."""
     reconstruct, easy_dict = edm_modules
     Persistent = persistent_class(reconstruct)
+    block_kwargs = dict(skip_scale=np.sqrt(0.5), init_attn=dict(init_weight=np.float32(0.2)), eps=1e-6)
     network = Persistent(net_class, **net_kwargs)
     for name, value in tensors.items():
         *parents, leaf = name.split(".")
         module = network
         for part in parents:
             if part not in module._modules:
-                child = torch.nn.ModuleDict() if part in ("enc", "dec") else Persistent("Conv2d")
+                child = torch.nn.ModuleDict() if part in ("enc", "dec") else Persistent("UNetBlock", **block_kwargs)
                 module.add_module(part, child)
             module = module._modules[part]
         value = torch.from_numpy(np.ascontiguousarray(value))
@@ -288,11 +290,12 @@ def write_snapshot(path, edm_modules, precond: str, precond_kwargs: dict, net_cl
     snapshot = dict(ema=ema, loss_fn=Persistent("EDMLoss", P_mean=-1.2), augment_pipe=None,
                     dataset_kwargs=easy_dict(class_name="training.dataset.ImageFolderDataset", xflip=False))
     with open(path, "wb") as f:
-        pickle.dump(snapshot, f)
+        pickle.dump(snapshot, f, protocol=protocol)
 
 
 PRECONDS = {"ddpmpp": ("VPPrecond", {"beta_d": 19.0}), "ncsnpp": ("VEPrecond", {}),
             "skips": ("EDMPrecond", {"sigma_data": 0.25})}  # fmt: skip
+PROTOCOLS = {"ddpmpp": 2, "ncsnpp": 4, "skips": 5}  # protocol 2 stores bytes through _codecs.encode
 
 
 def case_tensors(case: str) -> dict:
@@ -310,7 +313,8 @@ def test_snapshot_network_gives_edm_outputs(tmp_path, edm_modules, case):
     ref = EDM[case]
     precond, precond_kwargs = PRECONDS[case]
     path = tmp_path / "network-snapshot-000000.pkl"
-    write_snapshot(path, edm_modules, precond, precond_kwargs, "SongUNet", ref["kwargs"], case_tensors(case))
+    write_snapshot(path, edm_modules, precond, precond_kwargs, "SongUNet", ref["kwargs"], case_tensors(case),
+                   PROTOCOLS[case])  # fmt: skip
 
     name, config, params, info = edm_pickle.read_edm_snapshot(path)
     assert name == "song_unet"

@@ -9,7 +9,8 @@ where `module_src` is the source code EDM's loader `exec`s and `state` is the mo
 
 Here a restricted unpickler admits an explicit list of globals only: the reconstruct function becomes a
 `PersistentObject` record (class name and state; `module_src` is dropped unread), tensor and storage
-rebuilding become NumPy, torch's module containers become inert `ModuleContainer` records; anything else
+rebuilding become NumPy, torch's module containers become inert `ModuleContainer` records, NumPy scalars
+(EDM records e.g. skip_scale = np.sqrt(0.5)) are rebuilt from their bytes; anything else
 (`os.system`, `builtins.eval`, ...) is refused by name before it is called.
 """
 
@@ -49,6 +50,7 @@ PRECOND_DEFAULTS = {
     "VEPrecond": dict(sigma_min=0.02, sigma_max=100.0),
 }
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "W": "freqs"}
+NUMERIC_KINDS = "biufc"
 
 
 class EdmPickleError(ValueError):
@@ -112,14 +114,43 @@ def _rebuild_parameter(data: np.ndarray, *_unused) -> np.ndarray:
     return data
 
 
+def _numpy_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """`numpy.dtype` for numeric types only; always a copy, since unpickling then sets its state."""
+    dtype = np.dtype(name) if isinstance(name, str) else None
+    if dtype is None or dtype.kind not in NUMERIC_KINDS:
+        raise EdmPickleError(f"refusing numpy dtype {name!r}: only numeric scalars belong in a snapshot")
+    return np.dtype(name, bool(align), True)
+
+
+def _numpy_scalar(dtype: Any, data: Any) -> np.generic:
+    """`numpy.core.multiarray.scalar`: one numeric value from its raw bytes (e.g. EDM's skip_scale)."""
+    if not (isinstance(dtype, np.dtype) and dtype.kind in NUMERIC_KINDS and isinstance(data, bytes)
+            and len(data) == dtype.itemsize):  # fmt: skip
+        raise EdmPickleError(f"invalid numpy scalar of dtype {dtype!r}")
+    return np.frombuffer(data, dtype)[0]
+
+
+def _latin1_bytes(text: Any, encoding: Any) -> bytes:
+    """`_codecs.encode(text, "latin1")`: how pickle protocols below 3 store bytes."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise EdmPickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 ALLOWED_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
     ("torch._utils", "_rebuild_tensor_v2"): inception_weights._rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("_codecs", "encode"): _latin1_bytes,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,  # the name protocol 2 writes
+    ("__builtin__", "frozenset"): frozenset,
     ("dnnlib.util", "EasyDict"): EasyDict,
     ("torch.nn.modules.container", "ModuleDict"): ModuleContainer,
     ("torch.nn.modules.container", "ModuleList"): ModuleContainer,
