@@ -223,8 +223,13 @@ class WorkdirLock:
 
 
 @contextlib.contextmanager
-def _library_logs(verbose: bool):
-    """Library loggers at WARNING for the duration (orbax logs ≈40 INFO lines per save), unless `verbose`."""
+def _library_logs(verbose: bool | None):
+    """Library loggers at WARNING for the duration (orbax logs ≈40 INFO lines per save), unless `verbose`.
+
+    `verbose` None: verbose when the `jaxdiff` logger is at DEBUG (as `jaxdiff -v` sets it).
+    """
+    if verbose is None:
+        verbose = logging.getLogger("jaxdiff").isEnabledFor(logging.DEBUG)
     if verbose:
         yield
         return
@@ -343,8 +348,6 @@ def train_and_evaluate(
     """
     validate(config)
     workdir = os.path.abspath(os.fspath(workdir))
-    if verbose is None:
-        verbose = logging.getLogger("jaxdiff").isEnabledFor(logging.DEBUG)
     with WorkdirLock(workdir) as lock, _library_logs(verbose), _StopSignals(on_abort=lock.release) as stop:
         return _run(config, workdir, allow_config_change=allow_config_change, progress=progress, stop=stop)
 

@@ -312,6 +312,24 @@ def test_sigkill_during_saves_then_resume_equals_an_uninterrupted_run(tmp_path):
 # ---------------------------------------------------------------- chatter
 
 
+def test_library_logs_are_quiet_during_a_run_unless_verbose(caplog):
+    caplog.set_level(logging.INFO)
+    absl, jaxdiff_logger = logging.getLogger("absl"), logging.getLogger("jaxdiff")
+    levels = absl.level, jaxdiff_logger.level
+    absl.setLevel(logging.INFO)
+    try:
+        for verbose, jaxdiff_level, message in [(False, logging.DEBUG, "hidden"), (None, logging.INFO, "hidden too"),
+                                                (True, logging.INFO, "shown"), (None, logging.DEBUG, "shown too")]:
+            jaxdiff_logger.setLevel(jaxdiff_level)
+            with training_run._library_logs(verbose):
+                absl.info(message)
+            assert absl.level == logging.INFO  # restored
+    finally:
+        absl.setLevel(levels[0])
+        jaxdiff_logger.setLevel(levels[1])
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == ["shown", "shown too"]
+
+
 def console_lines(text: str) -> list[str]:
     """What a terminal shows: one line per newline, of which only the last carriage-return update remains."""
     return [line.split("\r")[-1] for line in text.split("\n") if line.split("\r")[-1].strip()]
