@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert.stable_diffusion import SchedulerSettings, StableDiffusion, read_stable_diffusion
+from jaxdiff.convert.stable_diffusion import SchedulerSettings, StableDiffusion, read_pretrained
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
@@ -233,9 +233,12 @@ class LatentPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
+                        config_folder: str | os.PathLike | None = None, scheduler: str | dict = "sd1",
                         dtype: str = "float32") -> LatentPipeline:  # fmt: skip
-        """A diffusers Stable Diffusion folder (see `jaxdiff.convert.stable_diffusion.read_stable_diffusion`)."""
-        return cls(read_stable_diffusion(path, variant=variant, dtype=dtype))
+        """A diffusers Stable Diffusion folder, or a single original-format `.safetensors` file with the configs
+        of `config_folder` and the `scheduler` preset or config (see `jaxdiff.convert.stable_diffusion`)."""
+        return cls(read_pretrained(path, variant=variant, config_folder=config_folder, scheduler=scheduler,
+                                   dtype=dtype))  # fmt: skip
 
     # ------------------------------------------------------------------ jitted pieces
 

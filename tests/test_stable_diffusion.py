@@ -283,3 +283,175 @@ def test_batch_guard_and_unknown_sampler(loaded):
         loaded.text_to_image(PROMPTS, sampler="euler", steps=2)
     with pytest.raises(ValueError, match=r"1 images for 2 prompts"):
         loaded.image_to_image(random_images(0)[:1], PROMPTS, strength=0.5, steps=2)
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+# The original (LDM / OpenCLIP) names of diffusers' tensors, written from diffusers' conversion tables in
+# diffusers.loaders.single_file_utils; each mapping is checked by converting back with diffusers' own converters.
+
+RESNET_ORIGINAL = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def original_unet_name(name, settings):
+    per_block = settings["layers_per_block"] + 1
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    module, leaf = name.rsplit(".", 1)
+    if module in fixed:
+        return f"model.diffusion_model.{fixed[module]}.{leaf}"
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+        rest = ".".join(parts[3:])
+        rest = RESNET_ORIGINAL.get(parts[3], parts[3]) + "." + ".".join(parts[4:]) if parts[1] == "resnets" else rest
+        return f"model.diffusion_model.middle_block.{index}.{rest}"
+    block, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"model.diffusion_model.input_blocks.{(block + 1) * per_block}.0.op.{'.'.join(parts[5:])}"
+        index, place = 1 + block * per_block + j, "input_blocks"
+    else:
+        if kind == "upsamplers":
+            layer = 2 if settings["up_block_types"][block].startswith("CrossAttn") else 1
+            return f"model.diffusion_model.output_blocks.{block * per_block + per_block - 1}.{layer}.{rest}"
+        index, place = block * per_block + j, "output_blocks"
+    if kind == "resnets":
+        return f"model.diffusion_model.{place}.{index}.0.{RESNET_ORIGINAL[parts[4]]}.{'.'.join(parts[5:])}"
+    return f"model.diffusion_model.{place}.{index}.1.{rest}"
+
+
+def original_vae_name(name, levels):
+    """(original name, whether the tensor is a 1×1 conv there) of a diffusers AutoencoderKL tensor."""
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    coder, rest = name.split(".", 1)
+    if coder in ("quant_conv", "post_quant_conv"):
+        return f"first_stage_model.{name}", False
+    rest = rest.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    rest = rest.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
+    for new, old in attention.items():
+        if rest.startswith(f"mid_block.attentions.0.{new}."):
+            leaf = rest.rsplit(".", 1)[1]
+            return f"first_stage_model.{coder}.mid.attn_1.{old}.{leaf}", old != "norm" and leaf == "weight"
+    parts = rest.split(".")
+    if parts[0] in ("down_blocks", "up_blocks"):
+        level = int(parts[1]) if parts[0] == "down_blocks" else levels - 1 - int(parts[1])
+        kind = {"resnets": "block", "downsamplers": "downsample", "upsamplers": "upsample"}[parts[2]]
+        tail = parts[3:] if kind == "block" else parts[4:]
+        rest = ".".join([parts[0].split("_")[0], str(level), kind, *tail])
+    return f"first_stage_model.{coder}.{rest}", False
+
+
+def original_openclip_tensors(state, layers):
+    """OpenCLIP names of a transformers CLIP text model's tensors (q, k, v fused), plus an unused last layer,
+    projection and logit scale as in SD 2.x checkpoints."""
+    out, prefix = {}, "cond_stage_model.model."
+    renames = [("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+               ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+               ("text_model.final_layer_norm.", "ln_final."), ("text_model.encoder.layers.", "transformer.resblocks."),
+               ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("self_attn.out_proj", "attn.out_proj"),
+               ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]  # fmt: skip
+    for name, value in state.items():
+        if "_proj." in name and "self_attn." in name and "out_proj" not in name:
+            continue
+        for new, old in renames:
+            name = name.replace(new, old)
+        out[prefix + name] = value
+    for i in range(layers):
+        attention = f"text_model.encoder.layers.{i}.self_attn."
+        for leaf in ("weight", "bias"):
+            fused = np.concatenate([state[f"{attention}{p}_proj.{leaf}"] for p in "qkv"])
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{leaf}"] = fused
+    for name, value in list(out.items()):
+        if f"resblocks.{layers - 1}." in name:  # SD 2.x pipelines drop OpenCLIP's last layer
+            out[name.replace(f"resblocks.{layers - 1}.", f"resblocks.{layers}.")] = value + 1.0
+    hidden = CLIP["hidden_size"]
+    out[prefix + "text_projection"] = np.eye(hidden, dtype=np.float32)
+    out[prefix + "logit_scale"] = np.array(4.6, np.float32)
+    return out
+
+
+def write_single_file(pipe, path, *, openclip):
+    from diffusers.loaders import single_file_utils as sfu
+
+    numpy_state = {name: {k: v.detach().numpy().copy() for k, v in getattr(pipe, name).state_dict().items()}
+                   for name in ("unet", "vae", "text_encoder")}  # fmt: skip
+    # checkpoints name CLIP's tensors as the transformers versions of their time did: under `text_model.`
+    numpy_state["text_encoder"] = {k if k.startswith("text_model.") else "text_model." + k: v
+                                   for k, v in numpy_state["text_encoder"].items()}  # fmt: skip
+    unet = {original_unet_name(k, pipe.unet.config): v for k, v in numpy_state["unet"].items()}
+    levels = len(pipe.vae.config.block_out_channels)
+    vae = {}
+    for k, v in numpy_state["vae"].items():
+        name, conv = original_vae_name(k, levels)
+        vae[name] = v.reshape(*v.shape, 1, 1) if conv else v
+    if openclip:
+        text = original_openclip_tensors(numpy_state["text_encoder"], CLIP["num_hidden_layers"])
+    else:
+        text = {"cond_stage_model.transformer." + k: v for k, v in numpy_state["text_encoder"].items()}
+    tensors = {**unet, **vae, **text, "alphas_cumprod": np.ones(1000, np.float32)}
+    # our mapping, converted back by diffusers' own converters, gives diffusers' state dicts
+    as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    back = {"unet": sfu.convert_ldm_unet_checkpoint(as_torch, pipe.unet.config),
+            "vae": sfu.convert_ldm_vae_checkpoint(as_torch, pipe.vae.config)}  # fmt: skip
+    for name, converted in back.items():
+        assert sorted(converted) == sorted(numpy_state[name]), name
+        for key, value in converted.items():
+            np.testing.assert_array_equal(value.numpy(), numpy_state[name][key], err_msg=key)
+    import safetensors.numpy
+
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
+
+
+def assert_same_trees(ours, reference):
+    import flax.traverse_util
+
+    ours, reference = flax.traverse_util.flatten_dict(ours), flax.traverse_util.flatten_dict(reference)
+    assert sorted(ours) == sorted(reference)
+    for path, value in reference.items():
+        np.testing.assert_array_equal(ours[path], value, err_msg="/".join(path))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_single_file_equals_the_folder(tmp_path, family):
+    from jaxdiff.convert.stable_diffusion import SCHEDULER_PRESETS, read_single_file
+
+    settings = UNET_SD1 if family == "sd1" else UNET_SD2
+    parts = components(unet_settings=settings, scheduler=SCHEDULER_PRESETS[family], folder=tmp_path, seed=7)
+    pipe = save(diffusers.StableDiffusionPipeline, parts, tmp_path / "pipe")
+    write_single_file(pipe, tmp_path / "model.safetensors", openclip=family != "sd1")
+    folder_model = read_stable_diffusion(tmp_path / "pipe")
+    single = read_single_file(tmp_path / "model.safetensors", config_folder=tmp_path / "pipe", scheduler=family)
+    for part in ("unet_params", "vae_params", "text_params"):
+        assert_same_trees(getattr(single, part), getattr(folder_model, part))
+    assert single.scheduler.mean_type == ("eps" if family == "sd1" else "v")
+    run = dict(steps=2, seed=1, output_type="float")
+    from_file = LatentPipeline.from_pretrained(tmp_path / "model.safetensors", config_folder=tmp_path / "pipe",
+                                               scheduler=family)  # fmt: skip
+    np.testing.assert_array_equal(from_file.text_to_image(PROMPTS, **run),
+                                  LatentPipeline(folder_model).text_to_image(PROMPTS, **run))  # fmt: skip
+
+
+def test_single_file_lists_every_missing_and_unexpected_tensor(sd1, tmp_path):
+    from jaxdiff.convert.stable_diffusion import read_single_file
+
+    pipe, folder = sd1
+    write_single_file(pipe, tmp_path / "model.safetensors", openclip=False)
+    import safetensors.numpy
+
+    tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    del tensors["model.diffusion_model.out.2.weight"]
+    tensors["first_stage_model.encoder.mid.attn_1.q.bias"] = np.zeros(3, np.float32)
+    tensors["model.diffusion_model.made_up.weight"] = np.zeros(1, np.float32)
+    safetensors.numpy.save_file(tensors, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError) as error:
+        read_single_file(tmp_path / "broken.safetensors", config_folder=folder)
+    message = str(error.value)
+    assert "conv_out.weight" in message and "model.diffusion_model.made_up.weight" in message
+    assert "encoder.mid_block.attentions.0.to_q.bias: shape (3,), expected (16,)" in message
+    with pytest.raises(ValueError, match=r"unknown scheduler preset 'sd3'"):
+        read_single_file(tmp_path / "model.safetensors", config_folder=folder, scheduler="sd3")
+    with pytest.raises(ValueError, match=r"model.ckpt is a pickle .*\(model.safetensors\)"):
+        read_single_file(tmp_path / "model.ckpt", config_folder=folder)
+    with pytest.raises(ValueError, match=r"needs config_folder"):
+        LatentPipeline.from_pretrained(tmp_path / "model.safetensors")

@@ -18,22 +18,33 @@ import shutil
 from typing import Any, NamedTuple
 
 import flax.traverse_util
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, _load_json, apply_scheduler_config
+from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, _load_json, apply_scheduler_config, from_torch
 from jaxdiff.convert.latent_weights import (
     CLIP_PREFIX,
     CLIP_WEIGHTS_STEM,
     CONFIG_FILE,
     VAE_WEIGHTS_STEM,
+    clip_names,
+    param_shapes,
     read_autoencoder,
     read_clip_text,
     torch_name,
+    torch_shape,
+    vae_names,
 )
+from jaxdiff.convert.matching import match_names
+from jaxdiff.convert.safetensors_reader import read_tensor
 from jaxdiff.convert.unet_condition_weights import WEIGHTS_STEM as UNET_WEIGHTS_STEM
-from jaxdiff.convert.unet_condition_weights import diffusers_tensor_name, read_unet_condition
+from jaxdiff.convert.unet_condition_weights import diffusers_tensor_name, read_unet_condition, unet_condition_shapes
+from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
+from jaxdiff.models.clip_text import clip_text_config, create_clip_text
+from jaxdiff.models.unet_condition import config_from_diffusers
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.tokenizer import CLIPTokenizer
 
@@ -96,6 +107,15 @@ def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
                              s["set_alpha_to_one"], dict(config))  # fmt: skip
 
 
+def refuse_pickle(path: pathlib.Path) -> None:
+    """ValueError for a pickle checkpoint (never unpickled), naming the safetensors file to use instead."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"{path} is a pickle checkpoint, which jaxdiff never unpickles; use its safetensors version "
+            f"({path.with_suffix('.safetensors').name})"
+        )
+
+
 def _pipeline_class(folder: pathlib.Path) -> str:
     index_file = folder / MODEL_INDEX_FILE
     if not index_file.is_file():
@@ -116,11 +136,7 @@ def read_stable_diffusion(
     `dtype` is the networks' compute dtype ("float32" or "bfloat16"; parameters stay float32). Configs are
     checked before any weights are read; one ValueError lists every missing, unexpected or mis-shaped tensor."""
     folder = pathlib.Path(folder)
-    if folder.suffix in PICKLE_SUFFIXES:
-        raise ValueError(
-            f"{folder} is a pickle checkpoint, which jaxdiff never unpickles; use its safetensors version "
-            f"({folder.with_suffix('.safetensors').name})"
-        )
+    refuse_pickle(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     pipeline_class = _pipeline_class(folder)
@@ -195,3 +211,277 @@ def write_stable_diffusion(model: StableDiffusion, folder: str | os.PathLike) ->
     (folder / "scheduler" / SCHEDULER_CONFIG_FILE).write_text(json.dumps(scheduler, indent=2) + "\n")
     index["scheduler"] = ["diffusers", "DDIMScheduler"]
     (folder / MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+
+# Scheduler settings of the released models (their diffusers scheduler configs' noise schedule and DDIM keys).
+SCHEDULER_PRESETS = {
+    "sd1": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                timestep_spacing="leading"),
+}  # fmt: skip
+SCHEDULER_PRESETS["sd2"] = dict(SCHEDULER_PRESETS["sd1"])
+SCHEDULER_PRESETS["sd2-v"] = dict(SCHEDULER_PRESETS["sd1"], prediction_type="v_prediction")
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}  # transformers / OpenCLIP
+# Original tensors that SD pipelines do not use: training buffers, the autoencoder's training loss, OpenCLIP's
+# projection and logit scale, CLIP's position-id buffer.
+UNUSED_ORIGINAL = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus", "posterior_",
+                   "model_ema.", "first_stage_model.loss.", "cond_stage_model.model.text_projection",
+                   "cond_stage_model.model.logit_scale", "cond_stage_model.transformer.text_model.embeddings.position_ids",
+                   "logvar", "lvlb_weights")  # fmt: skip
+RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
+VAE_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+
+
+class Source(NamedTuple):
+    """Where a diffusers-named tensor lies in the single file: its original name and the rows it takes (a third
+    of OpenCLIP's fused q/k/v projection) or None for all; `squeeze` drops the 1×1 of a conv used as Linear."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    squeeze: bool = False
+
+
+def _split_name(rest: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    return rest
+
+
+def unet_diffusers_name(name: str, settings: dict) -> str | None:
+    """The diffusers name of an original (LDM) U-Net tensor name without its prefix, None if it has none."""
+    per_block = settings.get("layers_per_block", 2) + 1
+    up_attention = [t.startswith("CrossAttn") for t in settings["up_block_types"]]
+    fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}  # fmt: skip
+    for old, new in fixed.items():
+        if name.startswith(old):
+            return new + name[len(old) :]
+    parts = name.split(".", 3)
+    if parts[0] == "middle_block" and len(parts) > 2:
+        kind = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}.get(parts[1])
+        rest = ".".join(parts[2:])
+        return None if kind is None else f"mid_block.{kind}.{_split_name(rest, RESNET_NAMES)}"
+    if parts[0] not in ("input_blocks", "output_blocks") or len(parts) < 4 or not parts[1].isdigit():
+        return None
+    index, layer, rest = int(parts[1]), parts[2], parts[3]
+    if parts[0] == "input_blocks":
+        block, j = divmod(index - 1, per_block)
+        if j == per_block - 1:
+            return f"down_blocks.{block}.downsamplers.0.conv{rest[2:]}" if layer == "0" and rest[:3] == "op." else None
+        prefix = f"down_blocks.{block}"
+        attention = layer == "1"
+    else:
+        block, j = divmod(index, per_block)
+        prefix = f"up_blocks.{block}"
+        if block >= len(up_attention):
+            return None
+        upsampler = "2" if up_attention[block] else "1"
+        if layer == upsampler and rest.startswith("conv."):
+            return f"{prefix}.upsamplers.0.{rest}"
+        attention = layer == "1" and up_attention[block]
+    if layer == "0":
+        return f"{prefix}.resnets.{j}.{_split_name(rest, RESNET_NAMES)}"
+    return f"{prefix}.attentions.{j}.{rest}" if attention else None
+
+
+def vae_diffusers_name(name: str, settings: dict) -> tuple[str, bool] | None:
+    """(diffusers name, squeeze) of an original autoencoder tensor name without its prefix; None if it has none."""
+    levels = len(settings.get("block_out_channels", (64,)))
+    coder, _, rest = name.partition(".")
+    if coder not in ("encoder", "decoder"):
+        return (name, False) if coder in ("quant_conv", "post_quant_conv") else None
+    parts = rest.split(".")
+    if parts[0] in ("conv_in", "conv_out"):
+        return f"{coder}.{rest}", False
+    if parts[0] == "norm_out":
+        return f"{coder}.conv_norm_out.{'.'.join(parts[1:])}", False
+    if parts[0] == "mid" and len(parts) > 2 and parts[1] in ("block_1", "block_2"):
+        return f"{coder}.mid_block.resnets.{int(parts[1][-1]) - 1}.{'.'.join(parts[2:])}", False
+    if parts[0] == "mid" and len(parts) == 4 and parts[1] == "attn_1" and parts[2] in VAE_ATTENTION_NAMES:
+        conv_weight = parts[2] != "norm" and parts[3] == "weight"  # a 1×1 conv in the original
+        return f"{coder}.mid_block.attentions.0.{VAE_ATTENTION_NAMES[parts[2]]}.{parts[3]}", conv_weight
+    if parts[0] in ("down", "up") and len(parts) >= 4 and parts[1].isdigit():
+        level = int(parts[1]) if parts[0] == "down" else levels - 1 - int(parts[1])
+        block = f"{coder}.{parts[0]}_blocks.{level}"
+        if parts[2] == "block":
+            resnet_rest = _split_name(".".join(parts[4:]), {"nin_shortcut": "conv_shortcut"})
+            return f"{block}.resnets.{parts[3]}.{resnet_rest}", False
+        if parts[2] in ("downsample", "upsample") and parts[3] == "conv":
+            return f"{block}.{parts[2]}rs.0.{'.'.join(parts[3:])}", False
+    return None
+
+
+def openclip_diffusers_names(name: str) -> list[tuple[str, tuple[int, int] | None]] | None:
+    """[(diffusers name, rows)] of an original OpenCLIP (SD 2.x) text tensor name without its prefix."""
+    fixed = {"token_embedding.weight": "embeddings.token_embedding.weight",
+             "positional_embedding": "embeddings.position_embedding.weight"}  # fmt: skip
+    if name in fixed:
+        return [(CLIP_PREFIX + fixed[name], None)]
+    if name.startswith("ln_final."):
+        return [(CLIP_PREFIX + "final_layer_norm." + name[len("ln_final.") :], None)]
+    parts = name.split(".", 3)
+    if parts[:2] != ["transformer", "resblocks"] or len(parts) < 4:
+        return None
+    layer = f"{CLIP_PREFIX}encoder.layers.{parts[2]}."
+    if parts[3] in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        leaf = parts[3].rsplit("_", 1)[1]
+        return [(f"{layer}self_attn.{proj}_proj.{leaf}", (k, k + 1)) for k, proj in enumerate("qkv")]
+    return [(layer + _split_name(parts[3], OPENCLIP_NAMES), None)]
+
+
+def single_file_sources(names: dict[str, tuple[int, ...]], settings: dict, text_layers: int) -> tuple[
+        dict[str, dict[str, tuple[Source, tuple[int, ...]]]], list[str]]:  # fmt: skip
+    """Each component's diffusers tensor names -> (Source, shape) from the original names and shapes of a
+    single file, and the names that belong to none. OpenCLIP layers from `text_layers` on are unused (SD 2.x
+    takes the penultimate layer)."""
+    sources: dict[str, dict[str, tuple[Source, tuple[int, ...]]]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    leftover = []
+    for name, shape in names.items():
+        if name.startswith(UNUSED_ORIGINAL):
+            continue
+        found = None
+        if name.startswith(UNET_PREFIX):
+            target = unet_diffusers_name(name[len(UNET_PREFIX) :], settings["unet"])
+            found = target and ("unet", [(target, Source(name), shape)])
+        elif name.startswith(VAE_PREFIX):
+            target = vae_diffusers_name(name[len(VAE_PREFIX) :], settings["vae"])
+            if target:
+                squeezed = shape[:2] if target[1] else shape
+                found = ("vae", [(target[0], Source(name, squeeze=target[1]), squeezed)])
+        elif name.startswith(CLIP_PREFIXES["sd1"]):
+            found = ("text_encoder", [(name[len(CLIP_PREFIXES["sd1"]) :], Source(name), shape)])
+        elif name.startswith(CLIP_PREFIXES["sd2"]):
+            rest = name[len(CLIP_PREFIXES["sd2"]) :]
+            if rest.startswith("transformer.resblocks.") and int(rest.split(".")[2]) >= text_layers:
+                continue
+            targets = openclip_diffusers_names(rest)
+            if targets:
+                third = shape[0] // 3
+                found = ("text_encoder", [
+                    (target, Source(name, rows and (rows[0] * third, rows[1] * third)),
+                     shape if rows is None else (third, *shape[1:]))
+                    for target, rows in targets
+                ])  # fmt: skip
+        if not found:
+            leftover.append(name)
+            continue
+        component, entries = found
+        for target, source, target_shape in entries:
+            sources[component][target] = (source, tuple(target_shape))
+    return sources, leftover
+
+
+def _config_folder_settings(folder: pathlib.Path) -> dict:
+    settings = {}
+    for component in ("unet", "vae", "text_encoder"):
+        path = folder / component / CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"config folder {folder} has no {component}/{CONFIG_FILE}")
+        settings[component] = _load_json(path)
+    if not (folder / "tokenizer").is_dir():
+        raise ValueError(f"config folder {folder} has no tokenizer/")
+    return settings
+
+
+def read_single_file(
+    file: str | os.PathLike, *, config_folder: str | os.PathLike, scheduler: str | dict = "sd1",
+    dtype: str = "float32",
+) -> StableDiffusion:  # fmt: skip
+    """Read an original-format Stable Diffusion 1.x / 2.x `.safetensors` checkpoint (`model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.transformer.*` or OpenCLIP `cond_stage_model.model.*`).
+
+    A single file holds no configs or tokenizer: `config_folder` is a diffusers SD folder giving
+    unet/vae/text_encoder config.json and tokenizer/ (its weights are not read). `scheduler` is a preset
+    ("sd1", "sd2", "sd2-v") or a scheduler config dict. Configs are checked first; one ValueError then lists
+    every missing, unexpected or mis-shaped tensor (diffusers names; unexpected ones by their original name).
+    """
+
+    file, config_folder = pathlib.Path(file), pathlib.Path(config_folder)
+    refuse_pickle(file)
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: a single-file checkpoint must be a .safetensors file")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    if isinstance(scheduler, str):
+        if scheduler not in SCHEDULER_PRESETS:
+            raise ValueError(f"unknown scheduler preset {scheduler!r}; expected one of {sorted(SCHEDULER_PRESETS)}")
+        scheduler = dict(SCHEDULER_PRESETS[scheduler])
+    scheduler_config = scheduler_settings(scheduler, "scheduler")
+    settings = _config_folder_settings(config_folder)
+    tokenizer = CLIPTokenizer.from_folder(config_folder / "tokenizer")
+    try:
+        unet_config = config_from_diffusers(settings["unet"], dtype=dtype)
+    except ValueError as err:
+        raise ValueError(f"{config_folder / 'unet' / CONFIG_FILE}: {err}") from None
+    vae_config = autoencoder_config(settings["vae"], dtype=dtype)
+    text_config = clip_text_config(settings["text_encoder"], dtype=dtype)
+
+    side = 2 ** (len(vae_config.block_out_channels) - 1)
+    shapes = {
+        "unet": (unet_condition_shapes(unet_config), lambda p: (diffusers_tensor_name(p),)),
+        "vae": (param_shapes(create_autoencoder(vae_config),
+                             jax.ShapeDtypeStruct((1, side, side, vae_config.in_channels), jnp.float32)), vae_names),
+        "text_encoder": (param_shapes(create_clip_text(text_config), jax.ShapeDtypeStruct((1, 1), jnp.int32)), clip_names),
+    }  # fmt: skip
+    params = read_original_tensors(file, shapes, settings, text_config.num_hidden_layers)
+    return StableDiffusion(
+        "StableDiffusionPipeline", unet_config, params["unet"], vae_config, params["vae"], text_config,
+        params["text_encoder"], tokenizer, config_folder / "tokenizer", scheduler_config, settings,
+    )  # fmt: skip
+
+
+def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text_layers: int) -> dict:
+    """Each component's parameter tree (float32 NumPy, our layouts) from an original-format single file;
+    `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names)."""
+
+    with safetensors.safe_open(file, framework="np") as f:
+        names = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        sources, leftover = single_file_sources(names, settings, text_layers)
+        found, problems = {}, []
+        for component, (component_shapes, candidates) in shapes.items():
+            wanted = {p: (candidates(p), torch_shape(p, s)) for p, s in component_shapes.items()}
+            available = {name: shape for name, (_, shape) in sources[component].items()}
+            try:
+                found[component] = match_names(wanted, available, source=component)
+            except ValueError as err:
+                problems.append(str(err))
+        if leftover:
+            problems.append(f"  {len(leftover)} unexpected (no component): " + ", ".join(sorted(leftover)[:40]))
+        if problems:
+            raise ValueError(f"{file} does not fit the models:\n" + "\n".join(problems))
+        params = {}
+        for component, pairs in found.items():
+            flat = {}
+            for path, name in pairs.items():
+                source = sources[component][name][0]
+                array = read_tensor(f, file, source.name)
+                if source.rows is not None:
+                    array = array[source.rows[0] : source.rows[1]]
+                if source.squeeze:
+                    array = array.reshape(array.shape[:2])
+                shape = shapes[component][0][path]
+                flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shape))
+            params[component] = flax.traverse_util.unflatten_dict(flat)
+    return params
+
+
+def read_pretrained(
+    path: str | os.PathLike, *, variant: str | None = None, config_folder: str | os.PathLike | None = None,
+    scheduler: str | dict = "sd1", dtype: str = "float32",
+) -> StableDiffusion:  # fmt: skip
+    """A diffusers SD folder (`read_stable_diffusion`; `variant` applies) or an original-format single
+    `.safetensors` file (`read_single_file`; `config_folder` and `scheduler` apply)."""
+    path = pathlib.Path(path)
+    refuse_pickle(path)
+    if path.is_dir():
+        return read_stable_diffusion(path, variant=variant, dtype=dtype)
+    if config_folder is None:
+        raise ValueError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
+    return read_single_file(path, config_folder=config_folder, scheduler=scheduler, dtype=dtype)
