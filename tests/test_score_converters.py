@@ -190,12 +190,27 @@ def test_bad_checkpoint_inputs(tmp_path):
         score_sde_checkpoint.read_score_sde_checkpoint(tmp_path, "vp/ddpm")
 
 
-def test_every_named_config_builds_its_network():
+# Millions of parameters of score_sde's CIFAR-10 networks, counted from its own model code.
+SCORE_SDE_MILLIONS = {"ddpm": 35.22, "ddpmpp": 61.80, "ddpmpp_deep": 106.63, "ncsnpp_discrete": 62.69,
+                      "ncsnpp": 62.76, "ncsnpp_deep": 107.59}  # fmt: skip
+
+
+def test_every_named_config_has_distinct_names_and_score_sde_sizes():
+    seen = set()
     for name, (variant, info) in score_sde_checkpoint.CONFIGS.items():
         config = score_sde_checkpoint.network_config(name)
         assert config == ncsnpp.cifar10_config(variant)
         assert info["process"] == name.split("/")[0]
         assert info["parameterization"] == ("score" if info["process"] == "ve" else "eps")
+        if variant in seen:
+            continue
+        seen.add(variant)
+        shapes = our_shapes(config)
+        names = score_sde_checkpoint.score_sde_names(config, shapes, ddpm_model=variant == "ddpm")
+        assert len({name for name, _ in names.values()}) == len(shapes)
+        count = sum(int(np.prod(shape)) for _, shape in names.values())
+        assert round(count / 1e6, 2) == SCORE_SDE_MILLIONS[variant]
+    assert seen == set(SCORE_SDE_MILLIONS)
 
 
 # --------------------------------------------------------------------------- EDM persistence pickles

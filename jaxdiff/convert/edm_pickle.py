@@ -220,7 +220,7 @@ def song_unet_config(network: PersistentObject, source: str) -> ml_collections.C
     return config
 
 
-def edm_names(path: tuple[str, ...]) -> str:
+def edm_name(path: tuple[str, ...]) -> str:
     """EDM's state-dict name of our SongUNet parameter, e.g. ("enc_16x16_down", "conv0", "conv", "kernel")
     -> "model.enc.16x16_down.conv0.weight" (our ResampleConv's inner "conv" is EDM's Conv2d itself)."""
     top = path[0]
@@ -237,7 +237,7 @@ def params_from_edm(config: ml_collections.ConfigDict, tensors: dict[str, np.nda
     size, channels = config.img_resolution, config.in_channels
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.ones((1,)))
     shapes = {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(abstract["params"]).items()}
-    wanted = {p: ((edm_names(p),), torch_shape(p, s)) for p, s in shapes.items()}
+    wanted = {p: ((edm_name(p),), torch_shape(p, s)) for p, s in shapes.items()}
     available = {n: t.shape for n, t in tensors.items() if n.startswith("model.") and not n.endswith("resample_filter")}
     try:
         found = match_names(wanted, available, source=source)
