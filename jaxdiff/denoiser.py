@@ -32,6 +32,9 @@ def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Call
         if guidance:
             raise ValueError(f"guidance={guidance} needs class labels to guide towards")
         return lambda x_t, t: model.apply({"params": params}, x_t, t, None, train=False)
+    if guidance and not getattr(model, "null_label", True):
+        raise ValueError(f"guidance={guidance} needs a null label, and this class-conditional model has none "
+                         "(null_label=False, e.g. a diffusers model with num_class_embeds = its classes); use guidance 0")
     labels = jnp.asarray(labels)
     try:
         values = np.asarray(labels)

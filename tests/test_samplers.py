@@ -548,3 +548,16 @@ def test_guided_denoiser_batch_mismatch():
     fn = guided_denoiser(toy_apply([]), params, np.zeros(2, np.int32), guidance=1.0, null_label=NULL)
     with pytest.raises(ValueError, match="2 labels for a batch of 3"):
         fn(jnp.zeros((3, 2, 2, 2)), jnp.zeros(3, jnp.int32))
+
+
+def test_guidance_on_a_conditional_model_without_a_null_label_is_refused_before_any_evaluation():
+    from types import SimpleNamespace
+
+    from jaxdiff.denoiser import model_denoiser
+
+    calls = []
+    model = SimpleNamespace(num_classes=10, null_label=False, apply=lambda *a, **k: calls.append(a))
+    with pytest.raises(ValueError, match=r"guidance=2.0 needs a null label.*null_label=False"):
+        model_denoiser(model, {}, labels=np.zeros(2, np.int32), guidance=2.0)
+    model_denoiser(model, {}, labels=np.zeros(2, np.int32), guidance=0.0)  # conditional sampling still works
+    assert calls == []
