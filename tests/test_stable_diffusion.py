@@ -5,16 +5,27 @@ folder reader's and the pipeline's checks of bad input."""
 import json
 import shutil
 
+import flax.traverse_util
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 
-from jaxdiff.convert.stable_diffusion import read_stable_diffusion, write_stable_diffusion
+from jaxdiff.convert.stable_diffusion import (
+    SCHEDULER_PRESETS,
+    read_single_file,
+    read_stable_diffusion,
+    scheduler_settings,
+    write_stable_diffusion,
+)
 from jaxdiff.latent_pipeline import LatentPipeline, add_noise, visited_timesteps
 from tests.test_clip_text import write_tokenizer_folder
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 UNET_SD1 = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16], norm_num_groups=4,
@@ -109,8 +120,6 @@ def test_scheduler_steps_match_ddim_scheduler():
 
 
 def read_scheduler(config):
-    from jaxdiff.convert.stable_diffusion import scheduler_settings
-
     settings = scheduler_settings(dict(config), "test")
     reference = diffusers.DDIMScheduler.from_config(config).alphas_cumprod.double().numpy()
     np.testing.assert_allclose(np.asarray(settings.schedule.alphas_cumprod, np.float64), reference, rtol=1e-6)
@@ -372,8 +381,6 @@ def original_openclip_tensors(state, layers):
 
 
 def write_single_file(pipe, path, *, openclip):
-    from diffusers.loaders import single_file_utils as sfu
-
     numpy_state = {name: {k: v.detach().numpy().copy() for k, v in getattr(pipe, name).state_dict().items()}
                    for name in ("unet", "vae", "text_encoder")}  # fmt: skip
     # checkpoints name CLIP's tensors as the transformers versions of their time did: under `text_model.`
@@ -392,20 +399,16 @@ def write_single_file(pipe, path, *, openclip):
     tensors = {**unet, **vae, **text, "alphas_cumprod": np.ones(1000, np.float32)}
     # our mapping, converted back by diffusers' own converters, gives diffusers' state dicts
     as_torch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
-    back = {"unet": sfu.convert_ldm_unet_checkpoint(as_torch, pipe.unet.config),
-            "vae": sfu.convert_ldm_vae_checkpoint(as_torch, pipe.vae.config)}  # fmt: skip
+    back = {"unet": single_file_utils.convert_ldm_unet_checkpoint(as_torch, pipe.unet.config),
+            "vae": single_file_utils.convert_ldm_vae_checkpoint(as_torch, pipe.vae.config)}  # fmt: skip
     for name, converted in back.items():
         assert sorted(converted) == sorted(numpy_state[name]), name
         for key, value in converted.items():
             np.testing.assert_array_equal(value.numpy(), numpy_state[name][key], err_msg=key)
-    import safetensors.numpy
-
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
 
 
 def assert_same_trees(ours, reference):
-    import flax.traverse_util
-
     ours, reference = flax.traverse_util.flatten_dict(ours), flax.traverse_util.flatten_dict(reference)
     assert sorted(ours) == sorted(reference)
     for path, value in reference.items():
@@ -414,8 +417,6 @@ def assert_same_trees(ours, reference):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_single_file_equals_the_folder(tmp_path, family):
-    from jaxdiff.convert.stable_diffusion import SCHEDULER_PRESETS, read_single_file
-
     settings = UNET_SD1 if family == "sd1" else UNET_SD2
     parts = components(unet_settings=settings, scheduler=SCHEDULER_PRESETS[family], folder=tmp_path, seed=7)
     pipe = save(diffusers.StableDiffusionPipeline, parts, tmp_path / "pipe")
@@ -433,12 +434,8 @@ def test_single_file_equals_the_folder(tmp_path, family):
 
 
 def test_single_file_lists_every_missing_and_unexpected_tensor(sd1, tmp_path):
-    from jaxdiff.convert.stable_diffusion import read_single_file
-
     pipe, folder = sd1
     write_single_file(pipe, tmp_path / "model.safetensors", openclip=False)
-    import safetensors.numpy
-
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     del tensors["model.diffusion_model.out.2.weight"]
     tensors["first_stage_model.encoder.mid.attn_1.q.bias"] = np.zeros(3, np.float32)
@@ -455,3 +452,21 @@ def test_single_file_lists_every_missing_and_unexpected_tensor(sd1, tmp_path):
         read_single_file(tmp_path / "model.ckpt", config_folder=folder)
     with pytest.raises(ValueError, match=r"needs config_folder"):
         LatentPipeline.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_bfloat16_variant_folder(sd1, tmp_path):
+    """A `bf16` variant (which safetensors' NumPy reader cannot read) gives the float32 weights rounded to bf16."""
+    pipe, folder = sd1
+    shutil.copytree(folder, tmp_path / "pipe")
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(pipe, name)
+        stem = "model" if name == "text_encoder" else "diffusion_pytorch_model"
+        state = {k: v.to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()}
+        safetensors_torch.save_file(state, tmp_path / "pipe" / name / f"{stem}.bf16.safetensors")
+    ours = read_stable_diffusion(tmp_path / "pipe", variant="bf16")
+    reference = read_stable_diffusion(folder)
+    for part in ("unet_params", "vae_params", "text_params"):
+        flat, expected = (flax.traverse_util.flatten_dict(getattr(m, part)) for m in (ours, reference))
+        for path, value in expected.items():
+            rounded = value.astype(ml_dtypes.bfloat16).astype(np.float32)
+            np.testing.assert_array_equal(flat[path], rounded, err_msg="/".join(path))

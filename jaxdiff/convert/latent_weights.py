@@ -28,6 +28,7 @@ import safetensors
 from jaxdiff.convert.architecture import ParamPath
 from jaxdiff.convert.diffusers_format import _load_json, from_torch
 from jaxdiff.convert.matching import match_names
+from jaxdiff.convert.safetensors_reader import read_tensor
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 
@@ -120,7 +121,7 @@ def read_weights(
         found = match_names(wanted, available, source=str(file))
         flat = {}
         for path, name in found.items():
-            array = np.asarray(f.get_tensor(name), np.float32)
+            array = read_tensor(f, file, name)
             flat[path] = array if path[-1] == "embedding" else from_torch(array, shapes[path])
     return flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
 
