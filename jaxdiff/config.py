@@ -15,14 +15,18 @@ import math
 
 import ml_collections
 
+from jaxdiff.continuous_model import CONTINUOUS_LOSSES, PARAMETERIZATIONS, process_from_config
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-from jaxdiff.samplers import SAMPLERS, SPACINGS
+from jaxdiff.models import NETWORKS, create_model, ncsnpp, song_unet
+from jaxdiff.models.unet import DTYPES
+from jaxdiff.processes import PROCESSES
+from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
+from jaxdiff.samplers.pc import CORRECTORS, PREDICTORS
 from jaxdiff.schedule import BETA_SCHEDULES
 
 DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
 )  # fmt: skip
-DTYPES = ("float32", "bfloat16")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.resblock_up_levels = ()  # levels whose upsampler is a ResBlock with nearest upsampling
     c.model.mid_attn = True  # self-attention between the two middle ResBlocks
     c.model.mid_attn_norm = True  # GroupNorm in that attention block
+    # The network: "ddpm_unet" is the U-Net of the keys above; the others read only their own section
+    # (image size, channels and classes there must agree with image_size, in_channels and num_classes).
+    c.model.network = "ddpm_unet"
+    c.model.ncsnpp = ncsnpp.default_config()  # score_sde's NCSN++ / DDPM++ (models/ncsnpp.py)
+    c.model.song_unet = song_unet.default_config()  # EDM's SongUNet (models/song_unet.py)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -74,6 +83,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.loss_type = "mse"
     c.diffusion.hybrid_lambda = 0.001
     c.diffusion.min_snr_gamma = 0.0  # 0 turns min-SNR-γ weighting off
+    # Continuous time (score SDEs, EDM): the process, what the network predicts, and the losses' settings.
+    c.diffusion.process = "discrete"  # discrete: the β schedule above; ve | vp | subvp | edm
+    c.diffusion.sigma_min = 0.0  # ve/edm; 0: the process's default (ve 0.01, edm 0.002)
+    c.diffusion.sigma_max = 0.0  # ve/edm; 0: the process's default (ve 50, edm 80)
+    c.diffusion.beta_min = 0.1  # vp/subvp
+    c.diffusion.beta_max = 20.0  # vp/subvp
+    c.diffusion.parameterization = "eps"  # continuous: eps (labels t·999) | score (labels σ) | edm (c_noise)
+    c.diffusion.sigma_data = 0.5  # EDM preconditioning and loss
+    c.diffusion.t_eps = 1e-5  # dsm: t ~ U[t_eps, t_max]
+    c.diffusion.reduce_mean = False  # dsm/edm: mean over each example's dimensions instead of the sum
+    c.diffusion.likelihood_weighting = False  # dsm: weight g(t)² (score_sde's likelihood weighting)
+    c.diffusion.p_mean = -1.2  # edm: ln σ ~ N(p_mean, p_std²)
+    c.diffusion.p_std = 1.2
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global, over all devices and hosts
@@ -102,6 +124,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.clip_denoised = True
     c.sampling.guidance = 0.0
     c.sampling.batch_size = 256
+    # Continuous samplers (jaxdiff.samplers.sample_continuous).
+    c.sampling.predictor = "reverse_diffusion"  # pc
+    c.sampling.corrector = "langevin"  # pc: langevin | ald | none
+    c.sampling.snr = 0.16  # pc: corrector signal-to-noise ratio
+    c.sampling.n_corrector = 1  # pc: corrector steps per predictor step
+    c.sampling.rtol = 1e-5  # ode
+    c.sampling.atol = 1e-5  # ode
+    c.sampling.s_churn = 0.0  # edm_stochastic
+    c.sampling.s_min = 0.0  # edm_stochastic
+    c.sampling.s_max = math.inf  # edm_stochastic
+    c.sampling.s_noise = 1.0  # edm_stochastic
     c.lock()
     return c
 
@@ -122,6 +155,7 @@ class Spec:
     low_open: bool = False  # `low` itself is not allowed
     high_open: bool = False  # `high` itself is not allowed
     min_items: int = 0
+    infinite: bool = False  # floats: +inf is allowed too
 
     def allowed(self) -> str:
         """What the spec accepts, in words: "an int >= 1", "a float in (0, 1]", "one of ('a', 'b')"."""
@@ -139,7 +173,7 @@ class Spec:
         if self.type is tuple:
             length = f", at least {self.min_items}" if self.min_items else ""
             return f"{name}{bounds}{length}"
-        return name + bounds
+        return name + bounds + (" or inf" if self.infinite else "")
 
     def accepts(self, value) -> bool:
         if self.choices:
@@ -155,7 +189,8 @@ class Spec:
         if self.type is int:
             return _is_int(value) and self._in_range(value)
         if self.type is float:
-            return _is_number(value) and math.isfinite(value) and self._in_range(value)
+            finite = math.isfinite(value) or (self.infinite and value == math.inf)
+            return _is_number(value) and finite and self._in_range(value)
         return isinstance(value, self.type)
 
     def _in_range(self, value) -> bool:
@@ -212,15 +247,68 @@ SPECS: dict[str, Spec] = {
     "model.resblock_up_levels": Spec(tuple, "levels upsampled by a ResBlock with nearest upsampling", low=1),
     "model.mid_attn": Spec(bool, "self-attention between the two middle ResBlocks"),
     "model.mid_attn_norm": Spec(bool, "GroupNorm in the middle attention block"),
+    "model.network": Spec(str, "the network: ddpm_unet (the keys above), ncsnpp or song_unet (their sections)",
+                          choices=NETWORKS),  # fmt: skip
+    "model.ncsnpp.image_size": _positive_int("NCSN++: height = width, pixels (= model.image_size)"),
+    "model.ncsnpp.num_channels": _positive_int("NCSN++: image channels (= model.in_channels)"),
+    "model.ncsnpp.nf": _positive_int("NCSN++: base width, a multiple of 4"),
+    "model.ncsnpp.ch_mult": Spec(tuple, "NCSN++: width multiplier of each level", low=1, min_items=1),
+    "model.ncsnpp.num_res_blocks": _positive_int("NCSN++: residual blocks per level"),
+    "model.ncsnpp.attn_resolutions": Spec(tuple, "NCSN++: resolutions (pixels) with self-attention", low=1),
+    "model.ncsnpp.dropout": _fraction("NCSN++: dropout rate"),
+    "model.ncsnpp.resamp_with_conv": Spec(bool, "NCSN++: convolutions in plain (non-FIR) resampling"),
+    "model.ncsnpp.conditional": Spec(bool, "NCSN++: the network sees the noise level"),
+    "model.ncsnpp.fir": Spec(bool, "NCSN++: FIR-filtered resampling"),
+    "model.ncsnpp.fir_kernel": Spec(tuple, "NCSN++: FIR kernel taps", low=0, min_items=1),
+    "model.ncsnpp.skip_rescale": Spec(bool, "NCSN++: skip connections scaled by 1/√2"),
+    "model.ncsnpp.resblock_type": Spec(str, "NCSN++: residual block", choices=ncsnpp.RESBLOCK_TYPES),
+    "model.ncsnpp.progressive": Spec(str, "NCSN++: progressive output", choices=ncsnpp.PROGRESSIVE),
+    "model.ncsnpp.progressive_input": Spec(str, "NCSN++: progressive input", choices=ncsnpp.PROGRESSIVE_INPUT),
+    "model.ncsnpp.progressive_combine": Spec(str, "NCSN++: combining the input pyramid", choices=ncsnpp.COMBINE),
+    "model.ncsnpp.init_scale": Spec(float, "NCSN++: scale of the last convolutions' init; 0: near zero", low=0),
+    "model.ncsnpp.embedding_type": Spec(str, "NCSN++: noise embedding: fourier (of log σ) or positional",
+                                        choices=ncsnpp.EMBEDDINGS),  # fmt: skip
+    "model.ncsnpp.fourier_scale": Spec(float, "NCSN++: scale of the Fourier features", low=0, low_open=True),
+    "model.song_unet.img_resolution": _positive_int("SongUNet: height = width, pixels (= model.image_size)"),
+    "model.song_unet.in_channels": _positive_int("SongUNet: input channels (= model.in_channels)"),
+    "model.song_unet.out_channels": _positive_int("SongUNet: output channels (= model.in_channels)"),
+    "model.song_unet.label_dim": Spec(int, "SongUNet: classes (= model.num_classes); 0: unconditional", low=0),
+    "model.song_unet.augment_dim": Spec(int, "SongUNet: augmentation labels; 0: none", low=0),
+    "model.song_unet.model_channels": _positive_int("SongUNet: base width, a multiple of 4"),
+    "model.song_unet.channel_mult": Spec(tuple, "SongUNet: width multiplier of each level", low=1, min_items=1),
+    "model.song_unet.channel_mult_emb": _positive_int("SongUNet: embedding width / model_channels"),
+    "model.song_unet.num_blocks": _positive_int("SongUNet: blocks per level"),
+    "model.song_unet.attn_resolutions": Spec(tuple, "SongUNet: resolutions (pixels) with self-attention", low=1),
+    "model.song_unet.dropout": _fraction("SongUNet: dropout rate"),
+    "model.song_unet.embedding_type": Spec(str, "SongUNet: noise embedding", choices=song_unet.EMBEDDINGS),
+    "model.song_unet.channel_mult_noise": _positive_int("SongUNet: noise embedding width / model_channels"),
+    "model.song_unet.encoder_type": Spec(str, "SongUNet: encoder", choices=song_unet.ENCODERS),
+    "model.song_unet.decoder_type": Spec(str, "SongUNet: decoder", choices=song_unet.DECODERS),
+    "model.song_unet.resample_filter": Spec(tuple, "SongUNet: resampling filter taps", low=0, min_items=1),
     "diffusion.schedule": Spec(str, "beta schedule", choices=tuple(BETA_SCHEDULES)),
     "diffusion.num_timesteps": Spec(int, "T, the number of diffusion steps", low=2),
     "diffusion.beta_start": Spec(float, "beta of the first step (linear-like schedules)", low=0, high=1, low_open=True),
     "diffusion.beta_end": Spec(float, "beta of the last step (linear-like schedules)", low=0, high=1, low_open=True),
     "diffusion.mean_type": Spec(str, "what the model predicts", choices=MEAN_TYPES),
     "diffusion.var_type": Spec(str, "reverse-process variance", choices=VAR_TYPES),
-    "diffusion.loss_type": Spec(str, "training loss", choices=LOSS_TYPES),
+    "diffusion.loss_type": Spec(str, "training loss (dsm, edm: continuous processes)",
+                                choices=LOSS_TYPES + CONTINUOUS_LOSSES),  # fmt: skip
     "diffusion.hybrid_lambda": Spec(float, "weight of the variational bound in the hybrid loss", low=0),
     "diffusion.min_snr_gamma": Spec(float, "min-SNR-γ loss weighting; 0: off", low=0),
+    "diffusion.process": Spec(str, "noise process: the discrete schedule or a continuous one",
+                              choices=("discrete",) + PROCESSES),  # fmt: skip
+    "diffusion.sigma_min": Spec(float, "ve/edm: smallest noise level; 0: the process's default", low=0),
+    "diffusion.sigma_max": Spec(float, "ve/edm: largest noise level; 0: the process's default", low=0),
+    "diffusion.beta_min": Spec(float, "vp/subvp: β(0)", low=0),
+    "diffusion.beta_max": Spec(float, "vp/subvp: β(1)", low=0, low_open=True),
+    "diffusion.parameterization": Spec(str, "continuous processes: what the network predicts",
+                                       choices=PARAMETERIZATIONS),  # fmt: skip
+    "diffusion.sigma_data": Spec(float, "edm: the data's standard deviation", low=0, low_open=True),
+    "diffusion.t_eps": Spec(float, "dsm: smallest training time t", low=0, high=0.1, low_open=True, high_open=True),
+    "diffusion.reduce_mean": Spec(bool, "dsm/edm: average each example's squared errors instead of summing"),
+    "diffusion.likelihood_weighting": Spec(bool, "dsm: score_sde's likelihood weighting g(t)²"),
+    "diffusion.p_mean": Spec(float, "edm: mean of ln σ in training"),
+    "diffusion.p_std": Spec(float, "edm: standard deviation of ln σ in training", low=0, low_open=True),
     "training.batch_size": _positive_int("global batch size, over all devices and hosts"),
     "training.num_train_steps": _positive_int("optimizer steps of the whole run"),
     "training.learning_rate": Spec(float, "Adam learning rate after warm-up", low=0, low_open=True),
@@ -238,13 +326,23 @@ SPECS: dict[str, Spec] = {
     "training.keep_checkpoints": _positive_int("checkpoints kept in the workdir"),
     "training.sample_every_steps": _positive_int("steps between sample grids"),
     "training.num_sample_images": _positive_int("images in each sample grid"),
-    "sampling.sampler": Spec(str, "sampler", choices=SAMPLERS),
+    "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T", low=0),
     "sampling.eta": Spec(float, "DDIM noise scale", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),
     "sampling.clip_denoised": Spec(bool, "clip each predicted x_0 to [-1, 1]"),
     "sampling.guidance": Spec(float, "classifier-free guidance scale w", low=0),
     "sampling.batch_size": _positive_int("images per sampling batch"),
+    "sampling.predictor": Spec(str, "pc: predictor", choices=PREDICTORS),
+    "sampling.corrector": Spec(str, "pc: corrector", choices=CORRECTORS),
+    "sampling.snr": Spec(float, "pc: corrector signal-to-noise ratio", low=0),
+    "sampling.n_corrector": Spec(int, "pc: corrector steps per predictor step", low=0),
+    "sampling.rtol": Spec(float, "ode: relative tolerance", low=0, low_open=True),
+    "sampling.atol": Spec(float, "ode: absolute tolerance", low=0, low_open=True),
+    "sampling.s_churn": Spec(float, "edm_stochastic: S_churn", low=0),
+    "sampling.s_min": Spec(float, "edm_stochastic: S_min", low=0),
+    "sampling.s_max": Spec(float, "edm_stochastic: S_max", low=0, infinite=True),
+    "sampling.s_noise": Spec(float, "edm_stochastic: S_noise", low=0),
 }
 
 
@@ -320,6 +418,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         spec = spec_of(key, defaults[key])
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"config {key}={value!r} is not allowed: expected {spec.allowed()} ({spec.meaning})")
+    if config.model.network == "ddpm_unet":
+        _check_unet(config)
+    else:
+        _check_network_section(config.model)
+    _check_process(config)
+    return config
+
+
+def _check_unet(config: ml_collections.ConfigDict) -> None:
     learned = config.diffusion.var_type in ("learned", "learned_range")
     expected_out = config.model.in_channels * (2 if learned else 1)
     if config.model.out_channels != expected_out:
@@ -333,9 +440,55 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config model.image_size={config.model.image_size} must be divisible by 2^{levels - 1} "
             f"(model.ch_mult has {levels} levels, each but the last halving the resolution)"
         )
-    if config.sampling.steps > config.diffusion.num_timesteps:
-        raise ConfigError(
-            f"config sampling.steps={config.sampling.steps} exceeds diffusion.num_timesteps="
-            f"{config.diffusion.num_timesteps}"
-        )
-    return config
+
+
+def _check_network_section(model: ml_collections.ConfigDict) -> None:
+    """The NCSN++ / SongUNet section agrees with the model's image size, channels and classes, and builds."""
+    if model.network == "ncsnpp":
+        if model.num_classes:
+            raise ConfigError(f"config model.num_classes={model.num_classes} but model.network='ncsnpp' is "
+                              "unconditional; expected 0 or model.network='song_unet'")  # fmt: skip
+        pairs = (("ncsnpp.image_size", "image_size"), ("ncsnpp.num_channels", "in_channels"))
+    else:
+        pairs = (("song_unet.img_resolution", "image_size"), ("song_unet.in_channels", "in_channels"),
+                 ("song_unet.out_channels", "in_channels"), ("song_unet.label_dim", "num_classes"))  # fmt: skip
+    for own, shared in pairs:
+        section, key = own.split(".")
+        if model[section][key] != model[shared]:
+            raise ConfigError(f"config model.{own}={model[section][key]} must equal model.{shared}={model[shared]}")
+    try:
+        create_model(model)
+    except ValueError as err:
+        raise ConfigError(f"config model.{model.network}: {err}") from None
+
+
+def _check_process(config: ml_collections.ConfigDict) -> None:
+    """The loss, network and sampler suit the process; a continuous process's parameters are consistent."""
+    dc, sc = config.diffusion, config.sampling
+    if dc.process == "discrete":
+        if dc.loss_type in CONTINUOUS_LOSSES:
+            raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} needs a continuous diffusion.process "
+                              f"(one of {PROCESSES}), got 'discrete'")  # fmt: skip
+        if config.model.network != "ddpm_unet":
+            raise ConfigError(f"config model.network={config.model.network!r} needs a continuous diffusion.process "
+                              f"(one of {PROCESSES}); the discrete schedule runs model.network='ddpm_unet'")  # fmt: skip
+        if sc.sampler not in SAMPLERS:
+            raise ConfigError(f"config sampling.sampler={sc.sampler!r} needs a continuous diffusion.process; "
+                              f"the discrete schedule takes one of {SAMPLERS}")  # fmt: skip
+        if sc.steps > dc.num_timesteps:
+            raise ConfigError(
+                f"config sampling.steps={sc.steps} exceeds diffusion.num_timesteps={dc.num_timesteps}"
+            )
+        return
+    if dc.loss_type not in CONTINUOUS_LOSSES:
+        raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} is a discrete-schedule loss; "
+                          f"diffusion.process={dc.process!r} needs one of {CONTINUOUS_LOSSES}")  # fmt: skip
+    if sc.sampler not in CONTINUOUS_SAMPLERS:
+        raise ConfigError(f"config sampling.sampler={sc.sampler!r} is for the discrete schedule; "
+                          f"diffusion.process={dc.process!r} takes one of {CONTINUOUS_SAMPLERS}")  # fmt: skip
+    if sc.s_max < sc.s_min:
+        raise ConfigError(f"config sampling.s_max={sc.s_max} must be >= sampling.s_min={sc.s_min}")
+    try:
+        process_from_config(dc)
+    except ValueError as err:
+        raise ConfigError(f"config diffusion (process {dc.process!r}): {err}") from None

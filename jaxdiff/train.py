@@ -3,6 +3,9 @@
 One step: uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..T-1},
 ε ~ N(0, I) -> q_sample -> model -> loss -> gradient (optionally accumulated
 over micro-batches) -> global-norm clip -> Adam with linear warmup -> EMA.
+For a continuous process (`config.diffusion.process`) the noise level, noise
+and loss are those of `continuous_losses` (dsm or edm) on the network seen as
+the denoiser D(x; σ) of `continuous_model`.
 Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is
 a deterministic function of (seed, data order). A step whose loss or
 gradient is not finite leaves params, EMA and optimizer state untouched and
@@ -20,6 +23,9 @@ import ml_collections
 import optax
 
 from jaxdiff import diffusion
+from jaxdiff.continuous_losses import dsm_loss, edm_loss
+from jaxdiff.continuous_model import conditioned_denoiser, is_continuous, process_from_config
+from jaxdiff.models import example_inputs
 from jaxdiff.schedule import Schedule
 
 Array = jax.Array
@@ -61,11 +67,8 @@ def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def dummy_inputs(model_config: ml_collections.ConfigDict) -> tuple[Array, Array, Array | None]:
-    """(x, t, y) of batch 1 for initialising the model."""
-    x = jnp.zeros((1, model_config.image_size, model_config.image_size, model_config.in_channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model_config.num_classes > 0 else None
-    return x, t, y
+    """(x, noise labels, class labels) of batch 1 for initialising the network of `config.model`."""
+    return example_inputs(model_config)
 
 
 def seed_keys(seed: int) -> tuple[Array, Array]:
@@ -104,7 +107,11 @@ def preprocess(images: Array, flip_rng: Array | None) -> Array:
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule) -> Callable:
-    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar)."""
+    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar).
+
+    A continuous process ignores `schedule`."""
+    if is_continuous(config.diffusion):
+        return _continuous_loss_fn(config, model)
     dc, num_classes = config.diffusion, config.model.num_classes
 
     def loss_fn(params, images, labels, rng):
@@ -113,10 +120,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule) -
         t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
         x_t = diffusion.q_sample(schedule, x_start, t, noise)
-        y = None
-        if num_classes > 0:
-            drop = jax.random.bernoulli(label_rng, config.training.label_dropout, labels.shape)
-            y = jnp.where(drop, num_classes, labels)
+        y = _training_labels(labels, label_rng, num_classes, config.training.label_dropout)
         output = model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_rng})
         losses = diffusion.training_losses(
             schedule, output.astype(jnp.float32), x_start=x_start, x_t=x_t, t=t, noise=noise,
@@ -124,6 +128,32 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule) -
             hybrid_lambda=dc.hybrid_lambda, min_snr_gamma=dc.min_snr_gamma,
         )  # fmt: skip
         return jnp.mean(losses)
+
+    return loss_fn
+
+
+def _training_labels(labels: Array, rng: Array, num_classes: int, dropout: float) -> Array | None:
+    """Class labels with the null label `num_classes` at rate `dropout`; None for unconditional models."""
+    if num_classes == 0:
+        return None
+    return jnp.where(jax.random.bernoulli(rng, dropout, labels.shape), num_classes, labels)
+
+
+def _continuous_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
+    """The dsm or edm loss; the noise level and noise come from the step's `t_rng` (split by the loss)."""
+    dc, process = config.diffusion, process_from_config(config.diffusion)
+
+    def loss_fn(params, images, labels, rng):
+        flip_rng, t_rng, _, dropout_rng, label_rng = jax.random.split(rng, 5)
+        x_start = preprocess(images, flip_rng if config.data.random_flip else None)
+        y = _training_labels(labels, label_rng, config.model.num_classes, config.training.label_dropout)
+        denoise = conditioned_denoiser(config, model, process, train=True, dropout_rng=dropout_rng)
+        apply_fn = lambda p, x, sigma: denoise(p, x, sigma, y)  # noqa: E731
+        if dc.loss_type == "dsm":
+            return dsm_loss(apply_fn, params, process, x_start, t_rng, eps=dc.t_eps, reduce_mean=dc.reduce_mean,
+                            likelihood_weighting=dc.likelihood_weighting)  # fmt: skip
+        return edm_loss(apply_fn, params, x_start, t_rng, p_mean=dc.p_mean, p_std=dc.p_std,
+                        sigma_data=dc.sigma_data, reduce_mean=dc.reduce_mean)  # fmt: skip
 
     return loss_fn
 

@@ -21,9 +21,23 @@ from jaxdiff.config import (
 )
 from jaxdiff.recipes import RECIPES, recipe
 from jaxdiff.models import count_parameters, create_model
+from jaxdiff.models.summary import parameter_shapes
 from tests.helpers import ROOT
 
 CONFIGS = sorted(path.stem for path in (ROOT / "configs").glob("*.py"))
+# Continuous-time recipes and their published parameter counts (millions; None: not published).
+CONTINUOUS = {
+    "sde_vp_ddpmpp_continuous": 61.80,
+    "sde_subvp_ddpmpp_deep_continuous": 106.63,
+    "sde_ve_ncsnpp_continuous": 62.76,
+    "sde_ve_ncsnpp_deep_continuous": 107.59,
+    "edm_cifar10_uncond_vp": 55.73,
+    "edm_cifar10_cond_vp": None,
+    "edm_cifar10_uncond_ve": 56.40,
+    "edm_cifar10_cond_ve": None,
+    "digits_edm": None,
+}
+DDPM_CONFIGS = [name for name in CONFIGS if name not in CONTINUOUS]
 LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 
 
@@ -94,11 +108,12 @@ def parameters_by_eval_shape(model_config) -> int:
 
 def test_all_expected_configs_ship():
     assert CONFIGS == sorted(
-        ["cifar10", "cifar10_cond", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "tiny"]
-    )
+        ["cifar10", "cifar10_cond", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "tiny",
+         *CONTINUOUS]
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", DDPM_CONFIGS)
 def test_config_is_valid_and_counts_match_closed_form(name):
     config = validate(get(name))
     assert config.data.dataset == {"cifar10_cond": "cifar10", "tiny": "synthetic"}.get(name, name)
@@ -137,6 +152,50 @@ def test_256_recipes(name):
     steps = dict(celebahq256=500_000, lsun_church256=1_200_000, lsun_bedroom256=2_400_000, lsun_cat256=1_800_000)
     assert tc.num_train_steps == steps[name]
     assert config.data.random_flip == (name != "lsun_cat256")
+
+
+@pytest.mark.parametrize("name", [name for name, millions in CONTINUOUS.items() if millions])
+def test_continuous_recipes_have_the_published_parameter_counts(name):
+    """Through `parameter_shapes`, the path `jaxdiff info` counts with (shapes only, nothing allocated)."""
+    config = validate(get(name))
+    assert round(count_parameters(parameter_shapes(config.model)) / 1e6, 2) == CONTINUOUS[name]
+
+
+def test_class_conditional_edm_recipes_add_the_label_embedding():
+    """EDM's map_label: a dense layer from the 10 one-hot labels to the noise embedding (128·C_noise wide)."""
+    for arch, noise_channels in (("vp", 128), ("ve", 256)):
+        cond, uncond = (count_parameters(parameter_shapes(get(f"edm_cifar10_{kind}_{arch}").model))
+                        for kind in ("cond", "uncond"))  # fmt: skip
+        assert cond - uncond == 10 * noise_channels + noise_channels
+
+
+def test_continuous_recipes_settings():
+    vp, ve = get("sde_vp_ddpmpp_continuous"), get("sde_ve_ncsnpp_continuous")
+    assert (vp.diffusion.process, vp.diffusion.parameterization, vp.diffusion.reduce_mean) == ("vp", "eps", True)
+    assert (ve.diffusion.process, ve.diffusion.parameterization, ve.diffusion.reduce_mean) == ("ve", "score", False)
+    assert (vp.training.ema_decay, ve.training.ema_decay) == (0.9999, 0.999)
+    assert (vp.sampling.sampler, ve.sampling.sampler, ve.sampling.predictor, ve.sampling.corrector,
+            ve.sampling.snr) == ("euler_maruyama", "pc", "reverse_diffusion", "langevin", 0.16)  # fmt: skip
+    assert get("sde_subvp_ddpmpp_deep_continuous").training.num_train_steps == 950_000
+    edm = get("edm_cifar10_cond_ve")
+    assert (edm.model.num_classes, edm.model.song_unet.label_dim, edm.model.song_unet.dropout) == (10, 10, 0.13)
+    assert (edm.training.batch_size, edm.training.learning_rate, edm.training.num_train_steps) == (512, 1e-3, 390_625)
+    # EDM's EMA half-life of 500k images, at 512 images per step: 0.5 = decay^(500_000/512).
+    assert edm.training.ema_decay ** (500_000 / 512) == pytest.approx(0.5, rel=1e-12)
+    assert (edm.sampling.sampler, edm.sampling.steps, edm.diffusion.p_mean, edm.diffusion.p_std) == (
+        "heun", 18, -1.2, 1.2)  # fmt: skip
+
+
+def test_configs_saved_before_continuous_time_load_as_the_discrete_model():
+    saved = default_config().to_dict()
+    for section, keys in (("model", ("network", "ncsnpp", "song_unet")),
+                          ("diffusion", ("process", "sigma_min", "parameterization", "p_mean")),
+                          ("sampling", ("predictor", "snr", "s_max"))):  # fmt: skip
+        for key in keys:
+            del saved[section][key]
+    config = validate(config_from_dict(saved))
+    assert config.to_dict() == default_config().to_dict()
+    assert (config.model.network, config.diffusion.process) == ("ddpm_unet", "discrete")
 
 
 def test_digits_and_tiny():
@@ -219,6 +278,85 @@ def test_a_key_without_spec_is_type_checked_from_its_default(monkeypatch):
     validate(config)
     config.training.keep_checkpoints = "3"
     with pytest.raises(ConfigError, match=r"keep_checkpoints='3'.*an int"):
+        validate(config)
+
+
+def test_new_keys_outside_their_spec_are_refused():
+    for section, key, value, allowed in [
+        ("diffusion", "process", "vpsde", "one of ('discrete', 've', 'vp', 'subvp', 'edm')"),
+        ("diffusion", "parameterization", "v", "one of ('eps', 'score', 'edm')"),
+        ("diffusion", "t_eps", 0.5, "a number in (0, 0.1)"),
+        ("diffusion", "p_std", 0.0, "a number > 0"),
+        ("sampling", "s_max", -1.0, "a number >= 0 or inf"),
+        ("sampling", "corrector", "langevn", "one of ('langevin', 'ald', 'none')"),
+        ("model", "network", "unet", "one of ('ddpm_unet', 'ncsnpp', 'song_unet')"),
+    ]:
+        config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+        config[section][key] = value
+        with pytest.raises(ConfigError) as err:
+            validate(config)
+        assert f"{section}.{key}={value!r}" in str(err.value) and allowed in str(err.value)
+    config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
+    config.model.ncsnpp.fir_kernel = (1, -3)
+    with pytest.raises(ConfigError, match=r"model.ncsnpp.fir_kernel=\(1, -3\) is not allowed"):
+        validate(config)
+    config = default_config()
+    config.sampling.s_max = float("inf")
+    validate(config)
+
+
+def continuous(**diffusion):
+    config = get("sde_ve_ncsnpp_continuous")
+    config.diffusion.update(diffusion)
+    return config
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(sigma_min=60.0), r"need 0 < sigma_min < sigma_max, got sigma_min=60.0, sigma_max=50.0"),
+        (dict(process="edm", sigma_min=90.0), r"sigma_min=90.0, sigma_max=80.0"),
+        (dict(process="vp", beta_min=30.0), r"beta_max >= beta_min"),
+        (dict(loss_type="mse"), r"loss_type='mse' is a discrete-schedule loss; diffusion.process='ve' needs one of"),
+        (dict(process="discrete"), r"loss_type='dsm' needs a continuous diffusion.process"),
+    ],
+)
+def test_continuous_cross_checks(change, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(continuous(**change))
+
+
+def test_network_and_sampler_cross_checks():
+    config = continuous(process="discrete", loss_type="mse")
+    with pytest.raises(ConfigError, match="model.network='ncsnpp' needs a continuous diffusion.process"):
+        validate(config)
+    config = default_config()
+    config.sampling.sampler = "pc"
+    with pytest.raises(ConfigError, match="sampling.sampler='pc' needs a continuous diffusion.process"):
+        validate(config)
+    config = continuous()
+    config.sampling.sampler = "ddpm"
+    with pytest.raises(ConfigError, match="sampling.sampler='ddpm' is for the discrete schedule"):
+        validate(config)
+    config = continuous()
+    config.model.image_size = 16
+    with pytest.raises(ConfigError, match=r"model.ncsnpp.image_size=32 must equal model.image_size=16"):
+        validate(config)
+    config = continuous()
+    config.model.num_classes = 10
+    with pytest.raises(ConfigError, match="model.network='ncsnpp' is unconditional"):
+        validate(config)
+    config = get("edm_cifar10_cond_vp")
+    config.model.num_classes = 5
+    with pytest.raises(ConfigError, match=r"model.song_unet.label_dim=10 must equal model.num_classes=5"):
+        validate(config)
+    config = get("edm_cifar10_uncond_vp")
+    config.model.song_unet.attn_resolutions = (7,)
+    with pytest.raises(ConfigError, match=r"model.song_unet: attn_resolutions entry 7 never occurs"):
+        validate(config)
+    config = get("edm_cifar10_uncond_vp")
+    config.sampling.s_min, config.sampling.s_max = 2.0, 1.0
+    with pytest.raises(ConfigError, match=r"sampling.s_max=1.0 must be >= sampling.s_min=2.0"):
         validate(config)
 
 

@@ -6,10 +6,9 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff.models.unet import create_model
+from jaxdiff.models.networks import create_model, example_inputs
 
 
 def count_parameters(params: Any) -> int:
@@ -57,27 +56,30 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float:
     return float(cost["flops"])
 
 
+def parameter_shapes(model_config: ml_collections.ConfigDict) -> Any:
+    """The params pytree of the network of `config.model` as `jax.ShapeDtypeStruct`s (`jax.eval_shape` of init)."""
+    model = create_model(model_config)
+    return jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model_config))["params"]
+
+
 def model_summary(model_config: ml_collections.ConfigDict) -> dict:
-    """Size and forward cost of the U-Net of `config.model`, for one image in eval mode.
+    """Size and forward cost of the network of `config.model` (`model.network`), for one image in eval mode.
 
     Returns `{"parameters": int, "gflops": float, "xla_gflops": float}`: `gflops` counts every
-    convolution and matmul (padding taps included, multiply-add = 2; CIFAR-10: 12.44);
+    convolution and matmul (padding taps included, multiply-add = 2; DDPM CIFAR-10: 12.44);
     `xla_gflops` is XLA's cost analysis of the compiled forward, which skips taps that fall on
-    zero padding and adds elementwise ops (CIFAR-10: about 11.7). Parameters come from
+    zero padding and adds elementwise ops (DDPM CIFAR-10: about 11.7). Parameters come from
     `jax.eval_shape` of init, so nothing is allocated.
     """
     model = create_model(model_config)
-    size, channels = model.image_size, model.in_channels
-    x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if model.num_classes else None
-    params = jax.eval_shape(model.init, jax.random.key(0), x, t, y)["params"]
+    x, labels, y = example_inputs(model_config)
+    params = parameter_shapes(model_config)
 
-    def forward(params, x, t, y):
-        return model.apply({"params": params}, x, t, y)
+    def forward(params, x, labels, y):
+        return model.apply({"params": params}, x, labels, y)
 
     return {
         "parameters": count_parameters(params),
-        "gflops": matmul_flops(jax.make_jaxpr(forward)(params, x, t, y)) / 1e9,
-        "xla_gflops": _xla_flops(jax.jit(forward).lower(params, x, t, y).compile()) / 1e9,
+        "gflops": matmul_flops(jax.make_jaxpr(forward)(params, x, labels, y)) / 1e9,
+        "xla_gflops": _xla_flops(jax.jit(forward).lower(params, x, labels, y).compile()) / 1e9,
     }

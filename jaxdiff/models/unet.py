@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff.config import DTYPES
 from jaxdiff.models.layers import (
     ACTIVATIONS,
     ZERO_INIT_SCALE,
@@ -44,6 +43,7 @@ from jaxdiff.models.layers import (
 )
 
 Array = jax.Array
+DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32
 
 MODEL_KEYS = (
     "image_size",

@@ -1,0 +1,7 @@
+"""EDM on CIFAR-10 32×32, class-conditional, NCSN++ SongUNet (see `jaxdiff.recipes.edm_cifar10`)."""
+
+from jaxdiff.recipes import edm_cifar10
+
+
+def get_config():
+    return edm_cifar10("edm_cifar10_cond_ve")

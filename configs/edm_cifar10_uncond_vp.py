@@ -1,0 +1,7 @@
+"""EDM on CIFAR-10 32×32, unconditional, DDPM++ SongUNet (55.73M parameters) (see `jaxdiff.recipes.edm_cifar10`)."""
+
+from jaxdiff.recipes import edm_cifar10
+
+
+def get_config():
+    return edm_cifar10("edm_cifar10_uncond_vp")

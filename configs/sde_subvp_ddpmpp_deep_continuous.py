@@ -1,0 +1,7 @@
+"""score_sde's sub-VP SDE with deep DDPM++ (continuous) on CIFAR-10 32×32, 106.63M parameters (see `jaxdiff.recipes.score_sde`)."""
+
+from jaxdiff.recipes import score_sde
+
+
+def get_config():
+    return score_sde("sde_subvp_ddpmpp_deep_continuous")

@@ -1,0 +1,7 @@
+"""score_sde's VE SDE with NCSN++ (continuous) on CIFAR-10 32×32, 62.76M parameters (see `jaxdiff.recipes.score_sde`)."""
+
+from jaxdiff.recipes import score_sde
+
+
+def get_config():
+    return score_sde("sde_ve_ncsnpp_continuous")

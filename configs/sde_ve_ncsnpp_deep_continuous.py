@@ -1,0 +1,7 @@
+"""score_sde's VE SDE with deep NCSN++ (continuous) on CIFAR-10 32×32, 107.59M parameters (see `jaxdiff.recipes.score_sde`)."""
+
+from jaxdiff.recipes import score_sde
+
+
+def get_config():
+    return score_sde("sde_ve_ncsnpp_deep_continuous")

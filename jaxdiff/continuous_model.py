@@ -1,0 +1,107 @@
+"""A continuous-time model from its config: the noise process of `config.diffusion`, and the network of
+`config.model` as EDM's denoiser D(x; σ) (x = x_0 + σ·n, σ float32 [B]) through its parameterisation:
+
+  eps    an ε-model of a VP/sub-VP process: labels t·999, sees x_t = α(t)·x (score_sde's DDPM++ cont.);
+  score  a score model: labels σ, output divided by σ (score_sde's NCSN++ cont. with scale_by_sigma);
+  edm    EDM's preconditioning with config.diffusion.sigma_data: labels c_noise = ln(σ)/4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdiff.denoiser import continuous_eps_denoiser, edm_precond, ve_score_denoiser
+from jaxdiff.guidance import guided_denoiser
+from jaxdiff.processes import make_process
+
+Array = jax.Array
+Denoiser = Callable[[Array, Array], Array]
+
+PARAMETERIZATIONS = ("eps", "score", "edm")
+CONTINUOUS_LOSSES = ("dsm", "edm")
+
+
+def is_continuous(diffusion_config: ml_collections.ConfigDict) -> bool:
+    """Whether `config.diffusion` names a continuous process (configs written before the key: discrete)."""
+    return diffusion_config.get("process", "discrete") != "discrete"
+
+
+def process_from_config(diffusion_config: ml_collections.ConfigDict):
+    """The continuous process of `config.diffusion` (sigma_min/sigma_max 0: the process's default).
+
+    Raises ValueError for the discrete schedule or values the process does not allow.
+    """
+    name = diffusion_config.process
+    if name in ("ve", "edm"):
+        params = {key: diffusion_config[key] for key in ("sigma_min", "sigma_max") if diffusion_config[key] != 0}
+    elif name in ("vp", "subvp"):
+        params = {"beta_min": diffusion_config.beta_min, "beta_max": diffusion_config.beta_max}
+    else:
+        raise ValueError(f"diffusion.process={name!r} is not a continuous process")
+    return make_process(name, **params)
+
+
+def network_denoiser(net_fn, diffusion_config: ml_collections.ConfigDict, process) -> Denoiser:
+    """D(x; σ) of `net_fn(x, labels) -> output` by `config.diffusion.parameterization` (module docstring)."""
+    kind = diffusion_config.parameterization
+    if kind == "eps":
+        return continuous_eps_denoiser(net_fn, process)
+    if kind == "score":
+        return ve_score_denoiser(lambda x, sigma: net_fn(x, sigma) / jnp.reshape(sigma, (-1,) + (1,) * (x.ndim - 1)))
+    if kind == "edm":
+        return edm_precond(net_fn, sigma_data=diffusion_config.sigma_data)
+    raise ValueError(f"unknown diffusion.parameterization {kind!r}; expected one of {PARAMETERIZATIONS}")
+
+
+def conditioned_denoiser(config: ml_collections.ConfigDict, model, process, *, train: bool = False,
+                         dropout_rng: Array | None = None) -> Callable:  # fmt: skip
+    """`denoise(params, x, sigma, class_labels) -> x̂_0` of the network `model` of `config`.
+
+    class_labels: int [B] or None; for SongUNet the label num_classes (and None) is its all-zero,
+    unconditional input. With train=True dropout draws from `dropout_rng`.
+    """
+    rngs = {"dropout": dropout_rng} if train else None
+
+    def denoise(params, x, sigma, class_labels):
+        def net_fn(x_in, labels):
+            out = model.apply({"params": params}, x_in, labels, class_labels, train=train, rngs=rngs)
+            return out.astype(jnp.float32)
+
+        return network_denoiser(net_fn, config.diffusion, process)(x, sigma)
+
+    return denoise
+
+
+def model_denoiser(config: ml_collections.ConfigDict, model, params, process, *, labels=None,
+                   guidance: float = 0.0) -> Denoiser:  # fmt: skip
+    """D(x; σ) of a trained model (dropout off). Unconditional models take no labels and no guidance;
+    class-conditional ones int labels [B] (None: the null label, unconditional) and a classifier-free
+    guidance scale w >= 0 applied to x̂_0 through `jaxdiff.guidance`."""
+    denoise = conditioned_denoiser(config, model, process)
+    num_classes = config.model.num_classes
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("class labels were given but the model is unconditional (num_classes=0)")
+        if guidance:
+            raise ValueError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
+        return lambda x, sigma: denoise(params, x, sigma, None)
+    if labels is None:
+        if guidance:
+            raise ValueError(f"guidance={guidance} needs class labels to guide towards")
+        return lambda x, sigma: denoise(params, x, sigma, None)
+    return guided_denoiser(denoise, params, labels, guidance=guidance, null_label=num_classes)
+
+
+def sampler_options(sampler: str, sampling_config: ml_collections.ConfigDict) -> dict:
+    """The options of continuous `sampler` from `config.sampling` (`jaxdiff.samplers.sample_continuous`)."""
+    names = {
+        "pc": ("predictor", "corrector", "snr", "n_corrector"),
+        "ode": ("rtol", "atol"),
+        "edm_stochastic": ("s_churn", "s_min", "s_max", "s_noise"),
+        "ddim": ("eta",),
+    }.get(sampler, ())
+    return {name: sampling_config[name] for name in names}
