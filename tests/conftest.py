@@ -7,8 +7,20 @@ this process and in the processes they start, so a persistent compilation cache 
 
 import os
 import tempfile
+import pytest
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdiff-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch for the parity tests against the original implementations (skipped where it is not installed)."""
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="session")
+def diffusers(torch):
+    return pytest.importorskip("diffusers")

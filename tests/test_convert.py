@@ -50,16 +50,6 @@ DDPM_256_LAYOUT_UNET = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def diffusers(torch):
-    return pytest.importorskip("diffusers")
-
-
 def flat(tree):
     return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree).items()}
 

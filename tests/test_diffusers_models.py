@@ -54,16 +54,6 @@ SCALE_SHIFT = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def diffusers(torch):
-    return pytest.importorskip("diffusers")
-
-
 def relative_error(got, expected) -> float:
     return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
 

@@ -58,16 +58,6 @@ SD21_UNET = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def diffusers(torch):
-    return pytest.importorskip("diffusers")
-
-
 def saved_random_unet(torch, diffusers, settings, folder, seed=0):
     """A diffusers UNet2DConditionModel, every parameter moved off its init (norms off (1, 0)), saved to `folder`."""
     torch.manual_seed(seed)
