@@ -9,26 +9,29 @@ values >= 0.5 (>= 128 for uint8) where the image is repainted. Latents are NHWC 
 z = (vae_latent − shift_factor)·scaling_factor. Timesteps are the scheduler's 0-based training steps (0..T-1).
 
 The steps visited are those of diffusers' DDIMScheduler for the folder's scheduler config (`timestep_spacing`
-leading / trailing / linspace, `steps_offset`); the loop runs on the schedule respaced to those steps, so the
-existing samplers step between consecutive visited steps, and DDIM's last step ends at ᾱ = 1 or, without
+leading / trailing / linspace, `steps_offset`); the loop runs on the schedule respaced to those steps, so
+jaxdiff's discrete samplers step between consecutive visited steps, and DDIM's last step ends at ᾱ = 1 or, without
 `set_alpha_to_one`, at ᾱ of step 0, as diffusers' does. (With "linspace" spacing diffusers' DDIMScheduler steps
 from t to t − T // steps instead of to the next visited step; we step to the next visited step.)
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import os
-from collections.abc import Sequence
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert.stable_diffusion import SchedulerSettings, StableDiffusion, read_pretrained
+from jaxdiff.convert.stable_diffusion import (
+    SchedulerSettings,
+    StableDiffusion,
+    read_pretrained,
+)
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
@@ -41,8 +44,6 @@ UNetFn = Callable[[Array, Array, Array], Array]  # (latents [B,h,w,C_in], timest
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("uint8", "float")
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- steps
@@ -289,7 +290,7 @@ class LatentPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         visited_timesteps(self.scheduler, steps)
-        return _check_number("guidance", guidance, 0.0, 1e4, low_open=False)
+        return _check_number("guidance", guidance, 0.0, math.inf, low_open=False)
 
     def _check_size(self, height, width) -> tuple[int, int]:
         default = self.model.unet_config.sample_size * self.latent_factor

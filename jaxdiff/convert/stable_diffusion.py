@@ -24,7 +24,12 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, _load_json, apply_scheduler_config, from_torch
+from jaxdiff.convert.diffusers_format import (
+    MODEL_INDEX_FILE,
+    _load_json,
+    apply_scheduler_config,
+    from_torch,
+)
 from jaxdiff.convert.latent_weights import (
     CLIP_PREFIX,
     CLIP_WEIGHTS_STEM,
@@ -41,7 +46,11 @@ from jaxdiff.convert.latent_weights import (
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.safetensors_reader import read_tensor
 from jaxdiff.convert.unet_condition_weights import WEIGHTS_STEM as UNET_WEIGHTS_STEM
-from jaxdiff.convert.unet_condition_weights import diffusers_tensor_name, read_unet_condition, unet_condition_shapes
+from jaxdiff.convert.unet_condition_weights import (
+    diffusers_tensor_name,
+    read_unet_condition,
+    unet_condition_shapes,
+)
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition import config_from_diffusers
@@ -442,7 +451,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
     `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names)."""
 
     with safetensors.safe_open(file, framework="np") as f:
-        names = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        names = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 (a safe_open handle)
         sources, leftover = single_file_sources(names, settings, text_layers)
         found, problems = {}, []
         for component, (component_shapes, candidates) in shapes.items():
