@@ -146,15 +146,19 @@ def test_text_to_image_uint8_from_seed_is_reproducible(sd1):
     assert not np.array_equal(first, ours.text_to_image(PROMPTS[:1], steps=2, seed=4))
 
 
+def diffusers_noise(draw, shape=(2, 4, SIZE // 2, SIZE // 2)):
+    """NHWC: the `draw`-th normal tensor diffusers draws from a generator seeded 0 (each posterior sample of the
+    autoencoder takes one, as does the initial noise)."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draw):
+        torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator).numpy().transpose(0, 2, 3, 1)
+
+
 def test_image_to_image_matches_diffusers(tmp_path):
     parts = components(folder=tmp_path)
     pipe = save(diffusers.StableDiffusionImg2ImgPipeline, parts, tmp_path / "pipe")
-    images, strength = random_images(1), 0.6
-    # diffusers draws the posterior sample's noise, then the added noise, from the generator
-    generator = torch.Generator().manual_seed(0)
-    shape = (2, 4, SIZE // 2, SIZE // 2)
-    torch.randn(shape, generator=generator)
-    noise = torch.randn(shape, generator=generator).numpy().transpose(0, 2, 3, 1)
+    images, strength, noise = random_images(1), 0.6, diffusers_noise(1)  # after the posterior sample's draw
     theirs = pipe(prompt=PROMPTS, image=images, strength=strength, negative_prompt=NEGATIVE,
                   num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0),
                   output_type="np").images  # fmt: skip
@@ -173,17 +177,22 @@ def half_masks():
     return masks
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.6])
 @pytest.mark.parametrize("unet_settings", [dict(UNET_SD1, in_channels=9), UNET_SD1], ids=["9-channel", "blending"])
-def test_inpainting_matches_diffusers(tmp_path, unet_settings):
+def test_inpainting_matches_diffusers(tmp_path, unet_settings, strength):
+    """strength 1: from given noise; strength 0.6: from the image noised with diffusers' second draw (the first
+    encodes the image)."""
     pipe = save(diffusers.StableDiffusionInpaintPipeline, components(unet_settings=unet_settings, folder=tmp_path),
                 tmp_path / "pipe")  # fmt: skip
-    images, masks, noise = random_images(2), half_masks(), random_noise(3)
+    images, masks = random_images(2), half_masks()
+    noise = random_noise(3) if strength == 1.0 else diffusers_noise(1)
     theirs = pipe(prompt=PROMPTS, image=images, mask_image=masks, negative_prompt=NEGATIVE, height=SIZE, width=SIZE,
-                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=nchw(noise),
-                  generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, strength=strength,
+                  latents=nchw(noise) if strength == 1.0 else None, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images  # fmt: skip
     ours = LatentPipeline.from_pretrained(tmp_path / "pipe").inpaint(
-        images, masks, PROMPTS, negative_prompts=NEGATIVE, steps=STEPS, guidance=GUIDANCE, latents=noise,
-        output_type="float",
+        images, masks, PROMPTS, strength=strength, negative_prompts=NEGATIVE, steps=STEPS, guidance=GUIDANCE,
+        latents=noise, output_type="float",
     )  # fmt: skip
     assert_close(ours, theirs)
 
