@@ -13,6 +13,7 @@ import safetensors.numpy
 
 from jaxdiff.convert.stable_diffusion import (
     SCHEDULER_PRESETS,
+    is_stable_diffusion,
     read_single_file,
     read_stable_diffusion,
     scheduler_settings,
@@ -461,6 +462,14 @@ def test_single_file_lists_every_missing_and_unexpected_tensor(sd1, tmp_path):
         read_single_file(tmp_path / "model.ckpt", config_folder=folder)
     with pytest.raises(ValueError, match=r"needs config_folder"):
         LatentPipeline.from_pretrained(tmp_path / "model.safetensors")
+
+
+def test_stable_diffusion_sources_are_recognised(sd1, tmp_path):
+    pipe, folder = sd1
+    write_single_file(pipe, tmp_path / "model.safetensors", openclip=False)
+    assert is_stable_diffusion(folder) and is_stable_diffusion(tmp_path / "model.safetensors")
+    assert not is_stable_diffusion(folder / "unet") and not is_stable_diffusion(folder / "unet" / "config.json")
+    assert not is_stable_diffusion(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_bfloat16_variant_folder(sd1, tmp_path):

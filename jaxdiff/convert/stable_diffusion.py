@@ -494,3 +494,16 @@ def read_pretrained(
     if config_folder is None:
         raise ValueError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
     return read_single_file(path, config_folder=config_folder, scheduler=scheduler, dtype=dtype)
+
+
+def is_stable_diffusion(path: str | os.PathLike) -> bool:
+    """Whether `path` is a Stable Diffusion pipeline folder (by its model_index.json) or an original-format
+    single `.safetensors` file (by its `model.diffusion_model.` tensor names)."""
+    path = pathlib.Path(path)
+    index_file = path / MODEL_INDEX_FILE
+    if index_file.is_file():
+        return _load_json(index_file).get("_class_name") in PIPELINE_CLASSES
+    if path.is_file() and path.suffix == ".safetensors":
+        with safetensors.safe_open(path, framework="np") as f:
+            return any(name.startswith(UNET_PREFIX) for name in f.keys())  # noqa: SIM118 (a safe_open handle)
+    return False
