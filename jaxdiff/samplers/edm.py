@@ -34,7 +34,7 @@ def edm_sample(
         if gamma > 0:
             churn = jnp.where((s_min <= sigma) & (sigma <= s_max), gamma, 0.0)
             sigma_hat = sigma * (1.0 + churn)
-            noise = jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * step_noise(noise_key, row["i"], x)
+            noise = sigma * jnp.sqrt(churn * (2.0 + churn)) * s_noise * step_noise(noise_key, row["i"], x)
             x, sigma = x + noise, sigma_hat
         d = slope(x, sigma)
         euler = x + (sigma_next - sigma) * d
