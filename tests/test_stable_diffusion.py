@@ -288,6 +288,20 @@ def test_sdxl_unet_is_not_supported_yet(sd1, tmp_path):
         LatentPipeline.from_pretrained(tmp_path / "pipe")
 
 
+def test_other_pipelines_and_mismatched_components_are_refused(sd1, tmp_path):
+    shutil.copytree(sd1[1], tmp_path / "pipe")
+    index_file = tmp_path / "pipe" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline")))
+    with pytest.raises(ValueError, match=r"_class_name='StableDiffusionXLPipeline'; supported pipelines: "):
+        LatentPipeline.from_pretrained(tmp_path / "pipe")
+    index_file.write_text(json.dumps(index))
+    config_file = tmp_path / "pipe" / "unet" / "config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), cross_attention_dim=24)))
+    with pytest.raises(ValueError, match=r"hidden_size=32 but the unet's cross_attention_dim=24"):
+        read_stable_diffusion(tmp_path / "pipe")
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     path = tmp_path / "v1-5-pruned.ckpt"
     path.write_bytes(b"not read")

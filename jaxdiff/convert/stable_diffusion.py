@@ -138,6 +138,17 @@ def _pipeline_class(folder: pathlib.Path) -> str:
     return name
 
 
+def _check_text_width(settings: dict, folder: pathlib.Path) -> None:
+    """ValueError unless the text encoder's width is the U-Net's cross_attention_dim (checked on the configs)."""
+    try:
+        width = clip_text_config(settings["text_encoder"]).hidden_size
+        context = config_from_diffusers(settings["unet"]).cross_attention_dim
+    except ValueError:
+        return  # reading the component names the bad setting
+    if width != context:
+        raise ValueError(f"{folder}: text_encoder hidden_size={width} but the unet's cross_attention_dim={context}")
+
+
 def read_stable_diffusion(
     folder: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32"
 ) -> StableDiffusion:
@@ -154,16 +165,11 @@ def read_stable_diffusion(
         raise ValueError(f"{folder / 'scheduler'} has no {SCHEDULER_CONFIG_FILE}")
     scheduler = scheduler_settings(_load_json(scheduler_file), str(scheduler_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
-    settings = {name: _load_json(folder / name / CONFIG_FILE) for name in ("unet", "vae", "text_encoder")
-                if (folder / name / CONFIG_FILE).is_file()}  # fmt: skip
+    settings = _config_folder_settings(folder)
+    _check_text_width(settings, folder)
     unet_config, unet_params = read_unet_condition(folder / "unet", variant=variant, dtype=dtype)
     vae_config, vae_params = read_autoencoder(folder / "vae", variant=variant, dtype=dtype)
     text_config, text_params = read_clip_text(folder / "text_encoder", variant=variant, dtype=dtype)
-    if text_config.hidden_size != unet_config.cross_attention_dim:
-        raise ValueError(
-            f"{folder}: text_encoder hidden_size={text_config.hidden_size} but the unet's "
-            f"cross_attention_dim={unet_config.cross_attention_dim}"
-        )
     return StableDiffusion(
         pipeline_class, unet_config, unet_params, vae_config, vae_params, text_config, text_params,
         tokenizer, folder / "tokenizer", scheduler, settings,
@@ -392,10 +398,10 @@ def _config_folder_settings(folder: pathlib.Path) -> dict:
     for component in ("unet", "vae", "text_encoder"):
         path = folder / component / CONFIG_FILE
         if not path.is_file():
-            raise ValueError(f"config folder {folder} has no {component}/{CONFIG_FILE}")
+            raise ValueError(f"{folder} has no {component}/{CONFIG_FILE}")
         settings[component] = _load_json(path)
     if not (folder / "tokenizer").is_dir():
-        raise ValueError(f"config folder {folder} has no tokenizer/")
+        raise ValueError(f"{folder} has no tokenizer/")
     return settings
 
 
@@ -424,6 +430,7 @@ def read_single_file(
         scheduler = dict(SCHEDULER_PRESETS[scheduler])
     scheduler_config = scheduler_settings(scheduler, "scheduler")
     settings = _config_folder_settings(config_folder)
+    _check_text_width(settings, config_folder)
     tokenizer = CLIPTokenizer.from_folder(config_folder / "tokenizer")
     try:
         unet_config = config_from_diffusers(settings["unet"], dtype=dtype)
