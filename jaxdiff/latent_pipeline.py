@@ -103,13 +103,13 @@ def guided_latent_denoiser(unet: UNetFn, cond: Array, uncond: Array, guidance: f
     return denoise_fn
 
 
-def blended_denoiser(denoise_fn: Callable[[Array, Array], Array], mask: Array, noised_image: Array,
-                     first_index: int) -> Callable[[Array, Array], Array]:  # fmt: skip
+def blended_denoiser(denoise_fn: Callable[[Array, Array], Array], mask: Array,
+                     noised_image: Callable[[Array], Array], first_index: int) -> Callable[[Array, Array], Array]:  # fmt: skip
     """Latent-blending inpainting for a 4-channel U-Net: before each model call but the first, latents outside
     the mask (mask [B,h,w,1] of 0/1, 1 = repaint) are replaced by `noised_image(i)`, the image latents noised to
     step index i, as diffusers' pipeline does after each step. The samplers update each latent pixel from its
     own value and model output only, so inside the mask the state equals diffusers'; outside, it is replaced
-    before every use, and `blend` restores the clean image there at the end."""
+    before every use (the caller puts the clean image latents there after the last step)."""
 
     def blended(x: Array, i: Array) -> Array:
         x_in = jnp.where((mask > 0.5) | (i[:, None, None, None] == first_index), x, noised_image(i))
