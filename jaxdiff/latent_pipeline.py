@@ -284,7 +284,9 @@ class LatentPipeline:
 
     # ------------------------------------------------------------------ shared steps
 
-    def _check_settings(self, steps, guidance, sampler, output_type) -> float:
+    def _check_settings(self, steps, guidance, sampler, output_type, seed) -> float:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r} must be an int")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if output_type not in OUTPUT_TYPES:
@@ -333,7 +335,7 @@ class LatentPipeline:
         if self.inpainting_unet:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = _prompt_list(prompts, "prompts")
-        guidance = self._check_settings(steps, guidance, sampler, output_type)
+        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
         height, width = self._check_size(height, width)
         shape = (len(prompts), height // self.latent_factor, width // self.latent_factor, self.latent_channels)
         noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -354,7 +356,7 @@ class LatentPipeline:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = _prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
-        guidance = self._check_settings(steps, guidance, sampler, output_type)
+        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
         pixels = self._checked_images(images, len(prompts))
         timesteps = img2img_timesteps(visited_timesteps(self.scheduler, steps), strength)
         encode_rng, noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -376,7 +378,7 @@ class LatentPipeline:
         with it, as image_to_image."""
         prompts = _prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
-        guidance = self._check_settings(steps, guidance, sampler, output_type)
+        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
         pixels = self._checked_images(images, len(prompts))
         mask = _mask_array(masks, pixels.shape)
         timesteps = img2img_timesteps(visited_timesteps(self.scheduler, steps), strength)

@@ -314,6 +314,12 @@ def test_batch_guard_and_unknown_sampler(loaded):
         loaded.text_to_image(PROMPTS, negative_prompts=["x"], steps=2)
     with pytest.raises(ValueError, match=r"unknown sampler 'euler'"):
         loaded.text_to_image(PROMPTS, sampler="euler", steps=2)
+    with pytest.raises(ValueError, match=r"^seed='1' must be an int$"):
+        loaded.text_to_image(PROMPTS, seed="1", steps=2)
+    with pytest.raises(ValueError, match=r"^guidance=-1 must be a number in \[0.0, inf\]$"):
+        loaded.text_to_image(PROMPTS, guidance=-1, steps=2)
+    with pytest.raises(ValueError, match=r"^steps=0 must be an int in \[1, 1000\]$"):
+        loaded.text_to_image(PROMPTS, steps=0)
     with pytest.raises(ValueError, match=r"1 images for 2 prompts"):
         loaded.image_to_image(random_images(0)[:1], PROMPTS, strength=0.5, steps=2)
 
