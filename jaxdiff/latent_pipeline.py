@@ -11,8 +11,9 @@ z = (vae_latent − shift_factor)·scaling_factor. Timesteps are the scheduler's
 The steps visited are those of diffusers' DDIMScheduler for the folder's scheduler config (`timestep_spacing`
 leading / trailing / linspace, `steps_offset`); the loop runs on the schedule respaced to those steps, so
 jaxdiff's discrete samplers step between consecutive visited steps, and DDIM's last step ends at ᾱ = 1 or, without
-`set_alpha_to_one`, at ᾱ of step 0, as diffusers' does. (With "linspace" spacing diffusers' DDIMScheduler steps
-from t to t − T // steps instead of to the next visited step; we step to the next visited step.)
+`set_alpha_to_one`, at ᾱ of step 0, as diffusers' does. (diffusers' DDIMScheduler steps from t to t − T // steps,
+which is the next visited step for "leading" spacing, and for "trailing" when steps divides T, but not always
+otherwise; we always step to the next visited step.)
 """
 
 from __future__ import annotations
