@@ -1,21 +1,28 @@
 """Weights in other formats: official DDPM TF checkpoints and diffusers UNet2DModel / DDPMPipeline / DDIMPipeline
-folders, in and out.
+folders, in and out; score_sde checkpoints, EDM snapshots and diffusers ScoreSdeVePipeline folders, in.
 
     convert("model.ckpt-790000", "runs/ddpm_cifar10")                  # official TF -> jaxdiff workdir
     convert("ddpm-cifar10-32", "runs/from_hub")                         # diffusers -> jaxdiff workdir
     convert("runs/cifar10", "export/cifar10", target_format="diffusers")  # jaxdiff (EMA) -> DDPMPipeline folder
-    config, ema_params = load_weights(path)                              # any of the three, for sampling
+    convert("checkpoint_26", "runs/sde", dataset="vp/ddpmpp_continuous")  # score_sde -> jaxdiff workdir
+    config, ema_params = load_weights(path)                              # any format, for sampling
 
 Formats: "tf" (a checkpoint prefix with a `.index` file, or a folder holding one), "diffusers"
 (a folder with `config.json` and `*.safetensors`, or a pipeline folder with them in `unet/` and the
 scheduler config, which sets the diffusion, in `scheduler/`),
-"jaxdiff" (a `jaxdiff train` workdir, i.e. a folder with `checkpoints/`).
+"jaxdiff" (a `jaxdiff train` workdir, i.e. a folder with `checkpoints/`), "score_sde" (a `checkpoint_<N>`
+msgpack file, or a folder holding them, itself or in `checkpoints/` or `checkpoints-meta/`; its training
+config is named by `dataset`), "edm" (a `network-snapshot-*.pkl`; any pickle with `source_format="edm"`),
+"score_sde_ve" (a diffusers folder whose `model_index.json` names ScoreSdeVePipeline). The last three
+become continuous-time jaxdiff configs (`continuous_configs`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import re
 import shutil
 import uuid
 
@@ -24,13 +31,24 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff import checkpoint
-from jaxdiff.convert.diffusers_format import read_diffusers, save_export, to_diffusers, unet_folder, write_diffusers
+from jaxdiff.convert.continuous_configs import (
+    check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
+)  # fmt: skip
+from jaxdiff.convert.diffusers_format import (
+    MODEL_INDEX_FILE, read_diffusers, save_export, to_diffusers, unet_folder, write_diffusers,
+)  # fmt: skip
+from jaxdiff.convert.edm_pickle import read_edm_snapshot
+from jaxdiff.convert.score_folders import PIPELINE as SCORE_SDE_VE_PIPELINE
+from jaxdiff.convert.score_folders import read_score_sde_ve_folder
+from jaxdiff.convert.score_sde_checkpoint import read_score_sde_checkpoint
 from jaxdiff.convert.tf_checkpoint import index_files, read_official_checkpoint
 
-FORMATS = ("tf", "diffusers", "jaxdiff")
+FORMATS = ("tf", "diffusers", "jaxdiff", "score_sde", "edm", "score_sde_ve")
+CONTINUOUS_FORMATS = ("score_sde", "edm", "score_sde_ve")
 TARGET_FORMATS = ("jaxdiff", "diffusers")
 
 __all__ = [
+    "CONTINUOUS_FORMATS",
     "FORMATS",
     "TARGET_FORMATS",
     "convert",
@@ -42,9 +60,40 @@ __all__ = [
 ]
 
 
+_SCORE_SDE_FILE = re.compile(r"checkpoint_\d+")
+_EDM_FILE = re.compile(r"network-snapshot-.*\.pkl")
+
+
+def _is_score_sde(path: pathlib.Path) -> bool:
+    """A `checkpoint_<N>` file, or a folder holding one itself or in `checkpoints/` or `checkpoints-meta/`."""
+    if path.is_file():
+        return bool(_SCORE_SDE_FILE.fullmatch(path.name))
+    folders = (path, path / "checkpoints", path / "checkpoints-meta")
+    return any(_SCORE_SDE_FILE.fullmatch(f.name) and f.is_file() for d in folders if d.is_dir() for f in d.iterdir())
+
+
+def _is_score_sde_ve(path: pathlib.Path) -> bool:
+    """A folder whose model_index.json names diffusers' ScoreSdeVePipeline."""
+    try:
+        index = json.loads((path / MODEL_INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == SCORE_SDE_VE_PIPELINE
+
+
 def detect_format(path: str | os.PathLike) -> str:
-    """"jaxdiff", "diffusers" or "tf" (checked in this order); ValueError if `path` is none of them."""
+    """The format of `path` (see the module docstring); ValueError if it is none of them.
+
+    Checked in the order score_sde_ve, score_sde, edm (before jaxdiff and diffusers, whose layouts theirs
+    resemble), then jaxdiff, diffusers, tf.
+    """
     path = pathlib.Path(path)
+    if _is_score_sde_ve(path):
+        return "score_sde_ve"
+    if _is_score_sde(path):
+        return "score_sde"
+    if path.is_file() and _EDM_FILE.fullmatch(path.name):
+        return "edm"
     if (path / checkpoint.CHECKPOINT_DIR).is_dir():
         return "jaxdiff"
     if unet_folder(path) is not None:
@@ -52,8 +101,10 @@ def detect_format(path: str | os.PathLike) -> str:
     if index_files(path):
         return "tf"
     raise ValueError(
-        f"{path}: unknown weights format: not a jaxdiff workdir (no {checkpoint.CHECKPOINT_DIR}/), not a diffusers "
-        "folder (no config.json with *.safetensors, here or in unet/), not a TF checkpoint (no .index file)"
+        f"{path}: unknown weights format (known: {', '.join(FORMATS)}): not a jaxdiff workdir (no "
+        f"{checkpoint.CHECKPOINT_DIR}/), not a diffusers folder (no config.json with *.safetensors, here or in "
+        "unet/, or model_index.json of a ScoreSdeVePipeline), not a TF checkpoint (no .index file), not a "
+        "score_sde checkpoint (no checkpoint_<N>), not an EDM network-snapshot-*.pkl (other pickles: --from edm)"
     )
 
 
@@ -64,8 +115,22 @@ def _source_format(src, source_format: str | None, step: int | None, dataset: st
     if step is not None and fmt != "jaxdiff":
         raise ValueError(f"step={step!r} applies to jaxdiff workdirs only, but {src} is {fmt!r}")
     if dataset is not None and fmt == "jaxdiff":
-        raise ValueError(f"dataset={dataset!r} applies to tf and diffusers weights only; {src} is a jaxdiff workdir")
+        raise ValueError(f"dataset={dataset!r} applies to weights in other formats only; {src} is a jaxdiff workdir")
     return fmt
+
+
+def _read_continuous(path, fmt: str, dataset: str | None) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, params as NumPy) of score_sde, EDM or ScoreSdeVePipeline weights; `dataset`: the recipe
+    they must fit (for score_sde: its training config, by score_sde's or jaxdiff's name)."""
+    source = str(path)
+    if fmt == "score_sde":
+        config_name, recipe_name = score_sde_config_name(dataset)
+        read = read_score_sde_checkpoint(path, config_name)
+        base = score_sde_recipe(config_name)
+        return continuous_config(*read, source=source, recipe_name=recipe_name, base_recipe=base)
+    check_recipe_name(dataset)
+    read = read_edm_snapshot(path) if fmt == "edm" else read_score_sde_ve_folder(path)
+    return continuous_config(*read, source=source, recipe_name=dataset)
 
 
 def load_weights(
@@ -74,14 +139,19 @@ def load_weights(
     """(config, EMA params) from weights in any format (see the module docstring).
 
     `step` picks a jaxdiff checkpoint (default: the latest); `dataset` picks the training recipe that
-    tf and diffusers weights are given (default: the released DDPM model with their architecture).
-    Diffusers folders hold one set of weights, used as the EMA params. Arrays are on this process's
-    first device for jaxdiff workdirs and NumPy otherwise.
+    tf and diffusers weights are given (default: the released DDPM model with their architecture), the
+    recipe EDM and ScoreSdeVePipeline weights must fit (default: the one of their network and process),
+    and names the training config of score_sde checkpoints (required: "vp/ddpmpp_continuous" or
+    jaxdiff's "sde_vp_ddpmpp_continuous", ...). Diffusers folders hold one set of weights, used as the
+    EMA params; score_sde checkpoints give their params_ema, EDM snapshots their `ema` network. Arrays
+    are on this process's first device for jaxdiff workdirs and NumPy otherwise.
     """
     fmt = _source_format(path, None, step, dataset)
     if fmt == "jaxdiff":
         config, _, params = checkpoint.load_weights(path, step=step)
         return config, params
+    if fmt in CONTINUOUS_FORMATS:
+        return _read_continuous(path, fmt, dataset)
     if fmt == "diffusers":
         return read_diffusers(path, dataset=dataset)
     config, _, ema_params = read_official_checkpoint(path, dataset=dataset)
@@ -106,9 +176,11 @@ def convert(
 
     Everything is read and checked before anything is written; the output is written into a
     temporary sibling of `dst` and renamed into place at the end, so on failure `dst` is not
-    created. A `dst` that exists and is not an empty folder is refused. tf/diffusers -> jaxdiff writes
-    a step-0 checkpoint with a fresh optimizer state (diffusers' one set of weights serves as both
-    params and EMA params); jaxdiff -> diffusers exports the EMA params of `step` (default: latest).
+    created. A `dst` that exists and is not an empty folder is refused. Other formats -> jaxdiff writes
+    a step-0 checkpoint with a fresh optimizer state (one set of weights, as diffusers, score_sde's
+    params_ema and EDM's ema network are, serves as both params and EMA params); jaxdiff -> diffusers
+    exports the EMA params of `step` (default: latest). `source_format` overrides detection (e.g. "edm"
+    for a pickle not named network-snapshot-*.pkl); `dataset` as in `load_weights`.
     """
     dst = pathlib.Path(dst)
     if target_format not in TARGET_FORMATS:
@@ -117,11 +189,16 @@ def convert(
     fmt = _source_format(src, source_format, step, dataset)
     if fmt == target_format:
         raise ValueError(f"{src} is already in the {fmt!r} format")
+    if fmt in CONTINUOUS_FORMATS and target_format != "jaxdiff":
+        raise ValueError(f"target_format={target_format!r}: {fmt} weights convert to 'jaxdiff' only")
 
     if fmt == "tf":
         config, params, ema_params = read_official_checkpoint(src, dataset=dataset)
     elif fmt == "diffusers":
         config, params = read_diffusers(src, dataset=dataset)
+        ema_params = params
+    elif fmt in CONTINUOUS_FORMATS:
+        config, params = _read_continuous(src, fmt, dataset)
         ema_params = params
     else:
         config, _, ema_params = checkpoint.load_weights(src, step=step)
