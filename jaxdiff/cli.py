@@ -380,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
 
     convert = verb("convert", "convert weights between jaxdiff, diffusers and the official TF format")
-    convert.add_argument("--from", dest="source_format", choices=("tf", "diffusers", "jaxdiff"),
+    convert.add_argument("--from", dest="source_format",
+                         choices=("tf", "diffusers", "jaxdiff", "score_sde", "edm", "score_sde_ve"),
                          help="source format (default: detected)")  # fmt: skip
     convert.add_argument("--to", dest="target_format", choices=("jaxdiff", "diffusers"), default="jaxdiff")
     convert.add_argument("--step", type=int, help="jaxdiff source: checkpoint step (default: latest)")

@@ -192,7 +192,8 @@ def test_edm_conditional_ncsnpp_starts_from_its_recipe(tmp_path, edm_modules):
     src = write_edm(tmp_path / "snapshot.pkl", edm_modules, case="ncsnpp", precond_kwargs={})
     with pytest.raises(ValueError, match="unknown weights format"):
         detect_format(src)
-    out = convert(src, tmp_path / "run", source_format="edm")
+    out = tmp_path / "run"
+    assert cli.main(["convert", "--from", "edm", str(src), str(out)]) == 0
     config = Pipeline.from_checkpoint(out).config
     assert config.model.num_classes == config.model.song_unet.label_dim == 3
     assert config.model.song_unet.embedding_type == "fourier"
