@@ -215,7 +215,10 @@ def _sample(args, extra) -> int:
     from jaxdiff.sampling_job import sample_to_shards
 
     pipe = _load_pipeline(args.workdir, args.step)
-    settings = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+    sampler = _sampler_settings(pipe, args)
+    if args.trajectory and pipe.continuous:
+        raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
+    settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance)  # fmt: skip
     if to_dir:
         shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
@@ -238,6 +241,45 @@ def _sample(args, extra) -> int:
         wrote += f"; trajectory of {n} images, {len(trajectory)} frames -> {args.trajectory}"
     print(wrote)
     return 0
+
+
+# Options of the continuous samplers: flag attribute -> config.sampling key.
+SAMPLER_OPTIONS = {
+    "predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_corrector": "n_corrector", "rtol": "rtol",
+    "atol": "atol", "s_churn": "s_churn", "s_min": "s_min", "s_max": "s_max", "s_noise": "s_noise",
+}  # fmt: skip
+
+
+def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sampler", help="discrete models: ddpm (default) | ddim | dpm_solver++ | heun; continuous "
+                        "models: euler_maruyama | reverse_diffusion | ancestral | pc | ode | heun | edm_stochastic | "
+                        "dpm_solver++ | ddim (default: the config's)")  # fmt: skip
+    parser.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim; the sampler's)")
+    parser.add_argument("--predictor", help="pc: euler_maruyama | reverse_diffusion | ancestral")
+    parser.add_argument("--corrector", help="pc: langevin | ald | none")
+    parser.add_argument("--snr", type=float, help="pc: corrector signal-to-noise ratio")
+    parser.add_argument("--n-corrector", type=int, help="pc: corrector steps per predictor step")
+    parser.add_argument("--rtol", type=float, help="ode (and the ODE bits/dim of eval): relative tolerance")
+    parser.add_argument("--atol", type=float, help="ode (and the ODE bits/dim of eval): absolute tolerance")
+    parser.add_argument("--s-churn", type=float, help="edm_stochastic: S_churn")
+    parser.add_argument("--s-min", type=float, help="edm_stochastic: S_min")
+    parser.add_argument("--s-max", type=float, help="edm_stochastic: S_max")
+    parser.add_argument("--s-noise", type=float, help="edm_stochastic: S_noise")
+
+
+def _sampler_settings(pipe, args) -> str:
+    """The sampler to use; the continuous sampler options given as flags become the model's sampling settings.
+
+    Every setting is checked here, before any work (a bad one is a ValueError).
+    """
+    options = {key: getattr(args, flag) for flag, key in SAMPLER_OPTIONS.items() if getattr(args, flag) is not None}
+    if options and not pipe.continuous:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in SAMPLER_OPTIONS if getattr(args, flag) is not None)
+        raise UsageError(f"{flags}: options of the continuous-time samplers; this model has the discrete schedule")
+    sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", 0.0),
+                                           spacing=getattr(args, "spacing", None), **options)  # fmt: skip
+    pipe.config.sampling.update(options)
+    return sampler
 
 
 def _inception(path: str | None):
@@ -270,9 +312,12 @@ def _eval(args, extra) -> int:
     if args.samples:
         check_output_dir(args.samples, "--samples")
     pipe = _load_pipeline(args.workdir, args.step)
+    sampler = _sampler_settings(pipe, args)
+    if args.bpd_num_t and pipe.continuous:
+        raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
     report = evaluate(
-        pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+        pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=sampler, steps=args.steps,
         seed=args.seed, shard_size=args.shard_size, samples_dir=args.samples, inception_params=params,
         inception_weights_sha256=sha, reference_path=args.reference, data_dir=args.data_dir,
         inception_batch=args.inception_batch_size, bpd_split=args.split,
@@ -342,8 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
-    sample.add_argument("--sampler", default="ddpm", help="ddpm | ddim | dpm_solver++ | heun")
-    sample.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim)")
+    _add_sampler_flags(sample)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
     sample.add_argument("--spacing", help="uniform | quadratic | karras (default: the sampler's)")
     sample.add_argument("--seed", type=int, default=0)
@@ -362,8 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     evaluate.add_argument("--metrics", default="fid,is", help="comma-separated: fid, is, pr, bpd")
     evaluate.add_argument("--num-samples", type=int, default=50_000)
-    evaluate.add_argument("--sampler", default="ddpm")
-    evaluate.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim)")
+    _add_sampler_flags(evaluate)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--shard-size", type=int, default=1000)
     evaluate.add_argument("--samples", help="reuse (or resume) the shards of a `jaxdiff sample --out DIR/` job")

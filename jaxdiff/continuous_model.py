@@ -17,6 +17,7 @@ import ml_collections
 from jaxdiff.denoiser import continuous_eps_denoiser, edm_precond, ve_score_denoiser
 from jaxdiff.guidance import guided_denoiser
 from jaxdiff.processes import make_process
+from jaxdiff.samplers import sample_continuous
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]
@@ -105,3 +106,15 @@ def sampler_options(sampler: str, sampling_config: ml_collections.ConfigDict) ->
         "ddim": ("eta",),
     }.get(sampler, ())
     return {name: sampling_config[name] for name in names}
+
+
+def sample_images(config: ml_collections.ConfigDict, model, params, rng: Array, num: int, *, labels=None) -> Array:
+    """[num, H, W, C] float32 samples of a continuous-time model with `config.sampling`'s sampler, steps
+    (0: the sampler's default), options, guidance and clipping; labels int [num] for conditional models."""
+    process = process_from_config(config.diffusion)
+    sc = config.sampling
+    denoiser = model_denoiser(config, model, params, process, labels=labels, guidance=sc.guidance)
+    shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
+    steps = None if sc.sampler == "ode" else (sc.steps or None)
+    return sample_continuous(denoiser, process, shape, rng, sampler=sc.sampler, steps=steps,
+                             clip_denoised=sc.clip_denoised, **sampler_options(sc.sampler, sc))  # fmt: skip

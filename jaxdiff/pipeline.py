@@ -3,6 +3,10 @@
     pipe = Pipeline.from_checkpoint("runs/cifar10")        # config + EMA params of the latest step
     images = pipe.sample(16, sampler="ddim", steps=50)      # uint8 [16, 32, 32, 3]
 
+Continuous-time models (`config.diffusion.process` ve, vp, subvp, edm) sample with the continuous
+samplers (`jaxdiff.samplers.sample_continuous`); their options (predictor, corrector, snr, n_corrector,
+rtol, atol, s_churn, s_min, s_max, s_noise) default to `config.sampling` and may be passed to `sample`.
+
 Batches are split over this process's devices. Batch i of a call with seed s
 uses rng fold_in(PRNGKey(s), i), so results depend only on (seed, batch size,
 settings), never on the device count.
@@ -20,6 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff import checkpoint, images, samplers, sharding
+from jaxdiff.continuous_model import is_continuous, process_from_config, sampler_options
+from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
@@ -28,13 +34,14 @@ Array = jax.Array
 
 
 class Pipeline:
-    """A model (`config`) with one set of parameters (normally the EMA ones) and its noise schedule."""
+    """A model (`config`) with one set of parameters (normally the EMA ones) and its noise schedule or process."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, *, step: int | None = None):
         self.config = config
         self.step = step
         self.model = create_model(config.model)
         self.schedule = schedule_from_config(config.diffusion)
+        self.process = process_from_config(config.diffusion) if is_continuous(config.diffusion) else None
         self.mesh = sharding.local_mesh()
         self.params = jax.device_put(params, sharding.replicated_sharding(self.mesh))
         self._compiled: dict[tuple, object] = {}  # jitted functions by their static settings
@@ -65,11 +72,29 @@ class Pipeline:
     def conditional(self) -> bool:
         return self.config.model.num_classes > 0
 
+    @property
+    def continuous(self) -> bool:
+        """Whether the model is of a continuous process (else of the discrete schedule)."""
+        return self.process is not None
+
+    @property
+    def default_sampler(self) -> str:
+        """`config.sampling.sampler` for continuous models, "ddpm" for discrete ones."""
+        return self.config.sampling.sampler if self.continuous else "ddpm"
+
     def denoise(self, x_t, t, class_label=None) -> Array:
-        """The model output for x_t [B, H, W, C] in the diffusion's scale and t int [B] (0-based steps, 0..T-1)."""
-        t = self._check_steps(t)
+        """Discrete models: the model output for x_t [B, H, W, C] in the diffusion's scale and t int [B]
+        (0-based steps, 0..T-1). Continuous models: EDM's D(x; σ) = x̂_0 for x = x_0 + σ·n [B, H, W, C]
+        and t = σ > 0 float [B]."""
         labels = None if class_label is None else self._labels(class_label, np.shape(x_t)[0])
         key = ("denoise", labels is not None)
+        if self.continuous:
+            sigma = self._check_noise_levels(t)
+            if key not in self._compiled:
+                self._compiled[key] = jax.jit(lambda params, x, sigma, y: continuous_denoiser(
+                    self.config, self.model, params, self.process, labels=y)(x, sigma))  # fmt: skip
+            return self._compiled[key](self.params, jnp.asarray(x_t, jnp.float32), sigma, labels)
+        t = self._check_steps(t)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(lambda params, x_t, t, y: model_denoiser(self.model, params, labels=y)(x_t, t))
         return self._compiled[key](self.params, jnp.asarray(x_t), t, labels)
@@ -90,6 +115,14 @@ class Pipeline:
             raise ValueError(f"t={bad} is out of range: {expected}")
         return jnp.asarray(values, jnp.int32)
 
+    @staticmethod
+    def _check_noise_levels(sigma) -> Array:
+        """σ as float32, after checking that every value is finite and > 0."""
+        values = np.asarray(sigma, np.float64)
+        if values.size and not (np.all(np.isfinite(values)) and values.min() > 0):
+            raise ValueError(f"t must hold noise levels σ > 0 for a continuous-time model, got {values.min()}")
+        return jnp.asarray(values, jnp.float32)
+
     def _labels(self, class_label, n: int, rng: Array | None = None) -> Array | None:
         """int32 [n] labels: a given label (or [n] labels), else uniformly random ones from `rng`."""
         if not self.conditional:
@@ -104,22 +137,80 @@ class Pipeline:
             raise ValueError(f"class_label must be an int in [0, {num_classes}), got {class_label!r}")
         return jnp.asarray(labels, jnp.int32)
 
+    def sampling_settings(self, sampler: str | None = None, steps: int | None = None, *, eta: float = 0.0,
+                          spacing: str | None = None, **options) -> tuple[str, int | None, dict]:  # fmt: skip
+        """(sampler, steps, options) that a sampling call uses, checked; raises ValueError before any work.
+
+        `sampler` None: `default_sampler`. Continuous models: the sampler's options from `config.sampling`,
+        overridden by `options`; `steps` None means config.sampling.steps for the config's own sampler
+        (0 there: the sampler's default).
+        """
+        sampler = sampler or self.default_sampler
+        if not self.continuous:
+            if sampler in samplers.CONTINUOUS_SAMPLERS and sampler not in samplers.SAMPLERS:
+                raise ValueError(f"sampler {sampler!r} is for continuous-time models; this model has the discrete "
+                                 f"schedule: use one of {samplers.SAMPLERS}")  # fmt: skip
+            if options:
+                raise ValueError(f"sampler options {sorted(options)} are for continuous-time models; "
+                                 "this model has the discrete schedule")  # fmt: skip
+            return sampler, steps, {}
+        if sampler not in samplers.CONTINUOUS_SAMPLERS:
+            if sampler in samplers.SAMPLERS:
+                raise ValueError(f"sampler {sampler!r} is for discrete-schedule models; this model's process is "
+                                 f"{self.config.diffusion.process!r}: use one of {samplers.CONTINUOUS_SAMPLERS}")
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {samplers.CONTINUOUS_SAMPLERS}")
+        if spacing is not None:
+            raise ValueError(f"spacing={spacing!r} is for discrete-schedule models; the continuous samplers space "
+                             "their noise levels themselves")  # fmt: skip
+        if eta and sampler != "ddim":
+            raise ValueError(f"eta={eta} is an option of sampler 'ddim', not of {sampler!r}")
+        if steps is None and sampler == self.config.sampling.sampler and sampler != "ode":
+            steps = self.config.sampling.steps or None
+        defaults = sampler_options(sampler, self.config.sampling)
+        if sampler == "ddim":
+            defaults["eta"] = eta
+        options = {**defaults, **options}
+        self._continuous_calls(sampler, steps, options)
+        return sampler, steps, options
+
+    def _continuous_calls(self, sampler: str, steps: int | None, options: dict) -> int | None:
+        """Denoiser evaluations of one batch (None: adaptive), from tracing `sample_continuous` with a
+        stand-in denoiser: this checks every setting and evaluates nothing."""
+        calls = []
+
+        def trace(key):
+            x, nfe = samplers.sample_continuous(lambda x, sigma: x, self.process, (1, *self.image_shape), key,
+                                                sampler=sampler, steps=steps, return_nfe=True, **options)  # fmt: skip
+            calls.append(nfe if isinstance(nfe, int) else None)
+            return x
+
+        jax.eval_shape(trace, jax.random.PRNGKey(0))
+        return calls[0]
+
     def sample_batch(
-        self, n: int, rng: Array, *, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+        self, n: int, rng: Array, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
         spacing: str | None = None, class_label=None, guidance: float = 0.0, return_trajectory: bool = False,
-        on_model_call: Callable[[], None] | None = None,
+        on_model_call: Callable[[], None] | None = None, **options,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         """(uint8 [n, H, W, C] images, int32 [n] labels or None, uint8 [K, n, H, W, C] trajectory or None).
 
+        `sampler`, `steps`, `options`: see `sampling_settings`.
         `on_model_call`, if given, runs on the host after each of the sampler's model evaluations.
         """
+        sampler, steps, options = self.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
+        if self.continuous and return_trajectory:
+            raise ValueError("trajectories are drawn by the discrete-schedule samplers only")
         labels = self._labels(class_label, n, rng)
         settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance=guidance,
                         return_trajectory=return_trajectory, reports=on_model_call is not None)  # fmt: skip
         self._on_model_call = on_model_call
-        key = ("sample", n, labels is not None, *settings.items())
+        key = ("sample", n, labels is not None, *settings.items(), *sorted(options.items()))
         if key not in self._compiled:
-            self._compiled[key] = self._jit_sampler(n, **settings)
+            if self.continuous:
+                self._compiled[key] = self._jit_continuous_sampler(n, sampler, steps, guidance, settings["reports"],
+                                                                   options)  # fmt: skip
+            else:
+                self._compiled[key] = self._jit_sampler(n, **settings)
         out = self._compiled[key](self.params, rng, labels)
         x, trajectory = out if return_trajectory else (out, None)
         to_host = lambda a: None if a is None else images.to_uint8(jax.device_get(a))  # noqa: E731
@@ -143,12 +234,30 @@ class Pipeline:
                 return_trajectory=return_trajectory,
             )  # fmt: skip
 
-        divisible = n % self.mesh.devices.size == 0
-        out = sharding.batch_sharding(self.mesh) if divisible else sharding.replicated_sharding(self.mesh)
+        out = self._output_sharding(n)
         if return_trajectory:
             trajectory = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "data"))
-            out = (out, trajectory if divisible else out)
+            out = (out, trajectory if n % self.mesh.devices.size == 0 else out)
         return jax.jit(draw, out_shardings=out)
+
+    def _jit_continuous_sampler(self, n, sampler, steps, guidance, reports, options):
+        """`_jit_sampler` for a continuous-time model: the network as D(x; σ), `sample_continuous`."""
+        shape = (n, *self.image_shape)
+
+        def draw(params, rng, labels):
+            denoiser = continuous_denoiser(self.config, self.model, params, self.process, labels=labels,
+                                           guidance=guidance)  # fmt: skip
+            if reports:
+                denoiser = self._reporting(denoiser)
+            return samplers.sample_continuous(denoiser, self.process, shape, rng, sampler=sampler, steps=steps,
+                                              clip_denoised=self.config.sampling.clip_denoised, **options)  # fmt: skip
+
+        return jax.jit(draw, out_shardings=self._output_sharding(n))
+
+    def _output_sharding(self, n: int):
+        """Batch-sharded over this process's devices when they divide n, else replicated."""
+        divisible = n % self.mesh.devices.size == 0
+        return sharding.batch_sharding(self.mesh) if divisible else sharding.replicated_sharding(self.mesh)
 
     def _reporting(self, denoise):
         """`denoise` that calls `self._on_model_call` on the host after each evaluation."""
@@ -164,18 +273,25 @@ class Pipeline:
 
         return counted
 
-    def model_calls(self, sampler: str = "ddpm", steps: int | None = None) -> int:
-        """Model evaluations of one sampling batch: `steps` (default: the sampler's), 2·steps − 1 for heun."""
+    def model_calls(self, sampler: str | None = None, steps: int | None = None, *, eta: float = 0.0,
+                    spacing: str | None = None, **options) -> int | None:  # fmt: skip
+        """Model evaluations of one sampling batch: `steps` (default: the sampler's), 2·steps − 1 for heun;
+        continuous samplers: their count for these settings (None for the adaptive ode)."""
+        sampler, steps, options = self.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
+        if self.continuous:
+            return self._continuous_calls(sampler, steps, options)
         num_timesteps = self.schedule.num_timesteps
         steps = steps or min(samplers.DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
         return 2 * steps - 1 if sampler == "heun" else steps
 
     def sample(
-        self, num_images: int, *, sampler: str = "ddpm", steps: int | None = None, seed: int = 0,
+        self, num_images: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
         class_label=None, guidance: float = 0.0, eta: float = 0.0, spacing: str | None = None,
-        batch_size: int | None = None, progress: bool = False,
+        batch_size: int | None = None, progress: bool = False, **options,
     ) -> np.ndarray:  # fmt: skip
         """uint8 [num_images, H, W, C]: batches of `batch_size` (default config.sampling.batch_size).
+
+        `sampler`, `steps`, `options`: see `sampling_settings`.
 
         `progress` shows a progress bar over the model evaluations of all batches (stderr).
         """
@@ -186,7 +302,8 @@ class Pipeline:
         batch_size = min(batch_size or self.config.sampling.batch_size, num_images)
         key = jax.random.PRNGKey(seed)
         starts = range(0, num_images, batch_size)
-        bar = tqdm(total=len(starts) * self.model_calls(sampler, steps), unit="step", desc="sampling",
+        calls = self.model_calls(sampler, steps, eta=eta, spacing=spacing, **options)
+        bar = tqdm(total=None if calls is None else len(starts) * calls, unit="step", desc="sampling",
                    disable=not progress, dynamic_ncols=True)  # fmt: skip
         out = []
         with bar:
@@ -195,6 +312,7 @@ class Pipeline:
                 x, _, _ = self.sample_batch(
                     n, jax.random.fold_in(key, i), sampler=sampler, steps=steps, eta=eta, spacing=spacing,
                     class_label=class_label, guidance=guidance, on_model_call=bar.update if progress else None,
+                    **options,
                 )  # fmt: skip
                 out.append(x)
         return np.concatenate(out)

@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from jaxdiff import data
 from jaxdiff.config import default_config
+from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.evaluation import likelihood, reference
+from jaxdiff.evaluation.ode_bpd import evaluate_ode_bpd
 from jaxdiff.evaluation.fid import ActivationStatistics, frechet_distance, inception_score, precision_recall
 from jaxdiff.evaluation.inception import inception_features
 from jaxdiff.pipeline import Pipeline
@@ -131,7 +133,19 @@ def evaluate(
         settings.update(num_samples=num_samples, sampler=sampler, steps=steps, seed=seed, samples_dir=samples_dir,
                         reference=reference_path or f"{pipe.config.data.dataset} train split",
                         inception_weights_sha256=inception_weights_sha256)  # fmt: skip
-    if "bpd" in metrics:
+    if "bpd" in metrics and pipe.continuous:
+        if bpd_num_t:
+            raise ValueError(f"bpd_num_t={bpd_num_t}: continuous-time models' bits/dim come from the ODE, not from t draws")
+        mean, stderr = evaluate_ode_bpd(
+            continuous_denoiser(pipe.config, pipe.model, pipe.params, pipe.process), pipe.process,
+            _data_source(pipe, bpd_split, data_dir), batch_size=bpd_batch_size, seed=seed, num_images=bpd_num_images,
+            out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"), progress=progress,
+            rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol,
+        )  # fmt: skip
+        results.update(bpd=mean, bpd_stderr=stderr)
+        settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, bpd_estimator="probability-flow ODE",
+                        rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol)  # fmt: skip
+    elif "bpd" in metrics:
         dc = pipe.config.diffusion
         mean, stderr = likelihood.evaluate_bpd(
             model_denoiser(pipe.model, pipe.params), pipe.schedule, _data_source(pipe, bpd_split, data_dir),
