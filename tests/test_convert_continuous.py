@@ -270,7 +270,11 @@ def test_cli_convert_bad_input(tmp_path, capsys, edm_modules, score_sde_checkpoi
     assert not any(p.name.startswith(".run.partial") for p in tmp_path.iterdir())
 
 
-def test_unknown_format_lists_every_format(tmp_path):
+def test_detection_of_score_sde_layouts_and_unknown_formats(tmp_path):
+    (tmp_path / "sde" / "checkpoints-meta").mkdir(parents=True)
+    (tmp_path / "sde" / "checkpoints-meta" / "checkpoint_3").write_bytes(b"")
+    (tmp_path / "sde" / "checkpoints").mkdir()  # empty, as when only the preemption checkpoints were kept
+    assert detect_format(tmp_path / "sde") == "score_sde"
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError) as err:
         detect_format(tmp_path / "weights.bin")
