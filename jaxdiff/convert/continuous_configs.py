@@ -53,8 +53,9 @@ def score_sde_config_name(dataset: str | None) -> tuple[str, str | None]:
     if dataset in score_sde_checkpoint.CONFIGS:
         return dataset, None
     raise ValueError(
-        f"dataset={dataset!r}: a score_sde checkpoint needs the config it was trained with: one of score_sde's "
-        f"{sorted(score_sde_checkpoint.CONFIGS)} or one of jaxdiff's recipes {sorted(SCORE_SDE_RECIPES)}"
+        f"dataset={dataset!r}: a score_sde checkpoint needs the config it was trained with (`jaxdiff convert "
+        f"--dataset NAME SRC DST`), one of score_sde's {sorted(score_sde_checkpoint.CONFIGS)} or of jaxdiff's "
+        f"recipes {sorted(SCORE_SDE_RECIPES)}"
     )
 
 
