@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 import safetensors.numpy
-import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
 from jaxdiff.convert.latent_weights import param_shapes, read_autoencoder, torch_shape, vae_names

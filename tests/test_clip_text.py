@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 import safetensors.numpy
-import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers import CLIPTokenizer as TorchCLIPTokenizer
 

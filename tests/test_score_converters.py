@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 
 from jaxdiff.convert import edm_pickle, score_diffusers, score_folders, score_sde_checkpoint
 from jaxdiff.models import ncsnpp, song_unet

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 
 from jaxdiff.convert import score_diffusers
 from jaxdiff.models import ncsnpp
