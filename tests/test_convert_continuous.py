@@ -3,7 +3,7 @@
 Inputs are written as tests/test_score_converters.py writes them (tiny networks). Each converted model's
 D(x; σ) is checked against one built in the test from the reader's own output, in the reader's conventions:
 score_sde's VP ε-model fed α·x with labels 999·t, its VE score model on [0, 1] data fed 2y − 1, EDM's
-preconditioning written out.
+preconditioning written out. ScoreSdeVePipeline folders, whose network sees [0, 1] data, are detected and refused.
 """
 
 import pickle
