@@ -30,8 +30,11 @@ def noisy_inputs(size: int, seed: int = 0) -> np.ndarray:
 
 
 def jaxdiff_denoiser(config, params):
-    """D(x; σ) of a jaxdiff config and params, as the library builds it."""
-    return model_denoiser(config, create_model(config.model), params, process_from_config(config.diffusion))
+    """D(x; σ) of a jaxdiff config and params, as the library builds it (jitted with the params as an argument,
+    as the Pipeline runs it)."""
+    model, process = create_model(config.model), process_from_config(config.diffusion)
+    denoise = jax.jit(lambda p, x, sigma: model_denoiser(config, model, p, process)(x, sigma))
+    return lambda x, sigma: denoise(params, x, sigma)
 
 
 # --------------------------------------------------------------------------- score_sde checkpoints
@@ -100,7 +103,7 @@ def test_score_sde_checkpoint_converts_and_loads(tmp_path, score_sde_checkpoint_
     assert pipe.config.training.ema_decay == continuous_configs.recipe(recipe).training.ema_decay
 
     x = noisy_inputs(net_config.image_size)
-    from_workdir = np.asarray(jaxdiff_denoiser(pipe.config, pipe.params)(x, SIGMAS))
+    from_workdir = np.asarray(pipe.denoise(x, SIGMAS))
     np.testing.assert_allclose(from_workdir, np.asarray(jaxdiff_denoiser(config, loaded)(x, SIGMAS)), rtol=0,
                                atol=1e-6 * np.abs(from_workdir).max())  # fmt: skip
     net = ncsnpp_net(net_config, params)
@@ -179,9 +182,8 @@ def test_edm_snapshot_converts_and_loads(tmp_path, edm_modules):
                                                                                            0.002, 60.0)  # fmt: skip
     assert from_workdir.config.sampling.sampler == "heun"  # the edm_cifar10_uncond_vp recipe's
     x = noisy_inputs(net_config.img_resolution)
-    d_workdir = np.asarray(jaxdiff_denoiser(from_workdir.config, from_workdir.params)(x, SIGMAS))
-    d_file = np.asarray(jaxdiff_denoiser(from_file.config, from_file.params)(x, SIGMAS))
-    np.testing.assert_allclose(d_workdir, d_file, rtol=0, atol=1e-6 * np.abs(d_file).max())
+    d_workdir, d_file = np.asarray(from_workdir.denoise(x, SIGMAS)), np.asarray(from_file.denoise(x, SIGMAS))
+    np.testing.assert_array_equal(d_workdir, d_file)
     model = song_unet.create_song_unet(net_config)
     net = jax.jit(lambda x, labels: model.apply({"params": params}, x, labels))
     expected = edm_reference(net, 0.25)(x, SIGMAS)
