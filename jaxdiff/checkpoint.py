@@ -130,20 +130,24 @@ def array_mismatches(saved: Any, target: Any) -> list[str]:
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """'key: saved -> given' for every architecture key whose value differs."""
+    """'key: saved -> given' for every architecture key (nested sections included) whose value differs."""
     given = config.to_dict()
     differences = []
     for section in ARCHITECTURE_SECTIONS:
-        old, new = saved.get(section, {}), given.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            a, b = old.get(key), new.get(key)
-            if isinstance(a, list):
-                a = tuple(a)
-            if isinstance(b, list):
-                b = tuple(b)
-            if a != b:
-                differences.append(f"{section}.{key}: {a!r} -> {b!r}")
+        _compare(saved.get(section, {}), given.get(section, {}), section, differences)
     return differences
+
+
+def _compare(old: dict, new: dict, prefix: str, differences: list[str]) -> None:
+    """Appends 'prefix.key: old -> new' for each leaf that differs; lists (as JSON saves tuples) equal tuples."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _compare(a, b, f"{prefix}.{key}", differences)
+            continue
+        a, b = (tuple(v) if isinstance(v, list) else v for v in (a, b))
+        if a != b:
+            differences.append(f"{prefix}.{key}: {a!r} -> {b!r}")
 
 
 def _one_line(err: BaseException) -> str:

@@ -351,3 +351,16 @@ def test_training_prints_a_few_lines_and_one_progress_bar(tmp_path):
     assert len(others) <= 5, others
     assert sum("compiled in" in line for line in others) == 1
     assert any(f"wrote checkpoints [2, 4, 6, 8] to {tmp_path / 'checkpoints'}" in line for line in others), others
+
+
+def test_config_differences_reads_nested_sections_saved_as_json():
+    import json
+
+    from jaxdiff.checkpoint import config_differences
+    from jaxdiff.config import default_config
+
+    config = default_config()
+    saved = json.loads(json.dumps(config.to_dict()))  # tuples come back as lists, sections as dicts
+    assert config_differences(saved, config) == []
+    saved["model"]["ncsnpp"]["ch_mult"] = [1, 2]
+    assert config_differences(saved, config) == [f"model.ncsnpp.ch_mult: (1, 2) -> {tuple(config.model.ncsnpp.ch_mult)!r}"]
