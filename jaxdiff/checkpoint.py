@@ -130,8 +130,11 @@ def array_mismatches(saved: Any, target: Any) -> list[str]:
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """'key: saved -> given' for every architecture key (nested sections included) whose value differs."""
-    given = config.to_dict()
+    """'key: saved -> given' for every architecture key (nested sections included) whose value differs;
+    keys a saved config lacks (it predates them) count as their defaults."""
+    from jaxdiff.config import config_from_dict
+
+    saved, given = config_from_dict(saved).to_dict(), config.to_dict()
     differences = []
     for section in ARCHITECTURE_SECTIONS:
         _compare(saved.get(section, {}), given.get(section, {}), section, differences)

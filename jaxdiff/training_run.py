@@ -33,6 +33,8 @@ from jax.experimental import multihost_utils
 from jaxdiff import checkpoint, data, images, samplers, sharding
 from jaxdiff.checkpoint import CheckpointError
 from jaxdiff.config import validate
+from jaxdiff.continuous_model import is_continuous
+from jaxdiff.continuous_model import sample_images as sample_continuous_images
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.metrics import MetricsWriter
 from jaxdiff.models import create_model
@@ -305,6 +307,8 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
     labels = None
     if config.model.num_classes > 0:
         labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
+    if is_continuous(config.diffusion):
+        return sample_continuous_images(config, model, params, rng, num, labels=labels)
     denoise = model_denoiser(model, params, labels=labels, guidance=config.sampling.guidance)
     shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
     return samplers.sample(

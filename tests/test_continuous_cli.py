@@ -192,3 +192,45 @@ def test_eval_bpd_of_a_continuous_model_is_the_ode_bits_per_dim(edm_run, tmp_pat
     assert float(capsys.readouterr().out.split("bpd: ")[1].split()[0]) == pytest.approx(got, abs=1e-4)
     argv_t = argv + ["--bpd-num-t", "4"]
     one_line_error(capsys, argv_t, "--bpd-num-t is for discrete-schedule models")
+
+
+def test_info_counts_the_network_of_the_config(capsys):
+    """`jaxdiff info` of a SongUNet recipe: the count of `parameter_shapes`, not of the DDPM U-Net keys."""
+    from jaxdiff.models import count_parameters
+    from jaxdiff.models.summary import parameter_shapes
+
+    overrides = ["--config.model.song_unet.model_channels=16", "--config.model.song_unet.attn_resolutions=()"]
+    assert main(["info", "--config", "digits_edm", *overrides]) == 0
+    expected = count_parameters(parameter_shapes(load_config("digits_edm", overrides).model))
+    assert f"parameters: {expected:,}" in capsys.readouterr().out
+    assert expected != count_parameters(parameter_shapes(load_config("digits", []).model))
+
+
+def test_train_cli_runs_resumes_and_samples_a_continuous_model(tmp_path, capsys):
+    """A few steps of the EDM digits demo through `jaxdiff train`: checkpoints, a sample grid, then a resume."""
+    overrides = [
+        "--config.model.song_unet.model_channels=16", "--config.model.song_unet.attn_resolutions=()",
+        "--config.training.batch_size=8", "--config.training.num_train_steps=4",
+        "--config.training.checkpoint_every_steps=2", "--config.training.sample_every_steps=4",
+        "--config.training.num_sample_images=2", "--config.training.log_every_steps=2", "--config.sampling.steps=3",
+    ]  # fmt: skip
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "digits_edm", "--workdir", str(workdir), *overrides]) == 0
+    assert "finished at step 4" in capsys.readouterr().out
+    assert (workdir / "samples" / "step_00000004.png").is_file()
+    pipe = Pipeline.from_checkpoint(workdir)
+    assert pipe.step == 4 and pipe.continuous
+    more = [arg.replace("num_train_steps=4", "num_train_steps=6") for arg in overrides]
+    assert main(["train", "--config", "digits_edm", "--workdir", str(workdir), *more]) == 0
+    assert "finished at step 6" in capsys.readouterr().out
+    config = load_config("digits_edm", more)
+    assert Pipeline.from_checkpoint(workdir).config.to_dict() == config.to_dict()
+
+
+def test_a_config_saved_before_the_continuous_keys_has_no_differences_on_resume():
+    from jaxdiff.config import default_config
+
+    saved = default_config().to_dict()
+    del saved["model"]["network"], saved["model"]["song_unet"], saved["diffusion"]["process"]
+    assert checkpoint.config_differences(saved, default_config()) == []
+    assert "model.network: 'ddpm_unet' -> 'song_unet'" in checkpoint.config_differences(saved, digits_edm())
