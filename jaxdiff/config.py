@@ -327,7 +327,7 @@ SPECS: dict[str, Spec] = {
     "training.sample_every_steps": _positive_int("steps between sample grids"),
     "training.num_sample_images": _positive_int("images in each sample grid"),
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
-    "sampling.steps": Spec(int, "sampling steps; 0: all T", low=0),
+    "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
     "sampling.eta": Spec(float, "DDIM noise scale", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),
     "sampling.clip_denoised": Spec(bool, "clip each predicted x_0 to [-1, 1]"),
