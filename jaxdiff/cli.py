@@ -194,8 +194,66 @@ def _no_extra(extra: list[str]) -> None:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")
 
 
+def _read_image(path: str, what: str, mode: str) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] (mode "L")."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except UnidentifiedImageError:
+        raise UsageError(f"{what} {path!r} is not an image file") from None
+
+
+def _sample_pretrained(args) -> int:
+    """`sample --pretrained`: Stable Diffusion text-to-image, image-to-image (--init-image) or inpainting (--mask)."""
+    if args.workdir:
+        raise UsageError("give either --workdir or --pretrained, not both")
+    if args.prompt is None:
+        raise UsageError("--pretrained needs --prompt")
+    if (args.mask or args.strength is not None) and not args.init_image:
+        raise UsageError("--mask and --strength need --init-image")
+    if args.init_image and (args.height or args.width):
+        raise UsageError("--height/--width are for text-to-image; with --init-image the image sets the size")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must be a .png grid with --pretrained, got {args.out!r}")
+    check_output_file(args.out, "--out")
+    _check_weights(args.pretrained, "--pretrained")
+    init = _read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
+    mask = _read_image(args.mask, "--mask", "L") if args.mask else None
+
+    from jaxdiff import images
+    from jaxdiff.latent_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
+
+    with _reading_weights(args.pretrained):
+        pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+    prompts = [args.prompt] * args.num
+    settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
+                    steps=args.steps or DEFAULT_STEPS, sampler=args.sampler or "ddim", seed=args.seed,
+                    guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+    if init is None:
+        samples = pipe.text_to_image(prompts, height=args.height, width=args.width, **settings)
+    elif mask is None:
+        strength = 0.8 if args.strength is None else args.strength
+        samples = pipe.image_to_image(np.repeat(init[None], args.num, 0), prompts, strength=strength, **settings)
+    else:
+        strength = 1.0 if args.strength is None else args.strength
+        samples = pipe.inpaint(np.repeat(init[None], args.num, 0), np.repeat(mask[None], args.num, 0), prompts,
+                               strength=strength, **settings)  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    images.save_png(images.make_grid(samples), args.out)
+    print(f"{len(samples)} images -> {args.out}")
+    return 0
+
+
 def _sample(args, extra) -> int:
     _no_extra(extra)
+    if args.pretrained:
+        return _sample_pretrained(args)
+    if not args.workdir:
+        raise UsageError("sample needs --workdir (a trained model) or --pretrained (Stable Diffusion)")
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:
         check_output_dir(args.out, "--out")
@@ -219,7 +277,7 @@ def _sample(args, extra) -> int:
     if args.trajectory and pipe.continuous:
         raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                    class_label=args.class_label, guidance=args.guidance)  # fmt: skip
+                    class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip
     if to_dir:
         shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
                                   **settings)  # fmt: skip
@@ -384,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     sample = verb("sample", "draw images from a trained model (EMA parameters)")
-    sample.add_argument("--workdir", required=True, help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
+    sample.add_argument("--workdir", help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
     _add_sampler_flags(sample)
@@ -396,7 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--shard-size", type=int, default=1000, help="images per shard with --out DIR/")
     sample.add_argument("--trajectory", help="also write a noise-to-image strip (.png) or animation (.gif)")
     sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
-    sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance scale w >= 0")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance: class-conditional models w >= 0 "
+                        "(default 0); --pretrained diffusers' scale (default 7.5)")
+    sample.add_argument("--pretrained", help="Stable Diffusion: a diffusers SD folder or an original .safetensors file")
+    sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs")
+    sample.add_argument("--prompt", help="--pretrained: the text prompt")
+    sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
+    sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it")
+    sample.add_argument("--strength", type=float, help="--init-image: in (0, 1] (default 0.8; 1 with --mask)")
+    sample.add_argument("--mask", help="--init-image: repaint where this image is white")
+    sample.add_argument("--height", type=int, help="--pretrained text-to-image height (default: the model's)")
+    sample.add_argument("--width", type=int, help="--pretrained text-to-image width (default: the model's)")
     sample.set_defaults(run=_sample)
 
     evaluate = verb("eval", "FID / IS / precision-recall / bits-per-dim of a trained model")

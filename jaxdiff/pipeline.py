@@ -55,9 +55,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
-        """Weights in any supported format: a jaxdiff workdir, a diffusers UNet2DModel folder, an official TF checkpoint."""
+        """Weights in any supported format: a jaxdiff workdir, a diffusers UNet2DModel folder, an official TF checkpoint;
+        a Stable Diffusion folder or single file gives a `jaxdiff.latent_pipeline.LatentPipeline`."""
         from jaxdiff.convert import detect_format, load_weights
+        from jaxdiff.convert.stable_diffusion import is_stable_diffusion
 
+        if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
+            from jaxdiff.latent_pipeline import LatentPipeline
+
+            return LatentPipeline.from_pretrained(path)
         if detect_format(path) == "jaxdiff":
             return cls.from_checkpoint(path, step=step)
         config, params = load_weights(path, step=step)

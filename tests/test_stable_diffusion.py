@@ -508,3 +508,54 @@ def test_bfloat16_variant_folder(sd1, tmp_path):
         for path, value in expected.items():
             rounded = value.astype(ml_dtypes.bfloat16).astype(np.float32)
             np.testing.assert_array_equal(flat[path], rounded, err_msg="/".join(path))
+
+
+# --------------------------------------------------------------------------- Pipeline.from_pretrained and the CLI
+
+
+def test_pipeline_from_pretrained_gives_the_latent_pipeline(sd1):
+    from jaxdiff import Pipeline
+
+    assert isinstance(Pipeline.from_pretrained(sd1[1]), LatentPipeline)
+
+
+def test_cli_samples_text_to_image_image_to_image_and_inpainting(sd1, tmp_path, capsys):
+    from PIL import Image
+
+    from jaxdiff import images
+    from jaxdiff.cli import main
+
+    folder, pipe = str(sd1[1]), LatentPipeline.from_pretrained(sd1[1])
+    init = (random_images(5)[0] * 255).round().astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, :8] = 255
+    Image.fromarray(init).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    base = ["sample", "--pretrained", folder, "--prompt", "hello the cat", "--negative-prompt", "cat", "--num", "2",
+            "--steps", "3", "--seed", "4"]  # fmt: skip
+    settings = dict(negative_prompts=["cat"] * 2, steps=3, seed=4)
+    runs = {
+        "t2i": ([], pipe.text_to_image(["hello the cat"] * 2, **settings)),
+        "i2i": (["--init-image", str(tmp_path / "init.png"), "--strength", "0.7"],
+                pipe.image_to_image([init] * 2, ["hello the cat"] * 2, strength=0.7, **settings)),
+        "inpaint": (["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")],
+                    pipe.inpaint([init] * 2, [mask] * 2, ["hello the cat"] * 2, **settings)),
+    }  # fmt: skip
+    for name, (flags, expected) in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert main([*base, *flags, "--out", str(out)]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(out)), images.make_grid(expected), err_msg=name)
+    assert capsys.readouterr().out.splitlines()[-1] == f"2 images -> {tmp_path / 'inpaint.png'}"
+
+    bad = {
+        ("--height", "12"): "height=12 must be a positive multiple of 8",
+        ("--init-image", str(tmp_path / "init.png"), "--strength", "1.5"): "strength=1.5 must be a number in",
+        ("--mask", str(tmp_path / "mask.png")): "--mask and --strength need --init-image",
+        ("--init-image", str(tmp_path / "missing.png")): "--init-image",
+    }
+    for flags, message in bad.items():
+        capsys.readouterr()
+        assert main([*base, *flags, "--out", str(tmp_path / "bad.png")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert message in line
+    assert not (tmp_path / "bad.png").exists()
