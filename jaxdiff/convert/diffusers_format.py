@@ -36,11 +36,13 @@ from jaxdiff.convert.architecture import (
     matching_released_recipe,
     param_shapes,
 )
+from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.models.layers import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+WEIGHTS_FILE = f"{WEIGHTS_STEM}.safetensors"
 MODEL_INDEX_FILE = "model_index.json"
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
 JAXDIFF_CONFIG_FILE = "jaxdiff_config.json"
@@ -211,23 +213,6 @@ def unet_folder(folder: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
-def _weights_file(folder: pathlib.Path) -> pathlib.Path:
-    if (folder / WEIGHTS_FILE).is_file():
-        return folder / WEIGHTS_FILE
-    files = sorted(folder.glob("*.safetensors"))
-    if len(files) != 1:
-        names = [f.name for f in files]
-        raise ValueError(f"{folder} has no {WEIGHTS_FILE} but {len(files)} other safetensors files {names}")
-    return files[0]
-
-
-def _load_json(path: pathlib.Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
 def _unsupported(source: str, key: str, value: Any, need: str) -> ValueError:
     return ValueError(f"{source}: unsupported setting {key}={value!r} ({need})")
 
@@ -396,7 +381,7 @@ def _base_config(arch: Architecture, image_size: int, saved: pathlib.Path | None
     diffusers stores as an ordinary class), else the released DDPM recipe of this architecture, else the
     default (DDPM CIFAR-10) recipe."""
     if saved is not None:
-        base = config_from_dict(_load_json(saved))
+        base = config_from_dict(load_json(saved))
         m = base.model
         if m.num_classes and m.null_label and arch.num_classes == m.num_classes + 1:
             arch = arch._replace(num_classes=m.num_classes, null_label=True)
@@ -409,7 +394,7 @@ def _set_diffusion(config: ml_collections.ConfigDict, arch: Architecture, unet_d
     whose output holds variances (2·in_channels) gets learned_range variances unless a variance_type or the
     recipe says which learned variances."""
     scheduler = _beside(unet_dir, SCHEDULER_FILE)
-    settings = _load_json(scheduler) if scheduler is not None else {}
+    settings = load_json(scheduler) if scheduler is not None else {}
     if scheduler is not None:
         apply_scheduler_config(config, settings, str(scheduler))
     d = config.diffusion
@@ -440,10 +425,10 @@ def read_diffusers(
         raise ValueError(f"{folder} is not a diffusers folder: no {CONFIG_FILE} with *.safetensors in it or in unet/")
     source = f"diffusers folder {unet_dir}"
     index = _beside(unet_dir, MODEL_INDEX_FILE) if unet_dir.name == "unet" else None
-    pipeline = _load_json(index).get("_class_name") if index is not None else None
+    pipeline = load_json(index).get("_class_name") if index is not None else None
     if pipeline is not None and pipeline not in PIPELINES:
         raise ValueError(f"{index}: _class_name={pipeline!r}; supported pipelines: {', '.join(PIPELINES)}")
-    arch, image_size = architecture_from_unet_config(_load_json(unet_dir / CONFIG_FILE), source)
+    arch, image_size = architecture_from_unet_config(load_json(unet_dir / CONFIG_FILE), source)
     base, arch = _base_config(arch, image_size, _beside(unet_dir, JAXDIFF_CONFIG_FILE), source)
     config = build_config(arch, image_size=image_size, dataset=dataset, source=source, base=base)
     _set_diffusion(config, arch, unet_dir, source)
@@ -451,7 +436,7 @@ def read_diffusers(
     shapes = param_shapes(config.model)
     levels = len(arch.ch_mult)
     wanted = {p: (diffusers_names(p, levels), torch_shape(p, s)) for p, s in shapes.items()}
-    with safetensors.safe_open(_weights_file(unet_dir), framework="np") as f:
+    with safetensors.safe_open(weights_file(unet_dir, WEIGHTS_STEM), framework="np") as f:
         available = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         found = match_names(wanted, available, source=source)
         flat = {p: np.asarray(f.get_tensor(n), np.float32) for p, n in found.items()}

@@ -26,7 +26,8 @@ import numpy as np
 import safetensors
 
 from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.diffusers_format import _load_json, from_torch
+from jaxdiff.convert.diffusers_format import from_torch
+from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.safetensors_reader import read_tensor
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
@@ -81,25 +82,12 @@ def component_folder(folder: str | os.PathLike, subfolder: str) -> pathlib.Path:
     raise ValueError(f"{folder} has no {CONFIG_FILE}, nor has {folder / subfolder}")
 
 
-def weights_file(folder: pathlib.Path, stem: str, variant: str | None = None) -> pathlib.Path:
-    """`{stem}.safetensors`, or `{stem}.{variant}.safetensors` for a variant such as "fp16"; without a variant,
-    a folder whose only safetensors file has another name gives that file. ValueError listing the files otherwise."""
-    name = f"{stem}.safetensors" if variant is None else f"{stem}.{variant}.safetensors"
-    if (folder / name).is_file():
-        return folder / name
-    present = sorted(p.name for p in folder.glob("*.safetensors"))
-    if variant is None and len(present) == 1:
-        return folder / present[0]
-    missing = f"{folder} has no {name}" + (f" (variant={variant!r})" if variant else "")
-    raise ValueError(f"{missing}; its safetensors files: {present}")
-
-
 def read_config(
     folder: pathlib.Path, make_config: Callable[..., ml_collections.ConfigDict], **options: Any
 ) -> ml_collections.ConfigDict:
     """`make_config(settings of folder/config.json, **options)`; its errors are prefixed with the file's path."""
     path = folder / CONFIG_FILE
-    settings = _load_json(path)
+    settings = load_json(path)
     try:
         return make_config(settings, **options)
     except ValueError as err:

@@ -16,7 +16,8 @@ import safetensors
 import safetensors.numpy
 
 from jaxdiff.convert import score_diffusers
-from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, _load_json, _weights_file
+from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, WEIGHTS_STEM
+from jaxdiff.convert.files import load_json, weights_file
 
 PIPELINE = "ScoreSdeVePipeline"
 SCHEDULER = "ScoreSdeVeScheduler"
@@ -32,7 +33,7 @@ def _json(path: pathlib.Path) -> dict:
     if not path.is_file():
         raise ScoreFolderError(f"{path}: missing; a {PIPELINE} folder has model_index.json, unet/ and scheduler/")
     try:
-        settings = _load_json(path)
+        settings = load_json(path)
     except ValueError as err:
         raise ScoreFolderError(str(err)) from err
     if not isinstance(settings, dict):
@@ -74,7 +75,7 @@ def read_score_sde_ve_folder(folder: str | os.PathLike) -> tuple[str, ml_collect
     settings = _json(unet / CONFIG_FILE)
     try:
         config = score_diffusers.config_from_diffusers(settings)
-        tensors = safetensors.numpy.load_file(_weights_file(unet))
+        tensors = safetensors.numpy.load_file(weights_file(unet, WEIGHTS_STEM))
         params = score_diffusers.params_from_diffusers(config, tensors)
     except (ValueError, safetensors.SafetensorError) as err:
         raise ScoreFolderError(f"{unet}: {err}") from err

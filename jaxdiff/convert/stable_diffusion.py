@@ -24,12 +24,8 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff.convert.diffusers_format import (
-    MODEL_INDEX_FILE,
-    _load_json,
-    apply_scheduler_config,
-    from_torch,
-)
+from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, apply_scheduler_config, from_torch
+from jaxdiff.convert.files import load_json
 from jaxdiff.convert.latent_weights import (
     CLIP_PREFIX,
     CLIP_WEIGHTS_STEM,
@@ -129,7 +125,7 @@ def _pipeline_class(folder: pathlib.Path) -> str:
     index_file = folder / MODEL_INDEX_FILE
     if not index_file.is_file():
         raise ValueError(f"{folder} is not a Stable Diffusion folder: it has no {MODEL_INDEX_FILE}")
-    name = _load_json(index_file).get("_class_name")
+    name = load_json(index_file).get("_class_name")
     if name not in PIPELINE_CLASSES:
         raise ValueError(f"{index_file}: _class_name={name!r}; supported pipelines: {', '.join(PIPELINE_CLASSES)}")
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
@@ -163,7 +159,7 @@ def read_stable_diffusion(
     scheduler_file = folder / "scheduler" / SCHEDULER_CONFIG_FILE
     if not scheduler_file.is_file():
         raise ValueError(f"{folder / 'scheduler'} has no {SCHEDULER_CONFIG_FILE}")
-    scheduler = scheduler_settings(_load_json(scheduler_file), str(scheduler_file))
+    scheduler = scheduler_settings(load_json(scheduler_file), str(scheduler_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     settings = _config_folder_settings(folder)
     _check_text_width(settings, folder)
@@ -399,7 +395,7 @@ def _config_folder_settings(folder: pathlib.Path) -> dict:
         path = folder / component / CONFIG_FILE
         if not path.is_file():
             raise ValueError(f"{folder} has no {component}/{CONFIG_FILE}")
-        settings[component] = _load_json(path)
+        settings[component] = load_json(path)
     if not (folder / "tokenizer").is_dir():
         raise ValueError(f"{folder} has no tokenizer/")
     return settings
@@ -509,7 +505,7 @@ def is_stable_diffusion(path: str | os.PathLike) -> bool:
     path = pathlib.Path(path)
     index_file = path / MODEL_INDEX_FILE
     if index_file.is_file():
-        return _load_json(index_file).get("_class_name") in PIPELINE_CLASSES
+        return load_json(index_file).get("_class_name") in PIPELINE_CLASSES
     if path.is_file() and path.suffix == ".safetensors":
         with safetensors.safe_open(path, framework="np") as f:
             return any(name.startswith(UNET_PREFIX) for name in f.keys())  # noqa: SIM118 (a safe_open handle)

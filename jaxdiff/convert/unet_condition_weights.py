@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.convert.architecture import ParamPath, Shape
-from jaxdiff.convert.diffusers_format import _load_json, _weights_file
+from jaxdiff.convert.diffusers_format import WEIGHTS_STEM
+from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.latent_weights import CONFIG_FILE, LEAF_NAMES, component_folder, param_shapes, read_weights
 from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
-
-WEIGHTS_STEM = "diffusion_pytorch_model"
 # diffusers module lists, whose index our names write as `<list>_<index>` (unlike e.g. `linear_1`, a plain name).
 MODULE_LISTS = (
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
@@ -66,15 +65,9 @@ def read_unet_condition(
     """
     unet_dir = component_folder(folder, "unet")
     config_path = unet_dir / CONFIG_FILE
-    settings = _load_json(config_path)
+    settings = load_json(config_path)
     try:
         config = config_from_diffusers(settings, dtype=dtype, remat=remat)
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
-    if variant is None:
-        return config, read_unet_condition_weights(config, _weights_file(unet_dir))
-    weights = unet_dir / f"{WEIGHTS_STEM}.{variant}.safetensors"
-    if not weights.is_file():
-        present = sorted(p.name for p in unet_dir.glob("*.safetensors"))
-        raise ValueError(f"{unet_dir} has no {weights.name} (variant={variant!r}); its safetensors files: {present}")
-    return config, read_unet_condition_weights(config, weights)
+    return config, read_unet_condition_weights(config, weights_file(unet_dir, WEIGHTS_STEM, variant))

@@ -26,7 +26,7 @@ import itertools
 
 import numpy as np
 
-from jaxdiff.data.sources import _splitmix64, check_indices
+from jaxdiff.data.sources import splitmix64, check_indices
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
@@ -79,9 +79,9 @@ def _check_split_and_seed(split: str, seed: int) -> None:
 
 def _uniforms(indices: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 [n], float64 [n, 8] in [0, 1)): the first and the next 8 outputs of each example's generator."""
-    key = _splitmix64((np.uint64(seed) << np.uint64(32)) + indices.astype(np.uint64))
+    key = splitmix64((np.uint64(seed) << np.uint64(32)) + indices.astype(np.uint64))
     steps = np.arange(1, _NUM_DRAWS + 1, dtype=np.uint64) * _GOLDEN_GAMMA
-    words = _splitmix64(key[:, None] + steps)
+    words = splitmix64(key[:, None] + steps)
     return words[:, 0], (words[:, 1:] >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 

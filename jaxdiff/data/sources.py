@@ -74,7 +74,7 @@ class ArraySource:
         return self.images[indices], self.labels[indices]
 
 
-def _splitmix64(counter: np.ndarray) -> np.ndarray:
+def splitmix64(counter: np.ndarray) -> np.ndarray:
     """SplitMix64 finalizer: a bijective hash of uint64 counters (wrapping arithmetic)."""
     z = counter.copy()
     z ^= z >> np.uint64(30)
@@ -118,11 +118,11 @@ class SyntheticSource:
         counter = (example[:, None] * np.uint64(words) + np.arange(words, dtype=np.uint64)) * np.uint64(2) + np.uint64(
             1
         )
-        image_bytes = _splitmix64(counter).astype("<u8", copy=False).view(np.uint8)
+        image_bytes = splitmix64(counter).astype("<u8", copy=False).view(np.uint8)
         images = image_bytes.reshape(len(indices), words * 8)[:, :pixels].reshape(-1, *self.image_shape)
         if self.num_classes == 0:
             return images, np.zeros(len(indices), np.int32)
-        labels = _splitmix64(example * np.uint64(2)) % np.uint64(self.num_classes)
+        labels = splitmix64(example * np.uint64(2)) % np.uint64(self.num_classes)
         return images, labels.astype(np.int32)
 
 

@@ -1,0 +1,27 @@
+"""Reading the files of a diffusers-style folder: its JSON configs and its safetensors weights."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+def load_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path`; ValueError naming the file if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def weights_file(folder: pathlib.Path, stem: str, variant: str | None = None) -> pathlib.Path:
+    """`{stem}.safetensors`, or `{stem}.{variant}.safetensors` for a variant such as "fp16"; without a variant,
+    a folder whose only safetensors file has another name gives that file. ValueError listing the files otherwise."""
+    name = f"{stem}.safetensors" if variant is None else f"{stem}.{variant}.safetensors"
+    if (folder / name).is_file():
+        return folder / name
+    present = sorted(p.name for p in folder.glob("*.safetensors"))
+    if variant is None and len(present) == 1:
+        return folder / present[0]
+    missing = f"{folder} has no {name}" + (f" (variant={variant!r})" if variant else "")
+    raise ValueError(f"{missing}; its safetensors files: {present}")
