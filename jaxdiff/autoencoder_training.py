@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jaxdiff.models.autoencoder import AutoencoderKL, DiagonalGaussian
-from jaxdiff.train import learning_rate_schedule, preprocess, seed_keys
+from jaxdiff.train import ema_update, learning_rate_schedule, preprocess, seed_keys, where_finite
 
 Array = jax.Array
 
@@ -222,11 +222,6 @@ def make_autoencoder_loss_fn(model: AutoencoderKL, discriminator: PatchDiscrimin
     return loss_fn
 
 
-def ema_update(ema_params, params, decay: float):
-    """decay·ema + (1 − decay)·params, leaf by leaf."""
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
-
-
 def make_autoencoder_train_step(
     model: AutoencoderKL, discriminator: PatchDiscriminator | None, settings, training, tx, *, random_flip: bool
 ) -> Callable:
@@ -277,7 +272,7 @@ def make_autoencoder_train_step(
             new["disc_params"] = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(g_loss=aux["g_loss"], disc_adaptive_weight=aux["disc_adaptive_weight"], disc_loss=d_loss,
                            logits_real=real, logits_fake=fake)  # fmt: skip
-        kept = {k: jax.tree.map(lambda a, b: jnp.where(finite, a, b), v, getattr(state, k)) for k, v in new.items()}
+        kept = {k: where_finite(finite, v, getattr(state, k)) for k, v in new.items()}
         new_state = state.replace(
             step=state.step + 1,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),

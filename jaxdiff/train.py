@@ -77,6 +77,16 @@ def seed_keys(seed: int) -> tuple[Array, Array]:
     return init_rng, run_rng
 
 
+def ema_update(ema_params, params, decay: float):
+    """decay·ema + (1 − decay)·params, leaf by leaf."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def where_finite(finite: Array, new, old):
+    """`new` where the scalar bool `finite` holds, else `old`, leaf by leaf (a skipped step changes nothing)."""
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
 def new_train_state(params, ema_params, tx: optax.GradientTransformation, rng: Array, *, step: int = 0) -> TrainState:
     """A state at `step` with the given weights and a fresh optimizer state."""
     return TrainState(
@@ -189,13 +199,12 @@ def make_train_step(config: ml_collections.ConfigDict, model, schedule: Schedule
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        ema_params = ema_update(state.ema_params, params, decay)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            ema_params=keep_if_finite(ema_params, state.ema_params),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
+            params=where_finite(finite, params, state.params),
+            ema_params=where_finite(finite, ema_params, state.ema_params),
+            opt_state=where_finite(finite, opt_state, state.opt_state),
             rng=state.rng,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             skipped=state.skipped + (~finite).astype(jnp.int32),
