@@ -224,7 +224,7 @@ def _finished_batches(num_totals: int, images_per_batch: list[int], path: Path) 
     return int(np.flatnonzero(finished == num_totals)[0])
 
 
-def _check_evaluation_args(source, batch_size, num_images, num_devices) -> int:
+def check_evaluation_args(source, batch_size, num_images, num_devices) -> int:
     """Validates the arguments of `evaluate_bpd`; returns the number of images."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -302,27 +302,38 @@ def evaluate_bpd(
     if num_t is not None:
         strata(schedule.num_timesteps, num_t)
     mesh = local_mesh()
-    num_images = _check_evaluation_args(source, batch_size, num_images, mesh.devices.size)
+    num_images = check_evaluation_args(source, batch_size, num_images, mesh.devices.size)
+    identity = _identity(
+        source, schedule, num_images=num_images, batch_size=int(batch_size), seed=int(seed), num_t=num_t,
+        mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised),
+        process_count=jax.process_count(),
+    )  # fmt: skip
+    per_image_totals = _per_image_totals(
+        denoise_fn, schedule, num_t=num_t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
+    )
+    return resumable_mean(per_image_totals, source, mesh, batch_size=batch_size, num_images=num_images,
+                          identity=identity, out_path=out_path, seed=seed, progress=progress, desc="bits/dim")  # fmt: skip
+
+
+def resumable_mean(
+    per_image: Callable[[Array, Array], Array], source, mesh, *, batch_size: int, num_images: int, identity: dict,
+    out_path: os.PathLike | str, seed: int, progress: bool, desc: str,
+) -> tuple[float, float]:  # fmt: skip
+    """(mean, standard error) of `per_image(images uint8 [B, ...] sharded over `mesh`, key) -> [B]` over the
+    first `num_images` images of `source`, batch by batch with the progress file and multi-host split that
+    `evaluate_bpd` describes; process 0 writes {"bpd", "stderr", **identity} as JSON to `out_path`."""
     process_index, process_count = jax.process_index(), jax.process_count()
     num_batches = -(-num_images // batch_size)
     my_batches = list(range(process_index, num_batches, process_count))
-    identity = _identity(
-        source, schedule, num_images=num_images, batch_size=int(batch_size), seed=int(seed), num_t=num_t,
-        mean_type=mean_type, var_type=var_type, clip_denoised=bool(clip_denoised), process_count=process_count,
-    )  # fmt: skip
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     progress_file = progress_path(out_path, identity, process_index)
     totals = _load_progress(progress_file, identity)
     images_per_batch = [min(batch_size, num_images - b * batch_size) for b in my_batches]
     done = _finished_batches(len(totals), images_per_batch, progress_file)
-
-    per_image_totals = _per_image_totals(
-        denoise_fn, schedule, num_t=num_t, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised
-    )
     sharding = batch_sharding(mesh)
     base_key = jax.random.key(seed)
     bar = tqdm(
-        total=len(my_batches), initial=done, unit="batch", desc="bits/dim",
+        total=len(my_batches), initial=done, unit="batch", desc=desc,
         disable=not progress or process_index != 0, dynamic_ncols=True,
     )  # fmt: skip
     with bar:
@@ -330,8 +341,8 @@ def evaluate_bpd(
             images, _ = source.get(np.arange(b * batch_size, b * batch_size + count))
             padded = np.zeros((batch_size, *source.image_shape), np.uint8)
             padded[:count] = images
-            batch_totals = per_image_totals(jax.device_put(padded, sharding), jax.random.fold_in(base_key, b))
-            totals.extend(np.asarray(batch_totals)[:count].astype(np.float64).tolist())
+            values = per_image(jax.device_put(padded, sharding), jax.random.fold_in(base_key, b))
+            totals.extend(np.asarray(values)[:count].astype(np.float64).tolist())
             _write_json_atomically(progress_file, {"identity": identity, "totals": totals})
             bar.update(1)
             bar.set_postfix(bpd=f"{np.mean(totals):.4f}")

@@ -9,23 +9,12 @@ with the same settings continues after the last finished batch and gives the sam
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import jax
-import numpy as np
-from tqdm.auto import tqdm
 
-from jaxdiff.evaluation.likelihood import (
-    _check_evaluation_args,
-    _finished_batches,
-    _gather_totals,
-    _load_progress,
-    _write_json_atomically,
-    progress_path,
-)
+from jaxdiff.evaluation.likelihood import check_evaluation_args, resumable_mean
 from jaxdiff.evaluation.ode_likelihood import DIVERGENCES, ode_bits_per_dim
-from jaxdiff.sharding import batch_sharding, local_mesh
+from jaxdiff.sharding import local_mesh
 
 
 def evaluate_ode_bpd(
@@ -42,45 +31,18 @@ def evaluate_ode_bpd(
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     mesh = local_mesh()
-    num_images = _check_evaluation_args(source, batch_size, num_images, mesh.devices.size)
-    process_index, process_count = jax.process_index(), jax.process_count()
-    num_batches = -(-num_images // batch_size)
-    my_batches = list(range(process_index, num_batches, process_count))
+    num_images = check_evaluation_args(source, batch_size, num_images, mesh.devices.size)
     identity = {
         "source": source.name, "image_shape": list(source.image_shape), "estimator": "probability-flow ODE",
         "process": type(process).__name__, "process_params": [float(v) for v in jax.tree.leaves(process)],
         "num_images": num_images, "batch_size": int(batch_size), "seed": int(seed), "divergence": divergence,
-        "rtol": float(rtol), "atol": float(atol), "process_count": process_count,
+        "rtol": float(rtol), "atol": float(atol), "process_count": jax.process_count(),
     }  # fmt: skip
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    progress_file = progress_path(out_path, identity, process_index)
-    totals = _load_progress(progress_file, identity)
-    images_per_batch = [min(batch_size, num_images - b * batch_size) for b in my_batches]
-    done = _finished_batches(len(totals), images_per_batch, progress_file)
 
-    sharding = batch_sharding(mesh)
-    base_key = jax.random.key(seed)
-    bar = tqdm(total=len(my_batches), initial=done, unit="batch", desc="bits/dim (ODE)",
-               disable=not progress or process_index != 0, dynamic_ncols=True)  # fmt: skip
-    with bar:
-        for b, count in zip(my_batches[done:], images_per_batch[done:]):
-            images, _ = source.get(np.arange(b * batch_size, b * batch_size + count))
-            padded = np.zeros((batch_size, *source.image_shape), np.uint8)
-            padded[:count] = images
-            key = jax.random.fold_in(base_key, b)
-            bpd, _ = ode_bits_per_dim(denoiser, process, jax.device_put(padded, sharding), key,
-                                      divergence=divergence, rtol=rtol, atol=atol)  # fmt: skip
-            totals.extend(np.asarray(bpd)[:count].astype(np.float64).tolist())
-            _write_json_atomically(progress_file, {"identity": identity, "totals": totals})
-            bar.update(1)
-            bar.set_postfix(bpd=f"{np.mean(totals):.4f}")
+    def per_image_bpd(images, key):
+        bpd, _ = ode_bits_per_dim(denoiser, process, images, key, divergence=divergence, rtol=rtol, atol=atol)
+        return bpd
 
-    all_totals = _gather_totals(
-        totals, batches_per_process=-(-num_batches // process_count), batch_size=batch_size, num_images=num_images
-    )
-    mean = float(np.mean(all_totals))
-    stderr = float(np.std(all_totals, ddof=1) / math.sqrt(num_images)) if num_images > 1 else math.nan
-    if process_index == 0:
-        _write_json_atomically(Path(out_path), {"bpd": mean, "stderr": None if math.isnan(stderr) else stderr,
-                                                **identity})  # fmt: skip
-    return mean, stderr
+    return resumable_mean(per_image_bpd, source, mesh, batch_size=batch_size, num_images=num_images,
+                          identity=identity, out_path=out_path, seed=seed, progress=progress,
+                          desc="bits/dim (ODE)")  # fmt: skip
