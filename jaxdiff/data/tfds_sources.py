@@ -141,6 +141,7 @@ def _data_source(dataset: str, data_config: ml_collections.ConfigDict):
     builder = tfds.builder({**IN_MEMORY, **RANDOM_ACCESS}[dataset], data_dir=data_config.data_dir or None)
     try:
         return builder, builder.as_data_source(split=data_config.split)
+    # TFDS raises NotImplementedError (among others) for a dataset prepared in a format without random access.
     except (AssertionError, ValueError, NotImplementedError, FileNotFoundError) as err:
         if not builder.is_prepared():
             raise not_prepared_error(dataset, builder) from err
