@@ -1,9 +1,11 @@
-"""Device mesh, global batches from process-local data, multi-host start-up.
+"""Device mesh, global batches from process-local data, train-state sharding, multi-host start-up.
 
-One 1-D mesh with axis "data" spans every device of every process. A batch is
-sharded along its leading axis over "data" (`P("data")`); parameters and
-optimizer state are replicated (`P()`). The mesh lists the devices of process 0
-first, then those of process 1, ..., so process p's local batch is rows
+The training mesh spans every device of every process: 1-D with axis "data", or 2-D
+("data", "fsdp") when parameters and optimizer state are sharded (FSDP). A batch is
+sharded along its leading axis over all the mesh's axes (`P(("data", "fsdp"))`), so every
+device holds distinct rows. The train state is replicated (`P()`) on a 1-D mesh; on a 2-D
+mesh `state_sharding` splits its large arrays over "fsdp". The mesh lists the devices of
+process 0 first, then those of process 1, ..., so process p's local batch is rows
 [p·B/P, (p+1)·B/P) of the global batch, the rows `jaxdiff.data` gives it.
 """
 
@@ -80,10 +82,27 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def make_mesh(axis_name: str = "data") -> Mesh:
-    """A 1-D mesh over all global devices, ordered by (process index, device id)."""
+DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+DEFAULT_MIN_SHARDED_SIZE = 2**14  # elements: smaller state arrays stay replicated
+
+
+def make_mesh(fsdp: int = 1) -> Mesh:
+    """The training mesh over all global devices, ordered by (process index, device id).
+
+    fsdp == 1: 1-D, axis "data" (N devices). fsdp > 1: 2-D ("data", "fsdp") of shape
+    (N / fsdp, fsdp); row r holds devices r·fsdp .. (r+1)·fsdp − 1 of that order, so an
+    "fsdp" group is `fsdp` consecutive devices of one process (its all-gathers and
+    reduce-scatters stay on one host's links) whenever fsdp divides the local device count;
+    otherwise groups span consecutive hosts (whole hosts when the local count divides fsdp).
+    """
     devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
-    return Mesh(np.array(devices), (axis_name,), axis_types=(AxisType.Auto,))
+    if isinstance(fsdp, bool) or not isinstance(fsdp, (int, np.integer)) or fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp!r} must be a positive integer dividing the {len(devices)} devices")
+    if fsdp == 1:
+        return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def local_mesh(axis_name: str = "data") -> Mesh:
@@ -92,13 +111,42 @@ def local_mesh(axis_name: str = "data") -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the mesh's axis, the rest unsplit."""
-    return NamedSharding(mesh, PartitionSpec(*mesh.axis_names))
+    """Leading (batch) axis split over all the mesh's axes together (row-major: device k of the
+    mesh's order holds the k-th block of rows), the rest unsplit."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def _leaf_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> PartitionSpec:
+    """The largest dimension divisible by `fsdp` (the later one on ties) split over "fsdp"; P() when none,
+    when fsdp == 1, or when the array has fewer than `min_size` elements."""
+    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    candidates = [axis for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda a: (shape[a], a))
+    return PartitionSpec(*([None] * axis), FSDP_AXIS)
+
+
+def state_sharding(mesh: Mesh, state_shapes: Any, *, min_size: int = DEFAULT_MIN_SHARDED_SIZE) -> Any:
+    """A NamedSharding for every array leaf of a state pytree (arrays or `jax.ShapeDtypeStruct`s).
+
+    On a mesh with an "fsdp" axis of size n > 1, a leaf of at least `min_size` elements is split
+    over "fsdp" along its largest dimension divisible by n (the later one on ties), and replicated
+    over "data"; scalars, rng keys, small leaves and leaves with no dimension divisible by n are
+    replicated. Without an "fsdp" axis (or n == 1) everything is replicated. The rule depends on
+    shapes only, so parameters, their EMA and Adam's moments are split alike. None leaves (absent
+    optional parts of a flax.struct state) stay None.
+    """
+    if min_size < 1:
+        raise ValueError(f"min_size={min_size} must be at least 1 (elements)")
+    fsdp = dict(mesh.shape).get(FSDP_AXIS, 1)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, _leaf_spec(tuple(leaf.shape), fsdp, min_size)), state_shapes)
 
 
 def _process_count(mesh: Mesh) -> int:
