@@ -14,6 +14,7 @@ import flax.traverse_util
 import jax
 import ml_collections
 
+from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.models.unet import level_resolutions
 from jaxdiff.recipes import RELEASED, recipe
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 class Architecture(NamedTuple):
     """The U-Net hyper-parameters that weights determine. `attn_levels` are 0-based level indices
     (level i works at image_size / 2^i), so they hold for any image size; every other field is the
-    `config.model` key of the same name, defaulting to the official DDPM network.
+    `config.model` key of the same name. `official_architecture()` gives the official DDPM network's values.
     """
 
     in_channels: int
@@ -38,20 +39,20 @@ class Architecture(NamedTuple):
     num_res_blocks: int
     attn_levels: tuple[int, ...]
     resamp_with_conv: bool
-    num_classes: int = 0
-    null_label: bool = True
-    flip_sin_to_cos: bool = False
-    freq_shift: int = 1
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-    act: str = "silu"
-    attn_head_dim: int = 0
-    temb_scale_shift: bool = False
-    downsample_padding: int = 0
-    resblock_down_levels: tuple[int, ...] = ()
-    resblock_up_levels: tuple[int, ...] = ()
-    mid_attn: bool = True
-    mid_attn_norm: bool = True
+    num_classes: int
+    null_label: bool
+    flip_sin_to_cos: bool
+    freq_shift: int
+    norm_groups: int
+    norm_eps: float
+    act: str
+    attn_head_dim: int
+    temb_scale_shift: bool
+    downsample_padding: int
+    resblock_down_levels: tuple[int, ...]
+    resblock_up_levels: tuple[int, ...]
+    mid_attn: bool
+    mid_attn_norm: bool
 
 
 MODEL_FIELDS = tuple(name for name in Architecture._fields if name != "attn_levels")  # copied to/from config.model
@@ -65,6 +66,11 @@ def architecture_of(model_config: ml_collections.ConfigDict) -> Architecture:
     values.update({key: tuple(values[key]) for key in TUPLE_FIELDS})
     attn = tuple(model_config.attn_resolutions)
     return Architecture(attn_levels=tuple(i for i, res in enumerate(resolutions) if res in attn), **values)
+
+
+def official_architecture() -> Architecture:
+    """The architecture of the default config's model: the official DDPM CIFAR-10 U-Net."""
+    return architecture_of(default_config().model)
 
 
 def matching_released_recipe(

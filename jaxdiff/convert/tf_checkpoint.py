@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.config import validate
-from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, param_shapes
+from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, official_architecture, param_shapes
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.tf_bundle import TFCheckpoint
 
@@ -101,7 +101,7 @@ def infer_architecture(shapes: dict[str, list[int]], source: str) -> Architectur
         if width % ch:
             raise ValueError(f"{source}: down_{i} has {width} channels, not a multiple of conv_in's {ch}")
         ch_mult.append(width // ch)
-    return Architecture(
+    return official_architecture()._replace(
         in_channels=in_channels,
         out_channels=shapes[SCOPE + "conv_out/W"][-1],
         ch=ch,
