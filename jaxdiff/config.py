@@ -26,6 +26,7 @@ from jaxdiff.schedule import BETA_SCHEDULES
 
 DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
+    "folder",
 )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Input pipelines: image sources, the deterministic batch order (a grain pipeline) and TF-free preparation.
 
-Sources (`sources`, `tfds_sources`) give random access to uint8 NHWC images; `pipeline` turns a
-source into this process's batches, in an order that is a pure function of (seed, step);
+Sources (`sources`, `tfds_sources`, `folder`) give random access to uint8 NHWC images; `pipeline`
+turns a source into this process's batches, in an order that is a pure function of (seed, step);
 `prepare` writes CIFAR-10 as TFDS array_record files without TensorFlow.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxdiff.config import DATASETS
+from jaxdiff.data.folder import FolderSource, load_folder
 from jaxdiff.data.pipeline import BatchIterator, batch_dataset, batch_for_step, example_indices, iterate_batches
 from jaxdiff.data.prepare import prepare_dataset
 from jaxdiff.data.shapes import NUM_EXAMPLES as SHAPES_NUM_EXAMPLES
@@ -26,24 +27,27 @@ from jaxdiff.data.tfds_sources import (
 SYNTHETIC_NUM_EXAMPLES = 50_000  # examples of the `synthetic` dataset built by `load_dataset`
 
 __all__ = [
-    "SYNTHETIC_NUM_EXAMPLES", "ArraySource", "BatchIterator", "DatasetNotFoundError", "RandomAccessSource",
-    "ShapesSource", "Source", "SyntheticSource", "batch_dataset", "batch_for_step", "center_crop_resize",
-    "digits_split_indices", "draw_shapes", "example_indices", "iterate_batches", "load_dataset", "prepare_dataset",
-    "read_attributes",
+    "SYNTHETIC_NUM_EXAMPLES", "ArraySource", "BatchIterator", "DatasetNotFoundError", "FolderSource",
+    "RandomAccessSource", "ShapesSource", "Source", "SyntheticSource", "batch_dataset", "batch_for_step",
+    "center_crop_resize", "digits_split_indices", "draw_shapes", "example_indices", "iterate_batches", "load_dataset",
+    "load_folder", "prepare_dataset", "read_attributes",
 ]  # fmt: skip
 
 
 def load_dataset(
-    data_config: ml_collections.ConfigDict, *, image_shape_for_synthetic: tuple[int, int, int] | None = None
-) -> Source:
+    data_config: ml_collections.ConfigDict, *, image_shape_for_synthetic: tuple[int, int, int] | None = None,
+    image_size: int | None = None,
+) -> Source:  # fmt: skip
     """The source named by `data_config.dataset` (one of `jaxdiff.config.DATASETS`).
 
     Reads `dataset`, `split` and `data_dir` ("" = TFDS' default). `image_shape_for_synthetic`
     (H, W, C) is required for, and used only by, `synthetic` (50,000 examples, 10 classes,
     any split). Digits has the splits "train" (1437 images) and "test" (360 held out).
     `shapes` has the splits "train" (50,000 examples) and "heldout" (5,000), drawn on demand
-    with seed 0 (see `jaxdiff.data.shapes`). A TFDS dataset that is not prepared, or not in
-    array_record format, raises `DatasetNotFoundError` saying what to run.
+    with seed 0 (see `jaxdiff.data.shapes`). `folder` reads the captioned images of the folder
+    `data_dir` (any split; see `jaxdiff.data.folder`) at `image_size`×`image_size` (required: the
+    model's image size), checked before it returns. A TFDS dataset that is not prepared, or not
+    in array_record format, raises `DatasetNotFoundError` saying what to run.
     """
     dataset = data_config.dataset
     if dataset not in DATASETS:
@@ -58,6 +62,12 @@ def load_dataset(
         if data_config.split not in SHAPES_NUM_EXAMPLES:
             raise ValueError(f"shapes has the splits {tuple(SHAPES_NUM_EXAMPLES)}, got split={data_config.split!r}")
         return ShapesSource(data_config.split, num_examples=SHAPES_NUM_EXAMPLES[data_config.split])
+    if dataset == "folder":
+        if image_size is None:
+            raise ValueError(
+                "data.dataset='folder' needs image_size (pixels; the images are cropped and resized to it)"
+            )
+        return load_folder(data_config.data_dir, image_size)
     if dataset == "cifar10":
         return load_in_memory(dataset, data_config)
     return load_random_access(dataset, data_config)
