@@ -157,6 +157,18 @@ def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start
     return math.sqrt(plan.final_alpha_bar) * x0 + math.sqrt(1.0 - plan.final_alpha_bar) * eps
 
 
+def encode_to_latents(vae, vae_config, vae_params, x: Array, rng: Array) -> Array:
+    """Images x in [-1, 1] -> latents drawn from the posterior, in the U-Net's scale (z − shift_factor)·scaling_factor."""
+    posterior = vae.apply({"params": vae_params}, x, method=vae.encode)
+    return (posterior.sample(rng) - (vae_config.shift_factor or 0.0)) * vae_config.scaling_factor
+
+
+def decode_latents(vae, vae_config, vae_params, latents: Array) -> Array:
+    """Latents in the U-Net's scale -> the decoder's output (images, about [-1, 1], not clipped)."""
+    z = latents / vae_config.scaling_factor + (vae_config.shift_factor or 0.0)
+    return vae.apply({"params": vae_params}, z, method=vae.decode)
+
+
 def to_pixels(decoded: Array) -> Array:
     """Decoder output in [-1, 1] -> float images in [0, 1] (clipped)."""
     return jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0)
@@ -245,15 +257,11 @@ class LatentPipeline:
     # ------------------------------------------------------------------ jitted pieces
 
     def _decode_latents(self, vae_params, latents: Array) -> Array:
-        c = self.model.vae_config
-        z = latents / c.scaling_factor + (c.shift_factor or 0.0)
-        return to_pixels(self.vae.apply({"params": vae_params}, z, method=self.vae.decode))
+        return to_pixels(decode_latents(self.vae, self.model.vae_config, vae_params, latents))
 
     def _encode_latents(self, vae_params, images: Array, rng: Array) -> Array:
         """Images in [0, 1] -> latents drawn from the posterior, in the U-Net's scale."""
-        c = self.model.vae_config
-        posterior = self.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method=self.vae.encode)
-        return (posterior.sample(rng) - (c.shift_factor or 0.0)) * c.scaling_factor
+        return encode_to_latents(self.vae, self.model.vae_config, vae_params, images * 2.0 - 1.0, rng)
 
     def _loop(self, timesteps: np.ndarray, sampler: str, guidance: float, mode: str) -> Callable:
         """The compiled denoising loop for these static settings; mode: "plain", "condition" (9-channel

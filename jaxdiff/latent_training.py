@@ -1,0 +1,206 @@
+"""Latent, text-conditioned diffusion training: the pure parts (parameters, loss, jitted step, sample grids).
+
+One step on a batch {"image": uint8 [B, H, W, 3], "input_ids": int32 [B, L]}:
+images -> [-1, 1] -> latents z_0 = (a sample of q(z | x) − shift_factor)·scaling_factor of the frozen
+autoencoder, computed on the fly and not differentiated -> each caption replaced by the empty prompt with
+probability `caption_dropout` (for classifier-free guidance) -> text transformer (trained jointly, or frozen)
+-> context = its last hidden state [B, L, D] -> t ~ U{0..T-1}, ε ~ N(0, I), z_t = q_sample(z_0, t, ε) ->
+U-Net(z_t, t, context) -> the DDPM mse loss on ε, x_0 or v (`diffusion.mean_type`) -> gradient ->
+global-norm clip, Adam with warmup (`jaxdiff.train.make_optimizer`) -> EMA.
+
+The trained parameters are {"unet": ..., "text": ...} ("text" only when the text transformer is trained);
+the autoencoder's (and a frozen text encoder's) parameters are constants of the step. Every random draw of
+step s comes from fold_in(state.rng, s); a step whose loss or gradient is not finite changes nothing and is
+counted, as in `jaxdiff.train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxdiff import diffusion
+from jaxdiff.convert.stable_diffusion import SchedulerSettings
+from jaxdiff.latent_pipeline import (
+    decode_latents,
+    denoise,
+    encode_to_latents,
+    guided_latent_denoiser,
+    step_plan,
+    visited_timesteps,
+)
+from jaxdiff.schedule import Schedule, schedule_from_config
+from jaxdiff.train import (
+    TrainState,
+    ema_update,
+    learning_rate_schedule,
+    new_train_state,
+    preprocess,
+    seed_keys,
+    where_finite,
+)
+
+Array = jax.Array
+
+# How the steps of a trained run are placed for sampling: "trailing" starts at step T−1 (pure noise).
+RUN_TIMESTEP_SPACING = "trailing"
+
+
+class LatentNetworks(NamedTuple):
+    """The modules of a latent model: `vae_config` holds scaling_factor and shift_factor; `train_text` whether
+    the text transformer is trained; `frozen` the parameters that are not ({"vae": ...} and, for a pretrained
+    text encoder, "text"; only the loss and the sampler read them)."""
+
+    unet: Any
+    text: Any
+    vae: Any
+    vae_config: ml_collections.ConfigDict
+    train_text: bool
+    frozen: dict
+
+
+def text_context(networks: LatentNetworks, params: dict, input_ids: Array) -> Array:
+    """The text transformer's last hidden state [B, L, D] for token ids [B, L] (no padding mask, as SD pipelines)."""
+    text_params = params["text"] if networks.train_text else networks.frozen["text"]
+    return networks.text.apply({"params": text_params}, input_ids).last_hidden_state
+
+
+def drop_captions(input_ids: Array, empty_ids: Array, dropped: Array) -> Array:
+    """input_ids [B, L] with the rows where `dropped` [B] (bool) holds replaced by the empty prompt's ids [L]."""
+    return jnp.where(dropped[:, None], empty_ids[None, :], input_ids)
+
+
+def latent_loss(networks: LatentNetworks, schedule: Schedule, diffusion_config, params: dict, z_0: Array,
+                input_ids: Array, t: Array, noise: Array) -> Array:  # fmt: skip
+    """Mean over the batch of the DDPM mse loss of the U-Net at z_t = q_sample(z_0, t, noise) given the
+    captions' context; z_0 [B, h, w, C] latents, input_ids int32 [B, L], t int32 [B] (0-based, 0..T-1)."""
+    context = text_context(networks, params, input_ids)
+    z_t = diffusion.q_sample(schedule, z_0, t, noise)
+    output = networks.unet.apply({"params": params["unet"]}, z_t, t, context)
+    losses = diffusion.training_losses(
+        schedule, output.astype(jnp.float32), x_start=z_0, x_t=z_t, t=t, noise=noise,
+        mean_type=diffusion_config.mean_type, var_type="fixedlarge", loss_type="mse",
+        min_snr_gamma=diffusion_config.min_snr_gamma,
+    )  # fmt: skip
+    return jnp.mean(losses)
+
+
+def make_latent_loss_fn(networks: LatentNetworks, schedule: Schedule, diffusion_config, *, caption_dropout: float,
+                        empty_ids: np.ndarray) -> Callable:  # fmt: skip
+    """loss(params, images uint8 [B,H,W,3], input_ids int32 [B,L], rng) -> float32 scalar: the latents, the
+    caption dropout, t and ε are drawn from `rng`, then `latent_loss`."""
+    empty = jnp.asarray(empty_ids, jnp.int32)
+
+    def loss_fn(params, images, input_ids, rng):
+        encode_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
+        z_0 = encode_to_latents(networks.vae, networks.vae_config, networks.frozen["vae"], preprocess(images, None),
+                                encode_rng)  # fmt: skip
+        z_0 = jax.lax.stop_gradient(z_0)
+        dropped = jax.random.bernoulli(drop_rng, caption_dropout, (images.shape[0],))
+        t = jax.random.randint(t_rng, (images.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
+        return latent_loss(networks, schedule, diffusion_config, params, z_0, drop_captions(input_ids, empty, dropped),
+                           t, noise)  # fmt: skip
+
+    return loss_fn
+
+
+def make_latent_train_step(loss_fn: Callable, training: ml_collections.ConfigDict,
+                           tx: optax.GradientTransformation) -> Callable:  # fmt: skip
+    """train_step(state: TrainState, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,3],
+    "input_ids": int32 [B,L]}. metrics: loss, grad_norm, learning_rate, skipped_updates, nonfinite_streak."""
+    lr_schedule = learning_rate_schedule(training)
+    decay = training.ema_decay
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["image"], batch["input_ids"], rng)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=where_finite(finite, params, state.params),
+            ema_params=where_finite(finite, ema_update(state.ema_params, params, decay), state.ema_params),
+            opt_state=where_finite(finite, opt_state, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
+            "skipped_updates": new_state.skipped,
+            "nonfinite_streak": new_state.nonfinite_streak,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def init_latent_params(networks: LatentNetworks, rng: Array, latent_shape: tuple[int, int, int], text_length: int,
+                       unet_params: dict | None = None) -> dict:  # fmt: skip
+    """Trained parameters {"unet"[, "text"]}: fresh from `rng`, or the U-Net's from `unet_params` (fine-tuning)."""
+    unet_rng, text_rng = jax.random.split(rng)
+    ids = jnp.zeros((1, text_length), jnp.int32)
+    params = {}
+    if networks.train_text:
+        params["text"] = networks.text.init(text_rng, ids)["params"]
+    if unet_params is None:
+        z = jnp.zeros((1, *latent_shape), jnp.float32)
+        context = jnp.zeros((1, text_length, networks.unet.cross_attention_dim), jnp.float32)
+        unet_params = networks.unet.init(unet_rng, z, jnp.zeros((1,), jnp.int32), context)["params"]
+    params["unet"] = jax.tree.map(jnp.asarray, unet_params)
+    return params
+
+
+def init_latent_state(networks: LatentNetworks, tx: optax.GradientTransformation, seed: int,
+                      latent_shape: tuple[int, int, int], text_length: int, unet_params: dict | None = None) -> TrainState:  # fmt: skip
+    """A fresh `TrainState` from `seed` (split by `jaxdiff.train.seed_keys`); the EMA starts as a copy."""
+    init_rng, run_rng = seed_keys(seed)
+    params = init_latent_params(networks, init_rng, latent_shape, text_length, unet_params)
+    return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)
+
+
+def run_scheduler(diffusion_config) -> SchedulerSettings:
+    """How a trained run samples: its training schedule and mean type, steps placed "trailing" (from T−1), and
+    DDIM's last step going to ᾱ = 1."""
+    settings = {"timestep_spacing": RUN_TIMESTEP_SPACING, "steps_offset": 0, "set_alpha_to_one": True}
+    return SchedulerSettings(schedule_from_config(diffusion_config), diffusion_config.mean_type,
+                             RUN_TIMESTEP_SPACING, 0, True, settings)  # fmt: skip
+
+
+def make_grid_sampler(networks: LatentNetworks, scheduler: SchedulerSettings, prompt_ids: np.ndarray,
+                      empty_ids: np.ndarray, latent_shape: tuple[int, int, int], *, sampler: str, steps: int,
+                      guidance: float) -> Callable:  # fmt: skip
+    """sample_grid(params, rng) -> float32 [N, H, W, 3] in [-1, 1]: one image per prompt (ids [N, L]) drawn by
+    `sampler` in `steps` steps with guidance as `LatentPipeline.text_to_image` (uncond + g·(cond − uncond),
+    the conditional model alone for g <= 1), decoded by the autoencoder. The initial latents are
+    N(0, I) from the first half of split(rng), the sampler's draws from the second."""
+    timesteps = visited_timesteps(scheduler, steps)
+    plan = step_plan(scheduler, timesteps)
+    increasing = jnp.asarray(timesteps[::-1].copy(), jnp.int32)
+    prompts = jnp.asarray(prompt_ids, jnp.int32)
+    empty = jnp.broadcast_to(jnp.asarray(empty_ids, jnp.int32), prompts.shape)
+
+    def sample_grid(params: dict, rng: Array) -> Array:
+        cond, uncond = text_context(networks, params, prompts), text_context(networks, params, empty)
+
+        def unet(x, t, context):
+            return networks.unet.apply({"params": params["unet"]}, x, t, context)
+
+        noise_rng, loop_rng = jax.random.split(rng)
+        x_start = jax.random.normal(noise_rng, (prompts.shape[0], *latent_shape), jnp.float32)
+        fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing)
+        latents = denoise(fn, plan, x_start, loop_rng, sampler=sampler)
+        decoded = decode_latents(networks.vae, networks.vae_config, networks.frozen["vae"], latents)
+        return jnp.clip(decoded.astype(jnp.float32), -1.0, 1.0)
+
+    return sample_grid
