@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models import cpu_conv
+
 Array = jax.Array
 
 NUM_GROUPS = 32
@@ -72,7 +74,9 @@ def dense(features: int, dtype: Any, *, scale: float = 1.0, name: str) -> nn.Den
 def conv3x3(
     features: int, dtype: Any, *, scale: float = 1.0, strides: int = 1, padding: Any = "SAME", name: str
 ) -> nn.Conv:
-    """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME")."""
+    """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME").
+
+    With JAXDIFF_CPU_CONV_WGRAD=1 its weight gradient on CPU is `cpu_conv`'s (same parameters)."""
     return nn.Conv(
         features,
         (3, 3),
@@ -81,6 +85,7 @@ def conv3x3(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=fan_avg_uniform(scale),
+        conv_general_dilated=cpu_conv.conv_general_dilated if cpu_conv.enabled() else None,
         name=name,
     )
 

@@ -1,0 +1,162 @@
+"""The CPU shifted-GEMM weight gradient (`jaxdiff.models.cpu_conv`) against a float64 NumPy convolution
+and against XLA's own VJP, at the strides and paddings the U-Nets use."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxdiff.models import cpu_conv
+from jaxdiff.models.layers import Downsample, ResBlock
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def numpy_conv_and_grads(x, kernel, g, strides, pads):
+    """float64 (y, ∂L/∂x, ∂L/∂kernel) of y = conv(x, kernel) and L = Σ y·g, by explicit window sums."""
+    x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+    (sh, sw), ((top, bottom), (left, right)) = strides, pads
+    x_pad = np.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)), (0, 0)))
+    x_pad = x_pad[:, max(-top, 0) : x_pad.shape[1] - max(-bottom, 0), max(-left, 0) : x_pad.shape[2] - max(-right, 0)]
+    kh, kw = kernel.shape[:2]
+    ho, wo = (x_pad.shape[1] - kh) // sh + 1, (x_pad.shape[2] - kw) // sw + 1
+    y = np.zeros((x.shape[0], ho, wo, kernel.shape[3]))
+    dx_pad, dk = np.zeros_like(x_pad), np.zeros_like(kernel)
+    for i in range(kh):
+        for j in range(kw):
+            rows, cols = slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw)
+            y += np.einsum("bpqc,co->bpqo", x_pad[:, rows, cols], kernel[i, j])
+            dk[i, j] = np.einsum("bpqc,bpqo->co", x_pad[:, rows, cols], g)
+            dx_pad[:, rows, cols] += np.einsum("bpqo,co->bpqc", g, kernel[i, j])
+    full = np.zeros((x.shape[0], x.shape[1] + top + bottom, x.shape[2] + left + right, x.shape[3]))
+    full[:, : dx_pad.shape[1], : dx_pad.shape[2]] = dx_pad  # crop margins are zero-gradient rows
+    dx = full[:, top : top + x.shape[1], left : left + x.shape[2]] if min(top, left) >= 0 else None
+    return y, dx, dk
+
+
+CASES = [
+    # (x shape, kernel shape, strides, padding as nn.Conv passes it)
+    ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), "SAME"),
+    ((2, 8, 8, 4), (3, 3, 4, 4), (2, 2), "SAME"),  # TF SAME: pad 0 before, 1 after
+    ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),  # PyTorch padding 1
+    ((3, 7, 5, 2), (3, 3, 2, 3), (2, 2), "SAME"),  # odd sizes
+    ((1, 6, 6, 2), (3, 3, 2, 2), (1, 1), "VALID"),
+]
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES)
+def test_values_and_gradients_match_float64_and_xla(x_shape, kernel_shape, strides, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal(kernel_shape).astype(np.float32)
+    y_native = lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
+    g = rng.standard_normal(y_native.shape).astype(np.float32)
+    pads = lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding) if isinstance(padding, str) else padding
+    y_ref, dx_ref, dk_ref = numpy_conv_and_grads(x, kernel, g, strides, pads)
+
+    def grads(conv):
+        y, vjp = jax.vjp(lambda x_, k_: conv(x_, k_, strides, padding, dimension_numbers=NHWC), x, kernel)
+        return (y, *vjp(g))
+
+    y, dx, dk = jax.jit(lambda: grads(cpu_conv.conv_general_dilated))()
+    _, dx_native, dk_native = jax.jit(lambda: grads(lax.conv_general_dilated))()
+    scale = np.abs(dk_ref).max()
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_allclose(dk, dk_ref, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(dk, dk_native, rtol=0, atol=2e-5 * scale)
+    np.testing.assert_allclose(dx, dx_native, rtol=0, atol=1e-6 * np.abs(dx_native).max())
+    if dx_ref is not None:
+        np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
+
+
+def test_the_cpu_weight_gradient_is_gemms_not_a_convolution():
+    """On CPU the gradient program holds one convolution (the input gradient) besides the forward."""
+    x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+
+    def loss(conv, k):
+        return jnp.sum(conv(x, k, (1, 1), "SAME", dimension_numbers=NHWC) ** 2)
+
+    def convolutions(conv):
+        return jax.jit(jax.grad(lambda k: loss(conv, k))).lower(kernel).as_text().count("stablehlo.convolution")
+
+    assert convolutions(lax.conv_general_dilated) == 2  # forward + weight gradient
+    assert convolutions(cpu_conv.conv_general_dilated) == 1  # forward; weight gradient by dot_general
+    assert "dot_general" in jax.jit(jax.grad(lambda k: loss(cpu_conv.conv_general_dilated, k))).lower(kernel).as_text()
+
+
+def test_bfloat16_weight_gradient_accumulates_in_float32():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    g = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    conv = lambda x_, k_: cpu_conv.conv_general_dilated(x_, k_, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    dk = jax.vjp(conv, as_bf16(x), as_bf16(kernel))[1](as_bf16(g))[1]
+    quantised = [np.asarray(as_bf16(a), np.float64) for a in (x, kernel, g)]
+    _, _, dk_ref = numpy_conv_and_grads(*quantised, (1, 1), ((1, 1), (1, 1)))
+    assert dk.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dk, np.float64), dk_ref, rtol=0, atol=1e-2 * np.abs(dk_ref).max())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rhs_dilation": (2, 2)}, "rhs_dilation=(2, 2)"),
+        ({"lhs_dilation": (2, 1)}, "lhs_dilation=(2, 1)"),
+        ({"feature_group_count": 2}, "feature_group_count=1 only, got 2"),
+        ({"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, "NHWC·HWIO"),
+    ],
+)
+def test_unsupported_convolutions_are_refused(kwargs, message):
+    kwargs = {"dimension_numbers": NHWC, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cpu_conv.conv_general_dilated(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", **kwargs)
+
+
+def test_the_switch_reads_only_0_or_1(monkeypatch):
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="JAXDIFF_CPU_CONV_WGRAD='yes' must be 0 or 1"):
+        cpu_conv.enabled()
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "1")
+    assert cpu_conv.enabled()
+    monkeypatch.delenv(cpu_conv.ENV_VAR)
+    assert not cpu_conv.enabled()
+
+
+class _Blocks(nn.Module):
+    """A ResBlock (two 3×3 convolutions, a 1×1 shortcut) then a stride-2 convolutional Downsample."""
+
+    @nn.compact
+    def __call__(self, x, temb):
+        return Downsample(with_conv=True)(ResBlock(out_ch=8, dropout=0.0, num_groups=4)(x, temb, train=False))
+
+
+def test_the_switched_layers_have_the_same_parameters_and_gradients(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
+    temb = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+
+    @jax.jit
+    def params_and_grads():
+        model = _Blocks()
+        params = model.init(jax.random.PRNGKey(0), x, temb)["params"]
+        grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, temb) ** 2))(params)
+        return params, grads
+
+    def convolutions():
+        return params_and_grads.lower().as_text().count("stablehlo.convolution")
+
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "0")
+    params, grads = params_and_grads()
+    native_convolutions = convolutions()
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "1")
+    params_and_grads.clear_cache()
+    params_switched, grads_switched = params_and_grads()
+    assert convolutions() == native_convolutions - 3  # three weight gradients became GEMMs
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_switched)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_switched)
+    for native, switched in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_switched)):
+        np.testing.assert_allclose(switched, native, rtol=0, atol=1e-5 * np.abs(native).max())
