@@ -36,7 +36,7 @@ from jaxdiff import checkpoint, data, images  # noqa: E402
 from jaxdiff.config import SAMPLERS  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.training_run import sample_images  # noqa: E402
+from jaxdiff.tasks.diffusion import sample_images  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "digits.py"
 NUM_CLASSES = 10

@@ -29,10 +29,11 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from jaxdiff.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from jaxdiff.models.autoencoder import OPTION_DEFAULTS, AutoencoderKL, DiagonalGaussian, autoencoder_config
 from jaxdiff.train import ema_update, learning_rate_schedule, preprocess, seed_keys, where_finite
 
 Array = jax.Array
@@ -79,6 +80,15 @@ def check_loss_settings(settings) -> dict[str, Any]:
         if not _is_int(s[key]) or s[key] < 1:
             raise _fail(key, s[key], "an int >= 1")
     return s
+
+
+def autoencoder_model_config(section) -> ml_collections.ConfigDict:
+    """The `autoencoder_config` of a run config's `autoencoder` section (diffusers keys plus dtype and remat;
+    one DownEncoderBlock2D / UpDecoderBlock2D per level). ValueError names an unsupported value."""
+    settings = {key: value for key, value in dict(section).items() if key not in OPTION_DEFAULTS}
+    levels = len(settings["block_out_channels"])
+    settings.update(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+    return autoencoder_config(settings, **{key: section[key] for key in OPTION_DEFAULTS})
 
 
 def reconstruction_error(x: Array, reconstruction: Array, kind: str) -> Array:

@@ -1,8 +1,9 @@
 """Checkpoints of a run: orbax `CheckpointManager` under `workdir/checkpoints`, config beside each step.
 
 Each step directory holds the train state (`state`), the resolved config
-(`config`, JSON) and the input pipeline's position (`data_iterator`, JSON;
-absent from checkpoints of converted weights). Orbax writes into a temporary directory and renames it when
+(`config`, JSON), the input pipeline's position (`data_iterator`, JSON;
+absent from checkpoints of converted weights) and the task's extras (`extras`,
+JSON, e.g. an autoencoder's latent scaling factor; absent when it has none). Orbax writes into a temporary directory and renames it when
 complete, so a crash mid-save leaves the earlier steps intact. A step that is
 unreadable anyway (truncated files) is skipped in favour of the newest readable
 one, with one warning; training also moves it aside to `<step>.damaged-<n>`
@@ -22,8 +23,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
-# Sections that define the model and the diffusion: a run may not resume under different values.
-ARCHITECTURE_SECTIONS = ("model", "diffusion")
+# Per task, the config sections that define what it trains: a run may not resume under different values
+# (nor under a different `task`). Sections a task does not read may change freely.
+ARCHITECTURE_SECTIONS = {
+    "diffusion": ("model", "diffusion"),
+    "autoencoder": ("autoencoder", "autoencoder_loss"),
+    "latent": ("model", "diffusion", "latent"),
+}
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ class Restored(NamedTuple):
     config: dict  # the config saved with the step
     state: Any
     data_state: dict | None  # the data iterator's `get_state()` at the step, if saved
+    extras: dict  # the task's `checkpoint_extras` saved with the step ({} if none)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -48,6 +55,7 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
         "state": ocp.StandardCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
         "data_iterator": ocp.JsonCheckpointHandler(),
+        "extras": ocp.JsonCheckpointHandler(),
     }
 
 
@@ -72,14 +80,17 @@ def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_on
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
-         data_state: dict | None = None) -> None:  # fmt: skip
+         data_state: dict | None = None, extras: dict | None = None) -> None:  # fmt: skip
     """Start an asynchronous save at `step` (collective on every process).
 
-    `data_state` is the data iterator's `get_state()` after the batch of step `step - 1`.
+    `data_state` is the data iterator's `get_state()` after the batch of step `step - 1`; `extras` the
+    task's JSON-able `checkpoint_extras` (nothing is written for None or {}).
     """
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
     if data_state is not None:
         items["data_iterator"] = ocp.args.JsonSave(data_state)
+    if extras:
+        items["extras"] = ocp.args.JsonSave(extras)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -101,6 +112,35 @@ def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, pa
 def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
     """The config saved with `step`, as a plain dict."""
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def read_extras(workdir_or_manager: str | os.PathLike | ocp.CheckpointManager, step: int | None = None) -> dict:
+    """The task's extras saved with `step` (default: the newest step) of a run; {} when that step has none.
+
+    `workdir_or_manager` is a run's workdir (read only) or an open manager of it. An autoencoder run's
+    extras hold {"scaling_factor": float}, 1 / std of its EMA model's latents (`jaxdiff.tasks.autoencoder`),
+    so latent diffusion on it reads `read_extras(ae_workdir, step)["scaling_factor"]`.
+    """
+    if isinstance(workdir_or_manager, ocp.CheckpointManager):
+        return _read_extras(workdir_or_manager, step)
+    manager = make_manager(workdir_or_manager, read_only=True)
+    try:
+        return _read_extras(manager, step)
+    finally:
+        manager.close()
+
+
+def _read_extras(manager: ocp.CheckpointManager, step: int | None) -> dict:
+    steps = manager.all_steps()
+    if step is None:
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {manager.directory}")
+        step = max(steps)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; steps: {sorted(steps)}")
+    if "extras" not in manager.item_metadata(step).keys():
+        return {}
+    return manager.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore())).extras
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -130,13 +170,15 @@ def array_mismatches(saved: Any, target: Any) -> list[str]:
 
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """'key: saved -> given' for every architecture key (nested sections included) whose value differs;
-    keys a saved config lacks (it predates them) count as their defaults."""
+    """'key: saved -> given' for `task` and every key of the given task's `ARCHITECTURE_SECTIONS` (nested
+    sections included) whose value differs; keys a saved config lacks (it predates them) count as their defaults."""
     from jaxdiff.config import config_from_dict
 
     saved, given = config_from_dict(saved).to_dict(), config.to_dict()
+    if saved["task"] != given["task"]:
+        return [f"task: {saved['task']!r} -> {given['task']!r}"]
     differences = []
-    for section in ARCHITECTURE_SECTIONS:
+    for section in ARCHITECTURE_SECTIONS[given["task"]]:
         _compare(saved.get(section, {}), given.get(section, {}), section, differences)
     return differences
 
@@ -206,6 +248,8 @@ def restore_newest(
         items = {"state": ocp.args.StandardRestore(target)}
         if "data_iterator" in saved_items.keys():
             items["data_iterator"] = ocp.args.JsonRestore()
+        if "extras" in saved_items.keys():
+            items["extras"] = ocp.args.JsonRestore()
         try:
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as err:
@@ -213,7 +257,8 @@ def restore_newest(
             continue
         if damaged:
             _report_damaged(manager, damaged, candidate, set_aside_damaged)
-        return Restored(candidate, saved_config, restored.state, restored.get("data_iterator"))
+        return Restored(candidate, saved_config, restored.state, restored.get("data_iterator"),
+                        restored.get("extras") or {})  # fmt: skip
     if damaged:
         steps = ", ".join(str(s) for s, _ in damaged)
         raise CheckpointError(
@@ -241,21 +286,20 @@ def _report_damaged(manager: ocp.CheckpointManager, damaged: list[tuple[int, str
 def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
     """(config, step, params) of a run's checkpoint (newest readable when `step` is None), on this process's first device.
 
-    Works whatever topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample
-    and evaluate with) over the raw ones. Reads only: damaged steps are skipped, not moved.
+    Works for every task (the state is the one `jaxdiff.tasks.make_task(config)` describes) and whatever
+    topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
+    over the raw ones. Reads only: damaged steps are skipped, not moved. The task's extras of the step
+    are `read_extras(workdir, step)`.
     """
     from jaxdiff.config import config_from_dict, validate
-    from jaxdiff.models import create_model
-    from jaxdiff.train import init_train_state, make_optimizer
+    from jaxdiff.tasks import make_task
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target_for(saved: dict):
-        config = validate(config_from_dict(saved))
-        model, tx = create_model(config.model), make_optimizer(config.training)
+        task = make_task(validate(config_from_dict(saved)))
         return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-            jax.eval_shape(lambda: init_train_state(config, model, tx)),
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(task.init_state)
         )
 
     manager = make_manager(workdir, read_only=True)

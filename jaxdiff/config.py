@@ -5,6 +5,10 @@ The returned ConfigDict is locked, so setting a key that does not exist
 (a typo in a config file or on the command line) raises an error naming it.
 `SPECS` gives each key its type, allowed values and meaning; `validate`
 checks a whole config against it before a run starts.
+
+`task` says what a run trains (`jaxdiff.tasks`). Sections only some tasks read are ignored by the
+others: the diffusion model reads `model` and `diffusion`, the autoencoder `autoencoder` and
+`autoencoder_loss`; every task reads `seed`, `data`, `training` and `sampling` (where they apply).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import math
 
 import ml_collections
 
+from jaxdiff.autoencoder_training import LOSS_DEFAULTS, RECONSTRUCTION_LOSSES, autoencoder_model_config
 from jaxdiff.continuous_model import CONTINUOUS_LOSSES, PARAMETERIZATIONS, process_from_config
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.models import NETWORKS, create_model, ncsnpp, song_unet
+from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES
 from jaxdiff.models.unet import DTYPES
 from jaxdiff.processes import PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
@@ -28,18 +34,21 @@ DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
     "folder",
 )  # fmt: skip
+TASKS = ("diffusion", "autoencoder", "latent")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The DDPM CIFAR-10 recipe (Ho et al. 2020, official code), locked: values may change, keys may not."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent (jaxdiff.tasks)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar10"
     c.data.split = "train"
     c.data.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
     c.data.random_flip = True
+    c.data.centered = True  # model data in [-1, 1]; False: [0, 1] (score_sde's data.centered), continuous only
 
     c.model = ml_collections.ConfigDict()
     c.model.image_size = 32
@@ -97,6 +106,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.likelihood_weighting = False  # dsm: weight g(t)² (score_sde's likelihood weighting)
     c.diffusion.p_mean = -1.2  # edm: ln σ ~ N(p_mean, p_std²)
     c.diffusion.p_std = 1.2
+
+    # task "autoencoder": the KL autoencoder in diffusers' AutoencoderKL keys (one DownEncoderBlock2D /
+    # UpDecoderBlock2D per block_out_channels entry), plus our dtype and remat; defaults are diffusers'.
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.in_channels = 3
+    c.autoencoder.out_channels = 3
+    c.autoencoder.block_out_channels = (64,)
+    c.autoencoder.layers_per_block = 1
+    c.autoencoder.latent_channels = 4
+    c.autoencoder.norm_num_groups = 32
+    c.autoencoder.sample_size = 32  # height = width of the images it trains on
+    c.autoencoder.act_fn = "silu"
+    c.autoencoder.use_quant_conv = True
+    c.autoencoder.use_post_quant_conv = True
+    c.autoencoder.mid_block_add_attention = True
+    c.autoencoder.dtype = "float32"  # compute dtype; parameters stay float32
+    c.autoencoder.remat = False
+    # task "autoencoder": its loss (jaxdiff.autoencoder_training).
+    c.autoencoder_loss = ml_collections.ConfigDict(dict(LOSS_DEFAULTS))
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global, over all devices and hosts
@@ -218,10 +246,12 @@ def _fraction(meaning: str, *, high_open: bool = True) -> Spec:
 
 SPECS: dict[str, Spec] = {
     "seed": Spec(int, "seed of parameter initialisation, data order and sampling", low=0, high=2**32 - 1),
+    "task": Spec(str, "what the run trains", choices=TASKS),
     "data.dataset": Spec(str, "training data", choices=DATASETS),
     "data.split": Spec(str, "split to train on, e.g. 'train'"),
     "data.data_dir": Spec(str, "TFDS data_dir; '' means TFDS' default"),
     "data.random_flip": Spec(bool, "random horizontal flips of the training images"),
+    "data.centered": Spec(bool, "the model's data range: [-1, 1] (True) or [0, 1] (False; continuous processes only)"),
     "model.image_size": _positive_int("height = width of the images, pixels"),
     "model.in_channels": _positive_int("image channels"),
     "model.out_channels": _positive_int("model output channels: in_channels, or twice that for learned variances"),
@@ -310,6 +340,26 @@ SPECS: dict[str, Spec] = {
     "diffusion.likelihood_weighting": Spec(bool, "dsm: score_sde's likelihood weighting g(t)²"),
     "diffusion.p_mean": Spec(float, "edm: mean of ln σ in training"),
     "diffusion.p_std": Spec(float, "edm: standard deviation of ln σ in training", low=0, low_open=True),
+    "autoencoder.in_channels": _positive_int("autoencoder: image channels"),
+    "autoencoder.out_channels": _positive_int("autoencoder: reconstructed channels (= in_channels to train it)"),
+    "autoencoder.block_out_channels": Spec(tuple, "autoencoder: width of each resolution level", low=1, min_items=1),
+    "autoencoder.layers_per_block": _positive_int("autoencoder: ResNet blocks per encoder level"),
+    "autoencoder.latent_channels": _positive_int("autoencoder: latent channels"),
+    "autoencoder.norm_num_groups": _positive_int("autoencoder: GroupNorm groups, dividing every width"),
+    "autoencoder.sample_size": _positive_int("autoencoder: height = width of the images, pixels"),
+    "autoencoder.act_fn": Spec(str, "autoencoder: activation", choices=("silu", "swish")),
+    "autoencoder.use_quant_conv": Spec(bool, "autoencoder: 1×1 convolution after the encoder"),
+    "autoencoder.use_post_quant_conv": Spec(bool, "autoencoder: 1×1 convolution before the decoder"),
+    "autoencoder.mid_block_add_attention": Spec(bool, "autoencoder: self-attention in the middle blocks"),
+    "autoencoder.dtype": Spec(str, "autoencoder: compute dtype (parameters stay float32)", choices=AUTOENCODER_DTYPES),
+    "autoencoder.remat": Spec(bool, "autoencoder: recompute ResNet-block activations in the backward pass"),
+    "autoencoder_loss.reconstruction_loss": Spec(str, "autoencoder: per-pixel reconstruction loss",
+                                                 choices=RECONSTRUCTION_LOSSES),  # fmt: skip
+    "autoencoder_loss.kl_weight": Spec(float, "autoencoder: weight of the KL term", low=0),
+    "autoencoder_loss.disc_weight": Spec(float, "autoencoder: weight of the PatchGAN term; 0: no discriminator", low=0),
+    "autoencoder_loss.disc_start": Spec(int, "autoencoder: first step with the discriminator terms", low=0),
+    "autoencoder_loss.disc_layers": _positive_int("autoencoder: stride-2 convolutions of the PatchGAN"),
+    "autoencoder_loss.disc_channels": _positive_int("autoencoder: width of the PatchGAN's first convolution"),
     "training.batch_size": _positive_int("global batch size, over all devices and hosts"),
     "training.num_train_steps": _positive_int("optimizer steps of the whole run"),
     "training.learning_rate": Spec(float, "Adam learning rate after warm-up", low=0, low_open=True),
@@ -419,12 +469,32 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         spec = spec_of(key, defaults[key])
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"config {key}={value!r} is not allowed: expected {spec.allowed()} ({spec.meaning})")
+    if config.task == "autoencoder":
+        _check_autoencoder(config.autoencoder)
+        return config
     if config.model.network == "ddpm_unet":
         _check_unet(config)
     else:
         _check_network_section(config.model)
     _check_process(config)
     return config
+
+
+def _check_autoencoder(ae: ml_collections.ConfigDict) -> None:
+    """The autoencoder builds, reconstructs what it encodes and fits its images."""
+    try:
+        autoencoder_model_config(ae)
+    except ValueError as err:
+        raise ConfigError(f"config autoencoder: {err}") from None
+    if ae.out_channels != ae.in_channels:
+        raise ConfigError(f"config autoencoder.out_channels={ae.out_channels} must equal autoencoder.in_channels="
+                          f"{ae.in_channels} to train it on reconstructions")  # fmt: skip
+    factor = 2 ** (len(ae.block_out_channels) - 1)
+    if ae.sample_size % factor:
+        raise ConfigError(
+            f"config autoencoder.sample_size={ae.sample_size} must be divisible by 2^{len(ae.block_out_channels) - 1} "
+            f"(autoencoder.block_out_channels has {len(ae.block_out_channels)} levels, each but the last halving)"
+        )
 
 
 def _check_unet(config: ml_collections.ConfigDict) -> None:
@@ -467,6 +537,9 @@ def _check_process(config: ml_collections.ConfigDict) -> None:
     """The loss, network and sampler suit the process; a continuous process's parameters are consistent."""
     dc, sc = config.diffusion, config.sampling
     if dc.process == "discrete":
+        if not config.data.centered:
+            raise ConfigError("config data.centered=False needs a continuous diffusion.process; the discrete schedule "
+                              "models data in [-1, 1]")  # fmt: skip
         if dc.loss_type in CONTINUOUS_LOSSES:
             raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} needs a continuous diffusion.process "
                               f"(one of {PROCESSES}), got 'discrete'")  # fmt: skip

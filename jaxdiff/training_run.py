@@ -1,6 +1,8 @@
 """A training run in a workdir: lock, resume, train, log, checkpoint, sample; the body of `jaxdiff train`.
 
-The workdir holds `checkpoints/` (orbax, with the config of each step),
+What is trained is the `jaxdiff.tasks.Task` that `config.task` names (the diffusion model, the
+autoencoder, latent diffusion); the loop is the same for each. The workdir holds `checkpoints/`
+(orbax, with the config and the task's extras of each step),
 `config.json` (the resolved config), `metrics.jsonl` (one line per logged
 step, each step at most once, also after a crash and resume), `tensorboard/`,
 `samples/` (grids from the EMA parameters) and, while a run is going,
@@ -24,22 +26,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxdiff import checkpoint, data, images, samplers, sharding
+from jaxdiff import checkpoint, data, images, sharding
 from jaxdiff.checkpoint import CheckpointError
 from jaxdiff.config import validate
-from jaxdiff.continuous_model import is_continuous
-from jaxdiff.continuous_model import sample_images as sample_continuous_images
-from jaxdiff.denoiser import model_denoiser
 from jaxdiff.metrics import MetricsWriter
-from jaxdiff.models import create_model
-from jaxdiff.schedule import schedule_from_config
-from jaxdiff.train import TrainState, init_train_state, make_optimizer, make_train_step
+from jaxdiff.tasks import configured_image_shape, make_task
 
 LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
@@ -274,20 +270,6 @@ def truncate_metrics(workdir: str, step: int) -> None:
         _write_atomically(path, "".join(kept))
 
 
-def check_dataset_fits_model(source, config: ml_collections.ConfigDict) -> None:
-    expected = (config.model.image_size, config.model.image_size, config.model.in_channels)
-    if tuple(source.image_shape) != expected:
-        raise ValueError(
-            f"dataset {config.data.dataset!r} has images of shape {tuple(source.image_shape)} but the model expects "
-            f"{expected} (model.image_size={config.model.image_size}, model.in_channels={config.model.in_channels})"
-        )
-    if config.model.num_classes > 0 and source.num_classes != config.model.num_classes:
-        raise ValueError(
-            f"model.num_classes={config.model.num_classes} but dataset {config.data.dataset!r} has "
-            f"{source.num_classes} classes"
-        )
-
-
 def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> None:
     batch, accumulate = config.training.batch_size, config.training.grad_accum_steps
     if batch % (num_devices * accumulate):
@@ -302,25 +284,7 @@ def fetch_replicated(tree):
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
-def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
-    """[num, H, W, C] samples in [-1, 1] from `params` with the config's sampler (labels cycle through classes)."""
-    labels = None
-    if config.model.num_classes > 0:
-        labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-    if is_continuous(config.diffusion):
-        return sample_continuous_images(config, model, params, rng, num, labels=labels)
-    denoise = model_denoiser(model, params, labels=labels, guidance=config.sampling.guidance)
-    shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
-    return samplers.sample(
-        denoise, schedule, shape, rng,
-        sampler=config.sampling.sampler, steps=config.sampling.steps or None, eta=config.sampling.eta,
-        spacing=config.sampling.spacing or None,
-        clip_denoised=config.sampling.clip_denoised, var_type=config.diffusion.var_type,
-        mean_type=config.diffusion.mean_type,
-    )  # fmt: skip
-
-
-def _restore(manager, state: TrainState, config, allow_config_change: bool) -> checkpoint.Restored | None:
+def _restore(manager, state, config, allow_config_change: bool) -> checkpoint.Restored | None:
     """The newest readable checkpoint (damaged newer ones moved aside), or None for a new run."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
@@ -328,7 +292,7 @@ def _restore(manager, state: TrainState, config, allow_config_change: bool) -> c
         differences = checkpoint.config_differences(saved, config)
         if differences and not allow_config_change:
             raise CheckpointError(
-                f"the workdir holds a run with a different model/diffusion config ({'; '.join(differences)}); "
+                f"the workdir holds a run with a different {config.task} config ({'; '.join(differences)}); "
                 "use another --workdir, or --allow-config-change to resume anyway"
             )
         return target
@@ -359,20 +323,17 @@ def train_and_evaluate(
 def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
     """The run itself, with the workdir locked and the stop signals handled."""
     tc = config.training
-    model = create_model(config.model)
-    schedule = schedule_from_config(config.diffusion)
-    image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
-    source = data.load_dataset(config.data, image_shape_for_synthetic=image_shape)
-    check_dataset_fits_model(source, config)
+    source = data.load_dataset(config.data, image_shape_for_synthetic=configured_image_shape(config))
+    task = make_task(config, source)
+    task.check_source(source)
     mesh = sharding.make_mesh()
     check_batch_layout(config, mesh.devices.size)
 
     with contextlib.ExitStack() as cleanup:  # closes, last opened first, whatever happens
         manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
         cleanup.callback(manager.close)
-        tx = make_optimizer(tc)
-        replicated = sharding.replicated_sharding(mesh)
-        state = jax.jit(lambda: init_train_state(config, model, tx), out_shardings=replicated)()
+        state_sharding = sharding.replicated_sharding(mesh)  # the train state's layout, everywhere below
+        state = jax.jit(task.init_state, out_shardings=state_sharding)()
         restored = _restore(manager, state, config, allow_config_change)
         state = state if restored is None else restored.state
         start = step = int(fetch_replicated(state.step))
@@ -393,20 +354,20 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
         writer = MetricsWriter(workdir)
         cleanup.callback(writer.close)
         compile_start = time.perf_counter()
-        global_batches = (sharding.global_batch(b, mesh) for b in batches)
+        global_batches = (sharding.global_batch(task.host_batch(b), mesh) for b in batches)
         first_batch = next(global_batches)
+        replicated = sharding.replicated_sharding(mesh)
         train_step = jax.jit(
-            make_train_step(config, model, schedule, tx),
-            in_shardings=(replicated, sharding.batch_sharding(mesh)),
-            out_shardings=(replicated, replicated),
+            task.train_step,
+            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+            out_shardings=(state_sharding, replicated),
             donate_argnums=0,
         ).lower(state, first_batch).compile()
         sample_fn = None
         if _will_sample(start, tc.num_train_steps, tc.sample_every_steps):
-            sample_fn = jax.jit(
-                lambda params, rng: sample_images(config, model, schedule, params, rng, tc.num_sample_images),
-                out_shardings=replicated,
-            ).lower(state.ema_params, jax.random.PRNGKey(0)).compile()
+            sample_fn = jax.jit(task.sample_grid, out_shardings=replicated).lower(
+                state.ema_params, jax.random.PRNGKey(0)
+            ).compile()
         if main_process:
             log.info("compiled in %.1f s", time.perf_counter() - compile_start)
 
@@ -429,7 +390,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
                 bar.update(step, summary)
                 _raise_if_diverged(summary, step, tc.max_consecutive_nonfinite)
             if step % tc.checkpoint_every_steps == 0:
-                checkpoint.save(manager, step, state, config, batches.get_state())
+                checkpoint.save(manager, step, state, config, batches.get_state(), task.checkpoint_extras(state))
                 saved_steps.append(step)
             if step % tc.sample_every_steps == 0:
                 sampling_start = time.perf_counter()
@@ -437,7 +398,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
                 paused += time.perf_counter() - sampling_start
                 sampled = True
         if step > start and manager.latest_step() != step:
-            checkpoint.save(manager, step, state, config, batches.get_state())
+            checkpoint.save(manager, step, state, config, batches.get_state(), task.checkpoint_extras(state))
             saved_steps.append(step)
         manager.wait_until_finished()
     if main_process:
@@ -449,12 +410,13 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
     return RunResult(step=step, preempted=stop.received is not None)
 
 
+COUNTERS = ("skipped_updates", "nonfinite_streak")  # metrics that are running counts: logged as their last value
+
+
 def _summarise(pending: list[dict], *, steps: int, seconds: float, batch: int) -> dict[str, float]:
-    """Means of the fetched per-step metrics since the last log, plus throughput."""
+    """Means of every fetched per-step metric since the last log (the last value of `COUNTERS`), plus throughput."""
     fetched = fetch_replicated(pending)
-    summary = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm", "learning_rate")}
-    summary["skipped_updates"] = float(fetched[-1]["skipped_updates"])
-    summary["nonfinite_streak"] = float(fetched[-1]["nonfinite_streak"])
+    summary = {k: float(fetched[-1][k] if k in COUNTERS else np.mean([m[k] for m in fetched])) for k in fetched[-1]}
     summary["steps_per_sec"] = steps / max(seconds, 1e-9)
     summary["images_per_sec"] = summary["steps_per_sec"] * batch
     return summary

@@ -37,7 +37,8 @@ CONTINUOUS = {
     "edm_cifar10_cond_ve": None,
     "digits_edm": None,
 }
-DDPM_CONFIGS = [name for name in CONFIGS if name not in CONTINUOUS]
+OTHER_TASKS = ("shapes_autoencoder",)  # configs of tasks other than diffusion (tests/test_tasks.py)
+DDPM_CONFIGS = [name for name in CONFIGS if name not in CONTINUOUS and name not in OTHER_TASKS]
 LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 
 
@@ -109,7 +110,7 @@ def parameters_by_eval_shape(model_config) -> int:
 def test_all_expected_configs_ship():
     assert CONFIGS == sorted(
         ["cifar10", "cifar10_cond", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "tiny",
-         *CONTINUOUS]
+         *CONTINUOUS, *OTHER_TASKS]
     )  # fmt: skip
 
 
@@ -384,7 +385,8 @@ def test_unknown_keys_name_the_closest_valid_ones(key, suggestions):
     message = str(unknown_key_error(key))
     assert message.startswith(f"unknown config key {key!r}; did you mean ")
     assert all(s in message for s in suggestions), message
-    assert str(unknown_key_error("nonexistent")).endswith("valid keys are seed, data.*, diffusion.*, model.*, "
-                                                          "sampling.*, training.*")
+    message = str(unknown_key_error("nonexistent"))
+    assert "valid keys are seed, task, autoencoder.*, autoencoder_loss.*, data.*, diffusion.*, " in message
+    assert message.endswith("model.*, sampling.*, training.*")
     with pytest.raises(ConfigError, match="did you mean training.batch_size"):
         config_from_dict({"training": {"batchsize": 3}})

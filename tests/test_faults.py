@@ -49,7 +49,7 @@ def forbid_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the run started working before rejecting its workdir")
 
-    monkeypatch.setattr(training_run, "create_model", fail)
+    monkeypatch.setattr(training_run, "make_task", fail)
 
 
 # ---------------------------------------------------------------- retention and damaged checkpoints

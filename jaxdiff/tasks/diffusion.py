@@ -1,0 +1,79 @@
+"""The diffusion task: the pixel-space model of `config.model` under `config.diffusion` (discrete or continuous)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdiff import samplers
+from jaxdiff.continuous_model import is_continuous
+from jaxdiff.continuous_model import sample_images as sample_continuous_images
+from jaxdiff.denoiser import model_denoiser
+from jaxdiff.models import create_model
+from jaxdiff.schedule import schedule_from_config
+from jaxdiff.tasks import keep_entries
+from jaxdiff.train import TrainState, init_train_state, make_optimizer, make_train_step
+
+
+def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
+    """[num, H, W, C] samples in [-1, 1] from `params` with the config's sampler (labels cycle through classes)."""
+    labels = None
+    if config.model.num_classes > 0:
+        labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
+    if is_continuous(config.diffusion):
+        return sample_continuous_images(config, model, params, rng, num, labels=labels)
+    denoise = model_denoiser(model, params, labels=labels, guidance=config.sampling.guidance)
+    shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
+    return samplers.sample(
+        denoise, schedule, shape, rng,
+        sampler=config.sampling.sampler, steps=config.sampling.steps or None, eta=config.sampling.eta,
+        spacing=config.sampling.spacing or None,
+        clip_denoised=config.sampling.clip_denoised, var_type=config.diffusion.var_type,
+        mean_type=config.diffusion.mean_type,
+    )  # fmt: skip
+
+
+class DiffusionTask:
+    """Trains `config.model` as a denoiser (`jaxdiff.train`); grids are `training.num_sample_images` samples
+    of the EMA parameters with the config's sampler. Batches are {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
+
+    name = "diffusion"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = create_model(config.model)
+        self.schedule = schedule_from_config(config.diffusion)
+        self.tx = make_optimizer(config.training)
+        self._step = make_train_step(config, self.model, self.schedule, self.tx)
+
+    def check_source(self, source) -> None:
+        config = self.config
+        expected = (config.model.image_size, config.model.image_size, config.model.in_channels)
+        if tuple(source.image_shape) != expected:
+            raise ValueError(
+                f"dataset {config.data.dataset!r} has images of shape {tuple(source.image_shape)} but the model "
+                f"expects {expected} (model.image_size={config.model.image_size}, "
+                f"model.in_channels={config.model.in_channels})"
+            )
+        if config.model.num_classes > 0 and source.num_classes != config.model.num_classes:
+            raise ValueError(
+                f"model.num_classes={config.model.num_classes} but dataset {config.data.dataset!r} has "
+                f"{source.num_classes} classes"
+            )
+
+    def init_state(self) -> TrainState:
+        return init_train_state(self.config, self.model, self.tx)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._step(state, batch)
+
+    def host_batch(self, local_batch: dict) -> dict:
+        return keep_entries(local_batch, ("image", "label"))
+
+    def sample_grid(self, ema_params, rng) -> jax.Array:
+        num = self.config.training.num_sample_images
+        return sample_images(self.config, self.model, self.schedule, ema_params, rng, num)
+
+    def checkpoint_extras(self, state: TrainState) -> dict:
+        return {}
