@@ -14,6 +14,16 @@ jaxdiff's discrete samplers step between consecutive visited steps, and DDIM's l
 `set_alpha_to_one`, at ᾱ of step 0, as diffusers' does. (diffusers' DDIMScheduler steps from t to t − T // steps,
 which is the next visited step for "leading" spacing, and for "trailing" when steps divides T, but not always
 otherwise; we always step to the next visited step.)
+
+Samplers (`sampler=`), each as the diffusers scheduler named, made `from_config` of the folder's scheduler config
+(`sampler_scheduler`: where the config names no timestep_spacing, each class takes its own default):
+  ddim           DDIMScheduler (η = 0), on the steps above;
+  ddpm           DDPMScheduler (ancestral, "fixed_small" variance), on the same steps;
+  dpm_solver++   DPMSolverMultistepScheduler (dpmsolver++, solver_order 2, final σ = 0);
+  euler, heun    EulerDiscreteScheduler, HeunDiscreteScheduler.
+The last three step on diffusers' grid of noise levels σ = sqrt((1 − ᾱ)/ᾱ) (`sigma_levels`; `karras=True`
+is `use_karras_sigmas`), ending at σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ
+(`step_of_sigma`). Their initial latents are scaled by diffusers' `init_noise_sigma`.
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ from jaxdiff.convert.stable_diffusion import (
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
-from jaxdiff.samplers import SAMPLERS, sample
+from jaxdiff.samplers import sample
+from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
+from jaxdiff.samplers.edm import heun_steps
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
@@ -45,6 +57,13 @@ UNetFn = Callable[[Array, Array, Array], Array]  # (latents [B,h,w,C_in], timest
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("uint8", "float")
+SIGMA_SAMPLERS = ("dpm_solver++", "euler", "heun")  # on diffusers' grids of noise levels
+LATENT_SAMPLERS = ("ddim", "ddpm", *SIGMA_SAMPLERS)
+KARRAS_RHO = 7.0
+# The timestep_spacing default of each sampler's diffusers scheduler class, which diffusers' `from_config` uses
+# when the folder's scheduler config has none (as SD 1.x's released configs).
+CLASS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
+                         "heun": "linspace"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- steps
@@ -68,6 +87,111 @@ def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
     return increasing[::-1]
 
 
+def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSettings:
+    """`scheduler` with the timestep_spacing that `sampler`'s diffusers scheduler, made `from_config` of this
+    config, uses: the config's own, else its class default (`CLASS_DEFAULT_SPACING`)."""
+    if "timestep_spacing" in scheduler.config:
+        return scheduler
+    return scheduler._replace(timestep_spacing=CLASS_DEFAULT_SPACING[sampler])
+
+
+def dpm_solver_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
+    """The training steps diffusers' DPMSolverMultistepScheduler visits, decreasing, int64: leading:
+    k·(T // (steps + 1)) + steps_offset for k = steps..1; trailing as DDIM; linspace: round(linspace(0, T−1,
+    steps + 1)) without its 0."""
+    num_train = scheduler.schedule.num_timesteps
+    visited_timesteps(scheduler, steps)  # checks steps
+    if scheduler.timestep_spacing == "leading":
+        increasing = np.arange(1, steps + 1) * (num_train // (steps + 1)) + scheduler.steps_offset
+    elif scheduler.timestep_spacing == "trailing":
+        return visited_timesteps(scheduler, steps)
+    else:
+        increasing = np.round(np.linspace(0, num_train - 1, steps + 1))[1:]
+    increasing = increasing.astype(np.int64)
+    if increasing[-1] >= num_train or np.any(np.diff(increasing) <= 0):
+        raise ValueError(f"steps={steps} is too many for dpm_solver++ with {scheduler.timestep_spacing} spacing "
+                         f"on {num_train} training steps")  # fmt: skip
+    return increasing[::-1]
+
+
+def training_sigmas(scheduler: SchedulerSettings) -> np.ndarray:
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of the training steps t = 0..T-1, float64, increasing."""
+    alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def karras_levels(sigma_max: float, sigma_min: float, steps: int) -> np.ndarray:
+    """`steps` levels from sigma_max to sigma_min, evenly spaced in σ^(1/ρ), ρ = 7 (Karras et al. 2022)."""
+    ramp = np.linspace(0.0, 1.0, steps)
+    high, low = sigma_max ** (1.0 / KARRAS_RHO), sigma_min ** (1.0 / KARRAS_RHO)
+    return (high + ramp * (low - high)) ** KARRAS_RHO
+
+
+def sigma_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karras: bool) -> np.ndarray:
+    """diffusers' noise levels for `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing, the last 0.
+
+    dpm_solver++: σ at `dpm_solver_timesteps`, or with karras the Karras grid from σ(T−1) to σ(0).
+    euler, heun: σ interpolated linearly at EulerDiscreteScheduler's steps (DDIM's, but "linspace" is not
+    rounded), or with karras the Karras grid between the first and last of those σ.
+    """
+    sigmas = training_sigmas(scheduler)
+    if sampler == "dpm_solver++":
+        levels = karras_levels(sigmas[-1], sigmas[0], steps) if karras else sigmas[dpm_solver_timesteps(scheduler, steps)]
+    else:
+        steps_visited = visited_timesteps(scheduler, steps).astype(np.float64)
+        if scheduler.timestep_spacing == "linspace":
+            steps_visited = np.linspace(0.0, len(sigmas) - 1.0, steps)[::-1]
+        levels = np.interp(steps_visited, np.arange(len(sigmas)), sigmas)
+        if karras:
+            levels = karras_levels(levels[0], levels[-1], steps)
+    return np.append(levels, 0.0).astype(np.float32)
+
+
+def initial_scale(scheduler: SchedulerSettings, sampler: str, sigma_max: float) -> float:
+    """diffusers' `init_noise_sigma` in the unscaled space x = x_t·sqrt(1 + σ²): sqrt(1 + σ_max²), except for
+    euler and heun with "linspace" or "trailing" spacing, where diffusers takes σ_max."""
+    if sampler in ("euler", "heun") and scheduler.timestep_spacing != "leading":
+        return float(sigma_max)
+    return math.sqrt(1.0 + float(sigma_max) ** 2)
+
+
+def step_of_sigma(scheduler: SchedulerSettings, sigma: Array, *, rounded: bool) -> Array:
+    """The training step at noise level σ [B] as diffusers' `_sigma_to_t`: linear in log σ between the steps'
+    log σ_t, clipped to [0, T−1], float32 [B]; rounded (dpm_solver++) or fractional (euler, heun)."""
+    log_sigmas = jnp.asarray(np.log(training_sigmas(scheduler)), jnp.float32)
+    t = jnp.interp(jnp.log(sigma), log_sigmas, jnp.arange(log_sigmas.shape[0], dtype=jnp.float32))
+    return jnp.round(t) if rounded else t
+
+
+def sigma_denoiser(model_fn: Callable[[Array, Array], Array], scheduler: SchedulerSettings, *,
+                   rounded: bool) -> Callable[[Array, Array], Array]:  # fmt: skip
+    """EDM's D(x; σ) of the U-Net `model_fn(x_t, t)` as diffusers' σ-grid schedulers use it: the U-Net sees
+    x_t = x/sqrt(1 + σ²) at `step_of_sigma(σ)`; its ε, v or x_0 output becomes x̂_0 with this σ
+    (ε: x − σ·ε̂; v: (x_t − σ·v̂)/sqrt(1 + σ²))."""
+    mean_type = scheduler.mean_type
+
+    def denoiser(x: Array, sigma: Array) -> Array:
+        s = sigma[:, None, None, None]
+        x_t = x / jnp.sqrt(1.0 + s**2)
+        output = model_fn(x_t, step_of_sigma(scheduler, sigma, rounded=rounded))
+        if mean_type == "eps":
+            return x - s * output
+        if mean_type == "v":
+            return (x_t - s * output) / jnp.sqrt(1.0 + s**2)
+        return output
+
+    return denoiser
+
+
+def denoise_on_levels(denoiser: Callable[[Array, Array], Array], levels: np.ndarray, x_start: Array, *,
+                      sampler: str) -> Array:  # fmt: skip
+    """x̂_0 from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through `levels`."""
+    levels = jnp.asarray(levels, jnp.float32)
+    if sampler == "dpm_solver++":
+        return dpm_solver_pp_steps(denoiser, x_start, levels)
+    return heun_steps(denoiser, x_start, levels, second_order=sampler == "heun")
+
+
 def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
     """The last int(steps·strength) of `timesteps`, where diffusers' image-to-image starts (SDEdit)."""
     kept = min(int(len(timesteps) * strength), len(timesteps))
@@ -85,15 +209,14 @@ def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int
 # --------------------------------------------------------------------------- pure pieces
 
 
-def guided_latent_denoiser(unet: UNetFn, cond: Array, uncond: Array, guidance: float, timesteps: Array,
-                           condition: Array | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
-    """`denoise_fn(x, i)` for the samplers: the U-Net output at latents x [B,h,w,C] and step index i [B] into
-    `timesteps` (increasing training steps), guided as diffusers does: uncond + guidance·(cond − uncond) from
-    one forward pass on [x; x] with contexts [uncond; cond] (only the conditional pass when guidance <= 1).
-    `condition` [B,h,w,C'] (the inpainting U-Net's mask and masked-image latents) is appended to x's channels."""
+def guided_unet(unet: UNetFn, cond: Array, uncond: Array, guidance: float,
+                condition: Array | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
+    """`fn(x, t)`: the U-Net output at latents x [B,h,w,C] and training steps t [B] (int or real), guided as
+    diffusers does: uncond + guidance·(cond − uncond) from one forward pass on [x; x] with contexts
+    [uncond; cond] (only the conditional pass when guidance <= 1). `condition` [B,h,w,C'] (the inpainting
+    U-Net's mask and masked-image latents) is appended to x's channels."""
 
-    def denoise_fn(x: Array, i: Array) -> Array:
-        t = timesteps[i]
+    def fn(x: Array, t: Array) -> Array:
         x_in = x if condition is None else jnp.concatenate([x, condition], axis=-1)
         if guidance <= 1:
             return unet(x_in, t, cond)
@@ -101,14 +224,23 @@ def guided_latent_denoiser(unet: UNetFn, cond: Array, uncond: Array, guidance: f
         out_uncond, out_cond = jnp.split(both, 2)
         return out_uncond + guidance * (out_cond - out_uncond)
 
-    return denoise_fn
+    return fn
+
+
+def guided_latent_denoiser(unet: UNetFn, cond: Array, uncond: Array, guidance: float, timesteps: Array,
+                           condition: Array | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
+    """`denoise_fn(x, i)` for the discrete samplers: `guided_unet` at step index i [B] into `timesteps`
+    (increasing training steps)."""
+    fn = guided_unet(unet, cond, uncond, guidance, condition)
+    return lambda x, i: fn(x, timesteps[i])
 
 
 def blended_denoiser(denoise_fn: Callable[[Array, Array], Array], mask: Array,
-                     noised_image: Callable[[Array], Array], first_index: int) -> Callable[[Array, Array], Array]:  # fmt: skip
-    """Latent-blending inpainting for a 4-channel U-Net: before each model call but the first, latents outside
-    the mask (mask [B,h,w,1] of 0/1, 1 = repaint) are replaced by `noised_image(i)`, the image latents noised to
-    step index i, as diffusers' pipeline does after each step. The samplers update each latent pixel from its
+                     noised_image: Callable[[Array], Array], first_index: float) -> Callable[[Array, Array], Array]:  # fmt: skip
+    """Latent-blending inpainting for a 4-channel U-Net: before each model call but the first (where i [B], the
+    step index or noise level the sampler passes, equals `first_index`), latents outside the mask (mask
+    [B,h,w,1] of 0/1, 1 = repaint) are replaced by `noised_image(i)`, the image latents noised to that step,
+    as diffusers' pipeline does after each step. The samplers update each latent pixel from its
     own value and model output only, so inside the mask the state equals diffusers'; outside, it is replaced
     before every use (the caller puts the clean image latents there after the last step)."""
 
@@ -263,27 +395,38 @@ class LatentPipeline:
         """Images in [0, 1] -> latents drawn from the posterior, in the U-Net's scale."""
         return encode_to_latents(self.vae, self.model.vae_config, vae_params, images * 2.0 - 1.0, rng)
 
-    def _loop(self, timesteps: np.ndarray, sampler: str, guidance: float, mode: str) -> Callable:
-        """The compiled denoising loop for these static settings; mode: "plain", "condition" (9-channel
-        inpainting) or "blend" (4-channel inpainting)."""
-        key = (tuple(int(t) for t in timesteps), sampler, guidance, mode)
+    def _loop(self, points: np.ndarray, sampler: str, guidance: float, mode: str) -> Callable:
+        """The compiled denoising loop for these static settings: `points` are the run's decreasing training
+        steps (ddim, ddpm) or noise levels (SIGMA_SAMPLERS, see `_run_points`); mode: "plain", "condition"
+        (9-channel inpainting) or "blend" (4-channel inpainting)."""
+        key = (tuple(points.tolist()), sampler, guidance, mode)
         if key in self._compiled:
             return self._compiled[key]
-        increasing = jnp.asarray(timesteps[::-1].copy(), jnp.int32)
-        plan = step_plan(self.scheduler, timesteps)
+        on_levels = sampler in SIGMA_SAMPLERS
+        increasing = None if on_levels else jnp.asarray(points[::-1].copy(), jnp.int32)
+        plan = None if on_levels else step_plan(self.scheduler, points)  # concrete tables, outside jit
 
         def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise):
             def unet(x, t, context):
                 return self.unet.apply({"params": unet_params}, x, t, context)
 
-            fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing,
-                                        condition if mode == "condition" else None)  # fmt: skip
+            extra_channels = condition if mode == "condition" else None
+            if on_levels:
+                fn = sigma_denoiser(guided_unet(unet, cond, uncond, guidance, extra_channels), self.scheduler,
+                                    rounded=sampler == "dpm_solver++")  # fmt: skip
+            else:
+                fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing, extra_channels)
             if mode == "blend":
                 def noised(i):
+                    if on_levels:  # i is the noise level σ of the unscaled latents
+                        return image_latents + i[:, None, None, None] * noise
                     return add_noise(self.scheduler, image_latents, noise, increasing[i][:, None, None, None])
 
-                fn = blended_denoiser(fn, mask, noised, len(timesteps) - 1)
-            latents = denoise(fn, plan, x_start, rng, sampler=sampler)
+                fn = blended_denoiser(fn, mask, noised, float(points[0]) if on_levels else len(points) - 1)
+            if on_levels:
+                latents = denoise_on_levels(fn, points, x_start, sampler=sampler)
+            else:
+                latents = denoise(fn, plan, x_start, rng, sampler=sampler)
             if mode == "blend":
                 latents = mask * latents + (1.0 - mask) * image_latents
             return latents
@@ -291,16 +434,43 @@ class LatentPipeline:
         self._compiled[key] = jax.jit(run)
         return self._compiled[key]
 
+    def _run_points(self, sampler: str, steps: int, karras: bool, strength: float = 1.0) -> np.ndarray:
+        """The decreasing training steps (ddim, ddpm) or noise levels, ending at 0 (SIGMA_SAMPLERS) of a run;
+        with strength < 1, only the last int(steps·strength) steps, where diffusers' image-to-image starts."""
+        scheduler = sampler_scheduler(self.scheduler, sampler)
+        if sampler not in SIGMA_SAMPLERS:
+            return img2img_timesteps(visited_timesteps(scheduler, steps), strength)
+        levels = sigma_levels(scheduler, steps, sampler=sampler, karras=karras)
+        return np.append(img2img_timesteps(levels[:-1], strength), levels[-1])
+
+    def _start(self, sampler: str, points: np.ndarray, noise: Array, image_latents: Array | None = None) -> Array:
+        """The sampler's initial state: the noise (scaled by diffusers' init_noise_sigma on σ grids), or the
+        image latents noised to the first step (VP x_t for ddim/ddpm; x_0 + σ·noise on σ grids)."""
+        if sampler in SIGMA_SAMPLERS:
+            if image_latents is None:
+                return noise * initial_scale(sampler_scheduler(self.scheduler, sampler), sampler, float(points[0]))
+            return image_latents + float(points[0]) * noise
+        if image_latents is None:
+            return noise
+        return add_noise(self.scheduler, image_latents, noise, int(points[0]))
+
     # ------------------------------------------------------------------ shared steps
 
-    def _check_settings(self, steps, guidance, sampler, output_type, seed) -> float:
+    def _check_settings(self, steps, guidance, sampler, karras, output_type, seed) -> float:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r} must be an int")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        if sampler not in LATENT_SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {LATENT_SAMPLERS}")
+        if not isinstance(karras, bool):
+            raise ValueError(f"karras={karras!r} must be True or False")
+        if karras and sampler not in SIGMA_SAMPLERS:
+            raise ValueError(f"karras=True is for the samplers {SIGMA_SAMPLERS}, not {sampler!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-        visited_timesteps(self.scheduler, steps)
+        scheduler = sampler_scheduler(self.scheduler, sampler)
+        visited_timesteps(scheduler, steps)
+        if sampler == "dpm_solver++" and not karras:
+            dpm_solver_timesteps(scheduler, steps)
         return _check_number("guidance", guidance, 0.0, math.inf, low_open=False)
 
     def _check_size(self, height, width) -> tuple[int, int]:
@@ -336,28 +506,30 @@ class LatentPipeline:
     # ------------------------------------------------------------------ public API
 
     def text_to_image(self, prompts, *, negative_prompts=None, steps: int = DEFAULT_STEPS,
-                      guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", seed: int = 0,
-                      height: int | None = None, width: int | None = None, latents=None,
+                      guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", karras: bool = False,
+                      seed: int = 0, height: int | None = None, width: int | None = None, latents=None,
                       output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float").
-        `latents` [B, height/f, width/f, C] is the initial noise (default: drawn from `seed`)."""
+        `sampler` is one of LATENT_SAMPLERS (see the module docstring); `karras` puts dpm_solver++, euler and
+        heun on the Karras grid. `latents` [B, height/f, width/f, C] is the initial noise, N(0, I) (default:
+        drawn from `seed`)."""
         if self.inpainting_unet:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = _prompt_list(prompts, "prompts")
-        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
+        guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         height, width = self._check_size(height, width)
         shape = (len(prompts), height // self.latent_factor, width // self.latent_factor, self.latent_channels)
         noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed))
-        x_start = self._noise(latents, shape, noise_rng)
+        points = self._run_points(sampler, steps, karras)
+        x_start = self._start(sampler, points, self._noise(latents, shape, noise_rng))
         cond, uncond = self._embeddings(prompts, negative_prompts)
-        timesteps = visited_timesteps(self.scheduler, steps)
-        run = self._loop(timesteps, sampler, guidance, "plain")
+        run = self._loop(points, sampler, guidance, "plain")
         return self._finish(run(self.params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
     def image_to_image(self, images, prompts, *, strength: float, negative_prompts=None, steps: int = DEFAULT_STEPS,
-                       guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", seed: int = 0, latents=None,
-                       output_type: str = "uint8") -> np.ndarray:  # fmt: skip
+                       guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", karras: bool = False,
+                       seed: int = 0, latents=None, output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """SDEdit: encode `images` [B, H, W, 3], noise them to the step where diffusers starts for `strength` in
         (0, 1] (the last int(steps·strength) steps are run), denoise. `latents` is the noise added (default:
         drawn from `seed`)."""
@@ -365,21 +537,21 @@ class LatentPipeline:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = _prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
-        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
+        guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         pixels = self._checked_images(images, len(prompts))
-        timesteps = img2img_timesteps(visited_timesteps(self.scheduler, steps), strength)
+        points = self._run_points(sampler, steps, karras, strength)
         encode_rng, noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
         image_latents = self._encode_image(self.params["vae"], jnp.asarray(pixels), encode_rng)
         noise = self._noise(latents, tuple(image_latents.shape), noise_rng)
         cond, uncond = self._embeddings(prompts, negative_prompts)
-        x_start = add_noise(self.scheduler, image_latents, noise, int(timesteps[0]))
-        run = self._loop(timesteps, sampler, guidance, "plain")
+        x_start = self._start(sampler, points, noise, image_latents)
+        run = self._loop(points, sampler, guidance, "plain")
         return self._finish(run(self.params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
     def inpaint(self, images, masks, prompts, *, strength: float = 1.0, negative_prompts=None,
-                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", seed: int = 0,
-                latents=None, output_type: str = "uint8") -> np.ndarray:  # fmt: skip
+                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim",
+                karras: bool = False, seed: int = 0, latents=None, output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """Repaint `images` [B, H, W, 3] where `masks` (see the module docstring) are set. A 9-channel inpainting
         U-Net gets the latent mask and the masked image's latents as extra input channels; a 4-channel U-Net
         keeps the image's latents (noised to the current step) outside the mask after every step. `latents` is
@@ -387,25 +559,25 @@ class LatentPipeline:
         with it, as image_to_image."""
         prompts = _prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
-        guidance = self._check_settings(steps, guidance, sampler, output_type, seed)
+        guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         pixels = self._checked_images(images, len(prompts))
         mask = _mask_array(masks, pixels.shape)
-        timesteps = img2img_timesteps(visited_timesteps(self.scheduler, steps), strength)
+        points = self._run_points(sampler, steps, karras, strength)
         encode_rng, masked_rng, noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 4)
         f = self.latent_factor
         latent_mask = jnp.asarray(mask[:, ::f, ::f])  # nearest-neighbour downsampling, as torch's interpolate
         image_latents = self._encode_image(self.params["vae"], jnp.asarray(pixels), encode_rng)
         noise = self._noise(latents, tuple(image_latents.shape), noise_rng)
-        x_start = noise if strength == 1.0 else add_noise(self.scheduler, image_latents, noise, int(timesteps[0]))
+        x_start = self._start(sampler, points, noise, None if strength == 1.0 else image_latents)
         cond, uncond = self._embeddings(prompts, negative_prompts)
         if self.inpainting_unet:
             masked_pixels = np.where(mask > 0.5, 0.5, pixels)  # 0 in the autoencoder's [-1, 1], as diffusers
             masked = self._encode_image(self.params["vae"], jnp.asarray(masked_pixels), masked_rng)
             condition = jnp.concatenate([latent_mask, masked], axis=-1)
-            run = self._loop(timesteps, sampler, guidance, "condition")
+            run = self._loop(points, sampler, guidance, "condition")
             latents_out = run(self.params["unet"], cond, uncond, x_start, loop_rng, condition, None, None, None)
         else:
-            run = self._loop(timesteps, sampler, guidance, "blend")
+            run = self._loop(points, sampler, guidance, "blend")
             latents_out = run(self.params["unet"], cond, uncond, x_start, loop_rng, None, latent_mask,
                               image_latents, noise)  # fmt: skip
         return self._finish(latents_out, output_type)

@@ -312,8 +312,8 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 def test_batch_guard_and_unknown_sampler(loaded):
     with pytest.raises(ValueError, match=r"1 negative_prompts for 2 prompts"):
         loaded.text_to_image(PROMPTS, negative_prompts=["x"], steps=2)
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'"):
-        loaded.text_to_image(PROMPTS, sampler="euler", steps=2)
+    with pytest.raises(ValueError, match=r"unknown sampler 'lms'"):
+        loaded.text_to_image(PROMPTS, sampler="lms", steps=2)
     with pytest.raises(ValueError, match=r"^seed='1' must be an int$"):
         loaded.text_to_image(PROMPTS, seed="1", steps=2)
     with pytest.raises(ValueError, match=r"^guidance=-1 must be a number in \[0.0, inf\]$"):

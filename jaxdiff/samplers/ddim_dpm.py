@@ -7,6 +7,7 @@ end on x̂_0. With ε̂ = (x − D(x; σ))/σ and ᾱ = 1/(1 + σ²) (the VP vie
                  c = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), divided by sqrt(ᾱ') (η = 0: x' = D + σ'·ε̂, deterministic);
   dpm_solver++   x' = (σ'/σ)·x + (1 − σ'/σ)·((1 + c_i)·D_i − c_i·D_{i−1}), c_i = h_i/(2·h_{i−1}),
                  h_i = ln(σ_i/σ_{i+1}); c = 0 at the first and the last step (to σ = 0, where x' = D).
+`dpm_solver_pp_steps` runs DPM-Solver++(2M) on any grid of levels.
 """
 
 from __future__ import annotations
@@ -41,10 +42,16 @@ def dpm_solver_pp_sample(denoiser, process, x_T, noise_key, steps, *, rho=7.0):
     """Returns (x̂_0, steps)."""
     del noise_key
     levels = karras_noise_levels(process, steps, rho)
+    return dpm_solver_pp_steps(denoiser, x_T / process.alpha(process.t_max), levels), steps
+
+
+def dpm_solver_pp_steps(denoiser, x, levels):
+    """x̂_0 from the unscaled x at σ = levels[0] through the decreasing noise levels `levels` [N + 1] (last 0):
+    N evaluations."""
+    steps = levels.shape[0] - 1
     log_levels = jnp.log(levels[:-1])
     h = log_levels[:-1] - log_levels[1:]  # h_i for the steps between positive levels
     c = jnp.zeros(steps).at[1:-1].set(h[1:] / (2.0 * h[:-1]))
-    x = x_T / process.alpha(process.t_max)
 
     def body(carry, row):
         x, prev_x0 = carry
@@ -55,4 +62,4 @@ def dpm_solver_pp_sample(denoiser, process, x_T, noise_key, steps, *, rho=7.0):
 
     rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "c": c}
     (x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), rows)
-    return x0, steps
+    return x0

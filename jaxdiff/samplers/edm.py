@@ -5,7 +5,7 @@ The probability-flow ODE of every process is dx/dσ = (x − D(x; σ))/σ in the
 is Heun's method with an Euler last step to σ = 0 (which lands on x̂_0): 2·steps − 1 evaluations.
 The stochastic sampler first raises σ_i to σ̂ = (1 + γ)·σ_i, γ = min(S_churn/steps, √2 − 1) when
 S_min <= σ_i <= S_max (else 0), adding noise of std sqrt(σ̂² − σ_i²)·S_noise, then takes the Heun step
-from σ̂; S_churn = 0 is the deterministic sampler.
+from σ̂; S_churn = 0 is the deterministic sampler. `heun_steps` runs the steps on any grid of levels.
 """
 
 from __future__ import annotations
@@ -25,6 +25,18 @@ def edm_sample(
     levels = karras_noise_levels(process, steps, rho)
     x = x_T / process.alpha(process.t_max)
     gamma = min(s_churn / steps, math.sqrt(2.0) - 1.0)
+    churn = dict(gamma=gamma, s_min=s_min, s_max=s_max, s_noise=s_noise)
+    return heun_steps(denoiser, x, levels, noise_key, churn=churn), 2 * steps - 1
+
+
+def heun_steps(denoiser, x, levels, noise_key=None, *, churn=None, second_order=True):
+    """x̂_0 from the unscaled x at σ = levels[0] through the decreasing noise levels `levels` [N + 1] (last 0).
+
+    Each step is Heun's (Euler's with second_order=False); the last one, to σ = 0, is Euler and lands on
+    x̂_0, so Heun takes 2·N − 1 evaluations and Euler N. `churn` (EDM's stochastic sampler): dict of gamma,
+    s_min, s_max, s_noise, drawing from `noise_key`.
+    """
+    gamma = churn["gamma"] if churn else 0.0
 
     def slope(x, sigma):
         return (x - denoiser(x, batch(sigma, x))) / sigma
@@ -32,18 +44,20 @@ def edm_sample(
     def body(x, row):
         sigma, sigma_next = row["sigma"], row["sigma_next"]
         if gamma > 0:
-            churn = jnp.where((s_min <= sigma) & (sigma <= s_max), gamma, 0.0)
-            sigma_hat = sigma * (1.0 + churn)
-            noise = sigma * jnp.sqrt(churn * (2.0 + churn)) * s_noise * step_noise(noise_key, row["i"], x)
-            x, sigma = x + noise, sigma_hat
+            boost = jnp.where((churn["s_min"] <= sigma) & (sigma <= churn["s_max"]), gamma, 0.0)
+            noise = sigma * jnp.sqrt(boost * (2.0 + boost)) * churn["s_noise"] * step_noise(noise_key, row["i"], x)
+            x, sigma = x + noise, sigma * (1.0 + boost)
         d = slope(x, sigma)
         euler = x + (sigma_next - sigma) * d
+        if not second_order:
+            return euler, None
 
         def heun():
             return x + (sigma_next - sigma) * 0.5 * (d + slope(euler, sigma_next))
 
         return jax.lax.cond(sigma_next > 0, heun, lambda: euler), None
 
+    steps = levels.shape[0] - 1
     rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "i": jnp.arange(steps)}
     x0, _ = jax.lax.scan(body, x, rows)
-    return x0, 2 * steps - 1
+    return x0
