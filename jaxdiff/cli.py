@@ -140,11 +140,11 @@ def _reading_weights(path: str):
         raise UsageError(f"the .safetensors weights under {path!r} are damaged or not safetensors ({err})") from err
 
 
-def _load_pipeline(path: str, step: int | None):
+def _load_pipeline(path: str, step: int | None, config: str | None = None):
     from jaxdiff.pipeline import Pipeline
 
     with _reading_weights(path):
-        return Pipeline.from_pretrained(path, step=step)
+        return Pipeline.from_pretrained(path, step=step, config=config)
 
 
 # Verbs
@@ -209,8 +209,8 @@ def _read_image(path: str, what: str, mode: str) -> np.ndarray:
 
 def _sample_pretrained(args) -> int:
     """`sample --pretrained`: Stable Diffusion text-to-image, image-to-image (--init-image) or inpainting (--mask)."""
-    if args.workdir:
-        raise UsageError("give either --workdir or --pretrained, not both")
+    if args.config:
+        raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
     if args.prompt is None:
         raise UsageError("--pretrained needs --prompt")
     if (args.mask or args.strength is not None) and not args.init_image:
@@ -220,7 +220,6 @@ def _sample_pretrained(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must be a .png grid with --pretrained, got {args.out!r}")
     check_output_file(args.out, "--out")
-    _check_weights(args.pretrained, "--pretrained")
     init = _read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = _read_image(args.mask, "--mask", "L") if args.mask else None
 
@@ -232,6 +231,7 @@ def _sample_pretrained(args) -> int:
     prompts = [args.prompt] * args.num
     settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
                     steps=args.steps or DEFAULT_STEPS, sampler=args.sampler or "ddim", seed=args.seed,
+                    karras=args.spacing == "karras",
                     guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
     if init is None:
         samples = pipe.text_to_image(prompts, height=args.height, width=args.width, **settings)
@@ -250,10 +250,18 @@ def _sample_pretrained(args) -> int:
 
 def _sample(args, extra) -> int:
     _no_extra(extra)
+    if args.workdir and args.pretrained:
+        raise UsageError("give either --workdir or --pretrained, not both")
+    if not (args.workdir or args.pretrained):
+        raise UsageError("sample needs --workdir (a trained model) or --pretrained (released weights)")
+    if args.config and not args.pretrained:
+        raise UsageError("--config names the recipe of --pretrained weights; a --workdir has its own config")
     if args.pretrained:
-        return _sample_pretrained(args)
-    if not args.workdir:
-        raise UsageError("sample needs --workdir (a trained model) or --pretrained (Stable Diffusion)")
+        _check_weights(args.pretrained, "--pretrained")
+        from jaxdiff.convert.stable_diffusion import is_stable_diffusion
+
+        if is_stable_diffusion(args.pretrained):
+            return _sample_pretrained(args)
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:
         check_output_dir(args.out, "--out")
@@ -265,14 +273,15 @@ def _sample(args, extra) -> int:
         if not args.trajectory.lower().endswith((".png", ".gif")):
             raise UsageError(f"--trajectory must be a .png strip or a .gif animation, got {args.trajectory!r}")
         check_output_file(args.trajectory, "--trajectory")
-    _check_weights(args.workdir)
+    if args.workdir:
+        _check_weights(args.workdir)
 
     import jax
 
     from jaxdiff import images
     from jaxdiff.sampling_job import sample_to_shards
 
-    pipe = _load_pipeline(args.workdir, args.step)
+    pipe = _load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     sampler = _sampler_settings(pipe, args)
     if args.trajectory and pipe.continuous:
         raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
@@ -289,7 +298,8 @@ def _sample(args, extra) -> int:
             np.savez(args.out, images=samples)
         else:
             images.save_png(images.make_grid(samples), args.out, scale=max(1, 64 // samples.shape[1]))
-        wrote = f"{len(samples)} images (checkpoint step {pipe.step}) -> {args.out}"
+        step = "" if pipe.step is None else f" (checkpoint step {pipe.step})"
+        wrote = f"{len(samples)} images{step} -> {args.out}"
     if args.trajectory:
         n = min(8, args.num)
         _, _, trajectory = pipe.sample_batch(n, jax.random.fold_in(jax.random.PRNGKey(args.seed), 0),
@@ -456,7 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance: class-conditional models w >= 0 "
                         "(default 0); --pretrained diffusers' scale (default 7.5)")
-    sample.add_argument("--pretrained", help="Stable Diffusion: a diffusers SD folder or an original .safetensors file")
+    sample.add_argument("--pretrained", help="released weights: a Stable Diffusion folder or .safetensors file, a "
+                        "score_sde checkpoint_N, an EDM network-snapshot-*.pkl, a diffusers folder")  # fmt: skip
+    sample.add_argument("--config", help="--pretrained score_sde / EDM / diffusers weights: their recipe (score_sde: "
+                        "its training config, e.g. sde_ve_ncsnpp_continuous or ve/ncsnpp_continuous)")  # fmt: skip
     sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs")
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")

@@ -4,10 +4,15 @@
   eps    an ε-model of a VP/sub-VP process: labels t·999, sees x_t = α(t)·x (score_sde's DDPM++ cont.);
   score  a score model: labels σ, output divided by σ (score_sde's NCSN++ cont. with scale_by_sigma);
   edm    EDM's preconditioning with config.diffusion.sigma_data: labels c_noise = ln(σ)/4.
+
+The model's data are images in [-1, 1], or in [0, 1] with `config.data.centered` False (score_sde's
+uncentered data, e.g. diffusers' ScoreSdeVePipeline models): D, its noise levels and its samples are in
+that range; `to_model_range` / `to_image_range` convert from and to the [-1, 1] of the rest of jaxdiff.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,6 +34,23 @@ CONTINUOUS_LOSSES = ("dsm", "edm")
 def is_continuous(diffusion_config: ml_collections.ConfigDict) -> bool:
     """Whether `config.diffusion` names a continuous process (configs written before the key: discrete)."""
     return diffusion_config.get("process", "discrete") != "discrete"
+
+
+def data_range(data_config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """(low, high) of the model's data: (-1, 1), or (0, 1) when `config.data.centered` is False."""
+    return (-1.0, 1.0) if data_config.get("centered", True) else (0.0, 1.0)
+
+
+def to_model_range(x: Array, data_config: ml_collections.ConfigDict) -> Array:
+    """Images in [-1, 1] -> the model's data range (y = (x + 1)/2 for uncentered data)."""
+    low, _ = data_range(data_config)
+    return x if low == -1.0 else (x + 1.0) / 2.0
+
+
+def to_image_range(y: Array, data_config: ml_collections.ConfigDict) -> Array:
+    """The model's data -> images in [-1, 1] (x = 2y − 1 for uncentered data)."""
+    low, _ = data_range(data_config)
+    return y if low == -1.0 else 2.0 * y - 1.0
 
 
 def process_from_config(diffusion_config: ml_collections.ConfigDict):
@@ -108,13 +130,28 @@ def sampler_options(sampler: str, sampling_config: ml_collections.ConfigDict) ->
     return {name: sampling_config[name] for name in names}
 
 
+def sample_in_image_range(config: ml_collections.ConfigDict, denoiser: Denoiser, process, shape, rng: Array, *,
+                          sampler: str, steps: int | None, **options) -> Array:  # fmt: skip
+    """`sample_continuous` of a model's `denoiser`, every x̂_0 clipped to the model's data range when
+    `config.sampling.clip_denoised`; the samples float32 `shape` returned in [-1, 1] (`to_image_range`)."""
+    if config.sampling.clip_denoised:
+        low, high = data_range(config.data)
+        denoiser = functools.partial(_clipped, denoiser, low, high)
+    x0 = sample_continuous(denoiser, process, shape, rng, sampler=sampler, steps=steps, **options)
+    return to_image_range(x0, config.data)
+
+
+def _clipped(denoiser: Denoiser, low: float, high: float, x: Array, sigma: Array) -> Array:
+    return jnp.clip(denoiser(x, sigma), low, high)
+
+
 def sample_images(config: ml_collections.ConfigDict, model, params, rng: Array, num: int, *, labels=None) -> Array:
-    """[num, H, W, C] float32 samples of a continuous-time model with `config.sampling`'s sampler, steps
-    (0: the sampler's default), options, guidance and clipping; labels int [num] for conditional models."""
+    """[num, H, W, C] float32 samples in [-1, 1] of a continuous-time model with `config.sampling`'s sampler,
+    steps (0: the sampler's default), options, guidance and clipping; labels int [num] for conditional models."""
     process = process_from_config(config.diffusion)
     sc = config.sampling
     denoiser = model_denoiser(config, model, params, process, labels=labels, guidance=sc.guidance)
     shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
     steps = None if sc.sampler == "ode" else (sc.steps or None)
-    return sample_continuous(denoiser, process, shape, rng, sampler=sc.sampler, steps=steps,
-                             clip_denoised=sc.clip_denoised, **sampler_options(sc.sampler, sc))  # fmt: skip
+    return sample_in_image_range(config, denoiser, process, shape, rng, sampler=sc.sampler, steps=steps,
+                                 **sampler_options(sc.sampler, sc))  # fmt: skip

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff import checkpoint, images, samplers, sharding
-from jaxdiff.continuous_model import is_continuous, process_from_config, sampler_options
+from jaxdiff.continuous_model import is_continuous, process_from_config, sample_in_image_range, sampler_options
 from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
 from jaxdiff.denoiser import model_denoiser
 from jaxdiff.models import create_model
@@ -54,20 +54,26 @@ class Pipeline:
         return cls(config, params, step=step)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
-        """Weights in any supported format: a jaxdiff workdir, a diffusers UNet2DModel folder, an official TF checkpoint;
-        a Stable Diffusion folder or single file gives a `jaxdiff.latent_pipeline.LatentPipeline`."""
+    def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None,
+                        config: str | None = None) -> "Pipeline":  # fmt: skip
+        """Weights in any supported format (`jaxdiff.convert`): a jaxdiff workdir, a diffusers UNet2DModel or
+        ScoreSdeVePipeline folder, an official TF checkpoint, a score_sde `checkpoint_N`, an EDM
+        `network-snapshot-*.pkl`; a Stable Diffusion folder or single file gives a
+        `jaxdiff.latent_pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
+        (`load_weights`' `dataset`): required for score_sde checkpoints, whose architecture it gives."""
         from jaxdiff.convert import detect_format, load_weights
         from jaxdiff.convert.stable_diffusion import is_stable_diffusion
 
         if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
             from jaxdiff.latent_pipeline import LatentPipeline
 
+            if config is not None:
+                raise ValueError(f"config={config!r}: Stable Diffusion weights carry their own configs")
             return LatentPipeline.from_pretrained(path)
-        if detect_format(path) == "jaxdiff":
+        if detect_format(path) == "jaxdiff" and config is None:
             return cls.from_checkpoint(path, step=step)
-        config, params = load_weights(path, step=step)
-        return cls(config, params)
+        model_config, params = load_weights(path, step=step, dataset=config)
+        return cls(model_config, params)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -91,7 +97,7 @@ class Pipeline:
     def denoise(self, x_t, t, class_label=None) -> Array:
         """Discrete models: the model output for x_t [B, H, W, C] in the diffusion's scale and t int [B]
         (0-based steps, 0..T-1). Continuous models: EDM's D(x; σ) = x̂_0 for x = x_0 + σ·n [B, H, W, C]
-        and t = σ > 0 float [B]."""
+        and t = σ > 0 float [B], in the model's data range (`continuous_model.data_range`)."""
         labels = None if class_label is None else self._labels(class_label, np.shape(x_t)[0])
         key = ("denoise", labels is not None)
         if self.continuous:
@@ -255,8 +261,8 @@ class Pipeline:
                                            guidance=guidance)  # fmt: skip
             if reports:
                 denoiser = self._reporting(denoiser)
-            return samplers.sample_continuous(denoiser, self.process, shape, rng, sampler=sampler, steps=steps,
-                                              clip_denoised=self.config.sampling.clip_denoised, **options)  # fmt: skip
+            return sample_in_image_range(self.config, denoiser, self.process, shape, rng, sampler=sampler,
+                                         steps=steps, **options)  # fmt: skip
 
         return jax.jit(draw, out_shardings=self._output_sharding(n))
 

@@ -24,7 +24,7 @@ import optax
 
 from jaxdiff import diffusion
 from jaxdiff.continuous_losses import dsm_loss, edm_loss
-from jaxdiff.continuous_model import conditioned_denoiser, is_continuous, process_from_config
+from jaxdiff.continuous_model import conditioned_denoiser, is_continuous, process_from_config, to_model_range
 from jaxdiff.models import example_inputs
 from jaxdiff.schedule import Schedule
 
@@ -155,7 +155,7 @@ def _continuous_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
 
     def loss_fn(params, images, labels, rng):
         flip_rng, t_rng, _, dropout_rng, label_rng = jax.random.split(rng, 5)
-        x_start = preprocess(images, flip_rng if config.data.random_flip else None)
+        x_start = to_model_range(preprocess(images, flip_rng if config.data.random_flip else None), config.data)
         y = _training_labels(labels, label_rng, config.model.num_classes, config.training.label_dropout)
         denoise = conditioned_denoiser(config, model, process, train=True, dropout_rng=dropout_rng)
         apply_fn = lambda p, x, sigma: denoise(p, x, sigma, y)  # noqa: E731

@@ -3,7 +3,7 @@
 Inputs are written as tests/test_score_converters.py writes them (tiny networks). Each converted model's
 D(x; σ) is checked against one built in the test from the reader's own output, in the reader's conventions:
 score_sde's VP ε-model fed α·x with labels 999·t, its VE score model on [0, 1] data fed 2y − 1, EDM's
-preconditioning written out. ScoreSdeVePipeline folders, whose network sees [0, 1] data, are detected and refused.
+preconditioning written out. ScoreSdeVePipeline folders: tests/test_score_sde_ve_folder.py.
 """
 
 import pickle
@@ -15,10 +15,9 @@ import pytest
 from jaxdiff import Pipeline, cli
 from jaxdiff.continuous_model import model_denoiser, process_from_config
 from jaxdiff.convert import continuous_configs, convert, detect_format, edm_pickle, load_weights, score_sde_checkpoint
-from jaxdiff.convert.score_folders import read_score_sde_ve_folder
 from jaxdiff.models import create_model, ncsnpp, song_unet
 from tests.test_score_converters import (  # noqa: F401 - edm_modules is a fixture
-    EDM, SCORE_SDE, CallsGlobal, case_tensors, edm_modules, random_tree, save_ve_pipeline, tiny_ncsnpp_config,
+    EDM, SCORE_SDE, CallsGlobal, case_tensors, edm_modules, random_tree, tiny_ncsnpp_config,
     write_checkpoint, write_snapshot,
 )  # fmt: skip
 
@@ -215,21 +214,46 @@ def test_edm_other_preconditionings_and_recipes_are_refused(tmp_path, edm_module
         load_weights(src, dataset="edm_cifar10_cond_vp")
 
 
-# --------------------------------------------------------------------------- diffusers ScoreSdeVePipeline folders
+# --------------------------------------------------------------------------- Pipeline.from_pretrained and the CLI
 
 
-def test_score_sde_ve_folder_is_detected_and_refused_by_its_keys(tmp_path):
-    """The pipeline feeds the [0, 1] data itself to the network: no jaxdiff form (data in [-1, 1])."""
-    save_ve_pipeline(tmp_path / "pipe")
-    assert detect_format(tmp_path / "pipe") == "score_sde_ve"
-    with pytest.raises(ValueError) as err:
-        convert(tmp_path / "pipe", tmp_path / "run")
-    message = str(err.value)
-    assert "network_input: 'x', expected '2x-1' (the network sees data in [0, 1]" in message and "\n" not in message
-    assert not (tmp_path / "run").exists()
-    with pytest.raises(ValueError, match="network_input"):
-        Pipeline.from_pretrained(tmp_path / "pipe")
-    assert read_score_sde_ve_folder(tmp_path / "pipe")[3]["network_input"] == "x"
+def test_pipeline_from_pretrained_names_the_score_sde_config(tmp_path, score_sde_checkpoint_dir):
+    """A score_sde checkpoint file with its config name (score_sde's or jaxdiff's) = the converted workdir."""
+    src = score_sde_checkpoint_dir("ncsnpp")
+    converted = Pipeline.from_checkpoint(convert(src, tmp_path / "run", dataset="ve/ncsnpp_continuous"))
+    from_file = Pipeline.from_pretrained(src / "checkpoints" / "checkpoint_4", config="ve/ncsnpp_continuous")
+    assert from_file.config.diffusion.sigma_max == converted.config.diffusion.sigma_max == 100.0
+    x = noisy_inputs(from_file.config.model.image_size)
+    np.testing.assert_array_equal(np.asarray(from_file.denoise(x, SIGMAS)), np.asarray(converted.denoise(x, SIGMAS)))
+    with pytest.raises(ValueError, match=r"dataset='ve/ncsnpp_cont': a score_sde checkpoint needs the config .*"
+                                         r"--config NAME.*'ve/ncsnpp_continuous'"):  # fmt: skip
+        Pipeline.from_pretrained(src, config="ve/ncsnpp_cont")
+    with pytest.raises(ValueError, match=r"dataset='sde_vp_ddpmpp_continuous' applies to weights in other formats"):
+        Pipeline.from_pretrained(tmp_path / "run", config="sde_vp_ddpmpp_continuous")
+
+
+def test_pipeline_from_pretrained_checks_an_edm_recipe_name(tmp_path, edm_modules):
+    src = write_edm(tmp_path / "network-snapshot-000100.pkl", edm_modules)
+    with pytest.raises(ValueError, match=r"does not fit recipe 'edm_cifar10_uncond_vp': .*model.image_size read 8"):
+        Pipeline.from_pretrained(src, config="edm_cifar10_uncond_vp")
+    with pytest.raises(ValueError, match=r"dataset='edm_cifar' is not a jaxdiff recipe"):
+        Pipeline.from_pretrained(src, config="edm_cifar")
+
+
+def test_cli_sample_pretrained_score_sde(tmp_path, capsys, score_sde_checkpoint_dir):
+    src = score_sde_checkpoint_dir("ncsnpp")
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--pretrained", str(src), "--sampler", "ddim", "--steps", "2", "--num", "2", "--out"]
+    assert cli.main([*argv, str(out), "--config", "sde_ve_ncsnpp_continuous"]) == 2  # the tiny network is no recipe's
+    assert "does not fit recipe 'sde_ve_ncsnpp_continuous'" in capsys.readouterr().err
+    assert cli.main([*argv, str(out), "--config", "ve/ncsnpp_continuous"]) == 0
+    assert out.is_file() and capsys.readouterr().out.startswith("2 images -> ")
+    assert "needs the config it was trained with" in cli_error(capsys, [*argv, str(tmp_path / "b.png")])
+    assert "'vp/ddpmpp_continuous'" in cli_error(capsys, [*argv, str(tmp_path / "c.png"), "--config", "vp/ddpmp"])
+    assert "--config names the recipe of --pretrained weights" in cli_error(
+        capsys, ["sample", "--workdir", str(src), "--out", str(tmp_path / "d.png"), "--config", "x"]
+    )  # fmt: skip
+    assert not any((tmp_path / name).exists() for name in ("b.png", "c.png", "d.png"))
 
 
 # --------------------------------------------------------------------------- jaxdiff convert

@@ -439,7 +439,9 @@ def test_score_sde_ve_folder(tmp_path):
     for path, value in flat_expected.items():
         np.testing.assert_array_equal(flat[path], value)
     assert info["process"] == "ve" and info["sigma_min"] == 0.02 and info["sigma_max"] == 348.0
-    assert info["num_scales"] == 500 and info["snr"] == pytest.approx(0.17) and info["scale_by_sigma"]
+    assert info["scale_by_sigma"] and info["network_input"] == "x" and info["data_range"] == (0.0, 1.0)
+    assert info["sampling"] == dict(sampler="pc", predictor="reverse_diffusion", corrector="langevin",
+                                    snr=pytest.approx(0.17), n_corrector=1, steps=499)  # fmt: skip
 
 
 def test_score_folder_errors(tmp_path):

@@ -6,12 +6,14 @@ network section, image size, channels, classes and the process parameters come f
 A recipe the caller names must have the same network, network section and parameterisation; any
 difference is an error naming the keys.
 
-jaxdiff models see data in [-1, 1]. score_sde's VE models were trained on data y in [0, 1], fed 2y − 1 to
-the network, labelled by σ and return σ·score. In jaxdiff's x = 2y − 1 every noise level doubles
-(σ = 2s) and D(x; σ) = 2·D_y((x + 1)/2; σ/2) − 1 = x + σ·net(x, σ/2): the "score" parameterisation of a
-network whose label is halved. A Fourier embedding of log(σ/2) is a fixed rotation of each sin/cos pair
-of the embedding of log σ, so the halving is folded into the first embedding layer's kernel. A network fed
-the [0, 1] data itself (diffusers' ScoreSdeVePipeline) has no such form and is refused.
+jaxdiff models see data in [-1, 1] unless `data.centered` is False ([0, 1]). score_sde's VE models were
+trained on data y in [0, 1], fed 2y − 1 to the network, labelled by σ and return σ·score. In jaxdiff's
+x = 2y − 1 every noise level doubles (σ = 2s) and D(x; σ) = 2·D_y((x + 1)/2; σ/2) − 1 = x + σ·net(x, σ/2):
+the "score" parameterisation of a network whose label is halved. A Fourier embedding of log(σ/2) is a fixed
+rotation of each sin/cos pair of the embedding of log σ, so the halving is folded into the first embedding
+layer's kernel, exactly, and the model stays centred. A network fed the [0, 1] data itself (diffusers'
+ScoreSdeVePipeline) has no such form: it becomes a model of uncentred data (`data.centered` False) with
+the scheduler's σ range as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from jaxdiff.config import ConfigError, flat_keys, validate
 from jaxdiff.convert import score_sde_checkpoint
+from jaxdiff.processes import make_process
 from jaxdiff.recipes import RECIPES, recipe
 
 # jaxdiff's score_sde recipes and the score_sde config each reproduces ("sde_vp_ddpmpp_continuous" ->
@@ -43,6 +46,7 @@ EDM_RECIPES = {
 }  # fmt: skip
 EDM_SIGMA_RANGE = (0.002, 80.0)  # EDM's sampling range, narrowed to what the preconditioning supports
 VP_LABEL_SCALE = 999  # jaxdiff's continuous ε-models see labels t·999
+VE_T_MIN = make_process("ve").t_min  # where jaxdiff's VE samplers stop: score_sde's and diffusers' sampling_eps
 
 
 def score_sde_config_name(dataset: str | None) -> tuple[str, str | None]:
@@ -54,8 +58,9 @@ def score_sde_config_name(dataset: str | None) -> tuple[str, str | None]:
         return dataset, None
     raise ValueError(
         f"dataset={dataset!r}: a score_sde checkpoint needs the config it was trained with (`jaxdiff convert "
-        f"--dataset NAME SRC DST`), one of score_sde's {sorted(score_sde_checkpoint.CONFIGS)} or of jaxdiff's "
-        f"recipes {sorted(SCORE_SDE_RECIPES)}"
+        f"--dataset NAME`, `jaxdiff sample --pretrained PATH --config NAME`, `Pipeline.from_pretrained(path, "
+        f"config=NAME)`), one of score_sde's {sorted(score_sde_checkpoint.CONFIGS)} or of jaxdiff's recipes "
+        f"{sorted(SCORE_SDE_RECIPES)}"
     )
 
 
@@ -76,8 +81,9 @@ def _refuse(source: str, differences: dict) -> None:
         raise ConfigError(f"{source}: cannot be a jaxdiff model: {listed}")
 
 
-def _ncsnpp_process(info: dict, network: ml_collections.ConfigDict, source: str) -> dict:
-    """The diffusion keys of score_sde's process info; raises naming what jaxdiff cannot express."""
+def _ncsnpp_process(info: dict, network: ml_collections.ConfigDict, source: str) -> tuple[dict, bool]:
+    """(the diffusion keys, data.centered) of score_sde's process info; raises naming what jaxdiff cannot
+    express."""
     process = info["process"]
     if process in ("vp", "subvp"):
         expected = (("parameterization", "eps"), ("data_range", (-1.0, 1.0)), ("network_input", "x"),
@@ -89,17 +95,22 @@ def _ncsnpp_process(info: dict, network: ml_collections.ConfigDict, source: str)
             differences["noise_labels"] = (f"{info['noise_labels']!r} with num_scales {info['num_scales']}, expected "
                                            f"labels t·{VP_LABEL_SCALE}")  # fmt: skip
         _refuse(source, differences)
-        return dict(process=process, parameterization="eps", beta_min=info["beta_min"], beta_max=info["beta_max"])
+        diffusion = dict(process=process, parameterization="eps", beta_min=info["beta_min"], beta_max=info["beta_max"])
+        return diffusion, True
     expected = (("parameterization", "score"), ("noise_labels", "sigma"), ("scale_by_sigma", True),
-                ("data_range", (0.0, 1.0)), ("network_input", "2x-1"))  # fmt: skip
+                ("data_range", (0.0, 1.0)))  # fmt: skip
     differences = {key: f"{info[key]!r}, expected {want!r}" for key, want in expected if info[key] != want}
-    if info["network_input"] == "x" and "network_input" in differences:
-        differences["network_input"] += " (the network sees data in [0, 1]; jaxdiff models see data in [-1, 1])"
-    if network.conditional and network.embedding_type != "fourier":
+    if info["network_input"] not in ("2x-1", "x"):
+        differences["network_input"] = f"{info['network_input']!r}, expected '2x-1' or 'x'"
+    centered = info["network_input"] == "2x-1"
+    if centered and network.conditional and network.embedding_type != "fourier":
         differences["model.ncsnpp.embedding_type"] = f"{network.embedding_type!r}, expected 'fourier'"
+    if info.get("sampling_eps", VE_T_MIN) != VE_T_MIN:
+        differences["sampling_eps"] = f"{info['sampling_eps']!r}, expected {VE_T_MIN} (the VE process's t_min)"
     _refuse(source, differences)
-    sigma_min, sigma_max = 2 * info["sigma_min"], 2 * info["sigma_max"]  # of x = 2y − 1
-    return dict(process="ve", parameterization="score", sigma_min=sigma_min, sigma_max=sigma_max)
+    scale = 2 if centered else 1  # noise levels of x = 2y − 1, or of y itself
+    return dict(process="ve", parameterization="score", sigma_min=scale * info["sigma_min"],
+                sigma_max=scale * info["sigma_max"]), centered  # fmt: skip
 
 
 def halve_fourier_labels(params: dict) -> dict:
@@ -121,10 +132,13 @@ def halve_fourier_labels(params: dict) -> dict:
 def _read_keys(network_name: str, network: ml_collections.ConfigDict, info: dict, source: str) -> tuple[str, dict]:
     """(base recipe, {config key: value}) of what was read."""
     if network_name == "ncsnpp":
-        diffusion = _ncsnpp_process(info, network, source)
+        diffusion, centered = _ncsnpp_process(info, network, source)
         model = dict(network="ncsnpp", ncsnpp=network, image_size=network.image_size,
                      in_channels=network.num_channels, out_channels=network.num_channels, num_classes=0)  # fmt: skip
-        return BASE_RECIPES["ncsnpp", diffusion["process"]], dict(model=model, diffusion=diffusion)
+        keys = dict(data=dict(centered=centered), model=model, diffusion=diffusion)
+        if "sampling" in info:  # a ScoreSdeVePipeline scheduler's predictor-corrector loop
+            keys["sampling"] = info["sampling"]
+        return BASE_RECIPES["ncsnpp", diffusion["process"]], keys
     if network_name == "song_unet":
         if info["parameterization"] != "edm_precond":
             _refuse(source, {"diffusion.parameterization": f"EDM's {info['parameterization']!r} preconditioning; "
@@ -136,7 +150,7 @@ def _read_keys(network_name: str, network: ml_collections.ConfigDict, info: dict
         model = dict(network="song_unet", song_unet=network, image_size=network.img_resolution,
                      in_channels=network.in_channels, out_channels=network.out_channels, num_classes=network.label_dim)
         base = EDM_RECIPES[network.label_dim > 0, network.embedding_type == "fourier"]
-        return base, dict(model=model, diffusion=diffusion)
+        return base, dict(data=dict(centered=True), model=model, diffusion=diffusion)
     raise ValueError(f"{source}: network {network_name!r} has no jaxdiff config; expected 'ncsnpp' or 'song_unet'")
 
 
@@ -171,6 +185,6 @@ def continuous_config(
         if differing:
             listed = "; ".join(f"{key} {value}" for key, value in differing.items())
             raise ConfigError(f"{source} does not fit recipe {recipe_name!r}: {listed}")
-    if network_name == "ncsnpp" and info["process"] == "ve" and network.conditional:
+    if network_name == "ncsnpp" and info["process"] == "ve" and config.data.centered and network.conditional:
         params = halve_fourier_labels(params)
     return validate(config), params

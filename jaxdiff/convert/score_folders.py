@@ -3,7 +3,14 @@
 A folder holds `model_index.json`, `unet/` (config.json and safetensors of an NCSN++ `UNet2DModel`, read by
 `score_diffusers`) and `scheduler/scheduler_config.json` of a `ScoreSdeVeScheduler`, which gives σ_min,
 σ_max, N = num_train_timesteps and the predictor-corrector settings (snr, correct_steps, sampling_eps).
-The pipeline feeds the sample itself to the network and clamps its result to [0, 1].
+The pipeline feeds the sample itself to the network (data in [0, 1]) and clamps its result to [0, 1].
+
+Its N iterations run a Langevin corrector step, then a reverse-diffusion predictor step, at each t of
+linspace(1, sampling_eps, N), the network labelled σ(t) = σ_min·(σ_max/σ_min)^t. jaxdiff's `pc` sampler with
+N − 1 steps has the same grid and step formulas (its last step, the denoising one, is D at t = sampling_eps)
+and differs in two places: it runs no corrector before that last step, and its predictor uses
+G² = σ(t)² − σ(s)² of the grid where diffusers takes σ of the nearest lower point of N geometric levels
+(σ(t) and that level differ by a factor (σ_max/σ_min)^(i·sampling_eps/(N − 1)) at step i: under 1.2e-4).
 """
 
 from __future__ import annotations
@@ -51,20 +58,21 @@ def _scheduler_info(path: pathlib.Path) -> dict:
             raise ScoreFolderError(f"{path}: {key}={value!r} must be a positive number")
     if not values["sigma_min"] < values["sigma_max"]:
         raise ScoreFolderError(f"{path}: need sigma_min < sigma_max, got {values['sigma_min']}, {values['sigma_max']}")
+    sampling = dict(sampler="pc", predictor="reverse_diffusion", corrector="langevin", snr=float(values["snr"]),
+                    n_corrector=int(values["correct_steps"]), steps=max(1, int(values["num_train_timesteps"]) - 1))
     return dict(
         process="ve", sigma_min=float(values["sigma_min"]), sigma_max=float(values["sigma_max"]),
-        num_scales=int(values["num_train_timesteps"]), snr=float(values["snr"]),
-        correct_steps=int(values["correct_steps"]), sampling_eps=float(values["sampling_eps"]),
-        continuous=True, parameterization="score", noise_labels="sigma", scale_by_sigma=True,
-        data_range=(0.0, 1.0), network_input="x",
+        sampling_eps=float(values["sampling_eps"]), continuous=True, parameterization="score",
+        noise_labels="sigma", scale_by_sigma=True, data_range=(0.0, 1.0), network_input="x", sampling=sampling,
     )  # fmt: skip
 
 
 def read_score_sde_ve_folder(folder: str | os.PathLike) -> tuple[str, ml_collections.ConfigDict, dict, dict]:
     """("ncsnpp", our network config, params (NumPy), process info) of a ScoreSdeVePipeline folder.
 
-    Process info: process "ve" with the scheduler's sigma_min, sigma_max, num_scales (N), snr,
-    correct_steps, sampling_eps; the network output divided by σ is the score (scale_by_sigma).
+    Process info: process "ve" with the scheduler's sigma_min, sigma_max and sampling_eps; the network
+    sees data in [0, 1] and its output divided by σ is the score (scale_by_sigma); `sampling`: the config's
+    sampling keys of the scheduler's predictor-corrector loop (steps N − 1: see the module docstring).
     """
     folder = pathlib.Path(folder)
     pipeline = _json(folder / MODEL_INDEX_FILE).get("_class_name")

@@ -140,7 +140,7 @@ def evaluate(
             continuous_denoiser(pipe.config, pipe.model, pipe.params, pipe.process), pipe.process,
             _data_source(pipe, bpd_split, data_dir), batch_size=bpd_batch_size, seed=seed, num_images=bpd_num_images,
             out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"), progress=progress,
-            rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol,
+            rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol, centered=pipe.config.data.centered,
         )  # fmt: skip
         results.update(bpd=mean, bpd_stderr=stderr)
         settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, bpd_estimator="probability-flow ODE",

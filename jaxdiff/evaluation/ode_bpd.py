@@ -19,10 +19,12 @@ from jaxdiff.sharding import local_mesh
 
 def evaluate_ode_bpd(
     denoiser, process, source, *, batch_size: int, out_path, seed: int = 0, num_images: int | None = None,
-    divergence: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, progress: bool = True,
+    divergence: str = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, centered: bool = True,
+    progress: bool = True,
 ) -> tuple[float, float]:  # fmt: skip
     """(mean bits/dim, its standard error) of the first `num_images` images of `source` under the
-    model `denoiser(x, sigma)` (EDM's D) on `process`; process 0 writes the result as JSON to `out_path`.
+    model `denoiser(x, sigma)` (EDM's D) on `process`, of data in [-1, 1] or, when not `centered`, in
+    [0, 1]; process 0 writes the result as JSON to `out_path`.
 
     The standard error is std(per-image bits/dim, ddof=1)/sqrt(N): it covers the images, the
     dequantization and the trace estimator together (NaN for one image). The settings that identify a
@@ -36,11 +38,12 @@ def evaluate_ode_bpd(
         "source": source.name, "image_shape": list(source.image_shape), "estimator": "probability-flow ODE",
         "process": type(process).__name__, "process_params": [float(v) for v in jax.tree.leaves(process)],
         "num_images": num_images, "batch_size": int(batch_size), "seed": int(seed), "divergence": divergence,
-        "rtol": float(rtol), "atol": float(atol), "process_count": jax.process_count(),
+        "rtol": float(rtol), "atol": float(atol), "centered": bool(centered), "process_count": jax.process_count(),
     }  # fmt: skip
 
     def per_image_bpd(images, key):
-        bpd, _ = ode_bits_per_dim(denoiser, process, images, key, divergence=divergence, rtol=rtol, atol=atol)
+        bpd, _ = ode_bits_per_dim(denoiser, process, images, key, centered=centered, divergence=divergence,
+                                  rtol=rtol, atol=atol)  # fmt: skip
         return bpd
 
     return resumable_mean(per_image_bpd, source, mesh, batch_size=batch_size, num_images=num_images,

@@ -106,13 +106,18 @@ def bits_per_dim(log_p: Array, num_dims: int, *, data_width: float = 2.0) -> Arr
     return -log_p / (num_dims * math.log(2.0)) + 8.0 - math.log2(data_width)
 
 
-def ode_bits_per_dim(denoiser, process, images: Array, rng: Array, **options) -> tuple[Array, Array]:
-    """(bits/dim [B], nfe) of uint8 images [B, H, W, C] for a model of data in [-1, 1].
+def ode_bits_per_dim(denoiser, process, images: Array, rng: Array, *, centered: bool = True,
+                     **options) -> tuple[Array, Array]:  # fmt: skip
+    """(bits/dim [B], nfe) of uint8 images [B, H, W, C] for a model of data in [-1, 1], or in [0, 1]
+    when not `centered` (score_sde's data.centered=False).
 
-    `dequantize` with the first half of `split(rng)`, `ode_log_likelihood` (with `options`) with the
-    second, then `bits_per_dim`: bpd = −log p/(D·ln 2) + 7.
+    `dequantize` with the first half of `split(rng)` (then y = (x + 1)/2 = (k + u)/256 for [0, 1]),
+    `ode_log_likelihood` (with `options`) with the second, then `bits_per_dim`: bpd = −log p/(D·ln 2) + 7,
+    or + 8 for [0, 1] (score_sde's offset 7 − inverse_scaler(−1)).
     """
     dequantize_key, probe_key = jax.random.split(rng)
     x = dequantize(images, dequantize_key)
+    if not centered:
+        x = (x + 1.0) / 2.0
     log_p, nfe = ode_log_likelihood(denoiser, process, x, probe_key, **options)
-    return bits_per_dim(log_p, math.prod(x.shape[1:])), nfe
+    return bits_per_dim(log_p, math.prod(x.shape[1:]), data_width=2.0 if centered else 1.0), nfe
