@@ -90,7 +90,7 @@ def test_noise_levels_model_steps_and_initial_scale_match_diffusers(sampler, kar
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
+def sd1_folder(tmp_path_factory):
     """SD 1.x-style, its scheduler config without timestep_spacing as SD 1.x releases ship it: diffusers' DDIM and
     DDPM then take "leading" steps (with steps_offset 1), DPM-Solver++, Euler and Heun "linspace"."""
     folder = tmp_path_factory.mktemp("samplers_sd1")
@@ -99,9 +99,14 @@ def sd1(tmp_path_factory):
     config = json.loads(config_file.read_text())
     del config["timestep_spacing"]
     config_file.write_text(json.dumps(config))
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder / "pipe", safety_checker=None)
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_folder):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, LatentPipeline.from_pretrained(folder / "pipe")
+    return pipe, LatentPipeline.from_pretrained(sd1_folder)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +236,19 @@ def test_spacing_is_the_configs_or_else_each_scheduler_class_default(sd1):
                         "heun": "linspace"}  # fmt: skip
     leading = scheduler_settings(dict(SD1_SCHEDULER, timestep_spacing="leading"), "test")
     assert sampler_scheduler(leading, "euler").timestep_spacing == "leading"
+
+
+def test_cli_sampler_and_karras_flags(sd1, sd1_folder, tmp_path):
+    from PIL import Image
+
+    from jaxdiff import images
+    from jaxdiff.cli import main
+
+    _, ours = sd1
+    out = tmp_path / "grid.png"
+    flags = ["--prompt", PROMPTS[0], "--num", "1", "--steps", "3", "--seed", "2", "--sampler", "euler",
+             "--spacing", "karras", "--out", str(out)]  # fmt: skip
+    assert main(["sample", "--pretrained", str(sd1_folder), *flags]) == 0
+    expected = ours.text_to_image(PROMPTS[:1], steps=3, seed=2, sampler="euler", karras=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), images.make_grid(expected))
+    assert not np.array_equal(expected, ours.text_to_image(PROMPTS[:1], steps=3, seed=2, sampler="euler"))
