@@ -100,6 +100,42 @@ def test_folder_converts_to_an_uncentred_model_whose_score_is_diffusers(folder, 
     assert np.abs(np.asarray(from_folder.denoise(2 * y - 1, sigma)) - expected).max() > 0.1 * np.abs(expected).max()
 
 
+def test_export_back_to_a_score_sde_ve_pipeline(folder, tmp_path):
+    """folder -> jaxdiff workdir -> folder: diffusers loads it with the original tensors and scheduler settings."""
+    from diffusers import ScoreSdeVePipeline
+
+    path, unet = folder
+    run = convert(path, tmp_path / "run")
+    loaded = ScoreSdeVePipeline.from_pretrained(convert(run, tmp_path / "export", target_format="diffusers"))
+    original, exported = unet.state_dict(), loaded.unet.state_dict()
+    assert exported.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    settings = {key: loaded.scheduler.config[key] for key in ("num_train_timesteps", "sigma_min", "sigma_max",
+                                                              "sampling_eps", "correct_steps")}  # fmt: skip
+    assert settings == dict(num_train_timesteps=500, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sampling_eps=1e-5,
+                            correct_steps=1)  # fmt: skip
+    assert loaded.scheduler.config["snr"] == pytest.approx(0.17)
+
+
+def test_export_refuses_what_the_pipeline_cannot_express(folder, tmp_path):
+    from jaxdiff.convert.score_folders import score_sde_ve_export
+
+    config, params = load_weights(folder[0])
+    config.data.centered = True
+    with pytest.raises(ValueError, match=r"cannot export as a diffusers ScoreSdeVePipeline: data.centered=True "
+                                         r"\(needs False\)"):  # fmt: skip
+        score_sde_ve_export(config, params)
+    config.data.centered = False
+    config.model.ncsnpp.nf = 32
+    with pytest.raises(ValueError, match=r"widths \[32, 32\] \(diffusers' attention GroupNorms"):
+        score_sde_ve_export(config, params)
+    config.model.ncsnpp.update(nf=128, progressive="residual")
+    with pytest.raises(ValueError, match=r"model.ncsnpp.progressive='residual' \(diffusers' layout has 'output_skip'"):
+        score_sde_ve_export(config, params)
+    assert not (tmp_path / "export").exists()
+
+
 def diffusers_pc_loop(unet, scheduler, x_T, noises, *, final_corrector: bool):
     """diffusers' ScoreSdeVePipeline loop (corrector, then predictor, at each of N times), with the noise of
     each draw taken in order from `noises` (NHWC); returns the last predictor mean (before the clamp)."""

@@ -1,9 +1,10 @@
 """Weights in other formats: official DDPM TF checkpoints and diffusers UNet2DModel / DDPMPipeline / DDIMPipeline
-folders, in and out; score_sde checkpoints, EDM snapshots and diffusers ScoreSdeVePipeline folders, in.
+folders, in and out; score_sde checkpoints and EDM snapshots, in; diffusers ScoreSdeVePipeline folders, in and out.
 
     convert("model.ckpt-790000", "runs/ddpm_cifar10")                  # official TF -> jaxdiff workdir
     convert("ddpm-cifar10-32", "runs/from_hub")                         # diffusers -> jaxdiff workdir
     convert("runs/cifar10", "export/cifar10", target_format="diffusers")  # jaxdiff (EMA) -> DDPMPipeline folder
+    convert("runs/ve01", "export/ve01", target_format="diffusers")        # uncentred VE NCSN++ -> ScoreSdeVePipeline
     convert("checkpoint_26", "runs/sde", dataset="vp/ddpmpp_continuous")  # score_sde -> jaxdiff workdir
     config, ema_params = load_weights(path)                              # any format, for sampling
 
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff import checkpoint
+from jaxdiff.continuous_model import is_continuous
 from jaxdiff.convert.continuous_configs import (
     check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
 )  # fmt: skip
@@ -39,7 +41,7 @@ from jaxdiff.convert.diffusers_format import (
 )  # fmt: skip
 from jaxdiff.convert.edm_pickle import read_edm_snapshot
 from jaxdiff.convert.score_folders import PIPELINE as SCORE_SDE_VE_PIPELINE
-from jaxdiff.convert.score_folders import read_score_sde_ve_folder
+from jaxdiff.convert.score_folders import read_score_sde_ve_folder, save_score_sde_ve_export, score_sde_ve_export
 from jaxdiff.convert.score_sde_checkpoint import read_score_sde_checkpoint
 from jaxdiff.convert.tf_checkpoint import index_files, read_official_checkpoint
 
@@ -179,7 +181,8 @@ def convert(
     created. A `dst` that exists and is not an empty folder is refused. Other formats -> jaxdiff writes
     a step-0 checkpoint with a fresh optimizer state (one set of weights, as diffusers, score_sde's
     params_ema and EDM's ema network are, serves as both params and EMA params); jaxdiff -> diffusers
-    exports the EMA params of `step` (default: latest). `source_format` overrides detection (e.g. "edm"
+    exports the EMA params of `step` (default: latest), as a DDPMPipeline or, for a VE model of uncentred
+    data, a ScoreSdeVePipeline (`score_folders.score_sde_ve_export`). `source_format` overrides detection (e.g. "edm"
     for a pickle not named network-snapshot-*.pkl); `dataset` as in `load_weights`.
     """
     dst = pathlib.Path(dst)
@@ -203,7 +206,10 @@ def convert(
     else:
         config, _, ema_params = checkpoint.load_weights(src, step=step)
 
-    if target_format == "diffusers":
+    if target_format == "diffusers" and is_continuous(config.diffusion):
+        ve_export = score_sde_ve_export(config, ema_params)
+        write = lambda folder: save_score_sde_ve_export(ve_export, folder)  # noqa: E731
+    elif target_format == "diffusers":
         export = to_diffusers(config, ema_params)
         write = lambda folder: save_export(export, folder)  # noqa: E731
     else:
