@@ -4,10 +4,12 @@ The peer is the DDPM U-Net built from the same `config.model` (for CIFAR-10: blo
 (128, 256, 256, 256), 2 ResBlocks per level, single-head attention at 16×16, GroupNorm eps 1e-6,
 dropout in training). Both sides run the same training step on the same batch: [-1, 1] scaling,
 random flip, t ~ U{0..T-1}, ε-MSE loss, global-norm clip, Adam, EMA update; and the same sampling
-forward (eval mode, no gradient). Steps alternate (jax, torch, jax, ...) so that both see the same
+forward (eval mode, no gradient). Each side lives in its own worker process (no shared thread pools:
+PyTorch's OpenMP threads spinning after a step would otherwise slow XLA's), built once; the parent
+asks them for one step at a time, alternating (jax, torch, jax, ...), so that both see the same
 machine load; each side's images/s is batch / median step time, and the ratio is jaxdiff / diffusers.
 Both frameworks use all the process's cores: torch.set_num_threads(N), and XLA's CPU thread pool,
-which is one thread per core by default.
+which is one thread per core by default. The load average is printed before and after.
 
     python benchmarks/vs_diffusers.py [--config configs/cifar10.py] [--batch-size 32] [--steps 10]
         [--warmup 2] [--config.a.b=V ...]
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -113,20 +116,80 @@ class TorchTrainer:
             return self.model(x_t, t).sample
 
 
-def alternate(jax_fn, torch_fn, *, steps: int, warmup: int) -> tuple[float, float]:
-    """Median seconds of (jax_fn, torch_fn), called alternately `steps` times after `warmup` calls each."""
-    for _ in range(warmup):
-        jax.block_until_ready(jax_fn())
-        torch_fn()
-    jax_times, torch_times = [], []
-    for _ in range(steps):
+def inputs(config, batch_size: int) -> dict[str, np.ndarray]:
+    """The shared inputs: uint8 images [B, H, W, C], x_t float32 [B, H, W, C], t int32 [B] (= T // 2)."""
+    rng = np.random.default_rng(0)
+    size, channels = config.model.image_size, config.model.in_channels
+    return {
+        "images": rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8),
+        "x_t": rng.standard_normal((batch_size, size, size, channels), dtype=np.float32),
+        "t": np.full((batch_size,), config.diffusion.num_timesteps // 2, np.int32),
+    }
+
+
+def jax_side(config, arrays: dict) -> tuple[dict, dict]:
+    """({"train": fn, "sample": fn}, facts) of jaxdiff: the jitted train step and the sampling forward."""
+    model, tx = create_model(config.model), make_optimizer(config.training)
+    schedule = schedule_from_config(config.diffusion)
+    state = init_train_state(config, model, tx)
+    batch = {"image": jnp.asarray(arrays["images"]), "label": jnp.zeros((len(arrays["images"]),), jnp.int32)}
+    x_t, t = jnp.asarray(arrays["x_t"]), jnp.asarray(arrays["t"])
+    train_step = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
+    forward = jax.jit(lambda params, x, t: model_denoiser(model, params)(x, t))
+    holder = {"state": state}
+
+    def train():
+        holder["state"], metrics = train_step(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    def sample():
+        jax.block_until_ready(forward(holder["state"].params, x_t, t))
+
+    facts = {"version": f"jax {jax.__version__} ({jax.devices()[0].platform})", "parameters": count_parameters(state.params)}
+    return {"train": train, "sample": sample}, facts
+
+
+def torch_side(config, arrays: dict) -> tuple[dict, dict]:
+    """({"train": fn, "sample": fn}, facts) of the diffusers peer."""
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(config.seed)
+    schedule = schedule_from_config(config.diffusion)
+    peer = TorchTrainer(diffusers_unet(config.model), config, np.asarray(schedule.alphas_cumprod))
+    images = torch.from_numpy(arrays["images"]).permute(0, 3, 1, 2).contiguous()
+    x_t = torch.from_numpy(arrays["x_t"]).permute(0, 3, 1, 2).contiguous()
+    t = torch.from_numpy(arrays["t"]).long()
+    facts = {
+        "version": f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}",
+        "parameters": sum(p.numel() for p in peer.model.parameters()),
+    }
+    return {"train": lambda: peer.step(images), "sample": lambda: peer.forward(x_t, t)}, facts
+
+
+def serve(side: str, config_dict: dict, batch_size: int, connection) -> None:
+    """Worker process: build one side, report its facts, then run the step named by each message
+    ("train"/"sample") and answer with its wall seconds, until None."""
+    import ml_collections
+
+    config = ml_collections.ConfigDict(config_dict)
+    steps, facts = (jax_side if side == "jax" else torch_side)(config, inputs(config, batch_size))
+    connection.send(facts)
+    while (name := connection.recv()) is not None:
         start = time.perf_counter()
-        jax.block_until_ready(jax_fn())
-        jax_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch_fn()
-        torch_times.append(time.perf_counter() - start)
-    return statistics.median(jax_times), statistics.median(torch_times)
+        steps[name]()
+        connection.send(time.perf_counter() - start)
+
+
+def alternate(workers: dict, name: str, *, steps: int, warmup: int) -> tuple[float, float]:
+    """Median seconds of step `name` on the (jax, torch) workers, asked alternately `steps` times after
+    `warmup` untimed calls each (the first call compiles)."""
+    times = {side: [] for side in workers}
+    for index in range(warmup + steps):
+        for side, connection in workers.items():
+            connection.send(name)
+            seconds = connection.recv()
+            if index >= warmup:
+                times[side].append(seconds)
+    return statistics.median(times["jax"]), statistics.median(times["torch"])
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -147,46 +210,31 @@ def main(argv: list[str] | None = None) -> None:
     config = validate(load_config(args.config, overrides))
     config.training.batch_size = args.batch_size
     threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    torch.manual_seed(config.seed)
+    load_before = os.getloadavg()
+    context = multiprocessing.get_context("spawn")
+    workers, processes, facts = {}, [], {}
+    for side in ("jax", "torch"):  # built one after the other, so that neither compiles under the other
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=serve, args=(side, config.to_dict(), args.batch_size, child_end))
+        process.start()
+        workers[side], facts[side] = parent_end, parent_end.recv()
+        processes.append(process)
+    try:
+        train = alternate(workers, "train", steps=args.steps, warmup=args.warmup + 1)
+        sample = alternate(workers, "sample", steps=args.steps, warmup=args.warmup + 1)
+    finally:
+        for connection in workers.values():
+            connection.send(None)
+        for process in processes:
+            process.join()
+    load_after = os.getloadavg()
 
-    model = create_model(config.model)
-    tx = make_optimizer(config.training)
-    schedule = schedule_from_config(config.diffusion)
-    state = init_train_state(config, model, tx)
-    peer = TorchTrainer(diffusers_unet(config.model), config, np.asarray(schedule.alphas_cumprod))
-    jax_params = count_parameters(state.params)
-    torch_params = sum(p.numel() for p in peer.model.parameters())
-
-    rng = np.random.default_rng(0)
-    size, channels = config.model.image_size, config.model.in_channels
-    images = rng.integers(0, 256, (args.batch_size, size, size, channels), dtype=np.uint8)
-    batch = {"image": jnp.asarray(images), "label": jnp.zeros((args.batch_size,), jnp.int32)}
-    torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    x_t = rng.standard_normal((args.batch_size, size, size, channels), dtype=np.float32)
-    t = np.full((args.batch_size,), schedule.num_timesteps // 2, np.int32)
-    jax_x, jax_t = jnp.asarray(x_t), jnp.asarray(t)
-    torch_x, torch_t = torch.from_numpy(x_t).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(t).long()
-
-    train_step = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
-    forward = jax.jit(lambda params, x, t: model_denoiser(model, params)(x, t))
-
-    def jax_train():
-        nonlocal state
-        state, metrics = train_step(state, batch)
-        return metrics["loss"]
-
-    train = alternate(jax_train, lambda: peer.step(torch_images), steps=args.steps, warmup=args.warmup)
-    sample = alternate(
-        lambda: forward(state.params, jax_x, jax_t), lambda: peer.forward(torch_x, torch_t),
-        steps=args.steps, warmup=args.warmup,
-    )  # fmt: skip
-
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, diffusers "
-          f"{__import__('diffusers').__version__}; {threads} threads each (torch.set_num_threads, XLA default)")  # fmt: skip
+    print(f"{facts['jax']['version']}, {facts['torch']['version']}; {threads} threads each "
+          f"(torch.set_num_threads, XLA default), one worker process each")  # fmt: skip
     print(f"config {args.config} {' '.join(overrides)}; dtype {config.model.dtype}; batch {args.batch_size}; "
-          f"median of {args.steps} alternating steps after {args.warmup} warm-up")  # fmt: skip
-    print(f"parameters: jaxdiff {jax_params:,}, diffusers {torch_params:,}")
+          f"median of {args.steps} alternating steps after compilation and {args.warmup} warm-up")  # fmt: skip
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    print(f"parameters: jaxdiff {facts['jax']['parameters']:,}, diffusers {facts['torch']['parameters']:,}")
     print(f"{'':10}{'jaxdiff img/s':>15}{'diffusers img/s':>17}{'ratio':>8}")
     results = {}
     for name, (jax_s, torch_s) in (("train", train), ("sample", sample)):
@@ -198,16 +246,15 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(f"{name:10}{args.batch_size / jax_s:>15.1f}{args.batch_size / torch_s:>17.1f}{ratio:>8.2f}")
     summary = {
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "platform": jax.devices()[0].platform,
+        "versions": {side: facts[side]["version"] for side in facts},
         "threads": threads,
         "config": args.config,
         "overrides": overrides,
         "dtype": config.model.dtype,
         "batch_size": args.batch_size,
         "steps": args.steps,
-        "parameters": {"jaxdiff": jax_params, "diffusers": torch_params},
+        "load": [load_before[0], load_after[0]],
+        "parameters": {"jaxdiff": facts["jax"]["parameters"], "diffusers": facts["torch"]["parameters"]},
         **results,
     }
     print("JSON " + json.dumps(summary))
