@@ -208,7 +208,8 @@ def _read_image(path: str, what: str, mode: str) -> np.ndarray:
 
 
 def _sample_pretrained(args) -> int:
-    """`sample --pretrained`: Stable Diffusion text-to-image, image-to-image (--init-image) or inpainting (--mask)."""
+    """`sample --pretrained`, or `--workdir` of a latent run with `--prompt`: text-to-image, image-to-image
+    (--init-image) or inpainting (--mask)."""
     if args.config:
         raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
     if args.prompt is None:
@@ -226,8 +227,14 @@ def _sample_pretrained(args) -> int:
     from jaxdiff import images
     from jaxdiff.latent_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
 
-    with _reading_weights(args.pretrained):
-        pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+    if args.pretrained:
+        with _reading_weights(args.pretrained):
+            pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+    else:
+        _check_weights(args.workdir)
+        pipe = _load_pipeline(args.workdir, args.step)
+        if not isinstance(pipe, LatentPipeline):
+            raise UsageError(f"--prompt needs a text-conditioned model; {args.workdir!r} is not a latent run")
     prompts = [args.prompt] * args.num
     settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
                     steps=args.steps or DEFAULT_STEPS, sampler=args.sampler or "ddim", seed=args.seed,
@@ -262,6 +269,8 @@ def _sample(args, extra) -> int:
 
         if is_stable_diffusion(args.pretrained):
             return _sample_pretrained(args)
+    if args.prompt is not None:  # text-to-image from a latent run
+        return _sample_pretrained(args)
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:
         check_output_dir(args.out, "--out")

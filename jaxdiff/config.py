@@ -125,6 +125,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.autoencoder.remat = False
     # task "autoencoder": its loss (jaxdiff.autoencoder_training).
     c.autoencoder_loss = ml_collections.ConfigDict(dict(LOSS_DEFAULTS))
+    # task "latent": text-conditioned diffusion on the latents of a frozen autoencoder (jaxdiff.tasks.latent).
+    c.latent = ml_collections.ConfigDict()
+    c.latent.autoencoder = ""  # an autoencoder run's workdir (its newest checkpoint) or a Stable Diffusion folder
+    c.latent.text_encoder = ""  # "": a CLIP-style transformer trained with the U-Net; an SD folder: its, frozen
+    c.latent.unet_init = ""  # an SD folder: fine-tune its U-Net (architecture and weights); "": latent.unet
+    c.latent.caption_dropout = 0.1  # probability of training on the empty prompt (classifier-free guidance)
+    c.latent.unet = ml_collections.ConfigDict()  # the cross-attention U-Net trained from scratch
+    c.latent.unet.block_out_channels = (64, 128)
+    c.latent.unet.layers_per_block = 1
+    c.latent.unet.attention_levels = (0, 1)  # levels with cross-attention transformer blocks
+    c.latent.unet.attention_heads = 4  # heads of each transformer block
+    c.latent.unet.norm_num_groups = 32
+    c.latent.unet.use_linear_projection = True
+    c.latent.unet.dtype = "float32"  # compute dtype; parameters stay float32
+    c.latent.text = ml_collections.ConfigDict()  # the text transformer trained from scratch (word-level vocabulary)
+    c.latent.text.vocab_size = 256  # rows of the token embedding: at least 4 special tokens + the captions' words
+    c.latent.text.max_length = 16  # tokens per prompt: start, at most max_length - 2 words, end, padding
+    c.latent.text.hidden_size = 64
+    c.latent.text.intermediate_size = 256
+    c.latent.text.num_hidden_layers = 2
+    c.latent.text.num_attention_heads = 4
+    c.latent.text.hidden_act = "quick_gelu"
 
     c.training = ml_collections.ConfigDict()
     c.training.batch_size = 128  # global, over all devices and hosts
@@ -360,6 +382,24 @@ SPECS: dict[str, Spec] = {
     "autoencoder_loss.disc_start": Spec(int, "autoencoder: first step with the discriminator terms", low=0),
     "autoencoder_loss.disc_layers": _positive_int("autoencoder: stride-2 convolutions of the PatchGAN"),
     "autoencoder_loss.disc_channels": _positive_int("autoencoder: width of the PatchGAN's first convolution"),
+    "latent.autoencoder": Spec(str, "latent: the frozen autoencoder, an autoencoder run's workdir or an SD folder"),
+    "latent.text_encoder": Spec(str, "latent: '' trains a text transformer; an SD folder: its frozen text encoder"),
+    "latent.unet_init": Spec(str, "latent: an SD folder whose U-Net is fine-tuned; '' trains latent.unet from scratch"),
+    "latent.caption_dropout": _fraction("latent: probability of the empty prompt in training", high_open=False),
+    "latent.unet.block_out_channels": Spec(tuple, "latent U-Net: width of each level", low=1, min_items=1),
+    "latent.unet.layers_per_block": _positive_int("latent U-Net: ResNet blocks per down level"),
+    "latent.unet.attention_levels": Spec(tuple, "latent U-Net: levels with cross-attention", low=0),
+    "latent.unet.attention_heads": _positive_int("latent U-Net: attention heads per transformer block"),
+    "latent.unet.norm_num_groups": _positive_int("latent U-Net: GroupNorm groups, dividing every width"),
+    "latent.unet.use_linear_projection": Spec(bool, "latent U-Net: dense (not 1×1 conv) transformer projections"),
+    "latent.unet.dtype": Spec(str, "latent U-Net: compute dtype (parameters stay float32)", choices=DTYPES),
+    "latent.text.vocab_size": Spec(int, "latent text: token embedding rows (>= 4 + the captions' words)", low=5),
+    "latent.text.max_length": Spec(int, "latent text: tokens per prompt, start and end included", low=3),
+    "latent.text.hidden_size": _positive_int("latent text: width, the U-Net's cross-attention width"),
+    "latent.text.intermediate_size": _positive_int("latent text: MLP width"),
+    "latent.text.num_hidden_layers": _positive_int("latent text: transformer layers"),
+    "latent.text.num_attention_heads": _positive_int("latent text: attention heads, dividing hidden_size"),
+    "latent.text.hidden_act": Spec(str, "latent text: MLP activation", choices=("quick_gelu", "gelu")),
     "training.batch_size": _positive_int("global batch size, over all devices and hosts"),
     "training.num_train_steps": _positive_int("optimizer steps of the whole run"),
     "training.learning_rate": Spec(float, "Adam learning rate after warm-up", low=0, low_open=True),

@@ -49,8 +49,13 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
-        """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`)."""
+        """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`); a latent run (task
+        "latent") gives a `jaxdiff.latent_pipeline.LatentPipeline` on its autoencoder and text encoder."""
         config, step, params = checkpoint.load_weights(path, step=step)
+        if config.task == "latent":
+            from jaxdiff.tasks.latent import latent_pipeline
+
+            return latent_pipeline(config, params, checkpoint.read_extras(path, step))
         return cls(config, params, step=step)
 
     @classmethod

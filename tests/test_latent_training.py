@@ -1,6 +1,8 @@
 """Latent, text-conditioned diffusion training: the loss against a float64 NumPy reference, caption dropout,
 the step's EMA, and sample grids with and without guidance against a NumPy DDIM loop."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -142,14 +144,14 @@ def test_frozen_text_encoder_is_not_trained():
     np.testing.assert_array_equal(np.asarray(context), np.asarray(reference))
 
 
-def reference_ddim(networks, params, scheduler, steps, prompts, guidance, x_start):
+def reference_ddim(networks, params, scheduler, steps, cond_ids, uncond_ids, guidance, x_start):
     """Deterministic DDIM (η = 0) in float64 NumPy on the trailing steps, guidance as diffusers: eps from
     uncond + g·(cond − uncond) when g > 1, else cond; the last step goes to ᾱ = 1."""
     ab = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
     T = len(ab)
     timesteps = (np.round(np.arange(T, 0, -T / steps)) - 1).astype(int)
-    cond = networks.text.apply({"params": params["text"]}, ids_of(prompts)).last_hidden_state
-    uncond = networks.text.apply({"params": params["text"]}, ids_of([""] * len(prompts))).last_hidden_state
+    cond = networks.text.apply({"params": params["text"]}, cond_ids).last_hidden_state
+    uncond = networks.text.apply({"params": params["text"]}, uncond_ids).last_hidden_state
     x = np.asarray(x_start, np.float64)
     for i, t in enumerate(timesteps):
         def eps(context, x=x, t=t):
@@ -174,9 +176,196 @@ def test_grid_sampler_guidance_matches_a_numpy_ddim_loop(networks, params):
         sample_grid = lt.make_grid_sampler(networks, scheduler, ids_of(prompts), TOKENIZER.encode("").input_ids[0],
                                            LATENT, sampler="ddim", steps=4, guidance=guidance)  # fmt: skip
         grids[guidance] = np.asarray(jax.jit(sample_grid)(params, rng))
-        latents = reference_ddim(networks, params, scheduler, 4, prompts, guidance, x_start)
+        latents = reference_ddim(networks, params, scheduler, 4, ids_of(prompts), ids_of([""] * 2), guidance, x_start)
         decoded = networks.vae.apply({"params": networks.frozen["vae"]}, jnp.asarray(latents / 0.7, jnp.float32),
                                      method=networks.vae.decode)  # fmt: skip
         np.testing.assert_allclose(grids[guidance], np.clip(np.asarray(decoded), -1, 1), atol=2e-4)
     np.testing.assert_array_equal(grids[0.0], grids[1.0])  # guidance 0 and 1: the conditional model alone
     assert np.max(np.abs(grids[3.0] - grids[1.0])) > 1e-3
+
+
+# --------------------------------------------------------------------------- end to end through `jaxdiff train`
+
+AE_STEP, AE_SCALING = 7, 0.8
+
+
+def write_autoencoder_run(workdir, *, step=AE_STEP, scaling_factor=AE_SCALING, seed=0):
+    """A tiny autoencoder run's checkpoint (random weights; 32×32×3 -> 16×16×4), with its scaling factor."""
+    from jaxdiff import checkpoint
+    from jaxdiff.config import default_config
+    from jaxdiff.tasks import make_task
+
+    config = default_config()
+    config.task, config.seed, config.data.dataset, config.data.random_flip = "autoencoder", seed, "shapes", False
+    config.autoencoder.block_out_channels, config.autoencoder.norm_num_groups = (8, 8), 8
+    state = jax.jit(make_task(config).init_state)()
+    manager = checkpoint.make_manager(workdir)
+    checkpoint.save(manager, step, state, config, extras={"scaling_factor": scaling_factor})
+    manager.wait_until_finished()
+    manager.close()
+    return str(workdir)
+
+
+def latent_run_config(autoencoder, *, steps=4):
+    from jaxdiff.config import default_config
+
+    c = default_config()
+    c.task, c.data.dataset, c.data.random_flip = "latent", "shapes", False
+    c.latent.autoencoder = autoencoder
+    u, x = c.latent.unet, c.latent.text
+    u.block_out_channels, u.attention_levels, u.norm_num_groups, u.attention_heads = (16,), (0,), 8, 2
+    x.vocab_size, x.max_length, x.hidden_size, x.intermediate_size = 32, 12, 16, 32
+    x.num_hidden_layers, x.num_attention_heads = 1, 2
+    c.diffusion.num_timesteps = 100
+    t = c.training
+    t.batch_size, t.num_train_steps, t.warmup_steps, t.learning_rate = 4, steps, 0, 1e-3
+    t.checkpoint_every_steps, t.sample_every_steps, t.num_sample_images, t.log_every_steps = 2, 4, 2, 1
+    c.sampling.sampler, c.sampling.steps, c.sampling.guidance = "ddim", 3, 3.0
+    return c
+
+
+def train(config, workdir, **kwargs):
+    from jaxdiff.training_run import train_and_evaluate
+
+    return train_and_evaluate(config, workdir, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    return write_autoencoder_run(tmp_path_factory.mktemp("autoencoder"))
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, autoencoder_run):
+    workdir = tmp_path_factory.mktemp("latent")
+    train(latent_run_config(autoencoder_run), workdir)
+    return workdir
+
+
+def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencoder_run):
+    from jaxdiff import checkpoint
+
+    steps = sorted(int(p.name) for p in (latent_run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    assert (latent_run / "samples" / "step_00000004.png").is_file()
+    extras = checkpoint.read_extras(latent_run)
+    assert extras["autoencoder"] == {"path": autoencoder_run, "step": AE_STEP, "scaling_factor": AE_SCALING}
+    tokenizer = WordTokenizer.from_json(extras["tokenizer"])
+    assert tokenizer.vocab_size == 23 and "triangle" in tokenizer.words
+    assert len(extras["sample_prompts"]) == 2 and extras["sample_prompts"][0].startswith("a ")
+
+
+def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
+    from jaxdiff import checkpoint
+
+    train(latent_run_config(autoencoder_run, steps=2), tmp_path)
+    assert train(latent_run_config(autoencoder_run, steps=4), tmp_path).step == 4
+    resumed, uninterrupted = (checkpoint.load_weights(w, step=4, ema=False)[2] for w in (tmp_path, latent_run))
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def pipe(latent_run):
+    from jaxdiff.pipeline import Pipeline
+
+    return Pipeline.from_checkpoint(latent_run)
+
+
+def test_text_to_image_guidance_matches_a_numpy_ddim_loop(pipe):
+    prompts = ["a small blue triangle in the bottom right", "a large red circle in the top left"]
+    tokenize = lambda p: jnp.asarray(pipe.model.tokenizer(p).input_ids)  # noqa: E731
+    networks = lt.LatentNetworks(pipe.unet, pipe.text_encoder, pipe.vae, pipe.model.vae_config, True, {})
+    x_start = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    images = {}
+    for guidance in (0.0, 1.0, 3.0):
+        images[guidance] = pipe.text_to_image(prompts, guidance=guidance, steps=3, latents=x_start, output_type="float")
+        latents = reference_ddim(networks, pipe.params, pipe.scheduler, 3, tokenize(prompts), tokenize([""] * 2),
+                                 guidance, x_start)  # fmt: skip
+        decoded = pipe.vae.apply({"params": pipe.params["vae"]}, jnp.asarray(latents / AE_SCALING, jnp.float32),
+                                 method=pipe.vae.decode)  # fmt: skip
+        np.testing.assert_allclose(images[guidance], np.clip(np.asarray(decoded) / 2 + 0.5, 0, 1), atol=2e-4)
+    np.testing.assert_array_equal(images[0.0], images[1.0])  # guidance 0 is the conditional model
+    assert np.max(np.abs(images[3.0] - images[1.0])) > 1e-3
+
+
+def test_prompt_words_outside_the_vocabulary_are_named(pipe):
+    with pytest.raises(ValueError, match=r"outside the vocabulary: \['hexagon', 'purple'\]"):
+        pipe.text_to_image(["a purple hexagon in the top left"], steps=2)
+
+
+def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
+    from PIL import Image
+
+    from jaxdiff.cli import main
+
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--workdir", str(latent_run), "--prompt", "a small blue triangle in the bottom right",
+            "--num", "4", "--steps", "3", "--guidance", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert np.asarray(Image.open(out)).std() > 0
+
+
+def test_resuming_against_another_autoencoder_is_refused(latent_run, autoencoder_run, tmp_path):
+    from jaxdiff.checkpoint import CheckpointError
+
+    other = write_autoencoder_run(tmp_path / "other", step=3, scaling_factor=1.25, seed=1)
+    with pytest.raises(CheckpointError, match=f"latent.autoencoder: '{autoencoder_run}' -> '{other}'"):
+        train(latent_run_config(other, steps=6), latent_run)
+    with pytest.raises(ValueError, match=rf"trained on the autoencoder {autoencoder_run} \(checkpoint step 7.*given {other} "
+                                         r"\(checkpoint step 3, scaling factor 1.25\)"):  # fmt: skip
+        train(latent_run_config(other, steps=6), latent_run, allow_config_change=True)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_autoencoder_workdir_without_a_checkpoint_is_refused(tmp_path, make):
+    from jaxdiff.tasks.latent import LatentTask
+
+    workdir = tmp_path / "ae"
+    if make == "empty":
+        workdir.mkdir()
+    expected = "does not exist" if make == "missing" else "has no checkpoint: train the autoencoder first"
+    with pytest.raises(ValueError, match=f"latent.autoencoder='{workdir}' {expected}"):
+        LatentTask(latent_run_config(str(workdir)))
+
+
+def test_fine_tuning_a_stable_diffusion_unet_with_its_frozen_text_encoder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff import data
+    from jaxdiff.convert.unet_condition_weights import read_unet_condition
+    from jaxdiff.tasks.latent import LatentTask
+    from tests.test_stable_diffusion import components, save
+
+    folder = tmp_path / "sd"
+    save(diffusers.StableDiffusionPipeline, components(folder=tmp_path), folder)
+    config = latent_run_config(str(folder))
+    config.latent.text_encoder = config.latent.unet_init = str(folder)
+    with pytest.raises(ValueError, match=r"another noise schedule: diffusion.schedule='linear' \(its 'quad'\), "
+                                         r"diffusion.num_timesteps=100 \(its 1000\)"):  # fmt: skip
+        LatentTask(config)
+    d = config.diffusion
+    d.schedule, d.num_timesteps, d.beta_start, d.beta_end = "quad", 1000, 0.00085, 0.012
+    source = data.ShapesSource(num_examples=16)
+    task = LatentTask(config, source)
+    task.check_source(source)
+    state = jax.jit(task.init_state)()
+    assert set(state.params) == {"unet"}  # the text encoder stays frozen
+    for ours, released in zip(jax.tree.leaves(state.params["unet"]), jax.tree.leaves(read_unet_condition(folder)[1])):
+        np.testing.assert_array_equal(np.asarray(ours), released)
+    local = data.batch_for_step(source, seed=0, step=0, global_batch_size=4, process_index=0, process_count=1)
+    batch = task.host_batch(local)
+    assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == np.int32  # CLIP's tokenizer
+    new, metrics = jax.jit(task.train_step)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped_updates"]) == 0
+    assert not np.array_equal(np.asarray(new.params["unet"]["conv_in"]["kernel"]), state.params["unet"]["conv_in"]["kernel"])
+
+
+def test_sampling_against_a_replaced_autoencoder_is_refused(latent_run, autoencoder_run):
+    """Last of the module: it retrains (replaces) the run's autoencoder."""
+    from jaxdiff.pipeline import Pipeline
+
+    shutil.rmtree(autoencoder_run)
+    write_autoencoder_run(autoencoder_run, step=9, scaling_factor=AE_SCALING)
+    with pytest.raises(ValueError, match=rf"trained on the autoencoder {autoencoder_run} \(checkpoint step 7, scaling "
+                                         r"factor 0.8\), which cannot be read now: .*no checkpoint at step 7; its steps: \[9\]"):  # fmt: skip
+        Pipeline.from_checkpoint(latent_run)

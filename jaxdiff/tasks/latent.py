@@ -1,0 +1,376 @@
+"""The latent task: text-conditioned diffusion on the latents of a frozen autoencoder (`jaxdiff.latent_training`).
+
+The parts, from `config.latent`:
+- `autoencoder`: an autoencoder run's workdir (the EMA parameters of its newest checkpoint, the latent
+  scaling factor saved with it) or a Stable Diffusion folder (its `vae/`). Which one — path, checkpoint
+  step (None for a folder) and scaling factor — is saved with every checkpoint; resuming or sampling against
+  another autoencoder is refused, naming both.
+- the text encoder: by default a CLIP-architecture transformer (`latent.text`) trained jointly with the
+  U-Net on a word-level vocabulary of the dataset's captions (`WordTokenizer`, saved with every checkpoint;
+  prompt words outside it are an error naming them); or `text_encoder`, a Stable Diffusion folder: its
+  frozen `text_encoder/` with its CLIP `tokenizer/`.
+- the U-Net: `latent.unet` from scratch, or `unet_init`, a Stable Diffusion folder whose U-Net is fine-tuned
+  (its architecture and weights; `config.diffusion` must then be its scheduler's schedule and prediction).
+
+Latents are encoded on the fly in each step. Batches are {"image": uint8 [B,H,W,C], "input_ids": int32 [B,L]}
+(`host_batch` tokenizes the captions). Grids are one image per prompt of the fixed prompt set, the captions of
+examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts"), drawn with
+`config.sampling` (sampler, steps, guidance) as `LatentPipeline.text_to_image` does.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdiff import checkpoint
+from jaxdiff.autoencoder_training import autoencoder_model_config
+from jaxdiff.config import config_from_dict
+from jaxdiff.convert.diffusers_format import apply_scheduler_config
+from jaxdiff.convert.files import load_json
+from jaxdiff.convert.latent_weights import (
+    CONFIG_FILE,
+    component_folder,
+    read_autoencoder,
+    read_clip_text,
+    read_config,
+)
+from jaxdiff.convert.stable_diffusion import SCHEDULER_CONFIG_FILE, StableDiffusion
+from jaxdiff.convert.unet_condition_weights import read_unet_condition
+from jaxdiff.latent_pipeline import DEFAULT_STEPS, LatentPipeline
+from jaxdiff.latent_training import (
+    LatentNetworks,
+    init_latent_state,
+    make_grid_sampler,
+    make_latent_loss_fn,
+    make_latent_train_step,
+    run_scheduler,
+)
+from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
+from jaxdiff.models.clip_text import clip_text_config, create_clip_text
+from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+from jaxdiff.samplers import SAMPLERS
+from jaxdiff.tokenizer import CLIPTokenizer
+from jaxdiff.train import TrainState, make_optimizer
+from jaxdiff.word_tokenizer import (
+    END_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    START_ID,
+    WordTokenizer,
+)
+
+SCHEDULE_KEYS = ("schedule", "num_timesteps", "beta_start", "beta_end", "mean_type")
+
+
+# --------------------------------------------------------------------------- the frozen autoencoder
+
+
+class FrozenAutoencoder:
+    """The autoencoder at `path`: `config` (its `autoencoder_config`, scaling_factor included) and `identity`
+    {"path": absolute path, "step": checkpoint step or None for a Stable Diffusion folder, "scaling_factor"}.
+    `step` picks a checkpoint of an autoencoder run (default: the newest). Weights are read by `params()`."""
+
+    def __init__(self, path: str, step: int | None = None):
+        path = os.path.abspath(path)
+        if is_autoencoder_folder(path):
+            self.config = read_config(component_folder(path, "vae"), autoencoder_config)
+            step = None
+        else:
+            run_config, step, scaling_factor = _autoencoder_run(path, step)
+            self.config = autoencoder_model_config(run_config.autoencoder)
+            self.config.scaling_factor = scaling_factor
+        self.identity = {"path": path, "step": step, "scaling_factor": float(self.config.scaling_factor)}
+
+    def params(self) -> dict:
+        """The autoencoder's (EMA) parameters."""
+        if self.identity["step"] is None:
+            return read_autoencoder(component_folder(self.identity["path"], "vae"))[1]
+        return checkpoint.load_weights(self.identity["path"], step=self.identity["step"])[2]
+
+
+def is_autoencoder_folder(path: str) -> bool:
+    """Whether `path` is a diffusers AutoencoderKL folder or a pipeline folder with `vae/` (not a run's workdir)."""
+    if os.path.isfile(os.path.join(path, "vae", CONFIG_FILE)):
+        return True
+    file = os.path.join(path, CONFIG_FILE)
+    return os.path.isfile(file) and load_json(pathlib.Path(file)).get("_class_name") == "AutoencoderKL"
+
+
+def _autoencoder_run(path: str, step: int | None) -> tuple[ml_collections.ConfigDict, int, float]:
+    """(config, step, scaling factor) of checkpoint `step` (default: newest) of the autoencoder run at `path`."""
+    what = f"config latent.autoencoder={path!r}"
+    if not os.path.isdir(path):
+        raise ValueError(f"{what} does not exist: give an autoencoder run's workdir or a Stable Diffusion folder")
+    try:
+        manager = checkpoint.make_manager(path, read_only=True)
+    except checkpoint.CheckpointError:
+        manager = None
+    try:
+        steps = sorted(manager.all_steps()) if manager is not None else []
+        if not steps:
+            raise ValueError(f"{what} has no checkpoint: train the autoencoder first "
+                             f"(jaxdiff train --config configs/shapes_autoencoder.py --workdir {path})")  # fmt: skip
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ValueError(f"{what} has no checkpoint at step {step}; its steps: {steps}")
+        config = config_from_dict(checkpoint.restore_config(manager, step))
+        extras = checkpoint.read_extras(manager, step)
+    finally:
+        if manager is not None:
+            manager.close()
+    if config.task != "autoencoder":
+        raise ValueError(f"{what} is a {config.task!r} run, not an autoencoder run")
+    if "scaling_factor" not in extras:
+        raise ValueError(f"{what}: checkpoint step {step} has no latent scaling factor in its extras")
+    return config, step, float(extras["scaling_factor"])
+
+
+def describe_autoencoder(identity: dict) -> str:
+    where = "a Stable Diffusion folder" if identity["step"] is None else f"checkpoint step {identity['step']}"
+    return f"{identity['path']} ({where}, scaling factor {identity['scaling_factor']:.6g})"
+
+
+def check_same_autoencoder(recorded: dict, given: dict) -> None:
+    """ValueError naming both when the autoencoder a model was trained on is not the one given."""
+    if recorded != given:
+        raise ValueError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)} but is "
+                         f"given {describe_autoencoder(given)}; use the autoencoder it was trained on")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- text encoder and U-Net configs
+
+
+def trained_text_config(text: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CLIP text config of `config.latent.text`: WordTokenizer's ids (pad 0, start 2, end 3; pooled at end)."""
+    return clip_text_config(dict(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
+        max_position_embeddings=text.max_length, hidden_act=text.hidden_act, bos_token_id=START_ID,
+        eos_token_id=END_ID, pad_token_id=PAD_ID,
+    ))  # fmt: skip
+
+
+def caption_tokenizer(captions: np.ndarray, text: ml_collections.ConfigDict) -> WordTokenizer:
+    """The vocabulary of `captions`, checked to fit `config.latent.text` (embedding rows, prompt length)."""
+    tokenizer = WordTokenizer.from_captions(list(captions), max_length=text.max_length)
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ValueError(f"the captions have {len(tokenizer.words)} words, {tokenizer.vocab_size} tokens with "
+                         f"{len(SPECIAL_TOKENS)} special ones, but config latent.text.vocab_size={text.vocab_size}")  # fmt: skip
+    longest = max(len(c.split()) for c in captions)
+    if longest > text.max_length - 2:
+        raise ValueError(f"captions have up to {longest} words but config latent.text.max_length={text.max_length} "
+                         f"holds {text.max_length - 2} (plus start and end)")  # fmt: skip
+    return tokenizer
+
+
+def text_encoder_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, int]:
+    """(text config, prompt length in tokens) of the trained transformer or of the `text_encoder` folder."""
+    folder = config.latent.text_encoder
+    if not folder:
+        return trained_text_config(config.latent.text), config.latent.text.max_length
+    text_config = read_config(component_folder(folder, "text_encoder"), clip_text_config)
+    return text_config, CLIPTokenizer.from_folder(pathlib.Path(folder) / "tokenizer").model_max_length
+
+
+def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_size: int,
+                text_width: int) -> ml_collections.ConfigDict:  # fmt: skip
+    """The U-Net of `unet_init` (checked to fit the latents and text), else the one of `config.latent.unet`."""
+    if config.latent.unet_init:
+        folder = component_folder(config.latent.unet_init, "unet")
+        u = read_config(folder, config_from_diffusers)
+        if u.in_channels != latent_channels or u.out_channels != latent_channels or u.cross_attention_dim != text_width:
+            raise ValueError(
+                f"config latent.unet_init: the U-Net of {folder} takes {u.in_channels} channels and text of width "
+                f"{u.cross_attention_dim}; the autoencoder has {latent_channels} latent channels, the text encoder "
+                f"width {text_width}"
+            )
+        return u
+    u = config.latent.unet
+    levels = len(u.block_out_channels)
+    bad = [level for level in u.attention_levels if level >= levels]
+    if bad:
+        raise ValueError(f"config latent.unet.attention_levels={u.attention_levels}: levels {bad} do not exist "
+                         f"(latent.unet.block_out_channels has {levels})")  # fmt: skip
+    cross = [level in u.attention_levels for level in range(levels)]
+    try:
+        return config_from_diffusers(dict(
+            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
+            cross_attention_dim=text_width, attention_head_dim=u.attention_heads, norm_num_groups=u.norm_num_groups,
+            use_linear_projection=u.use_linear_projection,
+            down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+            up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
+        ), dtype=u.dtype)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"config latent.unet: {err}") from None
+
+
+def check_schedule_of(config: ml_collections.ConfigDict, folder: str) -> None:
+    """`config.diffusion` must be the schedule and prediction of the scheduler of the SD folder `folder`."""
+    file = pathlib.Path(folder) / "scheduler" / SCHEDULER_CONFIG_FILE
+    expected = ml_collections.ConfigDict({"diffusion": dict(config.diffusion), "sampling": dict(config.sampling)})
+    apply_scheduler_config(expected, {**load_json(file), "_class_name": "DDPMScheduler"}, str(file))
+    differ = [f"diffusion.{k}={config.diffusion[k]!r} (its {expected.diffusion[k]!r})" for k in SCHEDULE_KEYS
+              if config.diffusion[k] != expected.diffusion[k]]  # fmt: skip
+    if differ:
+        raise ValueError(f"config latent.unet_init={folder!r} was trained with another noise schedule: "
+                         f"{', '.join(differ)}")  # fmt: skip
+
+
+def check_latent_config(config: ml_collections.ConfigDict) -> None:
+    """What the latent task supports of the run config; ValueError naming the key."""
+    d, lc = config.diffusion, config.latent
+    if not lc.autoencoder:
+        raise ValueError("config latent.autoencoder is empty: give an autoencoder run's workdir or a Stable Diffusion "
+                         "folder (--config.latent.autoencoder=PATH)")  # fmt: skip
+    if d.process != "discrete" or d.loss_type != "mse" or d.var_type in ("learned", "learned_range"):
+        raise ValueError(f"task 'latent' trains a discrete-schedule model with the mse loss and a fixed variance; got "
+                         f"diffusion.process={d.process!r}, loss_type={d.loss_type!r}, var_type={d.var_type!r}")  # fmt: skip
+    if config.sampling.sampler not in SAMPLERS:
+        raise ValueError(f"config sampling.sampler={config.sampling.sampler!r}: task 'latent' samples with {SAMPLERS}")
+    if config.training.grad_accum_steps != 1:
+        raise ValueError(f"config training.grad_accum_steps={config.training.grad_accum_steps}: task 'latent' "
+                         "takes 1 (no micro-batches)")  # fmt: skip
+    if config.data.random_flip:
+        raise ValueError("config data.random_flip=True: task 'latent' takes False (captions may name left and right)")
+    if lc.unet_init:
+        check_schedule_of(config, lc.unet_init)
+
+
+# --------------------------------------------------------------------------- the task
+
+
+class LatentTask:
+    """Trains the cross-attention U-Net (and the text transformer) on a frozen autoencoder's latents."""
+
+    name = "latent"
+
+    def __init__(self, config: ml_collections.ConfigDict, source=None):
+        check_latent_config(config)
+        self.config = config
+        lc = config.latent
+        self.autoencoder = FrozenAutoencoder(lc.autoencoder)
+        vae_config = self.autoencoder.config
+        self.factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        image_size = source.image_shape[0] if source is not None else vae_config.sample_size
+        self.text_config, self.text_length = text_encoder_config(config)
+        self.unet_config = unet_config(config, vae_config.latent_channels, image_size // self.factor,
+                                       self.text_config.hidden_size)  # fmt: skip
+        self.latent_shape = (self.unet_config.sample_size,) * 2 + (vae_config.latent_channels,)
+        self.modules = LatentNetworks(
+            create_unet_condition(self.unet_config), create_clip_text(self.text_config),
+            create_autoencoder(vae_config), vae_config, not lc.text_encoder, {},
+        )  # fmt: skip
+        self.tx = make_optimizer(config.training)
+        self.scheduler = run_scheduler(config.diffusion)
+        self.tokenize = self.word_tokenizer = self.sample_prompts = self.networks = None
+        if source is not None:
+            self._read_captions(source)
+            self.networks = self.modules._replace(frozen=self._frozen_params())
+            self._step, self._sample = self._make_step(), self._make_sampler()
+
+    def _read_captions(self, source) -> None:
+        if not hasattr(source, "captions"):
+            raise ValueError(f"dataset {self.config.data.dataset!r} has no captions: task 'latent' trains on "
+                             "captioned images (e.g. data.dataset='shapes')")  # fmt: skip
+        if self.config.latent.text_encoder:
+            clip = CLIPTokenizer.from_folder(pathlib.Path(self.config.latent.text_encoder) / "tokenizer")
+            self.tokenize = lambda prompts: np.asarray(clip(list(prompts)).input_ids, np.int32)
+        else:
+            self.word_tokenizer = caption_tokenizer(source.captions(np.arange(source.num_examples)), self.config.latent.text)
+            self.tokenize = lambda prompts: self.word_tokenizer.encode(prompts).input_ids
+        count = min(self.config.training.num_sample_images, source.num_examples)
+        self.sample_prompts = [str(c) for c in source.captions(np.arange(count))]
+
+    def _frozen_params(self) -> dict:
+        """The parameters that are not trained: the autoencoder's and a pretrained text encoder's."""
+        frozen = {"vae": self.autoencoder.params()}
+        if self.config.latent.text_encoder:
+            frozen["text"] = read_clip_text(self.config.latent.text_encoder)[1]
+        return jax.device_put(frozen)
+
+    def check_source(self, source) -> None:
+        vae = self.autoencoder.config
+        height, width, channels = source.image_shape
+        if height != width or height % self.factor or channels != vae.in_channels:
+            raise ValueError(f"dataset {self.config.data.dataset!r} has images of shape {tuple(source.image_shape)}; "
+                             f"the autoencoder takes square images with {vae.in_channels} channels and sides "
+                             f"divisible by {self.factor}")  # fmt: skip
+
+    def init_state(self) -> TrainState:
+        unet_params = None
+        if self.config.latent.unet_init:
+            unet_params = read_unet_condition(self.config.latent.unet_init)[1]
+        return init_latent_state(self.modules, self.tx, self.config.seed, self.latent_shape, self.text_length,
+                                 unet_params)  # fmt: skip
+
+    def _make_step(self) -> Callable:
+        empty = self.tokenize([""])[0]
+        loss_fn = make_latent_loss_fn(self.networks, self.scheduler.schedule, self.config.diffusion,
+                                      caption_dropout=self.config.latent.caption_dropout, empty_ids=empty)  # fmt: skip
+        return make_latent_train_step(loss_fn, self.config.training, self.tx)
+
+    def _make_sampler(self) -> Callable:
+        s = self.config.sampling
+        return make_grid_sampler(self.networks, self.scheduler, self.tokenize(self.sample_prompts),
+                                 self.tokenize([""])[0], self.latent_shape, sampler=s.sampler,
+                                 steps=s.steps or DEFAULT_STEPS, guidance=s.guidance)  # fmt: skip
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self._step(state, batch)
+
+    def host_batch(self, local_batch: dict) -> dict:
+        if "caption" not in local_batch:
+            raise ValueError("task 'latent' needs batches with captions")
+        return {"image": np.asarray(local_batch["image"]), "input_ids": self.tokenize(local_batch["caption"])}
+
+    def sample_grid(self, ema_params, rng) -> jax.Array:
+        return self._sample(ema_params, rng)
+
+    def checkpoint_extras(self, state: TrainState) -> dict:
+        extras = {"autoencoder": self.autoencoder.identity, "sample_prompts": self.sample_prompts}
+        if self.word_tokenizer is not None:
+            extras["tokenizer"] = self.word_tokenizer.to_json()
+        return extras
+
+    def check_resumed(self, extras: dict) -> None:
+        """ValueError when a checkpoint's extras do not fit this run: another autoencoder (naming both) or
+        another caption vocabulary."""
+        check_same_autoencoder(extras["autoencoder"], self.autoencoder.identity)
+        if self.word_tokenizer is not None and extras.get("tokenizer") != self.word_tokenizer.to_json():
+            raise ValueError("the checkpoint's caption vocabulary differs from this dataset's; resume on the same data")
+
+
+# --------------------------------------------------------------------------- sampling a trained run
+
+
+def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dict) -> LatentPipeline:
+    """`LatentPipeline` (text_to_image, image_to_image, inpaint) of a latent run's (EMA) `params` and the
+    checkpoint's `extras`: its autoencoder (the checkpoint step it was trained on, refused if that is not
+    what the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`)."""
+    recorded = extras["autoencoder"]
+    try:
+        autoencoder = FrozenAutoencoder(recorded["path"], recorded["step"])
+    except ValueError as err:
+        raise ValueError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
+                         f"which cannot be read now: {err}") from None  # fmt: skip
+    check_same_autoencoder(recorded, autoencoder.identity)
+    vae_config = autoencoder.config
+    text_config, _ = text_encoder_config(config)
+    factor = 2 ** (len(vae_config.block_out_channels) - 1)
+    unet = unet_config(config, vae_config.latent_channels, vae_config.sample_size // factor, text_config.hidden_size)
+    if config.latent.text_encoder:
+        folder = pathlib.Path(config.latent.text_encoder)
+        text_params, tokenizer = read_clip_text(folder)[1], CLIPTokenizer.from_folder(folder / "tokenizer")
+    else:
+        text_params, tokenizer = params["text"], WordTokenizer.from_json(extras["tokenizer"]).encode
+    return LatentPipeline(StableDiffusion(
+        "StableDiffusionPipeline", unet, params["unet"], vae_config, autoencoder.params(), text_config, text_params,
+        tokenizer, None, run_scheduler(config.diffusion), {},
+    ))  # fmt: skip
