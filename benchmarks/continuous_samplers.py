@@ -28,7 +28,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from jaxdiff.continuous_model import model_denoiser
 from jaxdiff.evaluation.ode_likelihood import ode_log_likelihood
