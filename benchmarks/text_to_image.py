@@ -28,12 +28,21 @@ import jax
 import jax.numpy as jnp
 from tokenizers import pre_tokenizers
 
-from jaxdiff.convert.stable_diffusion import SCHEDULER_PRESETS, StableDiffusion, scheduler_settings
+from jaxdiff.convert.stable_diffusion import (
+    SCHEDULER_PRESETS,
+    StableDiffusion,
+    scheduler_settings,
+)
 from jaxdiff.latent_pipeline import LatentPipeline
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
-from jaxdiff.tokenizer import DEFAULT_MAX_LENGTH, DEFAULT_SPECIAL_TOKENS, CLIPTokenizer, bpe_tokenizer
+from jaxdiff.tokenizer import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SPECIAL_TOKENS,
+    CLIPTokenizer,
+    bpe_tokenizer,
+)
 
 # SD 1.5's config.json values where they differ from the library defaults.
 UNET_SD15 = {"sample_size": 64, "cross_attention_dim": 768}  # UNet2DConditionModel defaults otherwise

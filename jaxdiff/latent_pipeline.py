@@ -49,6 +49,7 @@ from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.samplers import sample
 from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
 from jaxdiff.samplers.edm import heun_steps
+from jaxdiff.samplers.grids import karras_sigmas
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
@@ -59,7 +60,6 @@ DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("uint8", "float")
 SIGMA_SAMPLERS = ("dpm_solver++", "euler", "heun")  # on diffusers' grids of noise levels
 LATENT_SAMPLERS = ("ddim", "ddpm", *SIGMA_SAMPLERS)
-KARRAS_RHO = 7.0
 # The timestep_spacing default of each sampler's diffusers scheduler class, which diffusers' `from_config` uses
 # when the folder's scheduler config has none (as SD 1.x's released configs).
 CLASS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
@@ -120,30 +120,26 @@ def training_sigmas(scheduler: SchedulerSettings) -> np.ndarray:
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
-def karras_levels(sigma_max: float, sigma_min: float, steps: int) -> np.ndarray:
-    """`steps` levels from sigma_max to sigma_min, evenly spaced in σ^(1/ρ), ρ = 7 (Karras et al. 2022)."""
-    ramp = np.linspace(0.0, 1.0, steps)
-    high, low = sigma_max ** (1.0 / KARRAS_RHO), sigma_min ** (1.0 / KARRAS_RHO)
-    return (high + ramp * (low - high)) ** KARRAS_RHO
-
-
 def sigma_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karras: bool) -> np.ndarray:
     """diffusers' noise levels for `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing, the last 0.
 
-    dpm_solver++: σ at `dpm_solver_timesteps`, or with karras the Karras grid from σ(T−1) to σ(0).
+    dpm_solver++: σ at `dpm_solver_timesteps`, or with karras the Karras grid (ρ = 7) from σ(T−1) to σ(0).
     euler, heun: σ interpolated linearly at EulerDiscreteScheduler's steps (DDIM's, but "linspace" is not
     rounded), or with karras the Karras grid between the first and last of those σ.
     """
     sigmas = training_sigmas(scheduler)
-    if sampler == "dpm_solver++":
-        levels = karras_levels(sigmas[-1], sigmas[0], steps) if karras else sigmas[dpm_solver_timesteps(scheduler, steps)]
+    if sampler == "dpm_solver++" and karras:
+        levels = karras_sigmas(sigmas[-1], sigmas[0], steps)
+    elif sampler == "dpm_solver++":
+        levels = sigmas[dpm_solver_timesteps(scheduler, steps)]
     else:
-        steps_visited = visited_timesteps(scheduler, steps).astype(np.float64)
         if scheduler.timestep_spacing == "linspace":
-            steps_visited = np.linspace(0.0, len(sigmas) - 1.0, steps)[::-1]
-        levels = np.interp(steps_visited, np.arange(len(sigmas)), sigmas)
+            visited = np.linspace(0.0, len(sigmas) - 1.0, steps)[::-1]
+        else:
+            visited = visited_timesteps(scheduler, steps).astype(np.float64)
+        levels = np.interp(visited, np.arange(len(sigmas)), sigmas)
         if karras:
-            levels = karras_levels(levels[0], levels[-1], steps)
+            levels = karras_sigmas(levels[0], levels[-1], steps)
     return np.append(levels, 0.0).astype(np.float32)
 
 
@@ -551,7 +547,8 @@ class LatentPipeline:
 
     def inpaint(self, images, masks, prompts, *, strength: float = 1.0, negative_prompts=None,
                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim",
-                karras: bool = False, seed: int = 0, latents=None, output_type: str = "uint8") -> np.ndarray:  # fmt: skip
+                karras: bool = False, seed: int = 0, latents=None,
+                output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """Repaint `images` [B, H, W, 3] where `masks` (see the module docstring) are set. A 9-channel inpainting
         U-Net gets the latent mask and the masked image's latents as extra input channels; a 4-channel U-Net
         keeps the image's latents (noised to the current step) outside the mask after every step. `latents` is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -13,15 +14,19 @@ def time_grid(process, steps: int) -> Array:
     return jnp.linspace(jnp.float32(process.t_max), jnp.float32(process.t_min), steps + 1)
 
 
-def karras_noise_levels(process, steps: int, rho: float = 7.0) -> Array:
-    """steps noise levels σ_i = (σ_max^(1/ρ) + i/(steps−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, then 0: [steps + 1].
+def karras_sigmas(sigma_max, sigma_min, steps: int, rho: float = 7.0):
+    """steps levels σ_i = (σ_max^(1/ρ) + i/(steps−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ (one step: [σ_max]), in
+    σ_max's array type (NumPy float64 for Python floats)."""
+    u = np.linspace(0.0, 1.0, steps)
+    return (sigma_max ** (1.0 / rho) + u * (sigma_min ** (1.0 / rho) - sigma_max ** (1.0 / rho))) ** rho
 
-    σ_max, σ_min are the process's noise levels σ/α at t_max and t_min (EDM's grid; one step: [σ_max, 0]).
-    """
+
+def karras_noise_levels(process, steps: int, rho: float = 7.0) -> Array:
+    """`karras_sigmas` from σ_max to σ_min, then 0: float32 [steps + 1]. σ_max, σ_min are the process's noise
+    levels σ/α at t_max and t_min (EDM's grid)."""
     low, high = process.noise_level(process.t_min), process.noise_level(process.t_max)
-    u = jnp.linspace(0.0, 1.0, steps) if steps > 1 else jnp.zeros(1)
-    levels = (high ** (1.0 / rho) + u * (low ** (1.0 / rho) - high ** (1.0 / rho))) ** rho
-    return jnp.append(levels.astype(jnp.float32), jnp.float32(0.0))
+    levels = jnp.asarray(karras_sigmas(high, low, steps, rho), jnp.float32)
+    return jnp.append(levels, jnp.float32(0.0))
 
 
 def step_noise(noise_key: Array, i, like: Array, j=0) -> Array:
