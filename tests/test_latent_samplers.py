@@ -211,6 +211,27 @@ def test_image_to_image_on_noise_levels_matches_diffusers(tmp_path):
     assert_close(mine, theirs)
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_latent_blending_inpainting_on_noise_levels_matches_diffusers(tmp_path, sampler):
+    """A 4-channel U-Net: diffusers blends the image latents plus σ·noise at the next level after each scheduler
+    step (Heun: each half step), jaxdiff before each model call; inside the mask the states agree."""
+    from tests.test_stable_diffusion import half_masks, random_images
+
+    save(diffusers.StableDiffusionInpaintPipeline, components(folder=tmp_path), tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "pipe", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, sampler, karras=True)  # "leading" steps, as the saved config says
+    images, masks, noise = random_images(2), half_masks(), random_noise(3)
+    theirs = pipe(prompt=PROMPTS, image=images, mask_image=masks, negative_prompt=NEGATIVE, height=16, width=16,
+                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=nchw(noise),
+                  generator=torch.Generator().manual_seed(0), output_type="np").images  # fmt: skip
+    mine = LatentPipeline.from_pretrained(tmp_path / "pipe").inpaint(
+        images, masks, PROMPTS, negative_prompts=NEGATIVE, steps=STEPS, guidance=GUIDANCE, sampler=sampler,
+        karras=True, latents=noise, output_type="float",
+    )  # fmt: skip
+    assert_close(mine, theirs)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
