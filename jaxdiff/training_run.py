@@ -335,7 +335,7 @@ def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, sto
         state_sharding = sharding.replicated_sharding(mesh)  # the train state's layout, everywhere below
         state = jax.jit(task.init_state, out_shardings=state_sharding)()
         restored = _restore(manager, state, config, allow_config_change)
-        if restored is not None and hasattr(task, "check_resumed"):  # what the extras record must fit the run
+        if restored is not None:
             task.check_resumed(restored.extras)
         state = state if restored is None else restored.state
         start = step = int(fetch_replicated(state.step))

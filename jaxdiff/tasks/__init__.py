@@ -42,6 +42,10 @@ class Task(Protocol):
     def checkpoint_extras(self, state) -> dict:
         """JSON-able values saved with each checkpoint (read back by `jaxdiff.checkpoint.read_extras`); {} if none."""
 
+    def check_resumed(self, extras: dict) -> None:
+        """ValueError when the extras of the checkpoint a run resumes from do not fit this run (e.g. latent
+        diffusion trained on another autoencoder)."""
+
 
 def make_task(config: ml_collections.ConfigDict, source=None) -> Task:
     """The task `config.task` names, training on `source` (a `jaxdiff.data` source).

@@ -83,3 +83,6 @@ class AutoencoderTask:
         params = multihost_utils.process_allgather(state.ema_params, tiled=True)
         rng = jax.random.PRNGKey(self.config.seed)
         return {"scaling_factor": estimate_scaling_factor(self._encode, params, self._scaling_images, rng)}
+
+    def check_resumed(self, extras: dict) -> None:
+        """Nothing: the scaling factor is re-estimated at every checkpoint."""

@@ -77,3 +77,6 @@ class DiffusionTask:
 
     def checkpoint_extras(self, state: TrainState) -> dict:
         return {}
+
+    def check_resumed(self, extras: dict) -> None:
+        """Nothing: a diffusion checkpoint has no extras."""
