@@ -88,7 +88,23 @@ def test_the_cpu_weight_gradient_is_gemms_not_a_convolution():
     assert "dot_general" in jax.jit(jax.grad(lambda k: loss(cpu_conv.conv_general_dilated, k))).lower(kernel).as_text()
 
 
-def test_bfloat16_weight_gradient_accumulates_in_float32():
+def test_large_maps_keep_xla_weight_gradient_and_forward_mode_works():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((1, 16, 16, 2)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
+    conv = lambda k: cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    native = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    text = jax.jit(jax.grad(lambda k: jnp.sum(conv(k) ** 2))).lower(kernel).as_text()
+    assert 16 * 16 > cpu_conv.GEMM_MAX_OUTPUT_PIXELS and text.count("stablehlo.convolution") == 2
+    direction = jnp.ones_like(kernel)
+    np.testing.assert_allclose(jax.jvp(conv, (kernel,), (direction,))[1], jax.jvp(native, (kernel,), (direction,))[1],
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    small = lambda k: cpu_conv.conv_general_dilated(x[:, :8, :8], k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+    expected = lax.conv_general_dilated(x[:, :8, :8], direction, (1, 1), "SAME", dimension_numbers=NHWC)
+    np.testing.assert_allclose(jax.jvp(small, (kernel,), (direction,))[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_weight_gradient():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
@@ -117,7 +133,7 @@ def test_unsupported_convolutions_are_refused(kwargs, message):
         cpu_conv.conv_general_dilated(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), (1, 1), "SAME", **kwargs)
 
 
-def test_the_switch_reads_only_0_or_1(monkeypatch):
+def test_the_switch_reads_only_0_or_1_and_defaults_off(monkeypatch):
     monkeypatch.setenv(cpu_conv.ENV_VAR, "yes")
     with pytest.raises(ValueError, match="JAXDIFF_CPU_CONV_WGRAD='yes' must be 0 or 1"):
         cpu_conv.enabled()

@@ -1,14 +1,17 @@
-"""A 2-D convolution whose weight gradient on the CPU backend is computed as shifted GEMMs (opt-in).
+"""A 2-D convolution whose weight gradient on the CPU backend is computed as shifted GEMMs for small maps.
 
 XLA-CPU computes a convolution's weight gradient as a second convolution over the batch·pixel axis.
 The same gradient is exactly Σ over kernel offsets (i, j) of one GEMM each, contracting that axis:
     ∂L/∂k[i, j, c, o] = Σ_{b,p,q} x_pad[b, s_h·p + i, s_w·q + j, c] · ∂L/∂y[b, p, q, o].
-Which is faster depends on the CPU (`benchmarks/conv_cpu.py` measures both in one process): on a
-2-core AMD EPYC (Zen 5) XLA's own kernel wins, so this path is off unless the environment variable
-JAXDIFF_CPU_CONV_WGRAD=1 is set when a model is built. `lax.platform_dependent` picks the shifted GEMMs
-only when the computation runs on the CPU; GPUs and TPUs keep XLA's native weight gradient. The forward
-and the input gradient are XLA's own. Being a `jax.custom_vjp`, the enabled path supports reverse-mode
-differentiation only (no `jax.jvp` through the network).
+`conv_general_dilated` is a `jax.custom_jvp` whose tangent in the kernel is that sum of shifted GEMMs,
+so reverse mode transposes it into the GEMMs above (and forward mode still works); the forward value
+and the input gradient are XLA's own convolutions. Which weight gradient is faster depends on the map
+size and the CPU (`benchmarks/conv_cpu.py` measures both in one process): on a 2-core AMD EPYC (Zen 5)
+the GEMMs win at 8×8 and 4×4 outputs and lose at 16×16 and 32×32, so they are used for outputs of at
+most GEMM_MAX_OUTPUT_PIXELS pixels. `lax.platform_dependent` picks them only when the computation runs on
+the CPU: GPUs and TPUs keep XLA's native weight gradient. The U-Nets' 3×3 convolutions use this when the
+environment variable JAXDIFF_CPU_CONV_WGRAD=1 is set as a model is built; it is off by default because
+whole training steps measured no steady gain (1.11× and 0.92× for the digits model in two loaded runs).
 """
 
 from __future__ import annotations
@@ -24,65 +27,82 @@ from jax import lax
 Array = jax.Array
 
 ENV_VAR = "JAXDIFF_CPU_CONV_WGRAD"
+# Output maps of at most this many pixels (Ho·Wo) take the shifted-GEMM weight gradient on CPU.
+GEMM_MAX_OUTPUT_PIXELS = 64
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def enabled() -> bool:
-    """Whether JAXDIFF_CPU_CONV_WGRAD asks for the shifted-GEMM weight gradient ("1"; default "0")."""
+    """Whether JAXDIFF_CPU_CONV_WGRAD ("0" by default) asks for the shifted-GEMM weight gradient on CPU."""
     value = os.environ.get(ENV_VAR, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{ENV_VAR}={value!r} must be 0 or 1")
     return value == "1"
 
 
-def shifted_gemm_weight_grad(
-    x: Array, g: Array, kernel_shape: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]]
-) -> Array:
-    """∂L/∂kernel [kh, kw, C, O] of y = conv(x, kernel) from x [B, H, W, C] and g = ∂L/∂y [B, Ho, Wo, O].
-
-    NHWC input, HWIO kernel, no dilation; `pads` are lax's ((lo, hi), (lo, hi)) (negative crops).
-    One GEMM per kernel offset over the B·Ho·Wo axis, accumulated in float32, returned in x's dtype.
-    """
-    kh, kw, channels, features = kernel_shape
-    (sh, sw), (_, ho, wo, _) = strides, g.shape
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    per_offset = []
-    for i in range(kh):
-        for j in range(kw):
-            limit = (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, channels)
-            window = lax.slice(x_pad, (0, i, j, 0), limit, (1, sh, sw, 1))
-            contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
-            per_offset.append(lax.dot_general(window, g, contract, preferred_element_type=jnp.float32))
-    return jnp.stack(per_offset).reshape(kh, kw, channels, features).astype(x.dtype)
-
-
 def _native(x: Array, kernel: Array, strides, pads, precision) -> Array:
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def shifted_gemm_conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> Array:
+    """conv(x, kernel) [B, Ho, Wo, O] as Σ_{i,j} window_ij(x) · kernel[i, j]: one GEMM per kernel offset.
+
+    x [B, H, W, C] NHWC, kernel [kh, kw, C, O] HWIO, no dilation; `pads` are lax's ((lo, hi), (lo, hi))
+    (negative crops). Linear in `kernel`: its transpose is `shifted_gemm_weight_grad`.
+    """
+    kh, kw, channels, _ = kernel.shape
+    (sh, sw) = strides
+    x_pad = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    ho, wo = (x_pad.shape[1] - kh) // sh + 1, (x_pad.shape[2] - kw) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            limit = (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, channels)
+            window = lax.slice(x_pad, (0, i, j, 0), limit, (1, sh, sw, 1))
+            term = lax.dot_general(window, kernel[i, j], (((3,), (0,)), ((), ())))
+            out = term if out is None else out + term
+    return out
+
+
+def shifted_gemm_weight_grad(
+    x: Array, g: Array, kernel_shape: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]]
+) -> Array:
+    """∂L/∂kernel [kh, kw, C, O] of y = conv(x, kernel) from x [B, H, W, C] and g = ∂L/∂y [B, Ho, Wo, O]:
+    the transpose of `shifted_gemm_conv` in the kernel, i.e. one GEMM over B·Ho·Wo per kernel offset."""
+    zeros = jnp.zeros(kernel_shape, x.dtype)
+    (grad,) = jax.linear_transpose(lambda k: shifted_gemm_conv(x, k, strides, pads), zeros)(g)
+    return grad
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _conv(x: Array, kernel: Array, strides, pads, precision) -> Array:
     return _native(x, kernel, strides, pads, precision)
 
 
-def _conv_fwd(x, kernel, strides, pads, precision):
-    return _native(x, kernel, strides, pads, precision), (x, kernel)
+def _conv_jvp(strides, pads, precision, primals, tangents):
+    """Tangent conv(ẋ, k) + conv(x, k̇), the second by shifted GEMMs on CPU for small outputs; zero
+    tangents (symbolic) are skipped, so no convolution is spent on an input that is not differentiated."""
+    x, kernel = primals
+    x_dot, kernel_dot = tangents
+    y = _native(x, kernel, strides, pads, precision)
+    terms = []
+    if not isinstance(x_dot, jax.custom_derivatives.SymbolicZero):
+        terms.append(_native(x_dot, kernel, strides, pads, precision))
+    if not isinstance(kernel_dot, jax.custom_derivatives.SymbolicZero):
+        if y.shape[1] * y.shape[2] > GEMM_MAX_OUTPUT_PIXELS:
+            terms.append(_native(x, kernel_dot, strides, pads, precision))
+        else:
+            terms.append(
+                lax.platform_dependent(
+                    x, kernel_dot,
+                    cpu=lambda x, k: shifted_gemm_conv(x, k, strides, pads),
+                    default=lambda x, k: _native(x, k, strides, pads, precision),
+                )
+            )  # fmt: skip
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
 
 
-def _conv_bwd(strides, pads, precision, residuals, g):
-    x, kernel = residuals
-    dx = jax.vjp(lambda x_: _native(x_, kernel, strides, pads, precision), x)[1](g)[0]
-
-    def native_weight_grad(x, g):
-        return jax.vjp(lambda k: _native(x, k, strides, pads, precision), kernel)[1](g)[0]
-
-    def cpu_weight_grad(x, g):
-        return shifted_gemm_weight_grad(x, g, kernel.shape, strides, pads).astype(kernel.dtype)
-
-    return dx, lax.platform_dependent(x, g, cpu=cpu_weight_grad, default=native_weight_grad)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
 
 
 def conv_general_dilated(

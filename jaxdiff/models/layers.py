@@ -76,7 +76,8 @@ def conv3x3(
 ) -> nn.Conv:
     """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME").
 
-    With JAXDIFF_CPU_CONV_WGRAD=1 its weight gradient on CPU is `cpu_conv`'s (same parameters)."""
+    With JAXDIFF_CPU_CONV_WGRAD=1 its weight gradient on CPU for small maps is `cpu_conv`'s shifted GEMMs
+    (same parameters, same values to rounding)."""
     return nn.Conv(
         features,
         (3, 3),
