@@ -162,7 +162,8 @@ def init_latent_params(networks: LatentNetworks, rng: Array, latent_shape: tuple
 
 
 def init_latent_state(networks: LatentNetworks, tx: optax.GradientTransformation, seed: int,
-                      latent_shape: tuple[int, int, int], text_length: int, unet_params: dict | None = None) -> TrainState:  # fmt: skip
+                      latent_shape: tuple[int, int, int], text_length: int,
+                      unet_params: dict | None = None) -> TrainState:  # fmt: skip
     """A fresh `TrainState` from `seed` (split by `jaxdiff.train.seed_keys`); the EMA starts as a copy."""
     init_rng, run_rng = seed_keys(seed)
     params = init_latent_params(networks, init_rng, latent_shape, text_length, unet_params)

@@ -161,7 +161,8 @@ def caption_tokenizer(captions: np.ndarray, text: ml_collections.ConfigDict) -> 
     tokenizer = WordTokenizer.from_captions(list(captions), max_length=text.max_length)
     if tokenizer.vocab_size > text.vocab_size:
         raise ValueError(f"the captions have {len(tokenizer.words)} words, {tokenizer.vocab_size} tokens with "
-                         f"{len(SPECIAL_TOKENS)} special ones, but config latent.text.vocab_size={text.vocab_size}")  # fmt: skip
+                         f"{len(SPECIAL_TOKENS)} special ones, but config latent.text.vocab_size="
+                         f"{text.vocab_size}")  # fmt: skip
     longest = max(len(c.split()) for c in captions)
     if longest > text.max_length - 2:
         raise ValueError(f"captions have up to {longest} words but config latent.text.max_length={text.max_length} "
@@ -230,8 +231,9 @@ def check_latent_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config latent.autoencoder is empty: give an autoencoder run's workdir or a Stable Diffusion "
                          "folder (--config.latent.autoencoder=PATH)")  # fmt: skip
     if d.process != "discrete" or d.loss_type != "mse" or d.var_type in ("learned", "learned_range"):
-        raise ValueError(f"task 'latent' trains a discrete-schedule model with the mse loss and a fixed variance; got "
-                         f"diffusion.process={d.process!r}, loss_type={d.loss_type!r}, var_type={d.var_type!r}")  # fmt: skip
+        raise ValueError(f"task 'latent' trains a discrete-schedule model with the mse loss and a fixed variance; "
+                         f"got diffusion.process={d.process!r}, loss_type={d.loss_type!r}, "
+                         f"var_type={d.var_type!r}")  # fmt: skip
     if config.sampling.sampler not in SAMPLERS:
         raise ValueError(f"config sampling.sampler={config.sampling.sampler!r}: task 'latent' samples with {SAMPLERS}")
     if config.training.grad_accum_steps != 1:
@@ -283,7 +285,8 @@ class LatentTask:
             clip = CLIPTokenizer.from_folder(pathlib.Path(self.config.latent.text_encoder) / "tokenizer")
             self.tokenize = lambda prompts: np.asarray(clip(list(prompts)).input_ids, np.int32)
         else:
-            self.word_tokenizer = caption_tokenizer(source.captions(np.arange(source.num_examples)), self.config.latent.text)
+            captions = source.captions(np.arange(source.num_examples))
+            self.word_tokenizer = caption_tokenizer(captions, self.config.latent.text)
             self.tokenize = lambda prompts: self.word_tokenizer.encode(prompts).input_ids
         count = min(self.config.training.num_sample_images, source.num_examples)
         self.sample_prompts = [str(c) for c in source.captions(np.arange(count))]
