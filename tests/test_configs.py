@@ -203,7 +203,7 @@ def test_digits_and_tiny():
     digits, tiny = get("digits"), get("tiny")
     assert (digits.model.image_size, digits.model.in_channels, digits.model.out_channels) == (8, 1, 1)
     assert tuple(digits.model.attn_resolutions) == (4,) and not digits.data.random_flip
-    assert (digits.training.batch_size, digits.training.learning_rate, digits.training.ema_decay) == (128, 1e-3, 0.996)
+    assert (digits.training.batch_size, digits.training.learning_rate, digits.training.ema_decay) == (128, 2e-3, 0.993)
     assert (digits.diffusion.schedule, digits.model.num_res_blocks, digits.model.dropout) == ("cosine", 1, 0.0)
     tm = tiny.model
     assert (tm.image_size, tm.ch, tuple(tm.ch_mult), tm.num_res_blocks) == (16, 32, (1, 2), 1)
