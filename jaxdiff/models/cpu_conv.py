@@ -6,9 +6,9 @@ The same gradient is exactly Σ over kernel offsets (i, j) of one GEMM each, con
 `conv_general_dilated` is a `jax.custom_jvp` whose tangent in the kernel is that sum of shifted GEMMs,
 so reverse mode transposes it into the GEMMs above (and forward mode still works); the forward value
 and the input gradient are XLA's own convolutions. Which weight gradient is faster depends on the map
-size and the CPU (`benchmarks/conv_cpu.py` measures both in one process): on a 2-core AMD EPYC (Zen 5)
-the GEMMs win at 8×8 and 4×4 outputs and lose at 16×16 and 32×32, so they are used for outputs of at
-most GEMM_MAX_OUTPUT_PIXELS pixels. `lax.platform_dependent` picks them only when the computation runs on
+size and the CPU (`benchmarks/conv_cpu.py` measures both in one process): on a loaded 2-core AMD EPYC
+(Zen 5) the GEMMs took 0.3–1.5× XLA's time at 8×8 and 4×4 outputs and 1.1–3× at 16×16 and 32×32, so they
+are used for outputs of at most GEMM_MAX_OUTPUT_PIXELS pixels. `lax.platform_dependent` picks them only when the computation runs on
 the CPU: GPUs and TPUs keep XLA's native weight gradient. The U-Nets' 3×3 convolutions use this when the
 environment variable JAXDIFF_CPU_CONV_WGRAD=1 is set as a model is built; it is off by default because
 whole training steps measured no steady gain (1.11× and 0.92× for the digits model in two loaded runs).
