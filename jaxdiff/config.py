@@ -159,6 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.adam_eps = 1e-8
     c.training.ema_decay = 0.9999
     c.training.grad_accum_steps = 1
+    c.training.fsdp = 1  # devices each large state array is split over (FSDP mesh axis); 1: state replicated
     c.training.label_dropout = 0.0  # probability of the null label (classifier-free guidance)
     c.training.max_consecutive_nonfinite = 10
     c.training.log_every_steps = 100
@@ -410,6 +411,7 @@ SPECS: dict[str, Spec] = {
     "training.adam_eps": Spec(float, "Adam ε", low=0, low_open=True),
     "training.ema_decay": _fraction("decay of the parameters' exponential moving average", high_open=False),
     "training.grad_accum_steps": _positive_int("micro-batches accumulated per optimizer step"),
+    "training.fsdp": _positive_int("devices each large parameter and optimizer-state array is split over (FSDP)"),
     "training.label_dropout": _fraction("probability of the null label (classifier-free guidance)"),
     "training.max_consecutive_nonfinite": _positive_int("non-finite steps in a row that stop the run"),
     "training.log_every_steps": _positive_int("steps between metric logs"),

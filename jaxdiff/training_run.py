@@ -315,24 +315,26 @@ def train_and_evaluate(
     save) through; None: when the `jaxdiff` logger is at DEBUG.
     """
     validate(config)
+    mesh = sharding.make_mesh(config.training.fsdp)  # before the lock: a bad fsdp touches no file
     workdir = os.path.abspath(os.fspath(workdir))
     with WorkdirLock(workdir) as lock, _library_logs(verbose), _StopSignals(on_abort=lock.release) as stop:
-        return _run(config, workdir, allow_config_change=allow_config_change, progress=progress, stop=stop)
+        return _run(config, workdir, mesh, allow_config_change=allow_config_change, progress=progress, stop=stop)
 
 
-def _run(config, workdir: str, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
-    """The run itself, with the workdir locked and the stop signals handled."""
+def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
+    """The run itself on `mesh`, with the workdir locked and the stop signals handled."""
     tc = config.training
-    source = data.load_dataset(config.data, image_shape_for_synthetic=configured_image_shape(config))
+    image_shape = configured_image_shape(config)  # folder images of latent runs: model.image_size
+    source = data.load_dataset(config.data, image_shape_for_synthetic=image_shape,
+                               image_size=image_shape[0] if image_shape else config.model.image_size)  # fmt: skip
     task = make_task(config, source)
     task.check_source(source)
-    mesh = sharding.make_mesh()
     check_batch_layout(config, mesh.devices.size)
 
     with contextlib.ExitStack() as cleanup:  # closes, last opened first, whatever happens
         manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
         cleanup.callback(manager.close)
-        state_sharding = sharding.replicated_sharding(mesh)  # the train state's layout, everywhere below
+        state_sharding = sharding.state_sharding(mesh, jax.eval_shape(task.init_state))  # everywhere below
         state = jax.jit(task.init_state, out_shardings=state_sharding)()
         restored = _restore(manager, state, config, allow_config_change)
         if restored is not None:

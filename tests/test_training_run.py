@@ -159,6 +159,29 @@ def test_eight_devices_match_one(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_run_matches_the_replicated_run_and_resumes(tmp_path):
+    """training.fsdp=4 on 8 devices (state split over a ('data', 'fsdp') mesh), stopped and resumed, ends
+    where the replicated 8-device run does; Adam's eps keeps rounding-noise gradients from deciding updates."""
+    eps = "--config.training.adam_eps=1e-5"
+    replicated, sharded = tmp_path / "replicated", tmp_path / "fsdp"
+    result = cli(*train_args(replicated, 4, eps), devices=8)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for steps in (2, 4):
+        result = cli(*train_args(sharded, steps, eps, "--config.training.fsdp=4"), devices=8)
+        assert result.returncode == 0, result.stderr[-3000:]
+    (step_r, state_r), (step_s, state_s) = saved_state(replicated), saved_state(sharded)
+    assert step_r == step_s == 4
+    for x, y in zip(leaves(state_r.params), leaves(state_s.params), strict=True):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_that_does_not_divide_the_devices_is_refused_before_any_file(tmp_path):
+    workdir = tmp_path / "never"
+    result = cli(*train_args(workdir, 2, "--config.training.fsdp=3"), devices=8)
+    assert result.returncode == 2 and not workdir.exists()
+    assert result.stderr.strip().count("\n") == 0 and "fsdp=3" in result.stderr and "8 devices" in result.stderr
+
+
 @pytest.mark.timeout(900)
 def test_two_hosts_match_one_host_and_resume_collectively(tmp_path):
     common = ["--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=2"]
