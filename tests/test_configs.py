@@ -37,7 +37,7 @@ CONTINUOUS = {
     "edm_cifar10_cond_ve": None,
     "digits_edm": None,
 }
-OTHER_TASKS = ("shapes_autoencoder",)  # configs of tasks other than diffusion (tests/test_tasks.py)
+OTHER_TASKS = ("shapes_autoencoder", "shapes")  # tasks other than diffusion (tests/test_tasks.py, test_latent_training.py)
 DDPM_CONFIGS = [name for name in CONFIGS if name not in CONTINUOUS and name not in OTHER_TASKS]
 LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 
