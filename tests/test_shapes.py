@@ -178,6 +178,17 @@ def test_read_attributes_reads_a_hand_made_image():
     }  # fmt: skip
 
 
+
+def test_coverage_maps_are_the_largest_channel_rise_over_the_background_scaled_to_the_brightest():
+    """Background (20, 30, 10) everywhere; pixel (5, 6) rises by (200, 0, 0), pixels (7, 8) by (0, 100, 50)."""
+    image = np.empty((1, 32, 32, 3), np.uint8)
+    image[:] = (20, 30, 10)
+    image[0, 5, 6] = (220, 30, 10)
+    image[0, 7, 8] = (20, 130, 60)
+    expected = np.zeros((1, 32, 32), np.float64)
+    expected[0, 5, 6], expected[0, 7, 8] = 1.0, 100 / 200
+    np.testing.assert_allclose(data.shapes.coverage_maps(image), expected, atol=1e-7)
+
 # --- the source and the pipeline -----------------------------------------------------------------
 
 

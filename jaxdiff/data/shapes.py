@@ -240,13 +240,25 @@ def read_attributes(images: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.concatenate([c[name] for c in chunks] or [np.zeros(0, np.int64)]) for name in _ATTRIBUTES}
 
 
-def _read_chunk(images: np.ndarray) -> dict[str, np.ndarray]:
-    """`read_attributes` of a few images (checked by the caller)."""
+def coverage_maps(images: np.ndarray) -> np.ndarray:
+    """The checker's view of where the shape is, float32 [n, 32, 32] of uint8 images [n, 32, 32, 3]: each pixel's
+    largest channel rise above the image's per-channel median (the background), over the image's largest rise."""
+    _, coverage = _planes_and_coverage(np.asarray(images))
+    return coverage.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _planes_and_coverage(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(channel planes float32 [3, n, 1024], coverage float32 [n, 1024]) of uint8 images [n, 32, 32, 3]."""
     flat = images.reshape(len(images), IMAGE_SIZE * IMAGE_SIZE, 3)
     planes = np.ascontiguousarray(flat.transpose(2, 0, 1), dtype=np.float32)  # [3, n, 1024]: fast reductions
     background = np.median(planes, axis=2, keepdims=True)
     rise = np.max(planes - background, axis=0)
-    coverage = np.clip(rise / np.maximum(rise.max(axis=1, keepdims=True), 1.0), 0.0, None)
+    return planes, np.clip(rise / np.maximum(rise.max(axis=1, keepdims=True), 1.0), 0.0, None)
+
+
+def _read_chunk(images: np.ndarray) -> dict[str, np.ndarray]:
+    """`read_attributes` of a few images (checked by the caller)."""
+    planes, coverage = _planes_and_coverage(images)
 
     inside = coverage > 0.5
     mean_colour = (planes * inside).sum(axis=2).T / np.maximum(inside.sum(axis=1), 1)[:, None]
