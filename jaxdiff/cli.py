@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help=config_help)
     train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, samples")
     train.add_argument("--allow-config-change", action="store_true",
-                       help="resume even if the saved model/diffusion config differs")  # fmt: skip
+                       help="resume even if the saved config of what is trained (model, diffusion, ...) differs")  # fmt: skip
     train.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
     train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     train.add_argument("--process-id", type=int, help="multi-host: this process's index")

@@ -56,6 +56,9 @@ class Pipeline:
             from jaxdiff.tasks.latent import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
+        if config.task != "diffusion":
+            raise ValueError(f"{path} is a run of task {config.task!r}, which draws no samples; give a diffusion or "
+                             f"latent run's workdir (an autoencoder run serves as config.latent.autoencoder)")
         return cls(config, params, step=step)
 
     @classmethod

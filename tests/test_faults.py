@@ -203,7 +203,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplo
     dead.wait()
     write_lock(tmp_path, dead.pid, socket.gethostname())
     caplog.set_level(logging.WARNING)
-    with WorkdirLock(str(tmp_path)) as lock:
+    with WorkdirLock(str(tmp_path)):
         held = json.loads((tmp_path / LOCK_FILE).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         with pytest.raises(CheckpointError, match=f"in use by process {os.getpid()}"):

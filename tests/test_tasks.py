@@ -18,6 +18,7 @@ from jaxdiff.autoencoder_training import encode_fn, estimate_scaling_factor, rec
 from jaxdiff.checkpoint import CheckpointError, config_differences
 from jaxdiff.cli import load_config, main
 from jaxdiff.config import ConfigError
+from jaxdiff.pipeline import Pipeline
 from jaxdiff.tasks import make_task
 from jaxdiff.tasks.autoencoder import SCALING_IMAGES
 from jaxdiff.training_run import _summarise, train_and_evaluate
@@ -98,6 +99,8 @@ def test_autoencoder_run_writes_checkpoints_grids_metrics_and_the_scaling_factor
     assert step == 4 and loaded_config.task == "autoencoder"
     for a, b in zip(leaves(params), leaves(restored.state.ema_params), strict=True):
         np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="is a run of task 'autoencoder', which draws no samples"):
+        Pipeline.from_checkpoint(tmp_path)
 
 
 @pytest.mark.timeout(600)
