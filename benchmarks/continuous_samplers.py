@@ -28,6 +28,7 @@ import statistics
 import time
 
 import jax
+from sampling import compile_seconds  # benchmarks/sampling.py: scripts here run with benchmarks/ on sys.path
 
 from jaxdiff.continuous_model import model_denoiser
 from jaxdiff.evaluation.ode_likelihood import ode_log_likelihood
@@ -69,16 +70,6 @@ def timed(fn, *args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
-
-
-def compile_seconds(fn, *args) -> tuple[float, float]:
-    """(trace and lower, XLA compile) seconds of `jax.jit(fn)` for `args`."""
-    start = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
-    traced = time.perf_counter() - start
-    start = time.perf_counter()
-    lowered.compile()
-    return traced, time.perf_counter() - start
 
 
 def sampler_table(denoiser, shape, repeats: int) -> list[dict]:

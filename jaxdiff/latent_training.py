@@ -38,12 +38,11 @@ from jaxdiff.latent_pipeline import (
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.train import (
     TrainState,
-    ema_update,
+    apply_gradients,
     learning_rate_schedule,
     new_train_state,
     preprocess,
     seed_keys,
-    where_finite,
 )
 
 Array = jax.Array
@@ -121,26 +120,7 @@ def make_latent_train_step(loss_fn: Callable, training: ml_collections.ConfigDic
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["image"], batch["input_ids"], rng)
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=where_finite(finite, params, state.params),
-            ema_params=where_finite(finite, ema_update(state.ema_params, params, decay), state.ema_params),
-            opt_state=where_finite(finite, opt_state, state.opt_state),
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
-            "skipped_updates": new_state.skipped,
-            "nonfinite_streak": new_state.nonfinite_streak,
-        }
-        return new_state, metrics
+        return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
 
     return train_step
 

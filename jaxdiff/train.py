@@ -185,6 +185,36 @@ def _accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_bat
     return jax.tree.map(lambda g: g / micro_batches, (loss, grads))
 
 
+def apply_gradients(state: TrainState, loss: Array, grads, tx: optax.GradientTransformation, *, ema_decay: float,
+                    lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:  # fmt: skip
+    """The update every diffusion-style step ends with: Adam on `grads`, EMA, step + 1; a non-finite loss or
+    gradient leaves params, EMA and optimizer state as they were and is counted.
+
+    Returns (state, metrics: loss, grad_norm, learning_rate, skipped_updates, nonfinite_streak).
+    """
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = ema_update(state.ema_params, params, ema_decay)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=where_finite(finite, params, state.params),
+        ema_params=where_finite(finite, ema_params, state.ema_params),
+        opt_state=where_finite(finite, opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
+        "skipped_updates": new_state.skipped,
+        "nonfinite_streak": new_state.nonfinite_streak,
+    }
+    return new_state, metrics
+
+
 def make_train_step(config: ml_collections.ConfigDict, model, schedule: Schedule, tx) -> Callable:
     """train_step(state, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
     loss_fn = make_loss_fn(config, model, schedule)
@@ -195,27 +225,6 @@ def make_train_step(config: ml_collections.ConfigDict, model, schedule: Schedule
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         loss, grads = _accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, micro_batches)
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = ema_update(state.ema_params, params, decay)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=where_finite(finite, params, state.params),
-            ema_params=where_finite(finite, ema_params, state.ema_params),
-            opt_state=where_finite(finite, opt_state, state.opt_state),
-            rng=state.rng,
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
-            "skipped_updates": new_state.skipped,
-            "nonfinite_streak": new_state.nonfinite_streak,
-        }
-        return new_state, metrics
+        return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
 
     return train_step
