@@ -24,7 +24,6 @@ the share column is of their total. Prints a table and one line `JSON {...}`.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
@@ -45,8 +44,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxdiff.cli import load_config  # noqa: E402
-from jaxdiff.config import validate  # noqa: E402
+from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's folder)
+
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
 from jaxdiff.train import init_train_state, make_optimizer, make_train_step  # noqa: E402
@@ -143,23 +142,10 @@ def thunk_seconds(trace_dir: str, module: str) -> tuple[dict[str, float], int]:
     return totals, events
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10.py"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps, then as many traced steps")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    args, overrides = parser.parse_known_args(argv)
-    for name, minimum in (("batch_size", 1), ("steps", 1), ("warmup", 0)):
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {minimum}")
-    return args, overrides
-
-
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    config = validate(load_config(args.config, overrides))
-    config.training.batch_size = args.batch_size
+    args, config = parse_step_args(sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0],
+                                   steps=3, steps_help="timed steps, then as many traced steps", warmup=1,
+                                   warmup_help="untimed steps after compilation")  # fmt: skip
     load_before = os.getloadavg()
     model = create_model(config.model)
     tx = make_optimizer(config.training)
@@ -207,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     summed = sum(seconds.values())
     step_seconds = statistics.median(wall)
     print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; XLA_FLAGS {os.environ['XLA_FLAGS']}")
-    print(f"config {args.config} {' '.join(overrides)}; batch {args.batch_size}; load {load_before} -> {load_after}")
+    print(f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}; "
+          f"load {load_before} -> {load_after}")
     print(f"step {step_seconds * 1e3:.1f} ms untraced (median of {args.steps}); compile {compile_seconds:.1f} s; "
           f"{events / args.steps:.0f} thunks per step summing to {summed * 1e3:.1f} ms")  # fmt: skip
     print(f"{'category':<20}{'ms/step':>10}{'of which bwd':>14}{'share':>8}")
@@ -216,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "jax": jax.__version__,
         "config": args.config,
-        "overrides": overrides,
+        "overrides": args.overrides,
         "batch_size": args.batch_size,
         "load": [load_before[0], load_after[0]],
         "step_ms": step_seconds * 1e3,

@@ -19,7 +19,6 @@ Prints a table, then one line `JSON {...}`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -37,8 +36,8 @@ from diffusers import UNet2DModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxdiff.cli import load_config  # noqa: E402
-from jaxdiff.config import validate  # noqa: E402
+from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's folder)
+
 from jaxdiff.denoiser import model_denoiser  # noqa: E402
 from jaxdiff.models import count_parameters, create_model  # noqa: E402
 from jaxdiff.models.unet import level_resolutions  # noqa: E402
@@ -192,23 +191,10 @@ def alternate(workers: dict, name: str, *, steps: int, warmup: int) -> tuple[flo
     return statistics.median(times["jax"]), statistics.median(times["torch"])
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10.py"))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each side (medians are reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each side after compilation")
-    args, overrides = parser.parse_known_args(argv)
-    for name, minimum in (("batch_size", 1), ("steps", 1), ("warmup", 0)):
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= {minimum}")
-    return args, overrides
-
-
 def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    config = validate(load_config(args.config, overrides))
-    config.training.batch_size = args.batch_size
+    args, config = parse_step_args(sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0],
+                                   steps=10, steps_help="timed steps of each side (medians are reported)", warmup=2,
+                                   warmup_help="untimed steps of each side after compilation")  # fmt: skip
     threads = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()
     context = multiprocessing.get_context("spawn")
@@ -231,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{facts['jax']['version']}, {facts['torch']['version']}; {threads} threads each "
           f"(torch.set_num_threads, XLA default), one worker process each")  # fmt: skip
-    print(f"config {args.config} {' '.join(overrides)}; dtype {config.model.dtype}; batch {args.batch_size}; "
+    print(f"config {args.config} {' '.join(args.overrides)}; dtype {config.model.dtype}; batch {args.batch_size}; "
           f"median of {args.steps} alternating steps after compilation and {args.warmup} warm-up")  # fmt: skip
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print(f"parameters: jaxdiff {facts['jax']['parameters']:,}, diffusers {facts['torch']['parameters']:,}")
@@ -249,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": {side: facts[side]["version"] for side in facts},
         "threads": threads,
         "config": args.config,
-        "overrides": overrides,
+        "overrides": args.overrides,
         "dtype": config.model.dtype,
         "batch_size": args.batch_size,
         "steps": args.steps,
