@@ -4,6 +4,7 @@ overrides, the batch size, timed and warm-up step counts. Free of PyTorch, so ei
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -15,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_step_args(argv: list[str], *, description: str, steps: int, steps_help: str, warmup: int,
-                    warmup_help: str) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:  # fmt: skip
+                    warmup_help: str, more: Callable[[argparse.ArgumentParser], None] | None = None,
+                    ) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:  # fmt: skip
     """(args, the validated config with training.batch_size = --batch-size); args.overrides holds the
-    `--config.a.b=V` overrides; `steps`/`warmup` are the defaults."""
+    `--config.a.b=V` overrides; `steps`/`warmup` are the defaults; `more` adds a script's own options."""
     parser = argparse.ArgumentParser(description=description)
+    if more is not None:
+        more(parser)
     parser.add_argument("--config", default=str(ROOT / "configs" / "cifar10.py"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=steps, help=steps_help)

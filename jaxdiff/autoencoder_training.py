@@ -22,6 +22,7 @@ changes no parameters or optimizer state and is counted, as in `jaxdiff.train`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +34,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxdiff.checks import is_int, is_real, unsupported
 from jaxdiff.models.autoencoder import OPTION_DEFAULTS, AutoencoderKL, DiagonalGaussian, autoencoder_config
-from jaxdiff.train import ema_update, learning_rate_schedule, preprocess, seed_keys, where_finite
+from jaxdiff.train import apply_gradients, learning_rate_schedule, preprocess, seed_keys
+
+_unsupported = functools.partial(unsupported, "autoencoder loss")
 
 Array = jax.Array
 
@@ -51,18 +55,6 @@ ADAPTIVE_WEIGHT_MAX = 1e4
 BATCH_NORM_EPS = 1e-5  # PyTorch's BatchNorm2d default, as pix2pix's discriminator uses
 
 
-def _fail(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"autoencoder loss: {key}={value!r} is not allowed; expected {allowed}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_loss_settings(settings) -> dict[str, Any]:
     """The loss settings (a mapping; absent keys take LOSS_DEFAULTS) checked: ValueError names a bad key."""
     unknown = sorted(set(settings) - set(LOSS_DEFAULTS))
@@ -70,15 +62,15 @@ def check_loss_settings(settings) -> dict[str, Any]:
         raise ValueError(f"autoencoder loss: unknown keys {unknown}; allowed: {sorted(LOSS_DEFAULTS)}")
     s = {**LOSS_DEFAULTS, **dict(settings)}
     if s["reconstruction_loss"] not in RECONSTRUCTION_LOSSES:
-        raise _fail("reconstruction_loss", s["reconstruction_loss"], f"one of {RECONSTRUCTION_LOSSES}")
+        raise _unsupported("reconstruction_loss", s["reconstruction_loss"], f"one of {RECONSTRUCTION_LOSSES}")
     for key in ("kl_weight", "disc_weight"):
-        if not _is_number(s[key]) or s[key] < 0:
-            raise _fail(key, s[key], "a finite number >= 0")
-    if not _is_int(s["disc_start"]) or s["disc_start"] < 0:
-        raise _fail("disc_start", s["disc_start"], "an int >= 0")
+        if not is_real(s[key], finite=True) or s[key] < 0:
+            raise _unsupported(key, s[key], "a finite number >= 0")
+    if not is_int(s["disc_start"]) or s["disc_start"] < 0:
+        raise _unsupported("disc_start", s["disc_start"], "an int >= 0")
     for key in ("disc_layers", "disc_channels"):
-        if not _is_int(s[key]) or s[key] < 1:
-            raise _fail(key, s[key], "an int >= 1")
+        if not is_int(s[key]) or s[key] < 1:
+            raise _unsupported(key, s[key], "an int >= 1")
     return s
 
 
@@ -253,20 +245,13 @@ def make_autoencoder_train_step(
         active = state.step >= s["disc_start"]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = grad_fn(state.params, state.disc_params, x, sample_rng, active)
-        grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = {"params": params, "ema_params": ema_update(state.ema_params, params, decay), "opt_state": opt_state}
         metrics = {
-            "loss": loss,
             "reconstruction_error": aux["reconstruction_error"],
             "kl": aux["kl"],
             "latent_mean": jnp.mean(aux["z"]),
             "latent_std": jnp.std(aux["z"]),
-            "grad_norm": grad_norm,
-            "learning_rate": lr_schedule(state.step - state.skipped),  # Adam counts applied updates only
         }
+        extra, extra_finite = {}, True
         if discriminator is not None:
             reconstruction = jax.lax.stop_gradient(aux["reconstruction"])
 
@@ -277,20 +262,14 @@ def make_autoencoder_train_step(
                 return d_loss, (jnp.mean(logits_real), jnp.mean(logits_fake))
 
             (d_loss, (real, fake)), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(state.disc_params)
-            finite &= jnp.isfinite(d_loss) & jnp.isfinite(optax.tree_utils.tree_norm(d_grads))
-            d_updates, new["disc_opt_state"] = tx.update(d_grads, state.disc_opt_state, state.disc_params)
-            new["disc_params"] = optax.apply_updates(state.disc_params, d_updates)
+            extra_finite = jnp.isfinite(d_loss) & jnp.isfinite(optax.tree_utils.tree_norm(d_grads))
+            d_updates, extra["disc_opt_state"] = tx.update(d_grads, state.disc_opt_state, state.disc_params)
+            extra["disc_params"] = optax.apply_updates(state.disc_params, d_updates)
             metrics.update(g_loss=aux["g_loss"], disc_adaptive_weight=aux["disc_adaptive_weight"], disc_loss=d_loss,
                            logits_real=real, logits_fake=fake)  # fmt: skip
-        kept = {k: where_finite(finite, v, getattr(state, k)) for k, v in new.items()}
-        new_state = state.replace(
-            step=state.step + 1,
-            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-            **kept,
-        )
-        metrics.update(skipped_updates=new_state.skipped, nonfinite_streak=new_state.nonfinite_streak)
-        return new_state, metrics
+        new_state, update_metrics = apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule,
+                                                    extra=extra, extra_finite=extra_finite)  # fmt: skip
+        return new_state, {**update_metrics, **metrics}
 
     return train_step
 

@@ -20,6 +20,7 @@ import math
 import ml_collections
 
 from jaxdiff.autoencoder_training import LOSS_DEFAULTS, RECONSTRUCTION_LOSSES, autoencoder_model_config
+from jaxdiff.checks import is_int, is_real
 from jaxdiff.continuous_model import CONTINUOUS_LOSSES, PARAMETERIZATIONS, process_from_config
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.models import NETWORKS, create_model, ncsnpp, song_unet
@@ -234,29 +235,21 @@ class Spec:
             items = value if isinstance(value, (tuple, list)) else None
             return (
                 items is not None and len(items) >= self.min_items
-                and all(_is_int(item) and self._in_range(item) for item in items)
+                and all(is_int(item, numpy=False) and self._in_range(item) for item in items)
             )  # fmt: skip
         if self.type is bool:
             return isinstance(value, bool)
         if self.type is int:
-            return _is_int(value) and self._in_range(value)
+            return is_int(value, numpy=False) and self._in_range(value)
         if self.type is float:
-            finite = math.isfinite(value) or (self.infinite and value == math.inf)
-            return _is_number(value) and finite and self._in_range(value)
+            finite = is_real(value, finite=True, numpy=False) or (self.infinite and value == math.inf)
+            return is_real(value, numpy=False) and finite and self._in_range(value)
         return isinstance(value, self.type)
 
     def _in_range(self, value) -> bool:
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         return above and below
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive_int(meaning: str) -> Spec:

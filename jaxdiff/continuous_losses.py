@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.checks import is_real
 from jaxdiff.denoiser import denoise_state
 
 Array = jax.Array
@@ -39,7 +40,7 @@ def dsm_loss(
     likelihood_weighting: bool = False,
 ) -> Array:  # fmt: skip
     """Continuous-time denoising score matching of x0 [B, ...] on `process`, t ~ U[eps, t_max]: a scalar."""
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1e-1):
+    if not (is_real(eps, numpy=False) and 0 < eps < 1e-1):
         raise ValueError(f"eps={eps!r} must be a number in (0, 0.1)")
     t_key, noise_key = jax.random.split(rng)
     t = jax.random.uniform(t_key, (x0.shape[0],), jnp.float32, eps, process.t_max)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxdiff.checks import is_int, is_real
 
 Array = jax.Array
 ApplyFn = Callable[[object, Array, Array, Array], Array]
@@ -28,11 +28,11 @@ def guided_denoiser(
     w = 0 is the plain conditional call. For the U-Net:
     `apply_fn = lambda p, x, t, y: model.apply({"params": p}, x, t, y)`, null_label = num_classes.
     """
-    if not isinstance(guidance, numbers.Real) or isinstance(guidance, (bool, np.bool_)):
+    if not is_real(guidance):
         raise ValueError(f"guidance={guidance!r} must be a number")
     if not math.isfinite(guidance) or guidance < 0:
         raise ValueError(f"guidance={guidance!r} must be finite and >= 0")
-    if not isinstance(null_label, (int, np.integer)) or isinstance(null_label, (bool, np.bool_)):
+    if not is_int(null_label):
         raise ValueError(f"null_label={null_label!r} must be an int")
     labels = jnp.asarray(labels)
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):

@@ -19,12 +19,17 @@ def from_uint8(images) -> np.ndarray:
     return np.asarray(images, dtype=np.float32) / 127.5 - 1.0
 
 
+def grid_columns(n: int) -> int:
+    """Columns of `make_grid`'s default layout for n images: ⌈√n⌉."""
+    return math.ceil(math.sqrt(n))
+
+
 def make_grid(images: np.ndarray, *, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """uint8 [N, H, W, C] -> one uint8 [rows·(H+p)+p, cols·(W+p)+p, C] image, row-major."""
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"make_grid expects uint8 NHWC images, got {images.dtype} of shape {images.shape}")
     n, h, w, c = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
+    columns = columns or grid_columns(n)
     rows = math.ceil(n / columns)
     grid = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), np.uint8)
     for i, image in enumerate(images):

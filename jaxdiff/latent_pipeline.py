@@ -29,7 +29,6 @@ is `use_karras_sigmas`), ending at σ = 0 on x̂_0, with the U-Net called at dif
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checks import is_int, is_real, prompt_list
 from jaxdiff.convert.stable_diffusion import (
     SchedulerSettings,
     StableDiffusion,
@@ -73,7 +73,7 @@ def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
     """The training steps diffusers' DDIMScheduler visits for `steps` inference steps, decreasing, int64:
     leading: k·(T // steps) + steps_offset; trailing: round(T − k·T/steps) − 1; linspace: round(linspace(0, T−1))."""
     num_train = scheduler.schedule.num_timesteps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= num_train:
+    if not is_int(steps, numpy=False) or not 1 <= steps <= num_train:
         raise ValueError(f"steps={steps!r} must be an int in [1, {num_train}]")
     if scheduler.timestep_spacing == "leading":
         increasing = np.arange(steps) * (num_train // steps) + scheduler.steps_offset
@@ -311,18 +311,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _check_number(name: str, value, low: float, high: float, *, low_open: bool) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    ok = is_real(value, finite=True)
     if not ok or (value <= low if low_open else value < low) or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{name}={value!r} must be a number in {interval}")
     return float(value)
-
-
-def _prompt_list(prompts, name: str) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompts!r}")
-    return list(prompts)
 
 
 def _image_array(images, name: str) -> np.ndarray:
@@ -453,7 +446,7 @@ class LatentPipeline:
     # ------------------------------------------------------------------ shared steps
 
     def _check_settings(self, steps, guidance, sampler, karras, output_type, seed) -> float:
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        if not is_int(seed):
             raise ValueError(f"seed={seed!r} must be an int")
         if sampler not in LATENT_SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {LATENT_SAMPLERS}")
@@ -473,14 +466,14 @@ class LatentPipeline:
         default = self.model.unet_config.sample_size * self.latent_factor
         height, width = (default if height is None else height), (default if width is None else width)
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 8 or value % 8:
+            if not is_int(value, numpy=False) or value < 8 or value % 8:
                 raise ValueError(f"{name}={value!r} must be a positive multiple of 8")
             if value % self.latent_factor:
                 raise ValueError(f"{name}={value!r} must be a multiple of the autoencoder's factor {self.latent_factor}")
         return height, width
 
     def _embeddings(self, prompts: list[str], negative_prompts) -> tuple[Array, Array]:
-        negative = [""] * len(prompts) if negative_prompts is None else _prompt_list(negative_prompts, "negative_prompts")
+        negative = [""] * len(prompts) if negative_prompts is None else prompt_list(negative_prompts, "negative_prompts")
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts; give one per prompt")
         ids = self.model.tokenizer(prompts + negative).input_ids
@@ -511,7 +504,7 @@ class LatentPipeline:
         drawn from `seed`)."""
         if self.inpainting_unet:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
-        prompts = _prompt_list(prompts, "prompts")
+        prompts = prompt_list(prompts, "prompts")
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         height, width = self._check_size(height, width)
         shape = (len(prompts), height // self.latent_factor, width // self.latent_factor, self.latent_channels)
@@ -531,7 +524,7 @@ class LatentPipeline:
         drawn from `seed`)."""
         if self.inpainting_unet:
             raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
-        prompts = _prompt_list(prompts, "prompts")
+        prompts = prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         pixels = self._checked_images(images, len(prompts))
@@ -554,7 +547,7 @@ class LatentPipeline:
         keeps the image's latents (noised to the current step) outside the mask after every step. `latents` is
         the initial noise (default: drawn from `seed`); with strength < 1 the run starts from the image noised
         with it, as image_to_image."""
-        prompts = _prompt_list(prompts, "prompts")
+        prompts = prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         pixels = self._checked_images(images, len(prompts))

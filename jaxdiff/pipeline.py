@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdiff.checks import is_int
 from jaxdiff import checkpoint, images, samplers, sharding
 from jaxdiff.continuous_model import is_continuous, process_from_config, sample_in_image_range, sampler_options
 from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
@@ -315,7 +316,7 @@ class Pipeline:
 
         `progress` shows a progress bar over the model evaluations of all batches (stderr).
         """
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        if not is_int(num_images) or num_images < 1:
             raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")

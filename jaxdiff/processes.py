@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checks import is_real
+
 Array = jax.Array
 
 PROCESSES = ("ve", "vp", "subvp", "edm")
@@ -201,7 +203,7 @@ def make_process(name: str, **params):
         raise ValueError(f"unknown parameter(s) {unknown} for process {name!r}; allowed: {sorted(_DEFAULTS[name])}")
     values = {**_DEFAULTS[name], **params}
     for key, value in values.items():
-        if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        if not is_real(value):
             raise ValueError(f"{key}={value!r} must be a real number")
         if not math.isfinite(value):
             raise ValueError(f"{key}={value!r} must be finite")

@@ -15,6 +15,8 @@ import flax.struct
 import jax
 import numpy as np
 
+from jaxdiff.checks import is_int
+
 Array = jax.Array
 
 
@@ -108,7 +110,7 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) or num_timesteps <= 0:
+    if not is_int(num_timesteps) or num_timesteps <= 0:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     make = BETA_SCHEDULES[name]
     if name in ("linear", "quad", "warmup10", "warmup50", "sigmoid"):

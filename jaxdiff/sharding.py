@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff.checks import is_int
+
 
 def _env_int(name: str) -> int:
     value = os.environ.get(name, "")
@@ -97,7 +99,7 @@ def make_mesh(fsdp: int = 1) -> Mesh:
     otherwise groups span consecutive hosts (whole hosts when the local count divides fsdp).
     """
     devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
-    if isinstance(fsdp, bool) or not isinstance(fsdp, (int, np.integer)) or fsdp < 1 or len(devices) % fsdp:
+    if not is_int(fsdp) or fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"fsdp={fsdp!r} must be a positive integer dividing the {len(devices)} devices")
     if fsdp == 1:
         return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))

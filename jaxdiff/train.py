@@ -185,25 +185,28 @@ def _accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_bat
     return jax.tree.map(lambda g: g / micro_batches, (loss, grads))
 
 
-def apply_gradients(state: TrainState, loss: Array, grads, tx: optax.GradientTransformation, *, ema_decay: float,
-                    lr_schedule: optax.Schedule) -> tuple[TrainState, dict]:  # fmt: skip
-    """The update every diffusion-style step ends with: Adam on `grads`, EMA, step + 1; a non-finite loss or
-    gradient leaves params, EMA and optimizer state as they were and is counted.
+def apply_gradients(
+    state, loss: Array, grads, tx: optax.GradientTransformation, *, ema_decay: float, lr_schedule: optax.Schedule,
+    extra: dict | None = None, extra_finite: Array | bool = True,
+) -> tuple[Any, dict]:
+    """The update every training step ends with: Adam on `grads`, EMA, step + 1; a non-finite loss or
+    gradient leaves params, EMA and optimizer state as they were and is counted. `state` is a `TrainState`
+    or any state with its fields (`AutoencoderTrainState`).
 
+    `extra`: new values of other state fields (e.g. a discriminator's parameters and optimizer state), applied
+    or dropped together with the update; `extra_finite` (bool) must hold too for the update to apply.
     Returns (state, metrics: loss, grad_norm, learning_rate, skipped_updates, nonfinite_streak).
     """
     grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & extra_finite
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = ema_update(state.ema_params, params, ema_decay)
+    new = {"params": params, "ema_params": ema_update(state.ema_params, params, ema_decay), "opt_state": opt_state}
     new_state = state.replace(
         step=state.step + 1,
-        params=where_finite(finite, params, state.params),
-        ema_params=where_finite(finite, ema_params, state.ema_params),
-        opt_state=where_finite(finite, opt_state, state.opt_state),
         nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
         skipped=state.skipped + (~finite).astype(jnp.int32),
+        **{k: where_finite(finite, v, getattr(state, k)) for k, v in {**new, **(extra or {})}.items()},
     )
     metrics = {
         "loss": loss,

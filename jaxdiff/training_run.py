@@ -398,7 +398,8 @@ def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: boo
                 saved_steps.append(step)
             if step % tc.sample_every_steps == 0:
                 sampling_start = time.perf_counter()
-                _write_samples(workdir, step, sample_fn(state.ema_params, jax.random.PRNGKey(step)))
+                samples = sample_fn(state.ema_params, jax.random.PRNGKey(step))
+                _write_samples(workdir, step, samples, task.grid_captions)
                 paused += time.perf_counter() - sampling_start
                 sampled = True
         if step > start and manager.latest_step() != step:
@@ -436,11 +437,17 @@ def _raise_if_diverged(summary: dict, step: int, limit: int) -> None:
         )
 
 
-def _write_samples(workdir: str, step: int, samples: jax.Array) -> None:
+def _write_samples(workdir: str, step: int, samples: jax.Array, captions: list[str] | None) -> None:
+    """samples/step_<step>.png, and with `captions` samples/step_<step>.txt: "row r, column c: caption" per image."""
     grid = images.make_grid(images.to_uint8(fetch_replicated(samples)))
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-        images.save_png(grid, path, scale=max(1, 128 // samples.shape[1]))
+        path = os.path.join(workdir, "samples", f"step_{step:08d}")
+        images.save_png(grid, path + ".png", scale=max(1, 128 // samples.shape[1]))
+        if captions is not None:
+            columns = images.grid_columns(len(captions))
+            lines = [f"row {i // columns + 1}, column {i % columns + 1}: {c}\n" for i, c in enumerate(captions)]
+            with open(path + ".txt", "w", encoding="utf-8") as f:
+                f.writelines(lines)
 
 
 class ProgressBar:

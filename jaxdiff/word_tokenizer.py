@@ -15,22 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxdiff.checks import is_int, prompt_list
 from jaxdiff.tokenizer import TokenizedPrompts
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
 PAD_ID, UNK_ID, START_ID, END_ID = range(len(SPECIAL_TOKENS))
 UNKNOWN_WORDS = ("error", "unk")
 JSON_FORMAT = "jaxdiff.word_tokenizer"
-
-
-def _prompt_list(prompts: str | Sequence[str], name: str) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
-    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a string or a list of strings, got {prompts!r}")
-    return list(prompts)
 
 
 def _words(text: str) -> list[str]:
@@ -42,7 +33,7 @@ class WordTokenizer:
 
     def __init__(self, words: Sequence[str], *, max_length: int):
         """`words`: the vocabulary (unique, sorted, lowercase, no whitespace, no special token)."""
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        if not is_int(max_length, numpy=False) or max_length < 2:
             raise ValueError(f"max_length={max_length!r} must be an int >= 2 (start and end tokens)")
         words = list(words)
         bad = [w for w in words if not isinstance(w, str) or w != w.lower() or _words(w) != [w] or w in SPECIAL_TOKENS]
@@ -62,7 +53,7 @@ class WordTokenizer:
     @classmethod
     def from_captions(cls, captions: Sequence[str], *, max_length: int = 16) -> WordTokenizer:
         """The sorted set of words of `captions` as vocabulary."""
-        captions = _prompt_list(captions, "captions")
+        captions = prompt_list(captions, "captions", allow_empty=True)
         if not captions:
             raise ValueError("captions is empty: the vocabulary needs at least one caption")
         return cls(sorted({word for caption in captions for word in _words(caption)}), max_length=max_length)
@@ -75,7 +66,7 @@ class WordTokenizer:
         """
         if unknown not in UNKNOWN_WORDS:
             raise ValueError(f"unknown={unknown!r} is not one of {UNKNOWN_WORDS}")
-        prompts = _prompt_list(prompts, "prompts")
+        prompts = prompt_list(prompts, "prompts", allow_empty=True)
         split = [_words(p) for p in prompts]
         too_long = [p for p, words in zip(prompts, split) if len(words) > self.max_length - 2]
         if too_long:

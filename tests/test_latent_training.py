@@ -253,6 +253,9 @@ def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencode
     tokenizer = WordTokenizer.from_json(extras["tokenizer"])
     assert tokenizer.vocab_size == 23 and "triangle" in tokenizer.words
     assert len(extras["sample_prompts"]) == 2 and extras["sample_prompts"][0].startswith("a ")
+    assert (latent_run / "samples" / "step_00000004.txt").read_text().splitlines() == [
+        f"row 1, column {i + 1}: {prompt}" for i, prompt in enumerate(extras["sample_prompts"])
+    ]
 
 
 def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):

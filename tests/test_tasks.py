@@ -93,6 +93,11 @@ def test_autoencoder_run_writes_checkpoints_grids_metrics_and_the_scaling_factor
     assert np.mean(np.abs(pairs[1].astype(float) - originals[0])) > 1  # a reconstruction, not a copy
     grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))[::4, ::4]  # saved at 4× scale
     np.testing.assert_allclose(grid.astype(int), images.make_grid(pairs).astype(int), atol=1)  # 2×2: pair per row
+    first, second = source.captions(np.arange(2))
+    assert (tmp_path / "samples" / "step_00000004.txt").read_text().splitlines() == [
+        f"row 1, column 1: {first}", f"row 1, column 2: {first} (reconstruction)",
+        f"row 2, column 1: {second}", f"row 2, column 2: {second} (reconstruction)",
+    ]  # fmt: skip
 
     # Readers of any task: the EMA parameters and the config.
     loaded_config, step, params = checkpoint.load_weights(tmp_path)

@@ -85,6 +85,7 @@ def test_end_to_end_on_mock_cifar10(tmp_path):
         assert np.isfinite(m["loss"])
     assert sorted(checkpoint.make_manager(tmp_path, read_only=True).all_steps()) == [15, 30]
     assert (tmp_path / "samples" / "step_00000030.png").exists()
+    assert not (tmp_path / "samples" / "step_00000030.txt").exists()  # unconditional samples have no captions
     assert json.loads((tmp_path / "config.json").read_text())["data"]["dataset"] == "cifar10"
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import flax.traverse_util
 import numpy as np
 
+from jaxdiff.checks import is_real
 from jaxdiff.config import flat_keys, validate
 from jaxdiff.continuous_model import process_from_config
 from jaxdiff.convert import score_diffusers
@@ -69,7 +70,7 @@ def _scheduler_info(path: pathlib.Path) -> dict:
         raise ScoreFolderError(f"{path}: _class_name={settings['_class_name']!r}; expected {SCHEDULER}")
     values = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
     for key, value in values.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if not is_real(value, numpy=False) or value <= 0:
             raise ScoreFolderError(f"{path}: {key}={value!r} must be a positive number")
     if not values["sigma_min"] < values["sigma_max"]:
         raise ScoreFolderError(f"{path}: need sigma_min < sigma_max, got {values['sigma_min']}, {values['sigma_max']}")

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from jaxdiff.checks import is_int
 from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, apply_scheduler_config, from_torch
 from jaxdiff.convert.files import load_json
 from jaxdiff.convert.latent_weights import (
@@ -103,7 +104,7 @@ def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
     if s["timestep_spacing"] not in TIMESTEP_SPACINGS:
         raise ValueError(f"{source}: timestep_spacing={s['timestep_spacing']!r}; supported: {TIMESTEP_SPACINGS}")
     offset = s["steps_offset"]
-    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < run_config.diffusion.num_timesteps:
+    if not is_int(offset, numpy=False) or not 0 <= offset < run_config.diffusion.num_timesteps:
         raise ValueError(f"{source}: steps_offset={offset!r} must be an int in 0..num_train_timesteps-1")
     if not isinstance(s["set_alpha_to_one"], bool):
         raise ValueError(f"{source}: set_alpha_to_one={s['set_alpha_to_one']!r} must be true or false")

@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from jaxdiff.checks import is_int
 from jaxdiff.data.sources import check_indices
 from jaxdiff.data.tfds_sources import center_crop_resize
 
@@ -166,7 +167,7 @@ def load_folder(directory: str, size: int, *, num_threads: int | None = None) ->
     Raises a one-line error for a missing folder, a folder without images, an image without a caption,
     a malformed captions line (file:line) or a file that is not a readable PNG/JPEG image.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    if not is_int(size, numpy=False) or size <= 0:
         raise ValueError(f"folder: image size must be a positive integer (pixels), got {size!r}")
     if not directory:
         raise ValueError("data.dataset='folder' needs data.data_dir: the folder of images and captions")

@@ -26,6 +26,7 @@ import itertools
 
 import numpy as np
 
+from jaxdiff.checks import is_int
 from jaxdiff.data.sources import splitmix64, check_indices
 
 SHAPES = ("circle", "square", "triangle")
@@ -73,7 +74,7 @@ def _combinations(split: str) -> np.ndarray:
 def _check_split_and_seed(split: str, seed: int) -> None:
     if split not in SPLITS:
         raise ValueError(f"shapes: split={split!r} is not one of {SPLITS}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+    if not is_int(seed) or not 0 <= seed < 2**31:
         raise ValueError(f"shapes: seed must be an int in [0, 2**31), got {seed!r}")
 
 
@@ -163,7 +164,7 @@ def draw_shapes(n: int, *, seed: int = 0, split: str = "train", start: int = 0) 
     so `draw_shapes(n, start=s)` equals rows s.. of any longer draw from an earlier start.
     """
     for name, value in (("n", n), ("start", start)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"shapes: {name} must be an int >= 0, got {value!r}")
     if start + n > 2**32:
         raise ValueError(f"shapes: start + n = {start + n} exceeds the 2**32 examples of a seed")
@@ -192,7 +193,7 @@ class ShapesSource:
     def __post_init__(self):
         _check_split_and_seed(self.split, self.seed)
         count = self.num_examples
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 2**32:
+        if not is_int(count, numpy=False) or not 0 < count <= 2**32:
             raise ValueError(f"shapes: num_examples must be in [1, 2**32], got {self.num_examples}")
 
     @property

@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from jaxdiff.checks import is_int
 from jaxdiff.diffusion import MEAN_TYPES, VAR_TYPES, prior_bpd, q_sample, vb_terms_bpd
 from jaxdiff.schedule import Schedule
 from jaxdiff.sharding import batch_sharding, local_mesh
@@ -104,7 +105,7 @@ def strata(num_timesteps: int, num_t: int) -> np.ndarray:
 
     The strata are equal when K divides T, and differ by at most one step otherwise.
     """
-    if isinstance(num_t, bool) or not isinstance(num_t, (int, np.integer)) or not 2 <= num_t <= num_timesteps:
+    if not is_int(num_t) or not 2 <= num_t <= num_timesteps:
         raise ValueError(f"num_t={num_t!r} must be an int in [2, T={num_timesteps}]")
     return np.arange(num_t + 1) * num_timesteps // num_t
 
@@ -226,7 +227,7 @@ def _finished_batches(num_totals: int, images_per_batch: list[int], path: Path) 
 
 def check_evaluation_args(source, batch_size, num_images, num_devices) -> int:
     """Validates the arguments of `evaluate_bpd`; returns the number of images."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if batch_size % num_devices:
         raise ValueError(f"batch_size={batch_size} is not divisible by this process's {num_devices} devices")
@@ -234,7 +235,7 @@ def check_evaluation_args(source, batch_size, num_images, num_devices) -> int:
         raise ValueError(f"source images must be (H, W, C), got image_shape {source.image_shape}")
     if num_images is None:
         return source.num_examples
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)):
+    if not is_int(num_images):
         raise ValueError(f"num_images must be an int or None, got {num_images!r}")
     if not 1 <= num_images <= source.num_examples:
         raise ValueError(f"num_images={num_images} must lie in [1, {source.num_examples}] (the source's size)")

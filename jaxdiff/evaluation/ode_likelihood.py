@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.checks import is_int
 from jaxdiff.denoiser import probability_flow_drift
 from jaxdiff.samplers.ode import check_solver, check_tolerance, raise_if_failed, solve
 
@@ -37,7 +38,7 @@ def ode_log_likelihood(
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
     check_solver(solver)
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+    if not is_int(max_steps, numpy=False) or max_steps < 1:
         raise ValueError(f"max_steps={max_steps!r} must be an int >= 1")
     x = jnp.asarray(x, jnp.float32)
     if x.ndim < 2:

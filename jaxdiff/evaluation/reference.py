@@ -19,6 +19,7 @@ import flax.traverse_util
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdiff.checks import is_int
 from jaxdiff import data
 from jaxdiff.config import DATASETS, default_config
 from jaxdiff.evaluation.fid import ActivationStatistics, load_statistics, save_statistics
@@ -109,7 +110,7 @@ def dataset_statistics(
     """
     if dataset not in DATASETS or dataset == "synthetic":
         raise ValueError(f"dataset={dataset!r} must be one of {tuple(d for d in DATASETS if d != 'synthetic')}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+    if not is_int(batch_size) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     check_params(inception_params)
     directory = Path(cache_dir) if cache_dir is not None else default_statistics_dir()

@@ -20,6 +20,7 @@ attention blocks hold group_norm, to_q, to_k, to_v, to_out_0. Conv kernels are H
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, NamedTuple
 
@@ -28,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff.checks import is_int, unsupported
 from jaxdiff.models.layers import Downsample, Upsample, conv3x3, dense, single_head_attention
+
+_unsupported = functools.partial(unsupported, "AutoencoderKL config")
 
 Array = jax.Array
 
@@ -62,13 +66,9 @@ OPTION_DEFAULTS = {"dtype": "float32", "remat": False}  # ours: compute dtype (p
 log = logging.getLogger(__name__)
 
 
-def _fail(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"AutoencoderKL config: unsupported {key}={value!r}; allowed: {allowed}")
-
-
 def _positive_int(key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _fail(key, value, "a positive int")
+    if not is_int(value, numpy=False) or value < 1:
+        raise _unsupported(key, value, "a positive int")
     return value
 
 
@@ -77,7 +77,7 @@ def autoencoder_config(settings: dict, **options: Any) -> ml_collections.ConfigD
     plus our options `dtype` ("float32" | "bfloat16") and `remat` (bool). Unsupported values raise
     ValueError naming the key; unknown keys are logged and ignored."""
     if settings.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise _fail("_class_name", settings["_class_name"], "'AutoencoderKL'")
+        raise _unsupported("_class_name", settings["_class_name"], "'AutoencoderKL'")
     unknown = sorted(k for k in settings if k not in DIFFUSERS_DEFAULTS and not k.startswith("_"))
     if unknown:
         log.info("AutoencoderKL config: ignoring unknown keys %s", unknown)
@@ -91,27 +91,27 @@ def autoencoder_config(settings: dict, **options: Any) -> ml_collections.ConfigD
         _positive_int(key, c[key])
     widths = c["block_out_channels"]
     if not isinstance(widths, (list, tuple)) or not widths:
-        raise _fail("block_out_channels", widths, "a non-empty list of ints")
+        raise _unsupported("block_out_channels", widths, "a non-empty list of ints")
     for width in widths:
         if _positive_int("block_out_channels", width) % c["norm_num_groups"]:
             need = f"a divisor of every block_out_channels entry {widths}"
-            raise _fail("norm_num_groups", c["norm_num_groups"], need)
+            raise _unsupported("norm_num_groups", c["norm_num_groups"], need)
     for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         types = c[key]
         if not isinstance(types, (list, tuple)) or list(types) != [block] * len(widths):
-            raise _fail(key, types, f"{block!r} once per entry of block_out_channels ({len(widths)})")
+            raise _unsupported(key, types, f"{block!r} once per entry of block_out_channels ({len(widths)})")
         c[key] = tuple(types)
     c["block_out_channels"] = tuple(widths)
     if c["act_fn"] not in ("silu", "swish"):
-        raise _fail("act_fn", c["act_fn"], "'silu' or 'swish'")
+        raise _unsupported("act_fn", c["act_fn"], "'silu' or 'swish'")
     for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast", "remat"):
         if not isinstance(c[key], bool):
-            raise _fail(key, c[key], "true or false")
+            raise _unsupported(key, c[key], "true or false")
     for key in ("scaling_factor", "shift_factor"):
         if (c[key] is not None or key == "scaling_factor") and not isinstance(c[key], (int, float)):
-            raise _fail(key, c[key], "a number")
+            raise _unsupported(key, c[key], "a number")
     if c["dtype"] not in COMPUTE_DTYPES:
-        raise _fail("dtype", c["dtype"], " or ".join(map(repr, COMPUTE_DTYPES)))
+        raise _unsupported("dtype", c["dtype"], " or ".join(map(repr, COMPUTE_DTYPES)))
     return ml_collections.ConfigDict(c)
 
 

@@ -16,12 +16,17 @@ the dense layers and attention matmuls (parameters stay float32).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jaxdiff.checks import is_int, unsupported
+
+_unsupported = functools.partial(unsupported, "CLIP text config")
 
 Array = jax.Array
 
@@ -50,19 +55,15 @@ OPTION_DEFAULTS = {"dtype": "float32", "remat": False}
 LEGACY_EOS_TOKEN_ID = 2  # configs from before transformers PR #24773: pool at the largest id instead
 
 
-def _fail(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"CLIP text config: unsupported {key}={value!r}; allowed: {allowed}")
-
-
 def clip_text_config(settings: dict, **options: Any) -> ml_collections.ConfigDict:
     """The ConfigDict of a transformers CLIP text `config.json` dict (omitted keys take transformers' defaults):
     its keys plus `with_projection` (from `architectures`) and our options `dtype` ("float32" | "bfloat16")
     and `remat` (bool). Unsupported values raise ValueError naming the key."""
     if settings.get("model_type", "clip_text_model") != "clip_text_model":
-        raise _fail("model_type", settings["model_type"], "'clip_text_model' (the text encoder's own config.json)")
+        raise _unsupported("model_type", settings["model_type"], "'clip_text_model' (the text encoder's own config.json)")
     architectures = settings.get("architectures") or ["CLIPTextModel"]
     if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
-        raise _fail("architectures", architectures, " or ".join(f"[{a!r}]" for a in ARCHITECTURES))
+        raise _unsupported("architectures", architectures, " or ".join(f"[{a!r}]" for a in ARCHITECTURES))
     bad_options = sorted(set(options) - set(OPTION_DEFAULTS))
     if bad_options:
         raise ValueError(f"CLIP text config: unknown options {bad_options}; allowed: {sorted(OPTION_DEFAULTS)}")
@@ -72,21 +73,21 @@ def clip_text_config(settings: dict, **options: Any) -> ml_collections.ConfigDic
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings", "projection_dim"):  # fmt: skip
         value = c[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise _fail(key, value, "a positive int")
+        if not is_int(value, numpy=False) or value < 1:
+            raise _unsupported(key, value, "a positive int")
     if c["hidden_size"] % c["num_attention_heads"]:
-        raise _fail("num_attention_heads", c["num_attention_heads"], f"a divisor of hidden_size={c['hidden_size']}")
+        raise _unsupported("num_attention_heads", c["num_attention_heads"], f"a divisor of hidden_size={c['hidden_size']}")
     if c["hidden_act"] not in ACTIVATIONS:
-        raise _fail("hidden_act", c["hidden_act"], " or ".join(map(repr, ACTIVATIONS)))
+        raise _unsupported("hidden_act", c["hidden_act"], " or ".join(map(repr, ACTIVATIONS)))
     if not isinstance(c["layer_norm_eps"], (int, float)) or not c["layer_norm_eps"] > 0:
-        raise _fail("layer_norm_eps", c["layer_norm_eps"], "a positive number")
+        raise _unsupported("layer_norm_eps", c["layer_norm_eps"], "a positive number")
     eos = c["eos_token_id"]
-    if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < c["vocab_size"]:
-        raise _fail("eos_token_id", eos, f"a token id in 0..{c['vocab_size'] - 1}")
+    if not is_int(eos, numpy=False) or not 0 <= eos < c["vocab_size"]:
+        raise _unsupported("eos_token_id", eos, f"a token id in 0..{c['vocab_size'] - 1}")
     if c["dtype"] not in COMPUTE_DTYPES:
-        raise _fail("dtype", c["dtype"], " or ".join(map(repr, COMPUTE_DTYPES)))
+        raise _unsupported("dtype", c["dtype"], " or ".join(map(repr, COMPUTE_DTYPES)))
     if not isinstance(c["remat"], bool):
-        raise _fail("remat", c["remat"], "true or false")
+        raise _unsupported("remat", c["remat"], "true or false")
     return ml_collections.ConfigDict(c)
 
 

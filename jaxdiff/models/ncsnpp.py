@@ -38,10 +38,9 @@ import ml_collections
 
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d, upsample_conv_2d
+from jaxdiff.checks import require_choice, require_int
 from jaxdiff.models.score_layers import (
     GaussianFourierEmbedding,
-    check_choice,
-    check_int,
     conv,
     group_norm,
     module_fields,
@@ -269,16 +268,16 @@ class NCSNpp(nn.Module):
 
     def _check_fields(self) -> None:
         for name in ("image_size", "num_channels", "nf", "num_res_blocks"):
-            check_int(name, getattr(self, name), 1)
-        check_choice("resblock_type", self.resblock_type, RESBLOCK_TYPES)
-        check_choice("progressive", self.progressive, PROGRESSIVE)
-        check_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
-        check_choice("progressive_combine", self.progressive_combine, COMBINE)
-        check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
+            require_int(name, getattr(self, name), 1)
+        require_choice("resblock_type", self.resblock_type, RESBLOCK_TYPES)
+        require_choice("progressive", self.progressive, PROGRESSIVE)
+        require_choice("progressive_input", self.progressive_input, PROGRESSIVE_INPUT)
+        require_choice("progressive_combine", self.progressive_combine, COMBINE)
+        require_choice("embedding_type", self.embedding_type, EMBEDDINGS)
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(f"ch_mult={self.ch_mult!r} must be a non-empty tuple of ints")
         for mult in self.ch_mult:
-            check_int("ch_mult entry", mult, 1)
+            require_int("ch_mult entry", mult, 1)
         if self.nf % 4:
             raise ValueError(f"nf={self.nf} must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
         factor = 2 ** (len(self.ch_mult) - 1)
@@ -377,7 +376,7 @@ def cifar10_config(variant: str) -> ml_collections.ConfigDict:
     "ncsnpp_deep", "ncsnpp_discrete" (SMLD, positional embedding) and "ddpm" (its `models/ddpm.py`:
     DDPM ResBlocks, no rescaling, one attention block per up level; its GroupNorms have 32 groups, which is
     min(C // 4, 32) for every width of this config)."""
-    check_choice("variant", variant, CIFAR10_VARIANTS)
+    require_choice("variant", variant, CIFAR10_VARIANTS)
     config = default_config()
     if variant.startswith("ncsnpp"):
         config.update(fir=True, progressive_input="residual")

@@ -22,18 +22,6 @@ Array = jax.Array
 GROUP_NORM_EPS = 1e-6
 
 
-def check_int(name: str, value, minimum: int) -> None:
-    """Raise ValueError unless `value` is an int (not a bool) >= minimum."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def check_choice(name: str, value, allowed: tuple) -> None:
-    """Raise ValueError unless `value` is one of `allowed`."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
 def module_fields(
     config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, tuple_keys: Sequence[str], network: str
 ) -> dict:

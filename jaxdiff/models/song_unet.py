@@ -30,12 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.checks import require_choice, require_int
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d
 from jaxdiff.models.score_layers import (
     GaussianFourierEmbedding,
-    check_choice,
-    check_int,
     group_norm,
     module_fields,
     scaled_init,
@@ -141,16 +140,16 @@ class SongUNet(nn.Module):
     def _check_fields(self) -> None:
         for name in ("img_resolution", "in_channels", "out_channels", "model_channels", "channel_mult_emb",
                      "num_blocks", "channel_mult_noise"):  # fmt: skip
-            check_int(name, getattr(self, name), 1)
-        check_int("label_dim", self.label_dim, 0)
-        check_int("augment_dim", self.augment_dim, 0)
-        check_choice("embedding_type", self.embedding_type, EMBEDDINGS)
-        check_choice("encoder_type", self.encoder_type, ENCODERS)
-        check_choice("decoder_type", self.decoder_type, DECODERS)
+            require_int(name, getattr(self, name), 1)
+        require_int("label_dim", self.label_dim, 0)
+        require_int("augment_dim", self.augment_dim, 0)
+        require_choice("embedding_type", self.embedding_type, EMBEDDINGS)
+        require_choice("encoder_type", self.encoder_type, ENCODERS)
+        require_choice("decoder_type", self.decoder_type, DECODERS)
         if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
             raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
         for mult in self.channel_mult:
-            check_int("channel_mult entry", mult, 1)
+            require_int("channel_mult entry", mult, 1)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.img_resolution % factor:
             raise ValueError(
@@ -283,7 +282,7 @@ CIFAR10_VARIANTS = ("ddpmpp", "ncsnpp")
 def cifar10_config(variant: str, *, label_dim: int = 0, augment_dim: int = 0) -> ml_collections.ConfigDict:
     """EDM's CIFAR-10 networks (`train.py --arch=ddpmpp|ncsnpp`): 128 channels, channel_mult (2, 2, 2),
     dropout 0.13; label_dim 10 for the class-conditional model, augment_dim 9 with augmentation."""
-    check_choice("variant", variant, CIFAR10_VARIANTS)
+    require_choice("variant", variant, CIFAR10_VARIANTS)
     config = default_config()
     config.update(channel_mult=(2, 2, 2), dropout=0.13, label_dim=label_dim, augment_dim=augment_dim)
     if variant == "ncsnpp":

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff.checks import is_int, is_real, require_bool, require_int
 from jaxdiff.models.layers import (
     ACTIVATIONS,
     ZERO_INIT_SCALE,
@@ -171,16 +172,6 @@ class UpLevel(nn.Module):
         return h
 
 
-def _require_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-
-
-def _require_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a bool")
-
-
 def level_resolutions(image_size: int, num_levels: int) -> tuple[int, ...]:
     """Feature-map side length at each level i: image_size / 2^i."""
     return tuple(image_size // 2**i for i in range(num_levels))
@@ -188,7 +179,7 @@ def level_resolutions(image_size: int, num_levels: int) -> tuple[int, ...]:
 
 def _check_levels(name: str, levels, first: int, num_levels: int) -> None:
     if not isinstance(levels, tuple) or any(
-        not isinstance(i, int) or isinstance(i, bool) or not first <= i < num_levels for i in levels
+        not is_int(i, numpy=False) or not first <= i < num_levels for i in levels
     ):
         raise ValueError(f"{name}={levels!r} must be a tuple of level indices in {first}..{num_levels - 1}")
 
@@ -214,13 +205,13 @@ def _check_widths(m: UNet) -> None:
 def _check_fields(m: UNet) -> None:
     """Raise ValueError naming the first invalid field of `m`."""
     for name in ("image_size", "in_channels", "ch", "num_res_blocks", "norm_groups"):
-        _require_int(name, getattr(m, name), 1)
+        require_int(name, getattr(m, name), 1)
     for name in ("num_classes", "attn_head_dim", "freq_shift"):
-        _require_int(name, getattr(m, name), 0)
+        require_int(name, getattr(m, name), 0)
     if not isinstance(m.ch_mult, tuple) or not m.ch_mult:
         raise ValueError(f"ch_mult={m.ch_mult!r} must be a non-empty tuple of ints")
     for mult in m.ch_mult:
-        _require_int("ch_mult entry", mult, 1)
+        require_int("ch_mult entry", mult, 1)
     if m.out_channels not in (m.in_channels, 2 * m.in_channels):
         raise ValueError(
             f"out_channels={m.out_channels!r} must be in_channels ({m.in_channels}) "
@@ -242,11 +233,11 @@ def _check_fields(m: UNet) -> None:
             )
     if not isinstance(m.dropout, (int, float)) or not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"dropout={m.dropout!r} must be a number in [0, 1)")
-    if not isinstance(m.norm_eps, (int, float)) or isinstance(m.norm_eps, bool) or not m.norm_eps > 0:
+    if not is_real(m.norm_eps, numpy=False) or not m.norm_eps > 0:
         raise ValueError(f"norm_eps={m.norm_eps!r} must be a number > 0")
     for name in ("resamp_with_conv", "remat", "null_label", "flip_sin_to_cos", "temb_scale_shift", "mid_attn",
                  "mid_attn_norm"):  # fmt: skip
-        _require_bool(name, getattr(m, name))
+        require_bool(name, getattr(m, name))
     if m.act not in ACTIVATIONS:
         raise ValueError(f"act={m.act!r} is not one of {tuple(ACTIVATIONS)}")
     if m.downsample_padding not in (0, 1) or isinstance(m.downsample_padding, bool):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.checks import is_real, require_bool, require_int
 from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
 
 Array = jax.Array
@@ -158,16 +159,6 @@ def _per_level(key: str, value: Any, levels: int) -> tuple[Any, ...]:
     return values
 
 
-def _require_int(key: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key}={value!r} must be an int >= {minimum}")
-
-
-def _require_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r} must be true or false")
-
-
 def num_heads_per_level(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """Attention heads at each level: `num_attention_heads` if set, else `attention_head_dim` (diffusers' rule)."""
     levels = len(config.block_out_channels)
@@ -187,9 +178,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     widths = config.block_out_channels
     if not isinstance(widths, (list, tuple)) or not widths:
         raise ValueError(f"block_out_channels={widths!r} must be a non-empty list of ints")
-    _require_int("norm_num_groups", config.norm_num_groups, 1)
+    require_int("norm_num_groups", config.norm_num_groups, 1)
     for width in widths:
-        _require_int("block_out_channels entry", width, 1)
+        require_int("block_out_channels entry", width, 1)
         if width % config.norm_num_groups:
             groups = config.norm_num_groups
             raise ValueError(f"block_out_channels entry {width} is not divisible by norm_num_groups={groups}")
@@ -199,16 +190,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not isinstance(types, (list, tuple)) or len(types) != levels or any(t not in table for t in types):
             raise ValueError(f"{key}={types!r} must list {levels} of {sorted(table)} (one per level)")
     for value in _per_level("layers_per_block", config.layers_per_block, levels):
-        _require_int("layers_per_block", value, 1)
+        require_int("layers_per_block", value, 1)
     for width, heads in zip(widths, num_heads_per_level(config)):
-        _require_int("attention heads per level", heads, 1)
+        require_int("attention heads per level", heads, 1)
         if heads > width:
             raise ValueError(f"{heads} attention heads do not fit a level of {width} channels")
     for key in ("in_channels", "out_channels", "cross_attention_dim"):
-        _require_int(key, config[key], 1)
+        require_int(key, config[key], 1)
     for key in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "remat"):
-        _require_bool(key, config[key])
-    if not isinstance(config.freq_shift, (int, float)) or isinstance(config.freq_shift, bool):
+        require_bool(key, config[key])
+    if not is_real(config.freq_shift, numpy=False):
         raise ValueError(f"freq_shift={config.freq_shift!r} must be a number")
     if config.freq_shift >= widths[0] // 2:
         half = widths[0] // 2

@@ -19,14 +19,13 @@ noisiest step) is normal(fold_in(noise_key, i), shape).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.checks import is_int, is_real
 from jaxdiff.diffusion import (
     MEAN_TYPES,
     VAR_TYPES,
@@ -60,7 +59,7 @@ def sampling_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform")
     num_timesteps = schedule.num_timesteps
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
-    if not _is_int(steps) or not 1 <= steps <= num_timesteps:
+    if not is_int(steps) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
     u = np.linspace(1.0, 0.0, steps)[::-1]
     if spacing == "karras":
@@ -154,10 +153,6 @@ def sample(
 # Validation and shared pieces
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _validate(
     schedule: Schedule, shape, *, sampler, steps, eta, spacing, var_type, mean_type, trajectory_every
 ) -> tuple[int, str, int]:
@@ -173,20 +168,20 @@ def _validate(
     if mean_type not in MEAN_TYPES:
         raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
     shape = tuple(shape)
-    if len(shape) != 4 or not all(_is_int(n) and n > 0 for n in shape):
+    if len(shape) != 4 or not all(is_int(n) and n > 0 for n in shape):
         raise ValueError(f"shape must be NHWC (B, H, W, C) of 4 positive ints, got {shape}")
-    if not isinstance(eta, numbers.Real) or isinstance(eta, (bool, np.bool_)) or not math.isfinite(eta) or eta < 0:
+    if not is_real(eta, finite=True) or eta < 0:
         raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta={eta!r} applies only to sampler 'ddim', not {sampler!r}")
     num_timesteps = schedule.num_timesteps
     if steps is None:
         steps = min(DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
-    if not _is_int(steps) or not 1 <= steps <= num_timesteps:
+    if not is_int(steps) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
     if trajectory_every is None:
         trajectory_every = -(-steps // TRAJECTORY_FRAMES)
-    if not _is_int(trajectory_every) or trajectory_every < 1:
+    if not is_int(trajectory_every) or trajectory_every < 1:
         raise ValueError(f"trajectory_every={trajectory_every!r} must be an int >= 1")
     return int(steps), spacing, int(trajectory_every)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxdiff.checks import is_real
 from jaxdiff.denoiser import denoise_state, probability_flow_drift
 
 Array = jax.Array
@@ -79,5 +79,5 @@ def check_solver(solver) -> None:
 
 
 def check_tolerance(name: str, value) -> None:
-    if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool) or not 0 < value < 1:
+    if not is_real(value) or not 0 < value < 1:
         raise ValueError(f"{name}={value!r} must be a number in (0, 1)")

@@ -18,6 +18,8 @@ class Task(Protocol):
     """What a training run needs from what it trains."""
 
     name: str
+    grid_captions: list[str] | None
+    """The caption of each grid image in order (written beside each grid as `samples/step_*.txt`), or None."""
 
     def check_source(self, source) -> None:
         """ValueError naming what of the dataset does not fit the task (image shape, classes, captions)."""

@@ -47,10 +47,12 @@ class AutoencoderTask:
             random_flip=config.data.random_flip,
         )  # fmt: skip
         self._encode = jax.jit(encode_fn(self.model))
-        self._grid_images = self._scaling_images = None
+        self._grid_images = self._scaling_images = self.grid_captions = None
         if source is not None:
-            pairs = max(1, config.training.num_sample_images // 2)
-            self._grid_images = source.get(np.arange(min(pairs, source.num_examples)))[0]
+            pairs = np.arange(min(max(1, config.training.num_sample_images // 2), source.num_examples))
+            self._grid_images = source.get(pairs)[0]
+            if hasattr(source, "captions"):
+                self.grid_captions = [text for c in source.captions(pairs) for text in (c, f"{c} (reconstruction)")]
             self._scaling_images = source.get(np.arange(min(SCALING_IMAGES, source.num_examples)))[0]
 
     def check_source(self, source) -> None:

@@ -39,6 +39,7 @@ class DiffusionTask:
     of the EMA parameters with the config's sampler. Batches are {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
 
     name = "diffusion"
+    grid_captions = None
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

@@ -14,7 +14,7 @@ The parts, from `config.latent`:
 
 Latents are encoded on the fly in each step. Batches are {"image": uint8 [B,H,W,C], "input_ids": int32 [B,L]}
 (`host_batch` tokenizes the captions). Grids are one image per prompt of the fixed prompt set, the captions of
-examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts"), drawn with
+examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts" and beside each grid), drawn with
 `config.sampling` (sampler, steps, guidance) as `LatentPipeline.text_to_image` does.
 """
 
@@ -271,7 +271,7 @@ class LatentTask:
         )  # fmt: skip
         self.tx = make_optimizer(config.training)
         self.scheduler = run_scheduler(config.diffusion)
-        self.tokenize = self.word_tokenizer = self.sample_prompts = self.networks = None
+        self.tokenize = self.word_tokenizer = self.grid_captions = self.networks = None
         if source is not None:
             self._read_captions(source)
             self.networks = self.modules._replace(frozen=self._frozen_params())
@@ -289,7 +289,7 @@ class LatentTask:
             self.word_tokenizer = caption_tokenizer(captions, self.config.latent.text)
             self.tokenize = lambda prompts: self.word_tokenizer.encode(prompts).input_ids
         count = min(self.config.training.num_sample_images, source.num_examples)
-        self.sample_prompts = [str(c) for c in source.captions(np.arange(count))]
+        self.grid_captions = [str(c) for c in source.captions(np.arange(count))]
 
     def _frozen_params(self) -> dict:
         """The parameters that are not trained: the autoencoder's and a pretrained text encoder's."""
@@ -321,7 +321,7 @@ class LatentTask:
 
     def _make_sampler(self) -> Callable:
         s = self.config.sampling
-        return make_grid_sampler(self.networks, self.scheduler, self.tokenize(self.sample_prompts),
+        return make_grid_sampler(self.networks, self.scheduler, self.tokenize(self.grid_captions),
                                  self.tokenize([""])[0], self.latent_shape, sampler=s.sampler,
                                  steps=s.steps or DEFAULT_STEPS, guidance=s.guidance)  # fmt: skip
 
@@ -337,7 +337,7 @@ class LatentTask:
         return self._sample(ema_params, rng)
 
     def checkpoint_extras(self, state: TrainState) -> dict:
-        extras = {"autoencoder": self.autoencoder.identity, "sample_prompts": self.sample_prompts}
+        extras = {"autoencoder": self.autoencoder.identity, "sample_prompts": self.grid_captions}
         if self.word_tokenizer is not None:
             extras["tokenizer"] = self.word_tokenizer.to_json()
         return extras
