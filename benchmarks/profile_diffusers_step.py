@@ -11,9 +11,9 @@ one category by the op's name, to set beside `profile_train_step.py`'s table for
   conv backward       `convolution_backward`: input and weight gradients in one op (jaxdiff's table
                       splits them; add its two rows to compare)
   GroupNorm           `native_group_norm` and its backward
-  matmul              mm / addmm / bmm / baddbmm, forward and backward (attention's q/k/v/proj_out and
-                      its two products, the timestep embedding, temb_proj)
-  softmax             attention's softmax and its backward
+  attention core      scaled_dot_product_attention (softmax(qkᵀ)v in one op) or softmax, and backward
+  matmul              mm / addmm / bmm / baddbmm, forward and backward (attention's q/k/v/proj_out, the
+                      timestep embedding, temb_proj)
   optimizer           Adam, gradient clip and EMA (`_foreach_*`, norms)
   other               activations, additions, resampling, layout copies, noise draws, loss
 Prints a table and one line `JSON {...}`.
@@ -40,7 +40,7 @@ from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
 
-CATEGORIES = ("conv forward", "conv backward", "GroupNorm", "matmul", "softmax", "optimizer", "other")
+CATEGORIES = ("conv forward", "conv backward", "GroupNorm", "attention core", "matmul", "optimizer", "other")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
@@ -54,8 +54,8 @@ def op_category(name: str) -> str:
         return "GroupNorm"
     if name in MATMULS:
         return "matmul"
-    if "softmax" in name:
-        return "softmax"
+    if "scaled_dot_product" in name or "softmax" in name:
+        return "attention core"
     if name.startswith("aten::_foreach") or "norm" in name or "lerp" in name:
         return "optimizer"
     return "other"
