@@ -21,7 +21,6 @@ Prints a table and one line `JSON {...}`.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusers_peer import TorchTrainer, diffusers_unet  # noqa: E402  (benchmarks/, this script's folder)
+from profile_report import print_profile  # noqa: E402
 from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
@@ -89,26 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     for event in trace.key_averages():
         if event.key.startswith("aten::"):
             seconds[op_category(event.key)] += event.self_cpu_time_total * 1e-6 / args.steps
-    summed = sum(seconds.values())
     step_seconds = statistics.median(wall)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}; "
-          f"load {load_before} -> {load_after}")
-    print(f"step {step_seconds * 1e3:.1f} ms untraced (median of {args.steps}); ATen self times sum to "
-          f"{summed * 1e3:.1f} ms per step")  # fmt: skip
-    print(f"{'category':<20}{'ms/step':>10}{'share':>8}")
-    for kind in CATEGORIES:
-        print(f"{kind:<20}{seconds[kind] * 1e3:>10.1f}{seconds[kind] / summed:>8.1%}")
-    summary = {
-        "torch": torch.__version__,
-        "config": args.config,
-        "overrides": args.overrides,
-        "batch_size": args.batch_size,
-        "load": [load_before[0], load_after[0]],
-        "step_ms": step_seconds * 1e3,
-        "ms_per_step": {kind: seconds[kind] * 1e3 for kind in CATEGORIES},
-    }
-    print("JSON " + json.dumps(summary))
+    header = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}; load {load_before} -> {load_after}",
+        f"step {step_seconds * 1e3:.1f} ms untraced (median of {args.steps}); ATen self times sum to "
+        f"{sum(seconds.values()) * 1e3:.1f} ms per step",
+    ]
+    print_profile(args, header=header, load=(load_before[0], load_after[0]), step_seconds=step_seconds,
+                  columns={"ms/step": ("ms_per_step", seconds)}, facts={"torch": torch.__version__})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import re
 import statistics
@@ -44,7 +43,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's folder)
+from profile_report import print_profile  # noqa: E402  (benchmarks/, this script's folder)
+from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
@@ -190,28 +190,16 @@ def main(argv: list[str] | None = None) -> None:
         seconds[kind] += total / args.steps
         if kind == "conv weight grad" or "transpose(jvp(" in instructions.get(name, {}).get("op_name", ""):
             backward[kind] += total / args.steps
-    summed = sum(seconds.values())
     step_seconds = statistics.median(wall)
-    print(f"jax {jax.__version__}, {os.cpu_count()} CPUs; XLA_FLAGS {os.environ['XLA_FLAGS']}")
-    print(f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}; "
-          f"load {load_before} -> {load_after}")
-    print(f"step {step_seconds * 1e3:.1f} ms untraced (median of {args.steps}); compile {compile_seconds:.1f} s; "
-          f"{events / args.steps:.0f} thunks per step summing to {summed * 1e3:.1f} ms")  # fmt: skip
-    print(f"{'category':<20}{'ms/step':>10}{'of which bwd':>14}{'share':>8}")
-    for kind in CATEGORIES:
-        print(f"{kind:<20}{seconds[kind] * 1e3:>10.1f}{backward[kind] * 1e3:>14.1f}{seconds[kind] / summed:>8.1%}")
-    summary = {
-        "jax": jax.__version__,
-        "config": args.config,
-        "overrides": args.overrides,
-        "batch_size": args.batch_size,
-        "load": [load_before[0], load_after[0]],
-        "step_ms": step_seconds * 1e3,
-        "thunks_per_step": events / args.steps,
-        "ms_per_step": {kind: seconds[kind] * 1e3 for kind in CATEGORIES},
-        "backward_ms_per_step": {kind: backward[kind] * 1e3 for kind in CATEGORIES},
-    }
-    print("JSON " + json.dumps(summary))
+    header = [
+        f"jax {jax.__version__}, {os.cpu_count()} CPUs; XLA_FLAGS {os.environ['XLA_FLAGS']}",
+        f"config {args.config} {' '.join(args.overrides)}; batch {args.batch_size}; load {load_before} -> {load_after}",
+        f"step {step_seconds * 1e3:.1f} ms untraced (median of {args.steps}); compile {compile_seconds:.1f} s; "
+        f"{events / args.steps:.0f} thunks per step summing to {sum(seconds.values()) * 1e3:.1f} ms",
+    ]
+    columns = {"ms/step": ("ms_per_step", seconds), "of which bwd": ("backward_ms_per_step", backward)}
+    print_profile(args, header=header, load=(load_before[0], load_after[0]), step_seconds=step_seconds,
+                  columns=columns, facts={"jax": jax.__version__, "thunks_per_step": events / args.steps})  # fmt: skip
 
 
 if __name__ == "__main__":
