@@ -30,13 +30,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.checks import is_int, unsupported
-from jaxdiff.models.layers import Downsample, Upsample, conv3x3, dense, single_head_attention
+from jaxdiff.models.layers import Downsample, Upsample, conv3x3, dense, group_norm, single_head_attention
 
 _unsupported = functools.partial(unsupported, "AutoencoderKL config")
 
 Array = jax.Array
 
-GROUP_NORM_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -141,11 +140,6 @@ def posterior_from_moments(moments: Array) -> DiagonalGaussian:
     return DiagonalGaussian(mean, jnp.clip(logvar, *LOGVAR_RANGE))
 
 
-def group_norm(x: Array, groups: int, name: str) -> Array:
-    """GroupNorm (`groups` groups, eps 1e-6) in float32; call only inside a compact method."""
-    return nn.GroupNorm(num_groups=groups, epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=name)(x.astype(jnp.float32))
-
-
 def conv1x1(features: int, dtype: Any, name: str) -> nn.Conv:
     return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name)
 
@@ -160,8 +154,8 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(group_norm(x, self.groups, "norm1")))
-        h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(group_norm(h, self.groups, "norm2")))
+        h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(group_norm(x, name="norm1", num_groups=self.groups)))
+        h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(group_norm(h, name="norm2", num_groups=self.groups)))
         if x.shape[-1] != self.out_ch:
             x = conv1x1(self.out_ch, self.dtype, "conv_shortcut")(x)
         return x + h
@@ -176,7 +170,7 @@ class SpatialAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
-        h = group_norm(x, self.groups, "group_norm")
+        h = group_norm(x, name="group_norm", num_groups=self.groups)
         q, k, v = (dense(c, self.dtype, name=n)(h).reshape(b, height * width, 1, c) for n in ("to_q", "to_k", "to_v"))
         h = single_head_attention(q, k, v).reshape(b, height, width, c)
         return x + dense(c, self.dtype, name="to_out_0")(h)
@@ -247,7 +241,7 @@ class Encoder(nn.Module):
                 width, self.layers_per_block, self.groups, resample, self.dtype, self.remat, name=f"down_blocks_{i}"
             )(h)
         h = MidBlock(self.groups, self.mid_block_add_attention, self.dtype, self.remat, name="mid_block")(h)
-        h = nn.silu(group_norm(h, self.groups, "conv_norm_out"))
+        h = nn.silu(group_norm(h, name="conv_norm_out", num_groups=self.groups))
         return conv3x3(2 * self.latent_channels, self.dtype, name="conv_out")(h).astype(jnp.float32)
 
 
@@ -273,7 +267,7 @@ class Decoder(nn.Module):
             h = ResolutionBlock(
                 width, self.layers_per_block + 1, self.groups, resample, self.dtype, self.remat, name=f"up_blocks_{i}"
             )(h)
-        h = nn.silu(group_norm(h, self.groups, "conv_norm_out"))
+        h = nn.silu(group_norm(h, name="conv_norm_out", num_groups=self.groups))
         return conv3x3(self.out_channels, self.dtype, name="conv_out")(h).astype(jnp.float32)
 
 

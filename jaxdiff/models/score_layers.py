@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.models import layers
 from jaxdiff.models.layers import ZERO_INIT_SCALE, fan_avg_uniform
 
 Array = jax.Array
-
-GROUP_NORM_EPS = 1e-6
 
 
 def module_fields(
@@ -45,8 +44,7 @@ def num_groups(channels: int) -> int:
 
 def group_norm(x: Array, *, name: str) -> Array:
     """GroupNorm over min(C // 4, 32) groups, eps 1e-6, in float32. Call inside a compact method."""
-    norm = nn.GroupNorm(num_groups=num_groups(x.shape[-1]), epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=name)
-    return norm(x.astype(jnp.float32))
+    return layers.group_norm(x, name=name, num_groups=num_groups(x.shape[-1]))
 
 
 def conv(features: int, size: int, *, scale: float = 1.0, use_bias: bool = True, name: str) -> nn.Conv:
