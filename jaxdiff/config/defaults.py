@@ -1,0 +1,171 @@
+"""The schema's keys and their defaults: `default_config()` (the DDPM CIFAR-10 recipe, locked) and the names
+`data.dataset` and `task` may take (`DATASETS`, `TASKS`)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from jaxdiff.autoencoder_training import LOSS_DEFAULTS
+from jaxdiff.models import ncsnpp, song_unet
+
+DATASETS = (
+    "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
+    "folder",
+)  # fmt: skip
+TASKS = ("diffusion", "autoencoder", "latent")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The DDPM CIFAR-10 recipe (Ho et al. 2020, official code), locked: values may change, keys may not."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent (jaxdiff.tasks)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar10"
+    c.data.split = "train"
+    c.data.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
+    c.data.random_flip = True
+    c.data.centered = True  # model data in [-1, 1]; False: [0, 1] (score_sde's data.centered), continuous only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image_size = 32
+    c.model.in_channels = 3
+    c.model.out_channels = 3  # 2 * in_channels for the learned variances
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.resamp_with_conv = True
+    c.model.num_classes = 0  # > 0: class-conditional, label `num_classes` is the null label
+    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.remat = False  # recompute ResBlock activations in the backward pass (saves memory)
+    # Options of diffusers' UNet2DModel; the defaults are the official DDPM network.
+    c.model.null_label = True  # class-conditional: label_emb has a row for "no label" (index num_classes)
+    c.model.flip_sin_to_cos = False  # timestep embedding [cos, sin] instead of [sin, cos]
+    c.model.freq_shift = 1  # timestep frequencies exp(-i·ln(10000) / (ch/2 - freq_shift))
+    c.model.norm_groups = 32  # GroupNorm groups
+    c.model.norm_eps = 1e-6  # GroupNorm epsilon
+    c.model.act = "silu"  # ResBlock activation: silu (= swish), mish, gelu, relu
+    c.model.attn_head_dim = 0  # channels per attention head; 0: one head over all channels
+    c.model.temb_scale_shift = False  # the timestep embedding scales and shifts norm2 (diffusers' scale_shift)
+    c.model.downsample_padding = 0  # strided conv padding: 0 = TF (0 before, 1 after), 1 = 1 each side
+    c.model.resblock_down_levels = ()  # levels whose downsampler is a ResBlock with average pooling
+    c.model.resblock_up_levels = ()  # levels whose upsampler is a ResBlock with nearest upsampling
+    c.model.mid_attn = True  # self-attention between the two middle ResBlocks
+    c.model.mid_attn_norm = True  # GroupNorm in that attention block
+    # The network: "ddpm_unet" is the U-Net of the keys above; the others read only their own section
+    # (image size, channels and classes there must agree with image_size, in_channels and num_classes).
+    c.model.network = "ddpm_unet"
+    c.model.ncsnpp = ncsnpp.default_config()  # score_sde's NCSN++ / DDPM++ (models/ncsnpp.py)
+    c.model.song_unet = song_unet.default_config()  # EDM's SongUNet (models/song_unet.py)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.beta_start = 1e-4
+    c.diffusion.beta_end = 0.02
+    c.diffusion.mean_type = "eps"
+    c.diffusion.var_type = "fixedlarge"
+    c.diffusion.loss_type = "mse"
+    c.diffusion.hybrid_lambda = 0.001
+    c.diffusion.min_snr_gamma = 0.0  # 0 turns min-SNR-γ weighting off
+    # Continuous time (score SDEs, EDM): the process, what the network predicts, and the losses' settings.
+    c.diffusion.process = "discrete"  # discrete: the β schedule above; ve | vp | subvp | edm
+    c.diffusion.sigma_min = 0.0  # ve/edm; 0: the process's default (ve 0.01, edm 0.002)
+    c.diffusion.sigma_max = 0.0  # ve/edm; 0: the process's default (ve 50, edm 80)
+    c.diffusion.beta_min = 0.1  # vp/subvp
+    c.diffusion.beta_max = 20.0  # vp/subvp
+    c.diffusion.parameterization = "eps"  # continuous: eps (labels t·999) | score (labels σ) | edm (c_noise)
+    c.diffusion.sigma_data = 0.5  # EDM preconditioning and loss
+    c.diffusion.t_eps = 1e-5  # dsm: t ~ U[t_eps, t_max]
+    c.diffusion.reduce_mean = False  # dsm/edm: mean over each example's dimensions instead of the sum
+    c.diffusion.likelihood_weighting = False  # dsm: weight g(t)² (score_sde's likelihood weighting)
+    c.diffusion.p_mean = -1.2  # edm: ln σ ~ N(p_mean, p_std²)
+    c.diffusion.p_std = 1.2
+
+    # task "autoencoder": the KL autoencoder in diffusers' AutoencoderKL keys (one DownEncoderBlock2D /
+    # UpDecoderBlock2D per block_out_channels entry), plus our dtype and remat; defaults are diffusers'.
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.in_channels = 3
+    c.autoencoder.out_channels = 3
+    c.autoencoder.block_out_channels = (64,)
+    c.autoencoder.layers_per_block = 1
+    c.autoencoder.latent_channels = 4
+    c.autoencoder.norm_num_groups = 32
+    c.autoencoder.sample_size = 32  # height = width of the images it trains on
+    c.autoencoder.act_fn = "silu"
+    c.autoencoder.use_quant_conv = True
+    c.autoencoder.use_post_quant_conv = True
+    c.autoencoder.mid_block_add_attention = True
+    c.autoencoder.dtype = "float32"  # compute dtype; parameters stay float32
+    c.autoencoder.remat = False
+    # task "autoencoder": its loss (jaxdiff.autoencoder_training).
+    c.autoencoder_loss = ml_collections.ConfigDict(dict(LOSS_DEFAULTS))
+    # task "latent": text-conditioned diffusion on the latents of a frozen autoencoder (jaxdiff.tasks.latent).
+    c.latent = ml_collections.ConfigDict()
+    c.latent.autoencoder = ""  # an autoencoder run's workdir (its newest checkpoint) or a Stable Diffusion folder
+    c.latent.text_encoder = ""  # "": a CLIP-style transformer trained with the U-Net; an SD folder: its, frozen
+    c.latent.unet_init = ""  # an SD folder: fine-tune its U-Net (architecture and weights); "": latent.unet
+    c.latent.caption_dropout = 0.1  # probability of training on the empty prompt (classifier-free guidance)
+    c.latent.unet = ml_collections.ConfigDict()  # the cross-attention U-Net trained from scratch
+    c.latent.unet.block_out_channels = (64, 128)
+    c.latent.unet.layers_per_block = 1
+    c.latent.unet.attention_levels = (0, 1)  # levels with cross-attention transformer blocks
+    c.latent.unet.attention_heads = 4  # heads of each transformer block
+    c.latent.unet.norm_num_groups = 32
+    c.latent.unet.use_linear_projection = True
+    c.latent.unet.dtype = "float32"  # compute dtype; parameters stay float32
+    c.latent.text = ml_collections.ConfigDict()  # the text transformer trained from scratch (word-level vocabulary)
+    c.latent.text.vocab_size = 256  # rows of the token embedding: at least 4 special tokens + the captions' words
+    c.latent.text.max_length = 16  # tokens per prompt: start, at most max_length - 2 words, end, padding
+    c.latent.text.hidden_size = 64
+    c.latent.text.intermediate_size = 256
+    c.latent.text.num_hidden_layers = 2
+    c.latent.text.num_attention_heads = 4
+    c.latent.text.hidden_act = "quick_gelu"
+
+    c.training = ml_collections.ConfigDict()
+    c.training.batch_size = 128  # global, over all devices and hosts
+    c.training.num_train_steps = 800_000
+    c.training.learning_rate = 2e-4
+    c.training.warmup_steps = 5000
+    c.training.grad_clip_norm = 1.0
+    c.training.adam_b1 = 0.9
+    c.training.adam_b2 = 0.999
+    c.training.adam_eps = 1e-8
+    c.training.ema_decay = 0.9999
+    c.training.grad_accum_steps = 1
+    c.training.fsdp = 1  # devices each large state array is split over (FSDP mesh axis); 1: state replicated
+    c.training.label_dropout = 0.0  # probability of the null label (classifier-free guidance)
+    c.training.max_consecutive_nonfinite = 10
+    c.training.log_every_steps = 100
+    c.training.checkpoint_every_steps = 10_000
+    c.training.keep_checkpoints = 3
+    c.training.sample_every_steps = 50_000
+    c.training.num_sample_images = 64
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.sampler = "ddpm"
+    c.sampling.steps = 0  # 0: all T steps
+    c.sampling.eta = 0.0
+    c.sampling.spacing = ""  # "": the sampler's default (uniform for ddpm/ddim, karras for the ODE solvers)
+    c.sampling.clip_denoised = True
+    c.sampling.guidance = 0.0
+    c.sampling.batch_size = 256
+    # Continuous samplers (jaxdiff.samplers.sample_continuous).
+    c.sampling.predictor = "reverse_diffusion"  # pc
+    c.sampling.corrector = "langevin"  # pc: langevin | ald | none
+    c.sampling.snr = 0.16  # pc: corrector signal-to-noise ratio
+    c.sampling.n_corrector = 1  # pc: corrector steps per predictor step
+    c.sampling.rtol = 1e-5  # ode
+    c.sampling.atol = 1e-5  # ode
+    c.sampling.s_churn = 0.0  # edm_stochastic
+    c.sampling.s_min = 0.0  # edm_stochastic
+    c.sampling.s_max = math.inf  # edm_stochastic
+    c.sampling.s_noise = 1.0  # edm_stochastic
+    c.lock()
+    return c
