@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 from jaxdiff import checkpoint, data, images  # noqa: E402
-from jaxdiff.config import SAMPLERS  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
+from jaxdiff.samplers import SAMPLERS  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
 from jaxdiff.tasks.diffusion import sample_images  # noqa: E402
 

@@ -15,15 +15,19 @@ checks of a whole config; every public name is importable from `jaxdiff.config` 
 """
 
 from jaxdiff.config.defaults import DATASETS, TASKS, default_config
-from jaxdiff.config.specs import SPECS, ConfigError, Spec, flat_keys, keys_without_spec, spec_of, unknown_key_error
+from jaxdiff.config.specs import (
+    SPECS,
+    ConfigError,
+    Spec,
+    flat_keys,
+    keys_without_spec,
+    spec_of,
+    unknown_key_error,
+)
 from jaxdiff.config.validation import config_from_dict, validate
-from jaxdiff.models.unet import DTYPES  # the benchmarks read these two through jaxdiff.config
-from jaxdiff.samplers import SAMPLERS
 
 __all__ = [
     "DATASETS",
-    "DTYPES",
-    "SAMPLERS",
     "SPECS",
     "TASKS",
     "ConfigError",
