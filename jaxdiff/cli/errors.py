@@ -1,0 +1,13 @@
+"""The command line's own mistakes: `UsageError`, raised by the checks of a verb's arguments before any work
+(a user's error: exit status 2 and one line on stderr), and the check that no argument was left unrecognised."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """A mistake in the command line."""
+
+
+def _no_extra(extra: list[str]) -> None:
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)}")

@@ -1,0 +1,54 @@
+"""The `eval` verb: FID / IS / precision-recall / bits-per-dim of a trained model, or (`eval stats`) a
+dataset split's Inception statistics, cached."""
+
+from __future__ import annotations
+
+from jaxdiff.cli.errors import UsageError, _no_extra
+from jaxdiff.cli.paths import _check_weights, _load_pipeline, check_output_dir
+from jaxdiff.cli.sampler_flags import _sampler_settings
+
+
+def _inception(path: str | None):
+    """(params, SHA-256 of the weights file) of the FID Inception network."""
+    from jaxdiff.evaluation.inception_weights import file_sha256, find_weights, load_inception_params
+
+    found = find_weights(path)
+    return load_inception_params(found), file_sha256(found)
+
+
+def _eval(args, extra) -> int:
+    _no_extra(extra)
+    if args.what == "stats":
+        from jaxdiff.evaluation.reference import dataset_statistics
+
+        if not args.dataset:
+            raise UsageError("eval stats needs --dataset")
+        params, _ = _inception(args.inception_weights)
+        mu, _ = dataset_statistics(args.dataset, args.split or "train", inception_params=params,
+                                   data_dir=args.data_dir, batch_size=args.inception_batch_size)  # fmt: skip
+        print(f"{args.dataset} {args.split or 'train'}: Inception statistics of dimension {mu.shape[0]} cached")
+        return 0
+    from jaxdiff.evaluation.evaluate import evaluate, parse_metrics
+
+    if not args.workdir:
+        raise UsageError("eval needs --workdir")
+    metrics = parse_metrics(args.metrics)
+    _check_weights(args.workdir)
+    check_output_dir(args.workdir, "--workdir")
+    if args.samples:
+        check_output_dir(args.samples, "--samples")
+    pipe = _load_pipeline(args.workdir, args.step)
+    sampler = _sampler_settings(pipe, args)
+    if args.bpd_num_t and pipe.continuous:
+        raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
+    params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
+    report = evaluate(
+        pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=sampler, steps=args.steps,
+        seed=args.seed, shard_size=args.shard_size, samples_dir=args.samples, inception_params=params,
+        inception_weights_sha256=sha, reference_path=args.reference, data_dir=args.data_dir,
+        inception_batch=args.inception_batch_size, bpd_split=args.split,
+        bpd_batch_size=args.bpd_batch_size, bpd_num_images=args.bpd_images, bpd_num_t=args.bpd_num_t,
+    )  # fmt: skip
+    for name, value in report["results"].items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0

@@ -1,0 +1,155 @@
+"""The `sample` verb: images from a trained model or released weights (a .png grid, an .npz file or
+resumable .npz shards, optionally with a noise-to-image trajectory), and with `--prompt` text-to-image,
+image-to-image or inpainting from Stable Diffusion weights or a latent run; the image files it reads and
+writes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxdiff.cli.errors import UsageError, _no_extra
+from jaxdiff.cli.paths import _check_weights, _load_pipeline, _reading_weights, check_output_dir, check_output_file
+from jaxdiff.cli.sampler_flags import _sampler_settings
+
+
+def _write_trajectory(path: str, trajectory: np.ndarray) -> None:
+    """uint8 [K, N, H, W, C] frames -> a strip PNG (one row per image, noise to image) or an animated GIF."""
+    from PIL import Image
+
+    from jaxdiff import images
+
+    frames, n = trajectory.shape[:2]
+    if path.lower().endswith(".gif"):
+        grids = [Image.fromarray(images.make_grid(frame).squeeze()) for frame in trajectory]
+        grids[0].save(path, save_all=True, append_images=grids[1:], duration=120, loop=0)
+        return
+    rows = np.swapaxes(trajectory, 0, 1).reshape(n * frames, *trajectory.shape[2:])
+    images.save_png(images.make_grid(rows, columns=frames), path, scale=max(1, 64 // trajectory.shape[2]))
+
+
+def _read_image(path: str, what: str, mode: str) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] (mode "L")."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except UnidentifiedImageError:
+        raise UsageError(f"{what} {path!r} is not an image file") from None
+
+
+def _sample_pretrained(args) -> int:
+    """`sample --pretrained`, or `--workdir` of a latent run with `--prompt`: text-to-image, image-to-image
+    (--init-image) or inpainting (--mask)."""
+    if args.config:
+        raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
+    if args.prompt is None:
+        raise UsageError("--pretrained needs --prompt")
+    if (args.mask or args.strength is not None) and not args.init_image:
+        raise UsageError("--mask and --strength need --init-image")
+    if args.init_image and (args.height or args.width):
+        raise UsageError("--height/--width are for text-to-image; with --init-image the image sets the size")
+    if not args.out.lower().endswith(".png"):
+        raise UsageError(f"--out must be a .png grid with --pretrained, got {args.out!r}")
+    check_output_file(args.out, "--out")
+    init = _read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
+    mask = _read_image(args.mask, "--mask", "L") if args.mask else None
+
+    from jaxdiff import images
+    from jaxdiff.latent_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
+
+    if args.pretrained:
+        with _reading_weights(args.pretrained):
+            pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+    else:
+        _check_weights(args.workdir)
+        pipe = _load_pipeline(args.workdir, args.step)
+        if not isinstance(pipe, LatentPipeline):
+            raise UsageError(f"--prompt needs a text-conditioned model; {args.workdir!r} is not a latent run")
+    prompts = [args.prompt] * args.num
+    settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
+                    steps=args.steps or DEFAULT_STEPS, sampler=args.sampler or "ddim", seed=args.seed,
+                    karras=args.spacing == "karras",
+                    guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+    if init is None:
+        samples = pipe.text_to_image(prompts, height=args.height, width=args.width, **settings)
+    elif mask is None:
+        strength = 0.8 if args.strength is None else args.strength
+        samples = pipe.image_to_image(np.repeat(init[None], args.num, 0), prompts, strength=strength, **settings)
+    else:
+        strength = 1.0 if args.strength is None else args.strength
+        samples = pipe.inpaint(np.repeat(init[None], args.num, 0), np.repeat(mask[None], args.num, 0), prompts,
+                               strength=strength, **settings)  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    images.save_png(images.make_grid(samples), args.out)
+    print(f"{len(samples)} images -> {args.out}")
+    return 0
+
+
+def _sample(args, extra) -> int:
+    _no_extra(extra)
+    if args.workdir and args.pretrained:
+        raise UsageError("give either --workdir or --pretrained, not both")
+    if not (args.workdir or args.pretrained):
+        raise UsageError("sample needs --workdir (a trained model) or --pretrained (released weights)")
+    if args.config and not args.pretrained:
+        raise UsageError("--config names the recipe of --pretrained weights; a --workdir has its own config")
+    if args.pretrained:
+        _check_weights(args.pretrained, "--pretrained")
+        from jaxdiff.convert.stable_diffusion import is_stable_diffusion
+
+        if is_stable_diffusion(args.pretrained):
+            return _sample_pretrained(args)
+    if args.prompt is not None:  # text-to-image from a latent run
+        return _sample_pretrained(args)
+    to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
+    if to_dir:
+        check_output_dir(args.out, "--out")
+    elif not args.out.lower().endswith((".png", ".npz")):
+        raise UsageError(f"--out must be a .png grid, a .npz file or a directory/, got {args.out!r}")
+    else:
+        check_output_file(args.out, "--out")
+    if args.trajectory:
+        if not args.trajectory.lower().endswith((".png", ".gif")):
+            raise UsageError(f"--trajectory must be a .png strip or a .gif animation, got {args.trajectory!r}")
+        check_output_file(args.trajectory, "--trajectory")
+    if args.workdir:
+        _check_weights(args.workdir)
+
+    import jax
+
+    from jaxdiff import images
+    from jaxdiff.sampling_job import sample_to_shards
+
+    pipe = _load_pipeline(args.workdir or args.pretrained, args.step, args.config)
+    sampler = _sampler_settings(pipe, args)
+    if args.trajectory and pipe.continuous:
+        raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
+    settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                    class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip
+    if to_dir:
+        shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
+                                  **settings)  # fmt: skip
+        wrote = f"{args.num} images in {len(shards)} shards under {args.out}"
+    else:
+        samples = pipe.sample(args.num, seed=args.seed, batch_size=args.batch_size, progress=True, **settings)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if args.out.lower().endswith(".npz"):
+            np.savez(args.out, images=samples)
+        else:
+            images.save_png(images.make_grid(samples), args.out, scale=max(1, 64 // samples.shape[1]))
+        step = "" if pipe.step is None else f" (checkpoint step {pipe.step})"
+        wrote = f"{len(samples)} images{step} -> {args.out}"
+    if args.trajectory:
+        n = min(8, args.num)
+        _, _, trajectory = pipe.sample_batch(n, jax.random.fold_in(jax.random.PRNGKey(args.seed), 0),
+                                             return_trajectory=True, **settings)  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.trajectory)), exist_ok=True)
+        _write_trajectory(args.trajectory, trajectory)
+        wrote += f"; trajectory of {n} images, {len(trajectory)} frames -> {args.trajectory}"
+    print(wrote)
+    return 0
