@@ -53,6 +53,7 @@ class NonFiniteLossError(FloatingPointError):
 class RunResult:
     step: int  # steps completed
     preempted: bool  # stopped by SIGTERM or SIGINT, with a checkpoint at `step`
+    summary: str  # one line: how the run ended and what it wrote where (the CLI's result line)
 
 
 class _StopSignals:
@@ -406,13 +407,13 @@ def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: boo
             checkpoint.save(manager, step, state, config, batches.get_state(), task.checkpoint_extras(state))
             saved_steps.append(step)
         manager.wait_until_finished()
+    outcome = f"stopped by {stop.received}" if stop.received else "finished"
+    wrote = f"checkpoints {saved_steps} to {manager.directory}, " if saved_steps else ""
+    samples = f", sample grids to {os.path.join(workdir, 'samples')}" if sampled else ""
+    summary = f"{outcome} at step {step}: wrote {wrote}metrics to {os.path.join(workdir, METRICS_FILE)}{samples}"
     if main_process:
-        outcome = f"stopped by {stop.received}" if stop.received else "finished"
-        wrote = f"checkpoints {saved_steps} to {manager.directory}, " if saved_steps else ""
-        samples = f", sample grids to {os.path.join(workdir, 'samples')}" if sampled else ""
-        log.info("%s at step %d: wrote %smetrics to %s%s", outcome, step, wrote,
-                 os.path.join(workdir, METRICS_FILE), samples)  # fmt: skip
-    return RunResult(step=step, preempted=stop.received is not None)
+        log.debug(summary)
+    return RunResult(step=step, preempted=stop.received is not None, summary=summary)
 
 
 COUNTERS = ("skipped_updates", "nonfinite_streak")  # metrics that are running counts: logged as their last value

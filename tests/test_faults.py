@@ -354,6 +354,8 @@ def test_training_prints_a_few_lines_and_one_progress_bar(tmp_path):
     assert len(others) <= 5, others
     assert sum("compiled in" in line for line in others) == 1
     assert any(f"wrote checkpoints [2, 4, 6, 8] to {tmp_path / 'checkpoints'}" in line for line in others), others
+    assert sum("finished at step 8" in line for line in console_lines(stdout)) == 1, stdout  # the result, once
+    assert not any("finished at step" in line for line in console_lines(stderr)), stderr
 
 
 def test_config_differences_reads_nested_sections_saved_as_json():

@@ -124,7 +124,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    stopped = int(out.split("preempted at step ")[1].split(";")[0])
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split(":")[0])
     step, _ = saved_state(tmp_path)
     assert step == stopped >= 3
     again = cli(*train_args(tmp_path, stopped + 2, "--config.training.log_every_steps=1"))

@@ -16,7 +16,7 @@ def _train(args, extra) -> int:
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     result = train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change,
                                 verbose=args.verbose)  # fmt: skip
-    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}; workdir {args.workdir}")
+    print(result.summary)
     return 0
 
 
