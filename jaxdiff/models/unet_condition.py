@@ -1,8 +1,7 @@
 """Stable Diffusion's text-conditional U-Net (diffusers `UNet2DConditionModel`, SD 1.x / 2.x) in Flax Linen.
 
-The model is configured by a ConfigDict whose keys are those of a diffusers `config.json` (plus `dtype`
-and `remat`); `config_from_diffusers` reads such a dict and refuses settings this network lacks
-(SDXL's added embeddings, several transformer layers per block, class embeddings, ...).
+The model is configured by a ConfigDict of diffusers `config.json` keys, read and checked by
+`jaxdiff.models.unet_condition_config` (`config_from_diffusers`).
 
 Parameter tree (diffusers' module names with the list index separators `.{i}` written `_{i}`):
 
@@ -19,15 +18,10 @@ Parameter tree (diffusers' module names with the list index separators `.{i}` wr
 A transformer block holds norm1, attn1 (self), norm2, attn2 (cross), norm3 and ff (net_0/proj: GEGLU, net_2);
 attentions hold to_q, to_k, to_v (no bias) and to_out_0. Conv kernels are HWIO (the 1×1 `proj_in`/`proj_out`
 too, unless `use_linear_projection`, which makes them dense), dense kernels [in, out].
-
-Heads: level i has `num_attention_heads[i]` heads when that key is set, else `attention_head_dim[i]` heads
-(diffusers' naming quirk: SD 1.x's `attention_head_dim: 8` and SD 2.x's `[5, 10, 20, 20]` are head
-counts), each of width C_i // heads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -36,180 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.checks import is_real, require_bool, require_int
 from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
+from jaxdiff.models.unet_condition_config import DOWN_BLOCKS, UP_BLOCKS, check_config, num_heads_per_level, per_level
+from jaxdiff.models.unet_condition_config import config_from_diffusers as config_from_diffusers  # re-exported
 
 Array = jax.Array
-
-DTYPES = ("float32", "bfloat16")
-CLASS_NAME = "UNet2DConditionModel"
-DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has cross-attention
-UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-SUPPORTED_ACTIVATIONS = ("silu", "swish")
-
-# The settings this network reads, with diffusers' defaults (used when config.json omits a key).
-SUPPORTED_DEFAULTS: dict[str, Any] = {
-    "sample_size": None,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "cross_attention_dim": 1280,
-    "attention_head_dim": 8,
-    "num_attention_heads": None,
-    "use_linear_projection": False,
-    "upcast_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "only_cross_attention": False,
-    "dual_cross_attention": False,
-    "center_input_sample": False,
-    "resnet_time_scale_shift": "default",
-}
-# Settings whose only supported values are these (the first is diffusers' default).
-FIXED_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "only_cross_attention": (False,),
-    "dual_cross_attention": (False,),
-    "center_input_sample": (False,),
-    "resnet_time_scale_shift": ("default",),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "downsample_padding": (1,),
-    "mid_block_scale_factor": (1,),
-    "dropout": (0,),
-    "transformer_layers_per_block": (1,),
-    "reverse_transformer_layers_per_block": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
-    "class_embeddings_concat": (False,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "addition_embed_type_num_heads": (64,),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "attention_type": ("default",),
-    "mid_block_only_cross_attention": (None, False),
-    "cross_attention_norm": (None,),
-}
-
-# --------------------------------------------------------------------------- configuration
-
-
-def _as_fixed(key: str, value: Any) -> Any:
-    """`value` with per-level lists of one repeated value (e.g. transformer_layers_per_block [1, 1]) made scalar."""
-    if key == "transformer_layers_per_block" and isinstance(value, (list, tuple)) and len(set(value)) == 1:
-        return value[0]
-    return value
-
-
-def config_from_diffusers(
-    settings: Mapping[str, Any], *, dtype: str = "float32", remat: bool = False
-) -> ml_collections.ConfigDict:
-    """The model ConfigDict of a diffusers `UNet2DConditionModel` config.json dict (SD 1.x / 2.x U-Nets).
-
-    Keys it omits take diffusers' defaults; keys starting with `_` are metadata. Settings this network
-    lacks, and unknown keys, raise one ValueError naming all of them; values are then checked as in
-    `check_config`.
-    """
-    name = settings.get("_class_name", CLASS_NAME)
-    if name != CLASS_NAME:
-        raise ValueError(f"_class_name={name!r}: only {CLASS_NAME} configs are supported")
-    unsupported = [
-        f"{key}={settings[key]!r}"
-        for key, allowed in FIXED_SETTINGS.items()
-        if key in settings and _as_fixed(key, settings[key]) not in allowed
-    ]
-    known = {*SUPPORTED_DEFAULTS, *FIXED_SETTINGS}
-    unknown = sorted(key for key in settings if not key.startswith("_") and key not in known)
-    if unsupported or unknown:
-        parts = [f"settings {', '.join(unsupported)}"] if unsupported else []
-        parts += [f"unknown keys {unknown}"] if unknown else []
-        raise ValueError(
-            f"{CLASS_NAME} config not supported yet: {'; '.join(parts)} (SD 1.x/2.x U-Nets only; "
-            "those keys must be absent or at diffusers' default)"
-        )
-    values = {key: settings.get(key, default) for key, default in SUPPORTED_DEFAULTS.items()}
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(value)
-    config = ml_collections.ConfigDict({**values, "dtype": dtype, "remat": remat})
-    check_config(config)
-    return config
-
-
-def _per_level(key: str, value: Any, levels: int) -> tuple[Any, ...]:
-    """An int-or-list setting as one value per level."""
-    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
-    if len(values) != levels:
-        raise ValueError(f"{key}={value!r} must be an int or a list of {levels} ints (one per level)")
-    return values
-
-
-def num_heads_per_level(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Attention heads at each level: `num_attention_heads` if set, else `attention_head_dim` (diffusers' rule)."""
-    levels = len(config.block_out_channels)
-    if config.num_attention_heads is not None:
-        return _per_level("num_attention_heads", config.num_attention_heads, levels)
-    return _per_level("attention_head_dim", config.attention_head_dim, levels)
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first invalid setting of a model config (see `config_from_diffusers`)."""
-    missing = [key for key in (*SUPPORTED_DEFAULTS, "dtype", "remat") if key not in config]
-    if missing:
-        raise ValueError(f"model config lacks keys {missing}")
-    for key, allowed in FIXED_SETTINGS.items():
-        if key in SUPPORTED_DEFAULTS and config[key] not in allowed:
-            raise ValueError(f"{key}={config[key]!r} is not supported yet (supported: {list(allowed)})")
-    widths = config.block_out_channels
-    if not isinstance(widths, (list, tuple)) or not widths:
-        raise ValueError(f"block_out_channels={widths!r} must be a non-empty list of ints")
-    require_int("norm_num_groups", config.norm_num_groups, 1)
-    for width in widths:
-        require_int("block_out_channels entry", width, 1)
-        if width % config.norm_num_groups:
-            groups = config.norm_num_groups
-            raise ValueError(f"block_out_channels entry {width} is not divisible by norm_num_groups={groups}")
-    levels = len(widths)
-    for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
-        types = config[key]
-        if not isinstance(types, (list, tuple)) or len(types) != levels or any(t not in table for t in types):
-            raise ValueError(f"{key}={types!r} must list {levels} of {sorted(table)} (one per level)")
-    for value in _per_level("layers_per_block", config.layers_per_block, levels):
-        require_int("layers_per_block", value, 1)
-    for width, heads in zip(widths, num_heads_per_level(config)):
-        require_int("attention heads per level", heads, 1)
-        if heads > width:
-            raise ValueError(f"{heads} attention heads do not fit a level of {width} channels")
-    for key in ("in_channels", "out_channels", "cross_attention_dim"):
-        require_int(key, config[key], 1)
-    for key in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "remat"):
-        require_bool(key, config[key])
-    if not is_real(config.freq_shift, numpy=False):
-        raise ValueError(f"freq_shift={config.freq_shift!r} must be a number")
-    if config.freq_shift >= widths[0] // 2:
-        half = widths[0] // 2
-        raise ValueError(f"freq_shift={config.freq_shift!r} must be below half the timestep embedding width ({half})")
-    if not isinstance(config.norm_eps, (int, float)) or not config.norm_eps > 0:
-        raise ValueError(f"norm_eps={config.norm_eps!r} must be a positive number")
-    if config.act_fn not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(SUPPORTED_ACTIVATIONS)})")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype={config.dtype!r} is not one of {DTYPES}")
 
 
 def create_unet_condition(config: ml_collections.ConfigDict) -> UNetCondition:
@@ -222,7 +47,7 @@ def create_unet_condition(config: ml_collections.ConfigDict) -> UNetCondition:
         block_out_channels=tuple(config.block_out_channels),
         down_attention=tuple(DOWN_BLOCKS[t] for t in config.down_block_types),
         up_attention=tuple(UP_BLOCKS[t] for t in config.up_block_types),
-        layers_per_block=_per_level("layers_per_block", config.layers_per_block, levels),
+        layers_per_block=per_level("layers_per_block", config.layers_per_block, levels),
         num_heads=num_heads_per_level(config),
         cross_attention_dim=config.cross_attention_dim,
         use_linear_projection=config.use_linear_projection,

@@ -1,0 +1,225 @@
+"""The latent samplers of `jaxdiff.latent_pipeline`, matched step for step to diffusers' schedulers: which
+training steps or noise levels a run visits, how each sampler steps through them, and the noising of image
+latents to a step.
+
+The steps visited are those of diffusers' DDIMScheduler for the folder's scheduler config (`timestep_spacing`
+leading / trailing / linspace, `steps_offset`); the loop runs on the schedule respaced to those steps, so
+jaxdiff's discrete samplers step between consecutive visited steps, and DDIM's last step ends at ᾱ = 1 or, without
+`set_alpha_to_one`, at ᾱ of step 0, as diffusers' does. (diffusers' DDIMScheduler steps from t to t − T // steps,
+which is the next visited step for "leading" spacing, and for "trailing" when steps divides T, but not always
+otherwise; we always step to the next visited step.)
+
+Samplers (`sampler=`), each as the diffusers scheduler named, made `from_config` of the folder's scheduler config
+(`sampler_scheduler`: where the config names no timestep_spacing, each class takes its own default):
+  ddim           DDIMScheduler (η = 0), on the steps above;
+  ddpm           DDPMScheduler (ancestral, "fixed_small" variance), on the same steps;
+  dpm_solver++   DPMSolverMultistepScheduler (dpmsolver++, solver_order 2, final σ = 0);
+  euler, heun    EulerDiscreteScheduler, HeunDiscreteScheduler.
+The last three step on diffusers' grid of noise levels σ = sqrt((1 − ᾱ)/ᾱ) (`sigma_levels`; `karras=True`
+is `use_karras_sigmas`), ending at σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ
+(`step_of_sigma`). Their initial latents are scaled by diffusers' `init_noise_sigma`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.checks import is_int
+from jaxdiff.convert.stable_diffusion import SchedulerSettings
+from jaxdiff.samplers import sample
+from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
+from jaxdiff.samplers.edm import heun_steps
+from jaxdiff.samplers.grids import karras_sigmas
+from jaxdiff.schedule import Schedule, respace
+
+Array = jax.Array
+
+SIGMA_SAMPLERS = ("dpm_solver++", "euler", "heun")  # on diffusers' grids of noise levels
+LATENT_SAMPLERS = ("ddim", "ddpm", *SIGMA_SAMPLERS)
+# The timestep_spacing default of each sampler's diffusers scheduler class, which diffusers' `from_config` uses
+# when the folder's scheduler config has none (as SD 1.x's released configs).
+CLASS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
+                         "heun": "linspace"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
+    """The training steps diffusers' DDIMScheduler visits for `steps` inference steps, decreasing, int64:
+    leading: k·(T // steps) + steps_offset; trailing: round(T − k·T/steps) − 1; linspace: round(linspace(0, T−1))."""
+    num_train = scheduler.schedule.num_timesteps
+    if not is_int(steps, numpy=False) or not 1 <= steps <= num_train:
+        raise ValueError(f"steps={steps!r} must be an int in [1, {num_train}]")
+    if scheduler.timestep_spacing == "leading":
+        increasing = np.arange(steps) * (num_train // steps) + scheduler.steps_offset
+    elif scheduler.timestep_spacing == "trailing":
+        increasing = np.round(np.arange(num_train, 0, -num_train / steps))[::-1] - 1
+    else:
+        increasing = np.round(np.linspace(0, num_train - 1, steps))
+    increasing = increasing.astype(np.int64)
+    if increasing[-1] >= num_train or np.any(np.diff(increasing) <= 0):
+        raise ValueError(f"steps={steps} with steps_offset={scheduler.steps_offset} gives steps outside 0..{num_train - 1}")
+    return increasing[::-1]
+
+
+def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSettings:
+    """`scheduler` with the timestep_spacing that `sampler`'s diffusers scheduler, made `from_config` of this
+    config, uses: the config's own, else its class default (`CLASS_DEFAULT_SPACING`)."""
+    if "timestep_spacing" in scheduler.config:
+        return scheduler
+    return scheduler._replace(timestep_spacing=CLASS_DEFAULT_SPACING[sampler])
+
+
+def dpm_solver_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
+    """The training steps diffusers' DPMSolverMultistepScheduler visits, decreasing, int64: leading:
+    k·(T // (steps + 1)) + steps_offset for k = steps..1; trailing as DDIM; linspace: round(linspace(0, T−1,
+    steps + 1)) without its 0."""
+    num_train = scheduler.schedule.num_timesteps
+    visited_timesteps(scheduler, steps)  # checks steps
+    if scheduler.timestep_spacing == "leading":
+        increasing = np.arange(1, steps + 1) * (num_train // (steps + 1)) + scheduler.steps_offset
+    elif scheduler.timestep_spacing == "trailing":
+        return visited_timesteps(scheduler, steps)
+    else:
+        increasing = np.round(np.linspace(0, num_train - 1, steps + 1))[1:]
+    increasing = increasing.astype(np.int64)
+    if increasing[-1] >= num_train or np.any(np.diff(increasing) <= 0):
+        raise ValueError(f"steps={steps} is too many for dpm_solver++ with {scheduler.timestep_spacing} spacing "
+                         f"on {num_train} training steps")  # fmt: skip
+    return increasing[::-1]
+
+
+def training_sigmas(scheduler: SchedulerSettings) -> np.ndarray:
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of the training steps t = 0..T-1, float64, increasing."""
+    alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def sigma_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karras: bool) -> np.ndarray:
+    """diffusers' noise levels for `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing, the last 0.
+
+    dpm_solver++: σ at `dpm_solver_timesteps`, or with karras the Karras grid (ρ = 7) from σ(T−1) to σ(0).
+    euler, heun: σ interpolated linearly at EulerDiscreteScheduler's steps (DDIM's, but "linspace" is not
+    rounded), or with karras the Karras grid between the first and last of those σ.
+    """
+    sigmas = training_sigmas(scheduler)
+    if sampler == "dpm_solver++" and karras:
+        levels = karras_sigmas(sigmas[-1], sigmas[0], steps)
+    elif sampler == "dpm_solver++":
+        levels = sigmas[dpm_solver_timesteps(scheduler, steps)]
+    else:
+        if scheduler.timestep_spacing == "linspace":
+            visited = np.linspace(0.0, len(sigmas) - 1.0, steps)[::-1]
+        else:
+            visited = visited_timesteps(scheduler, steps).astype(np.float64)
+        levels = np.interp(visited, np.arange(len(sigmas)), sigmas)
+        if karras:
+            levels = karras_sigmas(levels[0], levels[-1], steps)
+    return np.append(levels, 0.0).astype(np.float32)
+
+
+def initial_scale(scheduler: SchedulerSettings, sampler: str, sigma_max: float) -> float:
+    """diffusers' `init_noise_sigma` in the unscaled space x = x_t·sqrt(1 + σ²): sqrt(1 + σ_max²), except for
+    euler and heun with "linspace" or "trailing" spacing, where diffusers takes σ_max."""
+    if sampler in ("euler", "heun") and scheduler.timestep_spacing != "leading":
+        return float(sigma_max)
+    return math.sqrt(1.0 + float(sigma_max) ** 2)
+
+
+def step_of_sigma(scheduler: SchedulerSettings, sigma: Array, *, rounded: bool) -> Array:
+    """The training step at noise level σ [B] as diffusers' `_sigma_to_t`: linear in log σ between the steps'
+    log σ_t, clipped to [0, T−1], float32 [B]; rounded (dpm_solver++) or fractional (euler, heun)."""
+    log_sigmas = jnp.asarray(np.log(training_sigmas(scheduler)), jnp.float32)
+    t = jnp.interp(jnp.log(sigma), log_sigmas, jnp.arange(log_sigmas.shape[0], dtype=jnp.float32))
+    return jnp.round(t) if rounded else t
+
+
+def sigma_denoiser(model_fn: Callable[[Array, Array], Array], scheduler: SchedulerSettings, *,
+                   rounded: bool) -> Callable[[Array, Array], Array]:  # fmt: skip
+    """EDM's D(x; σ) of the U-Net `model_fn(x_t, t)` as diffusers' σ-grid schedulers use it: the U-Net sees
+    x_t = x/sqrt(1 + σ²) at `step_of_sigma(σ)`; its ε, v or x_0 output becomes x̂_0 with this σ
+    (ε: x − σ·ε̂; v: (x_t − σ·v̂)/sqrt(1 + σ²))."""
+    mean_type = scheduler.mean_type
+
+    def denoiser(x: Array, sigma: Array) -> Array:
+        s = sigma[:, None, None, None]
+        x_t = x / jnp.sqrt(1.0 + s**2)
+        output = model_fn(x_t, step_of_sigma(scheduler, sigma, rounded=rounded))
+        if mean_type == "eps":
+            return x - s * output
+        if mean_type == "v":
+            return (x_t - s * output) / jnp.sqrt(1.0 + s**2)
+        return output
+
+    return denoiser
+
+
+def denoise_on_levels(denoiser: Callable[[Array, Array], Array], levels: np.ndarray, x_start: Array, *,
+                      sampler: str) -> Array:  # fmt: skip
+    """x̂_0 from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through `levels`."""
+    levels = jnp.asarray(levels, jnp.float32)
+    if sampler == "dpm_solver++":
+        return dpm_solver_pp_steps(denoiser, x_start, levels)
+    return heun_steps(denoiser, x_start, levels, second_order=sampler == "heun")
+
+
+def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
+    """The last int(steps·strength) of `timesteps`, where diffusers' image-to-image starts (SDEdit)."""
+    kept = min(int(len(timesteps) * strength), len(timesteps))
+    if kept < 1:
+        raise ValueError(f"strength={strength} with steps={len(timesteps)} leaves no step: need steps·strength >= 1")
+    return timesteps[len(timesteps) - kept :]
+
+
+def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int) -> Array:
+    """q(z_t | z_0): sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·noise at training step t."""
+    alpha_bar = scheduler.schedule.alphas_cumprod[t]
+    return jnp.sqrt(alpha_bar) * latents + jnp.sqrt(1.0 - alpha_bar) * noise
+
+
+# --------------------------------------------------------------------------- the discrete samplers' run
+
+
+class StepPlan(NamedTuple):
+    """The steps of one run, built outside jit: `timesteps` the decreasing training steps visited, `schedule`
+    the training schedule respaced to them (index i <-> timesteps[::-1][i]), `final_alpha_bar` where DDIM's last
+    step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction."""
+
+    timesteps: np.ndarray
+    schedule: Schedule
+    final_alpha_bar: float
+    mean_type: str
+
+
+def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray) -> StepPlan:
+    """The `StepPlan` of the decreasing training steps `timesteps` under `scheduler`."""
+    alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
+    final = 1.0 if scheduler.set_alpha_to_one else float(alphas_cumprod[0])
+    return StepPlan(timesteps, respace(scheduler.schedule, timesteps[::-1]), final, scheduler.mean_type)
+
+
+def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start: Array, rng: Array, *,
+            sampler: str) -> Array:  # fmt: skip
+    """Run `sampler` from latents `x_start` at plan.timesteps[0] through all of plan.timesteps as one scan;
+    `denoise_fn` gets step indices into plan.timesteps[::-1]. Returns the final latents: x̂_0, except for DDIM,
+    which ends at ᾱ_final: x = sqrt(ᾱ_final)·x̂_0 + sqrt(1 − ᾱ_final)·ε̂ from its last state, as diffusers'
+    DDIMScheduler does."""
+    count = len(plan.timesteps)
+    x0, frames = sample(
+        denoise_fn, plan.schedule, tuple(x_start.shape), rng, sampler=sampler, steps=count, spacing="uniform",
+        clip_denoised=False, var_type="fixedsmall", mean_type=plan.mean_type,
+        return_trajectory=True, trajectory_every=max(count - 1, 1), x_T=x_start,
+    )  # fmt: skip
+    if sampler != "ddim":
+        return x0
+    last_state = frames[0] if count > 1 else x_start  # the state before the last step
+    alpha_bar = float(np.cumprod(1.0 - np.asarray(plan.schedule.betas, np.float64))[0])
+    eps = (last_state - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)
+    return math.sqrt(plan.final_alpha_bar) * x0 + math.sqrt(1.0 - plan.final_alpha_bar) * eps
