@@ -36,7 +36,8 @@ from jaxdiff.convert.stable_diffusion import (
 from jaxdiff.latent_pipeline import LatentPipeline
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
-from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.tokenizer import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_SPECIAL_TOKENS,

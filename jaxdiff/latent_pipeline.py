@@ -39,7 +39,6 @@ from jaxdiff.latent_samplers import (
     step_plan,
     visited_timesteps,
 )
-from jaxdiff.latent_samplers import step_of_sigma as step_of_sigma  # re-exported
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition

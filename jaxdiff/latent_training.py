@@ -27,14 +27,8 @@ import optax
 
 from jaxdiff import diffusion
 from jaxdiff.convert.stable_diffusion import SchedulerSettings
-from jaxdiff.latent_pipeline import (
-    decode_latents,
-    denoise,
-    encode_to_latents,
-    guided_latent_denoiser,
-    step_plan,
-    visited_timesteps,
-)
+from jaxdiff.latent_pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
+from jaxdiff.latent_samplers import denoise, step_plan, visited_timesteps
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.train import (
     TrainState,

@@ -18,26 +18,22 @@ import itertools
 import json
 import logging
 import os
-import signal
-import socket
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoint, data, images, sharding
 from jaxdiff.checkpoint import CheckpointError
 from jaxdiff.config import validate
 from jaxdiff.metrics import MetricsWriter
+from jaxdiff.stop_signals import StopSignals
 from jaxdiff.tasks import configured_image_shape, make_task
+from jaxdiff.workdir_lock import WorkdirLock
 
-LOCK_FILE = "train.lock"
 METRICS_FILE = "metrics.jsonl"
 # Loggers of the libraries under a run (orbax logs through absl), kept at WARNING unless verbose.
 LIBRARY_LOGGERS = ("absl",)
@@ -54,171 +50,6 @@ class RunResult:
     step: int  # steps completed
     preempted: bool  # stopped by SIGTERM or SIGINT, with a checkpoint at `step`
     summary: str  # one line: how the run ended and what it wrote where (the CLI's result line)
-
-
-class _StopSignals:
-    """SIGTERM or a first SIGINT: stop at the next step boundary; a second SIGINT: `on_abort()`, exit 130 at once."""
-
-    def __init__(self, on_abort: Callable[[], None]):
-        self.received: str | None = None
-        self._on_abort = on_abort
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread: no handlers, no stopping
-                break
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received is None:
-            self.received = name
-            hint = " (Ctrl-C again to exit at once without saving)" if signum == signal.SIGINT else ""
-            log.warning("%s received: saving at the next step boundary and stopping%s", name, hint)
-        elif signum == signal.SIGINT:
-            log.warning("second SIGINT: exiting at once without saving")
-            self._on_abort()
-            logging.shutdown()
-            os._exit(130)
-
-    def __exit__(self, *exc_info):
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-
-    def agreed(self) -> bool:
-        """True when any process was signalled (a collective when there are several processes)."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _read_lock(path: str) -> dict | None:
-    """The holder recorded in lock file `path`; None when there is no such file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"lock file {path} is unreadable; delete it if no run uses this workdir") from None
-
-
-def _create_exclusive(path: str, record: dict) -> bool:
-    """Atomically create `path` holding `record` (written aside, then hard-linked); False if it exists."""
-    staging = f"{path}.{record['job']}"
-    with open(staging, "x", encoding="utf-8") as f:
-        json.dump(record, f)
-    try:
-        os.link(staging, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(staging)
-
-
-def _remove_stale(path: str, holder: dict) -> bool:
-    """Remove lock `path` if it still records `holder`; moving it aside first keeps a racing new lock intact."""
-    aside = f"{path}.stale-{os.getpid()}"
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return False
-    if _read_lock(aside) != holder:  # another process took the lock meanwhile: put its lock back
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-        os.unlink(aside)
-        return False
-    os.unlink(aside)
-    return True
-
-
-class WorkdirLock:
-    """`workdir/train.lock`: one training job per workdir, taken before any work and released on exit.
-
-    Process 0 creates the file atomically with {"pid", "host", "job"}; the job's other processes accept
-    it when it holds the job id process 0 broadcast. The lock of a process that is gone (same host,
-    pid not running) is taken over. Creating the lock also checks that the workdir is writable.
-    """
-
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK_FILE)
-        self._record: dict | None = None
-
-    def __enter__(self):
-        record, error = None, None
-        if jax.process_index() == 0:
-            try:
-                record = self._acquire()
-            except CheckpointError as err:
-                error = err
-        if jax.process_count() > 1:
-            self._agree_on_job(record)
-        if error is not None:
-            raise error
-        self._record = record
-        return self
-
-    def _acquire(self) -> dict:
-        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise CheckpointError(f"workdir {self.workdir} is a file, not a directory")
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "job": uuid.uuid4().hex}
-        try:
-            os.makedirs(self.workdir, exist_ok=True)
-            for _ in range(3):
-                if _create_exclusive(self.path, record):
-                    return record
-                holder = _read_lock(self.path)
-                if holder is None:  # released meanwhile
-                    continue
-                if holder.get("host") != record["host"] or _pid_alive(holder.get("pid", -1)):
-                    raise CheckpointError(
-                        f"workdir {self.workdir} is in use by process {holder.get('pid')} on host {holder.get('host')} "
-                        f"(lock {self.path}); stop that run or use another --workdir"
-                    )
-                if _remove_stale(self.path, holder):
-                    log.warning("took over the lock of process %s, which is no longer running", holder.get("pid"))
-        except OSError as err:
-            raise CheckpointError(f"cannot write to workdir {self.workdir}: {err.strerror or err}") from None
-        raise CheckpointError(f"could not lock workdir {self.workdir}: {self.path} keeps changing hands")
-
-    def _agree_on_job(self, record: dict | None) -> None:
-        """Every process learns process 0's job id (zeros: it failed) and checks the lock file holds it."""
-        job = bytes.fromhex(record["job"]) if record else bytes(16)
-        shared = multihost_utils.broadcast_one_to_all(np.frombuffer(job, np.uint8).astype(np.int32))
-        job = bytes(np.asarray(shared).astype(np.uint8)).hex()
-        if jax.process_index() == 0:
-            return
-        if job == bytes(16).hex():
-            raise CheckpointError(f"process 0 could not lock workdir {self.workdir} (see its error)")
-        holder = _read_lock(self.path)
-        if holder is None or holder.get("job") != job:
-            raise CheckpointError(f"lock {self.path} is not this job's (it holds {holder}); is the workdir shared?")
-
-    def release(self) -> None:
-        """Remove the lock if this process created it and still holds it."""
-        if self._record is not None:
-            with contextlib.suppress(OSError, CheckpointError):
-                if _read_lock(self.path) == self._record:
-                    os.unlink(self.path)
-            self._record = None
-
-    def __exit__(self, *exc_info):
-        self.release()
 
 
 @contextlib.contextmanager
@@ -318,11 +149,11 @@ def train_and_evaluate(
     validate(config)
     mesh = sharding.make_mesh(config.training.fsdp)  # before the lock: a bad fsdp touches no file
     workdir = os.path.abspath(os.fspath(workdir))
-    with WorkdirLock(workdir) as lock, _library_logs(verbose), _StopSignals(on_abort=lock.release) as stop:
+    with WorkdirLock(workdir) as lock, _library_logs(verbose), StopSignals(on_abort=lock.release) as stop:
         return _run(config, workdir, mesh, allow_config_change=allow_config_change, progress=progress, stop=stop)
 
 
-def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: bool, stop: _StopSignals) -> RunResult:
+def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: bool, stop: StopSignals) -> RunResult:
     """The run itself on `mesh`, with the workdir locked and the stop signals handled."""
     tc = config.training
     image_shape = configured_image_shape(config)  # folder images of latent runs: model.image_size

@@ -19,7 +19,8 @@ from jaxdiff import checkpoint, training_run
 from jaxdiff.checkpoint import CheckpointError
 from jaxdiff.cli import load_config
 from jaxdiff.pipeline import Pipeline
-from jaxdiff.training_run import LOCK_FILE, WorkdirLock, train_and_evaluate
+from jaxdiff.training_run import train_and_evaluate
+from jaxdiff.workdir_lock import LOCK_FILE, WorkdirLock
 from tests.helpers import ROOT, TINY_CONFIG, write_workdir, xla_flags
 from tests.test_training_run import (
     SUBPROCESS_ENV, cli, leaves, metrics_lines, restored_checkpoint, saved_state, train_args,
@@ -259,8 +260,9 @@ def test_sigint_saves_at_the_next_step_and_exits_cleanly(tmp_path):
 
 SECOND_SIGINT = """
 import os, signal, sys, time
-from jaxdiff.training_run import WorkdirLock, _StopSignals
-with WorkdirLock(sys.argv[1]) as lock, _StopSignals(on_abort=lock.release) as stop:
+from jaxdiff.stop_signals import StopSignals
+from jaxdiff.workdir_lock import WorkdirLock
+with WorkdirLock(sys.argv[1]) as lock, StopSignals(on_abort=lock.release) as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.received == "SIGINT" and os.path.exists(lock.path)
     os.kill(os.getpid(), signal.SIGINT)

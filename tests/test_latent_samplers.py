@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxdiff.convert.stable_diffusion import scheduler_settings
-from jaxdiff.latent_pipeline import (
+from jaxdiff.latent_pipeline import LatentPipeline
+from jaxdiff.latent_samplers import (
     LATENT_SAMPLERS,
-    LatentPipeline,
     dpm_solver_timesteps,
     initial_scale,
     sampler_scheduler,

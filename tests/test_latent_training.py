@@ -12,7 +12,8 @@ import pytest
 from jaxdiff import latent_training as lt
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
-from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.train import make_optimizer
 from jaxdiff.word_tokenizer import WordTokenizer
 

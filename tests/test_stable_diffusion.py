@@ -19,7 +19,8 @@ from jaxdiff.convert.stable_diffusion import (
     scheduler_settings,
     write_stable_diffusion,
 )
-from jaxdiff.latent_pipeline import LatentPipeline, add_noise, visited_timesteps
+from jaxdiff.latent_pipeline import LatentPipeline
+from jaxdiff.latent_samplers import add_noise, visited_timesteps
 from tests.test_clip_text import write_tokenizer_folder
 
 torch = pytest.importorskip("torch")

@@ -23,7 +23,8 @@ from jaxdiff.convert.unet_condition_weights import (
     read_unet_condition_weights,
     unet_condition_shapes,
 )
-from jaxdiff.models.unet_condition import Attention, config_from_diffusers, create_unet_condition
+from jaxdiff.models.unet_condition import Attention, create_unet_condition
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 
 TINY_LEVELS = dict(
     block_out_channels=[8, 16, 16], norm_num_groups=4, layers_per_block=2, cross_attention_dim=12,

@@ -50,7 +50,7 @@ from jaxdiff.convert.unet_condition_weights import (
 )
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
-from jaxdiff.models.unet_condition import config_from_diffusers
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.tokenizer import CLIPTokenizer
 

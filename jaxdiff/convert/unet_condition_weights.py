@@ -22,7 +22,8 @@ from jaxdiff.convert.architecture import ParamPath, Shape
 from jaxdiff.convert.diffusers_format import WEIGHTS_STEM
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.latent_weights import CONFIG_FILE, LEAF_NAMES, component_folder, param_shapes, read_weights
-from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 # diffusers module lists, whose index our names write as `<list>_<index>` (unlike e.g. `linear_1`, a plain name).
 MODULE_LISTS = (
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",

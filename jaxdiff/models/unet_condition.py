@@ -32,7 +32,6 @@ import numpy as np
 
 from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
 from jaxdiff.models.unet_condition_config import DOWN_BLOCKS, UP_BLOCKS, check_config, num_heads_per_level, per_level
-from jaxdiff.models.unet_condition_config import config_from_diffusers as config_from_diffusers  # re-exported
 
 Array = jax.Array
 

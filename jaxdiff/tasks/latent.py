@@ -53,7 +53,8 @@ from jaxdiff.latent_training import (
 )
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
-from jaxdiff.models.unet_condition import config_from_diffusers, create_unet_condition
+from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.tokenizer import CLIPTokenizer
 from jaxdiff.train import TrainState, make_optimizer
