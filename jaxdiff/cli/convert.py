@@ -5,27 +5,27 @@ from __future__ import annotations
 
 import os
 
-from jaxdiff.cli.errors import UsageError, _no_extra
-from jaxdiff.cli.paths import _check_weights, _reading_weights, check_output_dir
+from jaxdiff.cli.errors import UsageError, reject_extra
+from jaxdiff.cli.paths import check_output_dir, check_weights, reading_weights
 
 
-def _convert(args, extra) -> int:
+def run_convert(args, extra) -> int:
     from jaxdiff.convert import convert
 
-    _no_extra(extra)
-    _check_weights(args.src, "SRC")
+    reject_extra(extra)
+    check_weights(args.src, "SRC")
     check_output_dir(args.dst, "DST")
-    with _reading_weights(args.src):
+    with reading_weights(args.src):
         out = convert(args.src, args.dst, source_format=args.source_format, target_format=args.target_format,
                       step=args.step, dataset=args.dataset)  # fmt: skip
     print(f"{args.src} ({args.source_format or 'detected'}) -> {out} ({args.target_format})")
     return 0
 
 
-def _data(args, extra) -> int:
+def run_data(args, extra) -> int:
     from jaxdiff.data import prepare_dataset
 
-    _no_extra(extra)
+    reject_extra(extra)
     if args.source and not os.path.exists(args.source):
         raise UsageError(f"--source {args.source!r} does not exist")
     out = prepare_dataset(args.dataset, args.data_dir or None, source=args.source)

@@ -8,6 +8,7 @@ class UsageError(ValueError):
     """A mistake in the command line."""
 
 
-def _no_extra(extra: list[str]) -> None:
+def reject_extra(extra: list[str]) -> None:
+    """UsageError naming the arguments the verb did not recognise, if any."""
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)}")

@@ -3,21 +3,25 @@ dataset split's Inception statistics, cached."""
 
 from __future__ import annotations
 
-from jaxdiff.cli.errors import UsageError, _no_extra
-from jaxdiff.cli.paths import _check_weights, _load_pipeline, check_output_dir
-from jaxdiff.cli.sampler_flags import _sampler_settings
+from jaxdiff.cli.errors import UsageError, reject_extra
+from jaxdiff.cli.paths import check_output_dir, check_weights, load_pipeline
+from jaxdiff.cli.sampler_flags import sampler_settings
 
 
 def _inception(path: str | None):
     """(params, SHA-256 of the weights file) of the FID Inception network."""
-    from jaxdiff.evaluation.inception_weights import file_sha256, find_weights, load_inception_params
+    from jaxdiff.evaluation.inception_weights import (
+        file_sha256,
+        find_weights,
+        load_inception_params,
+    )
 
     found = find_weights(path)
     return load_inception_params(found), file_sha256(found)
 
 
-def _eval(args, extra) -> int:
-    _no_extra(extra)
+def run_eval(args, extra) -> int:
+    reject_extra(extra)
     if args.what == "stats":
         from jaxdiff.evaluation.reference import dataset_statistics
 
@@ -33,12 +37,12 @@ def _eval(args, extra) -> int:
     if not args.workdir:
         raise UsageError("eval needs --workdir")
     metrics = parse_metrics(args.metrics)
-    _check_weights(args.workdir)
+    check_weights(args.workdir)
     check_output_dir(args.workdir, "--workdir")
     if args.samples:
         check_output_dir(args.samples, "--samples")
-    pipe = _load_pipeline(args.workdir, args.step)
-    sampler = _sampler_settings(pipe, args)
+    pipe = load_pipeline(args.workdir, args.step)
+    sampler = sampler_settings(pipe, args)
     if args.bpd_num_t and pipe.continuous:
         raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)

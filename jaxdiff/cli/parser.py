@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdiff.cli.convert import _convert, _data
-from jaxdiff.cli.evaluate import _eval
-from jaxdiff.cli.sample import _sample
-from jaxdiff.cli.sampler_flags import _add_sampler_flags
-from jaxdiff.cli.train import _info, _train
+from jaxdiff.cli.convert import run_convert, run_data
+from jaxdiff.cli.evaluate import run_eval
+from jaxdiff.cli.sample import run_sample
+from jaxdiff.cli.sampler_flags import add_sampler_flags
+from jaxdiff.cli.train import run_info, run_train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
     train.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     train.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    train.set_defaults(run=_train)
+    train.set_defaults(run=run_train)
 
     sample = verb("sample", "draw images from a trained model (EMA parameters)")
     sample.add_argument("--workdir", help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     sample.add_argument("--num", type=int, default=64, help="number of images")
-    _add_sampler_flags(sample)
+    add_sampler_flags(sample)
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
     sample.add_argument("--spacing", help="uniform | quadratic | karras (default: the sampler's)")
     sample.add_argument("--seed", type=int, default=0)
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mask", help="--init-image: repaint where this image is white")
     sample.add_argument("--height", type=int, help="--pretrained text-to-image height (default: the model's)")
     sample.add_argument("--width", type=int, help="--pretrained text-to-image width (default: the model's)")
-    sample.set_defaults(run=_sample)
+    sample.set_defaults(run=run_sample)
 
     evaluate = verb("eval", "FID / IS / precision-recall / bits-per-dim of a trained model")
     evaluate.add_argument("what", nargs="?", choices=("model", "stats"), default="model",
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     evaluate.add_argument("--metrics", default="fid,is", help="comma-separated: fid, is, pr, bpd")
     evaluate.add_argument("--num-samples", type=int, default=50_000)
-    _add_sampler_flags(evaluate)
+    add_sampler_flags(evaluate)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--shard-size", type=int, default=1000)
     evaluate.add_argument("--samples", help="reuse (or resume) the shards of a `jaxdiff sample --out DIR/` job")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="eval stats: the split (default train); bits/dim: the held-out split "
                                           "(default test)")  # fmt: skip
     evaluate.add_argument("--inception-batch-size", type=int, default=50)
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=run_eval)
 
     convert = verb("convert", "convert weights between jaxdiff, diffusers and the official TF format")
     convert.add_argument("--from", dest="source_format",
@@ -104,16 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dataset", help="training recipe for the converted config (default: the matching release)")
     convert.add_argument("src")
     convert.add_argument("dst")
-    convert.set_defaults(run=_convert)
+    convert.set_defaults(run=run_convert)
 
     data = verb("data", "prepare a dataset for training and evaluation, without TensorFlow")
     data.add_argument("action", choices=("prepare",))
     data.add_argument("dataset", choices=("cifar10",))
     data.add_argument("--source", help="cifar-10-binary.tar.gz or its extracted folder (default: download)")
     data.add_argument("--data-dir", default="", help="TFDS data_dir (default: TFDS' ~/tensorflow_datasets)")
-    data.set_defaults(run=_data)
+    data.set_defaults(run=run_data)
 
     info = verb("info", "parameter count and forward GFLOPs per image of a config's model")
     info.add_argument("--config", required=True, help=config_help)
-    info.set_defaults(run=_info)
+    info.set_defaults(run=run_info)
     return parser

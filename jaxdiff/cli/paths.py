@@ -45,14 +45,14 @@ def check_output_file(path: str, what: str) -> None:
         raise UsageError(f"{what} {path!r}: no permission to overwrite it")
 
 
-def _check_weights(path: str, what: str = "--workdir") -> None:
+def check_weights(path: str, what: str = "--workdir") -> None:
     """A weights path (workdir, diffusers folder, TF checkpoint prefix) that exists."""
     if not os.path.exists(path) and not os.path.exists(f"{path}.index"):
         raise UsageError(f"{what} {path!r} does not exist")
 
 
 @contextlib.contextmanager
-def _reading_weights(path: str):
+def reading_weights(path: str):
     """safetensors' own error for a damaged file, as a user error naming the weights."""
     from safetensors import SafetensorError
 
@@ -62,8 +62,8 @@ def _reading_weights(path: str):
         raise UsageError(f"the .safetensors weights under {path!r} are damaged or not safetensors ({err})") from err
 
 
-def _load_pipeline(path: str, step: int | None, config: str | None = None):
+def load_pipeline(path: str, step: int | None, config: str | None = None):
     from jaxdiff.pipeline import Pipeline
 
-    with _reading_weights(path):
+    with reading_weights(path):
         return Pipeline.from_pretrained(path, step=step, config=config)

@@ -9,9 +9,15 @@ import os
 
 import numpy as np
 
-from jaxdiff.cli.errors import UsageError, _no_extra
-from jaxdiff.cli.paths import _check_weights, _load_pipeline, _reading_weights, check_output_dir, check_output_file
-from jaxdiff.cli.sampler_flags import _sampler_settings
+from jaxdiff.cli.errors import UsageError, reject_extra
+from jaxdiff.cli.paths import (
+    check_output_dir,
+    check_output_file,
+    check_weights,
+    load_pipeline,
+    reading_weights,
+)
+from jaxdiff.cli.sampler_flags import sampler_settings
 
 
 def _write_trajectory(path: str, trajectory: np.ndarray) -> None:
@@ -63,11 +69,11 @@ def _sample_pretrained(args) -> int:
     from jaxdiff.latent_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
 
     if args.pretrained:
-        with _reading_weights(args.pretrained):
+        with reading_weights(args.pretrained):
             pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
     else:
-        _check_weights(args.workdir)
-        pipe = _load_pipeline(args.workdir, args.step)
+        check_weights(args.workdir)
+        pipe = load_pipeline(args.workdir, args.step)
         if not isinstance(pipe, LatentPipeline):
             raise UsageError(f"--prompt needs a text-conditioned model; {args.workdir!r} is not a latent run")
     prompts = [args.prompt] * args.num
@@ -90,8 +96,8 @@ def _sample_pretrained(args) -> int:
     return 0
 
 
-def _sample(args, extra) -> int:
-    _no_extra(extra)
+def run_sample(args, extra) -> int:
+    reject_extra(extra)
     if args.workdir and args.pretrained:
         raise UsageError("give either --workdir or --pretrained, not both")
     if not (args.workdir or args.pretrained):
@@ -99,7 +105,7 @@ def _sample(args, extra) -> int:
     if args.config and not args.pretrained:
         raise UsageError("--config names the recipe of --pretrained weights; a --workdir has its own config")
     if args.pretrained:
-        _check_weights(args.pretrained, "--pretrained")
+        check_weights(args.pretrained, "--pretrained")
         from jaxdiff.convert.stable_diffusion import is_stable_diffusion
 
         if is_stable_diffusion(args.pretrained):
@@ -118,15 +124,15 @@ def _sample(args, extra) -> int:
             raise UsageError(f"--trajectory must be a .png strip or a .gif animation, got {args.trajectory!r}")
         check_output_file(args.trajectory, "--trajectory")
     if args.workdir:
-        _check_weights(args.workdir)
+        check_weights(args.workdir)
 
     import jax
 
     from jaxdiff import images
     from jaxdiff.sampling_job import sample_to_shards
 
-    pipe = _load_pipeline(args.workdir or args.pretrained, args.step, args.config)
-    sampler = _sampler_settings(pipe, args)
+    pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
+    sampler = sampler_settings(pipe, args)
     if args.trajectory and pipe.continuous:
         raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,

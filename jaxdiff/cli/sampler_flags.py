@@ -7,7 +7,6 @@ import argparse
 
 from jaxdiff.cli.errors import UsageError
 
-
 # Options of the continuous samplers: flag attribute -> config.sampling key.
 SAMPLER_OPTIONS = {
     "predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_corrector": "n_corrector", "rtol": "rtol",
@@ -15,7 +14,7 @@ SAMPLER_OPTIONS = {
 }  # fmt: skip
 
 
-def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="discrete models: ddpm (default) | ddim | dpm_solver++ | heun; continuous "
                         "models: euler_maruyama | reverse_diffusion | ancestral | pc | ode | heun | edm_stochastic | "
                         "dpm_solver++ | ddim (default: the config's)")  # fmt: skip
@@ -32,7 +31,7 @@ def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--s-noise", type=float, help="edm_stochastic: S_noise")
 
 
-def _sampler_settings(pipe, args) -> str:
+def sampler_settings(pipe, args) -> str:
     """The sampler to use; the continuous sampler options given as flags become the model's sampling settings.
 
     Every setting is checked here, before any work (a bad one is a ValueError).

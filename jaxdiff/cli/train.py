@@ -7,7 +7,7 @@ from jaxdiff.cli.config_source import load_config
 from jaxdiff.cli.paths import check_output_dir
 
 
-def _train(args, extra) -> int:
+def run_train(args, extra) -> int:
     from jaxdiff import sharding
     from jaxdiff.training_run import train_and_evaluate
 
@@ -20,7 +20,7 @@ def _train(args, extra) -> int:
     return 0
 
 
-def _info(args, extra) -> int:
+def run_info(args, extra) -> int:
     from jaxdiff.models.summary import model_summary
 
     config = load_config(args.config, extra)
