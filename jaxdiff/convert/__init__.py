@@ -36,9 +36,8 @@ from jaxdiff.continuous_model import is_continuous
 from jaxdiff.convert.continuous_configs import (
     check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
 )  # fmt: skip
-from jaxdiff.convert.diffusers_format import (
-    MODEL_INDEX_FILE, read_diffusers, save_export, to_diffusers, unet_folder, write_diffusers,
-)  # fmt: skip
+from jaxdiff.convert.diffusers_export import save_export, to_diffusers, write_diffusers
+from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, read_diffusers, unet_folder
 from jaxdiff.convert.edm_pickle import read_edm_snapshot
 from jaxdiff.convert.score_folders import PIPELINE as SCORE_SDE_VE_PIPELINE
 from jaxdiff.convert.score_folders import read_score_sde_ve_folder, save_score_sde_ve_export, score_sde_ve_export

@@ -3,8 +3,8 @@ parameters (no torch needed).
 
 A UNet folder holds `config.json` and `diffusion_pytorch_model.safetensors` (PyTorch layouts: conv
 weights OIHW, Linear weights [out, in]); a pipeline folder holds `model_index.json`, `unet/` and
-`scheduler/scheduler_config.json` (`DDPMScheduler` or `DDIMScheduler`), which sets the diffusion. Exports
-are `DDPMPipeline` folders plus `jaxdiff_config.json`, the full run config, so that a round trip restores it.
+`scheduler/scheduler_config.json` (`DDPMScheduler` or `DDIMScheduler`), which sets the diffusion. Writing
+such folders is `jaxdiff.convert.diffusers_export`'s; both share the name tables here.
 
 Supported UNets: `DownBlock2D`, `AttnDownBlock2D`, `ResnetDownsampleBlock2D` per level, up blocks mirroring
 where attention is (`UpBlock2D`, `AttnUpBlock2D`, `ResnetUpsampleBlock2D`), `UNetMidBlock2D`, the
@@ -16,11 +16,10 @@ False, `freq_shift` 1, `downsample_padding` 0, `norm_eps` 1e-6 and `attention_he
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.traverse_util
 import ml_collections
@@ -39,6 +38,7 @@ from jaxdiff.convert.architecture import (
 )
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
+from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.models.layers import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
@@ -135,16 +135,7 @@ LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding"
 log = logging.getLogger(__name__)
 
 
-class DiffusersExport(NamedTuple):
-    """An exported pipeline's contents: UNet config.json, tensors (PyTorch layouts), scheduler config, our config."""
-
-    unet_config: dict
-    tensors: dict[str, np.ndarray]
-    scheduler_config: dict
-    jaxdiff_config: dict
-
-
-# --------------------------------------------------------------------------- names and layouts
+# --------------------------------------------------------------------------- names
 
 
 def _layer_names(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
@@ -171,35 +162,6 @@ def _layer_names(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
 def diffusers_names(path: ParamPath, num_levels: int) -> tuple[str, ...]:
     """Candidate diffusers tensor names of our parameter, best first."""
     return tuple(f"{name}.{LEAF_NAMES[path[-1]]}" for name in _layer_names(path[:-1], num_levels))
-
-
-def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The PyTorch shape of our parameter: HWIO -> OIHW, dense [in, out] -> Linear [out, in],
-    `nin_shortcut` -> the 1×1 Conv2d `conv_shortcut` [out, in, 1, 1]; embeddings keep [rows, dim]."""
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2 and path[-1] != "embedding":
-        return (shape[1], shape[0], 1, 1) if path[-2] == "nin_shortcut" else (shape[1], shape[0])
-    return shape
-
-
-def to_torch(path: ParamPath, array: np.ndarray) -> np.ndarray:
-    """Our parameter at `path` in PyTorch layout (shape `torch_shape(path, array.shape)`)."""
-    if array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    if array.ndim == 2 and path[-1] != "embedding":
-        return array.T.reshape(torch_shape(path, array.shape))
-    return array
-
-
-def from_torch(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A PyTorch tensor as our parameter of shape `shape`: OIHW -> HWIO, [out, in] or [out, in, 1, 1] -> [in, out].
-    (Embedding tables need no conversion: do not pass them here.)"""
-    if len(shape) == 4:
-        return array.transpose(2, 3, 1, 0)
-    if len(shape) == 2:
-        return array.reshape(shape[::-1]).T
-    return array
 
 
 # --------------------------------------------------------------------------- reading
@@ -439,129 +401,3 @@ def read_diffusers(
         flat = {p: np.asarray(f.get_tensor(n), np.float32) for p, n in found.items()}
     flat = {p: a if p[-1] == "embedding" else from_torch(a, shapes[p]) for p, a in flat.items()}
     return config, flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _block_types(attn: list[bool], by_resblock: tuple[int, ...], resampled: range, table: dict, key: str):
-    """(block type of each level 0..L-1, the resampler type of its Attn blocks): "resnet" or "conv"."""
-    attn_kinds = {i in by_resblock for i in resampled if attn[i]}
-    if len(attn_kinds) > 1:
-        raise ValueError(
-            f"model.{key}={by_resblock}: UNet2DModel resamples all attention levels alike "
-            "(by ResBlocks or by convolutions)"
-        )
-    types = [table[(attn[i], not attn[i] and i in by_resblock)] for i in range(len(attn))]
-    return types, "resnet" if attn_kinds == {True} else "conv"
-
-
-def unet_config(config: ml_collections.ConfigDict) -> dict:
-    """The `UNet2DModel` config.json of our model; models diffusers cannot express raise ValueError."""
-    m = config.model
-    if not m.resamp_with_conv:
-        raise ValueError("model.resamp_with_conv=False: UNet2DModel always resamples with convolutions")
-    if not m.mid_attn_norm and not m.temb_scale_shift:
-        raise ValueError("model.mid_attn_norm=False: UNet2DModel drops that GroupNorm only with temb_scale_shift")
-    num_levels = len(m.ch_mult)
-    attn = [res in tuple(m.attn_resolutions) for res in (m.image_size // 2**i for i in range(num_levels))]
-    down, down_type = _block_types(attn, tuple(m.resblock_down_levels), range(num_levels - 1), DOWN_BLOCKS,
-                                   "resblock_down_levels")  # fmt: skip
-    up, up_type = _block_types(attn, tuple(m.resblock_up_levels), range(1, num_levels), UP_BLOCKS, "resblock_up_levels")
-    return {
-        "_class_name": "UNet2DModel",
-        "sample_size": m.image_size,
-        "in_channels": m.in_channels,
-        "out_channels": m.out_channels,
-        "block_out_channels": [m.ch * mult for mult in m.ch_mult],
-        "layers_per_block": m.num_res_blocks,
-        "down_block_types": down,
-        "up_block_types": up[::-1],
-        "downsample_type": down_type,
-        "upsample_type": up_type,
-        "attention_head_dim": m.attn_head_dim or None,
-        "time_embedding_dim": None,
-        "dropout": m.dropout,
-        "center_input_sample": False,
-        "time_embedding_type": "positional",
-        "flip_sin_to_cos": m.flip_sin_to_cos,
-        "freq_shift": m.freq_shift,
-        "mid_block_type": "UNetMidBlock2D",
-        "mid_block_scale_factor": 1,
-        "downsample_padding": m.downsample_padding,
-        "act_fn": m.act,
-        "norm_num_groups": m.norm_groups,
-        "attn_norm_num_groups": m.norm_groups if m.mid_attn_norm else None,
-        "norm_eps": m.norm_eps,
-        "resnet_time_scale_shift": "scale_shift" if m.temb_scale_shift else "default",
-        "add_attention": m.mid_attn,
-        "class_embed_type": None,
-        "num_class_embeds": m.num_classes + int(m.null_label) if m.num_classes else None,
-    }
-
-
-def scheduler_config(config: ml_collections.ConfigDict) -> dict:
-    """The `DDPMScheduler` config of our diffusion; settings it cannot express raise ValueError."""
-    d = config.diffusion
-    for key, table, value in (("schedule", BETA_SCHEDULES, d.schedule), ("var_type", VAR_TYPES, d.var_type),
-                              ("mean_type", MEAN_TYPES, d.mean_type)):  # fmt: skip
-        if value not in table:
-            raise ValueError(f"diffusion.{key}={value!r} has no DDPMScheduler equivalent (supported: {sorted(table)})")
-    return {
-        "_class_name": "DDPMScheduler",
-        "num_train_timesteps": d.num_timesteps,
-        "beta_start": d.beta_start,
-        "beta_end": d.beta_end,
-        "beta_schedule": BETA_SCHEDULES[d.schedule],
-        "trained_betas": None,
-        "variance_type": VAR_TYPES[d.var_type],
-        "clip_sample": bool(config.sampling.clip_denoised),
-        "clip_sample_range": 1.0,
-        "prediction_type": MEAN_TYPES[d.mean_type],
-        "thresholding": False,
-    }
-
-
-def model_index() -> dict:
-    """The `model_index.json` of an exported `DDPMPipeline`."""
-    return {
-        "_class_name": "DDPMPipeline",
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "unet": ["diffusers", "UNet2DModel"],
-    }
-
-
-def to_diffusers(config: ml_collections.ConfigDict, params) -> DiffusersExport:
-    """Everything `write_diffusers` writes, checked (config representable, params fit the model) and in memory."""
-    validate(config)
-    settings, scheduler = unet_config(config), scheduler_config(config)
-    shapes = param_shapes(config.model)
-    flat = {p: np.asarray(a, np.float32) for p, a in flax.traverse_util.flatten_dict(params).items()}
-    wanted = {p: (("/".join(p),), s) for p, s in shapes.items()}
-    match_names(wanted, {"/".join(p): a.shape for p, a in flat.items()}, source="params")
-    levels = len(config.model.ch_mult)
-    tensors = {diffusers_names(p, levels)[0]: np.ascontiguousarray(to_torch(p, a)) for p, a in flat.items()}
-    return DiffusersExport(settings, tensors, scheduler, config.to_dict())
-
-
-def save_export(export: DiffusersExport, folder: str | os.PathLike) -> None:
-    """Write `export` into `folder` as a `DDPMPipeline` folder (created if needed; files of the same names are
-    replaced): model_index.json, unet/ (config.json, diffusion_pytorch_model.safetensors), scheduler/ and
-    jaxdiff_config.json."""
-    folder = pathlib.Path(folder)
-    for sub in ("unet", "scheduler"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(export.tensors, folder / "unet" / WEIGHTS_FILE, metadata={"format": "pt"})
-    files = {
-        MODEL_INDEX_FILE: model_index(),
-        os.path.join("unet", CONFIG_FILE): export.unet_config,
-        SCHEDULER_FILE: export.scheduler_config,
-        JAXDIFF_CONFIG_FILE: export.jaxdiff_config,
-    }
-    for name, content in files.items():
-        (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-
-
-def write_diffusers(config: ml_collections.ConfigDict, params, folder: str | os.PathLike) -> None:
-    """Export our model as a diffusers `DDPMPipeline` folder (see `save_export`); checks everything first."""
-    save_export(to_diffusers(config, params), folder)

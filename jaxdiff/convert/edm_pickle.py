@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.convert.diffusers_format import from_torch, torch_shape
+from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.convert.matching import match_names
 from jaxdiff.evaluation import inception_weights
 from jaxdiff.models import song_unet

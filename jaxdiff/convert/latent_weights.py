@@ -26,7 +26,7 @@ import numpy as np
 import safetensors
 
 from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.diffusers_format import from_torch
+from jaxdiff.convert.torch_layout import from_torch
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.safetensors_reader import read_tensor

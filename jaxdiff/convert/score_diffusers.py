@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES, from_torch, torch_shape
+from jaxdiff.convert.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES
+from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.convert.matching import match_names
 from jaxdiff.models import ncsnpp
 

@@ -38,7 +38,8 @@ from jaxdiff.config import flat_keys, validate
 from jaxdiff.continuous_model import process_from_config
 from jaxdiff.convert import score_diffusers
 from jaxdiff.convert.architecture import param_shapes
-from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_STEM, to_torch
+from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_STEM
+from jaxdiff.convert.torch_layout import to_torch
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 

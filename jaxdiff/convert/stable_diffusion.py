@@ -25,7 +25,8 @@ import numpy as np
 import safetensors.numpy
 
 from jaxdiff.checks import is_int
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, apply_scheduler_config, from_torch
+from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, apply_scheduler_config
+from jaxdiff.convert.torch_layout import from_torch
 from jaxdiff.convert.files import load_json
 from jaxdiff.convert.latent_weights import (
     CLIP_PREFIX,

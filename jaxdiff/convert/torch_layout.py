@@ -1,0 +1,38 @@
+"""PyTorch parameter layouts <-> ours: convolution kernels OIHW <-> HWIO, Linear weights [out, in] <-> dense
+kernels [in, out] (a 1×1 `conv_shortcut` [out, in, 1, 1] for our `nin_shortcut`); every converter of PyTorch
+weights (diffusers, EDM, Stable Diffusion) goes through these."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxdiff.convert.architecture import ParamPath
+
+
+def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of our parameter: HWIO -> OIHW, dense [in, out] -> Linear [out, in],
+    `nin_shortcut` -> the 1×1 Conv2d `conv_shortcut` [out, in, 1, 1]; embeddings keep [rows, dim]."""
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if len(shape) == 2 and path[-1] != "embedding":
+        return (shape[1], shape[0], 1, 1) if path[-2] == "nin_shortcut" else (shape[1], shape[0])
+    return shape
+
+
+def to_torch(path: ParamPath, array: np.ndarray) -> np.ndarray:
+    """Our parameter at `path` in PyTorch layout (shape `torch_shape(path, array.shape)`)."""
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if array.ndim == 2 and path[-1] != "embedding":
+        return array.T.reshape(torch_shape(path, array.shape))
+    return array
+
+
+def from_torch(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A PyTorch tensor as our parameter of shape `shape`: OIHW -> HWIO, [out, in] or [out, in, 1, 1] -> [in, out].
+    (Embedding tables need no conversion: do not pass them here.)"""
+    if len(shape) == 4:
+        return array.transpose(2, 3, 1, 0)
+    if len(shape) == 2:
+        return array.reshape(shape[::-1]).T
+    return array
