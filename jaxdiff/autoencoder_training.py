@@ -64,12 +64,12 @@ def check_loss_settings(settings) -> dict[str, Any]:
     if s["reconstruction_loss"] not in RECONSTRUCTION_LOSSES:
         raise _unsupported("reconstruction_loss", s["reconstruction_loss"], f"one of {RECONSTRUCTION_LOSSES}")
     for key in ("kl_weight", "disc_weight"):
-        if not is_real(s[key], finite=True) or s[key] < 0:
+        if not is_real(s[key], finite=True, numpy=False) or s[key] < 0:
             raise _unsupported(key, s[key], "a finite number >= 0")
-    if not is_int(s["disc_start"]) or s["disc_start"] < 0:
+    if not is_int(s["disc_start"], numpy=False) or s["disc_start"] < 0:
         raise _unsupported("disc_start", s["disc_start"], "an int >= 0")
     for key in ("disc_layers", "disc_channels"):
-        if not is_int(s[key]) or s[key] < 1:
+        if not is_int(s[key], numpy=False) or s[key] < 1:
             raise _unsupported(key, s[key], "an int >= 1")
     return s
 

@@ -227,14 +227,14 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     size = s["sample_size"]
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not is_int(size) or size < 1:
+    if not is_int(size, numpy=False) or size < 1:
         raise _unsupported(source, "sample_size", s["sample_size"], "a square image size is needed")
     widths = list(s["block_out_channels"])
-    if not widths or any(not is_int(w) or w < 1 or w % widths[0] for w in widths):
+    if not widths or any(not is_int(w, numpy=False) or w < 1 or w % widths[0] for w in widths):
         raise _unsupported(source, "block_out_channels", widths, "positive multiples of the first entry")
     ch = widths[0]
     for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
-        if not is_int(s[key]) or s[key] < 1:
+        if not is_int(s[key], numpy=False) or s[key] < 1:
             raise _unsupported(source, key, s[key], "a positive int")
     _check_choice(source, s, "flip_sin_to_cos", (True, False))
     _check_choice(source, s, "add_attention", (True, False))
@@ -243,7 +243,7 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     _check_choice(source, s, "upsample_type", ("conv", "resnet"))
     _check_choice(source, s, "act_fn", tuple(ACTIVATIONS))
     _check_choice(source, s, "resnet_time_scale_shift", ("default", "scale_shift"))
-    if not is_int(s["freq_shift"]) or not 0 <= s["freq_shift"] < ch // 2:
+    if not is_int(s["freq_shift"], numpy=False) or not 0 <= s["freq_shift"] < ch // 2:
         raise _unsupported(source, "freq_shift", s["freq_shift"], f"an int in 0..{ch // 2 - 1}")
     if not is_real(s["norm_eps"], numpy=False) or not s["norm_eps"] > 0:
         raise _unsupported(source, "norm_eps", s["norm_eps"], "a number > 0")
@@ -253,7 +253,7 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
         need = f"null or norm_num_groups ({s['norm_num_groups']})"
         raise _unsupported(source, "attn_norm_num_groups", s["attn_norm_num_groups"], need)
     classes = s["num_class_embeds"]
-    if classes is not None and (not is_int(classes) or classes < 1):
+    if classes is not None and (not is_int(classes, numpy=False) or classes < 1):
         raise _unsupported(source, "num_class_embeds", classes, "null or a positive int")
 
     down_types, up_types = list(s["down_block_types"]), list(s["up_block_types"])
@@ -264,7 +264,9 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     attn_levels, res_down, res_up = _levels(down_types, up_types, s, source)
     head_dim = s["attention_head_dim"]
     attn_widths = sorted({widths[i] for i in attn_levels} | ({widths[-1]} if s["add_attention"] else set()))
-    if head_dim is not None and (not is_int(head_dim) or head_dim < 1 or any(w % head_dim for w in attn_widths)):
+    if head_dim is not None and (
+        not is_int(head_dim, numpy=False) or head_dim < 1 or any(w % head_dim for w in attn_widths)
+    ):
         need = f"null or a divisor of the attention widths {attn_widths}"
         raise _unsupported(source, "attention_head_dim", head_dim, need)
     scale_shift = s["resnet_time_scale_shift"] == "scale_shift"
@@ -314,7 +316,7 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
             raise _unsupported(source, key, s[key], "DDPM sampling uses no such option")
     if s["clip_sample"] and s["clip_sample_range"] != 1.0:
         raise _unsupported(source, "clip_sample_range", s["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
-    if not is_int(s["num_train_timesteps"]) or s["num_train_timesteps"] < 2:
+    if not is_int(s["num_train_timesteps"], numpy=False) or s["num_train_timesteps"] < 2:
         raise _unsupported(source, "num_train_timesteps", s["num_train_timesteps"], "an int >= 2")
     d = config.diffusion
     d.schedule = _inverse(BETA_SCHEDULES, s["beta_schedule"], "beta_schedule", source)
