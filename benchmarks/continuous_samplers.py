@@ -30,13 +30,13 @@ import time
 import jax
 from sampling import compile_seconds  # benchmarks/sampling.py: scripts here run with benchmarks/ on sys.path
 
-from jaxdiff.continuous_model import model_denoiser
+from jaxdiff.diffusion.continuous import model_denoiser
 from jaxdiff.evaluation.ode_likelihood import ode_log_likelihood
 from jaxdiff.models import count_parameters, create_model
 from jaxdiff.processes import make_process
-from jaxdiff.recipes import recipe
+from jaxdiff.config.recipes import recipe
 from jaxdiff.samplers import sample_continuous
-from jaxdiff.train import dummy_inputs
+from jaxdiff.training.step import dummy_inputs
 
 # (label, process, sampler, steps (None: the sampler's own), options)
 RUNS = (

@@ -113,7 +113,7 @@ def measure_training(config_path: str, batch: int, steps: int) -> dict:
     from jaxdiff.config import validate
     from jaxdiff.models import create_model
     from jaxdiff.schedule import schedule_from_config
-    from jaxdiff.train import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
 
     config = validate(load_config(config_path, []))
     config.training.batch_size = batch

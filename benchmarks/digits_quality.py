@@ -32,11 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from jaxdiff import checkpoint, data, images  # noqa: E402
+from jaxdiff import data, images  # noqa: E402
+
+from jaxdiff.training import checkpoint  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.samplers import SAMPLERS  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.tasks.diffusion import sample_images  # noqa: E402
+from jaxdiff.training.tasks.diffusion import sample_images  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "digits.py"
 NUM_CLASSES = 10
@@ -147,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(config_path: str, workdir: str) -> dict:
     """Train the config in `workdir` as `jaxdiff train` does; wall seconds and steps done."""
     from jaxdiff.cli import load_config
-    from jaxdiff.training_run import train_and_evaluate
+    from jaxdiff.training.loop import train_and_evaluate
 
     start = time.perf_counter()
     result = train_and_evaluate(load_config(config_path, []), workdir)

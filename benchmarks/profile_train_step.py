@@ -48,7 +48,7 @@ from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.train import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 CATEGORIES = (
     "conv forward", "conv input grad", "conv weight grad", "attention", "GroupNorm", "dense",

@@ -28,8 +28,8 @@ from sklearn.neural_network import MLPClassifier
 from jaxdiff.data.shapes import (
     COLOURS, HELDOUT_COMBINATIONS, POSITIONS, SHAPES, SIZES, coverage_maps, draw_shapes, read_attributes,
 )  # fmt: skip
-from jaxdiff.latent_pipeline import to_uint8
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.latent.pipeline import to_uint8
+from jaxdiff.sampling.pipeline import Pipeline
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 VALUES = {"colour": COLOURS, "shape": SHAPES, "size": SIZES, "position": POSITIONS}

@@ -28,17 +28,15 @@ import jax
 import jax.numpy as jnp
 from tokenizers import pre_tokenizers
 
-from jaxdiff.convert.stable_diffusion import (
-    SCHEDULER_PRESETS,
-    StableDiffusion,
-    scheduler_settings,
-)
-from jaxdiff.latent_pipeline import LatentPipeline
+from jaxdiff.convert.stable_diffusion import SCHEDULER_PRESETS
+from jaxdiff.diffusion.scheduler_config import scheduler_settings
+from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.pipeline import LatentPipeline
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.models.unet_condition_config import config_from_diffusers
-from jaxdiff.tokenizer import (
+from jaxdiff.latent.clip_tokenizer import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_SPECIAL_TOKENS,
     CLIPTokenizer,
@@ -75,16 +73,17 @@ def random_params(module, *inputs):
     return jax.jit(lambda key: module.init(key, *inputs)["params"])(jax.random.PRNGKey(0))
 
 
-def random_sd15(dtype: str) -> StableDiffusion:
+def random_sd15(dtype: str) -> LatentModels:
     unet_config, vae_config, text_config = sd15_configs(dtype)
     latent = jnp.zeros((1, 8, 8, 4))
     unet_params = random_params(create_unet_condition(unet_config), latent, jnp.zeros((1,)), jnp.zeros((1, 77, 768)))
     vae_params = random_params(create_autoencoder(vae_config), jnp.zeros((1, 16, 16, 3)))
     text_params = random_params(create_clip_text(text_config), jnp.zeros((1, 77), jnp.int32))
     scheduler = scheduler_settings(SCHEDULER_PRESETS["sd1"], "SD 1.5 preset")
-    return StableDiffusion("StableDiffusionPipeline", unet_config, unet_params, vae_config, vae_params, text_config,
-                           text_params, byte_level_tokenizer(), None, scheduler,
-                           {"unet": UNET_SD15, "vae": VAE_SD15, "text_encoder": CLIP_VIT_L})  # fmt: skip
+    return LatentModels(unet_config=unet_config, unet_params=unet_params, vae_config=vae_config, vae_params=vae_params,
+                        text_config=text_config, text_params=text_params, tokenizer=byte_level_tokenizer(),
+                        scheduler=scheduler,
+                        settings={"unet": UNET_SD15, "vae": VAE_SD15, "text_encoder": CLIP_VIT_L})
 
 
 def timed(fn, *args, **kwargs) -> float:

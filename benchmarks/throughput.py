@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from jaxdiff.cli import load_config  # noqa: E402
 from jaxdiff.config import validate  # noqa: E402
-from jaxdiff.denoiser import model_denoiser  # noqa: E402
+from jaxdiff.diffusion.denoisers import model_denoiser  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.models.unet import DTYPES  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.train import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 MATMUL_SIZE = 8192  # side of the square bf16 matmul that measures the accelerator's peak
 

@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's folder)
 
-from jaxdiff.denoiser import model_denoiser  # noqa: E402
+from jaxdiff.diffusion.denoisers import model_denoiser  # noqa: E402
 from jaxdiff.models import count_parameters, create_model  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.train import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 AUTHKEY_VARIABLE = "VS_DIFFUSERS_AUTHKEY"  # how workers learn the connection's key
 

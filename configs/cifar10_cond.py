@@ -1,6 +1,6 @@
 """Class-conditional CIFAR-10 for classifier-free guidance: the DDPM recipe plus labels (10 = null, dropped 10%)."""
 
-from jaxdiff.recipes import cifar10_cond
+from jaxdiff.config.recipes import cifar10_cond
 
 
 def get_config():

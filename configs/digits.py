@@ -1,6 +1,6 @@
-"""The embedded default: the offline 8×8 digits demo (see `jaxdiff.recipes.digits`)."""
+"""The embedded default: the offline 8×8 digits demo (see `jaxdiff.config.recipes.digits`)."""
 
-from jaxdiff.recipes import digits
+from jaxdiff.config.recipes import digits
 
 
 def get_config():

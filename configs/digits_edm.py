@@ -1,6 +1,6 @@
-"""EDM on the 8×8 digits, a CPU demo (see `jaxdiff.recipes.digits_edm`)."""
+"""EDM on the 8×8 digits, a CPU demo (see `jaxdiff.config.recipes.digits_edm`)."""
 
-from jaxdiff.recipes import digits_edm
+from jaxdiff.config.recipes import digits_edm
 
 
 def get_config():

@@ -1,6 +1,6 @@
-"""EDM on CIFAR-10 32×32, unconditional, NCSN++ SongUNet (56.40M parameters) (see `jaxdiff.recipes.edm_cifar10`)."""
+"""EDM on CIFAR-10 32×32, unconditional, NCSN++ SongUNet (56.40M parameters) (see `jaxdiff.config.recipes.edm_cifar10`)."""
 
-from jaxdiff.recipes import edm_cifar10
+from jaxdiff.config.recipes import edm_cifar10
 
 
 def get_config():

@@ -1,6 +1,6 @@
-"""DDPM on LSUN Cat 256×256 (the published 256×256 recipe: see `jaxdiff.recipes.ddpm256`)."""
+"""DDPM on LSUN Cat 256×256 (the published 256×256 recipe: see `jaxdiff.config.recipes.ddpm256`)."""
 
-from jaxdiff.recipes import ddpm256
+from jaxdiff.config.recipes import ddpm256
 
 
 def get_config():

@@ -1,6 +1,6 @@
-"""score_sde's VE SDE with deep NCSN++ (continuous) on CIFAR-10 32×32, 107.59M parameters (see `jaxdiff.recipes.score_sde`)."""
+"""score_sde's VE SDE with deep NCSN++ (continuous) on CIFAR-10 32×32, 107.59M parameters (see `jaxdiff.config.recipes.score_sde`)."""
 
-from jaxdiff.recipes import score_sde
+from jaxdiff.config.recipes import score_sde
 
 
 def get_config():

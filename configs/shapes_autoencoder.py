@@ -2,7 +2,7 @@
 
 Three levels (widths 32, 64, 64; two stride-2 downsamplings), L1 reconstruction with KL weight 1e-6, no
 discriminator. No random flips: the captions name left and right. The latent scaling factor is saved
-with every checkpoint (`jaxdiff.checkpoint.read_extras`).
+with every checkpoint (`jaxdiff.training.checkpoint.read_extras`).
 
 Chosen for what the latent stage makes of it, not for its own reconstruction error: a narrower autoencoder
 (widths 16, 32, 32; 1,500 steps at lr 2e-3) reconstructs held-out images as well in less time (L1 0.047),

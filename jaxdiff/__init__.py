@@ -16,7 +16,7 @@ def __getattr__(name):
     import importlib
 
     if name == "Pipeline":
-        from jaxdiff.pipeline import Pipeline
+        from jaxdiff.sampling.pipeline import Pipeline
 
         return Pipeline
     if name == "make_schedule":

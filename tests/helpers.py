@@ -37,10 +37,10 @@ def run_python(code: str, *, devices: int = 1, timeout: float = 300, env: dict |
 
 def write_workdir(path, *overrides):
     """A jaxdiff workdir with a tiny model's checkpoint at step 7 (EMA weights perturbed away from the raw ones)."""
-    from jaxdiff import checkpoint
+    from jaxdiff.training import checkpoint
     from jaxdiff.cli import load_config
     from jaxdiff.models import create_model
-    from jaxdiff.train import init_train_state, make_optimizer
+    from jaxdiff.training.step import init_train_state, make_optimizer
 
     config = load_config(TINY_CONFIG, list(overrides))
     model = create_model(config.model)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff.autoencoder_training import (
+from jaxdiff.training.autoencoder_step import (
     PatchDiscriminator,
     check_loss_settings,
     encode_fn,
@@ -27,7 +27,7 @@ from jaxdiff.models.autoencoder import (
     autoencoder_config,
     create_autoencoder,
 )
-from jaxdiff.train import make_optimizer
+from jaxdiff.training.step import make_optimizer
 
 TINY = {
     "down_block_types": ["DownEncoderBlock2D"] * 2,

@@ -10,7 +10,7 @@ import pytest
 
 from jaxdiff.cli import load_config, main
 from jaxdiff.config import ConfigError
-from jaxdiff.recipes import RECIPES, recipe
+from jaxdiff.config.recipes import RECIPES, recipe
 from tests.helpers import ROOT, TINY_CONFIG, write_workdir
 
 

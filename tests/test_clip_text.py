@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer as TorchCLIPTokenizer
 
 from jaxdiff.convert.latent_weights import clip_names, param_shapes, read_clip_text, torch_shape
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
-from jaxdiff.tokenizer import CLIPTokenizer
+from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 
 TINY = dict(
     vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
@@ -229,7 +229,7 @@ def test_tokenizer_matches_transformers(tmp_path, caplog, pad_token, pad_id):
     for folder in ("tokenizer", "saved"):
         tokenizer = CLIPTokenizer.from_folder(tmp_path / folder)
         assert tokenizer.pad_token_id == pad_id
-        with caplog.at_level(logging.WARNING, logger="jaxdiff.tokenizer"):
+        with caplog.at_level(logging.WARNING, logger="jaxdiff.latent.clip_tokenizer"):
             caplog.clear()
             ours = tokenizer(PROMPTS)
         assert ours.input_ids.shape == (len(PROMPTS), 77) and ours.input_ids.dtype == np.int32

@@ -19,7 +19,7 @@ from jaxdiff.config import (
     unknown_key_error,
     validate,
 )
-from jaxdiff.recipes import RECIPES, recipe
+from jaxdiff.config.recipes import RECIPES, recipe
 from jaxdiff.models import count_parameters, create_model
 from jaxdiff.models.summary import parameter_shapes
 from tests.helpers import ROOT

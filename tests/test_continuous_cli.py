@@ -6,15 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, images
+from jaxdiff import images
+
+from jaxdiff.training import checkpoint
 from jaxdiff.cli import load_config, main
 from jaxdiff.config import validate
-from jaxdiff.continuous_model import conditioned_denoiser, model_denoiser, process_from_config
+from jaxdiff.diffusion.continuous import conditioned_denoiser, model_denoiser, process_from_config
 from jaxdiff.models import create_model
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.recipes import digits_edm
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.config.recipes import digits_edm
 from jaxdiff.samplers import sample_continuous
-from jaxdiff.train import init_train_state, make_optimizer
+from jaxdiff.training.step import init_train_state, make_optimizer
 from tests.helpers import write_workdir
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.continuous_losses import dsm_loss, edm_loss, edm_weight
+from jaxdiff.diffusion.losses import dsm_loss, edm_loss, edm_weight
 from jaxdiff.processes import make_process
 
 X0 = np.random.default_rng(0).uniform(-1, 1, size=(5, 2, 2, 3))

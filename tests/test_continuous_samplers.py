@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.denoiser import (
+from jaxdiff.diffusion.denoisers import (
     continuous_eps_denoiser,
     discrete_eps_denoiser,
     edm_precond,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from jaxdiff.config import validate
-from jaxdiff.continuous_model import model_denoiser, process_from_config
+from jaxdiff.diffusion.continuous import model_denoiser, process_from_config
 from jaxdiff.data.sources import load_digits
 from jaxdiff.models import create_model
-from jaxdiff.recipes import digits_edm
+from jaxdiff.config.recipes import digits_edm
 from jaxdiff.samplers import sample_continuous
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.train import init_train_state, make_loss_fn, make_optimizer, make_train_step, preprocess
+from jaxdiff.training.step import init_train_state, make_loss_fn, make_optimizer, make_train_step, preprocess
 
 
 def tiny_digits(network="song_unet", **diffusion):

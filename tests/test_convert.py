@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxdiff import checkpoint
+from jaxdiff.training import checkpoint
 from jaxdiff.cli import load_config
 from jaxdiff.convert import (
     convert,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import Pipeline, cli
-from jaxdiff.continuous_model import model_denoiser, process_from_config
+from jaxdiff.diffusion.continuous import model_denoiser, process_from_config
 from jaxdiff.convert import continuous_configs, convert, detect_format, edm_pickle, load_weights, score_sde_checkpoint
 from jaxdiff.models import create_model, ncsnpp, song_unet
 from tests.test_score_converters import (  # noqa: F401 - edm_modules is a fixture

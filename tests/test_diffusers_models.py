@@ -17,9 +17,9 @@ from jaxdiff import samplers
 from jaxdiff.cli import load_config
 from jaxdiff.convert import convert, read_diffusers, write_diffusers
 from jaxdiff.convert.diffusers_format import architecture_from_unet_config
-from jaxdiff.denoiser import model_denoiser
+from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.sampling.pipeline import Pipeline
 from jaxdiff.schedule import schedule_from_config
 from tests.helpers import TINY_CONFIG
 from tests.test_convert import diffusers_forward, random_params, randomized_unet

@@ -10,8 +10,8 @@ from jaxdiff.cli import main
 from jaxdiff.evaluation.evaluate import evaluate, parse_metrics
 from jaxdiff.evaluation.fid import ActivationStatistics, frechet_distance, inception_score, save_statistics
 from jaxdiff.evaluation.inception import inception_features
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.sampling_job import read_shards
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.sampling.shard_jobs import read_shards
 from jaxdiff.evaluation.inception_weights import random_params
 from tests.helpers import write_workdir
 

@@ -15,12 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from jaxdiff import checkpoint, training_run
-from jaxdiff.checkpoint import CheckpointError
+from jaxdiff.training import checkpoint
+
+from jaxdiff.training import loop as training_run
+from jaxdiff.training.checkpoint import CheckpointError
 from jaxdiff.cli import load_config
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.training_run import train_and_evaluate
-from jaxdiff.workdir_lock import LOCK_FILE, WorkdirLock
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.training.loop import train_and_evaluate
+from jaxdiff.training.workdir_lock import LOCK_FILE, WorkdirLock
 from tests.helpers import ROOT, TINY_CONFIG, write_workdir, xla_flags
 from tests.test_training_run import (
     SUBPROCESS_ENV, cli, leaves, metrics_lines, restored_checkpoint, saved_state, train_args,
@@ -260,8 +262,8 @@ def test_sigint_saves_at_the_next_step_and_exits_cleanly(tmp_path):
 
 SECOND_SIGINT = """
 import os, signal, sys, time
-from jaxdiff.stop_signals import StopSignals
-from jaxdiff.workdir_lock import WorkdirLock
+from jaxdiff.training.stop_signals import StopSignals
+from jaxdiff.training.workdir_lock import WorkdirLock
 with WorkdirLock(sys.argv[1]) as lock, StopSignals(on_abort=lock.release) as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.received == "SIGINT" and os.path.exists(lock.path)
@@ -363,7 +365,7 @@ def test_training_prints_a_few_lines_and_one_progress_bar(tmp_path):
 def test_config_differences_reads_nested_sections_saved_as_json():
     import json
 
-    from jaxdiff.checkpoint import config_differences
+    from jaxdiff.training.checkpoint import config_differences
     from jaxdiff.config import default_config
 
     config = default_config()

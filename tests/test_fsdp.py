@@ -123,9 +123,9 @@ def mesh_and_rules_main():
     # A flax.struct state with None leaves: the autoencoder's, without a discriminator.
     import ml_collections
 
-    from jaxdiff.autoencoder_training import init_autoencoder_train_state
+    from jaxdiff.training.autoencoder_step import init_autoencoder_train_state
     from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
-    from jaxdiff.train import make_optimizer
+    from jaxdiff.training.step import make_optimizer
 
     tiny_ae = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
                "block_out_channels": [16, 32], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8}  # fmt: skip
@@ -145,11 +145,11 @@ def mesh_and_rules_main():
 
 def train_main():
     jax.config.update("jax_num_cpu_devices", 8)
-    from jaxdiff import checkpoint
+    from jaxdiff.training import checkpoint
     from jaxdiff.cli import load_config
     from jaxdiff.models import create_model
     from jaxdiff.schedule import schedule_from_config
-    from jaxdiff.train import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
 
     # adam_eps 1e-5: gradients that vanish in exact arithmetic (a key bias under softmax) are float32
     # roundoff in either run; Adam with eps 1e-8 would normalise them into differing lr-sized updates.
@@ -234,7 +234,7 @@ def train_main():
     total_sharded = max(per_device_bytes(sharded).values())
     assert total_sharded <= (1 / FSDP + 0.05) * total_replicated, (total_sharded, total_replicated)
 
-    # Sharded checkpoint: saved through jaxdiff.checkpoint, restored to the same shardings bitwise, and to
+    # Sharded checkpoint: saved through jaxdiff.training.checkpoint, restored to the same shardings bitwise, and to
     # replicated shardings (another topology) bitwise.
     with tempfile.TemporaryDirectory() as workdir:
         manager = checkpoint.make_manager(workdir)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.convert.stable_diffusion import scheduler_settings
-from jaxdiff.latent_pipeline import LatentPipeline
-from jaxdiff.latent_samplers import (
+from jaxdiff.diffusion.scheduler_config import scheduler_settings
+from jaxdiff.latent.pipeline import LatentPipeline
+from jaxdiff.latent.schedulers import (
     LATENT_SAMPLERS,
     dpm_solver_timesteps,
     initial_scale,

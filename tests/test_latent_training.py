@@ -9,13 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxdiff import latent_training as lt
+from jaxdiff.training import latent_step as lt
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.models.unet_condition_config import config_from_diffusers
-from jaxdiff.train import make_optimizer
-from jaxdiff.word_tokenizer import WordTokenizer
+from jaxdiff.training.step import make_optimizer
+from jaxdiff.latent.word_tokenizer import WordTokenizer
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle"]
 IMAGE, LATENT = 16, (8, 8, 4)
@@ -192,9 +192,9 @@ AE_STEP, AE_SCALING = 7, 0.8
 
 def write_autoencoder_run(workdir, *, step=AE_STEP, scaling_factor=AE_SCALING, seed=0):
     """A tiny autoencoder run's checkpoint (random weights; 32×32×3 -> 16×16×4), with its scaling factor."""
-    from jaxdiff import checkpoint
+    from jaxdiff.training import checkpoint
     from jaxdiff.config import default_config
-    from jaxdiff.tasks import make_task
+    from jaxdiff.training.tasks import make_task
 
     config = default_config()
     config.task, config.seed, config.data.dataset, config.data.random_flip = "autoencoder", seed, "shapes", False
@@ -226,7 +226,7 @@ def latent_run_config(autoencoder, *, steps=4):
 
 
 def train(config, workdir, **kwargs):
-    from jaxdiff.training_run import train_and_evaluate
+    from jaxdiff.training.loop import train_and_evaluate
 
     return train_and_evaluate(config, workdir, progress=False, **kwargs)
 
@@ -244,7 +244,7 @@ def latent_run(tmp_path_factory, autoencoder_run):
 
 
 def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencoder_run):
-    from jaxdiff import checkpoint
+    from jaxdiff.training import checkpoint
 
     steps = sorted(int(p.name) for p in (latent_run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4]
@@ -260,7 +260,7 @@ def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencode
 
 
 def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
-    from jaxdiff import checkpoint
+    from jaxdiff.training import checkpoint
 
     train(latent_run_config(autoencoder_run, steps=2), tmp_path)
     assert train(latent_run_config(autoencoder_run, steps=4), tmp_path).step == 4
@@ -271,7 +271,7 @@ def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
 
 @pytest.fixture(scope="module")
 def pipe(latent_run):
-    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.sampling.pipeline import Pipeline
 
     return Pipeline.from_checkpoint(latent_run)
 
@@ -311,7 +311,7 @@ def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
 
 
 def test_resuming_against_another_autoencoder_is_refused(latent_run, autoencoder_run, tmp_path):
-    from jaxdiff.checkpoint import CheckpointError
+    from jaxdiff.training.checkpoint import CheckpointError
 
     other = write_autoencoder_run(tmp_path / "other", step=3, scaling_factor=1.25, seed=1)
     with pytest.raises(CheckpointError, match=f"latent.autoencoder: '{autoencoder_run}' -> '{other}'"):
@@ -323,7 +323,7 @@ def test_resuming_against_another_autoencoder_is_refused(latent_run, autoencoder
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_autoencoder_workdir_without_a_checkpoint_is_refused(tmp_path, make):
-    from jaxdiff.tasks.latent import LatentTask
+    from jaxdiff.training.tasks.latent import LatentTask
 
     workdir = tmp_path / "ae"
     if make == "empty":
@@ -337,7 +337,7 @@ def test_fine_tuning_a_stable_diffusion_unet_with_its_frozen_text_encoder(tmp_pa
     diffusers = pytest.importorskip("diffusers")
     from jaxdiff import data
     from jaxdiff.convert.unet_condition_weights import read_unet_condition
-    from jaxdiff.tasks.latent import LatentTask
+    from jaxdiff.training.tasks.latent import LatentTask
     from tests.test_stable_diffusion import components, save
 
     folder = tmp_path / "sd"
@@ -367,7 +367,7 @@ def test_fine_tuning_a_stable_diffusion_unet_with_its_frozen_text_encoder(tmp_pa
 
 def test_sampling_against_a_replaced_autoencoder_is_refused(latent_run, autoencoder_run):
     """Last of the module: it retrains (replaces) the run's autoencoder."""
-    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.sampling.pipeline import Pipeline
 
     shutil.rmtree(autoencoder_run)
     write_autoencoder_run(autoencoder_run, step=9, scaling_factor=AE_SCALING)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.denoiser import model_denoiser
+from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.evaluation import likelihood
 from jaxdiff.evaluation.likelihood import bpd_terms, evaluate_bpd, progress_path, stratified_bpd
 from jaxdiff.models.unet import create_model

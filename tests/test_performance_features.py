@@ -15,7 +15,7 @@ from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.models.layers import single_head_attention
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.train import init_train_state, make_optimizer, make_train_step
+from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
 
 # One level keeps compile times short and still has every kind of ResBlock (down, mid, up with skip concat).
 SMALL = dict(image_size=8, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,))

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint
+from jaxdiff.training import checkpoint
 from jaxdiff.cli import main
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.sampling_job import read_shards, sample_to_shards
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.sampling.shard_jobs import read_shards, sample_to_shards
 from tests.helpers import run_python, write_workdir
 
 FAST = dict(sampler="ddim", steps=4)
@@ -166,7 +166,7 @@ def test_conditional_pipeline_labels_and_guidance(tmp_path):
 
 SHARDED = """
 import numpy as np, jax
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.sampling.pipeline import Pipeline
 pipe = Pipeline.from_checkpoint({workdir!r})
 x = pipe.sample(8, seed=2, batch_size=8, sampler="ddim", steps=3)
 print(jax.local_device_count(), int(x.astype(np.int64).sum()))

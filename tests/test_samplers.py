@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.guidance import guided_denoiser
+from jaxdiff.diffusion.guidance import guided_denoiser
 from jaxdiff.samplers import SAMPLERS, sample, sampling_timesteps
 from jaxdiff.schedule import make_schedule
 
@@ -553,7 +553,7 @@ def test_guided_denoiser_batch_mismatch():
 def test_guidance_on_a_conditional_model_without_a_null_label_is_refused_before_any_evaluation():
     from types import SimpleNamespace
 
-    from jaxdiff.denoiser import model_denoiser
+    from jaxdiff.diffusion.denoisers import model_denoiser
 
     calls = []
     model = SimpleNamespace(num_classes=10, null_label=False, apply=lambda *a, **k: calls.append(a))

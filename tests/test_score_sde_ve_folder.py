@@ -19,12 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")  # parity with diffusers' PyTorch pipeline
 
 from jaxdiff import Pipeline, cli, images  # noqa: E402
-from jaxdiff.continuous_model import model_denoiser, process_from_config, sample_in_image_range  # noqa: E402
+from jaxdiff.diffusion.continuous import model_denoiser, process_from_config, sample_in_image_range  # noqa: E402
 from jaxdiff.convert import convert, detect_format, load_weights  # noqa: E402
 from jaxdiff.evaluation.ode_likelihood import ode_bits_per_dim  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.processes import make_process  # noqa: E402
-from jaxdiff.recipes import recipe  # noqa: E402
+from jaxdiff.config.recipes import recipe  # noqa: E402
 from jaxdiff.samplers import sample_continuous  # noqa: E402
 from jaxdiff.samplers.grids import step_noise  # noqa: E402
 
@@ -223,7 +223,7 @@ def test_pipeline_images_of_an_uncentred_model(folder):
 
 
 def test_training_sees_uncentred_data(monkeypatch):
-    from jaxdiff import train
+    from jaxdiff.training import step as train
 
     seen = {}
 

@@ -12,7 +12,7 @@ from jaxdiff import data
 from jaxdiff.config import default_config
 from jaxdiff.data import shapes
 from jaxdiff.models.clip_text import LEGACY_EOS_TOKEN_ID
-from jaxdiff.word_tokenizer import WordTokenizer
+from jaxdiff.latent.word_tokenizer import WordTokenizer
 
 SHAPE_NAMES = ["circle", "square", "triangle"]
 COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan", "white"]
@@ -281,7 +281,7 @@ def test_vocabulary_is_deterministic_and_survives_json():
     shuffled = WordTokenizer.from_captions([captions[i] for i in np.random.default_rng(0).permutation(len(captions))])
     assert tokenizer.to_json() == shuffled.to_json()
     restored = WordTokenizer.from_json(tokenizer.to_json())
-    saved = {"format": "jaxdiff.word_tokenizer", "max_length": 16, "words": SHAPES_WORDS}
+    saved = {"format": "jaxdiff.latent.word_tokenizer", "max_length": 16, "words": SHAPES_WORDS}
     assert json.loads(restored.to_json()) == saved
     for a, b in zip(restored.encode(captions), tokenizer.encode(captions)):
         np.testing.assert_array_equal(a, b)

@@ -16,11 +16,11 @@ from jaxdiff.convert.stable_diffusion import (
     is_stable_diffusion,
     read_single_file,
     read_stable_diffusion,
-    scheduler_settings,
     write_stable_diffusion,
 )
-from jaxdiff.latent_pipeline import LatentPipeline
-from jaxdiff.latent_samplers import add_noise, visited_timesteps
+from jaxdiff.diffusion.scheduler_config import scheduler_settings
+from jaxdiff.latent.pipeline import LatentPipeline
+from jaxdiff.latent.schedulers import add_noise, visited_timesteps
 from tests.test_clip_text import write_tokenizer_folder
 
 torch = pytest.importorskip("torch")

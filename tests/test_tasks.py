@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import checkpoint, data, images
-from jaxdiff.autoencoder_training import encode_fn, estimate_scaling_factor, reconstruct
-from jaxdiff.checkpoint import CheckpointError, config_differences
+from jaxdiff import data, images
+
+from jaxdiff.training import checkpoint
+from jaxdiff.training.autoencoder_step import encode_fn, estimate_scaling_factor, reconstruct
+from jaxdiff.training.checkpoint import CheckpointError, config_differences
 from jaxdiff.cli import load_config, main
 from jaxdiff.config import ConfigError
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.tasks import make_task
-from jaxdiff.tasks.autoencoder import SCALING_IMAGES
-from jaxdiff.training_run import _summarise, train_and_evaluate
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.training.tasks import make_task
+from jaxdiff.training.tasks.autoencoder import SCALING_IMAGES
+from jaxdiff.training.loop import _summarise, train_and_evaluate
 from tests.helpers import ROOT
 
 AE_CONFIG = str(ROOT / "configs" / "shapes_autoencoder.py")

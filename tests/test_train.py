@@ -9,7 +9,7 @@ import pytest
 from jaxdiff.cli import load_config
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.train import (
+from jaxdiff.training.step import (
     _accumulated_grads,
     init_train_state,
     learning_rate_schedule,

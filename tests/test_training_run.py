@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxdiff import checkpoint
+from jaxdiff.training import checkpoint
 from jaxdiff.cli import load_config, main
 from jaxdiff.models import create_model
-from jaxdiff.train import init_train_state, make_optimizer
-from jaxdiff.training_run import train_and_evaluate
+from jaxdiff.training.step import init_train_state, make_optimizer
+from jaxdiff.training.loop import train_and_evaluate
 from tests.helpers import ROOT, TINY_CONFIG, free_port, run_python, xla_flags
 
 SUBPROCESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -136,7 +136,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
 DEVICE_RUN = """
 import json, jax, numpy as np
 from jaxdiff.cli import load_config
-from jaxdiff.training_run import train_and_evaluate
+from jaxdiff.training.loop import train_and_evaluate
 from tests.helpers import TINY_CONFIG
 config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=3", "--config.training.log_every_steps=1",
                                    "--config.training.batch_size=8"])

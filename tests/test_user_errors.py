@@ -9,7 +9,7 @@ import pytest
 
 from jaxdiff import cli
 from jaxdiff.cli import main
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.sampling.pipeline import Pipeline
 from tests.helpers import TINY_CONFIG, write_workdir
 
 
@@ -166,7 +166,7 @@ def test_an_internal_error_says_it_is_a_bug(capsys, monkeypatch):
 def test_every_user_error_type_is_mapped():
     from safetensors import SafetensorError
 
-    from jaxdiff.checkpoint import CheckpointError
+    from jaxdiff.training.checkpoint import CheckpointError
     from jaxdiff.data import DatasetNotFoundError
 
     mapped = cli._user_errors()

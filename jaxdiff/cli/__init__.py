@@ -1,7 +1,7 @@
 """The `jaxdiff` command: train | sample | eval | convert | data | info.
 
 `--config` takes a config file (an ml_collections file defining `get_config()`)
-or a recipe name (`jaxdiff.recipes.RECIPES`); any key can be overridden as
+or a recipe name (`jaxdiff.config.recipes.RECIPES`); any key can be overridden as
 `--config.section.key=value`, and the result is validated before anything runs.
 
 A user's mistake (bad value, bad file, bad path, missing data) ends with exit
@@ -44,7 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from safetensors import SafetensorError
 
-    from jaxdiff.checkpoint import CheckpointError
+    from jaxdiff.training.checkpoint import CheckpointError
     from jaxdiff.data import DatasetNotFoundError
 
     return (ValueError, OSError, CheckpointError, DatasetNotFoundError, FloatingPointError, SafetensorError,

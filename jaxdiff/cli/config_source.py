@@ -19,7 +19,7 @@ def load_config(source: str, overrides: list[str]) -> ml_collections.ConfigDict:
     from ml_collections import config_flags
 
     from jaxdiff.config import ConfigError, default_config, flat_keys, unknown_key_error, validate
-    from jaxdiff.recipes import RECIPES, recipe
+    from jaxdiff.config.recipes import RECIPES, recipe
 
     bad = [arg for arg in overrides if not arg.startswith("--config.")]
     if bad:

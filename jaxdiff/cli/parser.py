@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxdiff.recipes import RECIPES
+    from jaxdiff.config.recipes import RECIPES
 
     verbose_help = "all libraries' log messages; tracebacks"
     common = argparse.ArgumentParser(add_help=False)  # SUPPRESS: `jaxdiff -v VERB` is not overwritten by VERB's default

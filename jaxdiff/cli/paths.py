@@ -63,7 +63,7 @@ def reading_weights(path: str):
 
 
 def load_pipeline(path: str, step: int | None, config: str | None = None):
-    from jaxdiff.pipeline import Pipeline
+    from jaxdiff.sampling.pipeline import Pipeline
 
     with reading_weights(path):
         return Pipeline.from_pretrained(path, step=step, config=config)

@@ -66,7 +66,7 @@ def _sample_pretrained(args) -> int:
     mask = _read_image(args.mask, "--mask", "L") if args.mask else None
 
     from jaxdiff import images
-    from jaxdiff.latent_pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
+    from jaxdiff.latent.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
 
     if args.pretrained:
         with reading_weights(args.pretrained):
@@ -129,7 +129,7 @@ def run_sample(args, extra) -> int:
     import jax
 
     from jaxdiff import images
-    from jaxdiff.sampling_job import sample_to_shards
+    from jaxdiff.sampling.shard_jobs import sample_to_shards
 
     pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     sampler = sampler_settings(pipe, args)

@@ -9,7 +9,7 @@ from jaxdiff.cli.paths import check_output_dir
 
 def run_train(args, extra) -> int:
     from jaxdiff import sharding
-    from jaxdiff.training_run import train_and_evaluate
+    from jaxdiff.training.loop import train_and_evaluate
 
     config = load_config(args.config, extra)
     check_output_dir(args.workdir, "--workdir")

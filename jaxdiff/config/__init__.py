@@ -6,7 +6,7 @@ The returned ConfigDict is locked, so setting a key that does not exist
 `SPECS` gives each key its type, allowed values and meaning; `validate`
 checks a whole config against it before a run starts.
 
-`task` says what a run trains (`jaxdiff.tasks`). Sections only some tasks read are ignored by the
+`task` says what a run trains (`jaxdiff.training.tasks`). Sections only some tasks read are ignored by the
 others: the diffusion model reads `model` and `diffusion`, the autoencoder `autoencoder` and
 `autoencoder_loss`; every task reads `seed`, `data`, `training` and `sampling` (where they apply).
 

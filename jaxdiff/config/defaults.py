@@ -7,7 +7,7 @@ import math
 
 import ml_collections
 
-from jaxdiff.autoencoder_training import LOSS_DEFAULTS
+from jaxdiff.training.autoencoder_step import LOSS_DEFAULTS
 from jaxdiff.models import ncsnpp, song_unet
 
 DATASETS = (
@@ -21,7 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The DDPM CIFAR-10 recipe (Ho et al. 2020, official code), locked: values may change, keys may not."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent (jaxdiff.tasks)
+    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent (jaxdiff.training.tasks)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar10"
@@ -103,9 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.autoencoder.mid_block_add_attention = True
     c.autoencoder.dtype = "float32"  # compute dtype; parameters stay float32
     c.autoencoder.remat = False
-    # task "autoencoder": its loss (jaxdiff.autoencoder_training).
+    # task "autoencoder": its loss (jaxdiff.training.autoencoder_step).
     c.autoencoder_loss = ml_collections.ConfigDict(dict(LOSS_DEFAULTS))
-    # task "latent": text-conditioned diffusion on the latents of a frozen autoencoder (jaxdiff.tasks.latent).
+    # task "latent": text-conditioned diffusion on the latents of a frozen autoencoder (jaxdiff.training.tasks.latent).
     c.latent = ml_collections.ConfigDict()
     c.latent.autoencoder = ""  # an autoencoder run's workdir (its newest checkpoint) or a Stable Diffusion folder
     c.latent.text_encoder = ""  # "": a CLIP-style transformer trained with the U-Net; an SD folder: its, frozen

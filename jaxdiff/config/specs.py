@@ -9,10 +9,10 @@ import math
 
 import ml_collections
 
-from jaxdiff.autoencoder_training import RECONSTRUCTION_LOSSES
+from jaxdiff.training.autoencoder_step import RECONSTRUCTION_LOSSES
 from jaxdiff.checks import is_int, is_real
 from jaxdiff.config.defaults import DATASETS, TASKS, default_config
-from jaxdiff.continuous_model import CONTINUOUS_LOSSES, PARAMETERIZATIONS
+from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, PARAMETERIZATIONS
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.models import NETWORKS, ncsnpp, song_unet
 from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES

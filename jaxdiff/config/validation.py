@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdiff.autoencoder_training import autoencoder_model_config
+from jaxdiff.training.autoencoder_step import autoencoder_model_config
 from jaxdiff.config.defaults import default_config
 from jaxdiff.config.specs import ConfigError, flat_keys, spec_of, unknown_key_error
-from jaxdiff.continuous_model import CONTINUOUS_LOSSES, process_from_config
+from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, process_from_config
 from jaxdiff.models import create_model
 from jaxdiff.processes import PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff import checkpoint
-from jaxdiff.continuous_model import is_continuous
+from jaxdiff.training import checkpoint
+from jaxdiff.diffusion.continuous import is_continuous
 from jaxdiff.convert.continuous_configs import (
     check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
 )  # fmt: skip

@@ -1,7 +1,7 @@
 """What imported weights imply: the U-Net architecture, the run config around it, our parameter tree for it.
 
 Weights fix the architecture but not the image size (convolutions fit any size) nor the training
-recipe, so a config is assembled from a recipe of `jaxdiff.recipes` (named by `dataset`, or the released
+recipe, so a config is assembled from a recipe of `jaxdiff.config.recipes` (named by `dataset`, or the released
 DDPM model whose architecture matches) with the model section taken from the weights.
 """
 
@@ -17,8 +17,8 @@ import ml_collections
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.models.unet import level_resolutions
-from jaxdiff.recipes import RELEASED, recipe
-from jaxdiff.train import dummy_inputs
+from jaxdiff.config.recipes import RELEASED, recipe
+from jaxdiff.training.step import dummy_inputs
 
 ParamPath = tuple[str, ...]
 Shape = tuple[int, ...]

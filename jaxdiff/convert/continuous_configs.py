@@ -1,7 +1,7 @@
 """What a score_sde / EDM / ScoreSdeVePipeline reader returned -> a validated jaxdiff config and its params.
 
 The readers give (network name, network section, params, process info). The config starts from the recipe
-of that network and process (`jaxdiff.recipes`): its training and sampling settings are kept, while the
+of that network and process (`jaxdiff.config.recipes`): its training and sampling settings are kept, while the
 network section, image size, channels, classes and the process parameters come from what was read.
 A recipe the caller names must have the same network, network section and parameterisation; any
 difference is an error naming the keys.
@@ -26,7 +26,7 @@ import numpy as np
 from jaxdiff.config import ConfigError, flat_keys, validate
 from jaxdiff.convert import score_sde_checkpoint
 from jaxdiff.processes import make_process
-from jaxdiff.recipes import RECIPES, recipe
+from jaxdiff.config.recipes import RECIPES, recipe
 
 # jaxdiff's score_sde recipes and the score_sde config each reproduces ("sde_vp_ddpmpp_continuous" ->
 # "vp/ddpmpp_continuous").

@@ -18,10 +18,11 @@ import safetensors.numpy
 from jaxdiff.config import validate
 from jaxdiff.convert.architecture import param_shapes
 from jaxdiff.convert.diffusers_format import (
-    BETA_SCHEDULES, CONFIG_FILE, DOWN_BLOCKS, JAXDIFF_CONFIG_FILE, MEAN_TYPES, MODEL_INDEX_FILE, SCHEDULER_FILE,
-    UP_BLOCKS, VAR_TYPES, WEIGHTS_FILE, diffusers_names,
+    CONFIG_FILE, DOWN_BLOCKS, JAXDIFF_CONFIG_FILE, MODEL_INDEX_FILE, SCHEDULER_FILE, UP_BLOCKS, WEIGHTS_FILE,
+    diffusers_names,
 )  # fmt: skip
 from jaxdiff.convert.matching import match_names
+from jaxdiff.diffusion.scheduler_config import DIFFUSERS_BETA_SCHEDULES, DIFFUSERS_MEAN_TYPES, DIFFUSERS_VAR_TYPES
 from jaxdiff.convert.torch_layout import to_torch
 
 
@@ -93,8 +94,8 @@ def unet_config(config: ml_collections.ConfigDict) -> dict:
 def scheduler_config(config: ml_collections.ConfigDict) -> dict:
     """The `DDPMScheduler` config of our diffusion; settings it cannot express raise ValueError."""
     d = config.diffusion
-    for key, table, value in (("schedule", BETA_SCHEDULES, d.schedule), ("var_type", VAR_TYPES, d.var_type),
-                              ("mean_type", MEAN_TYPES, d.mean_type)):  # fmt: skip
+    for key, table, value in (("schedule", DIFFUSERS_BETA_SCHEDULES, d.schedule), ("var_type", DIFFUSERS_VAR_TYPES, d.var_type),
+                              ("mean_type", DIFFUSERS_MEAN_TYPES, d.mean_type)):  # fmt: skip
         if value not in table:
             raise ValueError(f"diffusion.{key}={value!r} has no DDPMScheduler equivalent (supported: {sorted(table)})")
     return {
@@ -102,12 +103,12 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict:
         "num_train_timesteps": d.num_timesteps,
         "beta_start": d.beta_start,
         "beta_end": d.beta_end,
-        "beta_schedule": BETA_SCHEDULES[d.schedule],
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULES[d.schedule],
         "trained_betas": None,
-        "variance_type": VAR_TYPES[d.var_type],
+        "variance_type": DIFFUSERS_VAR_TYPES[d.var_type],
         "clip_sample": bool(config.sampling.clip_denoised),
         "clip_sample_range": 1.0,
-        "prediction_type": MEAN_TYPES[d.mean_type],
+        "prediction_type": DIFFUSERS_MEAN_TYPES[d.mean_type],
         "thresholding": False,
     }
 

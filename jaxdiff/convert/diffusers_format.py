@@ -39,6 +39,7 @@ from jaxdiff.convert.architecture import (
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.torch_layout import from_torch, torch_shape
+from jaxdiff.diffusion.scheduler_config import apply_scheduler_config, unsupported_setting
 from jaxdiff.models.layers import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
@@ -91,27 +92,7 @@ UP_BLOCKS = {
 }  # fmt: skip
 
 # Our beta schedules, variance and mean types <-> the schedulers' names.
-BETA_SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
-VAR_TYPES = {
-    "fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned": "learned", "learned_range": "learned_range",
-}  # fmt: skip
-MEAN_TYPES = {"eps": "epsilon", "x_start": "sample", "v": "v_prediction"}
-SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")
-SCHEDULER_DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "variance_type": "fixed_small",
-    "clip_sample": True,
-    "prediction_type": "epsilon",
-    "thresholding": False,
-    "clip_sample_range": 1.0,
-    "rescale_betas_zero_snr": False,
-}
-DDIM_PIPELINE_STEPS = 50  # DDIMPipeline's default num_inference_steps
 
 # Our layer names -> diffusers' (attention: current name first, then the pre-0.15 one).
 RESBLOCK_LAYERS = {
@@ -176,10 +157,6 @@ def unet_folder(folder: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
-def _unsupported(source: str, key: str, value: Any, need: str) -> ValueError:
-    return ValueError(f"{source}: unsupported setting {key}={value!r} ({need})")
-
-
 def _levels(down_types: list, up_types: list, s: dict, source: str) -> tuple[tuple[int, ...], tuple, tuple]:
     """(attention levels, levels downsampled by a ResBlock, levels upsampled by a ResBlock) of the block types."""
     num_levels = len(down_types)
@@ -188,7 +165,7 @@ def _levels(down_types: list, up_types: list, s: dict, source: str) -> tuple[tup
         kinds = [key for key, value in DOWN_BLOCKS.items() if value == name]
         if not kinds:
             need = f"each one of {sorted(DOWN_BLOCKS.values())}"
-            raise _unsupported(source, "down_block_types", down_types, need)
+            raise unsupported_setting(source, "down_block_types", down_types, need)
         with_attn, by_resblock = kinds[0]
         attn += [i] if with_attn else []
         by_resblock = by_resblock or (with_attn and s["downsample_type"] == "resnet")
@@ -198,7 +175,7 @@ def _levels(down_types: list, up_types: list, s: dict, source: str) -> tuple[tup
         kinds = [key for key, value in UP_BLOCKS.items() if value == name]
         if not kinds or kinds[0][0] != (i in attn):
             need = "an AttnUpBlock2D mirroring each AttnDownBlock2D, else UpBlock2D or ResnetUpsampleBlock2D"
-            raise _unsupported(source, "up_block_types", up_types, need)
+            raise unsupported_setting(source, "up_block_types", up_types, need)
         with_attn, by_resblock = kinds[0]
         by_resblock = by_resblock or (with_attn and s["upsample_type"] == "resnet")
         res_up += [i] if by_resblock and i > 0 else []
@@ -207,7 +184,7 @@ def _levels(down_types: list, up_types: list, s: dict, source: str) -> tuple[tup
 
 def _check_choice(source: str, s: dict, key: str, allowed: tuple) -> None:
     if s[key] not in allowed or isinstance(s[key], bool) != isinstance(allowed[0], bool):
-        raise _unsupported(source, key, s[key], "one of " + ", ".join(map(repr, allowed)))
+        raise unsupported_setting(source, key, s[key], "one of " + ", ".join(map(repr, allowed)))
 
 
 def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architecture, int]:
@@ -217,7 +194,7 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     for key, (allowed, default) in REQUIRED_UNET_SETTINGS.items():
         value = settings.get(key, default)
         if value not in allowed:
-            raise _unsupported(source, key, value, "supported: " + " or ".join(map(repr, allowed)))
+            raise unsupported_setting(source, key, value, "supported: " + " or ".join(map(repr, allowed)))
     known = set(REQUIRED_UNET_SETTINGS) | set(UNET_SETTINGS) | set(IGNORED_UNET_SETTINGS)
     unknown = sorted(k for k in settings if k not in known and not k.startswith("_"))
     if unknown:
@@ -228,14 +205,14 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
     if not is_int(size, numpy=False) or size < 1:
-        raise _unsupported(source, "sample_size", s["sample_size"], "a square image size is needed")
+        raise unsupported_setting(source, "sample_size", s["sample_size"], "a square image size is needed")
     widths = list(s["block_out_channels"])
     if not widths or any(not is_int(w, numpy=False) or w < 1 or w % widths[0] for w in widths):
-        raise _unsupported(source, "block_out_channels", widths, "positive multiples of the first entry")
+        raise unsupported_setting(source, "block_out_channels", widths, "positive multiples of the first entry")
     ch = widths[0]
     for key in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
         if not is_int(s[key], numpy=False) or s[key] < 1:
-            raise _unsupported(source, key, s[key], "a positive int")
+            raise unsupported_setting(source, key, s[key], "a positive int")
     _check_choice(source, s, "flip_sin_to_cos", (True, False))
     _check_choice(source, s, "add_attention", (True, False))
     _check_choice(source, s, "downsample_padding", (0, 1))
@@ -244,22 +221,22 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
     _check_choice(source, s, "act_fn", tuple(ACTIVATIONS))
     _check_choice(source, s, "resnet_time_scale_shift", ("default", "scale_shift"))
     if not is_int(s["freq_shift"], numpy=False) or not 0 <= s["freq_shift"] < ch // 2:
-        raise _unsupported(source, "freq_shift", s["freq_shift"], f"an int in 0..{ch // 2 - 1}")
+        raise unsupported_setting(source, "freq_shift", s["freq_shift"], f"an int in 0..{ch // 2 - 1}")
     if not is_real(s["norm_eps"], numpy=False) or not s["norm_eps"] > 0:
-        raise _unsupported(source, "norm_eps", s["norm_eps"], "a number > 0")
+        raise unsupported_setting(source, "norm_eps", s["norm_eps"], "a number > 0")
     if s["time_embedding_dim"] not in (None, 4 * ch):
-        raise _unsupported(source, "time_embedding_dim", s["time_embedding_dim"], f"must be 4·{ch} or null")
+        raise unsupported_setting(source, "time_embedding_dim", s["time_embedding_dim"], f"must be 4·{ch} or null")
     if s["attn_norm_num_groups"] not in (None, s["norm_num_groups"]):
         need = f"null or norm_num_groups ({s['norm_num_groups']})"
-        raise _unsupported(source, "attn_norm_num_groups", s["attn_norm_num_groups"], need)
+        raise unsupported_setting(source, "attn_norm_num_groups", s["attn_norm_num_groups"], need)
     classes = s["num_class_embeds"]
     if classes is not None and (not is_int(classes, numpy=False) or classes < 1):
-        raise _unsupported(source, "num_class_embeds", classes, "null or a positive int")
+        raise unsupported_setting(source, "num_class_embeds", classes, "null or a positive int")
 
     down_types, up_types = list(s["down_block_types"]), list(s["up_block_types"])
     if len(down_types) != len(widths) or len(up_types) != len(widths):
         need = f"one block type per entry of block_out_channels ({len(widths)})"
-        raise _unsupported(source, "down_block_types" if len(down_types) != len(widths) else "up_block_types",
+        raise unsupported_setting(source, "down_block_types" if len(down_types) != len(widths) else "up_block_types",
                            down_types if len(down_types) != len(widths) else up_types, need)  # fmt: skip
     attn_levels, res_down, res_up = _levels(down_types, up_types, s, source)
     head_dim = s["attention_head_dim"]
@@ -268,7 +245,7 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
         not is_int(head_dim, numpy=False) or head_dim < 1 or any(w % head_dim for w in attn_widths)
     ):
         need = f"null or a divisor of the attention widths {attn_widths}"
-        raise _unsupported(source, "attention_head_dim", head_dim, need)
+        raise unsupported_setting(source, "attention_head_dim", head_dim, need)
     scale_shift = s["resnet_time_scale_shift"] == "scale_shift"
     arch = Architecture(
         in_channels=s["in_channels"],
@@ -294,39 +271,6 @@ def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architec
         mid_attn_norm=s["attn_norm_num_groups"] is not None or not scale_shift,
     )
     return arch, size
-
-
-def _inverse(table: dict[str, str], value: str, key: str, source: str) -> str:
-    for ours, theirs in table.items():
-        if theirs == value:
-            return ours
-    raise _unsupported(source, key, value, f"supported: {sorted(table.values())}")
-
-
-def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, source: str) -> None:
-    """Set `config.diffusion` and `config.sampling.clip_denoised` from a `DDPMScheduler` or `DDIMScheduler`
-    config (a DDIMScheduler also selects the ddim sampler with DDIMPipeline's 50 steps). Sampling-only
-    settings (timestep_spacing, steps_offset, set_alpha_to_one) are not read."""
-    kind = settings.get("_class_name", "DDPMScheduler")
-    if kind not in SCHEDULERS:
-        raise ValueError(f"{source}: _class_name={kind!r}; supported schedulers: {', '.join(SCHEDULERS)}")
-    s = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
-    for key in ("trained_betas", "thresholding", "rescale_betas_zero_snr"):
-        if s[key] not in (None, False):
-            raise _unsupported(source, key, s[key], "DDPM sampling uses no such option")
-    if s["clip_sample"] and s["clip_sample_range"] != 1.0:
-        raise _unsupported(source, "clip_sample_range", s["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
-    if not is_int(s["num_train_timesteps"], numpy=False) or s["num_train_timesteps"] < 2:
-        raise _unsupported(source, "num_train_timesteps", s["num_train_timesteps"], "an int >= 2")
-    d = config.diffusion
-    d.schedule = _inverse(BETA_SCHEDULES, s["beta_schedule"], "beta_schedule", source)
-    d.num_timesteps = s["num_train_timesteps"]
-    d.beta_start, d.beta_end = float(s["beta_start"]), float(s["beta_end"])
-    d.var_type = _inverse(VAR_TYPES, s["variance_type"], "variance_type", source)
-    d.mean_type = _inverse(MEAN_TYPES, s["prediction_type"], "prediction_type", source)
-    config.sampling.clip_denoised = bool(s["clip_sample"])
-    if kind == "DDIMScheduler":
-        config.sampling.sampler, config.sampling.steps = "ddim", min(DDIM_PIPELINE_STEPS, d.num_timesteps)
 
 
 def _beside(unet_dir: pathlib.Path, name: str) -> pathlib.Path | None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxdiff.checks import is_real
 from jaxdiff.config import flat_keys, validate
-from jaxdiff.continuous_model import process_from_config
+from jaxdiff.diffusion.continuous import process_from_config
 from jaxdiff.convert import score_diffusers
 from jaxdiff.convert.architecture import param_shapes
 from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, WEIGHTS_FILE, WEIGHTS_STEM

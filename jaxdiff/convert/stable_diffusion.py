@@ -24,8 +24,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff.checks import is_int
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, apply_scheduler_config
+from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE
 from jaxdiff.convert.torch_layout import from_torch
 from jaxdiff.convert.files import load_json
 from jaxdiff.convert.latent_weights import (
@@ -52,66 +51,13 @@ from jaxdiff.convert.unet_condition_weights import (
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition_config import config_from_diffusers
-from jaxdiff.schedule import Schedule, schedule_from_config
-from jaxdiff.tokenizer import CLIPTokenizer
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings, scheduler_settings
+from jaxdiff.latent.bundle import PIPELINE_CLASSES, LatentModels
+from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-# DDIMScheduler's defaults for the settings our samplers read besides the noise schedule.
-SAMPLING_DEFAULTS = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True}
-
-
-class SchedulerSettings(NamedTuple):
-    """The training schedule and how diffusers' DDIMScheduler places its steps on it.
-
-    mean_type: what the U-Net predicts, "eps", "v" or "x_start". timestep_spacing: "leading", "trailing" or
-    "linspace"; steps_offset: added to "leading" steps; set_alpha_to_one: whether DDIM's last step goes to
-    ᾱ = 1 (else to ᾱ of step 0). `config` is the scheduler_config.json dict, kept for export.
-    """
-
-    schedule: Schedule
-    mean_type: str
-    timestep_spacing: str
-    steps_offset: int
-    set_alpha_to_one: bool
-    config: dict
-
-
-class StableDiffusion(NamedTuple):
-    """Everything a Stable Diffusion pipeline needs: each network's config and float32 NumPy parameters (our
-    layouts), the tokenizer, the scheduler settings, the pipeline class and the source's config.json dicts."""
-
-    pipeline_class: str
-    unet_config: ml_collections.ConfigDict
-    unet_params: dict
-    vae_config: ml_collections.ConfigDict
-    vae_params: dict
-    text_config: ml_collections.ConfigDict
-    text_params: dict
-    tokenizer: CLIPTokenizer
-    tokenizer_folder: pathlib.Path
-    scheduler: SchedulerSettings
-    settings: dict  # component -> its config.json dict
-
-
-def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
-    """`SchedulerSettings` of a diffusers scheduler config dict; unsupported values raise ValueError naming them."""
-    run_config = ml_collections.ConfigDict({"diffusion": {}, "sampling": {}})
-    apply_scheduler_config(run_config, {**config, "_class_name": "DDIMScheduler"}, source)
-    s = {key: config.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}
-    if s["timestep_spacing"] not in TIMESTEP_SPACINGS:
-        raise ValueError(f"{source}: timestep_spacing={s['timestep_spacing']!r}; supported: {TIMESTEP_SPACINGS}")
-    offset = s["steps_offset"]
-    if not is_int(offset, numpy=False) or not 0 <= offset < run_config.diffusion.num_timesteps:
-        raise ValueError(f"{source}: steps_offset={offset!r} must be an int in 0..num_train_timesteps-1")
-    if not isinstance(s["set_alpha_to_one"], bool):
-        raise ValueError(f"{source}: set_alpha_to_one={s['set_alpha_to_one']!r} must be true or false")
-    schedule = schedule_from_config(run_config.diffusion)
-    return SchedulerSettings(schedule, run_config.diffusion.mean_type, s["timestep_spacing"], offset,
-                             s["set_alpha_to_one"], dict(config))  # fmt: skip
 
 
 def refuse_pickle(path: pathlib.Path) -> None:
@@ -149,7 +95,7 @@ def _check_text_width(settings: dict, folder: pathlib.Path) -> None:
 
 def read_stable_diffusion(
     folder: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32"
-) -> StableDiffusion:
+) -> LatentModels:
     """Read a diffusers Stable Diffusion folder; `variant` (e.g. "fp16") picks `<weights>.<variant>.safetensors`,
     `dtype` is the networks' compute dtype ("float32" or "bfloat16"; parameters stay float32). Configs are
     checked before any weights are read; one ValueError lists every missing, unexpected or mis-shaped tensor."""
@@ -168,10 +114,11 @@ def read_stable_diffusion(
     unet_config, unet_params = read_unet_condition(folder / "unet", variant=variant, dtype=dtype)
     vae_config, vae_params = read_autoencoder(folder / "vae", variant=variant, dtype=dtype)
     text_config, text_params = read_clip_text(folder / "text_encoder", variant=variant, dtype=dtype)
-    return StableDiffusion(
-        pipeline_class, unet_config, unet_params, vae_config, vae_params, text_config, text_params,
-        tokenizer, folder / "tokenizer", scheduler, settings,
-    )  # fmt: skip
+    return LatentModels(
+        pipeline_class=pipeline_class, unet_config=unet_config, unet_params=unet_params, vae_config=vae_config,
+        vae_params=vae_params, text_config=text_config, text_params=text_params, tokenizer=tokenizer,
+        tokenizer_folder=folder / "tokenizer", scheduler=scheduler, settings=settings,
+    )
 
 
 # --------------------------------------------------------------------------- export
@@ -195,7 +142,7 @@ def _clip_name(path: tuple[str, ...]) -> str:
     return torch_name(path) if path[0] == "text_projection" else CLIP_PREFIX + torch_name(path)
 
 
-def write_stable_diffusion(model: StableDiffusion, folder: str | os.PathLike) -> None:
+def write_stable_diffusion(model: LatentModels, folder: str | os.PathLike) -> None:
     """Write `model` as a diffusers Stable Diffusion folder that `DiffusionPipeline.from_pretrained` loads:
     model_index.json, each network's config.json and safetensors weights, the tokenizer files, the scheduler
     config (as a DDIMScheduler). The target must not exist yet."""
@@ -406,7 +353,7 @@ def _config_folder_settings(folder: pathlib.Path) -> dict:
 def read_single_file(
     file: str | os.PathLike, *, config_folder: str | os.PathLike, scheduler: str | dict = "sd1",
     dtype: str = "float32",
-) -> StableDiffusion:  # fmt: skip
+) -> LatentModels:  # fmt: skip
     """Read an original-format Stable Diffusion 1.x / 2.x `.safetensors` checkpoint (`model.diffusion_model.*`,
     `first_stage_model.*`, `cond_stage_model.transformer.*` or OpenCLIP `cond_stage_model.model.*`).
 
@@ -445,10 +392,11 @@ def read_single_file(
         "text_encoder": (param_shapes(create_clip_text(text_config), jax.ShapeDtypeStruct((1, 1), jnp.int32)), clip_names),
     }  # fmt: skip
     params = read_original_tensors(file, shapes, settings, text_config.num_hidden_layers)
-    return StableDiffusion(
-        "StableDiffusionPipeline", unet_config, params["unet"], vae_config, params["vae"], text_config,
-        params["text_encoder"], tokenizer, config_folder / "tokenizer", scheduler_config, settings,
-    )  # fmt: skip
+    return LatentModels(
+        unet_config=unet_config, unet_params=params["unet"], vae_config=vae_config, vae_params=params["vae"],
+        text_config=text_config, text_params=params["text_encoder"], tokenizer=tokenizer,
+        tokenizer_folder=config_folder / "tokenizer", scheduler=scheduler_config, settings=settings,
+    )
 
 
 def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text_layers: int) -> dict:
@@ -489,7 +437,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
 def read_pretrained(
     path: str | os.PathLike, *, variant: str | None = None, config_folder: str | os.PathLike | None = None,
     scheduler: str | dict = "sd1", dtype: str = "float32",
-) -> StableDiffusion:  # fmt: skip
+) -> LatentModels:  # fmt: skip
     """A diffusers SD folder (`read_stable_diffusion`; `variant` applies) or an original-format single
     `.safetensors` file (`read_single_file`; `config_folder` and `scheduler` apply)."""
     path = pathlib.Path(path)

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 
 from jaxdiff import data
 from jaxdiff.config import default_config
-from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
-from jaxdiff.denoiser import model_denoiser
+from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
+from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.evaluation import likelihood, reference
 from jaxdiff.evaluation.ode_bpd import evaluate_ode_bpd
 from jaxdiff.evaluation.fid import ActivationStatistics, frechet_distance, inception_score, precision_recall
 from jaxdiff.evaluation.inception import inception_features
-from jaxdiff.pipeline import Pipeline
-from jaxdiff.sampling_job import sample_to_shards
+from jaxdiff.sampling.pipeline import Pipeline
+from jaxdiff.sampling.shard_jobs import sample_to_shards
 
 METRICS = ("fid", "is", "pr", "bpd")
 

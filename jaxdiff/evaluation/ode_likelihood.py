@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.checks import is_int
-from jaxdiff.denoiser import probability_flow_drift
+from jaxdiff.diffusion.denoisers import probability_flow_drift
 from jaxdiff.samplers.ode import check_solver, check_tolerance, raise_if_failed, solve
 
 Array = jax.Array

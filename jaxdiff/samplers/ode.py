@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.checks import is_real
-from jaxdiff.denoiser import denoise_state, probability_flow_drift
+from jaxdiff.diffusion.denoisers import denoise_state, probability_flow_drift
 
 Array = jax.Array
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.denoiser import denoise_state, score_from_denoiser
+from jaxdiff.diffusion.denoisers import denoise_state, score_from_denoiser
 from jaxdiff.samplers.grids import step_noise, time_grid
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral")

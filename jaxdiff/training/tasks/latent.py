@@ -1,4 +1,4 @@
-"""The latent task: text-conditioned diffusion on the latents of a frozen autoencoder (`jaxdiff.latent_training`).
+"""The latent task: text-conditioned diffusion on the latents of a frozen autoencoder (`jaxdiff.training.latent_step`).
 
 The parts, from `config.latent`:
 - `autoencoder`: an autoencoder run's workdir (the EMA parameters of its newest checkpoint, the latent
@@ -28,10 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdiff import checkpoint
-from jaxdiff.autoencoder_training import autoencoder_model_config
+from jaxdiff.training import checkpoint
+from jaxdiff.training.autoencoder_step import autoencoder_model_config
 from jaxdiff.config import config_from_dict
-from jaxdiff.convert.diffusers_format import apply_scheduler_config
+from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
 from jaxdiff.convert.files import load_json
 from jaxdiff.convert.latent_weights import (
     CONFIG_FILE,
@@ -40,10 +40,11 @@ from jaxdiff.convert.latent_weights import (
     read_clip_text,
     read_config,
 )
-from jaxdiff.convert.stable_diffusion import SCHEDULER_CONFIG_FILE, StableDiffusion
+from jaxdiff.convert.stable_diffusion import SCHEDULER_CONFIG_FILE
+from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.convert.unet_condition_weights import read_unet_condition
-from jaxdiff.latent_pipeline import DEFAULT_STEPS, LatentPipeline
-from jaxdiff.latent_training import (
+from jaxdiff.latent.pipeline import DEFAULT_STEPS, LatentPipeline
+from jaxdiff.training.latent_step import (
     LatentNetworks,
     init_latent_state,
     make_grid_sampler,
@@ -56,9 +57,9 @@ from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.samplers import SAMPLERS
-from jaxdiff.tokenizer import CLIPTokenizer
-from jaxdiff.train import TrainState, make_optimizer
-from jaxdiff.word_tokenizer import (
+from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
+from jaxdiff.training.step import TrainState, make_optimizer
+from jaxdiff.latent.word_tokenizer import (
     END_ID,
     PAD_ID,
     SPECIAL_TOKENS,
@@ -374,7 +375,8 @@ def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dic
         text_params, tokenizer = read_clip_text(folder)[1], CLIPTokenizer.from_folder(folder / "tokenizer")
     else:
         text_params, tokenizer = params["text"], WordTokenizer.from_json(extras["tokenizer"]).encode
-    return LatentPipeline(StableDiffusion(
-        "StableDiffusionPipeline", unet, params["unet"], vae_config, autoencoder.params(), text_config, text_params,
-        tokenizer, None, run_scheduler(config.diffusion), {},
-    ))  # fmt: skip
+    return LatentPipeline(LatentModels(
+        unet_config=unet, unet_params=params["unet"], vae_config=vae_config, vae_params=autoencoder.params(),
+        text_config=text_config, text_params=text_params, tokenizer=tokenizer,
+        scheduler=run_scheduler(config.diffusion),
+    ))

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdiff.checks import is_int, prompt_list
-from jaxdiff.tokenizer import TokenizedPrompts
+from jaxdiff.latent.clip_tokenizer import TokenizedPrompts
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
 PAD_ID, UNK_ID, START_ID, END_ID = range(len(SPECIAL_TOKENS))
 UNKNOWN_WORDS = ("error", "unk")
-JSON_FORMAT = "jaxdiff.word_tokenizer"
+JSON_FORMAT = "jaxdiff.latent.word_tokenizer"
 
 
 def _words(text: str) -> list[str]:

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff import samplers
-from jaxdiff.continuous_model import is_continuous
-from jaxdiff.continuous_model import sample_images as sample_continuous_images
-from jaxdiff.denoiser import model_denoiser
+from jaxdiff.diffusion.continuous import is_continuous
+from jaxdiff.diffusion.continuous import sample_images as sample_continuous_images
+from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.tasks import keep_entries
-from jaxdiff.train import TrainState, init_train_state, make_optimizer, make_train_step
+from jaxdiff.training.tasks import keep_entries
+from jaxdiff.training.step import TrainState, init_train_state, make_optimizer, make_train_step
 
 
 def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
@@ -35,7 +35,7 @@ def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
 
 
 class DiffusionTask:
-    """Trains `config.model` as a denoiser (`jaxdiff.train`); grids are `training.num_sample_images` samples
+    """Trains `config.model` as a denoiser (`jaxdiff.training.step`); grids are `training.num_sample_images` samples
     of the EMA parameters with the config's sampler. Batches are {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
 
     name = "diffusion"

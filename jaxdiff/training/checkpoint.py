@@ -100,7 +100,7 @@ def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, pa
 
     Training can resume from it; samplers and the Pipeline use its EMA parameters.
     """
-    from jaxdiff.train import make_optimizer, new_train_state, seed_keys
+    from jaxdiff.training.step import make_optimizer, new_train_state, seed_keys
 
     state = new_train_state(params, ema_params, make_optimizer(config.training), seed_keys(config.seed)[1], step=step)
     manager = make_manager(workdir)
@@ -118,7 +118,7 @@ def read_extras(workdir_or_manager: str | os.PathLike | ocp.CheckpointManager, s
     """The task's extras saved with `step` (default: the newest step) of a run; {} when that step has none.
 
     `workdir_or_manager` is a run's workdir (read only) or an open manager of it. An autoencoder run's
-    extras hold {"scaling_factor": float}, 1 / std of its EMA model's latents (`jaxdiff.tasks.autoencoder`),
+    extras hold {"scaling_factor": float}, 1 / std of its EMA model's latents (`jaxdiff.training.tasks.autoencoder`),
     so latent diffusion on it reads `read_extras(ae_workdir, step)["scaling_factor"]`.
     """
     if isinstance(workdir_or_manager, ocp.CheckpointManager):
@@ -286,13 +286,13 @@ def _report_damaged(manager: ocp.CheckpointManager, damaged: list[tuple[int, str
 def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
     """(config, step, params) of a run's checkpoint (newest readable when `step` is None), on this process's first device.
 
-    Works for every task (the state is the one `jaxdiff.tasks.make_task(config)` describes) and whatever
+    Works for every task (the state is the one `jaxdiff.training.tasks.make_task(config)` describes) and whatever
     topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
     over the raw ones. Reads only: damaged steps are skipped, not moved. The task's extras of the step
     are `read_extras(workdir, step)`.
     """
     from jaxdiff.config import config_from_dict, validate
-    from jaxdiff.tasks import make_task
+    from jaxdiff.training.tasks import make_task
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

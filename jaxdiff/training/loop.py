@@ -1,6 +1,6 @@
 """A training run in a workdir: lock, resume, train, log, checkpoint, sample; the body of `jaxdiff train`.
 
-What is trained is the `jaxdiff.tasks.Task` that `config.task` names (the diffusion model, the
+What is trained is the `jaxdiff.training.tasks.Task` that `config.task` names (the diffusion model, the
 autoencoder, latent diffusion); the loop is the same for each. The workdir holds `checkpoints/`
 (orbax, with the config and the task's extras of each step),
 `config.json` (the resolved config), `metrics.jsonl` (one line per logged
@@ -26,13 +26,15 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdiff import checkpoint, data, images, sharding
-from jaxdiff.checkpoint import CheckpointError
+from jaxdiff import data, images, sharding
+
+from jaxdiff.training import checkpoint
+from jaxdiff.training.checkpoint import CheckpointError
 from jaxdiff.config import validate
-from jaxdiff.metrics import MetricsWriter
-from jaxdiff.stop_signals import StopSignals
-from jaxdiff.tasks import configured_image_shape, make_task
-from jaxdiff.workdir_lock import WorkdirLock
+from jaxdiff.training.metrics_log import MetricsWriter
+from jaxdiff.training.stop_signals import StopSignals
+from jaxdiff.training.tasks import configured_image_shape, make_task
+from jaxdiff.training.workdir_lock import WorkdirLock
 
 METRICS_FILE = "metrics.jsonl"
 # Loggers of the libraries under a run (orbax logs through absl), kept at WARNING unless verbose.

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff.denoiser import continuous_eps_denoiser, edm_precond, ve_score_denoiser
-from jaxdiff.guidance import guided_denoiser
+from jaxdiff.diffusion.denoisers import continuous_eps_denoiser, edm_precond, ve_score_denoiser
+from jaxdiff.diffusion.guidance import guided_denoiser
 from jaxdiff.processes import make_process
 from jaxdiff.samplers import sample_continuous
 
@@ -103,7 +103,7 @@ def model_denoiser(config: ml_collections.ConfigDict, model, params, process, *,
                    guidance: float = 0.0) -> Denoiser:  # fmt: skip
     """D(x; σ) of a trained model (dropout off). Unconditional models take no labels and no guidance;
     class-conditional ones int labels [B] (None: the null label, unconditional) and a classifier-free
-    guidance scale w >= 0 applied to x̂_0 through `jaxdiff.guidance`."""
+    guidance scale w >= 0 applied to x̂_0 through `jaxdiff.diffusion.guidance`."""
     denoise = conditioned_denoiser(config, model, process)
     num_classes = config.model.num_classes
     if num_classes == 0:

@@ -15,9 +15,9 @@ w·H·W·C here (1e-6 at 256×256×3 is ≈0.2). The optional discriminator is p
 with L the kernel of the decoder's last convolution; g_loss = −mean D(x̂). The discriminator's loss is
 active·½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂))) on the same batch, with its own Adam state.
 
-Both optimizers are `jaxdiff.train.make_optimizer(training)`; the EMA covers the autoencoder's parameters.
+Both optimizers are `jaxdiff.training.step.make_optimizer(training)`; the EMA covers the autoencoder's parameters.
 Every random draw of step s comes from `fold_in(state.rng, s)`; a step whose loss or gradient is not finite
-changes no parameters or optimizer state and is counted, as in `jaxdiff.train`.
+changes no parameters or optimizer state and is counted, as in `jaxdiff.training.step`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import optax
 
 from jaxdiff.checks import is_int, is_real, unsupported
 from jaxdiff.models.autoencoder import OPTION_DEFAULTS, AutoencoderKL, DiagonalGaussian, autoencoder_config
-from jaxdiff.train import apply_gradients, learning_rate_schedule, preprocess, seed_keys
+from jaxdiff.training.step import apply_gradients, learning_rate_schedule, preprocess, seed_keys
 
 _unsupported = functools.partial(unsupported, "autoencoder loss")
 

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxdiff.autoencoder_training import (
+from jaxdiff.training.autoencoder_step import (
     AutoencoderTrainState,
     autoencoder_model_config,
     encode_fn,
@@ -25,14 +25,14 @@ from jaxdiff.autoencoder_training import (
     reconstruct,
 )
 from jaxdiff.models.autoencoder import create_autoencoder
-from jaxdiff.tasks import keep_entries
-from jaxdiff.train import make_optimizer
+from jaxdiff.training.tasks import keep_entries
+from jaxdiff.training.step import make_optimizer
 
 SCALING_IMAGES = 512  # training images the latent scaling factor is estimated on
 
 
 class AutoencoderTask:
-    """Trains the KL autoencoder (`jaxdiff.autoencoder_training`) on {"image": uint8 [B,H,W,C]} batches,
+    """Trains the KL autoencoder (`jaxdiff.training.autoencoder_step`) on {"image": uint8 [B,H,W,C]} batches,
     with EMA; the metrics add reconstruction_error, kl, latent_mean and latent_std (and the discriminator's)."""
 
     name = "autoencoder"

@@ -1,6 +1,6 @@
 """What a training run trains: the diffusion model, the autoencoder or text-conditioned latent diffusion.
 
-`jaxdiff.training_run` drives any `Task` through the same loop (lock, resume, data order, checkpoints,
+`jaxdiff.training.loop` drives any `Task` through the same loop (lock, resume, data order, checkpoints,
 metrics, progress, signals, sample grids); `make_task(config, source)` picks the one `config.task` names.
 """
 
@@ -42,7 +42,7 @@ class Task(Protocol):
         """Images for `samples/step_*.png` (jittable): float32 [N, H, W, C] in [-1, 1]."""
 
     def checkpoint_extras(self, state) -> dict:
-        """JSON-able values saved with each checkpoint (read back by `jaxdiff.checkpoint.read_extras`); {} if none."""
+        """JSON-able values saved with each checkpoint (read back by `jaxdiff.training.checkpoint.read_extras`); {} if none."""
 
     def check_resumed(self, extras: dict) -> None:
         """ValueError when the extras of the checkpoint a run resumes from do not fit this run (e.g. latent
@@ -56,15 +56,15 @@ def make_task(config: ml_collections.ConfigDict, source=None) -> Task:
     checkpoint readers do); the other methods may then need a source the task does not have.
     """
     if config.task == "diffusion":
-        from jaxdiff.tasks.diffusion import DiffusionTask
+        from jaxdiff.training.tasks.diffusion import DiffusionTask
 
         return DiffusionTask(config)
     if config.task == "autoencoder":
-        from jaxdiff.tasks.autoencoder import AutoencoderTask
+        from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 
         return AutoencoderTask(config, source)
     if config.task == "latent":
-        from jaxdiff.tasks.latent import LatentTask
+        from jaxdiff.training.tasks.latent import LatentTask
 
         return LatentTask(config, source)
     raise ValueError(f"config task={config.task!r} is not one of {TASKS}")

@@ -9,7 +9,7 @@ values >= 0.5 (>= 128 for uint8) where the image is repainted. Latents are NHWC 
 z = (vae_latent − shift_factor)·scaling_factor. Timesteps are the scheduler's 0-based training steps (0..T-1).
 
 The samplers (`sampler=`, `karras=`) and the steps they visit are diffusers' schedulers', described in
-`jaxdiff.latent_samplers`.
+`jaxdiff.latent.schedulers`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_int, is_real, prompt_list
-from jaxdiff.convert.stable_diffusion import StableDiffusion, read_pretrained
-from jaxdiff.latent_samplers import (
+from jaxdiff.convert.stable_diffusion import read_pretrained
+from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.schedulers import (
     LATENT_SAMPLERS,
     SIGMA_SAMPLERS,
     add_noise,
@@ -162,7 +163,7 @@ def _mask_array(masks, image_shape: tuple[int, ...]) -> np.ndarray:
 class LatentPipeline:
     """A loaded Stable Diffusion model: `text_to_image`, `image_to_image`, `inpaint` (see the module docstring)."""
 
-    def __init__(self, model: StableDiffusion):
+    def __init__(self, model: LatentModels):
         self.model = model
         self.scheduler = model.scheduler
         self.unet = create_unet_condition(model.unet_config)
@@ -310,7 +311,7 @@ class LatentPipeline:
                       seed: int = 0, height: int | None = None, width: int | None = None, latents=None,
                       output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float").
-        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent_samplers`); `karras` puts dpm_solver++, euler and
+        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`); `karras` puts dpm_solver++, euler and
         heun on the Karras grid. `latents` [B, height/f, width/f, C] is the initial noise, N(0, I) (default:
         drawn from `seed`)."""
         if self.inpainting_unet:

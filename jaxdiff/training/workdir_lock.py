@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxdiff.checkpoint import CheckpointError
+from jaxdiff.training.checkpoint import CheckpointError
 
 LOCK_FILE = "train.lock"
 

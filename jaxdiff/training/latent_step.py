@@ -6,12 +6,12 @@ autoencoder, computed on the fly and not differentiated -> each caption replaced
 probability `caption_dropout` (for classifier-free guidance) -> text transformer (trained jointly, or frozen)
 -> context = its last hidden state [B, L, D] -> t ~ U{0..T-1}, ε ~ N(0, I), z_t = q_sample(z_0, t, ε) ->
 U-Net(z_t, t, context) -> the DDPM mse loss on ε, x_0 or v (`diffusion.mean_type`) -> gradient ->
-global-norm clip, Adam with warmup (`jaxdiff.train.make_optimizer`) -> EMA.
+global-norm clip, Adam with warmup (`jaxdiff.training.step.make_optimizer`) -> EMA.
 
 The trained parameters are {"unet": ..., "text": ...} ("text" only when the text transformer is trained);
 the autoencoder's (and a frozen text encoder's) parameters are constants of the step. Every random draw of
 step s comes from fold_in(state.rng, s); a step whose loss or gradient is not finite changes nothing and is
-counted, as in `jaxdiff.train`.
+counted, as in `jaxdiff.training.step`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import numpy as np
 import optax
 
 from jaxdiff import diffusion
-from jaxdiff.convert.stable_diffusion import SchedulerSettings
-from jaxdiff.latent_pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
-from jaxdiff.latent_samplers import denoise, step_plan, visited_timesteps
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings
+from jaxdiff.latent.pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
+from jaxdiff.latent.schedulers import denoise, step_plan, visited_timesteps
 from jaxdiff.schedule import Schedule, schedule_from_config
-from jaxdiff.train import (
+from jaxdiff.training.step import (
     TrainState,
     apply_gradients,
     learning_rate_schedule,
@@ -138,7 +138,7 @@ def init_latent_params(networks: LatentNetworks, rng: Array, latent_shape: tuple
 def init_latent_state(networks: LatentNetworks, tx: optax.GradientTransformation, seed: int,
                       latent_shape: tuple[int, int, int], text_length: int,
                       unet_params: dict | None = None) -> TrainState:  # fmt: skip
-    """A fresh `TrainState` from `seed` (split by `jaxdiff.train.seed_keys`); the EMA starts as a copy."""
+    """A fresh `TrainState` from `seed` (split by `jaxdiff.training.step.seed_keys`); the EMA starts as a copy."""
     init_rng, run_rng = seed_keys(seed)
     params = init_latent_params(networks, init_rng, latent_shape, text_length, unet_params)
     return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)

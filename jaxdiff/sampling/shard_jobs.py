@@ -20,7 +20,7 @@ import zipfile
 import jax
 import numpy as np
 
-from jaxdiff.pipeline import Pipeline
+from jaxdiff.sampling.pipeline import Pipeline
 
 MANIFEST = "manifest.json"
 

@@ -1,4 +1,4 @@
-"""The latent samplers of `jaxdiff.latent_pipeline`, matched step for step to diffusers' schedulers: which
+"""The latent samplers of `jaxdiff.latent.pipeline`, matched step for step to diffusers' schedulers: which
 training steps or noise levels a run visits, how each sampler steps through them, and the noising of image
 latents to a step.
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_int
-from jaxdiff.convert.stable_diffusion import SchedulerSettings
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 from jaxdiff.samplers import sample
 from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
 from jaxdiff.samplers.edm import heun_steps

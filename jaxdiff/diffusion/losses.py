@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.checks import is_real
-from jaxdiff.denoiser import denoise_state
+from jaxdiff.diffusion.denoisers import denoise_state
 
 Array = jax.Array
 

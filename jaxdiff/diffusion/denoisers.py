@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.guidance import guided_denoiser
+from jaxdiff.diffusion.guidance import guided_denoiser
 from jaxdiff.processes import from_schedule
 
 Array = jax.Array

@@ -23,8 +23,8 @@ import ml_collections
 import optax
 
 from jaxdiff import diffusion
-from jaxdiff.continuous_losses import dsm_loss, edm_loss
-from jaxdiff.continuous_model import conditioned_denoiser, is_continuous, process_from_config, to_model_range
+from jaxdiff.diffusion.losses import dsm_loss, edm_loss
+from jaxdiff.diffusion.continuous import conditioned_denoiser, is_continuous, process_from_config, to_model_range
 from jaxdiff.models import example_inputs
 from jaxdiff.schedule import Schedule
 

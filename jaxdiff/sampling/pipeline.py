@@ -24,10 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff.checks import is_int
-from jaxdiff import checkpoint, images, samplers, sharding
-from jaxdiff.continuous_model import is_continuous, process_from_config, sample_in_image_range, sampler_options
-from jaxdiff.continuous_model import model_denoiser as continuous_denoiser
-from jaxdiff.denoiser import model_denoiser
+from jaxdiff import images, samplers, sharding
+from jaxdiff.training import checkpoint
+from jaxdiff.diffusion.continuous import is_continuous, process_from_config, sample_in_image_range, sampler_options
+from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
+from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
 
@@ -51,10 +52,10 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
         """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`); a latent run (task
-        "latent") gives a `jaxdiff.latent_pipeline.LatentPipeline` on its autoencoder and text encoder."""
+        "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder."""
         config, step, params = checkpoint.load_weights(path, step=step)
         if config.task == "latent":
-            from jaxdiff.tasks.latent import latent_pipeline
+            from jaxdiff.training.tasks.latent import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
         if config.task != "diffusion":
@@ -68,13 +69,13 @@ class Pipeline:
         """Weights in any supported format (`jaxdiff.convert`): a jaxdiff workdir, a diffusers UNet2DModel or
         ScoreSdeVePipeline folder, an official TF checkpoint, a score_sde `checkpoint_N`, an EDM
         `network-snapshot-*.pkl`; a Stable Diffusion folder or single file gives a
-        `jaxdiff.latent_pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
+        `jaxdiff.latent.pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
         (`load_weights`' `dataset`): required for score_sde checkpoints, whose architecture it gives."""
         from jaxdiff.convert import detect_format, load_weights
         from jaxdiff.convert.stable_diffusion import is_stable_diffusion
 
         if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
-            from jaxdiff.latent_pipeline import LatentPipeline
+            from jaxdiff.latent.pipeline import LatentPipeline
 
             if config is not None:
                 raise ValueError(f"config={config!r}: Stable Diffusion weights carry their own configs")
