@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 from jaxdiff import data, images  # noqa: E402
 
 from jaxdiff.training import checkpoint  # noqa: E402
+from jaxdiff.training.tasks import load_run  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.samplers import SAMPLERS  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
@@ -81,7 +82,7 @@ def class_shares(probabilities: np.ndarray) -> np.ndarray:
 
 def load_ema_params(workdir: str):
     """(config, step, EMA params) of the latest checkpoint of a digits run in `workdir`."""
-    config, step, params = checkpoint.load_weights(workdir)
+    config, step, params = load_run(workdir)
     if config.data.dataset != "digits":
         raise ValueError(f"the run in {workdir} trained on data.dataset={config.data.dataset!r}, not 'digits'")
     return config, step, params

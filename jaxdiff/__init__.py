@@ -1,9 +1,22 @@
-"""jaxdiff: denoising diffusion models in JAX/Flax.
+"""jaxdiff: diffusion models in JAX/Flax — DDPM, score SDEs and EDM, latent text-to-image (Stable Diffusion).
 
-Modules: `schedule` (beta schedules -> Schedule pytree), `diffusion` (the math as
-pure functions), `samplers` (lax.scan samplers), `models` (the DDPM U-Net),
-`train` / `training_run` (training), `pipeline` (`Pipeline`: a trained model to
-sample from), `evaluation` (FID, IS, bits/dim).
+Families: the discrete DDPM process (`jaxdiff.schedule`, `jaxdiff.diffusion`), continuous processes — VE, VP,
+sub-VP SDEs and EDM — seen through EDM's denoiser D(x; σ) (`jaxdiff.processes`, `jaxdiff.diffusion.continuous`),
+and latent diffusion with text conditioning (`jaxdiff.latent`).
+
+Rooms, from the bottom up; each imports only from those below it:
+  errors, checks                the user-error hierarchy and the shared input checks
+  schedule, processes           beta schedules (Schedule) and continuous processes (α(t), σ(t))
+  diffusion/                    the math: DDPM q / posterior / VLB, D(x; σ) adapters, guidance, losses
+  models/                       networks only
+  samplers/                     compiled samplers on ᾱ tables and on σ grids
+  latent/                       the latent family's model bundle, scheduler grids, pipeline, tokenizers
+  config/, data/                run configs and recipes; datasets
+  training/                     train state and steps, tasks, the loop, checkpoints
+  sampling/                     Pipeline and sharded sampling jobs
+  evaluation/                   Inception, FID / IS / PR, bits/dim, ODE likelihood
+  convert/                      readers and writers of other formats
+  cli/                          the `jaxdiff` command
 """
 
 __version__ = "0.1.0"

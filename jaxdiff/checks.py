@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiff.errors import ConfigError, UsageError
+
 
 def is_int(value: Any, *, numpy: bool = True) -> bool:
     """An integer that is not a bool: a Python int, or (with `numpy`) also a NumPy integer.
@@ -27,13 +29,13 @@ def is_real(value: Any, *, finite: bool = False, numpy: bool = True) -> bool:
     return math.isfinite(value) if finite else not math.isnan(value)
 
 
-def unsupported(owner: str, key: str, value: Any, allowed: str) -> ValueError:
+def unsupported(owner: str, key: str, value: Any, allowed: str) -> ConfigError:
     """The error for a setting outside what `owner` (e.g. "AutoencoderKL config") supports."""
-    return ValueError(f"{owner}: unsupported {key}={value!r}; allowed: {allowed}")
+    return ConfigError(f"{owner}: unsupported {key}={value!r}; allowed: {allowed}")
 
 
 def prompt_list(prompts: str | Sequence[str], name: str, *, allow_empty: bool = False) -> list[str]:
-    """One prompt or a sequence (list, tuple, NumPy array) of prompts -> list[str]; ValueError naming `name`."""
+    """One prompt or a sequence (list, tuple, NumPy array) of prompts -> list[str]; UsageError naming `name`."""
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, np.ndarray):
@@ -41,23 +43,23 @@ def prompt_list(prompts: str | Sequence[str], name: str, *, allow_empty: bool = 
     valid = isinstance(prompts, Sequence) and all(isinstance(p, str) for p in prompts)
     if not valid or not (prompts or allow_empty):
         kind = "a list of strings" if allow_empty else "a non-empty list of strings"
-        raise ValueError(f"{name} must be a string or {kind}, got {prompts!r}")
+        raise UsageError(f"{name} must be a string or {kind}, got {prompts!r}")
     return list(prompts)
 
 
 def require_int(name: str, value: Any, minimum: int) -> None:
-    """ValueError unless `value` is a Python int (not a bool) >= minimum."""
+    """ConfigError unless `value` is a Python int (not a bool) >= minimum."""
     if not is_int(value, numpy=False) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+        raise ConfigError(f"{name}={value!r} must be an int >= {minimum}")
 
 
 def require_bool(name: str, value: Any) -> None:
-    """ValueError unless `value` is True or False."""
+    """ConfigError unless `value` is True or False."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
+        raise ConfigError(f"{name}={value!r} must be true or false")
 
 
 def require_choice(name: str, value: Any, allowed: tuple) -> None:
-    """ValueError unless `value` is one of `allowed`."""
+    """ConfigError unless `value` is one of `allowed`."""
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        raise ConfigError(f"{name}={value!r} is not one of {allowed}")

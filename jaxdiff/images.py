@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from jaxdiff.errors import UsageError
+
 
 def to_uint8(x) -> np.ndarray:
     """[-1, 1] floats -> uint8 by truncation of (x + 1)·127.5, as the official DDPM code (clipped first)."""
@@ -27,7 +29,7 @@ def grid_columns(n: int) -> int:
 def make_grid(images: np.ndarray, *, columns: int | None = None, padding: int = 2) -> np.ndarray:
     """uint8 [N, H, W, C] -> one uint8 [rows·(H+p)+p, cols·(W+p)+p, C] image, row-major."""
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"make_grid expects uint8 NHWC images, got {images.dtype} of shape {images.shape}")
+        raise UsageError(f"make_grid expects uint8 NHWC images, got {images.dtype} of shape {images.shape}")
     n, h, w, c = images.shape
     columns = columns or grid_columns(n)
     rows = math.ceil(n / columns)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_real
+from jaxdiff.errors import ConfigError, UsageError
 
 Array = jax.Array
 
@@ -197,16 +198,16 @@ def make_process(name: str, **params):
     edm: sigma_min, sigma_max (t = σ, so t_min = sigma_min, t_max = sigma_max).
     """
     if name not in PROCESSES:
-        raise ValueError(f"unknown process {name!r}; expected one of {PROCESSES}")
+        raise ConfigError(f"unknown process {name!r}; expected one of {PROCESSES}")
     unknown = sorted(set(params) - set(_DEFAULTS[name]))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for process {name!r}; allowed: {sorted(_DEFAULTS[name])}")
+        raise ConfigError(f"unknown parameter(s) {unknown} for process {name!r}; allowed: {sorted(_DEFAULTS[name])}")
     values = {**_DEFAULTS[name], **params}
     for key, value in values.items():
         if not is_real(value):
-            raise ValueError(f"{key}={value!r} must be a real number")
+            raise ConfigError(f"{key}={value!r} must be a real number")
         if not math.isfinite(value):
-            raise ValueError(f"{key}={value!r} must be finite")
+            raise ConfigError(f"{key}={value!r} must be finite")
     values = {key: float(value) for key, value in values.items()}
     _require(values, "sigma_min", lambda v: 0 < v["sigma_min"] < v["sigma_max"], "0 < sigma_min < sigma_max")
     _require(values, "beta_min", lambda v: v["beta_min"] >= 0 and v["beta_max"] >= 0, "betas >= 0")
@@ -223,7 +224,7 @@ def _require(values: dict, key: str, holds, rule: str) -> None:
     """Raises naming `rule` and the values it reads unless `key` is absent or holds(values)."""
     if key in values and not holds(values):
         names = [name for name in values if name.split("_")[0] == key.split("_")[0]]
-        raise ValueError(f"need {rule}, got " + ", ".join(f"{name}={values[name]}" for name in names))
+        raise ConfigError(f"need {rule}, got " + ", ".join(f"{name}={values[name]}" for name in names))
 
 
 def from_schedule(schedule) -> DiscreteProcess:
@@ -234,9 +235,9 @@ def from_schedule(schedule) -> DiscreteProcess:
     try:
         betas = np.asarray(schedule.betas, np.float64)
     except jax.errors.TracerArrayConversionError:
-        raise ValueError("from_schedule needs a concrete schedule (build it outside jit)") from None
+        raise UsageError("from_schedule needs a concrete schedule (build it outside jit)") from None
     if not np.all((betas > 0) & (betas < 1)):
-        raise ValueError(f"from_schedule needs every beta in (0, 1), got {betas.min()}..{betas.max()}")
+        raise UsageError(f"from_schedule needs every beta in (0, 1), got {betas.min()}..{betas.max()}")
     alphas_cumprod = np.cumprod(1.0 - betas)
     log_levels = 0.5 * (np.log1p(-alphas_cumprod) - np.log(alphas_cumprod))
     return DiscreteProcess(

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxdiff.checks import is_int
+from jaxdiff.errors import ConfigError
 
 Array = jax.Array
 
@@ -109,9 +110,9 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     1e-4, 0.02), `const` takes `beta_end`, `cosine` takes `s` and `max_beta`.
     """
     if name not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
+        raise ConfigError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
     if not is_int(num_timesteps) or num_timesteps <= 0:
-        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
+        raise ConfigError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     make = BETA_SCHEDULES[name]
     if name in ("linear", "quad", "warmup10", "warmup50", "sigmoid"):
         kwargs = {**_DEFAULTS, **kwargs}
@@ -120,7 +121,7 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
     try:
         betas = make(int(num_timesteps), **kwargs)
     except TypeError as err:
-        raise ValueError(f"bad arguments {sorted(kwargs)} for beta schedule {name!r}: {err}") from None
+        raise ConfigError(f"bad arguments {sorted(kwargs)} for beta schedule {name!r}: {err}") from None
     _check_betas(betas, f"beta schedule {name!r} with {kwargs}")
     return betas
 
@@ -128,14 +129,14 @@ def beta_schedule(name: str, num_timesteps: int, **kwargs) -> np.ndarray:
 def _check_betas(betas: np.ndarray, source: str) -> None:
     bad = np.flatnonzero(~((betas > 0.0) & (betas <= 1.0)))
     if bad.size:
-        raise ValueError(f"{source}: betas must lie in (0, 1]; betas[{bad[0]}] = {float(betas[bad[0]])}")
+        raise ConfigError(f"{source}: betas must lie in (0, 1]; betas[{bad[0]}] = {float(betas[bad[0]])}")
 
 
 def schedule_from_betas(betas) -> Schedule:
     """All tables for the given betas ([T], each in (0, 1]), computed in float64."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
-        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+        raise ConfigError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
     _check_betas(betas, "schedule_from_betas")
 
     alphas = 1.0 - betas
@@ -181,9 +182,9 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     timesteps = np.asarray(timesteps)
     num_timesteps = schedule.num_timesteps
     if timesteps.ndim != 1 or timesteps.size == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}")
+        raise ConfigError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}")
     if timesteps[0] < 0 or timesteps[-1] >= num_timesteps or np.any(np.diff(timesteps) <= 0):
-        raise ValueError(f"timesteps must be strictly increasing within [0, {num_timesteps}), got {timesteps}")
+        raise ConfigError(f"timesteps must be strictly increasing within [0, {num_timesteps}), got {timesteps}")
     alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
     kept = alphas_cumprod[timesteps]
     return schedule_from_betas(1.0 - kept / np.append(1.0, kept[:-1]))
@@ -205,6 +206,6 @@ def schedule_from_config(diffusion_config) -> Schedule:
     """The schedule of a config's `diffusion` section (schedule, num_timesteps, beta_start, beta_end)."""
     name = diffusion_config.schedule
     if name not in _SCHEDULE_ARGS:
-        raise ValueError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
+        raise ConfigError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
     kwargs = {key: diffusion_config[key] for key in _SCHEDULE_ARGS[name]}
     return make_schedule(name, diffusion_config.num_timesteps, **kwargs)

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.checks import is_int
+from jaxdiff.errors import ConfigError, UsageError
 
 
 def _env_int(name: str) -> int:
@@ -70,9 +71,9 @@ def initialize_distributed(
     if not explicit and not _environment_requests_distributed():
         return False
     if num_processes is not None and num_processes <= 0:
-        raise ValueError(f"num_processes must be positive, got {num_processes}")
+        raise UsageError(f"num_processes must be positive, got {num_processes}")
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} is outside [0, {num_processes})")
+        raise UsageError(f"process_id={process_id} is outside [0, {num_processes})")
     jax.distributed.initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
@@ -100,7 +101,7 @@ def make_mesh(fsdp: int = 1) -> Mesh:
     """
     devices = sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
     if not is_int(fsdp) or fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"fsdp={fsdp!r} must be a positive integer dividing the {len(devices)} devices")
+        raise ConfigError(f"fsdp={fsdp!r} must be a positive integer dividing the {len(devices)} devices")
     if fsdp == 1:
         return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
     grid = np.array(devices).reshape(len(devices) // fsdp, fsdp)
@@ -146,7 +147,7 @@ def state_sharding(mesh: Mesh, state_shapes: Any, *, min_size: int = DEFAULT_MIN
     optional parts of a flax.struct state) stay None.
     """
     if min_size < 1:
-        raise ValueError(f"min_size={min_size} must be at least 1 (elements)")
+        raise UsageError(f"min_size={min_size} must be at least 1 (elements)")
     fsdp = dict(mesh.shape).get(FSDP_AXIS, 1)
     return jax.tree.map(lambda leaf: NamedSharding(mesh, _leaf_spec(tuple(leaf.shape), fsdp, min_size)), state_shapes)
 
@@ -163,12 +164,12 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """
     sizes = {name: np.shape(value)[0] if np.ndim(value) else None for name, value in local_batch.items()}
     if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"every batch entry needs the same leading (batch) size, got {sizes}")
+        raise UsageError(f"every batch entry needs the same leading (batch) size, got {sizes}")
     local_size = next(iter(sizes.values()))
     processes = _process_count(mesh)
     global_size = local_size * processes
     if global_size % mesh.devices.size:
-        raise ValueError(
+        raise UsageError(
             f"global batch {global_size} ({local_size} per process x {processes} processes) is not divisible "
             f"by the {mesh.devices.size} devices of the mesh"
         )

@@ -21,7 +21,7 @@ import safetensors.numpy
 
 from jaxdiff.training import checkpoint
 from jaxdiff.cli import load_config
-from jaxdiff.convert import (
+from jaxdiff.convert.formats import (
     convert,
     detect_format,
     load_weights,

@@ -15,7 +15,7 @@ import pytest
 
 from jaxdiff import samplers
 from jaxdiff.cli import load_config
-from jaxdiff.convert import convert, read_diffusers, write_diffusers
+from jaxdiff.convert.formats import convert, read_diffusers, write_diffusers
 from jaxdiff.convert.diffusers_format import architecture_from_unet_config
 from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model

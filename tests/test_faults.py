@@ -16,6 +16,7 @@ import ml_collections
 import pytest
 
 from jaxdiff.training import checkpoint
+from jaxdiff.training.tasks import load_run
 
 from jaxdiff.training import loop as training_run
 from jaxdiff.training.checkpoint import CheckpointError
@@ -80,7 +81,7 @@ def test_damaged_latest_is_skipped_by_readers_and_moved_aside_by_training(tmp_pa
 
     caplog.set_level(logging.WARNING)
     caplog.clear()  # only what reading says, not what the first run said
-    _, step, _ = checkpoint.load_weights(tmp_path)
+    _, step, _ = load_run(tmp_path)
     assert step == 2
     assert sorted(os.listdir(ckpt)) == ["2", "4"]  # readers never rename
     [warning] = warnings_of(caplog, "jaxdiff")
@@ -107,7 +108,7 @@ def test_nothing_readable_is_one_line_naming_the_steps(tmp_path):
         if path.is_file():
             path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*checkpoints: step\(s\) 7 damaged") as info:
-        checkpoint.load_weights(tmp_path)
+        load_run(tmp_path)
     assert "\n" not in str(info.value)
 
 
@@ -125,7 +126,7 @@ def test_saved_config_that_does_not_fit_its_arrays_is_one_line(tmp_path):
     write_workdir(tmp_path)
     set_saved_config(tmp_path / "checkpoints" / "7", "model", "ch", 64)
     with pytest.raises(CheckpointError, match=r"step 7 .* does not fit the config: \d+ arrays differ") as info:
-        checkpoint.load_weights(tmp_path)
+        load_run(tmp_path)
     message = str(info.value)
     assert "\n" not in message and len(message) < 1000
     assert "params/conv_in/kernel is saved as float32[3, 3, 3, 32] but the config needs float32[3, 3, 3, 64]" in message
@@ -171,11 +172,11 @@ def test_missing_path_is_a_one_line_error_and_reading_creates_nothing(tmp_path, 
     with pytest.raises(CheckpointError, match=f"{missing} does not exist"):
         Pipeline.from_checkpoint(missing)
     with pytest.raises(CheckpointError, match="has no checkpoints/ directory"):
-        checkpoint.load_weights(tmp_path)
+        load_run(tmp_path)
     assert not missing.exists() and os.listdir(tmp_path) == []
     write_workdir(tmp_path / "run")
     caplog.clear()
-    checkpoint.load_weights(tmp_path / "run")
+    load_run(tmp_path / "run")
     assert not warnings_of(caplog)  # no "Given directory is read only" from orbax
 
 

@@ -237,7 +237,7 @@ def test_latent_blending_inpainting_on_noise_levels_matches_diffusers(tmp_path, 
 
 def test_sampler_names_and_karras_are_checked(sd1):
     _, ours = sd1
-    assert LATENT_SAMPLERS == ("ddim", "ddpm", "dpm_solver++", "euler", "heun")
+    assert LATENT_SAMPLERS == ("ddim", "ddpm", "dpm_solver++", "dpm_solver++_sde", "euler", "heun")
     with pytest.raises(ValueError, match=r"^unknown sampler 'lms'; expected one of \('ddim', 'ddpm', 'dpm_solver\+\+', "):
         ours.text_to_image(PROMPTS, sampler="lms", steps=2)
     with pytest.raises(ValueError, match=r"^karras=True is for the samplers .* not 'ddim'$"):

@@ -260,11 +260,11 @@ def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencode
 
 
 def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
-    from jaxdiff.training import checkpoint
+    from jaxdiff.training.tasks import load_run
 
     train(latent_run_config(autoencoder_run, steps=2), tmp_path)
     assert train(latent_run_config(autoencoder_run, steps=4), tmp_path).step == 4
-    resumed, uninterrupted = (checkpoint.load_weights(w, step=4, ema=False)[2] for w in (tmp_path, latent_run))
+    resumed, uninterrupted = (load_run(w, step=4, ema=False)[2] for w in (tmp_path, latent_run))
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

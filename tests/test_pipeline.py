@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.training import checkpoint
+from jaxdiff.training.tasks import load_run
 from jaxdiff.cli import main
 from jaxdiff.sampling.pipeline import Pipeline
 from jaxdiff.sampling.shard_jobs import read_shards, sample_to_shards
@@ -29,7 +29,7 @@ def pipe(workdir):
 
 def test_from_checkpoint_loads_config_step_and_ema(pipe, workdir):
     assert pipe.step == 7 and pipe.image_shape == (16, 16, 3)
-    _, _, raw = checkpoint.load_weights(workdir, ema=False)
+    _, _, raw = load_run(workdir, ema=False)
     ema = jax.tree.leaves(pipe.params)
     assert any(not np.array_equal(a, b) for a, b in zip(ema, jax.tree.leaves(raw)))
 

@@ -19,8 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")  # parity with diffusers' PyTorch pipeline
 
 from jaxdiff import Pipeline, cli, images  # noqa: E402
-from jaxdiff.diffusion.continuous import model_denoiser, process_from_config, sample_in_image_range  # noqa: E402
-from jaxdiff.convert import convert, detect_format, load_weights  # noqa: E402
+from jaxdiff.diffusion.continuous import model_denoiser, process_from_config  # noqa: E402
+from jaxdiff.samplers.configured import sample_in_image_range  # noqa: E402
+from jaxdiff.convert.formats import convert, detect_format, load_weights  # noqa: E402
 from jaxdiff.evaluation.ode_likelihood import ode_bits_per_dim  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.processes import make_process  # noqa: E402

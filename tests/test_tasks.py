@@ -16,6 +16,7 @@ from PIL import Image
 from jaxdiff import data, images
 
 from jaxdiff.training import checkpoint
+from jaxdiff.training.tasks import load_run
 from jaxdiff.training.autoencoder_step import encode_fn, estimate_scaling_factor, reconstruct
 from jaxdiff.training.checkpoint import CheckpointError, config_differences
 from jaxdiff.cli import load_config, main
@@ -102,7 +103,7 @@ def test_autoencoder_run_writes_checkpoints_grids_metrics_and_the_scaling_factor
     ]  # fmt: skip
 
     # Readers of any task: the EMA parameters and the config.
-    loaded_config, step, params = checkpoint.load_weights(tmp_path)
+    loaded_config, step, params = load_run(tmp_path)
     assert step == 4 and loaded_config.task == "autoencoder"
     for a, b in zip(leaves(params), leaves(restored.state.ema_params), strict=True):
         np.testing.assert_array_equal(a, b)

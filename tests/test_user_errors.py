@@ -118,7 +118,7 @@ def test_an_unwritable_output_folder(capsys, tmp_path, workdir, no_sampling, mon
 
 
 def test_convert_checks_its_paths_and_maps_a_corrupt_safetensors_file(capsys, tmp_path, workdir):
-    from jaxdiff.convert import convert
+    from jaxdiff.convert.formats import convert
 
     exported = convert(workdir, tmp_path / "exported", target_format="diffusers")
     weights = next(exported.rglob("*.safetensors"))
@@ -164,21 +164,22 @@ def test_an_internal_error_says_it_is_a_bug(capsys, monkeypatch):
 
 
 def test_every_user_error_type_is_mapped():
-    from safetensors import SafetensorError
-
     from jaxdiff.training.checkpoint import CheckpointError
     from jaxdiff.data import DatasetNotFoundError
+    from jaxdiff.errors import JaxdiffError
 
     mapped = cli._user_errors()
-    for error in (ValueError, PermissionError, NotADirectoryError, CheckpointError, DatasetNotFoundError,
-                  SafetensorError):  # fmt: skip
+    for error in (JaxdiffError, CheckpointError, DatasetNotFoundError, cli.UsageError):
         assert issubclass(error, mapped)
-    assert not issubclass(TypeError, mapped) and not issubclass(AssertionError, mapped)
+    for error in (ValueError, OSError, TypeError, AssertionError):
+        assert not issubclass(error, mapped)
 
 
 def test_a_message_of_several_lines_is_joined_into_one(capsys, monkeypatch):
+    from jaxdiff.errors import DataError
+
     def fails(model_config):
-        raise ValueError("dataset not prepared.\nPrepare it:\n  jaxdiff data prepare x\nor set data_dir")
+        raise DataError("dataset not prepared.\nPrepare it:\n  jaxdiff data prepare x\nor set data_dir")
 
     monkeypatch.setattr("jaxdiff.models.summary.model_summary", fails)
     line = one_line_error(capsys, ["info", "--config", TINY_CONFIG])

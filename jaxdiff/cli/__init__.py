@@ -4,9 +4,10 @@
 or a recipe name (`jaxdiff.config.recipes.RECIPES`); any key can be overridden as
 `--config.section.key=value`, and the result is validated before anything runs.
 
-A user's mistake (bad value, bad file, bad path, missing data) ends with exit
-status 2 and one line on stderr; an internal error with status 1, a request to
-report it and the traceback. `-v/--verbose` adds the traceback to every error
+A user's mistake (bad value, bad file, bad path, missing data: a
+`jaxdiff.errors.JaxdiffError`) ends with exit status 2 and one line on stderr;
+any other exception is an internal error: status 1, a request to report it and
+the traceback. `-v/--verbose` adds the traceback to every error
 and shows all libraries' log messages.
 """
 
@@ -22,6 +23,7 @@ from jaxdiff.cli.errors import UsageError
 from jaxdiff.cli.parser import build_parser
 from jaxdiff.cli.paths import check_output_dir, check_output_file
 from jaxdiff.cli.sampler_flags import SAMPLER_OPTIONS
+from jaxdiff.errors import JaxdiffError
 
 __all__ = [
     "LIBRARY_LOGGERS",
@@ -39,16 +41,9 @@ logger = logging.getLogger("jaxdiff")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (a value, a file, a path, missing data) rather than a bug."""
-    import zipfile
-
-    from safetensors import SafetensorError
-
-    from jaxdiff.training.checkpoint import CheckpointError
-    from jaxdiff.data import DatasetNotFoundError
-
-    return (ValueError, OSError, CheckpointError, DatasetNotFoundError, FloatingPointError, SafetensorError,
-            zipfile.BadZipFile)  # fmt: skip
+    """Exceptions that mean bad input (a value, a file, a path, missing data) rather than a bug: `JaxdiffError`
+    only, which the library raises where it checks the user's input (argparse answers its own mistakes)."""
+    return (JaxdiffError,)
 
 
 LIBRARY_LOGGERS = ("absl", "orbax", "jax")

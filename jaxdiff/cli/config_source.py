@@ -44,8 +44,8 @@ def load_config(source: str, overrides: list[str]) -> ml_collections.ConfigDict:
         values(argv)
         config = values.config
         config.to_dict()  # a file that failed to load yields a stand-in that raises its error here
-    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, ImportError, SyntaxError) as err:
-        message = " ".join(str(err).split())
+    except Exception as err:  # noqa: BLE001 - the config file is the user's Python: whatever it raises is theirs
+        message = f"{type(err).__name__}: {' '.join(str(err).split())}"
         raise ConfigError(f"bad config {source!r} or override: {message}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {source!r}: get_config() returned {type(config).__name__}, not a ConfigDict")

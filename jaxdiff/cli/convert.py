@@ -10,7 +10,7 @@ from jaxdiff.cli.paths import check_output_dir, check_weights, reading_weights
 
 
 def run_convert(args, extra) -> int:
-    from jaxdiff.convert import convert
+    from jaxdiff.convert.formats import convert
 
     reject_extra(extra)
     check_weights(args.src, "SRC")

@@ -4,11 +4,22 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import ml_collections
 
-from jaxdiff.training.autoencoder_step import LOSS_DEFAULTS
 from jaxdiff.models import ncsnpp, song_unet
+
+# The autoencoder's loss settings (config.autoencoder_loss; see jaxdiff.training.autoencoder_step).
+RECONSTRUCTION_LOSSES = ("l1", "l2")
+LOSS_DEFAULTS: dict[str, Any] = {
+    "reconstruction_loss": "l1",
+    "kl_weight": 1e-6,
+    "disc_weight": 0.0,  # 0: no discriminator
+    "disc_start": 0,  # first step with the discriminator terms
+    "disc_layers": 3,  # stride-2 convolutions of the PatchGAN
+    "disc_channels": 64,  # width of its first convolution
+}
 
 DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",

@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from jaxdiff.config import default_config
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import ncsnpp, song_unet
 
 # dataset: (training steps of the paper, random horizontal flips)
@@ -43,7 +44,7 @@ def ddpm256(dataset: str) -> ml_collections.ConfigDict:
     Adam lr 2e-5 at batch 64, sampling with the posterior variance ("fixedsmall"). Periodic sample
     grids are kept small: 256×256 sampling with 1000 steps is expensive."""
     if dataset not in _256_RUNS:
-        raise ValueError(f"no 256×256 recipe for dataset {dataset!r}; expected one of {sorted(_256_RUNS)}")
+        raise ConfigError(f"no 256×256 recipe for dataset {dataset!r}; expected one of {sorted(_256_RUNS)}")
     steps, flip = _256_RUNS[dataset]
     config = default_config()
     config.data.dataset = dataset
@@ -119,7 +120,7 @@ def score_sde(name: str) -> ml_collections.ConfigDict:
     either range's diameter, as the VE prior needs).
     """
     if name not in _SCORE_SDE_RUNS:
-        raise ValueError(f"no score_sde recipe {name!r}; expected one of {sorted(_SCORE_SDE_RUNS)}")
+        raise ConfigError(f"no score_sde recipe {name!r}; expected one of {sorted(_SCORE_SDE_RUNS)}")
     process, variant, steps = _SCORE_SDE_RUNS[name]
     config = default_config()
     config.model.network = "ncsnpp"
@@ -165,7 +166,7 @@ def edm_cifar10(name: str) -> ml_collections.ConfigDict:
     here have no augmentation labels. Sampling: Heun, 18 steps (35 evaluations), no clipping.
     """
     if name not in _EDM_RUNS:
-        raise ValueError(f"no EDM recipe {name!r}; expected one of {sorted(_EDM_RUNS)}")
+        raise ConfigError(f"no EDM recipe {name!r}; expected one of {sorted(_EDM_RUNS)}")
     variant, conditional = _EDM_RUNS[name]
     config = default_config()
     config.data.random_flip = False
@@ -226,4 +227,4 @@ def recipe(name: str) -> ml_collections.ConfigDict:
         return edm_cifar10(name)
     if name == "digits_edm":
         return digits_edm()
-    raise ValueError(f"no recipe named {name!r}; expected one of {RECIPES}")
+    raise ConfigError(f"no recipe named {name!r}; expected one of {RECIPES}")

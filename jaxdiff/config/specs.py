@@ -9,11 +9,11 @@ import math
 
 import ml_collections
 
-from jaxdiff.training.autoencoder_step import RECONSTRUCTION_LOSSES
 from jaxdiff.checks import is_int, is_real
-from jaxdiff.config.defaults import DATASETS, TASKS, default_config
+from jaxdiff.config.defaults import DATASETS, RECONSTRUCTION_LOSSES, TASKS, default_config
 from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, PARAMETERIZATIONS
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import NETWORKS, ncsnpp, song_unet
 from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES
 from jaxdiff.models.unet import DTYPES
@@ -21,10 +21,6 @@ from jaxdiff.processes import PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
 from jaxdiff.samplers.pc import CORRECTORS, PREDICTORS
 from jaxdiff.schedule import BETA_SCHEDULES
-
-
-class ConfigError(ValueError):
-    """A config key that does not exist, or a value its spec does not allow; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)

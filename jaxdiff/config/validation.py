@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdiff.training.autoencoder_step import autoencoder_model_config
+from jaxdiff.models.autoencoder import autoencoder_model_config
 from jaxdiff.config.defaults import default_config
 from jaxdiff.config.specs import ConfigError, flat_keys, spec_of, unknown_key_error
 from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, process_from_config

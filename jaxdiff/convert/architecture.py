@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from jaxdiff.config import default_config
+from jaxdiff.errors import WeightsError
 from jaxdiff.models import create_model
 from jaxdiff.models.unet import level_resolutions
 from jaxdiff.config.recipes import RELEASED, recipe
@@ -94,7 +95,7 @@ def _released_recipe(arch: Architecture, image_size: int | None, source: str) ->
     """`matching_released_recipe`, or a ValueError asking for dataset= when no released model matches."""
     config = matching_released_recipe(arch, image_size, source)
     if config is None:
-        raise ValueError(
+        raise WeightsError(
             f"{source}: architecture {arch._asdict()} (image size {image_size}) matches no released DDPM model "
             f"({', '.join(RELEASED)}); pass dataset= to pick the training recipe"
         )
@@ -124,7 +125,7 @@ def build_config(
         model.image_size = image_size
     factor = 2 ** (len(arch.ch_mult) - 1)
     if model.image_size % factor:
-        raise ValueError(
+        raise WeightsError(
             f"{source}: image_size={model.image_size} is not divisible by 2^{len(arch.ch_mult) - 1} = {factor} "
             f"({len(arch.ch_mult)} levels)"
         )

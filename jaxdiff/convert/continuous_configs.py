@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdiff.config import ConfigError, flat_keys, validate
 from jaxdiff.convert import score_sde_checkpoint
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.processes import make_process
 from jaxdiff.config.recipes import RECIPES, recipe
 
@@ -56,7 +57,7 @@ def score_sde_config_name(dataset: str | None) -> tuple[str, str | None]:
         return SCORE_SDE_RECIPES[dataset], dataset
     if dataset in score_sde_checkpoint.CONFIGS:
         return dataset, None
-    raise ValueError(
+    raise WeightsError(
         f"dataset={dataset!r}: a score_sde checkpoint needs the config it was trained with (`jaxdiff convert "
         f"--dataset NAME`, `jaxdiff sample --pretrained PATH --config NAME`, `Pipeline.from_pretrained(path, "
         f"config=NAME)`), one of score_sde's {sorted(score_sde_checkpoint.CONFIGS)} or of jaxdiff's recipes "
@@ -72,7 +73,7 @@ def score_sde_recipe(config_name: str) -> str | None:
 def check_recipe_name(name: str | None) -> None:
     """None or a jaxdiff recipe name; ValueError naming the recipes otherwise."""
     if name is not None and name not in RECIPES:
-        raise ValueError(f"dataset={name!r} is not a jaxdiff recipe; expected one of {RECIPES}")
+        raise UsageError(f"dataset={name!r} is not a jaxdiff recipe; expected one of {RECIPES}")
 
 
 def _refuse(source: str, differences: dict) -> None:
@@ -151,7 +152,7 @@ def _read_keys(network_name: str, network: ml_collections.ConfigDict, info: dict
                      in_channels=network.in_channels, out_channels=network.out_channels, num_classes=network.label_dim)
         base = EDM_RECIPES[network.label_dim > 0, network.embedding_type == "fourier"]
         return base, dict(data=dict(centered=True), model=model, diffusion=diffusion)
-    raise ValueError(f"{source}: network {network_name!r} has no jaxdiff config; expected 'ncsnpp' or 'song_unet'")
+    raise WeightsError(f"{source}: network {network_name!r} has no jaxdiff config; expected 'ncsnpp' or 'song_unet'")
 
 
 def _structure(config: ml_collections.ConfigDict) -> dict:

@@ -24,6 +24,7 @@ from jaxdiff.convert.diffusers_format import (
 from jaxdiff.convert.matching import match_names
 from jaxdiff.diffusion.scheduler_config import DIFFUSERS_BETA_SCHEDULES, DIFFUSERS_MEAN_TYPES, DIFFUSERS_VAR_TYPES
 from jaxdiff.convert.torch_layout import to_torch
+from jaxdiff.errors import WeightsError
 
 
 class DiffusersExport(NamedTuple):
@@ -39,7 +40,7 @@ def _block_types(attn: list[bool], by_resblock: tuple[int, ...], resampled: rang
     """(block type of each level 0..L-1, the resampler type of its Attn blocks): "resnet" or "conv"."""
     attn_kinds = {i in by_resblock for i in resampled if attn[i]}
     if len(attn_kinds) > 1:
-        raise ValueError(
+        raise WeightsError(
             f"model.{key}={by_resblock}: UNet2DModel resamples all attention levels alike "
             "(by ResBlocks or by convolutions)"
         )
@@ -51,9 +52,9 @@ def unet_config(config: ml_collections.ConfigDict) -> dict:
     """The `UNet2DModel` config.json of our model; models diffusers cannot express raise ValueError."""
     m = config.model
     if not m.resamp_with_conv:
-        raise ValueError("model.resamp_with_conv=False: UNet2DModel always resamples with convolutions")
+        raise WeightsError("model.resamp_with_conv=False: UNet2DModel always resamples with convolutions")
     if not m.mid_attn_norm and not m.temb_scale_shift:
-        raise ValueError("model.mid_attn_norm=False: UNet2DModel drops that GroupNorm only with temb_scale_shift")
+        raise WeightsError("model.mid_attn_norm=False: UNet2DModel drops that GroupNorm only with temb_scale_shift")
     num_levels = len(m.ch_mult)
     attn = [res in tuple(m.attn_resolutions) for res in (m.image_size // 2**i for i in range(num_levels))]
     down, down_type = _block_types(attn, tuple(m.resblock_down_levels), range(num_levels - 1), DOWN_BLOCKS,
@@ -97,7 +98,7 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict:
     for key, table, value in (("schedule", DIFFUSERS_BETA_SCHEDULES, d.schedule), ("var_type", DIFFUSERS_VAR_TYPES, d.var_type),
                               ("mean_type", DIFFUSERS_MEAN_TYPES, d.mean_type)):  # fmt: skip
         if value not in table:
-            raise ValueError(f"diffusion.{key}={value!r} has no DDPMScheduler equivalent (supported: {sorted(table)})")
+            raise WeightsError(f"diffusion.{key}={value!r} has no DDPMScheduler equivalent (supported: {sorted(table)})")
     return {
         "_class_name": "DDPMScheduler",
         "num_train_timesteps": d.num_timesteps,

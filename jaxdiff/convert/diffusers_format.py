@@ -40,6 +40,7 @@ from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config, unsupported_setting
+from jaxdiff.errors import WeightsError
 from jaxdiff.models.layers import ACTIVATIONS
 
 CONFIG_FILE = "config.json"
@@ -190,7 +191,7 @@ def _check_choice(source: str, s: dict, key: str, allowed: tuple) -> None:
 def architecture_from_unet_config(settings: dict, source: str) -> tuple[Architecture, int]:
     """(architecture, image size) of a `UNet2DModel` config.json; unsupported settings raise ValueError naming them."""
     if settings.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{source}: _class_name={settings['_class_name']!r}; only UNet2DModel is supported")
+        raise WeightsError(f"{source}: _class_name={settings['_class_name']!r}; only UNet2DModel is supported")
     for key, (allowed, default) in REQUIRED_UNET_SETTINGS.items():
         value = settings.get(key, default)
         if value not in allowed:
@@ -327,12 +328,12 @@ def read_diffusers(
     """
     unet_dir = unet_folder(folder)
     if unet_dir is None:
-        raise ValueError(f"{folder} is not a diffusers folder: no {CONFIG_FILE} with *.safetensors in it or in unet/")
+        raise WeightsError(f"{folder} is not a diffusers folder: no {CONFIG_FILE} with *.safetensors in it or in unet/")
     source = f"diffusers folder {unet_dir}"
     index = _beside(unet_dir, MODEL_INDEX_FILE) if unet_dir.name == "unet" else None
     pipeline = load_json(index).get("_class_name") if index is not None else None
     if pipeline is not None and pipeline not in PIPELINES:
-        raise ValueError(f"{index}: _class_name={pipeline!r}; supported pipelines: {', '.join(PIPELINES)}")
+        raise WeightsError(f"{index}: _class_name={pipeline!r}; supported pipelines: {', '.join(PIPELINES)}")
     arch, image_size = architecture_from_unet_config(load_json(unet_dir / CONFIG_FILE), source)
     base, arch = _base_config(arch, image_size, _beside(unet_dir, JAXDIFF_CONFIG_FILE), source)
     config = build_config(arch, image_size=image_size, dataset=dataset, source=source, base=base)

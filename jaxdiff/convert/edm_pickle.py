@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.convert.matching import match_names
+from jaxdiff.errors import WeightsError
 from jaxdiff.evaluation import inception_weights
 from jaxdiff.models import song_unet
 
@@ -53,7 +54,7 @@ LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "W": "freqs
 NUMERIC_KINDS = "biufc"
 
 
-class EdmPickleError(ValueError):
+class EdmPickleError(WeightsError):
     """An EDM snapshot that cannot be read safely or holds a network we do not support."""
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import pathlib
 
+from jaxdiff.errors import WeightsError
+
 
 def load_json(path: pathlib.Path) -> dict:
-    """The JSON object in `path`; ValueError naming the file if it is not valid JSON."""
+    """The JSON object in `path`; WeightsError naming the file if it is not valid JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise WeightsError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(content, dict):
+        raise WeightsError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
 
 
 def weights_file(folder: pathlib.Path, stem: str, variant: str | None = None) -> pathlib.Path:
@@ -24,4 +29,4 @@ def weights_file(folder: pathlib.Path, stem: str, variant: str | None = None) ->
     if variant is None and len(present) == 1:
         return folder / present[0]
     missing = f"{folder} has no {name}" + (f" (variant={variant!r})" if variant else "")
-    raise ValueError(f"{missing}; its safetensors files: {present}")
+    raise WeightsError(f"{missing}; its safetensors files: {present}")

@@ -30,6 +30,7 @@ from jaxdiff.convert.torch_layout import from_torch
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.safetensors_reader import read_tensor
+from jaxdiff.errors import WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 
@@ -79,7 +80,7 @@ def component_folder(folder: str | os.PathLike, subfolder: str) -> pathlib.Path:
     for candidate in (folder, folder / subfolder):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
-    raise ValueError(f"{folder} has no {CONFIG_FILE}, nor has {folder / subfolder}")
+    raise WeightsError(f"{folder} has no {CONFIG_FILE}, nor has {folder / subfolder}")
 
 
 def read_config(
@@ -91,7 +92,7 @@ def read_config(
     try:
         return make_config(settings, **options)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise WeightsError(f"{path}: {err}") from None
 
 
 def read_weights(

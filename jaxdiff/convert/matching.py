@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from jaxdiff.convert.architecture import ParamPath, Shape
+from jaxdiff.errors import WeightsError
 
 MAX_LISTED = 40  # per kind of problem; the count is always given
 
@@ -42,5 +43,5 @@ def match_names(
         if items
     ]
     if problems:
-        raise ValueError(f"{source} does not fit the model:\n" + "\n".join(problems))
+        raise WeightsError(f"{source} does not fit the model:\n" + "\n".join(problems))
     return found

@@ -26,6 +26,7 @@ from jaxdiff.convert.architecture import ParamPath
 from jaxdiff.convert.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES
 from jaxdiff.convert.torch_layout import from_torch, torch_shape
 from jaxdiff.convert.matching import match_names
+from jaxdiff.errors import WeightsError
 from jaxdiff.models import ncsnpp
 
 RESBLOCK_LAYERS = {
@@ -57,8 +58,8 @@ REQUIRED_SETTINGS = {
 FOURIER_SCALE = 16.0  # diffusers' UNet2DModel fixes it
 
 
-def _unsupported(key: str, value, need: str) -> ValueError:
-    return ValueError(f"diffusers config: unsupported {key}={value!r} ({need})")
+def _unsupported(key: str, value, need: str) -> WeightsError:
+    return WeightsError(f"diffusers config: unsupported {key}={value!r} ({need})")
 
 
 def config_from_diffusers(settings: Mapping) -> ml_collections.ConfigDict:

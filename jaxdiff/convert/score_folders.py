@@ -42,6 +42,7 @@ from jaxdiff.convert.diffusers_format import CONFIG_FILE, MODEL_INDEX_FILE, WEIG
 from jaxdiff.convert.torch_layout import to_torch
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.matching import match_names
+from jaxdiff.errors import WeightsError
 
 PIPELINE = "ScoreSdeVePipeline"
 SCHEDULER = "ScoreSdeVeScheduler"
@@ -49,7 +50,7 @@ SCHEDULER_DEFAULTS = dict(num_train_timesteps=2000, snr=0.15, sigma_min=0.01, si
                           correct_steps=1)  # fmt: skip
 
 
-class ScoreFolderError(ValueError):
+class ScoreFolderError(WeightsError):
     """A folder that is not a readable ScoreSdeVePipeline."""
 
 
@@ -155,7 +156,7 @@ def score_sde_ve_export(config: ml_collections.ConfigDict, params) -> ScoreSdeVe
             differences.append(f"model.ncsnpp widths {[network.nf * m for m in network.ch_mult]} (diffusers' "
                                f"attention GroupNorms match score_sde's only for widths >= {MIN_EXPORT_WIDTH})")
     if differences:
-        raise ValueError(f"cannot export as a diffusers {PIPELINE}: {'; '.join(differences)}")
+        raise WeightsError(f"cannot export as a diffusers {PIPELINE}: {'; '.join(differences)}")
     shapes = param_shapes(model)
     flat = {p: np.asarray(a, np.float32) for p, a in flax.traverse_util.flatten_dict(params).items()}
     match_names({p: (("/".join(p),), s) for p, s in shapes.items()}, {"/".join(p): a.shape for p, a in flat.items()},

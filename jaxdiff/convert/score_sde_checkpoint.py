@@ -27,10 +27,11 @@ import numpy as np
 
 from jaxdiff.convert.architecture import ParamPath, Shape
 from jaxdiff.convert.matching import match_names
+from jaxdiff.errors import WeightsError
 from jaxdiff.models import ncsnpp
 
 
-class ScoreSdeCheckpointError(ValueError):
+class ScoreSdeCheckpointError(WeightsError):
     """A score_sde checkpoint that cannot be read or does not fit the named config."""
 
 

@@ -48,6 +48,7 @@ from jaxdiff.convert.unet_condition_weights import (
     read_unet_condition,
     unet_condition_shapes,
 )
+from jaxdiff.errors import MissingWeightsError, OutputExistsError, UsageError, WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition_config import config_from_diffusers
@@ -63,7 +64,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 def refuse_pickle(path: pathlib.Path) -> None:
     """ValueError for a pickle checkpoint (never unpickled), naming the safetensors file to use instead."""
     if path.suffix in PICKLE_SUFFIXES:
-        raise ValueError(
+        raise WeightsError(
             f"{path} is a pickle checkpoint, which jaxdiff never unpickles; use its safetensors version "
             f"({path.with_suffix('.safetensors').name})"
         )
@@ -72,13 +73,13 @@ def refuse_pickle(path: pathlib.Path) -> None:
 def _pipeline_class(folder: pathlib.Path) -> str:
     index_file = folder / MODEL_INDEX_FILE
     if not index_file.is_file():
-        raise ValueError(f"{folder} is not a Stable Diffusion folder: it has no {MODEL_INDEX_FILE}")
+        raise WeightsError(f"{folder} is not a Stable Diffusion folder: it has no {MODEL_INDEX_FILE}")
     name = load_json(index_file).get("_class_name")
     if name not in PIPELINE_CLASSES:
-        raise ValueError(f"{index_file}: _class_name={name!r}; supported pipelines: {', '.join(PIPELINE_CLASSES)}")
+        raise WeightsError(f"{index_file}: _class_name={name!r}; supported pipelines: {', '.join(PIPELINE_CLASSES)}")
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
-        raise ValueError(f"{folder} lacks the component folders {missing} of a Stable Diffusion pipeline")
+        raise WeightsError(f"{folder} lacks the component folders {missing} of a Stable Diffusion pipeline")
     return name
 
 
@@ -90,7 +91,7 @@ def _check_text_width(settings: dict, folder: pathlib.Path) -> None:
     except ValueError:
         return  # reading the component names the bad setting
     if width != context:
-        raise ValueError(f"{folder}: text_encoder hidden_size={width} but the unet's cross_attention_dim={context}")
+        raise WeightsError(f"{folder}: text_encoder hidden_size={width} but the unet's cross_attention_dim={context}")
 
 
 def read_stable_diffusion(
@@ -102,11 +103,11 @@ def read_stable_diffusion(
     folder = pathlib.Path(folder)
     refuse_pickle(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise MissingWeightsError(f"{folder} is not a folder")
     pipeline_class = _pipeline_class(folder)
     scheduler_file = folder / "scheduler" / SCHEDULER_CONFIG_FILE
     if not scheduler_file.is_file():
-        raise ValueError(f"{folder / 'scheduler'} has no {SCHEDULER_CONFIG_FILE}")
+        raise WeightsError(f"{folder / 'scheduler'} has no {SCHEDULER_CONFIG_FILE}")
     scheduler = scheduler_settings(load_json(scheduler_file), str(scheduler_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     settings = _config_folder_settings(folder)
@@ -148,7 +149,7 @@ def write_stable_diffusion(model: LatentModels, folder: str | os.PathLike) -> No
     config (as a DDIMScheduler). The target must not exist yet."""
     folder = pathlib.Path(folder)
     if folder.exists():
-        raise FileExistsError(f"{folder} already exists; choose a new folder to export to")
+        raise OutputExistsError(f"{folder} already exists; choose a new folder to export to")
     text_class = "CLIPTextModelWithProjection" if model.text_config.with_projection else "CLIPTextModel"
     parts = {
         "unet": (("diffusers", "UNet2DConditionModel"), UNET_WEIGHTS_STEM, model.unet_params, diffusers_tensor_name),
@@ -343,10 +344,10 @@ def _config_folder_settings(folder: pathlib.Path) -> dict:
     for component in ("unet", "vae", "text_encoder"):
         path = folder / component / CONFIG_FILE
         if not path.is_file():
-            raise ValueError(f"{folder} has no {component}/{CONFIG_FILE}")
+            raise WeightsError(f"{folder} has no {component}/{CONFIG_FILE}")
         settings[component] = load_json(path)
     if not (folder / "tokenizer").is_dir():
-        raise ValueError(f"{folder} has no tokenizer/")
+        raise WeightsError(f"{folder} has no tokenizer/")
     return settings
 
 
@@ -366,12 +367,12 @@ def read_single_file(
     file, config_folder = pathlib.Path(file), pathlib.Path(config_folder)
     refuse_pickle(file)
     if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: a single-file checkpoint must be a .safetensors file")
+        raise WeightsError(f"{file}: a single-file checkpoint must be a .safetensors file")
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist")
+        raise MissingWeightsError(f"{file} does not exist")
     if isinstance(scheduler, str):
         if scheduler not in SCHEDULER_PRESETS:
-            raise ValueError(f"unknown scheduler preset {scheduler!r}; expected one of {sorted(SCHEDULER_PRESETS)}")
+            raise UsageError(f"unknown scheduler preset {scheduler!r}; expected one of {sorted(SCHEDULER_PRESETS)}")
         scheduler = dict(SCHEDULER_PRESETS[scheduler])
     scheduler_config = scheduler_settings(scheduler, "scheduler")
     settings = _config_folder_settings(config_folder)
@@ -380,7 +381,7 @@ def read_single_file(
     try:
         unet_config = config_from_diffusers(settings["unet"], dtype=dtype)
     except ValueError as err:
-        raise ValueError(f"{config_folder / 'unet' / CONFIG_FILE}: {err}") from None
+        raise WeightsError(f"{config_folder / 'unet' / CONFIG_FILE}: {err}") from None
     vae_config = autoencoder_config(settings["vae"], dtype=dtype)
     text_config = clip_text_config(settings["text_encoder"], dtype=dtype)
 
@@ -417,7 +418,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
         if leftover:
             problems.append(f"  {len(leftover)} unexpected (no component): " + ", ".join(sorted(leftover)[:40]))
         if problems:
-            raise ValueError(f"{file} does not fit the models:\n" + "\n".join(problems))
+            raise WeightsError(f"{file} does not fit the models:\n" + "\n".join(problems))
         params = {}
         for component, pairs in found.items():
             flat = {}
@@ -445,7 +446,7 @@ def read_pretrained(
     if path.is_dir():
         return read_stable_diffusion(path, variant=variant, dtype=dtype)
     if config_folder is None:
-        raise ValueError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
+        raise UsageError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
     return read_single_file(path, config_folder=config_folder, scheduler=scheduler, dtype=dtype)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxdiff.convert.crc32c import crc32c, unmask
+from jaxdiff.errors import WeightsError
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -34,7 +35,7 @@ BIG_ENDIAN = 1
 SLICE_KEY_START = b"\x00"  # keys of the pieces of partitioned tensors (OrderedCode-encoded name + extents)
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(WeightsError):
     """The files are not a TF V2 checkpoint this reader understands, or are damaged."""
 
 

@@ -23,6 +23,7 @@ from jaxdiff.config import validate
 from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, official_architecture, param_shapes
 from jaxdiff.convert.matching import match_names
 from jaxdiff.convert.tf_bundle import TFCheckpoint
+from jaxdiff.errors import WeightsError
 
 SCOPE = "model/"
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -59,13 +60,13 @@ def checkpoint_prefix(path: str | os.PathLike) -> str:
     """The checkpoint prefix `path` names: itself, or in a folder its latest (per the `checkpoint` file) or only one."""
     indexes = index_files(path)
     if not indexes:
-        raise ValueError(f"{path} is not a TF checkpoint: neither {path}.index nor a folder holding a *.index file")
+        raise WeightsError(f"{path} is not a TF checkpoint: neither {path}.index nor a folder holding a *.index file")
     if pathlib.Path(path).is_dir():
         latest = _latest_in_checkpoint_file(pathlib.Path(path))
         if latest:
             return latest
         if len(indexes) > 1:
-            raise ValueError(f"{path} holds several checkpoints {[p.name for p in indexes]}; pass one prefix")
+            raise WeightsError(f"{path} holds several checkpoints {[p.name for p in indexes]}; pass one prefix")
     return os.fspath(indexes[0])[: -len(".index")]
 
 
@@ -92,14 +93,14 @@ def infer_architecture(shapes: dict[str, list[int]], source: str) -> Architectur
     """The U-Net architecture from the official variables' names and shapes (variable name -> shape)."""
     for name in (SCOPE + "conv_in/W", SCOPE + "conv_out/W", SCOPE + "down_0/block_0/conv1/W"):
         if name not in shapes:
-            raise ValueError(f"{source} has no variable {name}: not an official DDPM U-Net checkpoint")
+            raise WeightsError(f"{source} has no variable {name}: not an official DDPM U-Net checkpoint")
     num_levels = _count(shapes, SCOPE + "down_{}/block_0/conv1/W")
     in_channels, ch = shapes[SCOPE + "conv_in/W"][2:]
     ch_mult = []
     for i in range(num_levels):
         width = shapes[f"{SCOPE}down_{i}/block_0/conv1/W"][-1]
         if width % ch:
-            raise ValueError(f"{source}: down_{i} has {width} channels, not a multiple of conv_in's {ch}")
+            raise WeightsError(f"{source}: down_{i} has {width} channels, not a multiple of conv_in's {ch}")
         ch_mult.append(width // ch)
     return official_architecture()._replace(
         in_channels=in_channels,

@@ -22,6 +22,7 @@ from jaxdiff.convert.architecture import ParamPath, Shape
 from jaxdiff.convert.diffusers_format import WEIGHTS_STEM
 from jaxdiff.convert.files import load_json, weights_file
 from jaxdiff.convert.latent_weights import CONFIG_FILE, LEAF_NAMES, component_folder, param_shapes, read_weights
+from jaxdiff.errors import WeightsError
 from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.models.unet_condition_config import config_from_diffusers
 # diffusers module lists, whose index our names write as `<list>_<index>` (unlike e.g. `linear_1`, a plain name).
@@ -70,5 +71,5 @@ def read_unet_condition(
     try:
         config = config_from_diffusers(settings, dtype=dtype, remat=remat)
     except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
+        raise WeightsError(f"{config_path}: {err}") from None
     return config, read_unet_condition_weights(config, weights_file(unet_dir, WEIGHTS_STEM, variant))

@@ -23,6 +23,7 @@ from jaxdiff.data.tfds_sources import (
     load_in_memory,
     load_random_access,
 )
+from jaxdiff.errors import ConfigError
 
 SYNTHETIC_NUM_EXAMPLES = 50_000  # examples of the `synthetic` dataset built by `load_dataset`
 
@@ -51,20 +52,20 @@ def load_dataset(
     """
     dataset = data_config.dataset
     if dataset not in DATASETS:
-        raise ValueError(f"data.dataset={dataset!r} is not one of {DATASETS}")
+        raise ConfigError(f"data.dataset={dataset!r} is not one of {DATASETS}")
     if dataset == "synthetic":
         if image_shape_for_synthetic is None:
-            raise ValueError("data.dataset='synthetic' needs image_shape_for_synthetic=(H, W, C)")
+            raise ConfigError("data.dataset='synthetic' needs image_shape_for_synthetic=(H, W, C)")
         return SyntheticSource(SYNTHETIC_NUM_EXAMPLES, tuple(image_shape_for_synthetic))
     if dataset == "digits":
         return load_digits(data_config.split)
     if dataset == "shapes":
         if data_config.split not in SHAPES_NUM_EXAMPLES:
-            raise ValueError(f"shapes has the splits {tuple(SHAPES_NUM_EXAMPLES)}, got split={data_config.split!r}")
+            raise ConfigError(f"shapes has the splits {tuple(SHAPES_NUM_EXAMPLES)}, got split={data_config.split!r}")
         return ShapesSource(data_config.split, num_examples=SHAPES_NUM_EXAMPLES[data_config.split])
     if dataset == "folder":
         if image_size is None:
-            raise ValueError(
+            raise ConfigError(
                 "data.dataset='folder' needs image_size (pixels; the images are cropped and resized to it)"
             )
         return load_folder(data_config.data_dir, image_size)

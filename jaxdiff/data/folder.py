@@ -24,6 +24,7 @@ import PIL.ImageOps
 from jaxdiff.checks import is_int
 from jaxdiff.data.sources import check_indices
 from jaxdiff.data.tfds_sources import center_crop_resize
+from jaxdiff.errors import ConfigError, DataError, MissingDataError
 
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -69,7 +70,7 @@ class FolderSource:
             with PIL.Image.open(path) as image:
                 pixels = np.asarray(PIL.ImageOps.exif_transpose(image).convert("RGB"))
         except _READ_ERRORS as err:
-            raise ValueError(f"{path}: cannot decode the image ({err})") from err
+            raise DataError(f"{path}: cannot decode the image ({err})") from err
         return center_crop_resize(pixels, self.size)
 
     def get(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,28 +106,28 @@ def _captions_from_jsonl(directory: str, files: list[str]) -> list[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise DataError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})") from None
+                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not (
                 isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("text"), str)
             ):
-                raise ValueError(
+                raise DataError(
                     f'{path}:{number}: expected {{"file": "<image name>", "text": "<caption>"}}, got {line.strip()[:80]}'
                 )
             name = entry["file"]
             if name not in known:
-                raise ValueError(f"{path}:{number}: {name!r} is not an image in {directory} (one of {IMAGE_SUFFIXES})")
+                raise DataError(f"{path}:{number}: {name!r} is not an image in {directory} (one of {IMAGE_SUFFIXES})")
             if name in texts:
-                raise ValueError(f"{path}:{number}: {name!r} already has a caption on line {lines[name]}")
+                raise DataError(f"{path}:{number}: {name!r} already has a caption on line {lines[name]}")
             texts[name], lines[name] = entry["text"], number
     missing = [name for name in files if name not in texts]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"image {missing[0]!r} in {directory} has no caption in {CAPTIONS_FILE} ({len(missing)} images lack one)"
         )
     return [texts[name] for name in files]
@@ -138,14 +139,14 @@ def _captions_from_text_files(directory: str, files: list[str]) -> list[str]:
     for name in files:
         path = os.path.join(directory, os.path.splitext(name)[0] + ".txt")
         if not os.path.isfile(path):
-            raise ValueError(
+            raise DataError(
                 f"image {name!r} in {directory} has no caption: add {os.path.basename(path)} or a {CAPTIONS_FILE}"
             )
         try:
             with open(path, encoding="utf-8") as stream:
                 texts.append(stream.read().strip())
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     return texts
 
 
@@ -156,9 +157,9 @@ def _check_image(path: str) -> None:
             kind = image.format
             image.verify()
     except _READ_ERRORS as err:
-        raise ValueError(f"{path}: not a readable PNG or JPEG image ({err})") from err
+        raise DataError(f"{path}: not a readable PNG or JPEG image ({err})") from err
     if kind not in IMAGE_FORMATS:
-        raise ValueError(f"{path}: holds a {kind} image; the folder source reads {' and '.join(IMAGE_FORMATS)}")
+        raise DataError(f"{path}: holds a {kind} image; the folder source reads {' and '.join(IMAGE_FORMATS)}")
 
 
 def load_folder(directory: str, size: int, *, num_threads: int | None = None) -> FolderSource:
@@ -168,15 +169,15 @@ def load_folder(directory: str, size: int, *, num_threads: int | None = None) ->
     a malformed captions line (file:line) or a file that is not a readable PNG/JPEG image.
     """
     if not is_int(size, numpy=False) or size <= 0:
-        raise ValueError(f"folder: image size must be a positive integer (pixels), got {size!r}")
+        raise ConfigError(f"folder: image size must be a positive integer (pixels), got {size!r}")
     if not directory:
-        raise ValueError("data.dataset='folder' needs data.data_dir: the folder of images and captions")
+        raise ConfigError("data.dataset='folder' needs data.data_dir: the folder of images and captions")
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"image folder {directory} does not exist (or is not a folder)")
+        raise MissingDataError(f"image folder {directory} does not exist (or is not a folder)")
     files = _image_files(directory)
     if not files:
-        raise ValueError(f"image folder {directory} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"image folder {directory} has no images ({', '.join(IMAGE_SUFFIXES)})")
     if os.path.isfile(os.path.join(directory, CAPTIONS_FILE)):
         texts = _captions_from_jsonl(directory, files)
     else:

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from jaxdiff.data.sources import Source
+from jaxdiff.errors import UsageError, WeightsError
 
 
 @functools.lru_cache(maxsize=4)
@@ -31,7 +32,7 @@ def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 def example_indices(num_examples: int, *, seed: int, start: int, stop: int) -> np.ndarray:
     """Example indices at positions [start, stop) of the concatenated epoch permutations (int64)."""
     if num_examples <= 0:
-        raise ValueError(f"cannot draw examples from a dataset of {num_examples} examples")
+        raise UsageError(f"cannot draw examples from a dataset of {num_examples} examples")
     positions = np.arange(start, stop, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_examples)
     indices = np.empty_like(positions)
@@ -44,17 +45,17 @@ def example_indices(num_examples: int, *, seed: int, start: int, stop: int) -> n
 def _check_batch_args(seed: int, step: int, global_batch_size: int, process_index: int, process_count: int) -> int:
     """Validates the batch arguments; returns the per-process batch size."""
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise UsageError(f"seed must be >= 0, got {seed}")
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+        raise UsageError(f"step must be >= 0, got {step}")
     if global_batch_size <= 0 or process_count <= 0:
-        raise ValueError(
+        raise UsageError(
             f"global_batch_size and process_count must be positive, got {global_batch_size}, {process_count}"
         )
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+        raise UsageError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+        raise UsageError(f"process_index={process_index} is outside [0, {process_count})")
     return global_batch_size // process_count
 
 
@@ -132,12 +133,12 @@ class BatchIterator:
         """Continue from `state` (a `get_state()` of an iterator over the same source, seed and batch size)."""
         expected = {"step", *self._identity}
         if not isinstance(state, dict) or set(state) != expected:
-            raise ValueError(f"data iterator state must be a dict with keys {sorted(expected)}, got {state!r}")
+            raise WeightsError(f"data iterator state must be a dict with keys {sorted(expected)}, got {state!r}")
         changed = [f"{k}={state[k]} (this run: {v})" for k, v in self._identity.items() if state[k] != v]
         if changed:
-            raise ValueError(f"data iterator state belongs to another input pipeline: {', '.join(changed)}")
+            raise WeightsError(f"data iterator state belongs to another input pipeline: {', '.join(changed)}")
         if not isinstance(state["step"], int) or state["step"] < 0:
-            raise ValueError(f"data iterator state step must be an int >= 0, got {state['step']!r}")
+            raise WeightsError(f"data iterator state step must be an int >= 0, got {state['step']!r}")
         self._iterator.set_state({"next_index": state["step"]})
         self._iterator.start_prefetch()
 
@@ -174,7 +175,7 @@ def iterate_batches(
     """
     _check_batch_args(seed, start_step, global_batch_size, process_index, process_count)
     if prefetch < 1:
-        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        raise UsageError(f"prefetch must be >= 1, got {prefetch}")
     dataset = batch_dataset(
         source, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
         process_count=process_count,

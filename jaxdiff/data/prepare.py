@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification.cifar import Cifar10
 
 from jaxdiff.data.tfds_sources import check_random_access_format
+from jaxdiff.errors import DataError, MissingDataError
 
 CIFAR10_BINARY_FOLDER = "cifar-10-batches-bin"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -37,7 +38,7 @@ def read_cifar10_binary(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [n, 32, 32, 3], labels uint8 [n]) of the bytes of CIFAR-10 binary batch file `name`."""
     records = np.frombuffer(raw, np.uint8)
     if records.size == 0 or records.size % CIFAR10_RECORD_BYTES:
-        raise ValueError(
+        raise DataError(
             f"{name} holds {records.size} bytes, not a whole number of {CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
         )
     records = records.reshape(-1, CIFAR10_RECORD_BYTES)
@@ -125,21 +126,21 @@ def _check_source(source: str | os.PathLike | None) -> None:
         return
     path = pathlib.Path(source)
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"source={os.fspath(source)!r} does not exist; give cifar-10-binary.tar.gz or its extracted folder"
         )
     if path.is_file() and not tarfile.is_tarfile(path):
-        raise ValueError(f"source={os.fspath(source)!r} is not a tar archive; give cifar-10-binary.tar.gz")
+        raise DataError(f"source={os.fspath(source)!r} is not a tar archive; give cifar-10-binary.tar.gz")
     sizes = _source_file_sizes(path)
     missing = [name for name in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE) if name not in sizes]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"source={os.fspath(source)!r} holds no CIFAR-10 binary files {missing} "
             f"(looked in it and in its {CIFAR10_BINARY_FOLDER}/)"
         )
     bad = [f"{name} ({size} bytes)" for name, size in sizes.items() if size == 0 or size % CIFAR10_RECORD_BYTES]
     if bad:
-        raise ValueError(
+        raise DataError(
             f"source={os.fspath(source)!r}: {', '.join(bad)} not a whole number of "
             f"{CIFAR10_RECORD_BYTES}-byte CIFAR-10 records"
         )
@@ -153,7 +154,7 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None, *, source: st
     dataset already prepared there in array_record format is left as it is.
     """
     if name not in PREPARABLE:
-        raise ValueError(
+        raise DataError(
             f"cannot prepare dataset {name!r}: jaxdiff prepares {PREPARABLE}; digits and synthetic need no "
             "preparation, and the 256x256 sets are built with TFDS: tfds build <name> --file_format=array_record"
         )

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxdiff.checks import is_int
 from jaxdiff.data.sources import splitmix64, check_indices
+from jaxdiff.errors import DataError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
@@ -73,9 +74,9 @@ def _combinations(split: str) -> np.ndarray:
 
 def _check_split_and_seed(split: str, seed: int) -> None:
     if split not in SPLITS:
-        raise ValueError(f"shapes: split={split!r} is not one of {SPLITS}")
+        raise DataError(f"shapes: split={split!r} is not one of {SPLITS}")
     if not is_int(seed) or not 0 <= seed < 2**31:
-        raise ValueError(f"shapes: seed must be an int in [0, 2**31), got {seed!r}")
+        raise DataError(f"shapes: seed must be an int in [0, 2**31), got {seed!r}")
 
 
 def _uniforms(indices: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +166,9 @@ def draw_shapes(n: int, *, seed: int = 0, split: str = "train", start: int = 0) 
     """
     for name, value in (("n", n), ("start", start)):
         if not is_int(value) or value < 0:
-            raise ValueError(f"shapes: {name} must be an int >= 0, got {value!r}")
+            raise DataError(f"shapes: {name} must be an int >= 0, got {value!r}")
     if start + n > 2**32:
-        raise ValueError(f"shapes: start + n = {start + n} exceeds the 2**32 examples of a seed")
+        raise DataError(f"shapes: start + n = {start + n} exceeds the 2**32 examples of a seed")
     return draw_examples(np.arange(start, start + n, dtype=np.int64), seed=seed, split=split)
 
 
@@ -194,7 +195,7 @@ class ShapesSource:
         _check_split_and_seed(self.split, self.seed)
         count = self.num_examples
         if not is_int(count, numpy=False) or not 0 < count <= 2**32:
-            raise ValueError(f"shapes: num_examples must be in [1, 2**32], got {self.num_examples}")
+            raise DataError(f"shapes: num_examples must be in [1, 2**32], got {self.num_examples}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -236,7 +237,7 @@ def read_attributes(images: np.ndarray) -> dict[str, np.ndarray]:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"read_attributes: images must be uint8 [n, 32, 32, 3], got {images.dtype} {images.shape}")
+        raise DataError(f"read_attributes: images must be uint8 [n, 32, 32, 3], got {images.dtype} {images.shape}")
     chunks = [_read_chunk(images[i : i + _RENDER_CHUNK]) for i in range(0, len(images), _RENDER_CHUNK)]
     return {name: np.concatenate([c[name] for c in chunks] or [np.zeros(0, np.int64)]) for name in _ATTRIBUTES}
 

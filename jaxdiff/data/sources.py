@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxdiff.errors import DataError
+
 DIGITS_NUM_EXAMPLES = 1797
 DIGITS_TEST_SIZE = 360  # the held-out split: the last 20% of a fixed permutation
 DIGITS_SPLIT_SEED = 0
@@ -34,10 +36,10 @@ def check_indices(indices: np.ndarray, num_examples: int, name: str) -> np.ndarr
     """`indices` as int64 after checking they are a 1-D integer array inside [0, num_examples)."""
     indices = np.asarray(indices)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{name}: indices must be a 1-D integer array, got {indices.dtype} shape {indices.shape}")
+        raise DataError(f"{name}: indices must be a 1-D integer array, got {indices.dtype} shape {indices.shape}")
     if indices.size and (indices.min() < 0 or indices.max() >= num_examples):
         bad = indices[(indices < 0) | (indices >= num_examples)][0]
-        raise ValueError(f"{name}: index {bad} is outside [0, {num_examples})")
+        raise DataError(f"{name}: index {bad} is outside [0, {num_examples})")
     return indices.astype(np.int64)
 
 
@@ -52,11 +54,11 @@ class ArraySource:
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
             )
         if self.labels.dtype != np.int32 or self.labels.shape != self.images.shape[:1]:
-            raise ValueError(
+            raise DataError(
                 f"{self.name}: labels must be int32 [{self.images.shape[0]}], "
                 f"got {self.labels.dtype} {self.labels.shape}"
             )
@@ -102,11 +104,11 @@ class SyntheticSource:
 
     def __post_init__(self):
         if self.num_examples <= 0:
-            raise ValueError(f"synthetic: num_examples must be positive, got {self.num_examples}")
+            raise DataError(f"synthetic: num_examples must be positive, got {self.num_examples}")
         if len(self.image_shape) != 3 or min(self.image_shape) <= 0:
-            raise ValueError(f"synthetic: image_shape must be (H, W, C) with positive sizes, got {self.image_shape}")
+            raise DataError(f"synthetic: image_shape must be (H, W, C) with positive sizes, got {self.image_shape}")
         if self.num_classes < 0 or not 0 <= self.seed < 2**31:
-            raise ValueError(
+            raise DataError(
                 f"synthetic: need num_classes >= 0 and 0 <= seed < 2**31, got {self.num_classes}, {self.seed}"
             )
 
@@ -136,7 +138,7 @@ def digits_split_indices(split: str) -> np.ndarray:
         return np.sort(held_out)
     if split == "train":
         return np.setdiff1d(np.arange(DIGITS_NUM_EXAMPLES), held_out)
-    raise ValueError(f"digits has the splits 'train' (1437 images) and 'test' (360 held out), got split={split!r}")
+    raise DataError(f"digits has the splits 'train' (1437 images) and 'test' (360 held out), got split={split!r}")
 
 
 def load_digits(split: str) -> ArraySource:

@@ -18,6 +18,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from jaxdiff.data.sources import ArraySource, check_indices
+from jaxdiff.errors import DataError, MissingDataError
 
 RESOLUTION_256 = 256
 IN_MEMORY = {"cifar10": "cifar10"}  # our name -> TFDS name
@@ -29,7 +30,7 @@ RANDOM_ACCESS = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingDataError):
     """A dataset is not prepared (in a readable format) where it was looked for."""
 
 
@@ -153,7 +154,7 @@ def load_in_memory(dataset: str, data_config: ml_collections.ConfigDict) -> Arra
     """A small TFDS dataset (CIFAR-10) read whole into an ArraySource, in the stored example order."""
     builder, records = _data_source(dataset, data_config)
     if len(records) == 0:
-        raise ValueError(f"{dataset} split {data_config.split!r} has no examples")
+        raise DataError(f"{dataset} split {data_config.split!r} has no examples")
     images, labels = [], []
     for index in range(len(records)):
         example = records[index]

@@ -12,7 +12,6 @@ that range; `to_model_range` / `to_image_range` convert from and to the [-1, 1] 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -21,8 +20,8 @@ import ml_collections
 
 from jaxdiff.diffusion.denoisers import continuous_eps_denoiser, edm_precond, ve_score_denoiser
 from jaxdiff.diffusion.guidance import guided_denoiser
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.processes import make_process
-from jaxdiff.samplers import sample_continuous
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]
@@ -64,7 +63,7 @@ def process_from_config(diffusion_config: ml_collections.ConfigDict):
     elif name in ("vp", "subvp"):
         params = {"beta_min": diffusion_config.beta_min, "beta_max": diffusion_config.beta_max}
     else:
-        raise ValueError(f"diffusion.process={name!r} is not a continuous process")
+        raise ConfigError(f"diffusion.process={name!r} is not a continuous process")
     return make_process(name, **params)
 
 
@@ -77,7 +76,7 @@ def network_denoiser(net_fn, diffusion_config: ml_collections.ConfigDict, proces
         return ve_score_denoiser(lambda x, sigma: net_fn(x, sigma) / jnp.reshape(sigma, (-1,) + (1,) * (x.ndim - 1)))
     if kind == "edm":
         return edm_precond(net_fn, sigma_data=diffusion_config.sigma_data)
-    raise ValueError(f"unknown diffusion.parameterization {kind!r}; expected one of {PARAMETERIZATIONS}")
+    raise ConfigError(f"unknown diffusion.parameterization {kind!r}; expected one of {PARAMETERIZATIONS}")
 
 
 def conditioned_denoiser(config: ml_collections.ConfigDict, model, process, *, train: bool = False,
@@ -108,50 +107,12 @@ def model_denoiser(config: ml_collections.ConfigDict, model, params, process, *,
     num_classes = config.model.num_classes
     if num_classes == 0:
         if labels is not None:
-            raise ValueError("class labels were given but the model is unconditional (num_classes=0)")
+            raise UsageError("class labels were given but the model is unconditional (num_classes=0)")
         if guidance:
-            raise ValueError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
+            raise UsageError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
         return lambda x, sigma: denoise(params, x, sigma, None)
     if labels is None:
         if guidance:
-            raise ValueError(f"guidance={guidance} needs class labels to guide towards")
+            raise UsageError(f"guidance={guidance} needs class labels to guide towards")
         return lambda x, sigma: denoise(params, x, sigma, None)
     return guided_denoiser(denoise, params, labels, guidance=guidance, null_label=num_classes)
-
-
-def sampler_options(sampler: str, sampling_config: ml_collections.ConfigDict) -> dict:
-    """The options of continuous `sampler` from `config.sampling` (`jaxdiff.samplers.sample_continuous`)."""
-    names = {
-        "pc": ("predictor", "corrector", "snr", "n_corrector"),
-        "ode": ("rtol", "atol"),
-        "edm_stochastic": ("s_churn", "s_min", "s_max", "s_noise"),
-        "ddim": ("eta",),
-    }.get(sampler, ())
-    return {name: sampling_config[name] for name in names}
-
-
-def sample_in_image_range(config: ml_collections.ConfigDict, denoiser: Denoiser, process, shape, rng: Array, *,
-                          sampler: str, steps: int | None, **options) -> Array:  # fmt: skip
-    """`sample_continuous` of a model's `denoiser`, every x̂_0 clipped to the model's data range when
-    `config.sampling.clip_denoised`; the samples float32 `shape` returned in [-1, 1] (`to_image_range`)."""
-    if config.sampling.clip_denoised:
-        low, high = data_range(config.data)
-        denoiser = functools.partial(_clipped, denoiser, low, high)
-    x0 = sample_continuous(denoiser, process, shape, rng, sampler=sampler, steps=steps, **options)
-    return to_image_range(x0, config.data)
-
-
-def _clipped(denoiser: Denoiser, low: float, high: float, x: Array, sigma: Array) -> Array:
-    return jnp.clip(denoiser(x, sigma), low, high)
-
-
-def sample_images(config: ml_collections.ConfigDict, model, params, rng: Array, num: int, *, labels=None) -> Array:
-    """[num, H, W, C] float32 samples in [-1, 1] of a continuous-time model with `config.sampling`'s sampler,
-    steps (0: the sampler's default), options, guidance and clipping; labels int [num] for conditional models."""
-    process = process_from_config(config.diffusion)
-    sc = config.sampling
-    denoiser = model_denoiser(config, model, params, process, labels=labels, guidance=sc.guidance)
-    shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
-    steps = None if sc.sampler == "ode" else (sc.steps or None)
-    return sample_in_image_range(config, denoiser, process, shape, rng, sampler=sc.sampler, steps=steps,
-                                 **sampler_options(sc.sampler, sc))  # fmt: skip

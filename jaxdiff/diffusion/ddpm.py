@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.schedule import Schedule
 
 Array = jax.Array
@@ -30,18 +31,18 @@ _LEARNED = ("learned", "learned_range")
 def _check_images(schedule: Schedule, x: Array, t: Array) -> None:
     """x must be NHWC [B, H, W, C]; t integer [B] within [0, T) (checked when concrete)."""
     if x.ndim != 4:
-        raise ValueError(f"images must be NHWC with rank 4, got shape {x.shape}")
+        raise UsageError(f"images must be NHWC with rank 4, got shape {x.shape}")
     if t.shape != (x.shape[0],):
-        raise ValueError(f"t must have shape [B] = ({x.shape[0]},), got {t.shape}")
+        raise UsageError(f"t must have shape [B] = ({x.shape[0]},), got {t.shape}")
     if not jnp.issubdtype(t.dtype, jnp.integer):
-        raise ValueError(f"t must hold integer step indices, got dtype {t.dtype}")
+        raise UsageError(f"t must hold integer step indices, got dtype {t.dtype}")
     try:
         values = np.asarray(t)
     except jax.errors.TracerArrayConversionError:
         return
     bad = values[(values < 0) | (values >= schedule.num_timesteps)]
     if bad.size:
-        raise ValueError(f"t must lie in [0, {schedule.num_timesteps}), got {int(bad[0])}")
+        raise UsageError(f"t must lie in [0, {schedule.num_timesteps}), got {int(bad[0])}")
 
 
 def _at(table: Array, t: Array) -> Array:
@@ -117,7 +118,7 @@ def predict_start(schedule: Schedule, mean_output: Array, x_t: Array, t: Array, 
         return mean_output
     if mean_type == "v":
         return predict_start_from_v(schedule, x_t, t, mean_output)
-    raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
+    raise ConfigError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
 
 
 # p(x_{t-1} | x_t)
@@ -126,11 +127,11 @@ def predict_start(schedule: Schedule, mean_output: Array, x_t: Array, t: Array, 
 def split_model_output(model_output: Array, x_t: Array, var_type: str) -> tuple[Array, Array | None]:
     """(mean part, variance part or None); learned variances double the channels."""
     if var_type not in VAR_TYPES:
-        raise ValueError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
+        raise ConfigError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
     channels = x_t.shape[-1]
     expected = 2 * channels if var_type in _LEARNED else channels
     if model_output.shape != x_t.shape[:-1] + (expected,):
-        raise ValueError(
+        raise ConfigError(
             f"model output shape {model_output.shape} does not fit var_type {var_type!r} "
             f"for x_t of shape {x_t.shape} (expected {expected} channels)"
         )
@@ -158,7 +159,7 @@ def p_variance(schedule: Schedule, var_output: Array | None, t: Array, var_type:
             schedule.posterior_log_variance_clipped, t
         )
         return jnp.exp(log_variance), log_variance
-    raise ValueError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
+    raise ConfigError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
 
 
 def p_mean_variance(
@@ -262,7 +263,7 @@ def min_snr_weight(schedule: Schedule, t: Array, *, gamma: float, mean_type: str
     clipped = jnp.minimum(snr, gamma)
     weights = {"eps": clipped / snr, "x_start": clipped, "v": clipped / (snr + 1.0)}
     if mean_type not in weights:
-        raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
+        raise ConfigError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
     return weights[mean_type]
 
 
@@ -274,7 +275,7 @@ def regression_target(schedule: Schedule, x_start: Array, t: Array, noise: Array
         return x_start
     if mean_type == "v":
         return v_target(schedule, x_start, t, noise)
-    raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
+    raise ConfigError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
 
 
 def training_losses(
@@ -300,12 +301,12 @@ def training_losses(
     stop-gradient so only the variance learns from the bound.
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+        raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     learned = var_type in _LEARNED
     if loss_type == "mse" and learned:
-        raise ValueError(f"var_type {var_type!r} is learned only through the bound: use loss_type 'hybrid' or 'kl'")
+        raise ConfigError(f"var_type {var_type!r} is learned only through the bound: use loss_type 'hybrid' or 'kl'")
     if loss_type == "hybrid" and not learned:
-        raise ValueError(f"loss_type 'hybrid' needs a learned variance, got var_type {var_type!r}")
+        raise ConfigError(f"loss_type 'hybrid' needs a learned variance, got var_type {var_type!r}")
     _check_images(schedule, x_start, t)
     chex.assert_equal_shape([x_start, x_t, noise])
     if loss_type == "kl":

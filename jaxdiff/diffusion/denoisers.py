@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion.guidance import guided_denoiser
+from jaxdiff.errors import UsageError
 from jaxdiff.processes import from_schedule
 
 Array = jax.Array
@@ -24,16 +25,16 @@ def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Call
     """
     if model.num_classes == 0:
         if labels is not None:
-            raise ValueError("class labels were given but the model is unconditional (num_classes=0)")
+            raise UsageError("class labels were given but the model is unconditional (num_classes=0)")
         if guidance:
-            raise ValueError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
+            raise UsageError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
         return lambda x_t, t: model.apply({"params": params}, x_t, t, train=False)
     if labels is None:
         if guidance:
-            raise ValueError(f"guidance={guidance} needs class labels to guide towards")
+            raise UsageError(f"guidance={guidance} needs class labels to guide towards")
         return lambda x_t, t: model.apply({"params": params}, x_t, t, None, train=False)
     if guidance and not getattr(model, "null_label", True):
-        raise ValueError(f"guidance={guidance} needs a null label, and this class-conditional model has none "
+        raise UsageError(f"guidance={guidance} needs a null label, and this class-conditional model has none "
                          "(null_label=False, e.g. a diffusers model with num_class_embeds = its classes); use guidance 0")
     labels = jnp.asarray(labels)
     try:
@@ -41,7 +42,7 @@ def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Call
     except jax.errors.TracerArrayConversionError:  # checked by the caller when traced
         values = np.zeros(0, np.int32)
     if values.size and (values.min() < 0 or values.max() >= model.num_classes):
-        raise ValueError(f"class labels must lie in [0, {model.num_classes}), got {values.min()}..{values.max()}")
+        raise UsageError(f"class labels must lie in [0, {model.num_classes}), got {values.min()}..{values.max()}")
 
     def apply(p, x_t, t, y):
         return model.apply({"params": p}, x_t, t, y, train=False)

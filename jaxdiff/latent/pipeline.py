@@ -24,9 +24,14 @@ import numpy as np
 
 from jaxdiff.checks import is_int, is_real, prompt_list
 from jaxdiff.convert.stable_diffusion import read_pretrained
+from jaxdiff.errors import UsageError
 from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.latent.schedulers import (
+    DPM_SAMPLERS,
+    GRID_OF,
+    KARRAS_SAMPLERS,
     LATENT_SAMPLERS,
+    ROUNDED_STEP_SAMPLERS,
     SIGMA_SAMPLERS,
     add_noise,
     denoise,
@@ -34,9 +39,9 @@ from jaxdiff.latent.schedulers import (
     dpm_solver_timesteps,
     img2img_timesteps,
     initial_scale,
+    sampler_levels,
     sampler_scheduler,
     sigma_denoiser,
-    sigma_levels,
     step_plan,
     visited_timesteps,
 )
@@ -126,7 +131,7 @@ def _check_number(name: str, value, low: float, high: float, *, low_open: bool) 
     ok = is_real(value, finite=True)
     if not ok or (value <= low if low_open else value < low) or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be a number in {interval}")
+        raise UsageError(f"{name}={value!r} must be a number in {interval}")
     return float(value)
 
 
@@ -136,11 +141,11 @@ def _image_array(images, name: str) -> np.ndarray:
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"{name} must be RGB images [B, H, W, 3] (NHWC), got shape {array.shape}")
+        raise UsageError(f"{name} must be RGB images [B, H, W, 3] (NHWC), got shape {array.shape}")
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if not np.issubdtype(array.dtype, np.floating) or array.min() < 0 or array.max() > 1:
-        raise ValueError(f"{name} must be uint8 or float in [0, 1], got {array.dtype}")
+        raise UsageError(f"{name} must be uint8 or float in [0, 1], got {array.dtype}")
     return array.astype(np.float32)
 
 
@@ -152,7 +157,7 @@ def _mask_array(masks, image_shape: tuple[int, ...]) -> np.ndarray:
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3 or array.shape != tuple(image_shape[:3]):
-        raise ValueError(f"masks have shape {array.shape}; expected [B, H, W] = {tuple(image_shape[:3])} like images")
+        raise UsageError(f"masks have shape {array.shape}; expected [B, H, W] = {tuple(image_shape[:3])} like images")
     threshold = 128 if array.dtype == np.uint8 else 0.5
     return (array >= threshold).astype(np.float32)[..., None]
 
@@ -204,8 +209,9 @@ class LatentPipeline:
         if key in self._compiled:
             return self._compiled[key]
         on_levels = sampler in SIGMA_SAMPLERS
+        scheduler = sampler_scheduler(self.scheduler, sampler)
         increasing = None if on_levels else jnp.asarray(points[::-1].copy(), jnp.int32)
-        plan = None if on_levels else step_plan(self.scheduler, points)  # concrete tables, outside jit
+        plan = None if on_levels else step_plan(scheduler, points)  # concrete tables, outside jit
 
         def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise):
             def unet(x, t, context):
@@ -214,7 +220,7 @@ class LatentPipeline:
             extra_channels = condition if mode == "condition" else None
             if on_levels:
                 fn = sigma_denoiser(guided_unet(unet, cond, uncond, guidance, extra_channels), self.scheduler,
-                                    rounded=sampler == "dpm_solver++")  # fmt: skip
+                                    rounded=sampler in ROUNDED_STEP_SAMPLERS)  # fmt: skip
             else:
                 fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing, extra_channels)
             if mode == "blend":
@@ -225,7 +231,7 @@ class LatentPipeline:
 
                 fn = blended_denoiser(fn, mask, noised, float(points[0]) if on_levels else len(points) - 1)
             if on_levels:
-                latents = denoise_on_levels(fn, points, x_start, sampler=sampler)
+                latents = denoise_on_levels(fn, points, x_start, sampler=sampler, scheduler=scheduler, rng=rng)
             else:
                 latents = denoise(fn, plan, x_start, rng, sampler=sampler)
             if mode == "blend":
@@ -241,7 +247,7 @@ class LatentPipeline:
         scheduler = sampler_scheduler(self.scheduler, sampler)
         if sampler not in SIGMA_SAMPLERS:
             return img2img_timesteps(visited_timesteps(scheduler, steps), strength)
-        levels = sigma_levels(scheduler, steps, sampler=sampler, karras=karras)
+        levels = sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
         return np.append(img2img_timesteps(levels[:-1], strength), levels[-1])
 
     def _start(self, sampler: str, points: np.ndarray, noise: Array, image_latents: Array | None = None) -> Array:
@@ -259,18 +265,18 @@ class LatentPipeline:
 
     def _check_settings(self, steps, guidance, sampler, karras, output_type, seed) -> float:
         if not is_int(seed):
-            raise ValueError(f"seed={seed!r} must be an int")
+            raise UsageError(f"seed={seed!r} must be an int")
         if sampler not in LATENT_SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {LATENT_SAMPLERS}")
+            raise UsageError(f"unknown sampler {sampler!r}; expected one of {LATENT_SAMPLERS}")
         if not isinstance(karras, bool):
-            raise ValueError(f"karras={karras!r} must be True or False")
-        if karras and sampler not in SIGMA_SAMPLERS:
-            raise ValueError(f"karras=True is for the samplers {SIGMA_SAMPLERS}, not {sampler!r}")
+            raise UsageError(f"karras={karras!r} must be True or False")
+        if karras and sampler not in KARRAS_SAMPLERS:
+            raise UsageError(f"karras=True is for the samplers {KARRAS_SAMPLERS}, not {sampler!r}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+            raise UsageError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         scheduler = sampler_scheduler(self.scheduler, sampler)
         visited_timesteps(scheduler, steps)
-        if sampler == "dpm_solver++" and not karras:
+        if (sampler in DPM_SAMPLERS or GRID_OF.get(sampler) == "dpm_solver++") and not karras:
             dpm_solver_timesteps(scheduler, steps)
         return _check_number("guidance", guidance, 0.0, math.inf, low_open=False)
 
@@ -279,15 +285,15 @@ class LatentPipeline:
         height, width = (default if height is None else height), (default if width is None else width)
         for name, value in (("height", height), ("width", width)):
             if not is_int(value, numpy=False) or value < 8 or value % 8:
-                raise ValueError(f"{name}={value!r} must be a positive multiple of 8")
+                raise UsageError(f"{name}={value!r} must be a positive multiple of 8")
             if value % self.latent_factor:
-                raise ValueError(f"{name}={value!r} must be a multiple of the autoencoder's factor {self.latent_factor}")
+                raise UsageError(f"{name}={value!r} must be a multiple of the autoencoder's factor {self.latent_factor}")
         return height, width
 
     def _embeddings(self, prompts: list[str], negative_prompts) -> tuple[Array, Array]:
         negative = [""] * len(prompts) if negative_prompts is None else prompt_list(negative_prompts, "negative_prompts")
         if len(negative) != len(prompts):
-            raise ValueError(f"{len(negative)} negative_prompts for {len(prompts)} prompts; give one per prompt")
+            raise UsageError(f"{len(negative)} negative_prompts for {len(prompts)} prompts; give one per prompt")
         ids = self.model.tokenizer(prompts + negative).input_ids
         both = self._encode_text(self.params["text"], jnp.asarray(ids))
         return both[: len(prompts)], both[len(prompts) :]
@@ -297,7 +303,7 @@ class LatentPipeline:
             return jax.random.normal(rng, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != shape:
-            raise ValueError(f"latents have shape {latents.shape}; expected {shape} (NHWC latents)")
+            raise UsageError(f"latents have shape {latents.shape}; expected {shape} (NHWC latents)")
         return latents
 
     def _finish(self, latents: Array, output_type: str) -> np.ndarray:
@@ -311,11 +317,11 @@ class LatentPipeline:
                       seed: int = 0, height: int | None = None, width: int | None = None, latents=None,
                       output_type: str = "uint8") -> np.ndarray:  # fmt: skip
         """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float").
-        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`); `karras` puts dpm_solver++, euler and
-        heun on the Karras grid. `latents` [B, height/f, width/f, C] is the initial noise, N(0, I) (default:
-        drawn from `seed`)."""
+        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`); `karras` puts the KARRAS_SAMPLERS
+        (all σ-grid samplers but euler_ancestral) on the Karras grid. `latents` [B, height/f, width/f, C] is the
+        initial noise, N(0, I) (default: drawn from `seed`)."""
         if self.inpainting_unet:
-            raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+            raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = prompt_list(prompts, "prompts")
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         height, width = self._check_size(height, width)
@@ -335,7 +341,7 @@ class LatentPipeline:
         (0, 1] (the last int(steps·strength) steps are run), denoise. `latents` is the noise added (default:
         drawn from `seed`)."""
         if self.inpainting_unet:
-            raise ValueError("this is an inpainting U-Net (9 input channels): use inpaint()")
+            raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
@@ -387,6 +393,6 @@ class LatentPipeline:
     def _checked_images(self, images, batch: int) -> np.ndarray:
         pixels = _image_array(images, "images")
         if pixels.shape[0] != batch:
-            raise ValueError(f"{pixels.shape[0]} images for {batch} prompts; give one image per prompt")
+            raise UsageError(f"{pixels.shape[0]} images for {batch} prompts; give one image per prompt")
         self._check_size(pixels.shape[1], pixels.shape[2])
         return pixels

@@ -13,11 +13,20 @@ Samplers (`sampler=`), each as the diffusers scheduler named, made `from_config`
 (`sampler_scheduler`: where the config names no timestep_spacing, each class takes its own default):
   ddim           DDIMScheduler (η = 0), on the steps above;
   ddpm           DDPMScheduler (ancestral, "fixed_small" variance), on the same steps;
-  dpm_solver++   DPMSolverMultistepScheduler (dpmsolver++, solver_order 2, final σ = 0);
-  euler, heun    EulerDiscreteScheduler, HeunDiscreteScheduler.
-The last three step on diffusers' grid of noise levels σ = sqrt((1 − ᾱ)/ᾱ) (`sigma_levels`; `karras=True`
-is `use_karras_sigmas`), ending at σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ
-(`step_of_sigma`). Their initial latents are scaled by diffusers' `init_noise_sigma`.
+  dpm_solver++   DPMSolverMultistepScheduler, with the config's algorithm_type, solver_order, solver_type,
+                 final_sigmas_type, lower_order_final and euler_at_final (defaults: dpmsolver++, 2, midpoint, 0);
+  dpm_solver++_sde  the same with algorithm_type="sde-dpmsolver++" ("DPM++ 2M SDE"): step i adds
+                 σ'·sqrt(1 − (σ'/σ)²)·z_i, z_i = `jaxdiff.samplers.grids.step_noise(rng, i, x)`;
+  euler, heun    EulerDiscreteScheduler, HeunDiscreteScheduler;
+  euler_ancestral  EulerAncestralDiscreteScheduler (Euler's grid, noise at every step; no Karras option);
+  lms            LMSDiscreteScheduler (order 4, Euler's grid);
+  unipc          UniPCMultistepScheduler (bh2, order 2, corrector at every step, DPM-Solver++'s grid);
+  deis           DEISMultistepScheduler (order 2, DPM-Solver++'s steps, ending at σ of step 0, not 0).
+All but ddim and ddpm (SIGMA_SAMPLERS) step on diffusers' grid of noise levels σ = sqrt((1 − ᾱ)/ᾱ)
+(`sampler_levels`, from `sigma_levels`; `karras=True` is `use_karras_sigmas`, for KARRAS_SAMPLERS), ending at
+σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ (`step_of_sigma`, integer for
+ROUNDED_STEP_SAMPLERS). Their initial latents are scaled by diffusers' `init_noise_sigma`. euler_ancestral draws
+the noise of step i as `jaxdiff.samplers.grids.step_noise(rng, i, x)` from the run's sampler key `rng`.
 """
 
 from __future__ import annotations
@@ -32,20 +41,38 @@ import numpy as np
 
 from jaxdiff.checks import is_int
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.samplers import sample
 from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
+from jaxdiff.samplers.deis import deis_steps
 from jaxdiff.samplers.edm import heun_steps
+from jaxdiff.samplers.euler_ancestral import euler_ancestral_steps
 from jaxdiff.samplers.grids import karras_sigmas
+from jaxdiff.samplers.lms import lms_coefficients, lms_steps
+from jaxdiff.samplers.unipc import unipc_steps
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
 
-SIGMA_SAMPLERS = ("dpm_solver++", "euler", "heun")  # on diffusers' grids of noise levels
+DPM_SAMPLERS = ("dpm_solver++", "dpm_solver++_sde")  # DPMSolverMultistepScheduler, ODE and SDE
+SIGMA_SAMPLERS = (*DPM_SAMPLERS, "euler", "heun", "euler_ancestral", "lms", "unipc", "deis")  # on σ grids
+# The σ-grid samplers whose diffusers scheduler has `use_karras_sigmas` (EulerAncestralDiscreteScheduler has not).
+KARRAS_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if name != "euler_ancestral")
+# The grid (as `sigma_levels` names it) that each other σ-grid sampler's scheduler builds in `set_timesteps`.
+GRID_OF = {"euler_ancestral": "euler", "lms": "euler", "unipc": "dpm_solver++", "deis": "dpm_solver++"}
+# The σ-grid samplers whose scheduler calls the U-Net at integer steps (the others at fractional ones).
+ROUNDED_STEP_SAMPLERS = (*DPM_SAMPLERS, "unipc", "deis")
+# The σ-grid samplers whose scheduler's state is the unscaled x (init_noise_sigma σ_max, or sqrt(1 + σ_max²) with
+# "leading" spacing); the others' state is x_t = x/sqrt(1 + σ²) (init_noise_sigma 1).
+UNSCALED_STATE_SAMPLERS = ("euler", "heun", "euler_ancestral", "lms")
 LATENT_SAMPLERS = ("ddim", "ddpm", *SIGMA_SAMPLERS)
 # The timestep_spacing default of each sampler's diffusers scheduler class, which diffusers' `from_config` uses
 # when the folder's scheduler config has none (as SD 1.x's released configs).
 CLASS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
-                         "heun": "linspace"}  # fmt: skip
+                         "heun": "linspace", "dpm_solver++_sde": "linspace", "euler_ancestral": "linspace",
+                         "lms": "linspace", "unipc": "linspace", "deis": "linspace"}  # fmt: skip
+# The clip_sample default of the scheduler classes that take the key (diffusers' default when the config has none).
+CLASS_DEFAULT_CLIP = {"ddim": True, "ddpm": True, "heun": False}
 
 
 # --------------------------------------------------------------------------- steps
@@ -56,7 +83,7 @@ def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
     leading: k·(T // steps) + steps_offset; trailing: round(T − k·T/steps) − 1; linspace: round(linspace(0, T−1))."""
     num_train = scheduler.schedule.num_timesteps
     if not is_int(steps, numpy=False) or not 1 <= steps <= num_train:
-        raise ValueError(f"steps={steps!r} must be an int in [1, {num_train}]")
+        raise UsageError(f"steps={steps!r} must be an int in [1, {num_train}]")
     if scheduler.timestep_spacing == "leading":
         increasing = np.arange(steps) * (num_train // steps) + scheduler.steps_offset
     elif scheduler.timestep_spacing == "trailing":
@@ -65,16 +92,23 @@ def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
         increasing = np.round(np.linspace(0, num_train - 1, steps))
     increasing = increasing.astype(np.int64)
     if increasing[-1] >= num_train or np.any(np.diff(increasing) <= 0):
-        raise ValueError(f"steps={steps} with steps_offset={scheduler.steps_offset} gives steps outside 0..{num_train - 1}")
+        raise UsageError(f"steps={steps} with steps_offset={scheduler.steps_offset} gives steps outside 0..{num_train - 1}")
     return increasing[::-1]
 
 
 def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSettings:
-    """`scheduler` with the timestep_spacing that `sampler`'s diffusers scheduler, made `from_config` of this
-    config, uses: the config's own, else its class default (`CLASS_DEFAULT_SPACING`)."""
-    if "timestep_spacing" in scheduler.config:
-        return scheduler
-    return scheduler._replace(timestep_spacing=CLASS_DEFAULT_SPACING[sampler])
+    """`scheduler` as `sampler`'s diffusers scheduler, made `from_config` of this config, reads it: the config's
+    timestep_spacing, else its class default (`CLASS_DEFAULT_SPACING`); clip_sample likewise (`CLASS_DEFAULT_CLIP`,
+    False for the classes without the key); dpm_solver++_sde sets algorithm_type="sde-dpmsolver++". Refuses
+    (WeightsError) clip_sample=True for ddim and heun, whose clipping jaxdiff does not implement."""
+    spacing = scheduler.config.get("timestep_spacing", CLASS_DEFAULT_SPACING[sampler])
+    clip = CLASS_DEFAULT_CLIP.get(sampler, False) if scheduler.clip_sample is None else scheduler.clip_sample
+    clip = clip and sampler in CLASS_DEFAULT_CLIP
+    if clip and sampler != "ddpm":
+        raise WeightsError(f"unsupported setting clip_sample=True for sampler {sampler!r} (jaxdiff clips x̂_0 only "
+                           "for ddpm; set clip_sample to false)")  # fmt: skip
+    algorithm = "sde-dpmsolver++" if sampler == "dpm_solver++_sde" else scheduler.algorithm_type
+    return scheduler._replace(timestep_spacing=spacing, clip_sample=clip, algorithm_type=algorithm)
 
 
 def dpm_solver_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
@@ -91,7 +125,7 @@ def dpm_solver_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray
         increasing = np.round(np.linspace(0, num_train - 1, steps + 1))[1:]
     increasing = increasing.astype(np.int64)
     if increasing[-1] >= num_train or np.any(np.diff(increasing) <= 0):
-        raise ValueError(f"steps={steps} is too many for dpm_solver++ with {scheduler.timestep_spacing} spacing "
+        raise UsageError(f"steps={steps} is too many for dpm_solver++ with {scheduler.timestep_spacing} spacing "
                          f"on {num_train} training steps")  # fmt: skip
     return increasing[::-1]
 
@@ -103,16 +137,21 @@ def training_sigmas(scheduler: SchedulerSettings) -> np.ndarray:
 
 
 def sigma_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karras: bool) -> np.ndarray:
-    """diffusers' noise levels for `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing, the last 0.
+    """diffusers' noise levels for `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing, the last 0, or
+    σ_min = σ(0) with final_sigmas_type="sigma_min" (dpm_solver++, dpm_solver++_sde, euler). σ is the noise level
+    of the unscaled x = x_0 + σ·n.
 
     dpm_solver++: σ at `dpm_solver_timesteps`, or with karras the Karras grid (ρ = 7) from σ(T−1) to σ(0).
     euler, heun: σ interpolated linearly at EulerDiscreteScheduler's steps (DDIM's, but "linspace" is not
-    rounded), or with karras the Karras grid between the first and last of those σ.
+    rounded), or with karras the Karras grid between the first and last of those σ. `karras` or the config's
+    use_karras_sigmas selects the Karras grid.
     """
     sigmas = training_sigmas(scheduler)
-    if sampler == "dpm_solver++" and karras:
+    karras = karras or scheduler.use_karras_sigmas
+    sigma_min_final = scheduler.final_sigmas_type == "sigma_min" and sampler in (*DPM_SAMPLERS, "euler")
+    if sampler in DPM_SAMPLERS and karras:
         levels = karras_sigmas(sigmas[-1], sigmas[0], steps)
-    elif sampler == "dpm_solver++":
+    elif sampler in DPM_SAMPLERS:
         levels = sigmas[dpm_solver_timesteps(scheduler, steps)]
     else:
         if scheduler.timestep_spacing == "linspace":
@@ -122,20 +161,37 @@ def sigma_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karr
         levels = np.interp(visited, np.arange(len(sigmas)), sigmas)
         if karras:
             levels = karras_sigmas(levels[0], levels[-1], steps)
-    return np.append(levels, 0.0).astype(np.float32)
+    return np.append(levels, sigmas[0] if sigma_min_final else 0.0).astype(np.float32)
+
+
+def sampler_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, karras: bool) -> np.ndarray:
+    """The noise levels of `sampler` in SIGMA_SAMPLERS: [steps + 1] float32, decreasing: `sigma_levels` of the
+    grid its scheduler builds (GRID_OF), read with the config keys its class has: euler_ancestral has no
+    use_karras_sigmas, euler_ancestral, lms and deis no final_sigmas_type. deis ends, as DEISMultistepScheduler,
+    at σ of training step 0 (karras: at the last Karras level again, a step that changes nothing), not at 0."""
+    if sampler not in GRID_OF:
+        return sigma_levels(scheduler, steps, sampler=sampler, karras=karras)
+    if sampler != "unipc":
+        scheduler = scheduler._replace(final_sigmas_type="zero")
+    if sampler == "euler_ancestral":
+        scheduler = scheduler._replace(use_karras_sigmas=False)
+    levels = sigma_levels(scheduler, steps, sampler=GRID_OF[sampler], karras=karras)
+    if sampler == "deis":
+        levels[-1] = levels[-2] if karras or scheduler.use_karras_sigmas else training_sigmas(scheduler)[0]
+    return levels
 
 
 def initial_scale(scheduler: SchedulerSettings, sampler: str, sigma_max: float) -> float:
     """diffusers' `init_noise_sigma` in the unscaled space x = x_t·sqrt(1 + σ²): sqrt(1 + σ_max²), except for
-    euler and heun with "linspace" or "trailing" spacing, where diffusers takes σ_max."""
-    if sampler in ("euler", "heun") and scheduler.timestep_spacing != "leading":
+    UNSCALED_STATE_SAMPLERS with "linspace" or "trailing" spacing, where diffusers takes σ_max."""
+    if sampler in UNSCALED_STATE_SAMPLERS and scheduler.timestep_spacing != "leading":
         return float(sigma_max)
     return math.sqrt(1.0 + float(sigma_max) ** 2)
 
 
 def step_of_sigma(scheduler: SchedulerSettings, sigma: Array, *, rounded: bool) -> Array:
     """The training step at noise level σ [B] as diffusers' `_sigma_to_t`: linear in log σ between the steps'
-    log σ_t, clipped to [0, T−1], float32 [B]; rounded (dpm_solver++) or fractional (euler, heun)."""
+    log σ_t, clipped to [0, T−1], float32 [B]; rounded (ROUNDED_STEP_SAMPLERS) or fractional (the others)."""
     log_sigmas = jnp.asarray(np.log(training_sigmas(scheduler)), jnp.float32)
     t = jnp.interp(jnp.log(sigma), log_sigmas, jnp.arange(log_sigmas.shape[0], dtype=jnp.float32))
     return jnp.round(t) if rounded else t
@@ -162,19 +218,68 @@ def sigma_denoiser(model_fn: Callable[[Array, Array], Array], scheduler: Schedul
 
 
 def denoise_on_levels(denoiser: Callable[[Array, Array], Array], levels: np.ndarray, x_start: Array, *,
-                      sampler: str) -> Array:  # fmt: skip
-    """x̂_0 from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through `levels`."""
-    levels = jnp.asarray(levels, jnp.float32)
-    if sampler == "dpm_solver++":
-        return dpm_solver_pp_steps(denoiser, x_start, levels)
-    return heun_steps(denoiser, x_start, levels, second_order=sampler == "heun")
+                      sampler: str, scheduler: SchedulerSettings | None = None, rng: Array | None = None) -> Array:  # fmt: skip
+    """The final latents from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through
+    `levels`: x̂_0 where levels end at 0, else the state at σ_min (DPM-Solver's VP x_t = x/sqrt(1 + σ_min²),
+    Euler's unscaled x), as diffusers' schedulers end. The DPM samplers read `scheduler` (from
+    `sampler_scheduler`) and draw the SDE's noise from `rng`."""
+    return LEVEL_STEPS[sampler](denoiser, levels, x_start, scheduler, rng)
+
+
+def _dpm_solver(denoiser: Callable[[Array, Array], Array], levels: np.ndarray, x_start: Array,
+                scheduler: SchedulerSettings, rng: Array | None) -> Array:  # fmt: skip
+    """DPMSolverMultistepScheduler's run: its last step is first order with euler_at_final, with
+    lower_order_final for fewer than 15 steps, or to σ = 0. (The steps counted are those run: after image-to-image
+    cuts a run of 15 or more to fewer, diffusers, counting the full run, keeps a second-order last step to σ_min.)"""
+    steps, final = len(levels) - 1, float(levels[-1])
+    first_order_last = (scheduler.euler_at_final or (scheduler.lower_order_final and steps < 15) or final == 0.0)
+    sde = scheduler.algorithm_type == "sde-dpmsolver++"
+    x = dpm_solver_pp_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), order=scheduler.solver_order,
+                            solver_type=scheduler.solver_type, first_order_last=first_order_last,
+                            noise_key=rng if sde else None)  # fmt: skip
+    return x / math.sqrt(1.0 + final**2)
+
+
+def _euler(denoiser, levels, x_start, scheduler, rng):
+    return heun_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), second_order=False)
+
+
+def _heun(denoiser, levels, x_start, scheduler, rng):
+    return heun_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), second_order=True)
+
+
+def _euler_ancestral(denoiser, levels, x_start, scheduler, rng):
+    return euler_ancestral_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), rng)
+
+
+def _lms(denoiser, levels, x_start, scheduler, rng):
+    """LMSDiscreteScheduler's order 4, its coefficients from the float32 levels diffusers integrates over."""
+    coefficients = lms_coefficients(np.asarray(levels, np.float32))
+    return lms_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), coefficients=coefficients)
+
+
+def _unipc(denoiser, levels, x_start, scheduler, rng):
+    """UniPCMultistepScheduler's state is x_t: x/sqrt(1 + σ²) at the last level."""
+    x = unipc_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32))
+    return x / math.sqrt(1.0 + float(levels[-1]) ** 2)
+
+
+def _deis(denoiser, levels, x_start, scheduler, rng):
+    """DEISMultistepScheduler's state is x_t: x/sqrt(1 + σ²) at the last level."""
+    x = deis_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32))
+    return x / math.sqrt(1.0 + float(levels[-1]) ** 2)
+
+
+# Each σ-grid sampler's run: (denoiser, levels [N + 1] NumPy, unscaled x_start, scheduler, rng) -> final latents.
+LEVEL_STEPS = {"dpm_solver++": _dpm_solver, "dpm_solver++_sde": _dpm_solver, "euler": _euler, "heun": _heun,
+               "euler_ancestral": _euler_ancestral, "lms": _lms, "unipc": _unipc, "deis": _deis}  # fmt: skip
 
 
 def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
     """The last int(steps·strength) of `timesteps`, where diffusers' image-to-image starts (SDEdit)."""
     kept = min(int(len(timesteps) * strength), len(timesteps))
     if kept < 1:
-        raise ValueError(f"strength={strength} with steps={len(timesteps)} leaves no step: need steps·strength >= 1")
+        raise UsageError(f"strength={strength} with steps={len(timesteps)} leaves no step: need steps·strength >= 1")
     return timesteps[len(timesteps) - kept :]
 
 
@@ -190,19 +295,22 @@ def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int
 class StepPlan(NamedTuple):
     """The steps of one run, built outside jit: `timesteps` the decreasing training steps visited, `schedule`
     the training schedule respaced to them (index i <-> timesteps[::-1][i]), `final_alpha_bar` where DDIM's last
-    step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction."""
+    step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction, `clip_sample` whether
+x̂_0 is clipped to [-1, 1]."""
 
     timesteps: np.ndarray
     schedule: Schedule
     final_alpha_bar: float
     mean_type: str
+    clip_sample: bool
 
 
 def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray) -> StepPlan:
     """The `StepPlan` of the decreasing training steps `timesteps` under `scheduler`."""
     alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
     final = 1.0 if scheduler.set_alpha_to_one else float(alphas_cumprod[0])
-    return StepPlan(timesteps, respace(scheduler.schedule, timesteps[::-1]), final, scheduler.mean_type)
+    return StepPlan(timesteps, respace(scheduler.schedule, timesteps[::-1]), final, scheduler.mean_type,
+                    bool(scheduler.clip_sample))  # fmt: skip
 
 
 def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start: Array, rng: Array, *,
@@ -214,7 +322,7 @@ def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start
     count = len(plan.timesteps)
     x0, frames = sample(
         denoise_fn, plan.schedule, tuple(x_start.shape), rng, sampler=sampler, steps=count, spacing="uniform",
-        clip_denoised=False, var_type="fixedsmall", mean_type=plan.mean_type,
+        clip_denoised=plan.clip_sample, var_type="fixedsmall", mean_type=plan.mean_type,
         return_trajectory=True, trajectory_every=max(count - 1, 1), x_T=x_start,
     )  # fmt: skip
     if sampler != "ddim":

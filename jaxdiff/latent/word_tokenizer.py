@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxdiff.checks import is_int, prompt_list
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.latent.clip_tokenizer import TokenizedPrompts
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
@@ -34,13 +35,13 @@ class WordTokenizer:
     def __init__(self, words: Sequence[str], *, max_length: int):
         """`words`: the vocabulary (unique, sorted, lowercase, no whitespace, no special token)."""
         if not is_int(max_length, numpy=False) or max_length < 2:
-            raise ValueError(f"max_length={max_length!r} must be an int >= 2 (start and end tokens)")
+            raise UsageError(f"max_length={max_length!r} must be an int >= 2 (start and end tokens)")
         words = list(words)
         bad = [w for w in words if not isinstance(w, str) or w != w.lower() or _words(w) != [w] or w in SPECIAL_TOKENS]
         if bad:
-            raise ValueError(f"vocabulary words must be lowercase, without whitespace, not {SPECIAL_TOKENS}: {bad!r}")
+            raise UsageError(f"vocabulary words must be lowercase, without whitespace, not {SPECIAL_TOKENS}: {bad!r}")
         if words != sorted(set(words)):
-            raise ValueError("vocabulary words must be unique and sorted")
+            raise UsageError("vocabulary words must be unique and sorted")
         self.words = tuple(words)
         self.max_length = max_length
         self.tokens = SPECIAL_TOKENS + self.words
@@ -55,7 +56,7 @@ class WordTokenizer:
         """The sorted set of words of `captions` as vocabulary."""
         captions = prompt_list(captions, "captions", allow_empty=True)
         if not captions:
-            raise ValueError("captions is empty: the vocabulary needs at least one caption")
+            raise UsageError("captions is empty: the vocabulary needs at least one caption")
         return cls(sorted({word for caption in captions for word in _words(caption)}), max_length=max_length)
 
     def encode(self, prompts: str | Sequence[str], *, unknown: str = "error") -> TokenizedPrompts:
@@ -65,15 +66,15 @@ class WordTokenizer:
         `<unk>` (`unknown="unk"`). A prompt of more than max_length − 2 words raises a ValueError.
         """
         if unknown not in UNKNOWN_WORDS:
-            raise ValueError(f"unknown={unknown!r} is not one of {UNKNOWN_WORDS}")
+            raise UsageError(f"unknown={unknown!r} is not one of {UNKNOWN_WORDS}")
         prompts = prompt_list(prompts, "prompts", allow_empty=True)
         split = [_words(p) for p in prompts]
         too_long = [p for p, words in zip(prompts, split) if len(words) > self.max_length - 2]
         if too_long:
-            raise ValueError(f"prompts longer than max_length - 2 = {self.max_length - 2} words: {too_long!r}")
+            raise UsageError(f"prompts longer than max_length - 2 = {self.max_length - 2} words: {too_long!r}")
         missing = sorted({word for words in split for word in words if word not in self._ids})
         if missing and unknown == "error":
-            raise ValueError(f"words outside the vocabulary: {missing!r} (pass unknown='unk' to map them to <unk>)")
+            raise UsageError(f"words outside the vocabulary: {missing!r} (pass unknown='unk' to map them to <unk>)")
         ids = np.full((len(prompts), self.max_length), PAD_ID, np.int32)
         mask = np.zeros((len(prompts), self.max_length), np.int32)
         for row, words in enumerate(split):
@@ -87,7 +88,7 @@ class WordTokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad} are outside [0, {self.vocab_size})")
+            raise UsageError(f"token ids {bad} are outside [0, {self.vocab_size})")
         return " ".join(self.tokens[i] for i in ids if i not in (PAD_ID, START_ID, END_ID))
 
     def to_json(self) -> str:
@@ -100,12 +101,12 @@ class WordTokenizer:
         try:
             content = json.loads(text)
         except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"word tokenizer JSON is not valid JSON: {err}") from None
+            raise WeightsError(f"word tokenizer JSON is not valid JSON: {err}") from None
         keys = {"format", "max_length", "words"}
         if not isinstance(content, dict) or set(content) != keys or content["format"] != JSON_FORMAT:
-            raise ValueError(
+            raise WeightsError(
                 f"word tokenizer JSON must be an object with keys {sorted(keys)} and format {JSON_FORMAT!r}"
             )
         if not isinstance(content["words"], list):
-            raise ValueError(f"word tokenizer JSON: words must be a list, got {content['words']!r}")
+            raise WeightsError(f"word tokenizer JSON: words must be a list, got {content['words']!r}")
         return cls(content["words"], max_length=content["max_length"])

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.checks import is_int, unsupported
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.models.layers import Downsample, Upsample, conv3x3, dense, group_norm, single_head_attention
 
 _unsupported = functools.partial(unsupported, "AutoencoderKL config")
@@ -82,7 +83,7 @@ def autoencoder_config(settings: dict, **options: Any) -> ml_collections.ConfigD
         log.info("AutoencoderKL config: ignoring unknown keys %s", unknown)
     bad_options = sorted(set(options) - set(OPTION_DEFAULTS))
     if bad_options:
-        raise ValueError(f"AutoencoderKL config: unknown options {bad_options}; allowed: {sorted(OPTION_DEFAULTS)}")
+        raise ConfigError(f"AutoencoderKL config: unknown options {bad_options}; allowed: {sorted(OPTION_DEFAULTS)}")
     c = {**DIFFUSERS_DEFAULTS, **{k: settings[k] for k in DIFFUSERS_DEFAULTS if k in settings}}
     c.update({**OPTION_DEFAULTS, **options})
 
@@ -309,7 +310,7 @@ class AutoencoderKL(nn.Module):
         factor = 2 ** (len(self.block_out_channels) - 1)
         if x.ndim != 4 or x.shape[-1] != self.in_channels or x.shape[1] % factor or x.shape[2] % factor:
             need = f"[B, H, W, {self.in_channels}] (NHWC) with H and W multiples of {factor}"
-            raise ValueError(f"x must have shape {need}, got {x.shape}")
+            raise UsageError(f"x must have shape {need}, got {x.shape}")
         moments = self.encoder(x)
         if self.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -318,7 +319,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: Array) -> Array:
         """z [B,h,w,latent_channels] (unscaled latents) -> float32 image [B, h·2^(L-1), w·2^(L-1), out_channels]."""
         if z.ndim != 4 or z.shape[-1] != self.latent_channels:
-            raise ValueError(f"z must have shape [B, h, w, {self.latent_channels}] (NHWC), got {z.shape}")
+            raise UsageError(f"z must have shape [B, h, w, {self.latent_channels}] (NHWC), got {z.shape}")
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
@@ -343,3 +344,12 @@ def create_autoencoder(config: ml_collections.ConfigDict) -> AutoencoderKL:
         dtype=config.dtype,
         remat=config.remat,
     )
+
+
+def autoencoder_model_config(section) -> ml_collections.ConfigDict:
+    """The `autoencoder_config` of a run config's `autoencoder` section (diffusers keys plus dtype and remat;
+    one DownEncoderBlock2D / UpDecoderBlock2D per level). ValueError names an unsupported value."""
+    settings = {key: value for key, value in dict(section).items() if key not in OPTION_DEFAULTS}
+    levels = len(settings["block_out_channels"])
+    settings.update(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+    return autoencoder_config(settings, **{key: section[key] for key in OPTION_DEFAULTS})

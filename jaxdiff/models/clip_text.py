@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.checks import is_int, unsupported
+from jaxdiff.errors import ConfigError, UsageError
 
 _unsupported = functools.partial(unsupported, "CLIP text config")
 
@@ -66,7 +67,7 @@ def clip_text_config(settings: dict, **options: Any) -> ml_collections.ConfigDic
         raise _unsupported("architectures", architectures, " or ".join(f"[{a!r}]" for a in ARCHITECTURES))
     bad_options = sorted(set(options) - set(OPTION_DEFAULTS))
     if bad_options:
-        raise ValueError(f"CLIP text config: unknown options {bad_options}; allowed: {sorted(OPTION_DEFAULTS)}")
+        raise ConfigError(f"CLIP text config: unknown options {bad_options}; allowed: {sorted(OPTION_DEFAULTS)}")
     c = {key: settings.get(key, default) for key, default in TRANSFORMERS_DEFAULTS.items()}
     c.update({**OPTION_DEFAULTS, **options, "with_projection": ARCHITECTURES[architectures[0]]})
 
@@ -218,12 +219,12 @@ class CLIPTextTransformer(nn.Module):
         the causal mask; clip_skip in 0..num_hidden_layers picks the layer of `prompt_embeds`."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be an int array [B, L], got {input_ids.dtype} {input_ids.shape}")
+            raise UsageError(f"input_ids must be an int array [B, L], got {input_ids.dtype} {input_ids.shape}")
         length = input_ids.shape[1]
         if length > self.max_position_embeddings:
-            raise ValueError(f"input_ids length {length} > max_position_embeddings={self.max_position_embeddings}")
+            raise UsageError(f"input_ids length {length} > max_position_embeddings={self.max_position_embeddings}")
         if not isinstance(clip_skip, int) or not 0 <= clip_skip <= self.num_hidden_layers:
-            raise ValueError(f"clip_skip={clip_skip!r} must be an int in 0..{self.num_hidden_layers}")
+            raise UsageError(f"clip_skip={clip_skip!r} must be an int in 0..{self.num_hidden_layers}")
         mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         x = Embeddings(self.vocab_size, self.max_position_embeddings, self.hidden_size, name="embeddings")(input_ids)
         hidden_states = Encoder(

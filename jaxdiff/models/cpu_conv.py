@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxdiff.errors import ConfigError
+
 Array = jax.Array
 
 ENV_VAR = "JAXDIFF_CPU_CONV_WGRAD"
@@ -36,7 +38,7 @@ def enabled() -> bool:
     """Whether JAXDIFF_CPU_CONV_WGRAD ("0" by default) asks for the shifted-GEMM weight gradient on CPU."""
     value = os.environ.get(ENV_VAR, "0")
     if value not in ("0", "1"):
-        raise ValueError(f"{ENV_VAR}={value!r} must be 0 or 1")
+        raise ConfigError(f"{ENV_VAR}={value!r} must be 0 or 1")
     return value == "1"
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import cpu_conv
 
 Array = jax.Array
@@ -56,10 +57,10 @@ def timestep_embedding(t: Array, dim: int, *, flip_sin_to_cos: bool = False, fre
     `UNet2DModel` defaults are flip_sin_to_cos=True, freq_shift=0.
     """
     if dim < 4 or dim % 2:
-        raise ValueError(f"timestep embedding dim={dim} must be even and at least 4")
+        raise ConfigError(f"timestep embedding dim={dim} must be even and at least 4")
     half = dim // 2
     if half - freq_shift <= 0:
-        raise ValueError(f"freq_shift={freq_shift} must be below half the embedding dim ({half})")
+        raise ConfigError(f"freq_shift={freq_shift} must be below half the embedding dim ({half})")
     freqs = np.exp(-np.arange(half, dtype=np.float64) * np.log(10000.0) / (half - freq_shift)).astype(np.float32)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
     parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
@@ -146,7 +147,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
         if self.resample not in RESAMPLES:
-            raise ValueError(f"ResBlock resample={self.resample!r} is not one of {RESAMPLES}")
+            raise ConfigError(f"ResBlock resample={self.resample!r} is not one of {RESAMPLES}")
         act = ACTIVATIONS[self.act]
         norm = lambda v, name: group_norm(v, name=name, num_groups=self.num_groups, eps=self.eps)  # noqa: E731
         h = act(norm(x, "norm1"))
@@ -198,7 +199,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
         if c % self.num_heads:
-            raise ValueError(f"AttnBlock: {c} channels do not split into num_heads={self.num_heads} heads")
+            raise ConfigError(f"AttnBlock: {c} channels do not split into num_heads={self.num_heads} heads")
         h = group_norm(x, name="norm", num_groups=self.num_groups, eps=self.eps) if self.norm else x
         shape = (b, height * width, self.num_heads, c // self.num_heads)
         q, k, v = (dense(c, self.dtype, name=n)(h).reshape(shape) for n in ("q", "k", "v"))

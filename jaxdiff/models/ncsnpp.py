@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d, upsample_conv_2d
 from jaxdiff.checks import require_choice, require_int
@@ -275,24 +276,24 @@ class NCSNpp(nn.Module):
         require_choice("progressive_combine", self.progressive_combine, COMBINE)
         require_choice("embedding_type", self.embedding_type, EMBEDDINGS)
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
-            raise ValueError(f"ch_mult={self.ch_mult!r} must be a non-empty tuple of ints")
+            raise ConfigError(f"ch_mult={self.ch_mult!r} must be a non-empty tuple of ints")
         for mult in self.ch_mult:
             require_int("ch_mult entry", mult, 1)
         if self.nf % 4:
-            raise ValueError(f"nf={self.nf} must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
+            raise ConfigError(f"nf={self.nf} must be divisible by 4 (GroupNorm uses min(C // 4, 32) groups)")
         factor = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % factor:
-            raise ValueError(f"image_size={self.image_size} is not divisible by 2^(len(ch_mult)-1) = {factor}")
+            raise ConfigError(f"image_size={self.image_size} is not divisible by 2^(len(ch_mult)-1) = {factor}")
         resolutions = self.resolutions
         for res in self.attn_resolutions:
             if res not in resolutions:
-                raise ValueError(f"attn_resolutions entry {res!r} never occurs; the resolutions are {resolutions}")
+                raise ConfigError(f"attn_resolutions entry {res!r} never occurs; the resolutions are {resolutions}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+            raise ConfigError(f"dropout={self.dropout!r} must be a number in [0, 1)")
         if not self.fir_kernel or any(not isinstance(t, (int, float)) for t in self.fir_kernel):
-            raise ValueError(f"fir_kernel={self.fir_kernel!r} must be a non-empty tuple of numbers")
+            raise ConfigError(f"fir_kernel={self.fir_kernel!r} must be a non-empty tuple of numbers")
         if self.embedding_type == "fourier" and not self.fourier_scale > 0:
-            raise ValueError(f"fourier_scale={self.fourier_scale!r} must be > 0")
+            raise ConfigError(f"fourier_scale={self.fourier_scale!r} must be > 0")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -302,11 +303,11 @@ class NCSNpp(nn.Module):
     def _check_inputs(self, x: Array, noise_labels: Array, class_labels) -> None:
         expected = (self.image_size, self.image_size, self.num_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}] (NHWC), got {x.shape}")
+            raise UsageError(f"x must have shape [B, {', '.join(map(str, expected))}] (NHWC), got {x.shape}")
         if noise_labels.shape != (x.shape[0],):
-            raise ValueError(f"noise_labels must have shape [{x.shape[0]}], got {noise_labels.shape}")
+            raise UsageError(f"noise_labels must have shape [{x.shape[0]}], got {noise_labels.shape}")
         if class_labels is not None:
-            raise ValueError("NCSN++ is not class-conditional: class_labels must be None")
+            raise UsageError("NCSN++ is not class-conditional: class_labels must be None")
 
     @nn.compact
     def __call__(self, x: Array, noise_labels: Array, class_labels: Array | None = None, train: bool = False) -> Array:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.models.ncsnpp import create_ncsnpp
 from jaxdiff.models.song_unet import create_song_unet
 from jaxdiff.models.unet import create_model as create_unet
@@ -33,7 +34,7 @@ def create_model(model_config: ml_collections.ConfigDict):
         return create_ncsnpp(model_config.ncsnpp)
     if network == "song_unet":
         return create_song_unet(model_config.song_unet)
-    raise ValueError(f"unknown model.network {network!r}; expected one of {NETWORKS}")
+    raise ConfigError(f"unknown model.network {network!r}; expected one of {NETWORKS}")
 
 
 def example_inputs(model_config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.errors import ConfigError
+
 Array = jax.Array
 
 
@@ -23,7 +25,7 @@ def fir_filter(taps: Sequence[float], gain: float = 1.0) -> np.ndarray:
     """The separable 2-D filter outer(taps, taps) / sum(taps)², times `gain` (float32 [K, K])."""
     taps = np.asarray(taps, dtype=np.float64)
     if taps.ndim != 1 or taps.size == 0 or taps.sum() == 0:
-        raise ValueError(f"FIR taps {tuple(taps)} must be a non-empty 1-D sequence with a non-zero sum")
+        raise ConfigError(f"FIR taps {tuple(taps)} must be a non-empty 1-D sequence with a non-zero sum")
     return (np.outer(taps, taps) / taps.sum() ** 2 * gain).astype(np.float32)
 
 

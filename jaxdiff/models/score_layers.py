@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import layers
 from jaxdiff.models.layers import ZERO_INIT_SCALE, fan_avg_uniform
 
@@ -28,7 +29,7 @@ def module_fields(
     keys = set(defaults.keys())
     missing, unknown = sorted(keys - set(config.keys())), sorted(set(config.keys()) - keys)
     if missing or unknown:
-        raise ValueError(f"{network} config: missing keys {missing}, unknown keys {unknown}")
+        raise ConfigError(f"{network} config: missing keys {missing}, unknown keys {unknown}")
     return {key: tuple(config[key]) if key in tuple_keys else config[key] for key in keys}
 
 

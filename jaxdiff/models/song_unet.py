@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.checks import require_choice, require_int
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.models.layers import single_head_attention, timestep_embedding
 from jaxdiff.models.resample import conv_downsample_2d, downsample_2d, upsample_2d
 from jaxdiff.models.score_layers import (
@@ -147,24 +148,24 @@ class SongUNet(nn.Module):
         require_choice("encoder_type", self.encoder_type, ENCODERS)
         require_choice("decoder_type", self.decoder_type, DECODERS)
         if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
-            raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
+            raise ConfigError(f"channel_mult={self.channel_mult!r} must be a non-empty tuple of ints")
         for mult in self.channel_mult:
             require_int("channel_mult entry", mult, 1)
         factor = 2 ** (len(self.channel_mult) - 1)
         if self.img_resolution % factor:
-            raise ValueError(
+            raise ConfigError(
                 f"img_resolution={self.img_resolution} is not divisible by 2^(len(channel_mult)-1) = {factor}"
             )
         if self.model_channels % 4 or (self.model_channels * self.channel_mult_noise) % 4:
-            raise ValueError(f"model_channels={self.model_channels} must be divisible by 4")
+            raise ConfigError(f"model_channels={self.model_channels} must be divisible by 4")
         resolutions = tuple(self.img_resolution >> i for i in range(len(self.channel_mult)))
         for res in self.attn_resolutions:
             if res not in resolutions:
-                raise ValueError(f"attn_resolutions entry {res!r} never occurs; the resolutions are {resolutions}")
+                raise ConfigError(f"attn_resolutions entry {res!r} never occurs; the resolutions are {resolutions}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+            raise ConfigError(f"dropout={self.dropout!r} must be a number in [0, 1)")
         if not self.resample_filter or any(not isinstance(t, (int, float)) for t in self.resample_filter):
-            raise ValueError(f"resample_filter={self.resample_filter!r} must be a non-empty tuple of numbers")
+            raise ConfigError(f"resample_filter={self.resample_filter!r} must be a non-empty tuple of numbers")
 
     def _labels(self, class_labels, batch: int) -> Array:
         """Class labels as EDM's [B, label_dim] float vectors: ints [B] one-hot, None all zeros."""
@@ -175,7 +176,7 @@ class SongUNet(nn.Module):
             return jax.nn.one_hot(class_labels, self.label_dim, dtype=jnp.float32)
         if class_labels.shape == (batch, self.label_dim):
             return class_labels.astype(jnp.float32)
-        raise ValueError(
+        raise ConfigError(
             f"class_labels must be ints of shape [{batch}] or floats of shape [{batch}, {self.label_dim}], "
             f"got shape {class_labels.shape} dtype {class_labels.dtype}"
         )
@@ -191,15 +192,15 @@ class SongUNet(nn.Module):
             labels = self._labels(class_labels, batch) * np.sqrt(self.label_dim)
             emb = emb + nn.Dense(noise_channels, kernel_init=scaled_init(1.0), name="map_label")(labels)
         elif class_labels is not None:
-            raise ValueError("class_labels were given but the network is unconditional (label_dim=0)")
+            raise UsageError("class_labels were given but the network is unconditional (label_dim=0)")
         if self.augment_dim:
             augment = jnp.zeros((batch, self.augment_dim)) if augment_labels is None else jnp.asarray(augment_labels)
             if augment.shape != (batch, self.augment_dim):
-                raise ValueError(f"augment_labels must have shape [{batch}, {self.augment_dim}], got {augment.shape}")
+                raise UsageError(f"augment_labels must have shape [{batch}, {self.augment_dim}], got {augment.shape}")
             dense = nn.Dense(noise_channels, use_bias=False, kernel_init=scaled_init(1.0), name="map_augment")
             emb = emb + dense(augment.astype(jnp.float32))
         elif augment_labels is not None:
-            raise ValueError("augment_labels were given but augment_dim=0")
+            raise UsageError("augment_labels were given but augment_dim=0")
         emb = nn.silu(nn.Dense(emb_channels, kernel_init=scaled_init(1.0), name="map_layer0")(emb))
         return nn.silu(nn.Dense(emb_channels, kernel_init=scaled_init(1.0), name="map_layer1")(emb))
 
@@ -214,10 +215,10 @@ class SongUNet(nn.Module):
         x, noise_labels = jnp.asarray(x, jnp.float32), jnp.asarray(noise_labels, jnp.float32)
         expected = (self.img_resolution, self.img_resolution, self.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}] (NHWC), got {x.shape}")
+            raise UsageError(f"x must have shape [B, {', '.join(map(str, expected))}] (NHWC), got {x.shape}")
         batch = x.shape[0]
         if noise_labels.shape != (batch,):
-            raise ValueError(f"noise_labels must have shape [{batch}], got {noise_labels.shape}")
+            raise UsageError(f"noise_labels must have shape [{batch}], got {noise_labels.shape}")
         emb = self._embedding(noise_labels, class_labels, augment_labels, batch)
         f, last = tuple(self.resample_filter), len(self.channel_mult) - 1
 

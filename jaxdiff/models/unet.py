@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.checks import is_int, is_real, require_bool, require_int
+from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.models.layers import (
     ACTIVATIONS,
     ZERO_INIT_SCALE,
@@ -181,7 +182,7 @@ def _check_levels(name: str, levels, first: int, num_levels: int) -> None:
     if not isinstance(levels, tuple) or any(
         not is_int(i, numpy=False) or not first <= i < num_levels for i in levels
     ):
-        raise ValueError(f"{name}={levels!r} must be a tuple of level indices in {first}..{num_levels - 1}")
+        raise ConfigError(f"{name}={levels!r} must be a tuple of level indices in {first}..{num_levels - 1}")
 
 
 def _check_widths(m: UNet) -> None:
@@ -189,7 +190,7 @@ def _check_widths(m: UNet) -> None:
     widths = sorted({m.ch * mult for mult in m.ch_mult})
     bad = [w for w in widths if w % m.norm_groups]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"ch={m.ch} with ch_mult={m.ch_mult} gives channel counts {bad}, "
             f"not divisible by norm_groups={m.norm_groups}"
         )
@@ -199,7 +200,7 @@ def _check_widths(m: UNet) -> None:
         attn_widths |= {m.ch * m.ch_mult[-1]} if m.mid_attn else set()
         bad = sorted(w for w in attn_widths if w % m.attn_head_dim)
         if bad:
-            raise ValueError(f"attention widths {bad} are not divisible by attn_head_dim={m.attn_head_dim}")
+            raise ConfigError(f"attention widths {bad} are not divisible by attn_head_dim={m.attn_head_dim}")
 
 
 def _check_fields(m: UNet) -> None:
@@ -209,46 +210,46 @@ def _check_fields(m: UNet) -> None:
     for name in ("num_classes", "attn_head_dim", "freq_shift"):
         require_int(name, getattr(m, name), 0)
     if not isinstance(m.ch_mult, tuple) or not m.ch_mult:
-        raise ValueError(f"ch_mult={m.ch_mult!r} must be a non-empty tuple of ints")
+        raise ConfigError(f"ch_mult={m.ch_mult!r} must be a non-empty tuple of ints")
     for mult in m.ch_mult:
         require_int("ch_mult entry", mult, 1)
     if m.out_channels not in (m.in_channels, 2 * m.in_channels):
-        raise ValueError(
+        raise ConfigError(
             f"out_channels={m.out_channels!r} must be in_channels ({m.in_channels}) "
             f"or 2·in_channels ({2 * m.in_channels}, learned variances)"
         )
     factor = 2 ** (len(m.ch_mult) - 1)
     if m.image_size % factor:
-        raise ValueError(
+        raise ConfigError(
             f"image_size={m.image_size} is not divisible by 2^(len(ch_mult)-1) = {factor} "
             f"(ch_mult={m.ch_mult} downsamples {len(m.ch_mult) - 1} times)"
         )
     if not isinstance(m.attn_resolutions, tuple):
-        raise ValueError(f"attn_resolutions={m.attn_resolutions!r} must be a tuple of ints")
+        raise ConfigError(f"attn_resolutions={m.attn_resolutions!r} must be a tuple of ints")
     resolutions = level_resolutions(m.image_size, len(m.ch_mult))
     for res in m.attn_resolutions:
         if res not in resolutions:
-            raise ValueError(
+            raise ConfigError(
                 f"attn_resolutions entry {res!r} never occurs in the network; its resolutions are {resolutions}"
             )
     if not isinstance(m.dropout, (int, float)) or not 0.0 <= m.dropout < 1.0:
-        raise ValueError(f"dropout={m.dropout!r} must be a number in [0, 1)")
+        raise ConfigError(f"dropout={m.dropout!r} must be a number in [0, 1)")
     if not is_real(m.norm_eps, numpy=False) or not m.norm_eps > 0:
-        raise ValueError(f"norm_eps={m.norm_eps!r} must be a number > 0")
+        raise ConfigError(f"norm_eps={m.norm_eps!r} must be a number > 0")
     for name in ("resamp_with_conv", "remat", "null_label", "flip_sin_to_cos", "temb_scale_shift", "mid_attn",
                  "mid_attn_norm"):  # fmt: skip
         require_bool(name, getattr(m, name))
     if m.act not in ACTIVATIONS:
-        raise ValueError(f"act={m.act!r} is not one of {tuple(ACTIVATIONS)}")
+        raise ConfigError(f"act={m.act!r} is not one of {tuple(ACTIVATIONS)}")
     if m.downsample_padding not in (0, 1) or isinstance(m.downsample_padding, bool):
-        raise ValueError(f"downsample_padding={m.downsample_padding!r} must be 0 (TF: 0 before, 1 after) or 1")
+        raise ConfigError(f"downsample_padding={m.downsample_padding!r} must be 0 (TF: 0 before, 1 after) or 1")
     if m.freq_shift >= m.ch // 2:
-        raise ValueError(f"freq_shift={m.freq_shift} must be below ch/2 = {m.ch // 2}")
+        raise ConfigError(f"freq_shift={m.freq_shift} must be below ch/2 = {m.ch // 2}")
     _check_levels("resblock_down_levels", m.resblock_down_levels, 0, len(m.ch_mult) - 1)
     _check_levels("resblock_up_levels", m.resblock_up_levels, 1, len(m.ch_mult))
     _check_widths(m)
     if m.dtype not in DTYPES:
-        raise ValueError(f"dtype={m.dtype!r} is not one of {DTYPES}")
+        raise ConfigError(f"dtype={m.dtype!r} is not one of {DTYPES}")
 
 
 class UNet(nn.Module):
@@ -296,20 +297,20 @@ class UNet(nn.Module):
         expected = (self.image_size, self.image_size, self.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             size, _, channels = expected
-            raise ValueError(f"x must have shape [B, {size}, {size}, {channels}] (NHWC), got {x.shape}")
+            raise UsageError(f"x must have shape [B, {size}, {size}, {channels}] (NHWC), got {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"x must be a float array in [-1, 1], got dtype {x.dtype}")
+            raise UsageError(f"x must be a float array in [-1, 1], got dtype {x.dtype}")
         batch = x.shape[0]
         if t.shape != (batch,) or not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
-            raise ValueError(f"t must be a numeric array of shape [{batch}], got shape {t.shape} dtype {t.dtype}")
+            raise UsageError(f"t must be a numeric array of shape [{batch}], got shape {t.shape} dtype {t.dtype}")
         if y is None:
             if self.num_classes and not self.null_label:
-                raise ValueError("y is required: this class-conditional model has no null label (null_label=False)")
+                raise UsageError("y is required: this class-conditional model has no null label (null_label=False)")
             return
         if self.num_classes == 0:
-            raise ValueError("y was given but the model is unconditional (num_classes=0)")
+            raise UsageError("y was given but the model is unconditional (num_classes=0)")
         if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
-            raise ValueError(f"y must be an int array of shape [{batch}], got shape {y.shape} dtype {y.dtype}")
+            raise UsageError(f"y must be an int array of shape [{batch}], got shape {y.shape} dtype {y.dtype}")
 
     @nn.compact
     def __call__(self, x: Array, t: Array, y: Array | None = None, *, train: bool = False) -> Array:
@@ -378,7 +379,7 @@ def create_model(model_config: ml_collections.ConfigDict) -> UNet:
     """Build the U-Net from `config.model` (keys in `jaxdiff.config`); invalid values raise ValueError."""
     missing = [key for key in MODEL_KEYS if key not in model_config]
     if missing:
-        raise ValueError(f"model config lacks keys {missing}; pass config.model, not the whole config")
+        raise ConfigError(f"model config lacks keys {missing}; pass config.model, not the whole config")
     fields = {key: model_config[key] for key in MODEL_KEYS}
     for key in ("ch_mult", "attn_resolutions", "resblock_down_levels", "resblock_up_levels"):
         if isinstance(fields[key], (list, tuple)):

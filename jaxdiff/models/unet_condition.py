@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.errors import UsageError
 from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
 from jaxdiff.models.unet_condition_config import DOWN_BLOCKS, UP_BLOCKS, check_config, num_heads_per_level, per_level
 
@@ -339,15 +340,15 @@ class UNetCondition(nn.Module):
 
     def _check_inputs(self, sample: Array, timesteps: Array, context: Array) -> None:
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels or not jnp.issubdtype(sample.dtype, jnp.floating):
-            raise ValueError(
+            raise UsageError(
                 f"sample must be a float array [B, H, W, {self.in_channels}] (NHWC), got {sample.dtype} {sample.shape}"
             )
         batch = sample.shape[0]
         if timesteps.shape not in ((), (batch,)) or not jnp.issubdtype(timesteps.dtype, jnp.number):
             got = f"{timesteps.dtype} {timesteps.shape}"
-            raise ValueError(f"timesteps must be a number or an array [{batch}], got {got}")
+            raise UsageError(f"timesteps must be a number or an array [{batch}], got {got}")
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.cross_attention_dim:
-            raise ValueError(
+            raise UsageError(
                 f"encoder_hidden_states must have shape [{batch}, L, {self.cross_attention_dim}], got {context.shape}"
             )
 

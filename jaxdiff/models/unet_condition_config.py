@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from jaxdiff.checks import is_real, require_bool, require_int
+from jaxdiff.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 CLASS_NAME = "UNet2DConditionModel"
@@ -103,7 +104,7 @@ def config_from_diffusers(
     """
     name = settings.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
-        raise ValueError(f"_class_name={name!r}: only {CLASS_NAME} configs are supported")
+        raise ConfigError(f"_class_name={name!r}: only {CLASS_NAME} configs are supported")
     unsupported = [
         f"{key}={settings[key]!r}"
         for key, allowed in FIXED_SETTINGS.items()
@@ -114,7 +115,7 @@ def config_from_diffusers(
     if unsupported or unknown:
         parts = [f"settings {', '.join(unsupported)}"] if unsupported else []
         parts += [f"unknown keys {unknown}"] if unknown else []
-        raise ValueError(
+        raise ConfigError(
             f"{CLASS_NAME} config not supported yet: {'; '.join(parts)} (SD 1.x/2.x U-Nets only; "
             "those keys must be absent or at diffusers' default)"
         )
@@ -131,7 +132,7 @@ def per_level(key: str, value: Any, levels: int) -> tuple[Any, ...]:
     """An int-or-list setting as one value per level."""
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
     if len(values) != levels:
-        raise ValueError(f"{key}={value!r} must be an int or a list of {levels} ints (one per level)")
+        raise ConfigError(f"{key}={value!r} must be an int or a list of {levels} ints (one per level)")
     return values
 
 
@@ -147,42 +148,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first invalid setting of a model config (see `config_from_diffusers`)."""
     missing = [key for key in (*SUPPORTED_DEFAULTS, "dtype", "remat") if key not in config]
     if missing:
-        raise ValueError(f"model config lacks keys {missing}")
+        raise ConfigError(f"model config lacks keys {missing}")
     for key, allowed in FIXED_SETTINGS.items():
         if key in SUPPORTED_DEFAULTS and config[key] not in allowed:
-            raise ValueError(f"{key}={config[key]!r} is not supported yet (supported: {list(allowed)})")
+            raise ConfigError(f"{key}={config[key]!r} is not supported yet (supported: {list(allowed)})")
     widths = config.block_out_channels
     if not isinstance(widths, (list, tuple)) or not widths:
-        raise ValueError(f"block_out_channels={widths!r} must be a non-empty list of ints")
+        raise ConfigError(f"block_out_channels={widths!r} must be a non-empty list of ints")
     require_int("norm_num_groups", config.norm_num_groups, 1)
     for width in widths:
         require_int("block_out_channels entry", width, 1)
         if width % config.norm_num_groups:
             groups = config.norm_num_groups
-            raise ValueError(f"block_out_channels entry {width} is not divisible by norm_num_groups={groups}")
+            raise ConfigError(f"block_out_channels entry {width} is not divisible by norm_num_groups={groups}")
     levels = len(widths)
     for key, table in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
         types = config[key]
         if not isinstance(types, (list, tuple)) or len(types) != levels or any(t not in table for t in types):
-            raise ValueError(f"{key}={types!r} must list {levels} of {sorted(table)} (one per level)")
+            raise ConfigError(f"{key}={types!r} must list {levels} of {sorted(table)} (one per level)")
     for value in per_level("layers_per_block", config.layers_per_block, levels):
         require_int("layers_per_block", value, 1)
     for width, heads in zip(widths, num_heads_per_level(config)):
         require_int("attention heads per level", heads, 1)
         if heads > width:
-            raise ValueError(f"{heads} attention heads do not fit a level of {width} channels")
+            raise ConfigError(f"{heads} attention heads do not fit a level of {width} channels")
     for key in ("in_channels", "out_channels", "cross_attention_dim"):
         require_int(key, config[key], 1)
     for key in ("use_linear_projection", "upcast_attention", "flip_sin_to_cos", "remat"):
         require_bool(key, config[key])
     if not is_real(config.freq_shift, numpy=False):
-        raise ValueError(f"freq_shift={config.freq_shift!r} must be a number")
+        raise ConfigError(f"freq_shift={config.freq_shift!r} must be a number")
     if config.freq_shift >= widths[0] // 2:
         half = widths[0] // 2
-        raise ValueError(f"freq_shift={config.freq_shift!r} must be below half the timestep embedding width ({half})")
+        raise ConfigError(f"freq_shift={config.freq_shift!r} must be below half the timestep embedding width ({half})")
     if not isinstance(config.norm_eps, (int, float)) or not config.norm_eps > 0:
-        raise ValueError(f"norm_eps={config.norm_eps!r} must be a positive number")
+        raise ConfigError(f"norm_eps={config.norm_eps!r} must be a positive number")
     if config.act_fn not in SUPPORTED_ACTIVATIONS:
-        raise ValueError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(SUPPORTED_ACTIVATIONS)})")
+        raise ConfigError(f"act_fn={config.act_fn!r} is not supported yet (supported: {list(SUPPORTED_ACTIVATIONS)})")
     if config.dtype not in DTYPES:
-        raise ValueError(f"dtype={config.dtype!r} is not one of {DTYPES}")
+        raise ConfigError(f"dtype={config.dtype!r} is not one of {DTYPES}")

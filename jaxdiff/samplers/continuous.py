@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.checks import is_int, is_real
+from jaxdiff.errors import UsageError
 from jaxdiff.samplers.ddim_dpm import ddim_sample, dpm_solver_pp_sample
 from jaxdiff.samplers.edm import edm_sample
 from jaxdiff.samplers.ode import check_solver, check_tolerance, ode_sample
@@ -86,40 +87,40 @@ def _clipped(denoiser):
 def _validate(sampler, steps, shape, options) -> tuple[int, dict]:
     """Checks every argument before any work; returns (steps, options with defaults filled in)."""
     if sampler not in CONTINUOUS_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {CONTINUOUS_SAMPLERS}")
+        raise UsageError(f"unknown sampler {sampler!r}; expected one of {CONTINUOUS_SAMPLERS}")
     if len(shape) < 2 or not all(is_int(n) and n > 0 for n in shape):
-        raise ValueError(f"shape must be (B, ...) of at least 2 positive ints, got {shape}")
+        raise UsageError(f"shape must be (B, ...) of at least 2 positive ints, got {shape}")
     allowed = _OPTIONS[sampler]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for sampler {sampler!r}; allowed: {sorted(allowed)}")
+        raise UsageError(f"unknown option(s) {unknown} for sampler {sampler!r}; allowed: {sorted(allowed)}")
     options = {**allowed, **options}
     if sampler == "ode" and steps is not None:
-        raise ValueError(f"steps={steps!r}: sampler 'ode' chooses its own steps (set rtol, atol); pass steps=None")
+        raise UsageError(f"steps={steps!r}: sampler 'ode' chooses its own steps (set rtol, atol); pass steps=None")
     if steps is None:
         steps = DEFAULT_CONTINUOUS_STEPS.get(sampler, _SDE_STEPS)
     if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an int >= 1")
+        raise UsageError(f"steps={steps!r} must be an int >= 1")
     for name in ("snr", "rho", "s_churn", "s_min", "s_noise", "eta"):
         if name in options and not (is_real(options[name], finite=True) and options[name] >= 0):
-            raise ValueError(f"{name}={options[name]!r} must be a finite number >= 0")
+            raise UsageError(f"{name}={options[name]!r} must be a finite number >= 0")
     if "rho" in options and options["rho"] == 0:
-        raise ValueError("rho=0 is not allowed; expected a number > 0")
+        raise UsageError("rho=0 is not allowed; expected a number > 0")
     if "s_max" in options and not (is_real(options["s_max"]) and options["s_max"] >= options["s_min"]):
-        raise ValueError(f"s_max={options['s_max']!r} must be a number >= s_min={options['s_min']!r}")
+        raise UsageError(f"s_max={options['s_max']!r} must be a number >= s_min={options['s_min']!r}")
     if "eta" in options and options["eta"] > 1:
-        raise ValueError(f"eta={options['eta']!r} must lie in [0, 1]")
+        raise UsageError(f"eta={options['eta']!r} must lie in [0, 1]")
     if sampler == "pc":
         if options["predictor"] not in PREDICTORS:
-            raise ValueError(f"unknown predictor {options['predictor']!r}; expected one of {PREDICTORS}")
+            raise UsageError(f"unknown predictor {options['predictor']!r}; expected one of {PREDICTORS}")
         if options["corrector"] not in CORRECTORS:
-            raise ValueError(f"unknown corrector {options['corrector']!r}; expected one of {CORRECTORS}")
+            raise UsageError(f"unknown corrector {options['corrector']!r}; expected one of {CORRECTORS}")
         if not is_int(options["n_corrector"]) or options["n_corrector"] < 0:
-            raise ValueError(f"n_corrector={options['n_corrector']!r} must be an int >= 0")
+            raise UsageError(f"n_corrector={options['n_corrector']!r} must be an int >= 0")
     if sampler == "ode":
         check_solver(options["solver"])
         check_tolerance("rtol", options["rtol"])
         check_tolerance("atol", options["atol"])
         if not is_int(options["max_steps"]) or options["max_steps"] < 1:
-            raise ValueError(f"max_steps={options['max_steps']!r} must be an int >= 1")
+            raise UsageError(f"max_steps={options['max_steps']!r} must be an int >= 1")
     return int(steps), options

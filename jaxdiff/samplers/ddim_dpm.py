@@ -7,7 +7,12 @@ end on x̂_0. With ε̂ = (x − D(x; σ))/σ and ᾱ = 1/(1 + σ²) (the VP vie
                  c = η·sqrt((1 − ᾱ')/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ'), divided by sqrt(ᾱ') (η = 0: x' = D + σ'·ε̂, deterministic);
   dpm_solver++   x' = (σ'/σ)·x + (1 − σ'/σ)·((1 + c_i)·D_i − c_i·D_{i−1}), c_i = h_i/(2·h_{i−1}),
                  h_i = ln(σ_i/σ_{i+1}); c = 0 at the first and the last step (to σ = 0, where x' = D).
-`dpm_solver_pp_steps` runs DPM-Solver++(2M) on any grid of levels.
+`dpm_solver_pp_steps` runs DPM-Solver++ on any grid of levels, as diffusers' DPMSolverMultistepScheduler
+(`algorithm_type` dpmsolver++ or sde-dpmsolver++, `solver_order` 1 or 2, `solver_type` midpoint or heun): in
+the unscaled x, with r = σ'/σ, h = ln(σ/σ') and the SDE's a = r², q = 2 (the ODE's a = r, q = 1),
+  x' = a·x + (1 − a)·((1 + c_i)·D_i − c_i·D_{i−1}) + σ'·sqrt(1 − r²)·z_i   (the noise term for the SDE only),
+  c_i = h_i/(2·h_{i−1}) (midpoint) or (1 − (1 − a)/(q·h_i))·h_i/(h_{i−1}·(1 − a)) (heun); c_i = 0 at the
+first step, everywhere for order 1, and at the last step where it is first order.
 """
 
 from __future__ import annotations
@@ -45,21 +50,38 @@ def dpm_solver_pp_sample(denoiser, process, x_T, noise_key, steps, *, rho=7.0):
     return dpm_solver_pp_steps(denoiser, x_T / process.alpha(process.t_max), levels), steps
 
 
-def dpm_solver_pp_steps(denoiser, x, levels):
-    """x̂_0 from the unscaled x at σ = levels[0] through the decreasing noise levels `levels` [N + 1] (last 0):
-    N evaluations."""
+def dpm_solver_pp_steps(denoiser, x, levels, *, order=2, solver_type="midpoint", first_order_last=True,
+                        noise_key=None):
+    """The unscaled x at σ = levels[-1] from x at σ = levels[0], through the decreasing noise levels `levels`
+    [N + 1] (the last 0, where x is x̂_0, or σ_min > 0): N evaluations. `noise_key` given: the SDE variant
+    (DPM-Solver++ 2M SDE), step i drawing z_i = `step_noise(noise_key, i, x)`. A last step to σ = 0 must be first
+    order (`first_order_last`)."""
     steps = levels.shape[0] - 1
-    log_levels = jnp.log(levels[:-1])
-    h = log_levels[:-1] - log_levels[1:]  # h_i for the steps between positive levels
-    c = jnp.zeros(steps).at[1:-1].set(h[1:] / (2.0 * h[:-1]))
+    sigma, sigma_next = levels[:-1], levels[1:]
+    ratio = sigma_next / sigma
+    a = ratio if noise_key is None else ratio**2
+    h = jnp.log(sigma) - jnp.log(sigma_next)  # h_i (inf for a step to σ = 0)
+    if order == 1 or steps < 2:
+        c = jnp.zeros(steps)
+    elif solver_type == "midpoint":
+        c = jnp.zeros(steps).at[1:].set(h[1:] / (2.0 * h[:-1]))
+    else:
+        q = 1.0 if noise_key is None else 2.0
+        weight = (1.0 - (1.0 - a[1:]) / (q * h[1:])) * h[1:] / (h[:-1] * (1.0 - a[1:]))
+        c = jnp.zeros(steps).at[1:].set(weight)
+    if first_order_last:
+        c = c.at[-1].set(0.0)
+    noise_scale = jnp.zeros(steps) if noise_key is None else sigma_next * jnp.sqrt(1.0 - ratio**2)
 
     def body(carry, row):
         x, prev_x0 = carry
         x0 = denoiser(x, batch(row["sigma"], x))
         d = (1.0 + row["c"]) * x0 - row["c"] * prev_x0
-        ratio = row["sigma_next"] / row["sigma"]
-        return (ratio * x + (1.0 - ratio) * d, x0), None
+        x_next = row["a"] * x + (1.0 - row["a"]) * d
+        if noise_key is not None:
+            x_next = x_next + row["noise_scale"] * step_noise(noise_key, row["i"], x)
+        return (x_next, x0), None
 
-    rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "c": c}
-    (x0, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), rows)
-    return x0
+    rows = {"sigma": sigma, "a": a, "c": c, "noise_scale": noise_scale, "i": jnp.arange(steps)}
+    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), rows)
+    return x

@@ -34,6 +34,7 @@ from jaxdiff.diffusion import (
     predict_start,
     split_model_output,
 )
+from jaxdiff.errors import UsageError
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
@@ -58,9 +59,9 @@ def sampling_timesteps(schedule: Schedule, steps: int, spacing: str = "uniform")
     """
     num_timesteps = schedule.num_timesteps
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+        raise UsageError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if not is_int(steps) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
+        raise UsageError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
     u = np.linspace(1.0, 0.0, steps)[::-1]
     if spacing == "karras":
         log_sigmas = np.log(_sigmas(_alphas_cumprod(schedule, needs_signal="spacing 'karras'")))
@@ -127,7 +128,7 @@ def sample(
     if x_T is None:
         x_T = jax.random.normal(init_key, shape, jnp.float32)
     elif tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected shape {tuple(shape)}")
+        raise UsageError(f"x_T has shape {tuple(x_T.shape)}; expected shape {tuple(shape)}")
 
     def predict_x0(x: Array, t: Array) -> Array:
         mean_output, _ = split_model_output(_call(denoise_fn, x, t), x, var_type)
@@ -158,31 +159,31 @@ def _validate(
 ) -> tuple[int, str, int]:
     """Check every argument before any work; returns (steps, spacing, trajectory_every), defaults filled in."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        raise UsageError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if spacing is None:
         spacing = DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+        raise UsageError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if var_type not in VAR_TYPES:
-        raise ValueError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
+        raise UsageError(f"unknown var_type {var_type!r}; expected one of {VAR_TYPES}")
     if mean_type not in MEAN_TYPES:
-        raise ValueError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
+        raise UsageError(f"unknown mean_type {mean_type!r}; expected one of {MEAN_TYPES}")
     shape = tuple(shape)
     if len(shape) != 4 or not all(is_int(n) and n > 0 for n in shape):
-        raise ValueError(f"shape must be NHWC (B, H, W, C) of 4 positive ints, got {shape}")
+        raise UsageError(f"shape must be NHWC (B, H, W, C) of 4 positive ints, got {shape}")
     if not is_real(eta, finite=True) or eta < 0:
-        raise ValueError(f"eta={eta!r} must be a finite number >= 0")
+        raise UsageError(f"eta={eta!r} must be a finite number >= 0")
     if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta={eta!r} applies only to sampler 'ddim', not {sampler!r}")
+        raise UsageError(f"eta={eta!r} applies only to sampler 'ddim', not {sampler!r}")
     num_timesteps = schedule.num_timesteps
     if steps is None:
         steps = min(DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
     if not is_int(steps) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
+        raise UsageError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
     if trajectory_every is None:
         trajectory_every = -(-steps // TRAJECTORY_FRAMES)
     if not is_int(trajectory_every) or trajectory_every < 1:
-        raise ValueError(f"trajectory_every={trajectory_every!r} must be an int >= 1")
+        raise UsageError(f"trajectory_every={trajectory_every!r} must be an int >= 1")
     return int(steps), spacing, int(trajectory_every)
 
 
@@ -194,13 +195,13 @@ def _alphas_cumprod(schedule: Schedule, *, needs_signal: str | None) -> np.ndarr
     try:
         betas = np.asarray(schedule.betas, dtype=np.float64)
     except jax.errors.TracerArrayConversionError:
-        raise ValueError(
+        raise UsageError(
             "the schedule is traced (a jit argument, or built inside jit): samplers precompute their "
             "tables from a concrete schedule, so build it outside jit and close over it"
         ) from None
     alphas_cumprod = np.cumprod(1.0 - betas)
     if needs_signal and not alphas_cumprod[-1] > 0:
-        raise ValueError(f"{needs_signal} needs ᾱ_t > 0 at every step, but this schedule has ᾱ_(T-1) = 0")
+        raise UsageError(f"{needs_signal} needs ᾱ_t > 0 at every step, but this schedule has ᾱ_(T-1) = 0")
     return alphas_cumprod
 
 
@@ -283,7 +284,7 @@ def _ddim(predict_x0, schedule, alphas_cumprod, timesteps, noise_key, eta):
     direction = 1.0 - ac_prev - sigma**2
     if np.any(direction < 0):
         bad = int(np.flatnonzero(direction < 0)[0])
-        raise ValueError(f"eta={eta} is too large: the DDIM noise exceeds 1 − ᾱ_prev at step t={int(t[bad])}")
+        raise UsageError(f"eta={eta} is too large: the DDIM noise exceeds 1 − ᾱ_prev at step t={int(t[bad])}")
 
     def step(carry, row):
         x, extra = carry

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxdiff.checks import is_real
 from jaxdiff.diffusion.denoisers import denoise_state, probability_flow_drift
+from jaxdiff.errors import UsageError
 
 Array = jax.Array
 
@@ -75,9 +76,9 @@ def ode_sample(denoiser, process, x_T, noise_key, steps, *, rtol=1e-5, atol=1e-5
 
 def check_solver(solver) -> None:
     if solver not in SOLVERS:
-        raise ValueError(f"unknown ODE solver {solver!r}; expected one of {tuple(SOLVERS)}")
+        raise UsageError(f"unknown ODE solver {solver!r}; expected one of {tuple(SOLVERS)}")
 
 
 def check_tolerance(name: str, value) -> None:
     if not is_real(value) or not 0 < value < 1:
-        raise ValueError(f"{name}={value!r} must be a number in (0, 1)")
+        raise UsageError(f"{name}={value!r} must be a number in (0, 1)")

@@ -25,8 +25,11 @@ from tqdm.auto import tqdm
 
 from jaxdiff.checks import is_int
 from jaxdiff import images, samplers, sharding
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.training import checkpoint
-from jaxdiff.diffusion.continuous import is_continuous, process_from_config, sample_in_image_range, sampler_options
+from jaxdiff.training.tasks import load_run
+from jaxdiff.diffusion.continuous import is_continuous, process_from_config
+from jaxdiff.samplers.configured import sample_in_image_range, sampler_options
 from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
 from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model
@@ -53,13 +56,13 @@ class Pipeline:
     def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
         """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`); a latent run (task
         "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder."""
-        config, step, params = checkpoint.load_weights(path, step=step)
+        config, step, params = load_run(path, step=step)
         if config.task == "latent":
             from jaxdiff.training.tasks.latent import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
         if config.task != "diffusion":
-            raise ValueError(f"{path} is a run of task {config.task!r}, which draws no samples; give a diffusion or "
+            raise WeightsError(f"{path} is a run of task {config.task!r}, which draws no samples; give a diffusion or "
                              f"latent run's workdir (an autoencoder run serves as config.latent.autoencoder)")
         return cls(config, params, step=step)
 
@@ -71,14 +74,14 @@ class Pipeline:
         `network-snapshot-*.pkl`; a Stable Diffusion folder or single file gives a
         `jaxdiff.latent.pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
         (`load_weights`' `dataset`): required for score_sde checkpoints, whose architecture it gives."""
-        from jaxdiff.convert import detect_format, load_weights
+        from jaxdiff.convert.formats import detect_format, load_weights
         from jaxdiff.convert.stable_diffusion import is_stable_diffusion
 
         if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
             from jaxdiff.latent.pipeline import LatentPipeline
 
             if config is not None:
-                raise ValueError(f"config={config!r}: Stable Diffusion weights carry their own configs")
+                raise UsageError(f"config={config!r}: Stable Diffusion weights carry their own configs")
             return LatentPipeline.from_pretrained(path)
         if detect_format(path) == "jaxdiff" and config is None:
             return cls.from_checkpoint(path, step=step)
@@ -127,14 +130,14 @@ class Pipeline:
         expected = f"the model expects 0-based step indices 0..T-1 = 0..{num_timesteps - 1}"
         if isinstance(t, jax.core.Tracer):
             if not jnp.issubdtype(t.dtype, jnp.integer):
-                raise ValueError(f"t has dtype {t.dtype}; {expected} (an integer array)")
+                raise UsageError(f"t has dtype {t.dtype}; {expected} (an integer array)")
             return t.astype(jnp.int32)
         values = np.asarray(t)
         if not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"t has dtype {values.dtype}; {expected} (an integer array)")
+            raise UsageError(f"t has dtype {values.dtype}; {expected} (an integer array)")
         if values.size and (values.min() < 0 or values.max() >= num_timesteps):
             bad = values.min() if values.min() < 0 else values.max()
-            raise ValueError(f"t={bad} is out of range: {expected}")
+            raise UsageError(f"t={bad} is out of range: {expected}")
         return jnp.asarray(values, jnp.int32)
 
     @staticmethod
@@ -142,21 +145,21 @@ class Pipeline:
         """σ as float32, after checking that every value is finite and > 0."""
         values = np.asarray(sigma, np.float64)
         if values.size and not (np.all(np.isfinite(values)) and values.min() > 0):
-            raise ValueError(f"t must hold noise levels σ > 0 for a continuous-time model, got {values.min()}")
+            raise UsageError(f"t must hold noise levels σ > 0 for a continuous-time model, got {values.min()}")
         return jnp.asarray(values, jnp.float32)
 
     def _labels(self, class_label, n: int, rng: Array | None = None) -> Array | None:
         """int32 [n] labels: a given label (or [n] labels), else uniformly random ones from `rng`."""
         if not self.conditional:
             if class_label is not None:
-                raise ValueError("class_label was given but the model is unconditional (model.num_classes=0)")
+                raise UsageError("class_label was given but the model is unconditional (model.num_classes=0)")
             return None
         num_classes = self.config.model.num_classes
         if class_label is None:
             return jax.random.randint(jax.random.fold_in(rng, num_classes), (n,), 0, num_classes, jnp.int32)
         labels = np.broadcast_to(np.asarray(class_label), (n,))
         if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"class_label must be an int in [0, {num_classes}), got {class_label!r}")
+            raise UsageError(f"class_label must be an int in [0, {num_classes}), got {class_label!r}")
         return jnp.asarray(labels, jnp.int32)
 
     def sampling_settings(self, sampler: str | None = None, steps: int | None = None, *, eta: float = 0.0,
@@ -170,22 +173,22 @@ class Pipeline:
         sampler = sampler or self.default_sampler
         if not self.continuous:
             if sampler in samplers.CONTINUOUS_SAMPLERS and sampler not in samplers.SAMPLERS:
-                raise ValueError(f"sampler {sampler!r} is for continuous-time models; this model has the discrete "
+                raise UsageError(f"sampler {sampler!r} is for continuous-time models; this model has the discrete "
                                  f"schedule: use one of {samplers.SAMPLERS}")  # fmt: skip
             if options:
-                raise ValueError(f"sampler options {sorted(options)} are for continuous-time models; "
+                raise UsageError(f"sampler options {sorted(options)} are for continuous-time models; "
                                  "this model has the discrete schedule")  # fmt: skip
             return sampler, steps, {}
         if sampler not in samplers.CONTINUOUS_SAMPLERS:
             if sampler in samplers.SAMPLERS:
-                raise ValueError(f"sampler {sampler!r} is for discrete-schedule models; this model's process is "
+                raise UsageError(f"sampler {sampler!r} is for discrete-schedule models; this model's process is "
                                  f"{self.config.diffusion.process!r}: use one of {samplers.CONTINUOUS_SAMPLERS}")
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {samplers.CONTINUOUS_SAMPLERS}")
+            raise UsageError(f"unknown sampler {sampler!r}; expected one of {samplers.CONTINUOUS_SAMPLERS}")
         if spacing is not None:
-            raise ValueError(f"spacing={spacing!r} is for discrete-schedule models; the continuous samplers space "
+            raise UsageError(f"spacing={spacing!r} is for discrete-schedule models; the continuous samplers space "
                              "their noise levels themselves")  # fmt: skip
         if eta and sampler != "ddim":
-            raise ValueError(f"eta={eta} is an option of sampler 'ddim', not of {sampler!r}")
+            raise UsageError(f"eta={eta} is an option of sampler 'ddim', not of {sampler!r}")
         if steps is None and sampler == self.config.sampling.sampler and sampler != "ode":
             steps = self.config.sampling.steps or None
         defaults = sampler_options(sampler, self.config.sampling)
@@ -221,7 +224,7 @@ class Pipeline:
         """
         sampler, steps, options = self.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
         if self.continuous and return_trajectory:
-            raise ValueError("trajectories are drawn by the discrete-schedule samplers only")
+            raise UsageError("trajectories are drawn by the discrete-schedule samplers only")
         labels = self._labels(class_label, n, rng)
         settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance=guidance,
                         return_trajectory=return_trajectory, reports=on_model_call is not None)  # fmt: skip
@@ -318,9 +321,9 @@ class Pipeline:
         `progress` shows a progress bar over the model evaluations of all batches (stderr).
         """
         if not is_int(num_images) or num_images < 1:
-            raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+            raise UsageError(f"num_images must be an int >= 1, got {num_images!r}")
         if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+            raise UsageError(f"batch_size must be an int >= 1, got {batch_size!r}")
         batch_size = min(batch_size or self.config.sampling.batch_size, num_images)
         key = jax.random.PRNGKey(seed)
         starts = range(0, num_images, batch_size)

@@ -20,6 +20,7 @@ import zipfile
 import jax
 import numpy as np
 
+from jaxdiff.errors import MissingDataError, UsageError
 from jaxdiff.sampling.pipeline import Pipeline
 
 MANIFEST = "manifest.json"
@@ -46,7 +47,7 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
             saved = json.load(f)
         differences = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in manifest.items() if saved.get(k) != v]
         if differences:
-            raise ValueError(
+            raise UsageError(
                 f"{out_dir} holds shards drawn with other settings ({'; '.join(differences)}); use another directory"
             )
         return
@@ -65,7 +66,7 @@ def sample_to_shards(
     """Draw `num_images` into `out_dir/shard_#####.npz` (keys `images` uint8 NHWC, and `labels` for
     conditional models); returns the paths of all shards. Finished shards are kept, not redrawn."""
     if num_images < 1 or shard_size < 1:
-        raise ValueError(f"num_images ({num_images}) and shard_size ({shard_size}) must be >= 1")
+        raise UsageError(f"num_images ({num_images}) and shard_size ({shard_size}) must be >= 1")
     os.makedirs(out_dir, exist_ok=True)
     manifest = dict(
         num_images=num_images, shard_size=shard_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
@@ -108,7 +109,7 @@ def read_shards(out_dir: str) -> np.ndarray:
     """All images of a finished job, uint8 [N, H, W, C], in shard order; an incomplete job is an error."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{out_dir} holds no sampling job ({MANIFEST} missing)")
+        raise MissingDataError(f"{out_dir} holds no sampling job ({MANIFEST} missing)")
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     num, size = manifest["num_images"], manifest["shard_size"]
@@ -117,7 +118,7 @@ def read_shards(out_dir: str) -> np.ndarray:
     for k in range(math.ceil(num / size)):
         n = min(size, num - k * size)
         if not _shard_is_complete(shard_path(out_dir, k), n, shape):
-            raise FileNotFoundError(f"shard {k} of {out_dir} is missing or incomplete: rerun the sampling job")
+            raise MissingDataError(f"shard {k} of {out_dir} is missing or incomplete: rerun the sampling job")
         with np.load(shard_path(out_dir, k), allow_pickle=False) as shard:
             parts.append(shard["images"])
     return np.concatenate(parts)

@@ -35,22 +35,15 @@ import numpy as np
 import optax
 
 from jaxdiff.checks import is_int, is_real, unsupported
-from jaxdiff.models.autoencoder import OPTION_DEFAULTS, AutoencoderKL, DiagonalGaussian, autoencoder_config
+from jaxdiff.config.defaults import LOSS_DEFAULTS, RECONSTRUCTION_LOSSES
+from jaxdiff.errors import ConfigError, UsageError
+from jaxdiff.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from jaxdiff.training.step import apply_gradients, learning_rate_schedule, preprocess, seed_keys
 
 _unsupported = functools.partial(unsupported, "autoencoder loss")
 
 Array = jax.Array
 
-RECONSTRUCTION_LOSSES = ("l1", "l2")
-LOSS_DEFAULTS: dict[str, Any] = {
-    "reconstruction_loss": "l1",
-    "kl_weight": 1e-6,
-    "disc_weight": 0.0,  # 0: no discriminator
-    "disc_start": 0,  # first step with the discriminator terms
-    "disc_layers": 3,  # stride-2 convolutions of the PatchGAN
-    "disc_channels": 64,  # width of its first convolution
-}
 ADAPTIVE_WEIGHT_MAX = 1e4
 BATCH_NORM_EPS = 1e-5  # PyTorch's BatchNorm2d default, as pix2pix's discriminator uses
 
@@ -59,7 +52,7 @@ def check_loss_settings(settings) -> dict[str, Any]:
     """The loss settings (a mapping; absent keys take LOSS_DEFAULTS) checked: ValueError names a bad key."""
     unknown = sorted(set(settings) - set(LOSS_DEFAULTS))
     if unknown:
-        raise ValueError(f"autoencoder loss: unknown keys {unknown}; allowed: {sorted(LOSS_DEFAULTS)}")
+        raise ConfigError(f"autoencoder loss: unknown keys {unknown}; allowed: {sorted(LOSS_DEFAULTS)}")
     s = {**LOSS_DEFAULTS, **dict(settings)}
     if s["reconstruction_loss"] not in RECONSTRUCTION_LOSSES:
         raise _unsupported("reconstruction_loss", s["reconstruction_loss"], f"one of {RECONSTRUCTION_LOSSES}")
@@ -72,15 +65,6 @@ def check_loss_settings(settings) -> dict[str, Any]:
         if not is_int(s[key], numpy=False) or s[key] < 1:
             raise _unsupported(key, s[key], "an int >= 1")
     return s
-
-
-def autoencoder_model_config(section) -> ml_collections.ConfigDict:
-    """The `autoencoder_config` of a run config's `autoencoder` section (diffusers keys plus dtype and remat;
-    one DownEncoderBlock2D / UpDecoderBlock2D per level). ValueError names an unsupported value."""
-    settings = {key: value for key, value in dict(section).items() if key not in OPTION_DEFAULTS}
-    levels = len(settings["block_out_channels"])
-    settings.update(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
-    return autoencoder_config(settings, **{key: section[key] for key in OPTION_DEFAULTS})
 
 
 def reconstruction_error(x: Array, reconstruction: Array, kind: str) -> Array:
@@ -292,7 +276,7 @@ def estimate_scaling_factor(
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
-        raise ValueError(f"images must be uint8 [N, H, W, C] with N >= 1, got {images.dtype} {images.shape}")
+        raise UsageError(f"images must be uint8 [N, H, W, C] with N >= 1, got {images.dtype} {images.shape}")
     total = total_sq = 0.0
     count = 0
     for i, start in enumerate(range(0, len(images), batch_size)):

@@ -22,6 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxdiff.config import config_from_dict, validate
+from jaxdiff.errors import WeightsError
+from jaxdiff.training.step import make_optimizer, new_train_state, seed_keys
+
 CHECKPOINT_DIR = "checkpoints"
 # Per task, the config sections that define what it trains: a run may not resume under different values
 # (nor under a different `task`). Sections a task does not read may change freely.
@@ -34,7 +38,7 @@ ARCHITECTURE_SECTIONS = {
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WeightsError):
     """No usable checkpoint, or one that does not fit the run (a user error; the message is one line)."""
 
 
@@ -100,8 +104,6 @@ def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, pa
 
     Training can resume from it; samplers and the Pipeline use its EMA parameters.
     """
-    from jaxdiff.training.step import make_optimizer, new_train_state, seed_keys
-
     state = new_train_state(params, ema_params, make_optimizer(config.training), seed_keys(config.seed)[1], step=step)
     manager = make_manager(workdir)
     save(manager, step, state, config)
@@ -172,8 +174,6 @@ def array_mismatches(saved: Any, target: Any) -> list[str]:
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
     """'key: saved -> given' for `task` and every key of the given task's `ARCHITECTURE_SECTIONS` (nested
     sections included) whose value differs; keys a saved config lacks (it predates them) count as their defaults."""
-    from jaxdiff.config import config_from_dict
-
     saved, given = config_from_dict(saved).to_dict(), config.to_dict()
     if saved["task"] != given["task"]:
         return [f"task: {saved['task']!r} -> {given['task']!r}"]
@@ -283,21 +283,19 @@ def _report_damaged(manager: ocp.CheckpointManager, damaged: list[tuple[int, str
     )  # fmt: skip
 
 
-def load_weights(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
+def read_params(workdir: str | os.PathLike, task_of: Callable[[ml_collections.ConfigDict], Any], *,
+                step: int | None = None, ema: bool = True):  # fmt: skip
     """(config, step, params) of a run's checkpoint (newest readable when `step` is None), on this process's first device.
 
-    Works for every task (the state is the one `jaxdiff.training.tasks.make_task(config)` describes) and whatever
-    topology wrote the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
+    `task_of(config)` gives the task whose `init_state` describes the saved state (`jaxdiff.training.tasks.make_task`
+    for any run: `jaxdiff.training.tasks.load_run`); any topology may have written the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
     over the raw ones. Reads only: damaged steps are skipped, not moved. The task's extras of the step
     are `read_extras(workdir, step)`.
     """
-    from jaxdiff.config import config_from_dict, validate
-    from jaxdiff.training.tasks import make_task
-
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target_for(saved: dict):
-        task = make_task(validate(config_from_dict(saved)))
+        task = task_of(validate(config_from_dict(saved)))
         return jax.tree.map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), jax.eval_shape(task.init_state)
         )

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from jaxdiff import data, images, sharding
 
+from jaxdiff.errors import ConfigError, TrainingDivergedError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.checkpoint import CheckpointError
 from jaxdiff.config import validate
@@ -43,7 +44,7 @@ LIBRARY_LOGGERS = ("absl",)
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(TrainingDivergedError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
@@ -107,7 +108,7 @@ def truncate_metrics(workdir: str, step: int) -> None:
 def check_batch_layout(config: ml_collections.ConfigDict, num_devices: int) -> None:
     batch, accumulate = config.training.batch_size, config.training.grad_accum_steps
     if batch % (num_devices * accumulate):
-        raise ValueError(
+        raise ConfigError(
             f"training.batch_size={batch} must be divisible by the number of devices ({num_devices}) "
             f"times training.grad_accum_steps ({accumulate})"
         )

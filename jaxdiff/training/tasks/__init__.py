@@ -6,47 +6,17 @@ metrics, progress, signals, sample grids); `make_task(config, source)` picks the
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import os
 
 import ml_collections
-import numpy as np
 
 from jaxdiff.config import TASKS
-
-
-class Task(Protocol):
-    """What a training run needs from what it trains."""
-
-    name: str
-    grid_captions: list[str] | None
-    """The caption of each grid image in order (written beside each grid as `samples/step_*.txt`), or None."""
-
-    def check_source(self, source) -> None:
-        """ValueError naming what of the dataset does not fit the task (image shape, classes, captions)."""
-
-    def init_state(self) -> Any:
-        """The fresh train state (jittable, no arguments): a flax.struct pytree with `.step` (int32) and `.ema_params`."""
-
-    def train_step(self, state, batch: dict) -> tuple[Any, dict]:
-        """One optimizer step (jittable) -> (state, metrics of float32 scalars).
-
-        metrics hold at least loss, grad_norm, learning_rate, skipped_updates (all skipped steps so far)
-        and nonfinite_streak (consecutive skipped steps), plus any the task adds.
-        """
-
-    def host_batch(self, local_batch: dict) -> dict:
-        """This process's batch as read from the source -> the arrays `train_step` takes (host side, before
-        sharding): non-numeric entries dropped or converted; every value a NumPy array of the same leading size."""
-
-    def sample_grid(self, ema_params, rng) -> Any:
-        """Images for `samples/step_*.png` (jittable): float32 [N, H, W, C] in [-1, 1]."""
-
-    def checkpoint_extras(self, state) -> dict:
-        """JSON-able values saved with each checkpoint (read back by `jaxdiff.training.checkpoint.read_extras`); {} if none."""
-
-    def check_resumed(self, extras: dict) -> None:
-        """ValueError when the extras of the checkpoint a run resumes from do not fit this run (e.g. latent
-        diffusion trained on another autoencoder)."""
+from jaxdiff.errors import ConfigError
+from jaxdiff.training import checkpoint
+from jaxdiff.training.tasks.autoencoder import AutoencoderTask
+from jaxdiff.training.tasks.base import Task
+from jaxdiff.training.tasks.diffusion import DiffusionTask
+from jaxdiff.training.tasks.latent import LatentTask
 
 
 def make_task(config: ml_collections.ConfigDict, source=None) -> Task:
@@ -56,18 +26,12 @@ def make_task(config: ml_collections.ConfigDict, source=None) -> Task:
     checkpoint readers do); the other methods may then need a source the task does not have.
     """
     if config.task == "diffusion":
-        from jaxdiff.training.tasks.diffusion import DiffusionTask
-
         return DiffusionTask(config)
     if config.task == "autoencoder":
-        from jaxdiff.training.tasks.autoencoder import AutoencoderTask
-
         return AutoencoderTask(config, source)
     if config.task == "latent":
-        from jaxdiff.training.tasks.latent import LatentTask
-
         return LatentTask(config, source)
-    raise ValueError(f"config task={config.task!r} is not one of {TASKS}")
+    raise ConfigError(f"config task={config.task!r} is not one of {TASKS}")
 
 
 def configured_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
@@ -81,6 +45,7 @@ def configured_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int,
     return None
 
 
-def keep_entries(local_batch: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The entries `names` of a host batch as NumPy arrays (the rest, e.g. captions, dropped)."""
-    return {name: np.asarray(local_batch[name]) for name in names}
+def load_run(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
+    """(config, step, params) of a `jaxdiff train` workdir of any task: `checkpoint.read_params` with the state
+    `make_task(config)` describes; the newest readable step unless `step`; EMA parameters unless `ema` False."""
+    return checkpoint.read_params(workdir, make_task, step=step, ema=ema)

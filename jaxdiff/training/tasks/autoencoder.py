@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxdiff.errors import ConfigError
 from jaxdiff.training.autoencoder_step import (
     AutoencoderTrainState,
-    autoencoder_model_config,
     encode_fn,
     estimate_scaling_factor,
     init_autoencoder_train_state,
@@ -24,8 +24,8 @@ from jaxdiff.training.autoencoder_step import (
     make_discriminator,
     reconstruct,
 )
-from jaxdiff.models.autoencoder import create_autoencoder
-from jaxdiff.training.tasks import keep_entries
+from jaxdiff.models.autoencoder import autoencoder_model_config, create_autoencoder
+from jaxdiff.training.tasks.base import keep_entries
 from jaxdiff.training.step import make_optimizer
 
 SCALING_IMAGES = 512  # training images the latent scaling factor is estimated on
@@ -59,7 +59,7 @@ class AutoencoderTask:
         ae = self.config.autoencoder
         expected = (ae.sample_size, ae.sample_size, ae.in_channels)
         if tuple(source.image_shape) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {self.config.data.dataset!r} has images of shape {tuple(source.image_shape)} but the "
                 f"autoencoder expects {expected} (autoencoder.sample_size={ae.sample_size}, "
                 f"autoencoder.in_channels={ae.in_channels})"

@@ -8,11 +8,12 @@ import ml_collections
 
 from jaxdiff import samplers
 from jaxdiff.diffusion.continuous import is_continuous
-from jaxdiff.diffusion.continuous import sample_images as sample_continuous_images
+from jaxdiff.samplers.configured import sample_images as sample_continuous_images
 from jaxdiff.diffusion.denoisers import model_denoiser
+from jaxdiff.errors import ConfigError
 from jaxdiff.models import create_model
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.training.tasks import keep_entries
+from jaxdiff.training.tasks.base import keep_entries
 from jaxdiff.training.step import TrainState, init_train_state, make_optimizer, make_train_step
 
 
@@ -52,13 +53,13 @@ class DiffusionTask:
         config = self.config
         expected = (config.model.image_size, config.model.image_size, config.model.in_channels)
         if tuple(source.image_shape) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {config.data.dataset!r} has images of shape {tuple(source.image_shape)} but the model "
                 f"expects {expected} (model.image_size={config.model.image_size}, "
                 f"model.in_channels={config.model.in_channels})"
             )
         if config.model.num_classes > 0 and source.num_classes != config.model.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes={config.model.num_classes} but dataset {config.data.dataset!r} has "
                 f"{source.num_classes} classes"
             )

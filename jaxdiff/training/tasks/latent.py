@@ -28,8 +28,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdiff.errors import ConfigError, DataError, WeightsError
 from jaxdiff.training import checkpoint
-from jaxdiff.training.autoencoder_step import autoencoder_model_config
+from jaxdiff.training.tasks.autoencoder import AutoencoderTask
+from jaxdiff.models.autoencoder import autoencoder_model_config
 from jaxdiff.config import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
 from jaxdiff.convert.files import load_json
@@ -93,7 +95,7 @@ class FrozenAutoencoder:
         """The autoencoder's (EMA) parameters."""
         if self.identity["step"] is None:
             return read_autoencoder(component_folder(self.identity["path"], "vae"))[1]
-        return checkpoint.load_weights(self.identity["path"], step=self.identity["step"])[2]
+        return checkpoint.read_params(self.identity["path"], AutoencoderTask, step=self.identity["step"])[2]
 
 
 def is_autoencoder_folder(path: str) -> bool:
@@ -108,7 +110,7 @@ def _autoencoder_run(path: str, step: int | None) -> tuple[ml_collections.Config
     """(config, step, scaling factor) of checkpoint `step` (default: newest) of the autoencoder run at `path`."""
     what = f"config latent.autoencoder={path!r}"
     if not os.path.isdir(path):
-        raise ValueError(f"{what} does not exist: give an autoencoder run's workdir or a Stable Diffusion folder")
+        raise WeightsError(f"{what} does not exist: give an autoencoder run's workdir or a Stable Diffusion folder")
     try:
         manager = checkpoint.make_manager(path, read_only=True)
     except checkpoint.CheckpointError:
@@ -116,20 +118,20 @@ def _autoencoder_run(path: str, step: int | None) -> tuple[ml_collections.Config
     try:
         steps = sorted(manager.all_steps()) if manager is not None else []
         if not steps:
-            raise ValueError(f"{what} has no checkpoint: train the autoencoder first "
+            raise WeightsError(f"{what} has no checkpoint: train the autoencoder first "
                              f"(jaxdiff train --config configs/shapes_autoencoder.py --workdir {path})")  # fmt: skip
         step = steps[-1] if step is None else step
         if step not in steps:
-            raise ValueError(f"{what} has no checkpoint at step {step}; its steps: {steps}")
+            raise WeightsError(f"{what} has no checkpoint at step {step}; its steps: {steps}")
         config = config_from_dict(checkpoint.restore_config(manager, step))
         extras = checkpoint.read_extras(manager, step)
     finally:
         if manager is not None:
             manager.close()
     if config.task != "autoencoder":
-        raise ValueError(f"{what} is a {config.task!r} run, not an autoencoder run")
+        raise WeightsError(f"{what} is a {config.task!r} run, not an autoencoder run")
     if "scaling_factor" not in extras:
-        raise ValueError(f"{what}: checkpoint step {step} has no latent scaling factor in its extras")
+        raise WeightsError(f"{what}: checkpoint step {step} has no latent scaling factor in its extras")
     return config, step, float(extras["scaling_factor"])
 
 
@@ -141,7 +143,7 @@ def describe_autoencoder(identity: dict) -> str:
 def check_same_autoencoder(recorded: dict, given: dict) -> None:
     """ValueError naming both when the autoencoder a model was trained on is not the one given."""
     if recorded != given:
-        raise ValueError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)} but is "
+        raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)} but is "
                          f"given {describe_autoencoder(given)}; use the autoencoder it was trained on")  # fmt: skip
 
 
@@ -162,12 +164,12 @@ def caption_tokenizer(captions: np.ndarray, text: ml_collections.ConfigDict) -> 
     """The vocabulary of `captions`, checked to fit `config.latent.text` (embedding rows, prompt length)."""
     tokenizer = WordTokenizer.from_captions(list(captions), max_length=text.max_length)
     if tokenizer.vocab_size > text.vocab_size:
-        raise ValueError(f"the captions have {len(tokenizer.words)} words, {tokenizer.vocab_size} tokens with "
+        raise ConfigError(f"the captions have {len(tokenizer.words)} words, {tokenizer.vocab_size} tokens with "
                          f"{len(SPECIAL_TOKENS)} special ones, but config latent.text.vocab_size="
                          f"{text.vocab_size}")  # fmt: skip
     longest = max(len(c.split()) for c in captions)
     if longest > text.max_length - 2:
-        raise ValueError(f"captions have up to {longest} words but config latent.text.max_length={text.max_length} "
+        raise ConfigError(f"captions have up to {longest} words but config latent.text.max_length={text.max_length} "
                          f"holds {text.max_length - 2} (plus start and end)")  # fmt: skip
     return tokenizer
 
@@ -188,7 +190,7 @@ def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_
         folder = component_folder(config.latent.unet_init, "unet")
         u = read_config(folder, config_from_diffusers)
         if u.in_channels != latent_channels or u.out_channels != latent_channels or u.cross_attention_dim != text_width:
-            raise ValueError(
+            raise ConfigError(
                 f"config latent.unet_init: the U-Net of {folder} takes {u.in_channels} channels and text of width "
                 f"{u.cross_attention_dim}; the autoencoder has {latent_channels} latent channels, the text encoder "
                 f"width {text_width}"
@@ -198,7 +200,7 @@ def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_
     levels = len(u.block_out_channels)
     bad = [level for level in u.attention_levels if level >= levels]
     if bad:
-        raise ValueError(f"config latent.unet.attention_levels={u.attention_levels}: levels {bad} do not exist "
+        raise ConfigError(f"config latent.unet.attention_levels={u.attention_levels}: levels {bad} do not exist "
                          f"(latent.unet.block_out_channels has {levels})")  # fmt: skip
     cross = [level in u.attention_levels for level in range(levels)]
     try:
@@ -211,7 +213,7 @@ def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_
             up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
         ), dtype=u.dtype)  # fmt: skip
     except ValueError as err:
-        raise ValueError(f"config latent.unet: {err}") from None
+        raise ConfigError(f"config latent.unet: {err}") from None
 
 
 def check_schedule_of(config: ml_collections.ConfigDict, folder: str) -> None:
@@ -222,7 +224,7 @@ def check_schedule_of(config: ml_collections.ConfigDict, folder: str) -> None:
     differ = [f"diffusion.{k}={config.diffusion[k]!r} (its {expected.diffusion[k]!r})" for k in SCHEDULE_KEYS
               if config.diffusion[k] != expected.diffusion[k]]  # fmt: skip
     if differ:
-        raise ValueError(f"config latent.unet_init={folder!r} was trained with another noise schedule: "
+        raise ConfigError(f"config latent.unet_init={folder!r} was trained with another noise schedule: "
                          f"{', '.join(differ)}")  # fmt: skip
 
 
@@ -230,19 +232,19 @@ def check_latent_config(config: ml_collections.ConfigDict) -> None:
     """What the latent task supports of the run config; ValueError naming the key."""
     d, lc = config.diffusion, config.latent
     if not lc.autoencoder:
-        raise ValueError("config latent.autoencoder is empty: give an autoencoder run's workdir or a Stable Diffusion "
+        raise ConfigError("config latent.autoencoder is empty: give an autoencoder run's workdir or a Stable Diffusion "
                          "folder (--config.latent.autoencoder=PATH)")  # fmt: skip
     if d.process != "discrete" or d.loss_type != "mse" or d.var_type in ("learned", "learned_range"):
-        raise ValueError(f"task 'latent' trains a discrete-schedule model with the mse loss and a fixed variance; "
+        raise ConfigError(f"task 'latent' trains a discrete-schedule model with the mse loss and a fixed variance; "
                          f"got diffusion.process={d.process!r}, loss_type={d.loss_type!r}, "
                          f"var_type={d.var_type!r}")  # fmt: skip
     if config.sampling.sampler not in SAMPLERS:
-        raise ValueError(f"config sampling.sampler={config.sampling.sampler!r}: task 'latent' samples with {SAMPLERS}")
+        raise ConfigError(f"config sampling.sampler={config.sampling.sampler!r}: task 'latent' samples with {SAMPLERS}")
     if config.training.grad_accum_steps != 1:
-        raise ValueError(f"config training.grad_accum_steps={config.training.grad_accum_steps}: task 'latent' "
+        raise ConfigError(f"config training.grad_accum_steps={config.training.grad_accum_steps}: task 'latent' "
                          "takes 1 (no micro-batches)")  # fmt: skip
     if config.data.random_flip:
-        raise ValueError("config data.random_flip=True: task 'latent' takes False (captions may name left and right)")
+        raise ConfigError("config data.random_flip=True: task 'latent' takes False (captions may name left and right)")
     if lc.unet_init:
         check_schedule_of(config, lc.unet_init)
 
@@ -281,7 +283,7 @@ class LatentTask:
 
     def _read_captions(self, source) -> None:
         if not hasattr(source, "captions"):
-            raise ValueError(f"dataset {self.config.data.dataset!r} has no captions: task 'latent' trains on "
+            raise ConfigError(f"dataset {self.config.data.dataset!r} has no captions: task 'latent' trains on "
                              "captioned images (e.g. data.dataset='shapes')")  # fmt: skip
         if self.config.latent.text_encoder:
             clip = CLIPTokenizer.from_folder(pathlib.Path(self.config.latent.text_encoder) / "tokenizer")
@@ -304,7 +306,7 @@ class LatentTask:
         vae = self.autoencoder.config
         height, width, channels = source.image_shape
         if height != width or height % self.factor or channels != vae.in_channels:
-            raise ValueError(f"dataset {self.config.data.dataset!r} has images of shape {tuple(source.image_shape)}; "
+            raise ConfigError(f"dataset {self.config.data.dataset!r} has images of shape {tuple(source.image_shape)}; "
                              f"the autoencoder takes square images with {vae.in_channels} channels and sides "
                              f"divisible by {self.factor}")  # fmt: skip
 
@@ -332,7 +334,7 @@ class LatentTask:
 
     def host_batch(self, local_batch: dict) -> dict:
         if "caption" not in local_batch:
-            raise ValueError("task 'latent' needs batches with captions")
+            raise DataError("task 'latent' needs batches with captions")
         return {"image": np.asarray(local_batch["image"]), "input_ids": self.tokenize(local_batch["caption"])}
 
     def sample_grid(self, ema_params, rng) -> jax.Array:
@@ -349,7 +351,7 @@ class LatentTask:
         another caption vocabulary."""
         check_same_autoencoder(extras["autoencoder"], self.autoencoder.identity)
         if self.word_tokenizer is not None and extras.get("tokenizer") != self.word_tokenizer.to_json():
-            raise ValueError("the checkpoint's caption vocabulary differs from this dataset's; resume on the same data")
+            raise DataError("the checkpoint's caption vocabulary differs from this dataset's; resume on the same data")
 
 
 # --------------------------------------------------------------------------- sampling a trained run
@@ -363,7 +365,7 @@ def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dic
     try:
         autoencoder = FrozenAutoencoder(recorded["path"], recorded["step"])
     except ValueError as err:
-        raise ValueError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
+        raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
                          f"which cannot be read now: {err}") from None  # fmt: skip
     check_same_autoencoder(recorded, autoencoder.identity)
     vae_config = autoencoder.config
