@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from tokenizers import pre_tokenizers
 
-from jaxdiff.convert.stable_diffusion import SCHEDULER_PRESETS
+from jaxdiff.latent.stable_diffusion import SCHEDULER_PRESETS
 from jaxdiff.diffusion.scheduler_config import scheduler_settings
 from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.latent.pipeline import LatentPipeline

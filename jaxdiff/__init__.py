@@ -2,20 +2,24 @@
 
 Families: the discrete DDPM process (`jaxdiff.schedule`, `jaxdiff.diffusion`), continuous processes — VE, VP,
 sub-VP SDEs and EDM — seen through EDM's denoiser D(x; σ) (`jaxdiff.processes`, `jaxdiff.diffusion.continuous`),
-and latent diffusion with text conditioning (`jaxdiff.latent`).
+and latent diffusion with text conditioning (`jaxdiff.latent`). `jaxdiff.families` holds one object per pixel-space
+family that training, sampling and evaluation ask instead of branching on the kind.
 
 Rooms, from the bottom up; each imports only from those below it:
   errors, checks                the user-error hierarchy and the shared input checks
   schedule, processes           beta schedules (Schedule) and continuous processes (α(t), σ(t))
+  weights/                      reading foreign weight files: safetensors, PyTorch pickles (no code run), name matching
   diffusion/                    the math: DDPM q / posterior / VLB, D(x; σ) adapters, guidance, losses
   models/                       networks only
   samplers/                     compiled samplers on ᾱ tables and on σ grids
-  latent/                       the latent family's model bundle, scheduler grids, pipeline, tokenizers
+  families/                     one object per kind of diffusion (discrete, continuous) that the rooms above ask
+  latent/                       the latent family's model bundle, scheduler grids, pipeline, tokenizers, SD readers
   config/, data/                run configs and recipes; datasets
   training/                     train state and steps, tasks, the loop, checkpoints
+  readers/                      weights of other pixel-space formats -> (config, params); `load_weights` of any
   sampling/                     Pipeline and sharded sampling jobs
   evaluation/                   Inception, FID / IS / PR, bits/dim, ODE likelihood
-  convert/                      readers and writers of other formats
+  convert/                      writing other formats, and the `jaxdiff convert` verb (nothing below imports it)
   cli/                          the `jaxdiff` command
 """
 

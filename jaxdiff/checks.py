@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -27,6 +28,63 @@ def is_real(value: Any, *, finite: bool = False, numpy: bool = True) -> bool:
     if not isinstance(value, kinds) or isinstance(value, (bool, np.bool_)):
         return False
     return math.isfinite(value) if finite else not math.isnan(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What one config key accepts. For tuples, `low`/`high` bound every item and `min_items` the length."""
+
+    type: type  # bool, int, float, str or tuple (of ints)
+    meaning: str
+    choices: tuple = ()  # the allowed values, when they form a fixed set
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is not allowed
+    high_open: bool = False  # `high` itself is not allowed
+    min_items: int = 0
+    infinite: bool = False  # floats: +inf is allowed too
+
+    def allowed(self) -> str:
+        """What the spec accepts, in words: "an int >= 1", "a float in (0, 1]", "one of ('a', 'b')"."""
+        if self.choices:
+            return f"one of {self.choices}"
+        name = {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a tuple of ints"}[self.type]
+        if self.low is not None and self.high is not None:
+            bounds = f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            bounds = f" {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            bounds = f" {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            bounds = ""
+        if self.type is tuple:
+            length = f", at least {self.min_items}" if self.min_items else ""
+            return f"{name}{bounds}{length}"
+        return name + bounds + (" or inf" if self.infinite else "")
+
+    def accepts(self, value, *, numpy: bool = False) -> bool:
+        """Whether `value` is allowed; `numpy` also takes NumPy numbers (see `is_int`, `is_real`)."""
+        if self.choices:
+            return value in self.choices
+        if self.type is tuple:
+            items = value if isinstance(value, (tuple, list)) else None
+            return (
+                items is not None and len(items) >= self.min_items
+                and all(is_int(item, numpy=False) and self._in_range(item) for item in items)
+            )  # fmt: skip
+        if self.type is bool:
+            return isinstance(value, bool)
+        if self.type is int:
+            return is_int(value, numpy=numpy) and self._in_range(value)
+        if self.type is float:
+            finite = is_real(value, finite=True, numpy=numpy) or (self.infinite and value == math.inf)
+            return is_real(value, numpy=numpy) and finite and self._in_range(value)
+        return isinstance(value, self.type)
+
+    def _in_range(self, value) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
 
 
 def unsupported(owner: str, key: str, value: Any, allowed: str) -> ConfigError:

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipp
 import safetensors.numpy
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from jaxdiff.convert.latent_weights import param_shapes, read_autoencoder, torch_shape, vae_names
+from jaxdiff.latent.component_weights import param_shapes, read_autoencoder, torch_shape, vae_names
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder, posterior_from_moments
 
 TINY = {

@@ -14,7 +14,7 @@ import safetensors.numpy
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers import CLIPTokenizer as TorchCLIPTokenizer
 
-from jaxdiff.convert.latent_weights import clip_names, param_shapes, read_clip_text, torch_shape
+from jaxdiff.latent.component_weights import clip_names, param_shapes, read_clip_text, torch_shape
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 

@@ -216,7 +216,7 @@ def test_clip_denoised():
         ({"sampler": "pc", "corrector": "gibbs"}, "unknown corrector 'gibbs'"),
         ({"sampler": "heun", "steps": 0}, "steps=0 must be an int >= 1"),
         ({"sampler": "heun", "eta": 0.5}, r"unknown option\(s\) \['eta'\]"),
-        ({"sampler": "ddim", "eta": 1.5}, "eta=1.5 must lie in"),
+        ({"sampler": "ddim", "eta": 1.5}, r"eta=1.5 must be a number in \[0, 1\]"),
         ({"sampler": "ode", "rtol": 0.0}, "rtol=0.0 must be a number in"),
         ({"sampler": "ode", "solver": "euler"}, "unknown ODE solver 'euler'"),
         ({"sampler": "ode", "steps": 10}, "sampler 'ode' chooses its own steps"),

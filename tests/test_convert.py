@@ -1,4 +1,4 @@
-"""jaxdiff.convert: official TF checkpoints and diffusers folders in, diffusers out.
+"""jaxdiff.readers and jaxdiff.convert: official TF checkpoints and diffusers folders in, diffusers out.
 
 The TF checkpoints' tensors are made here from an independent listing of the official variables
 (`diffusion_tf/models/unet.py`, `nn.py`) and served by a stand-in for the bundle reader; the forward
@@ -21,16 +21,13 @@ import safetensors.numpy
 
 from jaxdiff.training import checkpoint
 from jaxdiff.cli import load_config
-from jaxdiff.convert.formats import (
-    convert,
-    detect_format,
-    load_weights,
-    read_diffusers,
-    read_official_checkpoint,
-    write_diffusers,
-)
-from jaxdiff.convert import tf_checkpoint
-from jaxdiff.convert.architecture import param_shapes
+from jaxdiff.convert.diffusers_export import write_diffusers
+from jaxdiff.convert.formats import convert
+from jaxdiff.readers.diffusers_format import read_diffusers
+from jaxdiff.readers.formats import detect_format, load_weights
+from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
+from jaxdiff.readers import tf_checkpoint
+from jaxdiff.readers.architecture import param_shapes
 from jaxdiff.models import count_parameters, create_model, timestep_embedding
 from tests.helpers import ROOT, TINY_CONFIG
 

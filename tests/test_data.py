@@ -415,7 +415,7 @@ def test_data_and_tf_checkpoints_need_no_tensorflow(prepared_cifar10):
         import numpy as np
         from jaxdiff import data
         from jaxdiff.config import default_config
-        from jaxdiff.convert.tf_bundle import TFCheckpoint
+        from jaxdiff.readers.tf_bundle import TFCheckpoint
         config = default_config().data
         config.dataset, config.data_dir = "cifar10", {str(root / "tfds")!r}
         source = data.load_dataset(config)

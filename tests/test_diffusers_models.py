@@ -15,8 +15,10 @@ import pytest
 
 from jaxdiff import samplers
 from jaxdiff.cli import load_config
-from jaxdiff.convert.formats import convert, read_diffusers, write_diffusers
-from jaxdiff.convert.diffusers_format import architecture_from_unet_config
+from jaxdiff.convert.diffusers_export import write_diffusers
+from jaxdiff.convert.formats import convert
+from jaxdiff.readers.diffusers_format import read_diffusers
+from jaxdiff.readers.diffusers_format import architecture_from_unet_config
 from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.models import create_model
 from jaxdiff.sampling.pipeline import Pipeline
@@ -119,7 +121,7 @@ def test_our_model_without_null_label_needs_labels(tmp_path, torch, diffusers):
 
 def test_bare_unet_gets_ddpm_diffusion_and_says_so(tmp_path, torch, diffusers, caplog):
     randomized_unet(torch, diffusers, LEARNED_VARIANCE | dict(out_channels=3), seed=1).save_pretrained(tmp_path / "u")
-    with caplog.at_level(logging.INFO, logger="jaxdiff.convert.diffusers_format"):
+    with caplog.at_level(logging.INFO, logger="jaxdiff.readers.diffusers_format"):
         config, _ = read_diffusers(tmp_path / "u")
     assert [r.levelno for r in caplog.records] == [logging.INFO]
     assert "no scheduler" in caplog.records[0].getMessage()

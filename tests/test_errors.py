@@ -25,12 +25,13 @@ def test_every_kind_is_a_jaxdiff_error_and_a_value_error(kind):
 def test_the_older_error_classes_belong_to_the_hierarchy():
     from jaxdiff.cli import UsageError
     from jaxdiff.config import ConfigError
-    from jaxdiff.convert.edm_pickle import EdmPickleError
-    from jaxdiff.convert.score_folders import ScoreFolderError
-    from jaxdiff.convert.score_sde_checkpoint import ScoreSdeCheckpointError
-    from jaxdiff.convert.tf_bundle import CheckpointFormatError
+    from jaxdiff.readers.edm_pickle import EdmPickleError
+    from jaxdiff.readers.score_folders import ScoreFolderError
+    from jaxdiff.readers.score_sde_checkpoint import ScoreSdeCheckpointError
+    from jaxdiff.readers.tf_bundle import CheckpointFormatError
     from jaxdiff.data import DatasetNotFoundError
-    from jaxdiff.evaluation.inception_weights import HashMismatchError, UnsafePickleError
+    from jaxdiff.evaluation.inception_weights import HashMismatchError
+    from jaxdiff.weights.torch_pickle import UnsafePickleError
     from jaxdiff.training.checkpoint import CheckpointError
     from jaxdiff.training.loop import NonFiniteLossError
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.evaluation import inception_weights as iw
+from jaxdiff.weights import torch_pickle
 from jaxdiff.evaluation.inception import inception_features, preprocess, resize_tf1_bilinear
 
 
@@ -95,7 +96,7 @@ def test_read_torch_file_matches_torch(tmp_path, zip_format):
     })
     path = tmp_path / "state.pth"
     torch.save(state, path, _use_new_zipfile_serialization=zip_format)
-    got = iw.read_torch_file(path)
+    got = torch_pickle.read_torch_file(path)
     assert sorted(got) == sorted(state)
     for name, tensor in state.items():
         assert got[name].dtype == tensor.numpy().dtype, name
@@ -119,8 +120,8 @@ def test_read_torch_file_refuses_code_in_pickles(tmp_path, layout):
             archive.writestr("archive/data.pkl", payload)
             if layout == "torchscript_zip":
                 archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
-    with pytest.raises(iw.UnsafePickleError, match="system"):
-        iw.read_torch_file(path)
+    with pytest.raises(torch_pickle.UnsafePickleError, match="system"):
+        torch_pickle.read_torch_file(path)
     assert not marker.exists()
 
 

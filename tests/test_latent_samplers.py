@@ -237,9 +237,10 @@ def test_latent_blending_inpainting_on_noise_levels_matches_diffusers(tmp_path, 
 
 def test_sampler_names_and_karras_are_checked(sd1):
     _, ours = sd1
-    assert LATENT_SAMPLERS == ("ddim", "ddpm", "dpm_solver++", "dpm_solver++_sde", "euler", "heun")
-    with pytest.raises(ValueError, match=r"^unknown sampler 'lms'; expected one of \('ddim', 'ddpm', 'dpm_solver\+\+', "):
-        ours.text_to_image(PROMPTS, sampler="lms", steps=2)
+    assert LATENT_SAMPLERS == ("ddim", "ddpm", "dpm_solver++", "dpm_solver++_sde", "euler", "heun", "euler_ancestral",
+                               "lms", "unipc", "deis")  # fmt: skip
+    with pytest.raises(ValueError, match=r"^unknown sampler 'plms'; expected one of \('ddim', 'ddpm', 'dpm_solver\+\+', "):
+        ours.text_to_image(PROMPTS, sampler="plms", steps=2)
     with pytest.raises(ValueError, match=r"^karras=True is for the samplers .* not 'ddim'$"):
         ours.text_to_image(PROMPTS, sampler="ddim", karras=True, steps=2)
     with pytest.raises(ValueError, match=r"^karras='yes' must be True or False$"):
@@ -254,7 +255,8 @@ def test_spacing_is_the_configs_or_else_each_scheduler_class_default(sd1):
     assert "timestep_spacing" not in ours.scheduler.config
     spacings = {name: sampler_scheduler(ours.scheduler, name).timestep_spacing for name in LATENT_SAMPLERS}
     assert spacings == {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
-                        "heun": "linspace"}  # fmt: skip
+                        "heun": "linspace", "dpm_solver++_sde": "linspace", "euler_ancestral": "linspace",
+                        "lms": "linspace", "unipc": "linspace", "deis": "linspace"}  # fmt: skip
     leading = scheduler_settings(dict(SD1_SCHEDULER, timestep_spacing="leading"), "test")
     assert sampler_scheduler(leading, "euler").timestep_spacing == "leading"
 

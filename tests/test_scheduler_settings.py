@@ -72,7 +72,7 @@ def test_settings_read_from_the_config():
 
 
 NO_EFFECT = dict(
-    _class_name="PNDMScheduler", _diffusers_version="0.30.0", skip_prk_steps=True, trained_betas=None,
+    _class_name="PNDMScheduler", _diffusers_version="0.30.0", _use_default_values=["beta_end"], skip_prk_steps=True, trained_betas=None,
     variance_type=None, clip_sample_range=2.0, thresholding=False, dynamic_thresholding_ratio=0.9,
     sample_max_value=3.0, rescale_betas_zero_snr=False, use_exponential_sigmas=False, use_beta_sigmas=False,
     use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=3.0, use_dynamic_shifting=False,
@@ -89,7 +89,7 @@ def test_keys_accepted_without_effect_leave_every_grid_as_diffusers(sampler):
     plain = sampler_scheduler(scheduler_settings(SD1_SCHEDULER, "test"), sampler)
     settings = sampler_scheduler(scheduler_settings(config, "test"), sampler)
     assert settings._replace(config=None, schedule=None) == plain._replace(config=None, schedule=None)
-    theirs = their_scheduler(sampler, {k: v for k, v in config.items() if k not in ("predict_x0", "solver_p")})
+    theirs = their_scheduler(sampler, {k: v for k, v in config.items() if k not in ("predict_x0", "solver_p", "_use_default_values")})
     theirs.set_timesteps(STEPS)
     reference = their_scheduler(sampler, SD1_SCHEDULER)
     reference.set_timesteps(STEPS)

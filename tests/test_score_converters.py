@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 
-from jaxdiff.convert import edm_pickle, score_diffusers, score_folders, score_sde_checkpoint
+from jaxdiff.readers import edm_pickle, score_diffusers, score_folders, score_sde_checkpoint
 from jaxdiff.models import ncsnpp, song_unet
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")  # parity with the PyTorch originals; skipped where torch is absent
 
-from jaxdiff.convert import score_diffusers
+from jaxdiff.readers import score_diffusers
 from jaxdiff.models import ncsnpp
 from jaxdiff.models.resample import (
     conv_downsample_2d,

@@ -3,7 +3,7 @@
 A tiny NCSN++ `UNet2DModel` (block widths 128, where diffusers' 32 GroupNorm groups equal score_sde's
 min(C // 4, 32)) with random weights is saved by diffusers itself. The converted model's D(y; σ) must be
 y + σ²·(diffusers' UNet output), and jaxdiff's `pc` sampler must reproduce diffusers' ScoreSdeVeScheduler
-loop fed the same noise, up to the documented differences (`jaxdiff.convert.score_folders`). The
+loop fed the same noise, up to the documented differences (`jaxdiff.readers.score_folders`). The
 uncentred range is also checked where the library uses it: training inputs, sample outputs and clipping,
 and bits/dim (score_sde's offset 8 for [0, 1] data).
 """
@@ -20,8 +20,9 @@ torch = pytest.importorskip("torch")  # parity with diffusers' PyTorch pipeline
 
 from jaxdiff import Pipeline, cli, images  # noqa: E402
 from jaxdiff.diffusion.continuous import model_denoiser, process_from_config  # noqa: E402
-from jaxdiff.samplers.configured import sample_in_image_range  # noqa: E402
-from jaxdiff.convert.formats import convert, detect_format, load_weights  # noqa: E402
+from jaxdiff.families.continuous import sample_in_image_range  # noqa: E402
+from jaxdiff.convert.formats import convert  # noqa: E402
+from jaxdiff.readers.formats import detect_format, load_weights  # noqa: E402
 from jaxdiff.evaluation.ode_likelihood import ode_bits_per_dim  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.processes import make_process  # noqa: E402
@@ -120,7 +121,7 @@ def test_export_back_to_a_score_sde_ve_pipeline(folder, tmp_path):
 
 
 def test_export_refuses_what_the_pipeline_cannot_express(folder, tmp_path):
-    from jaxdiff.convert.score_folders import score_sde_ve_export
+    from jaxdiff.convert.score_sde_ve_export import score_sde_ve_export
 
     config, params = load_weights(folder[0])
     config.data.centered = True
@@ -224,6 +225,7 @@ def test_pipeline_images_of_an_uncentred_model(folder):
 
 
 def test_training_sees_uncentred_data(monkeypatch):
+    from jaxdiff.families import continuous
     from jaxdiff.training import step as train
 
     seen = {}
@@ -232,7 +234,7 @@ def test_training_sees_uncentred_data(monkeypatch):
         seen["x_start"] = x_start
         return jnp.zeros(())
 
-    monkeypatch.setattr(train, "dsm_loss", capture)
+    monkeypatch.setattr(continuous, "dsm_loss", capture)
     config = recipe("sde_ve_ncsnpp_continuous")
     config.data.random_flip = False
     pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3) * 2

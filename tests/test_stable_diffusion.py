@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxdiff.convert.stable_diffusion import (
+from jaxdiff.convert.stable_diffusion_export import write_stable_diffusion
+from jaxdiff.latent.stable_diffusion import (
     SCHEDULER_PRESETS,
     is_stable_diffusion,
     read_single_file,
     read_stable_diffusion,
-    write_stable_diffusion,
 )
 from jaxdiff.diffusion.scheduler_config import scheduler_settings
 from jaxdiff.latent.pipeline import LatentPipeline
@@ -313,8 +313,8 @@ def test_pickle_checkpoints_are_refused(tmp_path):
 def test_batch_guard_and_unknown_sampler(loaded):
     with pytest.raises(ValueError, match=r"1 negative_prompts for 2 prompts"):
         loaded.text_to_image(PROMPTS, negative_prompts=["x"], steps=2)
-    with pytest.raises(ValueError, match=r"unknown sampler 'lms'"):
-        loaded.text_to_image(PROMPTS, sampler="lms", steps=2)
+    with pytest.raises(ValueError, match=r"unknown sampler 'plms'"):
+        loaded.text_to_image(PROMPTS, sampler="plms", steps=2)
     with pytest.raises(ValueError, match=r"^seed='1' must be an int$"):
         loaded.text_to_image(PROMPTS, seed="1", steps=2)
     with pytest.raises(ValueError, match=r"^guidance=-1 must be a number in \[0.0, inf\]$"):

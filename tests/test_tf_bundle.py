@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxdiff.convert import tf_checkpoint
-from jaxdiff.convert.crc32c import crc32c
-from jaxdiff.convert.tf_bundle import FOOTER_SIZE, CheckpointFormatError, TFCheckpoint, _block_entries, _varint
+from jaxdiff.readers import tf_checkpoint
+from jaxdiff.readers.crc32c import crc32c
+from jaxdiff.readers.tf_bundle import FOOTER_SIZE, CheckpointFormatError, TFCheckpoint, _block_entries, _varint
 from tests.helpers import ROOT
 
 FIXTURES = ROOT / "tests" / "data" / "tf_checkpoint"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxdiff.convert.latent_weights import torch_shape
-from jaxdiff.convert.unet_condition_weights import (
+from jaxdiff.latent.component_weights import torch_shape
+from jaxdiff.latent.unet_weights import (
     diffusers_tensor_name,
     read_unet_condition,
     read_unet_condition_weights,

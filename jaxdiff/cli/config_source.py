@@ -18,7 +18,9 @@ def load_config(source: str, overrides: list[str]) -> ml_collections.ConfigDict:
     from absl import flags
     from ml_collections import config_flags
 
-    from jaxdiff.config import ConfigError, default_config, flat_keys, unknown_key_error, validate
+    from jaxdiff.config.specs import ConfigError, flat_keys, unknown_key_error
+    from jaxdiff.config.defaults import default_config
+    from jaxdiff.config.validation import validate
     from jaxdiff.config.recipes import RECIPES, recipe
 
     bad = [arg for arg in overrides if not arg.startswith("--config.")]

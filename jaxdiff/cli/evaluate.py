@@ -43,7 +43,7 @@ def run_eval(args, extra) -> int:
         check_output_dir(args.samples, "--samples")
     pipe = load_pipeline(args.workdir, args.step)
     sampler = sampler_settings(pipe, args)
-    if args.bpd_num_t and pipe.continuous:
+    if args.bpd_num_t and pipe.family.likelihood != "vlb":
         raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
     report = evaluate(

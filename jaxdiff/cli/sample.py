@@ -106,7 +106,7 @@ def run_sample(args, extra) -> int:
         raise UsageError("--config names the recipe of --pretrained weights; a --workdir has its own config")
     if args.pretrained:
         check_weights(args.pretrained, "--pretrained")
-        from jaxdiff.convert.stable_diffusion import is_stable_diffusion
+        from jaxdiff.latent.stable_diffusion import is_stable_diffusion
 
         if is_stable_diffusion(args.pretrained):
             return _sample_pretrained(args)
@@ -133,7 +133,7 @@ def run_sample(args, extra) -> int:
 
     pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     sampler = sampler_settings(pipe, args)
-    if args.trajectory and pipe.continuous:
+    if args.trajectory and not pipe.family.draws_trajectories:
         raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip

@@ -6,29 +6,24 @@ from __future__ import annotations
 import argparse
 
 from jaxdiff.cli.errors import UsageError
+from jaxdiff.samplers.registry import config_options, samplers_for
 
-# Options of the continuous samplers: flag attribute -> config.sampling key.
-SAMPLER_OPTIONS = {
-    "predictor": "predictor", "corrector": "corrector", "snr": "snr", "n_corrector": "n_corrector", "rtol": "rtol",
-    "atol": "atol", "s_churn": "s_churn", "s_min": "s_min", "s_max": "s_max", "s_noise": "s_noise",
-}  # fmt: skip
+# Options of the continuous samplers, from the sampler registry: flag attribute -> config.sampling key. (eta, which
+# the discrete schedule takes too, is `sample`'s --eta, declared with --spacing in `parser`.)
+SAMPLER_OPTIONS = {name: name for name in config_options() if name != "eta"}
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sampler", help="discrete models: ddpm (default) | ddim | dpm_solver++ | heun; continuous "
-                        "models: euler_maruyama | reverse_diffusion | ancestral | pc | ode | heun | edm_stochastic | "
-                        "dpm_solver++ | ddim (default: the config's)")  # fmt: skip
+    families = {"discrete models": ("discrete", "ddpm"), "continuous models": ("continuous", "the config's"),
+                "Stable Diffusion (--pretrained, --prompt)": ("latent", "ddim")}  # fmt: skip
+    parser.add_argument("--sampler", help="; ".join(f"{who}: {' | '.join(samplers_for(family))} (default: {default})"
+                                                    for who, (family, default) in families.items()))  # fmt: skip
     parser.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim; the sampler's)")
-    parser.add_argument("--predictor", help="pc: euler_maruyama | reverse_diffusion | ancestral")
-    parser.add_argument("--corrector", help="pc: langevin | ald | none")
-    parser.add_argument("--snr", type=float, help="pc: corrector signal-to-noise ratio")
-    parser.add_argument("--n-corrector", type=int, help="pc: corrector steps per predictor step")
-    parser.add_argument("--rtol", type=float, help="ode (and the ODE bits/dim of eval): relative tolerance")
-    parser.add_argument("--atol", type=float, help="ode (and the ODE bits/dim of eval): absolute tolerance")
-    parser.add_argument("--s-churn", type=float, help="edm_stochastic: S_churn")
-    parser.add_argument("--s-min", type=float, help="edm_stochastic: S_min")
-    parser.add_argument("--s-max", type=float, help="edm_stochastic: S_max")
-    parser.add_argument("--s-noise", type=float, help="edm_stochastic: S_noise")
+    options = config_options()
+    for name in SAMPLER_OPTIONS:
+        _, spec, users = options[name]
+        what = " | ".join(spec.choices) if spec.choices else spec.meaning
+        parser.add_argument("--" + name.replace("_", "-"), type=spec.type, help=f"{', '.join(users)}: {what}")
 
 
 def sampler_settings(pipe, args) -> str:
@@ -37,9 +32,13 @@ def sampler_settings(pipe, args) -> str:
     Every setting is checked here, before any work (a bad one is a ValueError).
     """
     options = {key: getattr(args, flag) for flag, key in SAMPLER_OPTIONS.items() if getattr(args, flag) is not None}
-    if options and not pipe.continuous:
-        flags = ", ".join("--" + flag.replace("_", "-") for flag in SAMPLER_OPTIONS if getattr(args, flag) is not None)
-        raise UsageError(f"{flags}: options of the continuous-time samplers; this model has the discrete schedule")
+    users = config_options()  # config key -> (default, spec, the samplers that take it)
+    refused = [flag for flag, key in SAMPLER_OPTIONS.items()
+               if key in options and not set(users[key][2]) & set(pipe.family.samplers)]  # fmt: skip
+    if refused:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in refused)
+        raise UsageError(f"{flags}: options of the continuous-time samplers; no sampler of this model's family "
+                         f"({pipe.family.name}) takes them")  # fmt: skip
     sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", 0.0),
                                            spacing=getattr(args, "spacing", None), **options)  # fmt: skip
     pipe.config.sampling.update(options)

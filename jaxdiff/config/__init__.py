@@ -11,32 +11,23 @@ others: the diffusion model reads `model` and `diffusion`, the autoencoder `auto
 `autoencoder_loss`; every task reads `seed`, `data`, `training` and `sampling` (where they apply).
 
 `defaults` holds the keys and their default values, `specs` what each key accepts, and `validation` the
-checks of a whole config; every public name is importable from `jaxdiff.config` itself.
+checks of a whole config; every public name is importable from `jaxdiff.config` itself (on first use).
 """
 
-from jaxdiff.config.defaults import DATASETS, TASKS, default_config
-from jaxdiff.config.specs import (
-    SPECS,
-    ConfigError,
-    Spec,
-    flat_keys,
-    keys_without_spec,
-    spec_of,
-    unknown_key_error,
-)
-from jaxdiff.config.validation import config_from_dict, validate
+_EXPORTS = {  # name -> the submodule defining it
+    "DATASETS": "defaults", "TASKS": "defaults", "default_config": "defaults",
+    "SPECS": "specs", "ConfigError": "specs", "Spec": "specs", "flat_keys": "specs", "keys_without_spec": "specs",
+    "spec_of": "specs", "unknown_key_error": "specs",
+    "config_from_dict": "validation", "validate": "validation",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DATASETS",
-    "SPECS",
-    "TASKS",
-    "ConfigError",
-    "Spec",
-    "config_from_dict",
-    "default_config",
-    "flat_keys",
-    "keys_without_spec",
-    "spec_of",
-    "unknown_key_error",
-    "validate",
-]
+
+def __getattr__(name):
+    # Each name is imported from its module on first use, so that importing one submodule of this package
+    # does not import all of them; code inside jaxdiff imports from the submodules themselves.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ml_collections
 
 from jaxdiff.models import ncsnpp, song_unet
+from jaxdiff.samplers.registry import config_options
 
 # The autoencoder's loss settings (config.autoencoder_loss; see jaxdiff.training.autoencoder_step).
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -162,21 +162,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"
     c.sampling.steps = 0  # 0: all T steps
-    c.sampling.eta = 0.0
     c.sampling.spacing = ""  # "": the sampler's default (uniform for ddpm/ddim, karras for the ODE solvers)
     c.sampling.clip_denoised = True
     c.sampling.guidance = 0.0
     c.sampling.batch_size = 256
-    # Continuous samplers (jaxdiff.samplers.sample_continuous).
-    c.sampling.predictor = "reverse_diffusion"  # pc
-    c.sampling.corrector = "langevin"  # pc: langevin | ald | none
-    c.sampling.snr = 0.16  # pc: corrector signal-to-noise ratio
-    c.sampling.n_corrector = 1  # pc: corrector steps per predictor step
-    c.sampling.rtol = 1e-5  # ode
-    c.sampling.atol = 1e-5  # ode
-    c.sampling.s_churn = 0.0  # edm_stochastic
-    c.sampling.s_min = 0.0  # edm_stochastic
-    c.sampling.s_max = math.inf  # edm_stochastic
-    c.sampling.s_noise = 1.0  # edm_stochastic
+    # The samplers' options with their defaults, from the sampler registry: eta (ddim); predictor, corrector, snr,
+    # n_corrector (pc); rtol, atol (ode); s_churn, s_min, s_max, s_noise (edm_stochastic).
+    for name, (default, _, _) in config_options().items():
+        c.sampling[name] = default
     c.lock()
     return c

@@ -12,7 +12,7 @@ import math
 
 import ml_collections
 
-from jaxdiff.config import default_config
+from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import ConfigError
 from jaxdiff.models import ncsnpp, song_unet
 

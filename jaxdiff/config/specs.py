@@ -5,78 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 
 import ml_collections
 
-from jaxdiff.checks import is_int, is_real
+from jaxdiff.checks import Spec
 from jaxdiff.config.defaults import DATASETS, RECONSTRUCTION_LOSSES, TASKS, default_config
 from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, PARAMETERIZATIONS
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.errors import ConfigError
-from jaxdiff.models import NETWORKS, ncsnpp, song_unet
+from jaxdiff.models.networks import NETWORKS
+from jaxdiff.models import ncsnpp, song_unet
 from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES
 from jaxdiff.models.unet import DTYPES
 from jaxdiff.processes import PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
-from jaxdiff.samplers.pc import CORRECTORS, PREDICTORS
+from jaxdiff.samplers.registry import config_options
 from jaxdiff.schedule import BETA_SCHEDULES
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """What one config key accepts. For tuples, `low`/`high` bound every item and `min_items` the length."""
-
-    type: type  # bool, int, float, str or tuple (of ints)
-    meaning: str
-    choices: tuple = ()  # the allowed values, when they form a fixed set
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # `low` itself is not allowed
-    high_open: bool = False  # `high` itself is not allowed
-    min_items: int = 0
-    infinite: bool = False  # floats: +inf is allowed too
-
-    def allowed(self) -> str:
-        """What the spec accepts, in words: "an int >= 1", "a float in (0, 1]", "one of ('a', 'b')"."""
-        if self.choices:
-            return f"one of {self.choices}"
-        name = {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a tuple of ints"}[self.type]
-        if self.low is not None and self.high is not None:
-            bounds = f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        elif self.low is not None:
-            bounds = f" {'>' if self.low_open else '>='} {self.low:g}"
-        elif self.high is not None:
-            bounds = f" {'<' if self.high_open else '<='} {self.high:g}"
-        else:
-            bounds = ""
-        if self.type is tuple:
-            length = f", at least {self.min_items}" if self.min_items else ""
-            return f"{name}{bounds}{length}"
-        return name + bounds + (" or inf" if self.infinite else "")
-
-    def accepts(self, value) -> bool:
-        if self.choices:
-            return value in self.choices
-        if self.type is tuple:
-            items = value if isinstance(value, (tuple, list)) else None
-            return (
-                items is not None and len(items) >= self.min_items
-                and all(is_int(item, numpy=False) and self._in_range(item) for item in items)
-            )  # fmt: skip
-        if self.type is bool:
-            return isinstance(value, bool)
-        if self.type is int:
-            return is_int(value, numpy=False) and self._in_range(value)
-        if self.type is float:
-            finite = is_real(value, finite=True, numpy=False) or (self.infinite and value == math.inf)
-            return is_real(value, numpy=False) and finite and self._in_range(value)
-        return isinstance(value, self.type)
-
-    def _in_range(self, value) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
 
 
 def _positive_int(meaning: str) -> Spec:
@@ -241,21 +185,13 @@ SPECS: dict[str, Spec] = {
     "training.num_sample_images": _positive_int("images in each sample grid"),
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
-    "sampling.eta": Spec(float, "DDIM noise scale", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),
     "sampling.clip_denoised": Spec(bool, "clip each predicted x_0 to [-1, 1]"),
     "sampling.guidance": Spec(float, "classifier-free guidance scale w", low=0),
     "sampling.batch_size": _positive_int("images per sampling batch"),
-    "sampling.predictor": Spec(str, "pc: predictor", choices=PREDICTORS),
-    "sampling.corrector": Spec(str, "pc: corrector", choices=CORRECTORS),
-    "sampling.snr": Spec(float, "pc: corrector signal-to-noise ratio", low=0),
-    "sampling.n_corrector": Spec(int, "pc: corrector steps per predictor step", low=0),
-    "sampling.rtol": Spec(float, "ode: relative tolerance", low=0, low_open=True),
-    "sampling.atol": Spec(float, "ode: absolute tolerance", low=0, low_open=True),
-    "sampling.s_churn": Spec(float, "edm_stochastic: S_churn", low=0),
-    "sampling.s_min": Spec(float, "edm_stochastic: S_min", low=0),
-    "sampling.s_max": Spec(float, "edm_stochastic: S_max", low=0, infinite=True),
-    "sampling.s_noise": Spec(float, "edm_stochastic: S_noise", low=0),
+    # The samplers' options, from the sampler registry: "<the samplers that take it>: <meaning>".
+    **{f"sampling.{name}": dataclasses.replace(spec, meaning=f"{', '.join(users)}: {spec.meaning}")
+       for name, (_, spec, users) in config_options().items()},  # fmt: skip
 }
 
 

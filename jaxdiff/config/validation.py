@@ -9,7 +9,7 @@ from jaxdiff.models.autoencoder import autoencoder_model_config
 from jaxdiff.config.defaults import default_config
 from jaxdiff.config.specs import ConfigError, flat_keys, spec_of, unknown_key_error
 from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, process_from_config
-from jaxdiff.models import create_model
+from jaxdiff.models.networks import create_model
 from jaxdiff.processes import PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS
 

@@ -15,15 +15,15 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from jaxdiff.config import validate
-from jaxdiff.convert.architecture import param_shapes
-from jaxdiff.convert.diffusers_format import (
-    CONFIG_FILE, DOWN_BLOCKS, JAXDIFF_CONFIG_FILE, MODEL_INDEX_FILE, SCHEDULER_FILE, UP_BLOCKS, WEIGHTS_FILE,
-    diffusers_names,
+from jaxdiff.config.validation import validate
+from jaxdiff.readers.architecture import param_shapes
+from jaxdiff.readers.diffusers_format import (
+    DOWN_BLOCKS, JAXDIFF_CONFIG_FILE, SCHEDULER_FILE, UP_BLOCKS, WEIGHTS_FILE, diffusers_names,
 )  # fmt: skip
-from jaxdiff.convert.matching import match_names
+from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE
+from jaxdiff.weights.matching import match_names
 from jaxdiff.diffusion.scheduler_config import DIFFUSERS_BETA_SCHEDULES, DIFFUSERS_MEAN_TYPES, DIFFUSERS_VAR_TYPES
-from jaxdiff.convert.torch_layout import to_torch
+from jaxdiff.weights.torch_layout import to_torch
 from jaxdiff.errors import WeightsError
 
 

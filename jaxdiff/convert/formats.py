@@ -1,136 +1,27 @@
-"""Which format a path holds (`detect_format`), reading weights of any format (`load_weights`) and converting
-between formats (`convert`); the package docstring of `jaxdiff.convert` describes the formats."""
-
+"""Converting weights between formats (`convert`): any format `jaxdiff.readers` reads into a jaxdiff workdir,
+a jaxdiff workdir into a diffusers folder."""
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import re
 import shutil
 import uuid
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.convert.diffusers_export import save_export, to_diffusers
+from jaxdiff.convert.score_sde_ve_export import save_score_sde_ve_export, score_sde_ve_export
+from jaxdiff.diffusion.continuous import is_continuous
+from jaxdiff.errors import UsageError
+from jaxdiff.readers.diffusers_format import read_diffusers
+from jaxdiff.readers.formats import CONTINUOUS_FORMATS, check_source_format, read_continuous
+from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks import load_run
-from jaxdiff.diffusion.continuous import is_continuous
-from jaxdiff.convert.continuous_configs import (
-    check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
-)  # fmt: skip
-from jaxdiff.convert.diffusers_export import save_export, to_diffusers, write_diffusers
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE, read_diffusers, unet_folder
-from jaxdiff.convert.edm_pickle import read_edm_snapshot
-from jaxdiff.convert.score_folders import PIPELINE as SCORE_SDE_VE_PIPELINE
-from jaxdiff.convert.score_folders import read_score_sde_ve_folder, save_score_sde_ve_export, score_sde_ve_export
-from jaxdiff.convert.score_sde_checkpoint import read_score_sde_checkpoint
-from jaxdiff.convert.tf_checkpoint import index_files, read_official_checkpoint
 
-FORMATS = ("tf", "diffusers", "jaxdiff", "score_sde", "edm", "score_sde_ve")
-CONTINUOUS_FORMATS = ("score_sde", "edm", "score_sde_ve")
 TARGET_FORMATS = ("jaxdiff", "diffusers")
-
-
-_SCORE_SDE_FILE = re.compile(r"checkpoint_\d+")
-_EDM_FILE = re.compile(r"network-snapshot-.*\.pkl")
-
-
-def _is_score_sde(path: pathlib.Path) -> bool:
-    """A `checkpoint_<N>` file, or a folder holding one itself or in `checkpoints/` or `checkpoints-meta/`."""
-    if path.is_file():
-        return bool(_SCORE_SDE_FILE.fullmatch(path.name))
-    folders = (path, path / "checkpoints", path / "checkpoints-meta")
-    return any(_SCORE_SDE_FILE.fullmatch(f.name) and f.is_file() for d in folders if d.is_dir() for f in d.iterdir())
-
-
-def _is_score_sde_ve(path: pathlib.Path) -> bool:
-    """A folder whose model_index.json names diffusers' ScoreSdeVePipeline."""
-    try:
-        index = json.loads((path / MODEL_INDEX_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(index, dict) and index.get("_class_name") == SCORE_SDE_VE_PIPELINE
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """The format of `path` (see the module docstring); ValueError if it is none of them.
-
-    Checked in the order score_sde_ve, score_sde, edm (before jaxdiff and diffusers, whose layouts theirs
-    resemble), then jaxdiff, diffusers, tf.
-    """
-    path = pathlib.Path(path)
-    if _is_score_sde_ve(path):
-        return "score_sde_ve"
-    if _is_score_sde(path):
-        return "score_sde"
-    if path.is_file() and _EDM_FILE.fullmatch(path.name):
-        return "edm"
-    if (path / checkpoint.CHECKPOINT_DIR).is_dir():
-        return "jaxdiff"
-    if unet_folder(path) is not None:
-        return "diffusers"
-    if index_files(path):
-        return "tf"
-    raise WeightsError(
-        f"{path}: unknown weights format (known: {', '.join(FORMATS)}): not a jaxdiff workdir (no "
-        f"{checkpoint.CHECKPOINT_DIR}/), not a diffusers folder (no config.json with *.safetensors, here or in "
-        "unet/, or model_index.json of a ScoreSdeVePipeline), not a TF checkpoint (no .index file), not a "
-        "score_sde checkpoint (no checkpoint_<N>), not an EDM network-snapshot-*.pkl (other pickles: --from edm)"
-    )
-
-
-def _source_format(src, source_format: str | None, step: int | None, dataset: str | None) -> str:
-    fmt = detect_format(src) if source_format is None else source_format
-    if fmt not in FORMATS:
-        raise UsageError(f"source_format={fmt!r} is not one of {FORMATS}")
-    if step is not None and fmt != "jaxdiff":
-        raise UsageError(f"step={step!r} applies to jaxdiff workdirs only, but {src} is {fmt!r}")
-    if dataset is not None and fmt == "jaxdiff":
-        raise UsageError(f"dataset={dataset!r} applies to weights in other formats only; {src} is a jaxdiff workdir")
-    return fmt
-
-
-def _read_continuous(path, fmt: str, dataset: str | None) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, params as NumPy) of score_sde, EDM or ScoreSdeVePipeline weights; `dataset`: the recipe
-    they must fit (for score_sde: its training config, by score_sde's or jaxdiff's name)."""
-    source = str(path)
-    if fmt == "score_sde":
-        config_name, recipe_name = score_sde_config_name(dataset)
-        read = read_score_sde_checkpoint(path, config_name)
-        base = score_sde_recipe(config_name)
-        return continuous_config(*read, source=source, recipe_name=recipe_name, base_recipe=base)
-    check_recipe_name(dataset)
-    read = read_edm_snapshot(path) if fmt == "edm" else read_score_sde_ve_folder(path)
-    return continuous_config(*read, source=source, recipe_name=dataset)
-
-
-def load_weights(
-    path: str | os.PathLike, *, step: int | None = None, dataset: str | None = None
-) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, EMA params) from weights in any format (see the module docstring).
-
-    `step` picks a jaxdiff checkpoint (default: the latest); `dataset` picks the training recipe that
-    tf and diffusers weights are given (default: the released DDPM model with their architecture), the
-    recipe EDM and ScoreSdeVePipeline weights must fit (default: the one of their network and process),
-    and names the training config of score_sde checkpoints (required: "vp/ddpmpp_continuous" or
-    jaxdiff's "sde_vp_ddpmpp_continuous", ...). Diffusers folders hold one set of weights, used as the
-    EMA params; score_sde checkpoints give their params_ema, EDM snapshots their `ema` network. Arrays
-    are on this process's first device for jaxdiff workdirs and NumPy otherwise.
-    """
-    fmt = _source_format(path, None, step, dataset)
-    if fmt == "jaxdiff":
-        config, _, params = load_run(path, step=step)
-        return config, params
-    if fmt in CONTINUOUS_FORMATS:
-        return _read_continuous(path, fmt, dataset)
-    if fmt == "diffusers":
-        return read_diffusers(path, dataset=dataset)
-    config, _, ema_params = read_official_checkpoint(path, dataset=dataset)
-    return config, ema_params
 
 
 def _require_free(dst: pathlib.Path) -> None:
@@ -155,14 +46,14 @@ def convert(
     a step-0 checkpoint with a fresh optimizer state (one set of weights, as diffusers, score_sde's
     params_ema and EDM's ema network are, serves as both params and EMA params); jaxdiff -> diffusers
     exports the EMA params of `step` (default: latest), as a DDPMPipeline or, for a VE model of uncentred
-    data, a ScoreSdeVePipeline (`score_folders.score_sde_ve_export`). `source_format` overrides detection (e.g. "edm"
-    for a pickle not named network-snapshot-*.pkl); `dataset` as in `load_weights`.
+    data, a ScoreSdeVePipeline (`score_sde_ve_export`). `source_format` overrides detection (e.g. "edm"
+    for a pickle not named network-snapshot-*.pkl); `dataset` as in `jaxdiff.readers.formats.load_weights`.
     """
     dst = pathlib.Path(dst)
     if target_format not in TARGET_FORMATS:
         raise UsageError(f"target_format={target_format!r} is not one of {TARGET_FORMATS}")
     _require_free(dst)
-    fmt = _source_format(src, source_format, step, dataset)
+    fmt = check_source_format(src, source_format, step, dataset)
     if fmt == target_format:
         raise UsageError(f"{src} is already in the {fmt!r} format")
     if fmt in CONTINUOUS_FORMATS and target_format != "jaxdiff":
@@ -174,7 +65,7 @@ def convert(
         config, params = read_diffusers(src, dataset=dataset)
         ema_params = params
     elif fmt in CONTINUOUS_FORMATS:
-        config, params = _read_continuous(src, fmt, dataset)
+        config, params = read_continuous(src, fmt, dataset)
         ema_params = params
     else:
         config, _, ema_params = load_run(src, step=step)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxdiff.config import DATASETS
+from jaxdiff.config.defaults import DATASETS
 from jaxdiff.data.folder import FolderSource, load_folder
 from jaxdiff.data.pipeline import BatchIterator, batch_dataset, batch_for_step, example_indices, iterate_batches
 from jaxdiff.data.prepare import prepare_dataset

@@ -96,18 +96,38 @@ def discrete_eps_denoiser(eps_fn, schedule, *, interpolate: bool = False) -> Den
       interpolate=True   the fractional step, log σ linear between trained steps, float32 [B]
                          (for models whose time embedding takes real t, e.g. the sinusoidal one).
     """
-    log_levels = from_schedule(schedule).log_noise_levels
+    step_of = _step_of_noise_level(schedule, interpolate)
 
     def denoiser(x: Array, sigma: Array) -> Array:
-        log_sigma = jnp.log(sigma)
-        if interpolate:
-            t = jnp.interp(log_sigma, log_levels, jnp.arange(log_levels.shape[0], dtype=jnp.float32))
-        else:
-            t = jnp.argmin(jnp.abs(log_sigma[:, None] - log_levels[None, :]), axis=1).astype(jnp.int32)
         s = _expand(sigma, x)
-        return x - s * eps_fn(x / jnp.sqrt(1.0 + s**2), t)
+        return x - s * eps_fn(x / jnp.sqrt(1.0 + s**2), step_of(sigma))
 
     return denoiser
+
+
+def discrete_x0_denoiser(x0_fn, schedule) -> Denoiser:
+    """D(x; σ) of `x0_fn(x_t, t) -> x̂_0` on a discrete schedule (any parameterisation read as x̂_0, e.g. the
+    discrete samplers' `predict_start`): the model sees x_t = x/sqrt(1 + σ²) at the trained step nearest in
+    log σ_t (int32 [B]), and D is its x̂_0."""
+    step_of = _step_of_noise_level(schedule, interpolate=False)
+
+    def denoiser(x: Array, sigma: Array) -> Array:
+        return x0_fn(x / jnp.sqrt(1.0 + _expand(sigma, x) ** 2), step_of(sigma))
+
+    return denoiser
+
+
+def _step_of_noise_level(schedule, interpolate: bool) -> Callable[[Array], Array]:
+    """σ [B] -> the step of the schedule at that noise level (see `discrete_eps_denoiser`)."""
+    log_levels = from_schedule(schedule).log_noise_levels
+
+    def step_of(sigma: Array) -> Array:
+        log_sigma = jnp.log(sigma)
+        if interpolate:
+            return jnp.interp(log_sigma, log_levels, jnp.arange(log_levels.shape[0], dtype=jnp.float32))
+        return jnp.argmin(jnp.abs(log_sigma[:, None] - log_levels[None, :]), axis=1).astype(jnp.int32)
+
+    return step_of
 
 
 def continuous_eps_denoiser(eps_fn, process, *, label_scale: float = 999.0) -> Denoiser:

@@ -95,6 +95,7 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
 ACCEPTED_WITHOUT_EFFECT = {
     "_class_name": "any: the sampler picked sets the scheduler class",
     "_diffusers_version": "any",
+    "_use_default_values": "any: diffusers' in-memory record of the keys it defaulted (not in saved files)",
     "skip_prk_steps": "any: PNDMScheduler only, not a jaxdiff sampler",
     "trained_betas": "null",
     "variance_type": "null (no learned variance) or fixed_small (what ddpm does)",
@@ -128,8 +129,6 @@ NO_EFFECT_VALUES = {
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,), "sigma_max": (None,),
     "predict_x0": (True,), "disable_corrector": ([],), "solver_p": (None,), "shift_terminal": (None,),
 }  # fmt: skip
-ANY_VALUE = ("_class_name", "_diffusers_version", "skip_prk_steps", "clip_sample_range", "dynamic_thresholding_ratio",
-             "sample_max_value", "flow_shift", "time_shift_type", "lambda_min_clipped")  # fmt: skip
 # DPMSolverMultistepScheduler's settings and their defaults, with the values implemented (diffusers' aliases
 # mapped to what it reads them as).
 DPM_DEFAULTS = {"final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False, "solver_order": 2,

@@ -18,9 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff import data
-from jaxdiff.config import default_config
-from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
-from jaxdiff.diffusion.denoisers import model_denoiser
+from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.evaluation import likelihood, reference
 from jaxdiff.evaluation.ode_bpd import evaluate_ode_bpd
@@ -93,6 +91,36 @@ def sample_quality(
     return results
 
 
+def _vlb_bpd(pipe: Pipeline, load_source, *, batch_size, seed, num_images, num_t, progress, out_path):
+    """The discrete family's bits/dim: the variational bound, in full or from `num_t` stratified t draws of the
+    data of `load_source()`."""
+    dc = pipe.config.diffusion
+    mean, stderr = likelihood.evaluate_bpd(
+        pipe.family.denoiser(pipe.model, pipe.params), pipe.family.schedule, load_source(), batch_size=batch_size,
+        out_path=out_path, seed=seed, num_images=num_images, num_t=num_t, mean_type=dc.mean_type,
+        var_type=dc.var_type, progress=progress,
+    )  # fmt: skip
+    return mean, stderr, dict(bpd_num_t=num_t, bpd_estimator="stratified" if num_t else "full bound")
+
+
+def _ode_bpd(pipe: Pipeline, load_source, *, batch_size, seed, num_images, num_t, progress, out_path):
+    """The continuous family's bits/dim of the data of `load_source()`: the probability-flow ODE's likelihood with
+    config.sampling's tolerances."""
+    if num_t:
+        raise UsageError(f"bpd_num_t={num_t}: continuous-time models' bits/dim come from the ODE, not from t draws")
+    sc = pipe.config.sampling
+    mean, stderr = evaluate_ode_bpd(
+        pipe.family.denoiser(pipe.model, pipe.params), pipe.family.process, load_source(), batch_size=batch_size,
+        seed=seed, num_images=num_images, out_path=out_path, progress=progress, rtol=sc.rtol, atol=sc.atol,
+        centered=pipe.config.data.centered,
+    )  # fmt: skip
+    return mean, stderr, dict(bpd_estimator="probability-flow ODE", rtol=sc.rtol, atol=sc.atol)
+
+
+# The bits/dim of each `Family.likelihood`: (mean, stderr, settings to record).
+_BITS_PER_DIM = {"vlb": _vlb_bpd, "ode": _ode_bpd}
+
+
 def evaluate(
     pipe: Pipeline, workdir: str, *, metrics: tuple[str, ...], num_samples: int = 50_000, sampler: str = "ddpm",
     steps: int | None = None, seed: int = 0, shard_size: int = 1000, samples_dir: str | None = None,
@@ -134,29 +162,15 @@ def evaluate(
         settings.update(num_samples=num_samples, sampler=sampler, steps=steps, seed=seed, samples_dir=samples_dir,
                         reference=reference_path or f"{pipe.config.data.dataset} train split",
                         inception_weights_sha256=inception_weights_sha256)  # fmt: skip
-    if "bpd" in metrics and pipe.continuous:
-        if bpd_num_t:
-            raise UsageError(f"bpd_num_t={bpd_num_t}: continuous-time models' bits/dim come from the ODE, not from t draws")
-        mean, stderr = evaluate_ode_bpd(
-            continuous_denoiser(pipe.config, pipe.model, pipe.params, pipe.process), pipe.process,
-            _data_source(pipe, bpd_split, data_dir), batch_size=bpd_batch_size, seed=seed, num_images=bpd_num_images,
-            out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"), progress=progress,
-            rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol, centered=pipe.config.data.centered,
+    if "bpd" in metrics:
+        estimate = _BITS_PER_DIM[pipe.family.likelihood]
+        mean, stderr, bpd_settings = estimate(
+            pipe, lambda: _data_source(pipe, bpd_split, data_dir), batch_size=bpd_batch_size, seed=seed,
+            num_images=bpd_num_images, num_t=bpd_num_t, progress=progress,
+            out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"),
         )  # fmt: skip
         results.update(bpd=mean, bpd_stderr=stderr)
-        settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, bpd_estimator="probability-flow ODE",
-                        rtol=pipe.config.sampling.rtol, atol=pipe.config.sampling.atol)  # fmt: skip
-    elif "bpd" in metrics:
-        dc = pipe.config.diffusion
-        mean, stderr = likelihood.evaluate_bpd(
-            model_denoiser(pipe.model, pipe.params), pipe.schedule, _data_source(pipe, bpd_split, data_dir),
-            batch_size=bpd_batch_size, out_path=os.path.join(workdir, f"bpd_step{pipe.step}_{bpd_split}.json"), seed=seed,
-            num_images=bpd_num_images, num_t=bpd_num_t, mean_type=dc.mean_type, var_type=dc.var_type,
-            progress=progress,
-        )  # fmt: skip
-        results.update(bpd=mean, bpd_stderr=stderr)
-        settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, bpd_num_t=bpd_num_t,
-                        bpd_estimator="stratified" if bpd_num_t else "full bound")  # fmt: skip
+        settings.update(bpd_split=bpd_split, bpd_num_images=bpd_num_images, **bpd_settings)
     report = {"results": results, "settings": settings}
     if jax.process_index() == 0:
         path = os.path.join(workdir, f"eval_{pipe.step}.json")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxdiff.checks import is_int
 from jaxdiff import data
-from jaxdiff.config import DATASETS, default_config
+from jaxdiff.config.defaults import DATASETS, default_config
 from jaxdiff.errors import DataError, MissingDataError, UsageError
 from jaxdiff.evaluation.fid import ActivationStatistics, load_statistics, save_statistics
 from jaxdiff.evaluation.inception import POOL3_FEATURES, inception_features

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_int, is_real, prompt_list
-from jaxdiff.convert.stable_diffusion import read_pretrained
 from jaxdiff.errors import UsageError
 from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.pipeline_base import PipelineBase
+from jaxdiff.latent.stable_diffusion import read_pretrained
 from jaxdiff.latent.schedulers import (
     DPM_SAMPLERS,
     GRID_OF,
@@ -34,6 +35,7 @@ from jaxdiff.latent.schedulers import (
     ROUNDED_STEP_SAMPLERS,
     SIGMA_SAMPLERS,
     add_noise,
+    check_multistep_config,
     denoise,
     denoise_on_levels,
     dpm_solver_timesteps,
@@ -165,8 +167,11 @@ def _mask_array(masks, image_shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------- the pipeline
 
 
-class LatentPipeline:
-    """A loaded Stable Diffusion model: `text_to_image`, `image_to_image`, `inpaint` (see the module docstring)."""
+class LatentPipeline(PipelineBase):
+    """A loaded Stable Diffusion model: `text_to_image`, `image_to_image`, `inpaint` (see the module docstring);
+    `sample` and `denoise` raise `UsageError` (`PipelineBase`): unconditional samples are `text_to_image([""] * n)`."""
+
+    loaded = "a text-to-image latent model"
 
     def __init__(self, model: LatentModels):
         self.model = model
@@ -188,7 +193,7 @@ class LatentPipeline:
                         config_folder: str | os.PathLike | None = None, scheduler: str | dict = "sd1",
                         dtype: str = "float32") -> LatentPipeline:  # fmt: skip
         """A diffusers Stable Diffusion folder, or a single original-format `.safetensors` file with the configs
-        of `config_folder` and the `scheduler` preset or config (see `jaxdiff.convert.stable_diffusion`)."""
+        of `config_folder` and the `scheduler` preset or config (see `jaxdiff.latent.stable_diffusion`)."""
         return cls(read_pretrained(path, variant=variant, config_folder=config_folder, scheduler=scheduler,
                                    dtype=dtype))  # fmt: skip
 
@@ -275,6 +280,7 @@ class LatentPipeline:
         if output_type not in OUTPUT_TYPES:
             raise UsageError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
         scheduler = sampler_scheduler(self.scheduler, sampler)
+        check_multistep_config(scheduler, sampler)
         visited_timesteps(scheduler, steps)
         if (sampler in DPM_SAMPLERS or GRID_OF.get(sampler) == "dpm_solver++") and not karras:
             dpm_solver_timesteps(scheduler, steps)

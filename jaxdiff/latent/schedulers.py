@@ -43,36 +43,33 @@ from jaxdiff.checks import is_int
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.samplers import sample
-from jaxdiff.samplers.ddim_dpm import dpm_solver_pp_steps
-from jaxdiff.samplers.deis import deis_steps
-from jaxdiff.samplers.edm import heun_steps
-from jaxdiff.samplers.euler_ancestral import euler_ancestral_steps
 from jaxdiff.samplers.grids import karras_sigmas
-from jaxdiff.samplers.lms import lms_coefficients, lms_steps
-from jaxdiff.samplers.unipc import unipc_steps
+from jaxdiff.samplers.registry import REGISTRY, samplers_for
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
 
-DPM_SAMPLERS = ("dpm_solver++", "dpm_solver++_sde")  # DPMSolverMultistepScheduler, ODE and SDE
-SIGMA_SAMPLERS = (*DPM_SAMPLERS, "euler", "heun", "euler_ancestral", "lms", "unipc", "deis")  # on σ grids
-# The σ-grid samplers whose diffusers scheduler has `use_karras_sigmas` (EulerAncestralDiscreteScheduler has not).
-KARRAS_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if name != "euler_ancestral")
+# Generated from the sampler registry (`jaxdiff.samplers.registry`, each entry's `LatentSpec`).
+LATENT_SAMPLERS = samplers_for("latent")
+_LATENT = {name: REGISTRY[name].latent for name in LATENT_SAMPLERS}
+# The samplers on σ grids (the others, ddim and ddpm, on the respaced training steps).
+SIGMA_SAMPLERS = tuple(name for name, spec in _LATENT.items() if spec.run)
+# DPMSolverMultistepScheduler's, ODE and SDE.
+DPM_SAMPLERS = tuple(name for name, spec in _LATENT.items() if spec.scheduler_class == "DPMSolverMultistepScheduler")
+# The σ-grid samplers whose diffusers scheduler has `use_karras_sigmas`.
+KARRAS_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if _LATENT[name].karras)
 # The grid (as `sigma_levels` names it) that each other σ-grid sampler's scheduler builds in `set_timesteps`.
-GRID_OF = {"euler_ancestral": "euler", "lms": "euler", "unipc": "dpm_solver++", "deis": "dpm_solver++"}
+GRID_OF = {name: spec.grid for name, spec in _LATENT.items() if spec.grid}
 # The σ-grid samplers whose scheduler calls the U-Net at integer steps (the others at fractional ones).
-ROUNDED_STEP_SAMPLERS = (*DPM_SAMPLERS, "unipc", "deis")
+ROUNDED_STEP_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if _LATENT[name].rounded_steps)
 # The σ-grid samplers whose scheduler's state is the unscaled x (init_noise_sigma σ_max, or sqrt(1 + σ_max²) with
 # "leading" spacing); the others' state is x_t = x/sqrt(1 + σ²) (init_noise_sigma 1).
-UNSCALED_STATE_SAMPLERS = ("euler", "heun", "euler_ancestral", "lms")
-LATENT_SAMPLERS = ("ddim", "ddpm", *SIGMA_SAMPLERS)
+UNSCALED_STATE_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if _LATENT[name].unscaled_state)
 # The timestep_spacing default of each sampler's diffusers scheduler class, which diffusers' `from_config` uses
 # when the folder's scheduler config has none (as SD 1.x's released configs).
-CLASS_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
-                         "heun": "linspace", "dpm_solver++_sde": "linspace", "euler_ancestral": "linspace",
-                         "lms": "linspace", "unipc": "linspace", "deis": "linspace"}  # fmt: skip
+CLASS_DEFAULT_SPACING = {name: spec.default_spacing for name, spec in _LATENT.items()}
 # The clip_sample default of the scheduler classes that take the key (diffusers' default when the config has none).
-CLASS_DEFAULT_CLIP = {"ddim": True, "ddpm": True, "heun": False}
+CLASS_DEFAULT_CLIP = {name: spec.default_clip for name, spec in _LATENT.items() if spec.default_clip is not None}
 
 
 # --------------------------------------------------------------------------- steps
@@ -181,6 +178,21 @@ def sampler_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, ka
     return levels
 
 
+def check_multistep_config(scheduler: SchedulerSettings, sampler: str) -> None:
+    """Refuses (WeightsError) the config values that would make diffusers' UniPC or DEIS step otherwise than
+    jaxdiff's unipc and deis: solver_order other than 2, lower_order_final false, and for UniPC solver_type "bh1"
+    (diffusers reads midpoint, heun and logrho as bh2; DEIS reads every solver_type as logrho)."""
+    if sampler not in ("unipc", "deis"):
+        return
+    refused = {"solver_order": scheduler.solver_order != 2, "lower_order_final": not scheduler.lower_order_final,
+               "solver_type": sampler == "unipc" and scheduler.config.get("solver_type") == "bh1"}  # fmt: skip
+    for key, bad in refused.items():
+        if bad:
+            raise WeightsError(f"unsupported setting {key}={scheduler.config.get(key)!r} for sampler {sampler!r} "
+                               "(jaxdiff's unipc and deis are diffusers' defaults: solver_order 2, lower_order_final, "
+                               "UniPC's bh2)")  # fmt: skip
+
+
 def initial_scale(scheduler: SchedulerSettings, sampler: str, sigma_max: float) -> float:
     """diffusers' `init_noise_sigma` in the unscaled space x = x_t·sqrt(1 + σ²): sqrt(1 + σ_max²), except for
     UNSCALED_STATE_SAMPLERS with "linspace" or "trailing" spacing, where diffusers takes σ_max."""
@@ -222,57 +234,8 @@ def denoise_on_levels(denoiser: Callable[[Array, Array], Array], levels: np.ndar
     """The final latents from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through
     `levels`: x̂_0 where levels end at 0, else the state at σ_min (DPM-Solver's VP x_t = x/sqrt(1 + σ_min²),
     Euler's unscaled x), as diffusers' schedulers end. The DPM samplers read `scheduler` (from
-    `sampler_scheduler`) and draw the SDE's noise from `rng`."""
-    return LEVEL_STEPS[sampler](denoiser, levels, x_start, scheduler, rng)
-
-
-def _dpm_solver(denoiser: Callable[[Array, Array], Array], levels: np.ndarray, x_start: Array,
-                scheduler: SchedulerSettings, rng: Array | None) -> Array:  # fmt: skip
-    """DPMSolverMultistepScheduler's run: its last step is first order with euler_at_final, with
-    lower_order_final for fewer than 15 steps, or to σ = 0. (The steps counted are those run: after image-to-image
-    cuts a run of 15 or more to fewer, diffusers, counting the full run, keeps a second-order last step to σ_min.)"""
-    steps, final = len(levels) - 1, float(levels[-1])
-    first_order_last = (scheduler.euler_at_final or (scheduler.lower_order_final and steps < 15) or final == 0.0)
-    sde = scheduler.algorithm_type == "sde-dpmsolver++"
-    x = dpm_solver_pp_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), order=scheduler.solver_order,
-                            solver_type=scheduler.solver_type, first_order_last=first_order_last,
-                            noise_key=rng if sde else None)  # fmt: skip
-    return x / math.sqrt(1.0 + final**2)
-
-
-def _euler(denoiser, levels, x_start, scheduler, rng):
-    return heun_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), second_order=False)
-
-
-def _heun(denoiser, levels, x_start, scheduler, rng):
-    return heun_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), second_order=True)
-
-
-def _euler_ancestral(denoiser, levels, x_start, scheduler, rng):
-    return euler_ancestral_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), rng)
-
-
-def _lms(denoiser, levels, x_start, scheduler, rng):
-    """LMSDiscreteScheduler's order 4, its coefficients from the float32 levels diffusers integrates over."""
-    coefficients = lms_coefficients(np.asarray(levels, np.float32))
-    return lms_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), coefficients=coefficients)
-
-
-def _unipc(denoiser, levels, x_start, scheduler, rng):
-    """UniPCMultistepScheduler's state is x_t: x/sqrt(1 + σ²) at the last level."""
-    x = unipc_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32))
-    return x / math.sqrt(1.0 + float(levels[-1]) ** 2)
-
-
-def _deis(denoiser, levels, x_start, scheduler, rng):
-    """DEISMultistepScheduler's state is x_t: x/sqrt(1 + σ²) at the last level."""
-    x = deis_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32))
-    return x / math.sqrt(1.0 + float(levels[-1]) ** 2)
-
-
-# Each σ-grid sampler's run: (denoiser, levels [N + 1] NumPy, unscaled x_start, scheduler, rng) -> final latents.
-LEVEL_STEPS = {"dpm_solver++": _dpm_solver, "dpm_solver++_sde": _dpm_solver, "euler": _euler, "heun": _heun,
-               "euler_ancestral": _euler_ancestral, "lms": _lms, "unipc": _unipc, "deis": _deis}  # fmt: skip
+    `sampler_scheduler`) and draw the SDE's noise from `rng` (the registry's `LatentSpec.run`)."""
+    return _LATENT[sampler].run(denoiser, levels, x_start, scheduler, rng)
 
 
 def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Samplers: the discrete DDPM family on schedule tables (`sample`) and the continuous-time family
 written against EDM's denoiser D(x; σ) on any noise process (`sample_continuous`)."""
 
+from jaxdiff.samplers import entries  # noqa: F401  (registers every sampler: first, before the lists are read)
 from jaxdiff.samplers.continuous import CONTINUOUS_SAMPLERS, DEFAULT_CONTINUOUS_STEPS, sample_continuous
 from jaxdiff.samplers.discrete import (
     DEFAULT_SPACING,

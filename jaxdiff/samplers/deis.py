@@ -44,8 +44,8 @@ def deis_coefficients(levels):
 
 
 def deis_steps(denoiser, x, levels, noise_key=None):
-    """x [B, ...] float32 at σ = levels[-1] from the unscaled x at σ = levels[0] through the decreasing noise
-    levels `levels` [N + 1] (the last may repeat the one before): N evaluations. noise_key is unused."""
+    """The unscaled x [B, ...] float32 at σ = levels[-1] from x at σ = levels[0], through the decreasing noise
+    levels `levels` [N + 1] (the last may repeat the one before, or be 0): N evaluations. noise_key is unused."""
     del noise_key
     levels = jnp.asarray(levels, jnp.float32)
     c0, c1 = deis_coefficients(levels)

@@ -1,8 +1,15 @@
-"""Samplers for a trained denoiser, each one `jax.lax.scan` over precomputed per-step tables.
+"""Samplers for a trained denoiser of the discrete schedule, each one `jax.lax.scan` over precomputed per-step tables.
 
 Conventions: images are NHWC float32. The sampler state is x_t in the model's
 variance-preserving scale (x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε), starting
-from x_T ~ N(0, I). `denoise_fn(x_t, t)` returns the model output for x_t
+from x_T ~ N(0, I). ddim, dpm_solver++ and heun are the σ-grid samplers of the
+registry (`jaxdiff.samplers.registry`, written once for every family), run through
+the σ bridge: the unscaled x = x_t/sqrt(ᾱ_t) at noise level σ_t = sqrt((1 − ᾱ_t)/ᾱ_t)
+(x = x_0 + σ·n), levels decreasing to 0, and D(x; σ) the model's x̂_0 at the step
+whose σ_t is σ (`_on_levels`). ddpm stays on the schedule's tables: its posterior
+variance (`var_type`, learned variances) and the respaced schedule are DDPM's own,
+with no σ-grid counterpart; it is the reference the others are checked against.
+`denoise_fn(x_t, t)` returns the model output for x_t
 [B, H, W, C] and t int32 [B], the original 0-based step (0..T-1) of the full
 schedule, also when a sampler visits a subset of the steps. The model output
 is ε, x_0 or v (`mean_type`), with C more channels for learned variances.
@@ -26,24 +33,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_int, is_real
-from jaxdiff.diffusion import (
-    MEAN_TYPES,
-    VAR_TYPES,
-    p_mean_variance,
-    predict_noise_from_start,
-    predict_start,
-    split_model_output,
-)
+from jaxdiff.diffusion import MEAN_TYPES, VAR_TYPES, p_mean_variance, predict_start, split_model_output
+from jaxdiff.diffusion.denoisers import discrete_x0_denoiser
 from jaxdiff.errors import UsageError
+from jaxdiff.samplers.grids import scan_steps
+from jaxdiff.samplers.registry import REGISTRY, default_steps, sampler_spec, samplers_for
 from jaxdiff.schedule import Schedule, respace
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array], Array]
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "heun")
+SAMPLERS = samplers_for("discrete")
 SPACINGS = ("uniform", "quadratic", "karras")
-DEFAULT_STEPS = {"dpm_solver++": 20, "heun": 18}
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm_solver++": "karras", "heun": "karras"}
+DEFAULT_STEPS = default_steps("discrete")
+DEFAULT_SPACING = {name: REGISTRY[name].spacing for name in SAMPLERS}
 KARRAS_RHO = 7.0
 TRAJECTORY_FRAMES = 10
 
@@ -135,19 +138,18 @@ def sample(
         x0 = predict_start(schedule, mean_output, x, t, mean_type)
         return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
-    if sampler == "ddpm":
-        step, tables, extra = _ddpm(
+    every = every if return_trajectory else None
+    run = sampler_spec(sampler).on_levels
+    if run is None:
+        step, tables = _ddpm(
             denoise_fn, schedule, timesteps, noise_key,
             var_type=var_type, mean_type=mean_type, clip_denoised=clip_denoised,
         )  # fmt: skip
-    elif sampler == "ddim":
-        step, tables, extra = _ddim(predict_x0, schedule, alphas_cumprod, timesteps, noise_key, eta)
-    elif sampler == "dpm_solver++":
-        step, tables, extra = _dpm_solver_pp(predict_x0, alphas_cumprod, timesteps, x_T)
+        (samples, _), trajectory = scan_steps(step, (x_T, ()), tables, every)
     else:
-        step, tables, extra = _heun(predict_x0, alphas_cumprod, timesteps)
-
-    samples, trajectory = _scan(step, (x_T, extra), tables, steps, every if return_trajectory else None)
+        samples, trajectory = _on_levels(
+            run, predict_x0, schedule, alphas_cumprod, timesteps, x_T, noise_key, eta, every
+        )  # fmt: skip
     return (samples, trajectory) if return_trajectory else samples
 
 
@@ -158,8 +160,7 @@ def _validate(
     schedule: Schedule, shape, *, sampler, steps, eta, spacing, var_type, mean_type, trajectory_every
 ) -> tuple[int, str, int]:
     """Check every argument before any work; returns (steps, spacing, trajectory_every), defaults filled in."""
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    sampler_spec(sampler, "discrete")
     if spacing is None:
         spacing = DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
@@ -224,33 +225,7 @@ def _noise(noise_key: Array, i: Array, like: Array) -> Array:
     return jax.random.normal(jax.random.fold_in(noise_key, i), like.shape, like.dtype)
 
 
-_TABLE_DTYPES = {"b": np.bool_, "i": np.int32, "f": np.float32}
-
-
-def _scan(step, carry, tables: dict[str, np.ndarray], steps: int, every: int | None) -> tuple[Array, Array | None]:
-    """Run `step(carry, xs) -> carry` over the rows of `tables` (plus xs["i"] = 0..steps-1).
-
-    carry[0] is the state x; with `every`, also returns the states after steps
-    every-1, 2·every-1, ... and the last, stacked to [ceil(steps/every), *x.shape].
-    """
-    xs = {name: np.asarray(v, _TABLE_DTYPES[np.asarray(v).dtype.kind]) for name, v in tables.items()}
-    xs["i"] = np.arange(steps, dtype=np.int32)
-    if every is None:
-        carry, _ = jax.lax.scan(lambda c, row: (step(c, row), None), carry, xs)
-        return carry[0], None
-
-    def body(c, row):
-        state, frames = c
-        state = step(state, row)
-        return (state, frames.at[row["i"] // every].set(state[0])), None
-
-    x = carry[0]
-    frames = jnp.zeros((-(-steps // every),) + x.shape, x.dtype)
-    (carry, frames), _ = jax.lax.scan(body, (carry, frames), xs)
-    return carry[0], frames
-
-
-# The samplers: each returns (step, per-step tables, initial extra carry)
+# The samplers: DDPM's ancestral steps on the tables, the others on σ grids through the σ bridge
 
 
 def _ddpm(denoise_fn, schedule, timesteps, noise_key, *, var_type, mean_type, clip_denoised):
@@ -268,98 +243,31 @@ def _ddpm(denoise_fn, schedule, timesteps, noise_key, *, var_type, mean_type, cl
         scale = jnp.where(row["k"] > 0, jnp.exp(0.5 * log_variance), 0.0)
         return mean + scale * _noise(noise_key, row["i"], x), extra
 
-    tables = {"k": np.arange(num_steps)[::-1], "t": timesteps[::-1]}
-    return step, tables, ()
+    tables = {"k": np.arange(num_steps, dtype=np.int32)[::-1], "t": timesteps[::-1].astype(np.int32)}
+    return step, tables
 
 
-def _ddim(predict_x0, schedule, alphas_cumprod, timesteps, noise_key, eta):
-    """x_prev = sqrt(ᾱ_prev)·x̂_0 + sqrt(1 − ᾱ_prev − σ²)·ε̂ + σ·z, ε̂ recomputed from the (clipped) x̂_0.
-
-    σ = eta·sqrt((1 − ᾱ_prev)/(1 − ᾱ))·sqrt(1 − ᾱ/ᾱ_prev); ᾱ_prev = 1 after the last step.
-    """
-    t = timesteps[::-1]
-    ac = alphas_cumprod[t]
-    ac_prev = np.append(ac[1:], 1.0)
-    sigma = eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
-    direction = 1.0 - ac_prev - sigma**2
-    if np.any(direction < 0):
-        bad = int(np.flatnonzero(direction < 0)[0])
-        raise UsageError(f"eta={eta} is too large: the DDIM noise exceeds 1 − ᾱ_prev at step t={int(t[bad])}")
-
-    def step(carry, row):
-        x, extra = carry
-        t_b = _batch(row["t"], x)
-        x0 = predict_x0(x, t_b)
-        eps = predict_noise_from_start(schedule, x, t_b, x0)
-        x = row["c_x0"] * x0 + row["c_eps"] * eps
-        if eta > 0:
-            x = x + row["c_noise"] * _noise(noise_key, row["i"], x)
-        return x, extra
-
-    tables = {"t": t, "c_x0": np.sqrt(ac_prev), "c_eps": np.sqrt(direction), "c_noise": sigma}
-    return step, tables, ()
-
-
-def _dpm_solver_pp(predict_x0, alphas_cumprod, timesteps, x_T):
-    """DPM-Solver++(2M) (Lu et al. 2022): x_{i+1} = (σ_{i+1}/σ_i)·x_i + α_{i+1}(1 − e^{−h})·D_i.
-
-    D_i = (1 + c_i)·x̂_0(i) − c_i·x̂_0(i-1), c_i = h_i / (2·h_{i-1}), h_i = λ_{i+1} − λ_i;
-    c_0 = 0 (first order). The last step goes to α = 1, σ = 0 (λ = ∞): x = x̂_0.
-    """
-    t = timesteps[::-1]
-    alpha = np.sqrt(alphas_cumprod[t])
-    sigma = np.sqrt(1.0 - alphas_cumprod[t])
-    h = np.diff(np.log(alpha) - np.log(sigma))
-    c = np.zeros(t.size)
-    c[1:-1] = h[1:] / (2.0 * h[:-1])
-    tables = {
-        "t": t,
-        "a": np.append(sigma[1:] / sigma[:-1], 0.0),
-        "b": np.append(alpha[1:] * -np.expm1(-h), 1.0),
-        "c": c,
-    }
-
-    def step(carry, row):
-        x, prev_x0 = carry
-        x0 = predict_x0(x, _batch(row["t"], x))
-        d = (1.0 + row["c"]) * x0 - row["c"] * prev_x0
-        return row["a"] * x + row["b"] * d, x0
-
-    return step, tables, jnp.zeros_like(x_T)
-
-
-def _heun(predict_x0, alphas_cumprod, timesteps):
-    """EDM Heun steps on x_σ = x_t / sqrt(ᾱ_t): dx/dσ = (x_σ − D(x_σ; σ))/σ with D = x̂_0.
-
-    The state is carried in the VP scale x_t = x_σ·sqrt(ᾱ_t) (scale 1 at σ = 0).
-    """
+def _on_levels(run, predict_x0, schedule, alphas_cumprod, timesteps, x_T, noise_key, eta, every):
+    """The σ-grid sampler `run` (a `SamplerSpec.on_levels`) on the visited steps, through the σ bridge
+    (`jaxdiff.processes.from_schedule`): the unscaled x = x_t/sqrt(ᾱ_t) at σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) of the
+    visited steps, decreasing, then σ = 0; D(x; σ) is the (clipped) x̂_0 of the model at x_t = x/sqrt(1 + σ²) and
+    the step whose σ_t is σ. DDIM's noise of loop iteration i is `_noise(noise_key, i, x)`. Returns (x̂_0, the
+    trajectory in the VP scale x_t = x·sqrt(ᾱ) (ᾱ = 1 at σ = 0), or None without `every`)."""
     t = timesteps[::-1]
     sigma = _sigmas(alphas_cumprod[t])
-    scale = np.sqrt(alphas_cumprod[t])
-    tables = {
-        "t": t,
-        "t_next": np.append(t[1:], t[-1]),
-        "sigma": sigma,
-        "sigma_next": np.append(sigma[1:], 0.0),
-        "scale": scale,
-        "scale_next": np.append(scale[1:], 1.0),
-        "last": np.arange(t.size) == t.size - 1,
-    }
-
-    def step(carry, row):
-        x, extra = carry
-        x_sigma = x / row["scale"]
-        x0 = predict_x0(x, _batch(row["t"], x))
-        slope = (x_sigma - x0) / row["sigma"]
-        dsigma = row["sigma_next"] - row["sigma"]
-
-        def heun():
-            euler = x_sigma + dsigma * slope
-            x0_next = predict_x0(euler * row["scale_next"], _batch(row["t_next"], x))
-            slope_next = (euler - x0_next) / row["sigma_next"]
-            return (x_sigma + dsigma * 0.5 * (slope + slope_next)) * row["scale_next"]
-
-        # The Euler step to σ = 0 lands exactly on x̂_0.
-        return jax.lax.cond(row["last"], lambda: x0, heun), extra
-
-    return step, tables, ()
+    sigma_next = np.append(sigma[1:], 0.0)
+    # DDIM's noise τ = η·σ'·sqrt(1 − σ'²/σ²) must not exceed σ' (the noise 1 − ᾱ_prev of the VP view).
+    too_noisy = (sigma_next > 0) & (eta**2 * (1.0 - (sigma_next / sigma) ** 2) > 1.0)
+    if np.any(too_noisy):
+        bad = int(np.flatnonzero(too_noisy)[0])
+        raise UsageError(f"eta={eta} is too large: the DDIM noise exceeds 1 − ᾱ_prev at step t={int(t[bad])}")
+    levels = jnp.asarray(np.append(sigma, 0.0), jnp.float32)
+    x = x_T / np.float32(np.sqrt(alphas_cumprod[t[0]]))
+    options = {"eta": eta, "noise": _noise} if eta > 0 else {}
+    denoiser = discrete_x0_denoiser(predict_x0, schedule)
+    if every is None:
+        return run(denoiser, x, levels, noise_key, **options), None
+    x0, frames = run(denoiser, x, levels, noise_key, every=every, **options)
+    after = np.minimum(np.arange(every - 1, t.size - 1 + every, every), t.size - 1)  # the step of each frame
+    scale = np.append(np.sqrt(alphas_cumprod[t[1:]]), 1.0)[after]
+    return x0, frames * jnp.asarray(scale, jnp.float32).reshape((-1,) + (1,) * (frames.ndim - 1))

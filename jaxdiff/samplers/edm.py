@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.grids import batch, karras_noise_levels, step_noise
+from jaxdiff.samplers.grids import batch, karras_noise_levels, scan_steps, step_noise
 
 
 def edm_sample(
@@ -29,19 +29,21 @@ def edm_sample(
     return heun_steps(denoiser, x, levels, noise_key, churn=churn), 2 * steps - 1
 
 
-def heun_steps(denoiser, x, levels, noise_key=None, *, churn=None, second_order=True):
+def heun_steps(denoiser, x, levels, noise_key=None, *, churn=None, second_order=True, every=None):
     """x̂_0 from the unscaled x at σ = levels[0] through the decreasing noise levels `levels` [N + 1] (last 0).
 
     Each step is Heun's (Euler's with second_order=False); the last one, to σ = 0, is Euler and lands on
     x̂_0, so Heun takes 2·N − 1 evaluations and Euler N. `churn` (EDM's stochastic sampler): dict of gamma,
-    s_min, s_max, s_noise, drawing from `noise_key`.
+    s_min, s_max, s_noise, drawing from `noise_key`. With `every`, returns (x̂_0, frames): the unscaled states
+    after steps every−1, 2·every−1, ... and the last (`grids.scan_steps`).
     """
     gamma = churn["gamma"] if churn else 0.0
 
     def slope(x, sigma):
         return (x - denoiser(x, batch(sigma, x))) / sigma
 
-    def body(x, row):
+    def step(carry, row):
+        x, extra = carry
         sigma, sigma_next = row["sigma"], row["sigma_next"]
         if gamma > 0:
             boost = jnp.where((churn["s_min"] <= sigma) & (sigma <= churn["s_max"]), gamma, 0.0)
@@ -50,14 +52,12 @@ def heun_steps(denoiser, x, levels, noise_key=None, *, churn=None, second_order=
         d = slope(x, sigma)
         euler = x + (sigma_next - sigma) * d
         if not second_order:
-            return euler, None
+            return euler, extra
 
         def heun():
             return x + (sigma_next - sigma) * 0.5 * (d + slope(euler, sigma_next))
 
-        return jax.lax.cond(sigma_next > 0, heun, lambda: euler), None
+        return jax.lax.cond(sigma_next > 0, heun, lambda: euler), extra
 
-    steps = levels.shape[0] - 1
-    rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "i": jnp.arange(steps)}
-    x0, _ = jax.lax.scan(body, x, rows)
-    return x0
+    (x0, _), frames = scan_steps(step, (x, ()), {"sigma": levels[:-1], "sigma_next": levels[1:]}, every)
+    return x0 if every is None else (x0, frames)

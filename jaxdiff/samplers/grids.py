@@ -35,6 +35,27 @@ def step_noise(noise_key: Array, i, like: Array, j=0) -> Array:
     return jax.random.normal(key, like.shape, jnp.float32)
 
 
+def scan_steps(step, carry, rows: dict, every: int | None = None):
+    """Runs `step(carry, row) -> carry` over the rows of `rows` (dict of [N, ...] arrays; row["i"] = 0..N-1 is
+    added) in one `lax.scan`; carry[0] is the state x. Returns (final carry, frames): without `every`, frames is
+    None; with it, the states after steps every−1, 2·every−1, ... and the last, [ceil(N / every), *x.shape]."""
+    steps = next(iter(rows.values())).shape[0]
+    rows = {**rows, "i": jnp.arange(steps, dtype=jnp.int32)}
+    if every is None:
+        carry, _ = jax.lax.scan(lambda c, row: (step(c, row), None), carry, rows)
+        return carry, None
+
+    def body(c, row):
+        state, frames = c
+        state = step(state, row)
+        return (state, frames.at[row["i"] // every].set(state[0])), None
+
+    x = carry[0]
+    frames = jnp.zeros((-(-steps // every),) + x.shape, x.dtype)
+    (carry, frames), _ = jax.lax.scan(body, (carry, frames), rows)
+    return carry, frames
+
+
 def batch(value, x: Array) -> Array:
     """A scalar repeated for each example of x: float32 [B]."""
     return jnp.full((x.shape[0],), value, jnp.float32)

@@ -38,7 +38,7 @@ def lms_coefficients(levels, order: int = DEFAULT_LMS_ORDER) -> np.ndarray:
 
 
 def lms_steps(denoiser, x, levels, noise_key=None, *, coefficients):
-    """x [B, ...] float32 at σ = levels[-1] from the unscaled x at σ = levels[0] through the decreasing noise
+    """The unscaled x [B, ...] float32 at σ = levels[-1] from x at σ = levels[0], through the decreasing noise
     levels `levels` [N + 1] (last 0, where it is LMS's estimate of x̂_0): N evaluations. `coefficients`
     [N, order] is `lms_coefficients(levels, order)`. noise_key is unused (deterministic)."""
     del noise_key

@@ -6,13 +6,14 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.checks import is_real
+from jaxdiff.checks import Spec
 from jaxdiff.diffusion.denoisers import denoise_state, probability_flow_drift
 from jaxdiff.errors import UsageError
 
 Array = jax.Array
 
 SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
+TOLERANCE = Spec(float, "tolerance", low=0, high=1, low_open=True, high_open=True)  # rtol, atol
 STAGES_PER_STEP = 6  # both are 7-stage FSAL methods: 6 new evaluations per (accepted or rejected) step
 
 
@@ -80,5 +81,5 @@ def check_solver(solver) -> None:
 
 
 def check_tolerance(name: str, value) -> None:
-    if not is_real(value) or not 0 < value < 1:
-        raise UsageError(f"{name}={value!r} must be a number in (0, 1)")
+    if not TOLERANCE.accepts(value, numpy=True):
+        raise UsageError(f"{name}={value!r} must be {TOLERANCE.allowed()}")

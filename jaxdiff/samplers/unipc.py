@@ -23,17 +23,17 @@ from jaxdiff.samplers.grids import batch
 
 
 def unipc_coefficients(levels):
-    """Per-step tables [N] float32 for the decreasing levels [N + 1] (N − 1 positive levels before the last):
-    p (predictor), a and b (the corrector applied on arriving at σ_i; unused at i = 0)."""
+    """Per-step tables [N] float32 for the decreasing levels [N + 1] (all positive but maybe the last): p of the
+    predictor step from σ_i, a and b of the corrector applied on arriving at σ_i (0 at i = 0)."""
     steps = levels.shape[0] - 1
     log_levels = jnp.log(levels[:-1])
     h = log_levels[:-1] - log_levels[1:]  # h_i between the positive levels, [N − 1]
     p = jnp.zeros(steps).at[1:-1].set(h[1:] / (2.0 * h[:-1]))
     # the corrector on arriving at σ_i (i >= 1) after the step i − 1, of order 2 when i >= 2
-    h_last = -h  # −h_{i−1}, i = 1..N−1
-    big_b = jnp.expm1(h_last)
-    g1 = big_b / h_last - 1.0
-    g2 = g1 / h_last - 0.5
+    neg_h = -h  # −h_{i−1}, i = 1..N−1
+    big_b = jnp.expm1(neg_h)
+    g1 = big_b / neg_h - 1.0
+    g2 = g1 / neg_h - 0.5
     b1, b2 = g1 / big_b, 2.0 * g2 / big_b
     q = -h[:-1] / h[1:]  # −h_{i−2}/h_{i−1}, i = 2..N−1
     rho0 = (b1[1:] - b2[1:]) / (1.0 - q)
@@ -43,7 +43,7 @@ def unipc_coefficients(levels):
 
 
 def unipc_steps(denoiser, x, levels, noise_key=None):
-    """x [B, ...] float32 at σ = levels[-1] from the unscaled x at σ = levels[0] through the decreasing noise
+    """The unscaled x [B, ...] float32 at σ = levels[-1] from x at σ = levels[0], through the decreasing noise
     levels `levels` [N + 1] (x̂_0 where the last is 0): N evaluations. noise_key is unused (deterministic)."""
     del noise_key
     levels = jnp.asarray(levels, jnp.float32)

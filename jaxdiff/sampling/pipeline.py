@@ -3,9 +3,14 @@
     pipe = Pipeline.from_checkpoint("runs/cifar10")        # config + EMA params of the latest step
     images = pipe.sample(16, sampler="ddim", steps=50)      # uint8 [16, 32, 32, 3]
 
-Continuous-time models (`config.diffusion.process` ve, vp, subvp, edm) sample with the continuous
-samplers (`jaxdiff.samplers.sample_continuous`); their options (predictor, corrector, snr, n_corrector,
-rtol, atol, s_churn, s_min, s_max, s_noise) default to `config.sampling` and may be passed to `sample`.
+The model's family (`jaxdiff.families`) supplies its denoiser, samplers and their settings: continuous-time
+models (`config.diffusion.process` ve, vp, subvp, edm) sample with the continuous samplers
+(`jaxdiff.samplers.sample_continuous`); their options (predictor, corrector, snr, n_corrector, rtol, atol,
+s_churn, s_min, s_max, s_noise) default to `config.sampling` and may be passed to `sample`.
+
+`Pipeline` and `jaxdiff.latent.pipeline.LatentPipeline` share one set of public methods
+(`jaxdiff.latent.pipeline_base.PipelineBase`): a pixel-space model's `text_to_image`, `image_to_image` and
+`inpaint` raise `UsageError`.
 
 Batches are split over this process's devices. Batch i of a call with seed s
 uses rng fold_in(PRNGKey(s), i), so results depend only on (seed, batch size,
@@ -24,29 +29,29 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxdiff.checks import is_int
-from jaxdiff import images, samplers, sharding
+from jaxdiff import images, sharding
 from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.families import family_of
+from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks import load_run
-from jaxdiff.diffusion.continuous import is_continuous, process_from_config
-from jaxdiff.samplers.configured import sample_in_image_range, sampler_options
-from jaxdiff.diffusion.continuous import model_denoiser as continuous_denoiser
-from jaxdiff.diffusion.denoisers import model_denoiser
-from jaxdiff.models import create_model
+from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 
 Array = jax.Array
 
 
-class Pipeline:
-    """A model (`config`) with one set of parameters (normally the EMA ones) and its noise schedule or process."""
+class Pipeline(PipelineBase):
+    """A model (`config`) with one set of parameters (normally the EMA ones) and its family (`self.family`): the
+    noise schedule or process, the denoiser, the samplers."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, *, step: int | None = None):
         self.config = config
         self.step = step
         self.model = create_model(config.model)
+        self.family = family_of(config)
         self.schedule = schedule_from_config(config.diffusion)
-        self.process = process_from_config(config.diffusion) if is_continuous(config.diffusion) else None
+        self.process = self.family.process  # None for the discrete schedule
         self.mesh = sharding.local_mesh()
         self.params = jax.device_put(params, sharding.replicated_sharding(self.mesh))
         self._compiled: dict[tuple, object] = {}  # jitted functions by their static settings
@@ -69,13 +74,13 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None,
                         config: str | None = None) -> "Pipeline":  # fmt: skip
-        """Weights in any supported format (`jaxdiff.convert`): a jaxdiff workdir, a diffusers UNet2DModel or
+        """Weights in any supported format (`jaxdiff.readers`): a jaxdiff workdir, a diffusers UNet2DModel or
         ScoreSdeVePipeline folder, an official TF checkpoint, a score_sde `checkpoint_N`, an EDM
         `network-snapshot-*.pkl`; a Stable Diffusion folder or single file gives a
         `jaxdiff.latent.pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
         (`load_weights`' `dataset`): required for score_sde checkpoints, whose architecture it gives."""
-        from jaxdiff.convert.formats import detect_format, load_weights
-        from jaxdiff.convert.stable_diffusion import is_stable_diffusion
+        from jaxdiff.latent.stable_diffusion import is_stable_diffusion
+        from jaxdiff.readers.formats import detect_format, load_weights
 
         if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
             from jaxdiff.latent.pipeline import LatentPipeline
@@ -90,8 +95,12 @@ class Pipeline:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        m = self.config.model
-        return (m.image_size, m.image_size, m.in_channels)
+        return self.family.image_shape
+
+    @property
+    def loaded(self) -> str:
+        kind = "a class-conditional" if self.conditional else "an unconditional"
+        return f"{kind} pixel-space model of the {self.family.name} family (no text conditioning)"
 
     @property
     def conditional(self) -> bool:
@@ -100,53 +109,24 @@ class Pipeline:
     @property
     def continuous(self) -> bool:
         """Whether the model is of a continuous process (else of the discrete schedule)."""
-        return self.process is not None
+        return self.family.name == "continuous"
 
     @property
     def default_sampler(self) -> str:
         """`config.sampling.sampler` for continuous models, "ddpm" for discrete ones."""
-        return self.config.sampling.sampler if self.continuous else "ddpm"
+        return self.family.default_sampler
 
     def denoise(self, x_t, t, class_label=None) -> Array:
         """Discrete models: the model output for x_t [B, H, W, C] in the diffusion's scale and t int [B]
         (0-based steps, 0..T-1). Continuous models: EDM's D(x; σ) = x̂_0 for x = x_0 + σ·n [B, H, W, C]
         and t = σ > 0 float [B], in the model's data range (`continuous_model.data_range`)."""
         labels = None if class_label is None else self._labels(class_label, np.shape(x_t)[0])
+        x, t = self.family.denoise_inputs(x_t, t)
         key = ("denoise", labels is not None)
-        if self.continuous:
-            sigma = self._check_noise_levels(t)
-            if key not in self._compiled:
-                self._compiled[key] = jax.jit(lambda params, x, sigma, y: continuous_denoiser(
-                    self.config, self.model, params, self.process, labels=y)(x, sigma))  # fmt: skip
-            return self._compiled[key](self.params, jnp.asarray(x_t, jnp.float32), sigma, labels)
-        t = self._check_steps(t)
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(lambda params, x_t, t, y: model_denoiser(self.model, params, labels=y)(x_t, t))
-        return self._compiled[key](self.params, jnp.asarray(x_t), t, labels)
-
-    def _check_steps(self, t) -> Array:
-        """t as int32, after checking (when concrete) that it is integer and lies in [0, T)."""
-        num_timesteps = self.schedule.num_timesteps
-        expected = f"the model expects 0-based step indices 0..T-1 = 0..{num_timesteps - 1}"
-        if isinstance(t, jax.core.Tracer):
-            if not jnp.issubdtype(t.dtype, jnp.integer):
-                raise UsageError(f"t has dtype {t.dtype}; {expected} (an integer array)")
-            return t.astype(jnp.int32)
-        values = np.asarray(t)
-        if not np.issubdtype(values.dtype, np.integer):
-            raise UsageError(f"t has dtype {values.dtype}; {expected} (an integer array)")
-        if values.size and (values.min() < 0 or values.max() >= num_timesteps):
-            bad = values.min() if values.min() < 0 else values.max()
-            raise UsageError(f"t={bad} is out of range: {expected}")
-        return jnp.asarray(values, jnp.int32)
-
-    @staticmethod
-    def _check_noise_levels(sigma) -> Array:
-        """σ as float32, after checking that every value is finite and > 0."""
-        values = np.asarray(sigma, np.float64)
-        if values.size and not (np.all(np.isfinite(values)) and values.min() > 0):
-            raise UsageError(f"t must hold noise levels σ > 0 for a continuous-time model, got {values.min()}")
-        return jnp.asarray(values, jnp.float32)
+            denoise = lambda params, x, t, y: self.family.denoiser(self.model, params, labels=y)(x, t)  # noqa: E731
+            self._compiled[key] = jax.jit(denoise)
+        return self._compiled[key](self.params, x, t, labels)
 
     def _labels(self, class_label, n: int, rng: Array | None = None) -> Array | None:
         """int32 [n] labels: a given label (or [n] labels), else uniformly random ones from `rng`."""
@@ -170,47 +150,7 @@ class Pipeline:
         overridden by `options`; `steps` None means config.sampling.steps for the config's own sampler
         (0 there: the sampler's default).
         """
-        sampler = sampler or self.default_sampler
-        if not self.continuous:
-            if sampler in samplers.CONTINUOUS_SAMPLERS and sampler not in samplers.SAMPLERS:
-                raise UsageError(f"sampler {sampler!r} is for continuous-time models; this model has the discrete "
-                                 f"schedule: use one of {samplers.SAMPLERS}")  # fmt: skip
-            if options:
-                raise UsageError(f"sampler options {sorted(options)} are for continuous-time models; "
-                                 "this model has the discrete schedule")  # fmt: skip
-            return sampler, steps, {}
-        if sampler not in samplers.CONTINUOUS_SAMPLERS:
-            if sampler in samplers.SAMPLERS:
-                raise UsageError(f"sampler {sampler!r} is for discrete-schedule models; this model's process is "
-                                 f"{self.config.diffusion.process!r}: use one of {samplers.CONTINUOUS_SAMPLERS}")
-            raise UsageError(f"unknown sampler {sampler!r}; expected one of {samplers.CONTINUOUS_SAMPLERS}")
-        if spacing is not None:
-            raise UsageError(f"spacing={spacing!r} is for discrete-schedule models; the continuous samplers space "
-                             "their noise levels themselves")  # fmt: skip
-        if eta and sampler != "ddim":
-            raise UsageError(f"eta={eta} is an option of sampler 'ddim', not of {sampler!r}")
-        if steps is None and sampler == self.config.sampling.sampler and sampler != "ode":
-            steps = self.config.sampling.steps or None
-        defaults = sampler_options(sampler, self.config.sampling)
-        if sampler == "ddim":
-            defaults["eta"] = eta
-        options = {**defaults, **options}
-        self._continuous_calls(sampler, steps, options)
-        return sampler, steps, options
-
-    def _continuous_calls(self, sampler: str, steps: int | None, options: dict) -> int | None:
-        """Denoiser evaluations of one batch (None: adaptive), from tracing `sample_continuous` with a
-        stand-in denoiser: this checks every setting and evaluates nothing."""
-        calls = []
-
-        def trace(key):
-            x, nfe = samplers.sample_continuous(lambda x, sigma: x, self.process, (1, *self.image_shape), key,
-                                                sampler=sampler, steps=steps, return_nfe=True, **options)  # fmt: skip
-            calls.append(nfe if isinstance(nfe, int) else None)
-            return x
-
-        jax.eval_shape(trace, jax.random.PRNGKey(0))
-        return calls[0]
+        return self.family.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
 
     def sample_batch(
         self, n: int, rng: Array, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
@@ -223,7 +163,7 @@ class Pipeline:
         `on_model_call`, if given, runs on the host after each of the sampler's model evaluations.
         """
         sampler, steps, options = self.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
-        if self.continuous and return_trajectory:
+        if return_trajectory and not self.family.draws_trajectories:
             raise UsageError("trajectories are drawn by the discrete-schedule samplers only")
         labels = self._labels(class_label, n, rng)
         settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance=guidance,
@@ -231,53 +171,28 @@ class Pipeline:
         self._on_model_call = on_model_call
         key = ("sample", n, labels is not None, *settings.items(), *sorted(options.items()))
         if key not in self._compiled:
-            if self.continuous:
-                self._compiled[key] = self._jit_continuous_sampler(n, sampler, steps, guidance, settings["reports"],
-                                                                   options)  # fmt: skip
-            else:
-                self._compiled[key] = self._jit_sampler(n, **settings)
+            self._compiled[key] = self._jit_sampler(n, options=options, **settings)
         out = self._compiled[key](self.params, rng, labels)
         x, trajectory = out if return_trajectory else (out, None)
         to_host = lambda a: None if a is None else images.to_uint8(jax.device_get(a))  # noqa: E731
         return to_host(x), None if labels is None else np.asarray(labels), to_host(trajectory)
 
-    def _jit_sampler(self, n, *, sampler, steps, eta, spacing, guidance, return_trajectory, reports):
-        """One jitted sampling function per setting; the batch is split over this process's devices.
+    def _jit_sampler(self, n, *, sampler, steps, eta, spacing, guidance, return_trajectory, reports, options):
+        """One jitted sampling function per setting (the family's `sampler_fn`); the batch is split over this
+        process's devices.
 
         With `reports`, every model evaluation calls back `self._on_model_call` on the host.
         """
-        dc = self.config.diffusion
-        shape = (n, *self.image_shape)
-
-        def draw(params, rng, labels):
-            denoise = model_denoiser(self.model, params, labels=labels, guidance=guidance)
-            if reports:
-                denoise = self._reporting(denoise)
-            return samplers.sample(
-                denoise, self.schedule, shape, rng, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
-                clip_denoised=self.config.sampling.clip_denoised, var_type=dc.var_type, mean_type=dc.mean_type,
-                return_trajectory=return_trajectory,
-            )  # fmt: skip
-
+        draw = self.family.sampler_fn(
+            self.model, (n, *self.image_shape), guidance=guidance, wrap=self._reporting if reports else None,
+            sampler=sampler, steps=steps, eta=eta, spacing=spacing, options=options,
+            return_trajectory=return_trajectory,
+        )  # fmt: skip
         out = self._output_sharding(n)
         if return_trajectory:
             trajectory = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "data"))
             out = (out, trajectory if n % self.mesh.devices.size == 0 else out)
         return jax.jit(draw, out_shardings=out)
-
-    def _jit_continuous_sampler(self, n, sampler, steps, guidance, reports, options):
-        """`_jit_sampler` for a continuous-time model: the network as D(x; σ), `sample_continuous`."""
-        shape = (n, *self.image_shape)
-
-        def draw(params, rng, labels):
-            denoiser = continuous_denoiser(self.config, self.model, params, self.process, labels=labels,
-                                           guidance=guidance)  # fmt: skip
-            if reports:
-                denoiser = self._reporting(denoiser)
-            return sample_in_image_range(self.config, denoiser, self.process, shape, rng, sampler=sampler,
-                                         steps=steps, **options)  # fmt: skip
-
-        return jax.jit(draw, out_shardings=self._output_sharding(n))
 
     def _output_sharding(self, n: int):
         """Batch-sharded over this process's devices when they divide n, else replicated."""
@@ -303,11 +218,7 @@ class Pipeline:
         """Model evaluations of one sampling batch: `steps` (default: the sampler's), 2·steps − 1 for heun;
         continuous samplers: their count for these settings (None for the adaptive ode)."""
         sampler, steps, options = self.sampling_settings(sampler, steps, eta=eta, spacing=spacing, **options)
-        if self.continuous:
-            return self._continuous_calls(sampler, steps, options)
-        num_timesteps = self.schedule.num_timesteps
-        steps = steps or min(samplers.DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
-        return 2 * steps - 1 if sampler == "heun" else steps
+        return self.family.model_calls(sampler, steps, options)
 
     def sample(
         self, num_images: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxdiff.config import config_from_dict, validate
+from jaxdiff.config.validation import config_from_dict, validate
 from jaxdiff.errors import WeightsError
 from jaxdiff.training.step import make_optimizer, new_train_state, seed_keys
 

@@ -31,7 +31,7 @@ from jaxdiff import data, images, sharding
 from jaxdiff.errors import ConfigError, TrainingDivergedError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.checkpoint import CheckpointError
-from jaxdiff.config import validate
+from jaxdiff.config.validation import validate
 from jaxdiff.training.metrics_log import MetricsWriter
 from jaxdiff.training.stop_signals import StopSignals
 from jaxdiff.training.tasks import configured_image_shape, make_task

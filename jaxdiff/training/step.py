@@ -3,9 +3,9 @@
 One step: uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..T-1},
 ε ~ N(0, I) -> q_sample -> model -> loss -> gradient (optionally accumulated
 over micro-batches) -> global-norm clip -> Adam with linear warmup -> EMA.
-For a continuous process (`config.diffusion.process`) the noise level, noise
-and loss are those of `continuous_losses` (dsm or edm) on the network seen as
-the denoiser D(x; σ) of `continuous_model`.
+The noise level, noise and loss are those of the config's family
+(`jaxdiff.families`): for a continuous process the dsm or edm loss on the
+network seen as the denoiser D(x; σ).
 Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is
 a deterministic function of (seed, data order). A step whose loss or
 gradient is not finite leaves params, EMA and optimizer state untouched and
@@ -22,10 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxdiff import diffusion
-from jaxdiff.diffusion.losses import dsm_loss, edm_loss
-from jaxdiff.diffusion.continuous import conditioned_denoiser, is_continuous, process_from_config, to_model_range
-from jaxdiff.models import example_inputs
+from jaxdiff.families import family_of
+from jaxdiff.models.networks import example_inputs
 from jaxdiff.schedule import Schedule
 
 Array = jax.Array
@@ -116,28 +114,19 @@ def preprocess(images: Array, flip_rng: Array | None) -> Array:
     return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule) -> Callable:
-    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar).
+def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule | None = None) -> Callable:
+    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar): the images scaled to
+    [-1, 1] and flipped, the labels dropped out, then the loss of the config's family (`jaxdiff.families`).
 
-    A continuous process ignores `schedule`."""
-    if is_continuous(config.diffusion):
-        return _continuous_loss_fn(config, model)
-    dc, num_classes = config.diffusion, config.model.num_classes
+    `schedule` is not read: the family builds its own from `config.diffusion` (the argument stays for callers)."""
+    family_loss = family_of(config).loss_fn(model)
+    num_classes = config.model.num_classes
 
     def loss_fn(params, images, labels, rng):
         flip_rng, t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 5)
         x_start = preprocess(images, flip_rng if config.data.random_flip else None)
-        t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
-        noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
-        x_t = diffusion.q_sample(schedule, x_start, t, noise)
         y = _training_labels(labels, label_rng, num_classes, config.training.label_dropout)
-        output = model.apply({"params": params}, x_t, t, y, train=True, rngs={"dropout": dropout_rng})
-        losses = diffusion.training_losses(
-            schedule, output.astype(jnp.float32), x_start=x_start, x_t=x_t, t=t, noise=noise,
-            mean_type=dc.mean_type, var_type=dc.var_type, loss_type=dc.loss_type,
-            hybrid_lambda=dc.hybrid_lambda, min_snr_gamma=dc.min_snr_gamma,
-        )  # fmt: skip
-        return jnp.mean(losses)
+        return family_loss(params, x_start, y, t_rng, noise_rng, dropout_rng)
 
     return loss_fn
 
@@ -147,25 +136,6 @@ def _training_labels(labels: Array, rng: Array, num_classes: int, dropout: float
     if num_classes == 0:
         return None
     return jnp.where(jax.random.bernoulli(rng, dropout, labels.shape), num_classes, labels)
-
-
-def _continuous_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """The dsm or edm loss; the noise level and noise come from the step's `t_rng` (split by the loss)."""
-    dc, process = config.diffusion, process_from_config(config.diffusion)
-
-    def loss_fn(params, images, labels, rng):
-        flip_rng, t_rng, _, dropout_rng, label_rng = jax.random.split(rng, 5)
-        x_start = to_model_range(preprocess(images, flip_rng if config.data.random_flip else None), config.data)
-        y = _training_labels(labels, label_rng, config.model.num_classes, config.training.label_dropout)
-        denoise = conditioned_denoiser(config, model, process, train=True, dropout_rng=dropout_rng)
-        apply_fn = lambda p, x, sigma: denoise(p, x, sigma, y)  # noqa: E731
-        if dc.loss_type == "dsm":
-            return dsm_loss(apply_fn, params, process, x_start, t_rng, eps=dc.t_eps, reduce_mean=dc.reduce_mean,
-                            likelihood_weighting=dc.likelihood_weighting)  # fmt: skip
-        return edm_loss(apply_fn, params, x_start, t_rng, p_mean=dc.p_mean, p_std=dc.p_std,
-                        sigma_data=dc.sigma_data, reduce_mean=dc.reduce_mean)  # fmt: skip
-
-    return loss_fn
 
 
 def _accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_batches: int):

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from jaxdiff.config import TASKS
+from jaxdiff.config.defaults import TASKS
 from jaxdiff.errors import ConfigError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask

@@ -6,33 +6,24 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff import samplers
-from jaxdiff.diffusion.continuous import is_continuous
-from jaxdiff.samplers.configured import sample_images as sample_continuous_images
-from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.errors import ConfigError
-from jaxdiff.models import create_model
+from jaxdiff.families import family_of
+from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.tasks.base import keep_entries
 from jaxdiff.training.step import TrainState, init_train_state, make_optimizer, make_train_step
 
 
-def sample_images(config, model, schedule, params, rng, num: int) -> jax.Array:
-    """[num, H, W, C] samples in [-1, 1] from `params` with the config's sampler (labels cycle through classes)."""
+def sample_images(config, model, params, rng, num: int) -> jax.Array:
+    """[num, H, W, C] samples in [-1, 1] from `params` with the config's sampler, steps, options and guidance
+    (`Family.configured_sampling`); labels cycle through the classes of class-conditional models."""
     labels = None
     if config.model.num_classes > 0:
         labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-    if is_continuous(config.diffusion):
-        return sample_continuous_images(config, model, params, rng, num, labels=labels)
-    denoise = model_denoiser(model, params, labels=labels, guidance=config.sampling.guidance)
-    shape = (num, config.model.image_size, config.model.image_size, config.model.in_channels)
-    return samplers.sample(
-        denoise, schedule, shape, rng,
-        sampler=config.sampling.sampler, steps=config.sampling.steps or None, eta=config.sampling.eta,
-        spacing=config.sampling.spacing or None,
-        clip_denoised=config.sampling.clip_denoised, var_type=config.diffusion.var_type,
-        mean_type=config.diffusion.mean_type,
-    )  # fmt: skip
+    family = family_of(config)
+    draw = family.sampler_fn(model, (num, *family.image_shape), guidance=config.sampling.guidance,
+                             **family.configured_sampling())  # fmt: skip
+    return draw(params, rng, labels)
 
 
 class DiffusionTask:
@@ -75,7 +66,7 @@ class DiffusionTask:
 
     def sample_grid(self, ema_params, rng) -> jax.Array:
         num = self.config.training.num_sample_images
-        return sample_images(self.config, self.model, self.schedule, ema_params, rng, num)
+        return sample_images(self.config, self.model, ema_params, rng, num)
 
     def checkpoint_extras(self, state: TrainState) -> dict:
         return {}

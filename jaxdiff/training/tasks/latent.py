@@ -32,19 +32,19 @@ from jaxdiff.errors import ConfigError, DataError, WeightsError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 from jaxdiff.models.autoencoder import autoencoder_model_config
-from jaxdiff.config import config_from_dict
+from jaxdiff.config.validation import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
-from jaxdiff.convert.files import load_json
-from jaxdiff.convert.latent_weights import (
+from jaxdiff.weights.files import load_json
+from jaxdiff.latent.component_weights import (
     CONFIG_FILE,
     component_folder,
     read_autoencoder,
     read_clip_text,
     read_config,
 )
-from jaxdiff.convert.stable_diffusion import SCHEDULER_CONFIG_FILE
+from jaxdiff.latent.stable_diffusion import SCHEDULER_CONFIG_FILE
 from jaxdiff.latent.bundle import LatentModels
-from jaxdiff.convert.unet_condition_weights import read_unet_condition
+from jaxdiff.latent.unet_weights import read_unet_condition
 from jaxdiff.latent.pipeline import DEFAULT_STEPS, LatentPipeline
 from jaxdiff.training.latent_step import (
     LatentNetworks,

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.convert.architecture import ParamPath, Shape
-from jaxdiff.convert.matching import match_names
+from jaxdiff.readers.architecture import ParamPath, Shape
+from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
 from jaxdiff.models import ncsnpp
 

@@ -14,15 +14,13 @@ import flax.traverse_util
 import jax
 import ml_collections
 
-from jaxdiff.config import default_config
+from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import WeightsError
-from jaxdiff.models import create_model
+from jaxdiff.models.networks import create_model
 from jaxdiff.models.unet import level_resolutions
 from jaxdiff.config.recipes import RELEASED, recipe
 from jaxdiff.training.step import dummy_inputs
-
-ParamPath = tuple[str, ...]
-Shape = tuple[int, ...]
+from jaxdiff.weights.matching import ParamPath, Shape
 
 log = logging.getLogger(__name__)
 

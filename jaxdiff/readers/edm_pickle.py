@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.convert.torch_layout import from_torch, torch_shape
-from jaxdiff.convert.matching import match_names
+from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
-from jaxdiff.evaluation import inception_weights
+from jaxdiff.weights.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, RestrictedUnpickler, rebuild_tensor
 from jaxdiff.models import song_unet
 
 PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
@@ -95,9 +95,9 @@ def _storage_from_bytes(data: bytes) -> np.ndarray:
         return storages[key]
 
     def next_pickle() -> Any:
-        return inception_weights._RestrictedUnpickler(stream, load_storage).load()
+        return RestrictedUnpickler(stream, load_storage).load()
 
-    if next_pickle() != inception_weights._LEGACY_MAGIC or next_pickle() != inception_weights._LEGACY_PROTOCOL:
+    if next_pickle() != LEGACY_MAGIC or next_pickle() != LEGACY_PROTOCOL:
         raise EdmPickleError("a tensor storage is not in the legacy torch.save format")
     endian = "<" if next_pickle().get("little_endian", True) else ">"
     storage = next_pickle()
@@ -140,7 +140,7 @@ def _latin1_bytes(text: Any, encoding: Any) -> bytes:
 
 ALLOWED_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
-    ("torch._utils", "_rebuild_tensor_v2"): inception_weights._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff.convert.architecture import ParamPath, Shape
-from jaxdiff.convert.diffusers_format import WEIGHTS_STEM
-from jaxdiff.convert.files import load_json, weights_file
-from jaxdiff.convert.latent_weights import CONFIG_FILE, LEAF_NAMES, component_folder, param_shapes, read_weights
+from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
+from jaxdiff.weights.matching import ParamPath, Shape
+from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, param_shapes, read_weights
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.unet_condition import create_unet_condition
 from jaxdiff.models.unet_condition_config import config_from_diffusers
@@ -72,4 +71,4 @@ def read_unet_condition(
         config = config_from_diffusers(settings, dtype=dtype, remat=remat)
     except ValueError as err:
         raise WeightsError(f"{config_path}: {err}") from None
-    return config, read_unet_condition_weights(config, weights_file(unet_dir, WEIGHTS_STEM, variant))
+    return config, read_unet_condition_weights(config, weights_file(unet_dir, DIFFUSERS_WEIGHTS_STEM, variant))

@@ -19,10 +19,10 @@ import flax.traverse_util
 import ml_collections
 import numpy as np
 
-from jaxdiff.config import validate
-from jaxdiff.convert.architecture import Architecture, ParamPath, build_config, official_architecture, param_shapes
-from jaxdiff.convert.matching import match_names
-from jaxdiff.convert.tf_bundle import TFCheckpoint
+from jaxdiff.config.validation import validate
+from jaxdiff.readers.architecture import Architecture, ParamPath, build_config, official_architecture, param_shapes
+from jaxdiff.weights.matching import match_names
+from jaxdiff.readers.tf_bundle import TFCheckpoint
 from jaxdiff.errors import WeightsError
 
 SCOPE = "model/"

@@ -23,8 +23,9 @@ import math
 import ml_collections
 import numpy as np
 
-from jaxdiff.config import ConfigError, flat_keys, validate
-from jaxdiff.convert import score_sde_checkpoint
+from jaxdiff.config.specs import ConfigError, flat_keys
+from jaxdiff.config.validation import validate
+from jaxdiff.readers import score_sde_checkpoint
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.processes import make_process
 from jaxdiff.config.recipes import RECIPES, recipe

@@ -25,17 +25,15 @@ import ml_collections
 import numpy as np
 import safetensors
 
-from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.torch_layout import from_torch
-from jaxdiff.convert.files import load_json, weights_file
-from jaxdiff.convert.matching import match_names
-from jaxdiff.convert.safetensors_reader import read_tensor
+from jaxdiff.weights.torch_layout import from_torch
+from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
+from jaxdiff.weights.matching import ParamPath, match_names
+from jaxdiff.weights.safetensors_reader import read_tensor
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 
-CONFIG_FILE = "config.json"
-VAE_WEIGHTS_STEM = "diffusion_pytorch_model"  # diffusers
+VAE_WEIGHTS_STEM = DIFFUSERS_WEIGHTS_STEM
 CLIP_WEIGHTS_STEM = "model"  # transformers
 LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}

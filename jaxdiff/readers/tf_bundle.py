@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxdiff.convert.crc32c import crc32c, unmask
+from jaxdiff.readers.crc32c import crc32c, unmask
 from jaxdiff.errors import WeightsError
 
 TABLE_MAGIC = 0xDB4775248B80FB57

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x / 2.x pipeline folders in diffusers' layout <-> our networks' configs and parameters.
+"""Stable Diffusion 1.x / 2.x weights -> `LatentModels`: pipeline folders in diffusers' layout and original-format
+single `.safetensors` files (`read_pretrained` reads either; `is_stable_diffusion` tells them from other weights).
 
 A folder holds `model_index.json` (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` or
 `StableDiffusionInpaintPipeline`), `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`; weights are
@@ -11,48 +12,39 @@ ship PNDM, DDIM, Euler, ... schedulers that share these keys), plus DDIMSchedule
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import shutil
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import safetensors.numpy
+import safetensors
 
-from jaxdiff.convert.diffusers_format import MODEL_INDEX_FILE
-from jaxdiff.convert.torch_layout import from_torch
-from jaxdiff.convert.files import load_json
-from jaxdiff.convert.latent_weights import (
+from jaxdiff.weights.torch_layout import from_torch
+from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE, load_json
+from jaxdiff.latent.component_weights import (
     CLIP_PREFIX,
-    CLIP_WEIGHTS_STEM,
-    CONFIG_FILE,
-    VAE_WEIGHTS_STEM,
     clip_names,
     param_shapes,
     read_autoencoder,
     read_clip_text,
-    torch_name,
     torch_shape,
     vae_names,
 )
-from jaxdiff.convert.matching import match_names
-from jaxdiff.convert.safetensors_reader import read_tensor
-from jaxdiff.convert.unet_condition_weights import WEIGHTS_STEM as UNET_WEIGHTS_STEM
-from jaxdiff.convert.unet_condition_weights import (
+from jaxdiff.weights.matching import match_names
+from jaxdiff.weights.safetensors_reader import read_tensor
+from jaxdiff.latent.unet_weights import (
     diffusers_tensor_name,
     read_unet_condition,
     unet_condition_shapes,
 )
-from jaxdiff.errors import MissingWeightsError, OutputExistsError, UsageError, WeightsError
+from jaxdiff.errors import MissingWeightsError, UsageError, WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition_config import config_from_diffusers
-from jaxdiff.diffusion.scheduler_config import SchedulerSettings, scheduler_settings
+from jaxdiff.diffusion.scheduler_config import scheduler_settings
 from jaxdiff.latent.bundle import PIPELINE_CLASSES, LatentModels
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 
@@ -120,58 +112,6 @@ def read_stable_diffusion(
         vae_params=vae_params, text_config=text_config, text_params=text_params, tokenizer=tokenizer,
         tokenizer_folder=folder / "tokenizer", scheduler=scheduler, settings=settings,
     )
-
-
-# --------------------------------------------------------------------------- export
-
-
-def _torch_layout(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
-    """Our parameter in PyTorch layout: HWIO -> OIHW, dense [in, out] -> [out, in]; vectors and embeddings kept."""
-    array = np.asarray(array, np.float32)
-    if array.ndim == 4:
-        array = array.transpose(3, 2, 0, 1)
-    elif array.ndim == 2 and path[-1] == "kernel":
-        array = array.T
-    return np.ascontiguousarray(array)
-
-
-def _tensors(params: dict, name) -> dict[str, np.ndarray]:
-    return {name(p): _torch_layout(p, a) for p, a in flax.traverse_util.flatten_dict(params).items()}
-
-
-def _clip_name(path: tuple[str, ...]) -> str:
-    return torch_name(path) if path[0] == "text_projection" else CLIP_PREFIX + torch_name(path)
-
-
-def write_stable_diffusion(model: LatentModels, folder: str | os.PathLike) -> None:
-    """Write `model` as a diffusers Stable Diffusion folder that `DiffusionPipeline.from_pretrained` loads:
-    model_index.json, each network's config.json and safetensors weights, the tokenizer files, the scheduler
-    config (as a DDIMScheduler). The target must not exist yet."""
-    folder = pathlib.Path(folder)
-    if folder.exists():
-        raise OutputExistsError(f"{folder} already exists; choose a new folder to export to")
-    text_class = "CLIPTextModelWithProjection" if model.text_config.with_projection else "CLIPTextModel"
-    parts = {
-        "unet": (("diffusers", "UNet2DConditionModel"), UNET_WEIGHTS_STEM, model.unet_params, diffusers_tensor_name),
-        "vae": (("diffusers", "AutoencoderKL"), VAE_WEIGHTS_STEM, model.vae_params, torch_name),
-        "text_encoder": (("transformers", text_class), CLIP_WEIGHTS_STEM, model.text_params, _clip_name),
-    }
-    index: dict[str, Any] = {"_class_name": model.pipeline_class, "safety_checker": [None, None],
-                             "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
-    folder.mkdir(parents=True)
-    for component, (library_class, stem, params, name) in parts.items():
-        (folder / component).mkdir()
-        safetensors.numpy.save_file(_tensors(params, name), folder / component / f"{stem}.safetensors",
-                                    metadata={"format": "pt"})  # fmt: skip
-        (folder / component / CONFIG_FILE).write_text(json.dumps(model.settings[component], indent=2) + "\n")
-        index[component] = list(library_class)
-    shutil.copytree(model.tokenizer_folder, folder / "tokenizer")
-    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    (folder / "scheduler").mkdir()
-    scheduler = {**model.scheduler.config, "_class_name": "DDIMScheduler"}
-    (folder / "scheduler" / SCHEDULER_CONFIG_FILE).write_text(json.dumps(scheduler, indent=2) + "\n")
-    index["scheduler"] = ["diffusers", "DDIMScheduler"]
-    (folder / MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- single-file checkpoints

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.convert.architecture import ParamPath
-from jaxdiff.convert.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES
-from jaxdiff.convert.torch_layout import from_torch, torch_shape
-from jaxdiff.convert.matching import match_names
+from jaxdiff.readers.architecture import ParamPath
+from jaxdiff.readers.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES
+from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
 from jaxdiff.models import ncsnpp
 

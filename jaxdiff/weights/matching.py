@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from jaxdiff.convert.architecture import ParamPath, Shape
 from jaxdiff.errors import WeightsError
+
+ParamPath = tuple[str, ...]  # our parameter's path in the params tree
+Shape = tuple[int, ...]
 
 MAX_LISTED = 40  # per kind of problem; the count is always given
 

@@ -28,25 +28,23 @@ import safetensors
 import safetensors.numpy
 
 from jaxdiff.checks import is_int, is_real
-from jaxdiff.config import config_from_dict, default_config, validate
-from jaxdiff.convert.architecture import (
+from jaxdiff.config.validation import config_from_dict, validate
+from jaxdiff.config.defaults import default_config
+from jaxdiff.readers.architecture import (
     Architecture,
     ParamPath,
     build_config,
     matching_released_recipe,
     param_shapes,
 )
-from jaxdiff.convert.files import load_json, weights_file
-from jaxdiff.convert.matching import match_names
-from jaxdiff.convert.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, MODEL_INDEX_FILE, load_json, weights_file
+from jaxdiff.weights.matching import match_names
+from jaxdiff.weights.torch_layout import from_torch, torch_shape
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config, unsupported_setting
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.layers import ACTIVATIONS
 
-CONFIG_FILE = "config.json"
-WEIGHTS_STEM = "diffusion_pytorch_model"
-WEIGHTS_FILE = f"{WEIGHTS_STEM}.safetensors"
-MODEL_INDEX_FILE = "model_index.json"
+WEIGHTS_FILE = f"{DIFFUSERS_WEIGHTS_STEM}.safetensors"
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
 JAXDIFF_CONFIG_FILE = "jaxdiff_config.json"
 
@@ -342,7 +340,7 @@ def read_diffusers(
     shapes = param_shapes(config.model)
     levels = len(arch.ch_mult)
     wanted = {p: (diffusers_names(p, levels), torch_shape(p, s)) for p, s in shapes.items()}
-    with safetensors.safe_open(weights_file(unet_dir, WEIGHTS_STEM), framework="np") as f:
+    with safetensors.safe_open(weights_file(unet_dir, DIFFUSERS_WEIGHTS_STEM), framework="np") as f:
         available = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         found = match_names(wanted, available, source=source)
         flat = {p: np.asarray(f.get_tensor(n), np.float32) for p, n in found.items()}

@@ -1,4 +1,5 @@
-"""Reading the files of a diffusers-style folder: its JSON configs and its safetensors weights."""
+"""Reading the files of a diffusers-style folder: its JSON configs and its safetensors weights, and the file names
+diffusers gives them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import pathlib
 
 from jaxdiff.errors import WeightsError
+
+CONFIG_FILE = "config.json"  # a component's settings
+MODEL_INDEX_FILE = "model_index.json"  # a pipeline folder's component classes
+DIFFUSERS_WEIGHTS_STEM = "diffusion_pytorch_model"  # a diffusers model's weights file, before .safetensors
 
 
 def load_json(path: pathlib.Path) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxdiff.convert.architecture import ParamPath
+from jaxdiff.weights.matching import ParamPath
 
 
 def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,0 +1,18 @@
+"""Reading weights of other pixel-space formats into a run config and params: official DDPM TF checkpoints,
+diffusers UNet2DModel / DDPMPipeline / DDIMPipeline and ScoreSdeVePipeline folders, score_sde checkpoints and EDM
+snapshots. Runtime code (`Pipeline.from_pretrained`) and `jaxdiff.convert` both read through here; Stable
+Diffusion's readers live with their family (`jaxdiff.latent.stable_diffusion`).
+
+    config, ema_params = load_weights(path)  # any format, `jaxdiff.readers.formats`
+
+Formats: "tf" (a checkpoint prefix with a `.index` file, or a folder holding one), "diffusers"
+(a folder with `config.json` and `*.safetensors`, or a pipeline folder with them in `unet/` and the
+scheduler config, which sets the diffusion, in `scheduler/`),
+"jaxdiff" (a `jaxdiff train` workdir, i.e. a folder with `checkpoints/`), "score_sde" (a `checkpoint_<N>`
+msgpack file, or a folder holding them, itself or in `checkpoints/` or `checkpoints-meta/`; its training
+config is named by `dataset`), "edm" (a `network-snapshot-*.pkl`; any pickle with `source_format="edm"`),
+"score_sde_ve" (a diffusers folder whose `model_index.json` names ScoreSdeVePipeline). The last three
+become continuous-time jaxdiff configs (`continuous_configs`).
+
+`jaxdiff.readers.formats` holds `detect_format` and `load_weights`; each reader lives in its own module.
+"""
