@@ -38,6 +38,7 @@ from jaxdiff.training import checkpoint  # noqa: E402
 from jaxdiff.training.tasks import load_run  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.samplers import SAMPLERS  # noqa: E402
+from jaxdiff.families import family_of  # noqa: E402
 from jaxdiff.training.tasks.diffusion import sample_images  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "digits.py"
@@ -90,7 +91,8 @@ def load_ema_params(workdir: str):
 def draw_samples(config, params, num: int, seed: int) -> np.ndarray:
     """`num` uint8 [num, 8, 8, 1] samples of `params` with `config.sampling`'s sampler, one jitted batch."""
     model = create_model(config.model)
-    fn = jax.jit(lambda p, rng: sample_images(config, model, p, rng, num))
+    family = family_of(config)
+    fn = jax.jit(lambda p, rng: sample_images(family, model, p, rng, num))
     return images.to_uint8(np.asarray(fn(params, jax.random.PRNGKey(seed))))
 
 

@@ -7,20 +7,21 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.errors import ConfigError
-from jaxdiff.families import family_of
+from jaxdiff.families import Family, family_of
 from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.tasks.base import keep_entries
 from jaxdiff.training.step import TrainState, init_train_state, make_optimizer, make_train_step
 
 
-def sample_images(config, model, params, rng, num: int) -> jax.Array:
-    """[num, H, W, C] samples in [-1, 1] from `params` with the config's sampler, steps, options and guidance
-    (`Family.configured_sampling`); labels cycle through the classes of class-conditional models."""
+def sample_images(family: Family, model, params, rng, num: int) -> jax.Array:
+    """[num, H, W, C] samples in [-1, 1] from `params` with the sampler, steps, options and guidance of the
+    family's config (`Family.configured_sampling`); labels cycle through the classes of class-conditional models.
+    Build `family` outside jit: its tables must be concrete."""
+    config = family.config
     labels = None
     if config.model.num_classes > 0:
         labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-    family = family_of(config)
     draw = family.sampler_fn(model, (num, *family.image_shape), guidance=config.sampling.guidance,
                              **family.configured_sampling())  # fmt: skip
     return draw(params, rng, labels)
@@ -37,6 +38,7 @@ class DiffusionTask:
         self.config = config
         self.model = create_model(config.model)
         self.schedule = schedule_from_config(config.diffusion)
+        self.family = family_of(config)
         self.tx = make_optimizer(config.training)
         self._step = make_train_step(config, self.model, self.schedule, self.tx)
 
@@ -66,7 +68,7 @@ class DiffusionTask:
 
     def sample_grid(self, ema_params, rng) -> jax.Array:
         num = self.config.training.num_sample_images
-        return sample_images(self.config, self.model, ema_params, rng, num)
+        return sample_images(self.family, self.model, ema_params, rng, num)
 
     def checkpoint_extras(self, state: TrainState) -> dict:
         return {}
