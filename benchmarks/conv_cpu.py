@@ -112,7 +112,6 @@ def measure_training(config_path: str, batch: int, steps: int) -> dict:
     from jaxdiff.cli import load_config
     from jaxdiff.config import validate
     from jaxdiff.models import create_model
-    from jaxdiff.schedule import schedule_from_config
     from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
 
     config = validate(load_config(config_path, []))
@@ -120,12 +119,12 @@ def measure_training(config_path: str, batch: int, steps: int) -> dict:
     size, channels = config.model.image_size, config.model.in_channels
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, channels), dtype=np.uint8)
     data = {"image": jnp.asarray(images), "label": jnp.zeros((batch,), jnp.int32)}
-    tx, schedule = make_optimizer(config.training), schedule_from_config(config.diffusion)
+    tx = make_optimizer(config.training)
     runs = {}
     for switch in ("0", "1"):
         os.environ[cpu_conv.ENV_VAR] = switch
         model = create_model(config.model)
-        step = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
+        step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
         runs[switch] = [step, init_train_state(config, model, tx)]
     os.environ.pop(cpu_conv.ENV_VAR)
     before, times = load(), {"0": [], "1": []}

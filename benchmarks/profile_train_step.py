@@ -47,7 +47,6 @@ from profile_report import print_profile  # noqa: E402  (benchmarks/, this scrip
 from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.models import create_model  # noqa: E402
-from jaxdiff.schedule import schedule_from_config  # noqa: E402
 from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 CATEGORIES = (
@@ -149,7 +148,6 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     model = create_model(config.model)
     tx = make_optimizer(config.training)
-    schedule = schedule_from_config(config.diffusion)
     state = init_train_state(config, model, tx)
     kernel_shapes = {
         tuple(sorted(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     images = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, channels), dtype=np.uint8)
     batch = {"image": jnp.asarray(images), "label": jnp.zeros((args.batch_size,), jnp.int32)}
 
-    step_fn = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
+    step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start

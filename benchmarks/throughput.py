@@ -106,7 +106,7 @@ def benchmark(config, *, batch_size: int, dtype: str, steps: int, warmup: int) -
     batch = synthetic_batch(config, batch_size)
 
     start = time.perf_counter()
-    compiled = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(make_train_step(config, model, tx), donate_argnums=0).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     flops = xla_flops(compiled)
 

@@ -45,7 +45,6 @@ from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's
 
 from jaxdiff.diffusion.denoisers import model_denoiser  # noqa: E402
 from jaxdiff.models import count_parameters, create_model  # noqa: E402
-from jaxdiff.schedule import schedule_from_config  # noqa: E402
 from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
 
 AUTHKEY_VARIABLE = "VS_DIFFUSERS_AUTHKEY"  # how workers learn the connection's key
@@ -65,11 +64,10 @@ def inputs(config, batch_size: int) -> dict[str, np.ndarray]:
 def jax_side(config, arrays: dict) -> tuple[dict, dict]:
     """({"train": fn, "sample": fn}, facts) of jaxdiff: the jitted train step and the sampling forward."""
     model, tx = create_model(config.model), make_optimizer(config.training)
-    schedule = schedule_from_config(config.diffusion)
     state = init_train_state(config, model, tx)
     batch = {"image": jnp.asarray(arrays["images"]), "label": jnp.zeros((len(arrays["images"]),), jnp.int32)}
     x_t, t = jnp.asarray(arrays["x_t"]), jnp.asarray(arrays["t"])
-    train_step = jax.jit(make_train_step(config, model, schedule, tx), donate_argnums=0)
+    train_step = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
     forward = jax.jit(lambda params, x, t: model_denoiser(model, params)(x, t))
     holder = {"state": state}
 

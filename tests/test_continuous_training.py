@@ -55,7 +55,7 @@ def test_vp_eps_dsm_loss_is_the_epsilon_matching_loss():
     model, params = init(config)
     images, labels = batch()
     rng = jax.random.PRNGKey(3)
-    loss = float(make_loss_fn(config, model, None)(params, images, labels, rng))
+    loss = float(make_loss_fn(config, model)(params, images, labels, rng))
 
     t_key, noise_key = draws(rng)
     t = np.asarray(jax.random.uniform(t_key, (8,), jnp.float32, 1e-3, 1.0), np.float64)
@@ -77,7 +77,7 @@ def test_ve_score_dsm_loss_with_mean_reduction():
     model, params = init(config)
     images, labels = batch(seed=1)
     rng = jax.random.PRNGKey(4)
-    loss = float(make_loss_fn(config, model, None)(params, images, labels, rng))
+    loss = float(make_loss_fn(config, model)(params, images, labels, rng))
 
     t_key, noise_key = draws(rng)
     t = np.asarray(jax.random.uniform(t_key, (8,), jnp.float32, 1e-5, 1.0), np.float64)
@@ -97,7 +97,7 @@ def test_edm_loss_of_the_preconditioned_network():
     params = jax.tree.map(lambda p: p + 0.02, params)  # the zero-initialised output layer would hide F
     images, labels = batch(seed=2)
     rng = jax.random.PRNGKey(5)
-    loss = float(make_loss_fn(config, model, None)(params, images, labels, rng))
+    loss = float(make_loss_fn(config, model)(params, images, labels, rng))
 
     sigma_key, noise_key = draws(rng)
     sigma = np.exp(-1.0 + 1.5 * np.asarray(jax.random.normal(sigma_key, (8,), jnp.float32), np.float64))
@@ -128,7 +128,7 @@ def test_a_tiny_edm_model_learns_the_digits():
     model = create_model(config.model)
     tx = make_optimizer(config.training)
     state = init_train_state(config, model, tx)
-    step = jax.jit(make_train_step(config, model, schedule_from_config(config.diffusion), tx))
+    step = jax.jit(make_train_step(config, model, tx))
     source = load_digits("train")
     order = np.random.default_rng(0).integers(0, source.num_examples, (300, 64))
     losses = []

@@ -157,7 +157,7 @@ def train_main():
     config = load_config(str(TINY_CONFIG), overrides)
     model, tx = create_model(config.model), make_optimizer(config.training)
     init = lambda: init_train_state(config, model, tx)  # noqa: E731
-    step_fn = make_train_step(config, model, schedule_from_config(config.diffusion), tx)
+    step_fn = make_train_step(config, model, tx)
     rng = np.random.default_rng(0)
     size, batch_size = config.model.image_size, config.training.batch_size
     local_batches = [

@@ -240,7 +240,7 @@ def test_training_sees_uncentred_data(monkeypatch):
     pixels = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3) * 2
     for centered, expected in ((True, pixels / 127.5 - 1), (False, pixels / 255.0)):
         config.data.centered = centered
-        train.make_loss_fn(config, None, None)(None, jnp.asarray(pixels), jnp.zeros(2, jnp.int32), jax.random.key(0))
+        train.make_loss_fn(config, None)(None, jnp.asarray(pixels), jnp.zeros(2, jnp.int32), jax.random.key(0))
         np.testing.assert_allclose(np.asarray(seen["x_start"]), expected, rtol=0, atol=1e-6)
 
 

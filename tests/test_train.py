@@ -8,7 +8,6 @@ import pytest
 
 from jaxdiff.cli import load_config
 from jaxdiff.models import create_model
-from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.step import (
     _accumulated_grads,
     init_train_state,
@@ -29,7 +28,7 @@ def setup(config):
     model = create_model(config.model)
     tx = make_optimizer(config.training)
     state = init_train_state(config, model, tx)
-    step = jax.jit(make_train_step(config, model, schedule_from_config(config.diffusion), tx))
+    step = jax.jit(make_train_step(config, model, tx))
     return model, tx, state, step
 
 
@@ -96,7 +95,7 @@ def test_nonfinite_step_is_skipped_and_counted():
 def test_gradient_accumulation_is_the_mean_over_micro_batches():
     config = tiny(**{"model.dropout": 0.0})
     model, _, state, _ = setup(config)
-    loss_fn = make_loss_fn(config, model, schedule_from_config(config.diffusion))
+    loss_fn = make_loss_fn(config, model)
     batch = batch_of(config)
     rng = jax.random.PRNGKey(7)
     loss, grads = _accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, 2)

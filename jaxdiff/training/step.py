@@ -24,7 +24,6 @@ import optax
 
 from jaxdiff.families import family_of
 from jaxdiff.models.networks import example_inputs
-from jaxdiff.schedule import Schedule
 
 Array = jax.Array
 
@@ -114,11 +113,9 @@ def preprocess(images: Array, flip_rng: Array | None) -> Array:
     return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model, schedule: Schedule | None = None) -> Callable:
+def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
     """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar): the images scaled to
-    [-1, 1] and flipped, the labels dropped out, then the loss of the config's family (`jaxdiff.families`).
-
-    `schedule` is not read: the family builds its own from `config.diffusion` (the argument stays for callers)."""
+    [-1, 1] and flipped, the labels dropped out, then the loss of the config's family (`jaxdiff.families`)."""
     family_loss = family_of(config).loss_fn(model)
     num_classes = config.model.num_classes
 
@@ -188,9 +185,9 @@ def apply_gradients(
     return new_state, metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, model, schedule: Schedule, tx) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, model, tx) -> Callable:
     """train_step(state, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
-    loss_fn = make_loss_fn(config, model, schedule)
+    loss_fn = make_loss_fn(config, model)
     lr_schedule = learning_rate_schedule(config.training)
     decay = config.training.ema_decay
     micro_batches = config.training.grad_accum_steps

@@ -40,7 +40,7 @@ class DiffusionTask:
         self.schedule = schedule_from_config(config.diffusion)
         self.family = family_of(config)
         self.tx = make_optimizer(config.training)
-        self._step = make_train_step(config, self.model, self.schedule, self.tx)
+        self._step = make_train_step(config, self.model, self.tx)
 
     def check_source(self, source) -> None:
         config = self.config
