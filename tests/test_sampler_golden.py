@@ -35,6 +35,10 @@ from jaxdiff.schedule import make_schedule
 GOLDEN = pathlib.Path(__file__).parent / "data" / "sampler_golden.npz"
 WRITE = os.environ.get("JAXDIFF_WRITE_GOLDEN") == "1"
 RTOL = ATOL = 1e-5
+# The adaptive ODE sampler (rtol = atol = 1e-5 per step) accepts different step sizes when another XLA version
+# rounds differently: its outputs move by up to 7e-5 between JAX 0.10 and 0.12, far below what a wrong step
+# rule gives, so its golden tolerance is 1e-3.
+ADAPTIVE_TOL = 1e-3
 MU, S = 0.5, 0.4  # the data: x_0 ~ N(MU, S²·I)
 SHAPE = (2, 4, 4, 1)
 SCHEDULE = make_schedule("linear", 100)
@@ -181,4 +185,5 @@ def test_sampler_matches_its_golden_output(golden, name):
         golden[name] = out
         return
     assert name in golden, f"no golden output for {name}: record it with JAXDIFF_WRITE_GOLDEN=1"
-    np.testing.assert_allclose(out, golden[name], rtol=RTOL, atol=ATOL, err_msg=name)
+    tol = ADAPTIVE_TOL if "/ode/" in name else None
+    np.testing.assert_allclose(out, golden[name], rtol=tol or RTOL, atol=tol or ATOL, err_msg=name)
