@@ -23,6 +23,19 @@ def xla_flags(devices: int) -> str:
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
+# JAX's persistent compilation cache (conftest.py) makes multi-process CPU jobs deadlock on JAX 0.12.1: a
+# process that loads a cached program with collectives waits forever in its first cross-process collective
+# (seen on the gloo collectives, 2026-12-06; JAX 0.10 is unaffected). Multi-process tests run without it.
+_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # fmt: skip
+
+
+def multi_process_env(**extra) -> dict:
+    """The environment for one process of a multi-process (loopback) job: CPU only, no compilation cache."""
+    env = {name: value for name, value in os.environ.items() if name not in _CACHE_VARIABLES}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def run_python(code: str, *, devices: int = 1, timeout: float = 300, env: dict | None = None) -> str:
     """Run `code` in a fresh interpreter with `devices` simulated CPU devices; returns stdout, raises on failure."""
     full_env = {**os.environ, "XLA_FLAGS": xla_flags(devices),

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import runpy
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from jaxdiff.evaluation import likelihood
 from jaxdiff.evaluation.likelihood import bpd_terms, evaluate_bpd, progress_path, stratified_bpd
 from jaxdiff.models.unet import create_model
 from jaxdiff.schedule import make_schedule, schedule_from_config
-from tests.helpers import ROOT, TINY_CONFIG, free_port
+from tests.helpers import ROOT, TINY_CONFIG, free_port, multi_process_env
 
 T = 20
 
@@ -388,8 +387,7 @@ print("RESULT", json.dumps([bpd, stderr, source.calls]))
 def test_two_hosts_with_two_devices_each_match_one_process(tmp_path, uninterrupted):
     _, single = uninterrupted
     code = TWO_HOSTS.format(port=free_port(), T=T, out=str(tmp_path / "two.json"))
-    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {name: value for name, value in multi_process_env().items() if name != "XLA_FLAGS"}
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=ROOT, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip

@@ -4,7 +4,6 @@ Tests that need several devices run this file as a script in a fresh interpreter
 (the CPU device count is fixed when JAX starts); the script asserts and prints OK.
 """
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import data, sharding
+from tests.helpers import multi_process_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER_VARIABLES = (
@@ -29,7 +29,7 @@ CLUSTER_VARIABLES = (
 
 
 def script_command(*args):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"}
+    env = multi_process_env(PYTHONPATH=str(REPO_ROOT))
     for name in CLUSTER_VARIABLES:
         env.pop(name, None)
     return [sys.executable, str(pathlib.Path(__file__).resolve()), *map(str, args)], env

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from jaxdiff.cli import load_config, main
 from jaxdiff.models import create_model
 from jaxdiff.training.step import init_train_state, make_optimizer
 from jaxdiff.training.loop import train_and_evaluate
-from tests.helpers import ROOT, TINY_CONFIG, free_port, run_python, xla_flags
+from tests.helpers import ROOT, TINY_CONFIG, free_port, multi_process_env, run_python, xla_flags
 
 SUBPROCESS_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -184,13 +183,6 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused_before_any_file(tmp_pa
     assert result.stderr.strip().count("\n") == 0 and "fsdp=3" in result.stderr and "8 devices" in result.stderr
 
 
-# JAX 0.12.1's multi-process CPU runtime deadlocks in this test's first collective (`broadcast_one_to_all` or
-# the first train step), with jaxdiff's code of before and after the one-core rework alike: seen on Python 3.12,
-# 2026-12-06. The test runs on the JAX 0.10 line (CI's first Python) until that is fixed upstream.
-_JAX_VERSION = tuple(int(part) for part in re.findall(r"\d+", jax.__version__)[:3])
-
-
-@pytest.mark.skipif(_JAX_VERSION >= (0, 12, 1), reason="JAX >= 0.12.1 deadlocks in multi-process CPU collectives here")
 @pytest.mark.timeout(900)
 def test_two_hosts_match_one_host_and_resume_collectively(tmp_path):
     common = ["--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=2"]
@@ -201,7 +193,7 @@ def test_two_hosts_match_one_host_and_resume_collectively(tmp_path):
             subprocess.Popen(
                 [sys.executable, "-m", "jaxdiff.cli", *train_args(tmp_path / "multi", steps, *common),
                  "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                env={**SUBPROCESS_ENV, "XLA_FLAGS": xla_flags(2)},
+                env=multi_process_env(XLA_FLAGS=xla_flags(2)),
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
             for i in range(2)
