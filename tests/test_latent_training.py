@@ -310,6 +310,44 @@ def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
     assert np.asarray(Image.open(out)).std() > 0
 
 
+@pytest.mark.parametrize(
+    "flags, line",
+    [
+        ([], 'is a text-to-image model: give --prompt (--prompt "" draws unconditional samples)'),
+        (["--negative-prompt", "a red square"], "--negative-prompt: options of text-to-image, which needs --prompt"),
+        (["--prompt", "a red square", "--steps", "0"], "steps=0 must be an int in [1, 100]"),
+        (["--prompt", "a red square", "--eta", "0.5", "--class-label", "3", "--snr", "0.2"],
+         "--eta, --class-label, --snr: options of pixel-space sampling; text-to-image (--prompt) does not take them"),
+        (["--prompt", "a red square", "--trajectory", "t.png"], "--trajectory: options of pixel-space sampling"),
+        (["--prompt", "a red square", "--spacing", "quadratic"], "--spacing 'quadratic': text-to-image takes only"),
+    ],
+)  # fmt: skip
+def test_every_sample_flag_on_a_latent_run_is_honoured_or_refused(latent_run, tmp_path, capsys, flags, line):
+    from jaxdiff.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", str(latent_run), "--num", "2", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert line in err and "\n" not in err and not out.exists(), err
+
+
+def test_the_empty_prompt_draws_unconditional_samples(latent_run, tmp_path):
+    from jaxdiff.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--workdir", str(latent_run), "--prompt", "", "--num", "2", "--steps", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert out.exists()
+
+
+def test_eval_of_a_latent_run_is_refused_in_one_line(latent_run, capsys):
+    from jaxdiff.cli import main
+
+    assert main(["eval", "--workdir", str(latent_run), "--metrics", "fid", "--num-samples", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval scores pixel-space models" in err and "text-to-image model" in err and "\n" not in err, err
+
+
 def test_resuming_against_another_autoencoder_is_refused(latent_run, autoencoder_run, tmp_path):
     from jaxdiff.training.checkpoint import CheckpointError
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 from jaxdiff.cli.errors import UsageError, reject_extra
 from jaxdiff.cli.paths import check_output_dir, check_weights, load_pipeline
 from jaxdiff.cli.sampler_flags import sampler_settings
+from jaxdiff.samplers.registry import config_options
+
+# The ODE bits/dim's tolerances, which `--rtol` / `--atol` set (also those of the `ode` sampler where it draws).
+LIKELIHOOD_FLAGS = ("rtol", "atol")
 
 
 def _inception(path: str | None):
@@ -18,6 +22,19 @@ def _inception(path: str | None):
 
     found = find_weights(path)
     return load_inception_params(found), file_sha256(found)
+
+
+def _likelihood_tolerances(pipe, args, metrics) -> dict:
+    """The `--rtol` / `--atol` given for the ODE bits/dim of a continuous model. They are taken off `args` where the
+    sampler does not take them, so its check does not refuse them; elsewhere they stay the sampler's too."""
+    if "bpd" not in metrics or pipe.family.likelihood != "ode":
+        return {}
+    given = {name: getattr(args, name) for name in LIKELIHOOD_FLAGS if getattr(args, name) is not None}
+    sampler = args.sampler or pipe.family.default_sampler
+    for name in given:
+        if sampler not in config_options()[name][2]:
+            setattr(args, name, None)
+    return given
 
 
 def run_eval(args, extra) -> int:
@@ -33,6 +50,7 @@ def run_eval(args, extra) -> int:
         print(f"{args.dataset} {args.split or 'train'}: Inception statistics of dimension {mu.shape[0]} cached")
         return 0
     from jaxdiff.evaluation.evaluate import evaluate, parse_metrics
+    from jaxdiff.latent.pipeline import LatentPipeline
 
     if not args.workdir:
         raise UsageError("eval needs --workdir")
@@ -42,7 +60,12 @@ def run_eval(args, extra) -> int:
     if args.samples:
         check_output_dir(args.samples, "--samples")
     pipe = load_pipeline(args.workdir, args.step)
+    if isinstance(pipe, LatentPipeline):
+        raise UsageError(f"eval scores pixel-space models; {args.workdir!r} is a text-to-image model (sample it "
+                         "with jaxdiff sample --prompt)")  # fmt: skip
+    likelihood = _likelihood_tolerances(pipe, args, metrics)
     sampler = sampler_settings(pipe, args)
+    pipe.config.sampling.update(likelihood)
     if args.bpd_num_t and pipe.family.likelihood != "vlb":
         raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)

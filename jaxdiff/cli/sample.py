@@ -17,7 +17,20 @@ from jaxdiff.cli.paths import (
     load_pipeline,
     reading_weights,
 )
-from jaxdiff.cli.sampler_flags import sampler_settings
+from jaxdiff.cli.sampler_flags import SAMPLER_OPTIONS, sampler_settings
+
+# The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
+# pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
+TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder")
+PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS)
+DEFAULT_SHARD_SIZE = 1000
+
+
+def _refuse(args, names, why: str) -> None:
+    """A UsageError naming every flag of `names` that was given, and `why` it is refused."""
+    given = ["--" + name.replace("_", "-") for name in names if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: {why}")
 
 
 def _write_trajectory(path: str, trajectory: np.ndarray) -> None:
@@ -54,7 +67,11 @@ def _sample_pretrained(args) -> int:
     if args.config:
         raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
     if args.prompt is None:
-        raise UsageError("--pretrained needs --prompt")
+        raise UsageError('text-to-image weights need --prompt (--prompt "" draws unconditional samples)')
+    _refuse(args, PIXEL_FLAGS, "options of pixel-space sampling; text-to-image (--prompt) does not take them")
+    if args.spacing not in (None, "karras"):
+        raise UsageError(f"--spacing {args.spacing!r}: text-to-image takes only 'karras' (Karras σ); its scheduler "
+                         "config sets the timestep spacing")  # fmt: skip
     if (args.mask or args.strength is not None) and not args.init_image:
         raise UsageError("--mask and --strength need --init-image")
     if args.init_image and (args.height or args.width):
@@ -69,6 +86,8 @@ def _sample_pretrained(args) -> int:
     from jaxdiff.latent.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
 
     if args.pretrained:
+        if args.step is not None:
+            raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
         with reading_weights(args.pretrained):
             pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
     else:
@@ -78,7 +97,8 @@ def _sample_pretrained(args) -> int:
             raise UsageError(f"--prompt needs a text-conditioned model; {args.workdir!r} is not a latent run")
     prompts = [args.prompt] * args.num
     settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
-                    steps=args.steps or DEFAULT_STEPS, sampler=args.sampler or "ddim", seed=args.seed,
+                    steps=DEFAULT_STEPS if args.steps is None else args.steps, sampler=args.sampler or "ddim",
+                    seed=args.seed,
                     karras=args.spacing == "karras",
                     guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
     if init is None:
@@ -112,13 +132,16 @@ def run_sample(args, extra) -> int:
             return _sample_pretrained(args)
     if args.prompt is not None:  # text-to-image from a latent run
         return _sample_pretrained(args)
+    _refuse(args, TEXT_FLAGS, "options of text-to-image, which needs --prompt")
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:
         check_output_dir(args.out, "--out")
+        _refuse(args, ["batch_size"], "the shard job (--out DIR/) draws --shard-size images per batch")
     elif not args.out.lower().endswith((".png", ".npz")):
         raise UsageError(f"--out must be a .png grid, a .npz file or a directory/, got {args.out!r}")
     else:
         check_output_file(args.out, "--out")
+        _refuse(args, ["shard_size"], "for --out DIR/ (resumable .npz shards)")
     if args.trajectory:
         if not args.trajectory.lower().endswith((".png", ".gif")):
             raise UsageError(f"--trajectory must be a .png strip or a .gif animation, got {args.trajectory!r}")
@@ -129,16 +152,21 @@ def run_sample(args, extra) -> int:
     import jax
 
     from jaxdiff import images
+    from jaxdiff.latent.pipeline import LatentPipeline
     from jaxdiff.sampling.shard_jobs import sample_to_shards
 
     pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
+    if isinstance(pipe, LatentPipeline):
+        raise UsageError(f"{args.workdir or args.pretrained!r} is a text-to-image model: give --prompt "
+                         '(--prompt "" draws unconditional samples)')  # fmt: skip
     sampler = sampler_settings(pipe, args)
     if args.trajectory and not pipe.family.draws_trajectories:
         raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
-    settings = dict(sampler=sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+    settings = dict(sampler=sampler, steps=args.steps, eta=args.eta or 0.0, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip
     if to_dir:
-        shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size, seed=args.seed,
+        shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+                                  seed=args.seed,
                                   **settings)  # fmt: skip
         wrote = f"{args.num} images in {len(shards)} shards under {args.out}"
     else:

@@ -39,7 +39,7 @@ def sampler_settings(pipe, args) -> str:
         flags = ", ".join("--" + flag.replace("_", "-") for flag in refused)
         raise UsageError(f"{flags}: options of the continuous-time samplers; no sampler of this model's family "
                          f"({pipe.family.name}) takes them")  # fmt: skip
-    sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", 0.0),
+    sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", None) or 0.0,
                                            spacing=getattr(args, "spacing", None), **options)  # fmt: skip
     pipe.config.sampling.update(options)
     return sampler

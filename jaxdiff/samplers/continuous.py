@@ -17,6 +17,9 @@ Array = jax.Array
 
 CONTINUOUS_SAMPLERS = samplers_for("continuous")
 DEFAULT_CONTINUOUS_STEPS = default_steps("continuous")
+# The most steps a fixed-step sampler takes: 50 times the longest published schedule (score_sde's 2000 predictor
+# steps), so that a mistyped count (e.g. 100000000, days of compute) is refused before any work.
+MAX_STEPS = 100_000
 
 
 def sample_continuous(
@@ -73,6 +76,6 @@ def _validate(sampler, steps, shape, options) -> tuple[int | None, dict]:
         return None, options
     if steps is None:
         steps = default
-    if not is_int(steps) or steps < 1:
-        raise UsageError(f"steps={steps!r} must be an int >= 1")
+    if not is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps={steps!r} must be an int in [1, {MAX_STEPS}]")
     return int(steps), options
