@@ -9,6 +9,7 @@ import pytest
 
 from jaxdiff import cli
 from jaxdiff.cli import main
+from jaxdiff.errors import WeightsError
 from jaxdiff.sampling.pipeline import Pipeline
 from tests.helpers import TINY_CONFIG, write_workdir
 
@@ -123,8 +124,10 @@ def test_convert_checks_its_paths_and_maps_a_corrupt_safetensors_file(capsys, tm
     exported = convert(workdir, tmp_path / "exported", target_format="diffusers")
     weights = next(exported.rglob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(WeightsError, match="damaged or not a safetensors file"):
+        Pipeline.from_pretrained(exported)
     one_line_error(capsys, ["convert", str(exported), str(tmp_path / "back")],
-                   f"the .safetensors weights under {str(exported)!r} are damaged")  # fmt: skip
+                   f"{weights}: damaged or not a safetensors file")  # fmt: skip
     one_line_error(capsys, ["sample", "--workdir", str(exported), "--out", str(tmp_path / "g.png")], "damaged")
     assert not (tmp_path / "back").exists()
     one_line_error(capsys, ["convert", str(tmp_path / "nothing"), str(tmp_path / "dst")], "SRC", "does not exist")

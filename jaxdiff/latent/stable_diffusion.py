@@ -20,7 +20,6 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 
 from jaxdiff.weights.torch_layout import from_torch
 from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE, load_json
@@ -34,7 +33,7 @@ from jaxdiff.latent.component_weights import (
     vae_names,
 )
 from jaxdiff.weights.matching import match_names
-from jaxdiff.weights.safetensors_reader import read_tensor
+from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
 from jaxdiff.latent.unet_weights import (
     diffusers_tensor_name,
     read_unet_condition,
@@ -344,7 +343,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
     """Each component's parameter tree (float32 NumPy, our layouts) from an original-format single file;
     `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names)."""
 
-    with safetensors.safe_open(file, framework="np") as f:
+    with open_safetensors(file) as f:
         names = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 (a safe_open handle)
         sources, leftover = single_file_sources(names, settings, text_layers)
         found, problems = {}, []
@@ -398,6 +397,6 @@ def is_stable_diffusion(path: str | os.PathLike) -> bool:
     if index_file.is_file():
         return load_json(index_file).get("_class_name") in PIPELINE_CLASSES
     if path.is_file() and path.suffix == ".safetensors":
-        with safetensors.safe_open(path, framework="np") as f:
+        with open_safetensors(path) as f:
             return any(name.startswith(UNET_PREFIX) for name in f.keys())  # noqa: SIM118 (a safe_open handle)
     return False

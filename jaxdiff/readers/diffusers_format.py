@@ -24,8 +24,6 @@ from typing import Any
 import flax.traverse_util
 import ml_collections
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from jaxdiff.checks import is_int, is_real
 from jaxdiff.config.validation import config_from_dict, validate
@@ -43,6 +41,7 @@ from jaxdiff.weights.torch_layout import from_torch, torch_shape
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config, unsupported_setting
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.layers import ACTIVATIONS
+from jaxdiff.weights.safetensors_reader import open_safetensors
 
 WEIGHTS_FILE = f"{DIFFUSERS_WEIGHTS_STEM}.safetensors"
 SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
@@ -340,7 +339,7 @@ def read_diffusers(
     shapes = param_shapes(config.model)
     levels = len(arch.ch_mult)
     wanted = {p: (diffusers_names(p, levels), torch_shape(p, s)) for p, s in shapes.items()}
-    with safetensors.safe_open(weights_file(unet_dir, DIFFUSERS_WEIGHTS_STEM), framework="np") as f:
+    with open_safetensors(weights_file(unet_dir, DIFFUSERS_WEIGHTS_STEM)) as f:
         available = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         found = match_names(wanted, available, source=source)
         flat = {p: np.asarray(f.get_tensor(n), np.float32) for p, n in found.items()}

@@ -23,13 +23,12 @@ import os
 import pathlib
 
 import ml_collections
-import safetensors
-import safetensors.numpy
 
 from jaxdiff.checks import is_real
 from jaxdiff.errors import WeightsError
 from jaxdiff.readers import score_diffusers
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, MODEL_INDEX_FILE, load_json, weights_file
+from jaxdiff.weights.safetensors_reader import load_safetensors
 
 PIPELINE = "ScoreSdeVePipeline"
 SCHEDULER = "ScoreSdeVeScheduler"
@@ -88,8 +87,8 @@ def read_score_sde_ve_folder(folder: str | os.PathLike) -> tuple[str, ml_collect
     settings = _json(unet / CONFIG_FILE)
     try:
         config = score_diffusers.config_from_diffusers(settings)
-        tensors = safetensors.numpy.load_file(weights_file(unet, DIFFUSERS_WEIGHTS_STEM))
+        tensors = load_safetensors(weights_file(unet, DIFFUSERS_WEIGHTS_STEM))
         params = score_diffusers.params_from_diffusers(config, tensors)
-    except (ValueError, safetensors.SafetensorError) as err:
+    except ValueError as err:
         raise ScoreFolderError(f"{unet}: {err}") from err
     return "ncsnpp", config, params, info

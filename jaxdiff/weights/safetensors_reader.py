@@ -1,4 +1,5 @@
-"""One tensor of a safetensors file as float32 NumPy, bfloat16 included (which safetensors' NumPy reader lacks).
+"""Opening safetensors files with their damage answered as a `WeightsError` naming the file (`open_safetensors`,
+`load_safetensors`), and one tensor as float32 NumPy, bfloat16 included (which safetensors' NumPy reader lacks).
 
 The format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
 range (`data_offsets`, relative to the end of the header), then the raw little-endian bytes.
@@ -6,15 +7,41 @@ range (`data_offsets`, relative to the end of the header), then the raw little-e
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import pathlib
 import struct
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+
+from jaxdiff.errors import WeightsError
 
 HEADER_LENGTH_BYTES = 8
+
+
+@contextlib.contextmanager
+def open_safetensors(file: str | os.PathLike) -> Iterator:
+    """`safetensors.safe_open(file, framework="np")`; safetensors' error for a damaged file or tensor, raised while
+    opening or reading, becomes a `WeightsError` naming the file."""
+    try:
+        with safetensors.safe_open(file, framework="np") as handle:
+            yield handle
+    except safetensors.SafetensorError as err:
+        raise WeightsError(f"{file}: damaged or not a safetensors file ({err})") from err
+
+
+def load_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of `file` by name, in its stored dtype (bfloat16 not supported: use `read_tensor`)."""
+    try:
+        return safetensors.numpy.load_file(file)
+    except safetensors.SafetensorError as err:
+        raise WeightsError(f"{file}: damaged or not a safetensors file ({err})") from err
 
 
 @functools.lru_cache(maxsize=4)
