@@ -46,7 +46,9 @@ def _data_source(pipe: Pipeline, split: str, data_dir: str):
 
 
 def _features(params, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """pool_3 [N, 2048] and logits [N, 1008] (None without a classifier) in fixed-size, padded batches."""
+    """pool_3 [N, 2048] and logits [N, 1008] (None without a classifier) in fixed-size batches of
+    min(batch_size, N) images, the last one padded."""
+    batch_size = min(batch_size, len(images))
     pools, logits = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
+
+
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without PyTorch where PyTorch is not loaded yet: tensorboardX imports
+    torch when it is installed, only to accept torch tensors (never passed here), which costs a training process
+    over a second and hundreds of MB. `sys.modules["torch"] = None` makes that import fail for the duration."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -15,11 +32,9 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
-
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tensorboard = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
