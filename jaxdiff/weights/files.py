@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
 from jaxdiff.errors import WeightsError
 
@@ -13,12 +14,23 @@ MODEL_INDEX_FILE = "model_index.json"  # a pipeline folder's component classes
 DIFFUSERS_WEIGHTS_STEM = "diffusion_pytorch_model"  # a diffusers model's weights file, before .safetensors
 
 
-def load_json(path: pathlib.Path) -> dict:
-    """The JSON object in `path`; WeightsError naming the file if it is not valid JSON or not an object."""
+def parse_json(text: str | bytes, source: str) -> Any:
+    """The value of JSON `text` (bytes: UTF-8); WeightsError "`source` is not valid JSON: ..." in one line
+    otherwise, for text that is not JSON, not UTF-8, nested deeper than Python's recursion limit or holding an
+    integer of more digits than Python converts."""
     try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path} is not valid JSON: {err}") from None
+        return json.loads(text)
+    except RecursionError:
+        raise WeightsError(f"{source} is not valid JSON: nested too deeply") from None
+    except (TypeError, ValueError) as err:  # not text; json.JSONDecodeError, UnicodeDecodeError, too many digits
+        raise WeightsError(f"{source} is not valid JSON: {' '.join(str(err).split())}") from None
+
+
+def load_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path` (see `parse_json`); WeightsError naming the file if it is not valid JSON or not an
+    object. Every JSON settings file of a weights folder (config.json, model_index.json, scheduler and tokenizer
+    settings) is read so."""
+    content = parse_json(path.read_bytes(), str(path))
     if not isinstance(content, dict):
         raise WeightsError(f"{path} must hold a JSON object, got {type(content).__name__}")
     return content
