@@ -9,11 +9,17 @@ import os
 import tempfile
 import pytest
 
-# One cache folder for the session's pytest-xdist workers and the processes their tests start, so that a program
-# compiled by one is loaded by the others. A size bound makes JAX guard every cache read and write with a file lock
-# (without one it writes entries in place, and a reader could see half an entry).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxdiff-test-xla-cache"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+# One cache folder per pytest-xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...; unset without xdist): JAX writes
+# cache entries in place, not atomically, so two workers compiling the same program at once could read each
+# other's half-written entry (JAX then warns and recompiles, which tests that count output lines would see). JAX
+# locks its cache only when a size bound is set, and then scans the whole folder under the lock at every write,
+# which serialises the workers. A worker and the processes its tests start run one at a time, so they share the
+# worker's folder.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "jaxdiff-test-xla-cache" + (f"-{_worker}" if _worker else "")),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()

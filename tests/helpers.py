@@ -26,8 +26,8 @@ def xla_flags(devices: int) -> str:
 # JAX's persistent compilation cache (conftest.py) makes multi-process CPU jobs deadlock on JAX 0.12.1: a
 # process that loads a cached program with collectives waits forever in its first cross-process collective
 # (seen on the gloo collectives, 2026-12-06; JAX 0.10 is unaffected). Multi-process tests run without it.
-_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE",
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # fmt: skip
+_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # fmt: skip
 
 
 def multi_process_env(**extra) -> dict:
