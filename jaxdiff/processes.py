@@ -12,7 +12,17 @@ and fields t_min, t_max (samplers run from t_max down to t_min; t_min is score_s
   vp     β(t) = β_min + t·(β_max − β_min), log α = −¼t²(β_max − β_min) − ½t·β_min, σ² = 1 − α²,
          β_min 0.1, β_max 20, t in [1e-3, 1];
   subvp  α as vp, σ = 1 − α² (same defaults);
-  edm    α = 1, σ = t, t in [σ_min, σ_max] = [0.002, 80] (Karras et al. 2022).
+  edm    α = 1, σ = t, t in [σ_min, σ_max] = [0.002, 80] (Karras et al. 2022);
+  flow   the rectified-flow / linear interpolant x_t = (1 − t)·x_0 + t·ε: α = 1 − t, σ = t (Liu et al. 2022,
+         SD3, Flux; SiT's "Linear" path with its time reversed: SiT's t = 1 is data, ours is noise);
+  gvp    SiT's trigonometric interpolant: α = cos(πt/2), σ = sin(πt/2).
+The two flow processes (`FlowProcess`) also give the t-derivatives d_alpha(t), d_sigma(t) of the velocity
+u = dx_t/dt = α'(t)·x_0 + σ'(t)·ε, and `alpha_from_noise_level` (α of the level σ/α without passing through t,
+which 1 − t would round near t = 1). Their interpolant spans t in [0, 1] and reaches pure noise (α = 0, σ/α = ∞)
+at t = 1, where D(x; σ) is undefined: their t_min, t_max (defaults 1e-3 and 1 − 1e-3, any 0 < t_min < t_max < 1)
+bound what is done through the noise level — the σ-based samplers (heun's Karras grid, dpm_solver++, ddim, pc,
+ode) run from t_max to t_min and the ODE likelihood from t_min to t_max, with the prior N(0, I) at t_max — while
+the flow samplers (`jaxdiff.samplers.flow`) integrate the velocity from t = 1 exactly to t = 0.
 `from_schedule` expresses a discrete schedule of T steps with t the 0-based step index (0..T-1, any
 real in between): α_t = sqrt(ᾱ_t), σ_t = sqrt(1 − ᾱ_t), log(σ/α) interpolated linearly between steps.
 """
@@ -31,12 +41,15 @@ from jaxdiff.errors import ConfigError, UsageError
 
 Array = jax.Array
 
-PROCESSES = ("ve", "vp", "subvp", "edm")
+PROCESSES = ("ve", "vp", "subvp", "edm", "flow", "gvp")
+FLOW_PROCESSES = ("flow", "gvp")  # the interpolants on t in [0, 1] (`FlowProcess`)
 _DEFAULTS = {
     "ve": {"sigma_min": 0.01, "sigma_max": 50.0, "t_min": 1e-5, "t_max": 1.0},
     "vp": {"beta_min": 0.1, "beta_max": 20.0, "t_min": 1e-3, "t_max": 1.0},
     "subvp": {"beta_min": 0.1, "beta_max": 20.0, "t_min": 1e-3, "t_max": 1.0},
     "edm": {"sigma_min": 0.002, "sigma_max": 80.0},
+    "flow": {"t_min": 1e-3, "t_max": 1.0 - 1e-3},
+    "gvp": {"t_min": 1e-3, "t_max": 1.0 - 1e-3},
 }
 
 
@@ -163,6 +176,66 @@ class EDMProcess(_Marginal):
 
 
 @flax.struct.dataclass
+class FlowProcess(_Marginal):
+    """The linear interpolant x_t = (1 − t)·x_0 + t·ε: α = 1 − t, σ = t; t in [0, 1], t_min/t_max bound the
+    σ-based uses (module docstring)."""
+
+    t_min: float
+    t_max: float
+
+    def alpha(self, t) -> Array:
+        return 1.0 - jnp.asarray(t, jnp.float32)
+
+    def sigma(self, t) -> Array:
+        return jnp.asarray(t, jnp.float32)
+
+    def d_alpha(self, t) -> Array:
+        """dα/dt."""
+        return -jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def d_sigma(self, t) -> Array:
+        """dσ/dt."""
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def t_from_noise_level(self, level) -> Array:
+        """t = level/(1 + level), written to give 0 at level 0 and 1 at level ∞."""
+        return 1.0 / (1.0 + 1.0 / jnp.asarray(level, jnp.float32))
+
+    def alpha_from_noise_level(self, level) -> Array:
+        """α at noise level σ/α = level: 1/(1 + level)."""
+        return 1.0 / (1.0 + jnp.asarray(level, jnp.float32))
+
+    def prior_std(self):
+        return 1.0
+
+
+@flax.struct.dataclass
+class GVPProcess(FlowProcess):
+    """SiT's generalised variance-preserving interpolant: α = cos(πt/2), σ = sin(πt/2)."""
+
+    def alpha(self, t) -> Array:
+        """cos(πt/2), computed as sin(π(1 − t)/2): exactly 0 at t = 1, where float32 cos(π/2) is −4e-8."""
+        return jnp.sin(0.5 * jnp.pi * (1.0 - jnp.asarray(t, jnp.float32)))
+
+    def sigma(self, t) -> Array:
+        return jnp.sin(0.5 * jnp.pi * jnp.asarray(t, jnp.float32))
+
+    def d_alpha(self, t) -> Array:
+        return -0.5 * jnp.pi * self.sigma(t)
+
+    def d_sigma(self, t) -> Array:
+        return 0.5 * jnp.pi * self.alpha(t)
+
+    def t_from_noise_level(self, level) -> Array:
+        """t = (2/π)·arctan(level)."""
+        return jnp.arctan(jnp.asarray(level, jnp.float32)) / (0.5 * jnp.pi)
+
+    def alpha_from_noise_level(self, level) -> Array:
+        """α at noise level tan(πt/2) = level: 1/sqrt(1 + level²)."""
+        return jax.lax.rsqrt(1.0 + jnp.asarray(level, jnp.float32) ** 2)
+
+
+@flax.struct.dataclass
 class DiscreteProcess(_Marginal):
     """A discrete schedule: t is the 0-based step (0..T-1); log(σ/α) is linear between steps."""
 
@@ -192,10 +265,11 @@ class DiscreteProcess(_Marginal):
 
 
 def make_process(name: str, **params):
-    """The process `name` (ve, vp, subvp, edm) with the papers' defaults overridden by `params`.
+    """The process `name` (ve, vp, subvp, edm, flow, gvp) with the papers' defaults overridden by `params`.
 
     ve: sigma_min, sigma_max, t_min, t_max; vp/subvp: beta_min, beta_max, t_min, t_max;
-    edm: sigma_min, sigma_max (t = σ, so t_min = sigma_min, t_max = sigma_max).
+    edm: sigma_min, sigma_max (t = σ, so t_min = sigma_min, t_max = sigma_max);
+    flow/gvp: t_min, t_max with 0 < t_min < t_max < 1 (the range of the σ-based samplers and likelihood).
     """
     if name not in PROCESSES:
         raise ConfigError(f"unknown process {name!r}; expected one of {PROCESSES}")
@@ -213,6 +287,9 @@ def make_process(name: str, **params):
     _require(values, "beta_min", lambda v: v["beta_min"] >= 0 and v["beta_max"] >= 0, "betas >= 0")
     _require(values, "beta_min", lambda v: 0 < v["beta_max"] >= v["beta_min"], "0 < beta_max >= beta_min")
     _require(values, "t_min", lambda v: 0 < v["t_min"] < v["t_max"], "0 < t_min < t_max")
+    if name in FLOW_PROCESSES:
+        _require(values, "t_max", lambda v: v["t_max"] < 1, "t_max < 1 (σ/α is infinite at t = 1)")
+        return (FlowProcess if name == "flow" else GVPProcess)(**values)
     if name == "ve":
         return VEProcess(**values)
     if name == "edm":

@@ -284,13 +284,13 @@ def test_a_key_without_spec_is_type_checked_from_its_default(monkeypatch):
 
 def test_new_keys_outside_their_spec_are_refused():
     for section, key, value, allowed in [
-        ("diffusion", "process", "vpsde", "one of ('discrete', 've', 'vp', 'subvp', 'edm')"),
-        ("diffusion", "parameterization", "v", "one of ('eps', 'score', 'edm')"),
+        ("diffusion", "process", "vpsde", "one of ('discrete', 've', 'vp', 'subvp', 'edm', 'flow', 'gvp')"),
+        ("diffusion", "parameterization", "score_v", "one of ('eps', 'score', 'edm', 'velocity', 'x0', 'v')"),
         ("diffusion", "t_eps", 0.5, "a number in (0, 0.1)"),
         ("diffusion", "p_std", 0.0, "a number > 0"),
         ("sampling", "s_max", -1.0, "a number >= 0 or inf"),
         ("sampling", "corrector", "langevn", "one of ('langevin', 'ald', 'none')"),
-        ("model", "network", "unet", "one of ('ddpm_unet', 'ncsnpp', 'song_unet')"),
+        ("model", "network", "unet", "one of ('ddpm_unet', 'ncsnpp', 'song_unet', 'dit')"),
     ]:
         config = ml_collections.ConfigDict(default_config().to_dict(), type_safe=False)
         config[section][key] = value

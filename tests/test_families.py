@@ -66,8 +66,8 @@ def test_family_of_picks_the_family_of_the_process():
         assert isinstance(family, ContinuousFamily) and family.name == "continuous"
         assert type(family.process) is type(continuous.process_from_config(config.diffusion))
         assert family.likelihood == "ode" and not family.draws_trajectories
-    config.diffusion.process = "flow"
-    with pytest.raises(ConfigError, match=r"diffusion.process='flow' is not a process of any family"):
+    config.diffusion.process = "rectified"
+    with pytest.raises(ConfigError, match=r"diffusion.process='rectified' is not a process of any family"):
         family_of(config)
 
 

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num", type=int, default=64, help="number of images")
     add_sampler_flags(sample)
     sample.add_argument("--eta", type=float, help="DDIM noise scale (default 0)")
-    sample.add_argument("--spacing", help="uniform | quadratic | karras (default: the sampler's)")
+    sample.add_argument("--spacing", help="uniform | quadratic | karras | adm (improved DDPM's respacing) (default: "
+                        "the model's, else the sampler's)")  # fmt: skip
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--batch-size", type=int, help="images per device batch (default: config.sampling.batch_size)")
     sample.add_argument("--out", required=True, help="grid.png, images.npz, or a directory/ for resumable .npz shards")
@@ -59,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=float, help="classifier-free guidance: class-conditional models w >= 0 "
                         "(default 0); --pretrained diffusers' scale (default 7.5)")
     sample.add_argument("--pretrained", help="released weights: a Stable Diffusion folder or .safetensors file, a "
-                        "score_sde checkpoint_N, an EDM network-snapshot-*.pkl, a diffusers folder")  # fmt: skip
+                        "score_sde checkpoint_N, an EDM network-snapshot-*.pkl, a diffusers folder (a DiTPipeline "
+                        "folder too), a DiT .pt (with --vae)")  # fmt: skip
     sample.add_argument("--config", help="--pretrained score_sde / EDM / diffusers weights: their recipe (score_sde: "
                         "its training config, e.g. sde_ve_ncsnpp_continuous or ve/ncsnpp_continuous)")  # fmt: skip
     sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs")
+    sample.add_argument("--vae", help="--pretrained DiT checkpoint (.pt): its autoencoder, a diffusers AutoencoderKL "
+                        "folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
     sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it")

@@ -23,6 +23,8 @@ from jaxdiff.cli.sampler_flags import SAMPLER_OPTIONS, sampler_settings
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
 TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder")
 PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS)
+# Read on the pixel-space path for an original DiT checkpoint (--pretrained X.pt) only, refused by name elsewhere.
+DIT_CHECKPOINT_FLAGS = ("vae",)
 DEFAULT_SHARD_SIZE = 1000
 
 
@@ -69,6 +71,8 @@ def _sample_pretrained(args) -> int:
     if args.prompt is None:
         raise UsageError('text-to-image weights need --prompt (--prompt "" draws unconditional samples)')
     _refuse(args, PIXEL_FLAGS, "options of pixel-space sampling; text-to-image (--prompt) does not take them")
+    _refuse(args, DIT_CHECKPOINT_FLAGS, "the autoencoder of a DiT checkpoint (.pt); text-to-image weights carry "
+            "their own")  # fmt: skip
     if args.spacing not in (None, "karras"):
         raise UsageError(f"--spacing {args.spacing!r}: text-to-image takes only 'karras' (Karras σ); its scheduler "
                          "config sets the timestep spacing")  # fmt: skip
@@ -116,6 +120,33 @@ def _sample_pretrained(args) -> int:
     return 0
 
 
+def _dit_pipeline(args):
+    """The pipeline of `--pretrained` DiT weights (an original `.pt` with `--vae`, or a DiTPipeline folder), after
+    checking the flags that apply to them; None for weights of other formats (refusing `--vae` there)."""
+    from jaxdiff.readers.formats import DIT_FORMATS, detect_format
+
+    fmt = detect_format(args.pretrained)
+    if fmt != "dit":
+        why = "a DiTPipeline folder has its own vae/" if fmt == "dit_pipeline" else f"{fmt!r} weights draw no latents"
+        _refuse(args, DIT_CHECKPOINT_FLAGS, f"the autoencoder of a DiT checkpoint (.pt); {why}")
+    elif args.vae is None:
+        raise UsageError(f"--pretrained {args.pretrained!r} is a DiT checkpoint, which holds only the network: give "
+                         "--vae FOLDER (a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
+    if fmt not in DIT_FORMATS:
+        return None
+    if args.config:
+        raise UsageError(f"--config {args.config!r}: DiT weights carry their own config")
+    if args.step is not None:
+        raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
+    if args.vae is not None:
+        check_weights(args.vae, "--vae")
+
+    from jaxdiff.sampling.pipeline import Pipeline
+
+    with reading_weights(args.pretrained):
+        return Pipeline.from_pretrained(args.pretrained, vae=args.vae)
+
+
 def run_sample(args, extra) -> int:
     reject_extra(extra)
     if args.workdir and args.pretrained:
@@ -148,6 +179,8 @@ def run_sample(args, extra) -> int:
         check_output_file(args.trajectory, "--trajectory")
     if args.workdir:
         check_weights(args.workdir)
+        _refuse(args, DIT_CHECKPOINT_FLAGS, "the autoencoder of a DiT checkpoint (--pretrained X.pt); a workdir "
+                "has its own config")  # fmt: skip
 
     import jax
 
@@ -155,13 +188,16 @@ def run_sample(args, extra) -> int:
     from jaxdiff.latent.pipeline import LatentPipeline
     from jaxdiff.sampling.shard_jobs import sample_to_shards
 
-    pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
+    pipe = _dit_pipeline(args) if args.pretrained else None
+    if pipe is None:
+        pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     if isinstance(pipe, LatentPipeline):
         raise UsageError(f"{args.workdir or args.pretrained!r} is a text-to-image model: give --prompt "
                          '(--prompt "" draws unconditional samples)')  # fmt: skip
     sampler = sampler_settings(pipe, args)
-    if args.trajectory and not pipe.family.draws_trajectories:
-        raise UsageError("--trajectory is for discrete-schedule models; this model is continuous-time")
+    if args.trajectory and not pipe.draws_trajectories:
+        raise UsageError("--trajectory is for the discrete family's own samplers; this model is continuous-time or "
+                         "steps as a diffusers scheduler")  # fmt: skip
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta or 0.0, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip
     if to_dir:

@@ -7,8 +7,8 @@ from typing import Any
 
 import ml_collections
 
-from jaxdiff.models import ncsnpp, song_unet
-from jaxdiff.samplers.registry import config_options
+from jaxdiff.models import dit, ncsnpp, song_unet
+from jaxdiff.samplers.registry import config_options, flow_config_options
 
 # The autoencoder's loss settings (config.autoencoder_loss; see jaxdiff.training.autoencoder_step).
 RECONSTRUCTION_LOSSES = ("l1", "l2")
@@ -73,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.network = "ddpm_unet"
     c.model.ncsnpp = ncsnpp.default_config()  # score_sde's NCSN++ / DDPM++ (models/ncsnpp.py)
     c.model.song_unet = song_unet.default_config()  # EDM's SongUNet (models/song_unet.py)
+    c.model.dit = dit.default_config()  # DiT / SiT (models/dit.py); presets: dit.preset_config("B/4")
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -85,18 +86,27 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.hybrid_lambda = 0.001
     c.diffusion.min_snr_gamma = 0.0  # 0 turns min-SNR-γ weighting off
     # Continuous time (score SDEs, EDM): the process, what the network predicts, and the losses' settings.
-    c.diffusion.process = "discrete"  # discrete: the β schedule above; ve | vp | subvp | edm
+    c.diffusion.process = "discrete"  # discrete: the β schedule above; ve | vp | subvp | edm; flow | gvp (flow matching)
     c.diffusion.sigma_min = 0.0  # ve/edm; 0: the process's default (ve 0.01, edm 0.002)
     c.diffusion.sigma_max = 0.0  # ve/edm; 0: the process's default (ve 50, edm 80)
     c.diffusion.beta_min = 0.1  # vp/subvp
     c.diffusion.beta_max = 20.0  # vp/subvp
-    c.diffusion.parameterization = "eps"  # continuous: eps (labels t·999) | score (labels σ) | edm (c_noise)
+    # continuous: eps (labels t·999) | score (labels σ) | edm (c_noise); flow/gvp: velocity | x0 | eps | v
+    c.diffusion.parameterization = "eps"
     c.diffusion.sigma_data = 0.5  # EDM preconditioning and loss
     c.diffusion.t_eps = 1e-5  # dsm: t ~ U[t_eps, t_max]
     c.diffusion.reduce_mean = False  # dsm/edm: mean over each example's dimensions instead of the sum
     c.diffusion.likelihood_weighting = False  # dsm: weight g(t)² (score_sde's likelihood weighting)
     c.diffusion.p_mean = -1.2  # edm: ln σ ~ N(p_mean, p_std²)
     c.diffusion.p_std = 1.2
+    # Flow matching (process flow | gvp, loss_type flow_matching; jaxdiff.diffusion.flow).
+    c.diffusion.time_scale = 1000.0  # flow/gvp: the network's time input is t·time_scale (SiT 1, SD3/Flux 1000)
+    c.diffusion.t_sampling = "uniform"  # flow_matching: training t uniform | logit_normal | mode (SD3's)
+    c.diffusion.logit_mean = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
+    c.diffusion.logit_std = 1.0
+    c.diffusion.mode_scale = 1.29  # mode: SD3's scale, in [-1, 2/(π − 2)]
+    c.diffusion.shift = 1.0  # flow_matching: training t shifted to s·t/(1 + (s − 1)·t); 1: none
+    c.diffusion.loss_weighting = "none"  # flow_matching: none | edm (EDM's λ(σ/α) with sigma_data)
 
     # task "autoencoder": the KL autoencoder in diffusers' AutoencoderKL keys (one DownEncoderBlock2D /
     # UpDecoderBlock2D per block_out_channels entry), plus our dtype and remat; defaults are diffusers'.
@@ -165,10 +175,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.sampling.spacing = ""  # "": the sampler's default (uniform for ddpm/ddim, karras for the ODE solvers)
     c.sampling.clip_denoised = True
     c.sampling.guidance = 0.0
+    c.sampling.guidance_channels = 0  # guide only the first N output channels (DiT's sample.py: 3); 0: all
     c.sampling.batch_size = 256
     # The samplers' options with their defaults, from the sampler registry: eta (ddim); predictor, corrector, snr,
     # n_corrector (pc); rtol, atol (ode); s_churn, s_min, s_max, s_noise (edm_stochastic).
     for name, (default, _, _) in config_options().items():
         c.sampling[name] = default
+    # Flow processes: the flow samplers' options (shift; diffusion_form, diffusion_norm, last_step, last_step_size of
+    # euler_maruyama), and classifier-free guidance applied only where t in [guidance_t_min, guidance_t_max].
+    for name, (default, _, _) in flow_config_options().items():
+        c.sampling[name] = default
+    c.sampling.guidance_t_min = 0.0
+    c.sampling.guidance_t_max = 1.0
     c.lock()
     return c

@@ -10,16 +10,19 @@ import ml_collections
 
 from jaxdiff.checks import Spec
 from jaxdiff.config.defaults import DATASETS, RECONSTRUCTION_LOSSES, TASKS, default_config
-from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, PARAMETERIZATIONS
+from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, FLOW_LOSSES, PARAMETERIZATIONS
+from jaxdiff.diffusion.flow import MODE_SCALE_MAX, PARAMETERIZATIONS as FLOW_PARAMETERIZATIONS, T_SAMPLINGS
+from jaxdiff.diffusion.losses import FLOW_WEIGHTINGS
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.errors import ConfigError
+from jaxdiff.families.discrete import SPACINGS
 from jaxdiff.models.networks import NETWORKS
-from jaxdiff.models import ncsnpp, song_unet
+from jaxdiff.models import dit, ncsnpp, song_unet
 from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES
 from jaxdiff.models.unet import DTYPES
 from jaxdiff.processes import PROCESSES
-from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
-from jaxdiff.samplers.registry import config_options
+from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS
+from jaxdiff.samplers.registry import config_options, flow_config_options
 from jaxdiff.schedule import BETA_SCHEDULES
 
 
@@ -65,7 +68,7 @@ SPECS: dict[str, Spec] = {
     "model.resblock_up_levels": Spec(tuple, "levels upsampled by a ResBlock with nearest upsampling", low=1),
     "model.mid_attn": Spec(bool, "self-attention between the two middle ResBlocks"),
     "model.mid_attn_norm": Spec(bool, "GroupNorm in the middle attention block"),
-    "model.network": Spec(str, "the network: ddpm_unet (the keys above), ncsnpp or song_unet (their sections)",
+    "model.network": Spec(str, "the network: ddpm_unet (the keys above), ncsnpp, song_unet or dit (their sections)",
                           choices=NETWORKS),  # fmt: skip
     "model.ncsnpp.image_size": _positive_int("NCSN++: height = width, pixels (= model.image_size)"),
     "model.ncsnpp.num_channels": _positive_int("NCSN++: image channels (= model.in_channels)"),
@@ -103,14 +106,33 @@ SPECS: dict[str, Spec] = {
     "model.song_unet.encoder_type": Spec(str, "SongUNet: encoder", choices=song_unet.ENCODERS),
     "model.song_unet.decoder_type": Spec(str, "SongUNet: decoder", choices=song_unet.DECODERS),
     "model.song_unet.resample_filter": Spec(tuple, "SongUNet: resampling filter taps", low=0, min_items=1),
+    "model.dit.input_size": _positive_int("DiT: height = width of its input (latent), a multiple of patch_size"),
+    "model.dit.patch_size": _positive_int("DiT: side of the square patches"),
+    "model.dit.in_channels": _positive_int("DiT: input channels"),
+    "model.dit.hidden_size": _positive_int("DiT: token width, divisible by 4 and by num_heads"),
+    "model.dit.depth": _positive_int("DiT: transformer blocks"),
+    "model.dit.num_heads": _positive_int("DiT: attention heads"),
+    "model.dit.mlp_ratio": Spec(float, "DiT: MLP width / hidden_size", low=0, low_open=True),
+    "model.dit.num_classes": Spec(int, "DiT: classes (= model.num_classes); 0: unconditional", low=0),
+    "model.dit.class_dropout_prob": _fraction("DiT: rate of training on the null class; > 0 adds its table row"),
+    "model.dit.learn_sigma": Spec(bool, "DiT: also predict the variance (2·in_channels output weights)"),
+    "model.dit.output_sigma": Spec(bool, "DiT: output the σ channels (False: SiT's forward, which drops them)"),
+    "model.dit.per_block_embedders": Spec(bool, "DiT: each block has its own timestep + label embedder (diffusers)"),
+    "model.dit.freq_shift": Spec(int, "DiT: timestep frequencies exp(-i·ln(10000) / (128 - freq_shift))", low=0,
+                                 high=127),  # fmt: skip
+    "model.dit.mlp_norm_eps": Spec(float, "DiT: epsilon of the layer norm before the MLP", low=0, low_open=True),
+    "model.dit.dtype": Spec(str, "DiT: compute dtype (parameters stay float32)", choices=dit.COMPUTE_DTYPES),
+    "model.dit.remat": Spec(bool, "DiT: recompute each block's activations in the backward pass"),
+    "model.dit.attention": Spec(str, "DiT: attention kernel (cudnn: GPU flash attention, bfloat16)",
+                                choices=dit.ATTENTION_IMPLEMENTATIONS),  # fmt: skip
     "diffusion.schedule": Spec(str, "beta schedule", choices=tuple(BETA_SCHEDULES)),
     "diffusion.num_timesteps": Spec(int, "T, the number of diffusion steps", low=2),
     "diffusion.beta_start": Spec(float, "beta of the first step (linear-like schedules)", low=0, high=1, low_open=True),
     "diffusion.beta_end": Spec(float, "beta of the last step (linear-like schedules)", low=0, high=1, low_open=True),
     "diffusion.mean_type": Spec(str, "what the model predicts", choices=MEAN_TYPES),
     "diffusion.var_type": Spec(str, "reverse-process variance", choices=VAR_TYPES),
-    "diffusion.loss_type": Spec(str, "training loss (dsm, edm: continuous processes)",
-                                choices=LOSS_TYPES + CONTINUOUS_LOSSES),  # fmt: skip
+    "diffusion.loss_type": Spec(str, "training loss (dsm, edm: continuous processes; flow_matching: flow, gvp)",
+                                choices=LOSS_TYPES + CONTINUOUS_LOSSES + FLOW_LOSSES),  # fmt: skip
     "diffusion.hybrid_lambda": Spec(float, "weight of the variational bound in the hybrid loss", low=0),
     "diffusion.min_snr_gamma": Spec(float, "min-SNR-γ loss weighting; 0: off", low=0),
     "diffusion.process": Spec(str, "noise process: the discrete schedule or a continuous one",
@@ -119,14 +141,24 @@ SPECS: dict[str, Spec] = {
     "diffusion.sigma_max": Spec(float, "ve/edm: largest noise level; 0: the process's default", low=0),
     "diffusion.beta_min": Spec(float, "vp/subvp: β(0)", low=0),
     "diffusion.beta_max": Spec(float, "vp/subvp: β(1)", low=0, low_open=True),
-    "diffusion.parameterization": Spec(str, "continuous processes: what the network predicts",
-                                       choices=PARAMETERIZATIONS),  # fmt: skip
+    "diffusion.parameterization": Spec(str, "continuous processes: what the network predicts (eps, score, edm; "
+                                       "flow/gvp: velocity, x0, eps, v)",
+                                       choices=tuple(dict.fromkeys(PARAMETERIZATIONS + FLOW_PARAMETERIZATIONS))),
     "diffusion.sigma_data": Spec(float, "edm: the data's standard deviation", low=0, low_open=True),
     "diffusion.t_eps": Spec(float, "dsm: smallest training time t", low=0, high=0.1, low_open=True, high_open=True),
     "diffusion.reduce_mean": Spec(bool, "dsm/edm: average each example's squared errors instead of summing"),
     "diffusion.likelihood_weighting": Spec(bool, "dsm: score_sde's likelihood weighting g(t)²"),
     "diffusion.p_mean": Spec(float, "edm: mean of ln σ in training"),
     "diffusion.p_std": Spec(float, "edm: standard deviation of ln σ in training", low=0, low_open=True),
+    "diffusion.time_scale": Spec(float, "flow/gvp: the network's time input is t·time_scale", low=0, low_open=True),
+    "diffusion.t_sampling": Spec(str, "flow_matching: distribution of the training t", choices=T_SAMPLINGS),
+    "diffusion.logit_mean": Spec(float, "flow_matching, logit_normal: mean m of logit t"),
+    "diffusion.logit_std": Spec(float, "flow_matching, logit_normal: standard deviation s of logit t", low=0,
+                                low_open=True),  # fmt: skip
+    "diffusion.mode_scale": Spec(float, "flow_matching, mode: SD3's scale", low=-1, high=MODE_SCALE_MAX),
+    "diffusion.shift": Spec(float, "flow_matching: shift s of the training t, s·t/(1 + (s − 1)·t); 1: none", low=0,
+                            low_open=True),  # fmt: skip
+    "diffusion.loss_weighting": Spec(str, "flow_matching: per-example weight", choices=FLOW_WEIGHTINGS),
     "autoencoder.in_channels": _positive_int("autoencoder: image channels"),
     "autoencoder.out_channels": _positive_int("autoencoder: reconstructed channels (= in_channels to train it)"),
     "autoencoder.block_out_channels": Spec(tuple, "autoencoder: width of each resolution level", low=1, min_items=1),
@@ -188,10 +220,16 @@ SPECS: dict[str, Spec] = {
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),
     "sampling.clip_denoised": Spec(bool, "clip each predicted x_0 to [-1, 1]"),
     "sampling.guidance": Spec(float, "classifier-free guidance scale w", low=0),
+    "sampling.guidance_channels": Spec(int, "guide only the first N output channels (DiT's sample.py: 3); 0: all",
+                                       low=0),  # fmt: skip
     "sampling.batch_size": _positive_int("images per sampling batch"),
     # The samplers' options, from the sampler registry: "<the samplers that take it>: <meaning>".
     **{f"sampling.{name}": dataclasses.replace(spec, meaning=f"{', '.join(users)}: {spec.meaning}")
        for name, (_, spec, users) in config_options().items()},  # fmt: skip
+    **{f"sampling.{name}": dataclasses.replace(spec, meaning=f"flow processes, {', '.join(users)}: {spec.meaning}")
+       for name, (_, spec, users) in flow_config_options().items()},  # fmt: skip
+    "sampling.guidance_t_min": _fraction("flow processes: guidance only where t >= this", high_open=False),
+    "sampling.guidance_t_max": _fraction("flow processes: guidance only where t <= this", high_open=False),
 }
 
 

@@ -8,10 +8,14 @@ import ml_collections
 from jaxdiff.models.autoencoder import autoencoder_model_config
 from jaxdiff.config.defaults import default_config
 from jaxdiff.config.specs import ConfigError, flat_keys, spec_of, unknown_key_error
-from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, process_from_config
+from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, FLOW_LOSSES, PARAMETERIZATIONS, process_from_config
+from jaxdiff.diffusion.flow import PARAMETERIZATIONS as FLOW_PARAMETERIZATIONS
 from jaxdiff.models.networks import create_model
-from jaxdiff.processes import PROCESSES
+from jaxdiff.processes import FLOW_PROCESSES, PROCESSES
 from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS
+from jaxdiff.samplers.registry import flow_config_options
+
+DISCRETE_NETWORKS = ("ddpm_unet", "dit")  # the networks the discrete schedule runs
 
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:
@@ -51,8 +55,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         return config
     if config.model.network == "ddpm_unet":
         _check_unet(config)
+    elif config.model.network == "dit":
+        _check_dit(config)
     else:
         _check_network_section(config.model)
+    _check_guidance_channels(config)
     _check_process(config)
     return config
 
@@ -110,19 +117,75 @@ def _check_network_section(model: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config model.{model.network}: {err}") from None
 
 
+def _check_dit(config: ml_collections.ConfigDict) -> None:
+    """The DiT section agrees with the model's image size, channels, classes, output channels and null label and
+    builds; its σ channels are the discrete schedule's learned_range; exactly one label dropout acts: with the
+    discrete schedule training.label_dropout (the family runs the DiT with train=False, its class_dropout_prob > 0
+    only adding the null-class row), with a continuous process the DiT's own class_dropout_prob."""
+    model, dc, section = config.model, config.diffusion, config.model.dit
+    for own, shared in (("input_size", "image_size"), ("in_channels", "in_channels"), ("num_classes", "num_classes")):
+        if section[own] != model[shared]:
+            raise ConfigError(f"config model.dit.{own}={section[own]} must equal model.{shared}={model[shared]}")
+    try:
+        network = create_model(model)
+    except ValueError as err:
+        raise ConfigError(f"config model.dit: {err}") from None
+    if model.out_channels != network.out_channels:
+        raise ConfigError(f"config model.out_channels={model.out_channels} must equal the DiT's {network.out_channels} "
+                          "output channels (model.dit.in_channels, twice that with learn_sigma and "
+                          "output_sigma)")  # fmt: skip
+    sigma = section.learn_sigma and section.output_sigma
+    if dc.process == "discrete" and sigma != (dc.var_type == "learned_range"):
+        raise ConfigError(f"config model.dit.learn_sigma={section.learn_sigma} does not suit diffusion.var_type="
+                          f"{dc.var_type!r}: a DiT's σ channels are the learned_range interpolation (learn_sigma=True "
+                          "with var_type='learned_range', learn_sigma=False with a fixed variance)")  # fmt: skip
+    if dc.process == "discrete" and sigma and dc.loss_type != "hybrid":
+        raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r}: a DiT's σ channels learn through the bound; "
+                          "use 'hybrid' (DiT's MSE + bound: hybrid_lambda·num_timesteps = 1)")  # fmt: skip
+    if dc.process != "discrete" and sigma:
+        raise ConfigError(f"config model.dit.learn_sigma=True outputs σ channels, which diffusion.process="
+                          f"{dc.process!r} does not read; set model.dit.output_sigma=False (SiT's "
+                          "forward)")  # fmt: skip
+    if model.num_classes and model.null_label != network.null_label:
+        raise ConfigError(f"config model.null_label={model.null_label} must be {network.null_label}: a DiT has the "
+                          "null-class row exactly when model.dit.class_dropout_prob > 0")  # fmt: skip
+    dropout = config.training.label_dropout
+    if dropout and not network.null_label:
+        raise ConfigError(f"config training.label_dropout={dropout} needs the DiT's null-class row: set "
+                          "model.dit.class_dropout_prob > 0")  # fmt: skip
+    if dropout and dc.process != "discrete":
+        raise ConfigError(f"config training.label_dropout={dropout} with model.dit.class_dropout_prob="
+                          f"{section.class_dropout_prob} would drop labels twice: with diffusion.process="
+                          f"{dc.process!r} the DiT drops its own; set training.label_dropout=0")  # fmt: skip
+
+
+def _check_guidance_channels(config: ml_collections.ConfigDict) -> None:
+    """sampling.guidance_channels (the discrete schedule's guidance only) fits the model's channels."""
+    channels = config.sampling.guidance_channels
+    if channels > config.model.in_channels:
+        raise ConfigError(f"config sampling.guidance_channels={channels} exceeds model.in_channels="
+                          f"{config.model.in_channels}")  # fmt: skip
+    if channels and config.diffusion.process != "discrete":
+        raise ConfigError(f"config sampling.guidance_channels={channels} is read by the discrete schedule's guidance "
+                          f"only; diffusion.process={config.diffusion.process!r} guides every channel (set "
+                          "0)")  # fmt: skip
+
+
 def _check_process(config: ml_collections.ConfigDict) -> None:
     """The loss, network and sampler suit the process; a continuous process's parameters are consistent."""
     dc, sc = config.diffusion, config.sampling
+    _check_flow_sampling(sc, dc.process)
     if dc.process == "discrete":
         if not config.data.centered:
             raise ConfigError("config data.centered=False needs a continuous diffusion.process; the discrete schedule "
                               "models data in [-1, 1]")  # fmt: skip
-        if dc.loss_type in CONTINUOUS_LOSSES:
+        if dc.loss_type in CONTINUOUS_LOSSES + FLOW_LOSSES:
             raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} needs a continuous diffusion.process "
                               f"(one of {PROCESSES}), got 'discrete'")  # fmt: skip
-        if config.model.network != "ddpm_unet":
+        if config.model.network not in DISCRETE_NETWORKS:
             raise ConfigError(f"config model.network={config.model.network!r} needs a continuous diffusion.process "
-                              f"(one of {PROCESSES}); the discrete schedule runs model.network='ddpm_unet'")  # fmt: skip
+                              f"(one of {PROCESSES}); the discrete schedule runs model.network in "
+                              f"{DISCRETE_NETWORKS}")  # fmt: skip
         if sc.sampler not in SAMPLERS:
             raise ConfigError(f"config sampling.sampler={sc.sampler!r} needs a continuous diffusion.process; "
                               f"the discrete schedule takes one of {SAMPLERS}")  # fmt: skip
@@ -131,9 +194,17 @@ def _check_process(config: ml_collections.ConfigDict) -> None:
                 f"config sampling.steps={sc.steps} exceeds diffusion.num_timesteps={dc.num_timesteps}"
             )
         return
-    if dc.loss_type not in CONTINUOUS_LOSSES:
+    flow = dc.process in FLOW_PROCESSES
+    losses, kinds = (FLOW_LOSSES, FLOW_PARAMETERIZATIONS) if flow else (CONTINUOUS_LOSSES, PARAMETERIZATIONS)
+    if dc.loss_type not in CONTINUOUS_LOSSES + FLOW_LOSSES:
         raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} is a discrete-schedule loss; "
-                          f"diffusion.process={dc.process!r} needs one of {CONTINUOUS_LOSSES}")  # fmt: skip
+                          f"diffusion.process={dc.process!r} needs one of {losses}")  # fmt: skip
+    if dc.loss_type not in losses:
+        raise ConfigError(f"config diffusion.loss_type={dc.loss_type!r} is not a loss of diffusion.process="
+                          f"{dc.process!r}; expected one of {losses}")  # fmt: skip
+    if dc.parameterization not in kinds:
+        raise ConfigError(f"config diffusion.parameterization={dc.parameterization!r} is not one of diffusion.process="
+                          f"{dc.process!r}; expected one of {kinds}")  # fmt: skip
     if sc.sampler not in CONTINUOUS_SAMPLERS:
         raise ConfigError(f"config sampling.sampler={sc.sampler!r} is for the discrete schedule; "
                           f"diffusion.process={dc.process!r} takes one of {CONTINUOUS_SAMPLERS}")  # fmt: skip
@@ -143,3 +214,19 @@ def _check_process(config: ml_collections.ConfigDict) -> None:
         process_from_config(dc)
     except ValueError as err:
         raise ConfigError(f"config diffusion (process {dc.process!r}): {err}") from None
+
+
+def _check_flow_sampling(sc: ml_collections.ConfigDict, process: str) -> None:
+    """The guidance interval is ordered; it and the flow samplers' options are left at their defaults unless the
+    process is a flow process (the only one that reads them)."""
+    if sc.guidance_t_min > sc.guidance_t_max:
+        raise ConfigError(f"config sampling.guidance_t_min={sc.guidance_t_min} must be <= sampling.guidance_t_max="
+                          f"{sc.guidance_t_max}")  # fmt: skip
+    if process in FLOW_PROCESSES:
+        return
+    defaults = default_config().sampling
+    for name in ("guidance_t_min", "guidance_t_max", *flow_config_options()):
+        if sc[name] != defaults[name]:
+            raise ConfigError(f"config sampling.{name}={sc[name]!r} is a setting of the flow processes "
+                              f"{FLOW_PROCESSES}; diffusion.process={process!r} takes only its default "
+                              f"{defaults[name]!r}")  # fmt: skip

@@ -6,7 +6,10 @@
 - `denoisers`: EDM's D(x; σ) = E[x_0 | x = x_0 + σ·n] built from every parameterisation (ε, x_0, v, score,
   EDM's preconditioning), and what follows from it (score, probability-flow drift).
 - `guidance`: classifier-free guidance of a model output.
-- `losses`: denoising score matching and EDM's loss, on D(x; σ).
+- `losses`: denoising score matching and EDM's loss, on D(x; σ); conditional flow matching.
+- `flow`: flow matching on the interpolants `flow` and `gvp`: velocity, x0, ε and v predictions and their
+  conversions, a flow model as D(x; σ) and as a velocity field, guidance in a t interval, training-time
+  distributions and shifts.
 - `continuous`: a continuous process (`jaxdiff.processes`) and its denoiser as a config describes them.
 """
 

@@ -3,7 +3,9 @@
 
   eps    an ε-model of a VP/sub-VP process: labels t·999, sees x_t = α(t)·x (score_sde's DDPM++ cont.);
   score  a score model: labels σ, output divided by σ (score_sde's NCSN++ cont. with scale_by_sigma);
-  edm    EDM's preconditioning with config.diffusion.sigma_data: labels c_noise = ln(σ)/4.
+  edm    EDM's preconditioning with config.diffusion.sigma_data: labels c_noise = ln(σ)/4;
+and on the flow processes (flow, gvp) a `jaxdiff.diffusion.flow.FlowModel` of the network, which sees the state
+x_t and labels t·config.diffusion.time_scale and predicts velocity, x0, eps or v (`flow_output`).
 
 The model's data are images in [-1, 1], or in [0, 1] with `config.data.centered` False (score_sde's
 uncentered data, e.g. diffusers' ScoreSdeVePipeline models): D, its noise levels and its samples are in
@@ -19,15 +21,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.diffusion.denoisers import continuous_eps_denoiser, edm_precond, ve_score_denoiser
+from jaxdiff.diffusion.flow import FlowModel
 from jaxdiff.diffusion.guidance import guided_denoiser
 from jaxdiff.errors import ConfigError, UsageError
-from jaxdiff.processes import make_process
+from jaxdiff.processes import FLOW_PROCESSES, FlowProcess, make_process
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]
 
 PARAMETERIZATIONS = ("eps", "score", "edm")
 CONTINUOUS_LOSSES = ("dsm", "edm")
+FLOW_LOSSES = ("flow_matching",)  # the flow processes' loss (`jaxdiff.diffusion.losses.flow_matching_loss`)
 
 
 def is_continuous(diffusion_config: ml_collections.ConfigDict) -> bool:
@@ -62,14 +66,20 @@ def process_from_config(diffusion_config: ml_collections.ConfigDict):
         params = {key: diffusion_config[key] for key in ("sigma_min", "sigma_max") if diffusion_config[key] != 0}
     elif name in ("vp", "subvp"):
         params = {"beta_min": diffusion_config.beta_min, "beta_max": diffusion_config.beta_max}
+    elif name in FLOW_PROCESSES:
+        params = {}
     else:
         raise ConfigError(f"diffusion.process={name!r} is not a continuous process")
     return make_process(name, **params)
 
 
 def network_denoiser(net_fn, diffusion_config: ml_collections.ConfigDict, process) -> Denoiser:
-    """D(x; σ) of `net_fn(x, labels) -> output` by `config.diffusion.parameterization` (module docstring)."""
+    """D(x; σ) of `net_fn(x, labels) -> output` by `config.diffusion.parameterization` (module docstring); on a flow
+    process the `FlowModel` of net_fn(x_t, t·time_scale)."""
     kind = diffusion_config.parameterization
+    if isinstance(process, FlowProcess):
+        scale = diffusion_config.time_scale
+        return FlowModel(lambda x_t, t: net_fn(x_t, scale * t), process, kind)
     if kind == "eps":
         return continuous_eps_denoiser(net_fn, process)
     if kind == "score":
@@ -86,33 +96,57 @@ def conditioned_denoiser(config: ml_collections.ConfigDict, model, process, *, t
     class_labels: int [B] or None; for SongUNet the label num_classes (and None) is its all-zero,
     unconditional input. With train=True dropout draws from `dropout_rng`.
     """
-    rngs = {"dropout": dropout_rng} if train else None
 
     def denoise(params, x, sigma, class_labels):
-        def net_fn(x_in, labels):
-            out = model.apply({"params": params}, x_in, labels, class_labels, train=train, rngs=rngs)
-            return out.astype(jnp.float32)
-
+        net_fn = network_fn(model, params, class_labels, train=train, dropout_rng=dropout_rng)
         return network_denoiser(net_fn, config.diffusion, process)(x, sigma)
 
     return denoise
 
 
+def network_fn(model, params, class_labels, *, train: bool = False, dropout_rng: Array | None = None) -> Callable:
+    """`net_fn(x, labels) -> float32 output` of the network `model` with `params` and class_labels (int [B] or
+    None); with train=True dropout draws from `dropout_rng`."""
+    rngs = {"dropout": dropout_rng} if train else None
+
+    def net_fn(x, labels):
+        return model.apply({"params": params}, x, labels, class_labels, train=train, rngs=rngs).astype(jnp.float32)
+
+    return net_fn
+
+
+def flow_output(config: ml_collections.ConfigDict, model, *, train: bool = False,
+                dropout_rng: Array | None = None) -> Callable:  # fmt: skip
+    """`output(params, x_t, t, class_labels)`: the network's prediction (config.diffusion.parameterization) at the
+    state x_t [B, ...] of a flow process and its time t float32 [B], the network seeing labels t·time_scale."""
+    scale = config.diffusion.time_scale
+
+    def output(params, x_t, t, class_labels):
+        return network_fn(model, params, class_labels, train=train, dropout_rng=dropout_rng)(x_t, scale * t)
+
+    return output
+
+
 def model_denoiser(config: ml_collections.ConfigDict, model, params, process, *, labels=None,
                    guidance: float = 0.0) -> Denoiser:  # fmt: skip
-    """D(x; σ) of a trained model (dropout off). Unconditional models take no labels and no guidance;
-    class-conditional ones int labels [B] (None: the null label, unconditional) and a classifier-free
-    guidance scale w >= 0 applied to x̂_0 through `jaxdiff.diffusion.guidance`."""
-    denoise = conditioned_denoiser(config, model, process)
+    """D(x; σ) of a trained model (dropout off), labels and guidance as `guided_call` (guidance applied to x̂_0)."""
+    return guided_call(config, conditioned_denoiser(config, model, process), params, labels=labels, guidance=guidance)
+
+
+def guided_call(config: ml_collections.ConfigDict, fn, params, *, labels=None, guidance: float = 0.0) -> Callable:
+    """`call(a, b)` of `fn(params, a, b, class_labels)`, a network of `config` (e.g. a denoiser's (x, σ) or a flow
+    model's (x_t, t)). Unconditional models take no labels and no guidance; class-conditional ones int labels [B]
+    (None: the null label, unconditional) and a classifier-free guidance scale w >= 0 applied to the output
+    through `jaxdiff.diffusion.guidance`."""
     num_classes = config.model.num_classes
     if num_classes == 0:
         if labels is not None:
             raise UsageError("class labels were given but the model is unconditional (num_classes=0)")
         if guidance:
             raise UsageError(f"guidance={guidance} needs a class-conditional model; this one has num_classes=0")
-        return lambda x, sigma: denoise(params, x, sigma, None)
+        return lambda a, b: fn(params, a, b, None)
     if labels is None:
         if guidance:
             raise UsageError(f"guidance={guidance} needs class labels to guide towards")
-        return lambda x, sigma: denoise(params, x, sigma, None)
-    return guided_denoiser(denoise, params, labels, guidance=guidance, null_label=num_classes)
+        return lambda a, b: fn(params, a, b, None)
+    return guided_denoiser(fn, params, labels, guidance=guidance, null_label=num_classes)

@@ -16,12 +16,14 @@ from jaxdiff.processes import from_schedule
 Array = jax.Array
 
 
-def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Callable[[Array, Array], Array]:
+def model_denoiser(model, params, *, labels=None, guidance: float = 0.0,
+                   guidance_channels: int = 0) -> Callable[[Array, Array], Array]:  # fmt: skip
     """`denoise_fn(x_t, t)` evaluating `model` (dropout off) with `params`.
 
     Unconditional models take no labels and no guidance. Class-conditional
     models take int labels [B] (None: the null label `model.num_classes` for
-    all, i.e. unconditional samples) and a classifier-free guidance scale w >= 0.
+    all, i.e. unconditional samples) and a classifier-free guidance scale w >= 0 on the first
+    `guidance_channels` output channels (0: all; `guided_denoiser`'s `channels`).
     """
     if model.num_classes == 0:
         if labels is not None:
@@ -47,7 +49,8 @@ def model_denoiser(model, params, *, labels=None, guidance: float = 0.0) -> Call
     def apply(p, x_t, t, y):
         return model.apply({"params": p}, x_t, t, y, train=False)
 
-    return guided_denoiser(apply, params, labels, guidance=guidance, null_label=model.num_classes)
+    return guided_denoiser(apply, params, labels, guidance=guidance, null_label=model.num_classes,
+                           channels=guidance_channels)  # fmt: skip
 
 
 # EDM's denoiser D(x; σ) = E[x_0 | x_0 + σ·n = x]: every model type as one, and what processes derive from it.

@@ -74,17 +74,19 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def run_sampler(self, denoise: Denoise, shape: tuple[int, ...], rng: Array, *, sampler: str, steps: int | None,
-                    eta: float, spacing: str | None, options: dict, return_trajectory: bool = False):  # fmt: skip
+                    eta: float, spacing: str | None, options: dict, return_trajectory: bool = False,
+                    noise: Array | None = None):  # fmt: skip
         """Samples float32 `shape` in [-1, 1] drawn with `denoise` (and with `return_trajectory` the
-        intermediate states [K, *shape])."""
+        intermediate states [K, *shape]). `noise` (float32 `shape`), if given, is the N(0, I) draw the initial
+        state is made of, instead of one from `rng`."""
 
     def sampler_fn(self, model, shape: tuple[int, ...], *, guidance: float = 0.0,
                    wrap: Callable[[Denoise], Denoise] | None = None, **settings) -> Callable:  # fmt: skip
-        """draw(params, rng, labels) -> `run_sampler`'s output with the denoiser of `model`; `wrap`, if given,
-        wraps that denoiser (e.g. to report each evaluation); `settings`: those of `run_sampler`."""
+        """draw(params, rng, labels, noise=None) -> `run_sampler`'s output with the denoiser of `model`; `wrap`, if
+        given, wraps that denoiser (e.g. to report each evaluation); `settings`: those of `run_sampler`."""
 
-        def draw(params, rng, labels):
+        def draw(params, rng, labels, noise=None):
             denoise = self.denoiser(model, params, labels=labels, guidance=guidance)
-            return self.run_sampler(wrap(denoise) if wrap else denoise, shape, rng, **settings)
+            return self.run_sampler(wrap(denoise) if wrap else denoise, shape, rng, noise=noise, **settings)
 
         return draw

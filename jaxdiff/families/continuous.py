@@ -4,11 +4,11 @@ the network seen as EDM's denoiser D(x; σ) = x̂_0 for x = x_0 + σ·n, σ the 
 with `config.sampling`'s sampler, steps and options; its likelihood is that of the probability-flow ODE.
 
 The model's data are images in [-1, 1], or in [0, 1] with `config.data.centered` False; samples are returned in
-[-1, 1] (`to_image_range`)."""
+[-1, 1] (`to_image_range`).
+
+`FlowFamily` is this family on the flow processes (flow, gvp) with the methods of `jaxdiff.families.flow`."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,11 @@ from jaxdiff.diffusion.continuous import (
     to_image_range,
     to_model_range,
 )
+from jaxdiff.diffusion.flow import clipped_denoiser
 from jaxdiff.diffusion.losses import dsm_loss, edm_loss
 from jaxdiff.errors import UsageError
 from jaxdiff.families.base import Family
+from jaxdiff.families.flow import FlowMethods
 from jaxdiff.samplers.registry import options_from_config
 
 Array = jax.Array
@@ -38,14 +40,9 @@ def sample_in_image_range(config: ml_collections.ConfigDict, denoiser: Denoiser,
     """`sample_continuous` of a model's `denoiser`, every x̂_0 clipped to the model's data range when
     `config.sampling.clip_denoised`; the samples float32 `shape` returned in [-1, 1] (`to_image_range`)."""
     if config.sampling.clip_denoised:
-        low, high = data_range(config.data)
-        denoiser = functools.partial(_clipped, denoiser, low, high)
+        denoiser = clipped_denoiser(denoiser, *data_range(config.data))
     x0 = samplers.sample_continuous(denoiser, process, shape, rng, sampler=sampler, steps=steps, **options)
     return to_image_range(x0, config.data)
-
-
-def _clipped(denoiser: Denoiser, low: float, high: float, x: Array, sigma: Array) -> Array:
-    return jnp.clip(denoiser(x, sigma), low, high)
 
 
 class ContinuousFamily(Family):
@@ -110,7 +107,7 @@ class ContinuousFamily(Family):
             raise UsageError(f"eta={eta} is an option of sampler 'ddim', not of {sampler!r}")
         if steps is None and sampler == self.config.sampling.sampler and sampler != "ode":
             steps = self.config.sampling.steps or None
-        defaults = options_from_config(sampler, self.config.sampling)
+        defaults = options_from_config(sampler, self.config.sampling, self.process)
         if sampler == "ddim":
             defaults["eta"] = eta
         options = {**defaults, **options}
@@ -120,7 +117,7 @@ class ContinuousFamily(Family):
     def configured_sampling(self):
         sc = self.config.sampling
         return dict(sampler=sc.sampler, steps=None if sc.sampler == "ode" else (sc.steps or None), eta=0.0,
-                    spacing=None, options=options_from_config(sc.sampler, sc))  # fmt: skip
+                    spacing=None, options=options_from_config(sc.sampler, sc, self.process))  # fmt: skip
 
     def model_calls(self, sampler, steps, options):
         """From tracing `sample_continuous` with a stand-in denoiser: this checks every setting and evaluates
@@ -136,8 +133,15 @@ class ContinuousFamily(Family):
         jax.eval_shape(trace, jax.random.PRNGKey(0))
         return calls[0]
 
-    def run_sampler(self, denoise, shape, rng, *, sampler, steps, eta, spacing, options, return_trajectory=False):
+    def run_sampler(self, denoise, shape, rng, *, sampler, steps, eta, spacing, options, return_trajectory=False,
+                    noise=None):  # fmt: skip
         """`sample_in_image_range`; `eta` and `spacing` are the discrete family's (ddim's eta is in `options`,
         `sampling_settings` refuses a spacing), and no trajectory is drawn."""
         return sample_in_image_range(self.config, denoise, self.process, shape, rng, sampler=sampler, steps=steps,
-                                     **options)  # fmt: skip
+                                     noise=noise, **options)  # fmt: skip
+
+
+class FlowFamily(FlowMethods, ContinuousFamily):
+    """The flow family: `ContinuousFamily` on the flow processes, with the loss, denoiser and sampler wrapping of
+    `jaxdiff.families.flow.FlowMethods` (composed here, next to its base, so that no family module sits an import
+    level above the others)."""

@@ -1,6 +1,7 @@
 """The discrete DDPM family: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε on the tables of `config.diffusion`'s beta
 schedule, t the 0-based step index 0..T-1; the network's output is read by `mean_type` / `var_type`; samples drawn by
-`jaxdiff.samplers.sample` (ancestral DDPM by default); the likelihood is the variational bound in bits/dim."""
+`jaxdiff.samplers.sample` (ancestral DDPM by default), on the sampler's spacing of the steps or on improved DDPM's
+respacing (`ADM_SPACING`, how DiT samples); the likelihood is the variational bound in bits/dim."""
 
 from __future__ import annotations
 
@@ -9,11 +10,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers
+from jaxdiff.checks import is_int
 from jaxdiff.diffusion import q_sample, training_losses
 from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.errors import UsageError
 from jaxdiff.families.base import Family
-from jaxdiff.schedule import schedule_from_config
+from jaxdiff.schedule import respace, schedule_from_config
+
+ADM_SPACING = "adm"  # improved DDPM's respacing (`adm_timesteps`), besides the samplers' own spacings
+SPACINGS = (*samplers.SPACINGS, ADM_SPACING)
+# Networks whose only training-time behaviour is dropping their class labels (DiT's class_dropout_prob): the
+# training step drops them instead (training.label_dropout), so these run with train=False in the loss.
+SELF_DROPPING_NETWORKS = ("dit",)
+
+
+def adm_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """Improved DDPM's `space_timesteps(T, [steps])` (guided-diffusion's respace.py, with which DiT samples):
+    `steps` increasing 0-based steps from 0, the stride (T − 1)/(steps − 1) accumulated in float64 and each
+    position rounded half to even (Python's `round`); [0] for one step. int64."""
+    if not is_int(steps) or not 1 <= steps <= num_timesteps:
+        raise UsageError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
+    stride = 1.0 if steps == 1 else (num_timesteps - 1) / (steps - 1)
+    position, taken = 0.0, []
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return np.asarray(taken, np.int64)
 
 
 class DiscreteFamily(Family):
@@ -38,12 +60,13 @@ class DiscreteFamily(Family):
 
     def loss_fn(self, model):
         dc, schedule = self.config.diffusion, self.schedule
+        train = self.config.model.network not in SELF_DROPPING_NETWORKS
 
         def loss(params, x_start, labels, t_rng, noise_rng, dropout_rng):
             t = jax.random.randint(t_rng, (x_start.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
             noise = jax.random.normal(noise_rng, x_start.shape, jnp.float32)
             x_t = q_sample(schedule, x_start, t, noise)
-            output = model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_rng})
+            output = model.apply({"params": params}, x_t, t, labels, train=train, rngs={"dropout": dropout_rng})
             losses = training_losses(
                 schedule, output.astype(jnp.float32), x_start=x_start, x_t=x_t, t=t, noise=noise,
                 mean_type=dc.mean_type, var_type=dc.var_type, loss_type=dc.loss_type,
@@ -54,7 +77,9 @@ class DiscreteFamily(Family):
         return loss
 
     def denoiser(self, model, params, *, labels=None, guidance: float = 0.0):
-        return model_denoiser(model, params, labels=labels, guidance=guidance)
+        """`model_denoiser`, guiding the first config.sampling.guidance_channels output channels (0: all)."""
+        return model_denoiser(model, params, labels=labels, guidance=guidance,
+                              guidance_channels=self.config.sampling.guidance_channels)  # fmt: skip
 
     def denoise_inputs(self, x, t):
         """x as an array; t as int32 after checking (when concrete) that it is integer and lies in [0, T)."""
@@ -87,18 +112,34 @@ class DiscreteFamily(Family):
         sc = self.config.sampling
         return dict(sampler=sc.sampler, steps=sc.steps or None, eta=sc.eta, spacing=sc.spacing or None, options={})
 
+    def _steps(self, sampler, steps) -> int:
+        """`steps`, or the sampler's default (all T for ddpm and ddim)."""
+        num_timesteps = self.schedule.num_timesteps
+        return steps or min(samplers.DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
+
     def model_calls(self, sampler, steps, options):
         """`steps` (default: the sampler's), 2·steps − 1 for heun."""
-        num_timesteps = self.schedule.num_timesteps
-        steps = steps or min(samplers.DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
+        steps = self._steps(sampler, steps)
         return 2 * steps - 1 if sampler == "heun" else steps
 
-    def run_sampler(self, denoise, shape, rng, *, sampler, steps, eta, spacing, options, return_trajectory=False):
+    def run_sampler(self, denoise, shape, rng, *, sampler, steps, eta, spacing, options, return_trajectory=False,
+                    noise=None):  # fmt: skip
         """`jaxdiff.samplers.sample` on the schedule with `config.sampling.clip_denoised` and the model's
-        mean and variance types; `options` is empty for this family."""
-        dc = self.config.diffusion
+        mean and variance types, starting from x_T = `noise` when given; `options` is empty for this family.
+        `spacing` None is config.sampling.spacing ('': the sampler's default). With spacing `ADM_SPACING` the
+        sampler runs through every step of the schedule respaced to `adm_timesteps` (the model still sees the
+        original steps), as improved DDPM's SpacedDiffusion."""
+        dc, schedule = self.config.diffusion, self.schedule
+        spacing = spacing or self.config.sampling.spacing or None
+        if spacing == ADM_SPACING:
+            kept = adm_timesteps(schedule.num_timesteps, self._steps(sampler, steps))
+            with jax.ensure_compile_time_eval():  # the samplers' tables need a concrete schedule, also under jit
+                schedule = respace(schedule, kept)
+            original, inner = jnp.asarray(kept, jnp.int32), denoise
+            denoise = lambda x_t, k: inner(x_t, original[k])  # noqa: E731
+            steps, spacing = len(kept), "uniform"
         return samplers.sample(
-            denoise, self.schedule, shape, rng, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
+            denoise, schedule, shape, rng, sampler=sampler, steps=steps, eta=eta, spacing=spacing,
             clip_denoised=self.config.sampling.clip_denoised, var_type=dc.var_type, mean_type=dc.mean_type,
-            return_trajectory=return_trajectory, **options,
+            return_trajectory=return_trajectory, x_T=noise, **options,
         )  # fmt: skip

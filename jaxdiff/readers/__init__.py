@@ -12,7 +12,9 @@ scheduler config, which sets the diffusion, in `scheduler/`),
 msgpack file, or a folder holding them, itself or in `checkpoints/` or `checkpoints-meta/`; its training
 config is named by `dataset`), "edm" (a `network-snapshot-*.pkl`; any pickle with `source_format="edm"`),
 "score_sde_ve" (a diffusers folder whose `model_index.json` names ScoreSdeVePipeline). The last three
-become continuous-time jaxdiff configs (`continuous_configs`).
+become continuous-time jaxdiff configs (`continuous_configs`). "dit" (an original DiT `.pt`/`.pth`,
+`dit_checkpoint`) and "dit_pipeline" (a diffusers DiTPipeline folder, `dit_pipeline`) are latent-space models that
+`Pipeline.from_pretrained` reads whole (with a VAE folder for a `.pt`); `load_weights` and convert refuse them.
 
 `jaxdiff.readers.formats` holds `detect_format` and `load_weights`; each reader lives in its own module.
 """

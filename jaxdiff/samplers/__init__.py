@@ -1,5 +1,6 @@
 """Samplers: the discrete DDPM family on schedule tables (`sample`) and the continuous-time family
-written against EDM's denoiser D(x; σ) on any noise process (`sample_continuous`)."""
+written against EDM's denoiser D(x; σ) on any noise process (`sample_continuous`), whose euler, heun, midpoint
+and euler_maruyama run in the interpolant's own time on the flow processes (`samplers.flow`)."""
 
 from jaxdiff.samplers import entries  # noqa: F401  (registers every sampler: first, before the lists are read)
 from jaxdiff.samplers.continuous import CONTINUOUS_SAMPLERS, DEFAULT_CONTINUOUS_STEPS, sample_continuous

@@ -23,10 +23,11 @@ from jaxdiff.samplers.ddim_dpm import ddim_sample, ddim_steps, dpm_solver_pp_sam
 from jaxdiff.samplers.deis import deis_steps
 from jaxdiff.samplers.edm import edm_sample, heun_steps
 from jaxdiff.samplers.euler_ancestral import euler_ancestral_steps
+from jaxdiff.samplers.flow import DIFFUSION_FORMS, LAST_STEPS, flow_ode_sample, sit_sde_sample, time_ode_sample
 from jaxdiff.samplers.lms import lms_coefficients, lms_steps
 from jaxdiff.samplers.ode import SOLVERS, TOLERANCE, ode_sample
 from jaxdiff.samplers.pc import CORRECTORS, PREDICTORS, pc_sample
-from jaxdiff.samplers.registry import LatentSpec, Options, SamplerSpec, option, register
+from jaxdiff.samplers.registry import FlowSpec, LatentSpec, Options, SamplerSpec, option, register
 from jaxdiff.samplers.unipc import unipc_steps
 
 # --------------------------------------------------------------------------- options
@@ -73,6 +74,27 @@ class EDMStochasticOptions(Options):
 class DDIMOptions(Options):
     rho: float = _RHO
     eta: float = option(0.0, Spec(float, "DDIM noise scale", low=0, high=1))
+
+
+# The flow runs' options (`FlowSpec`; `config.sampling` keys through `registry.flow_config_options`).
+_SHIFT = option(1.0, Spec(float, "time shift s of the flow grid, t' = s·t/(1 + (s − 1)·t); 1: none", low=0,
+                          low_open=True))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowGridOptions(Options):
+    shift: float = _SHIFT
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSDEOptions(Options):
+    shift: float = _SHIFT
+    diffusion_form: str = option("sigma", Spec(str, "SiT's diffusion coefficient w(t)", choices=DIFFUSION_FORMS),
+                                 noun="diffusion form")  # fmt: skip
+    diffusion_norm: float = option(1.0, Spec(float, "scale of SiT's diffusion coefficient", low=0))
+    last_step: str = option("mean", Spec(str, "SiT's last step to t = 0", choices=LAST_STEPS), noun="last step")
+    last_step_size: float = option(0.04, Spec(float, "t of SiT's last step (unused with last_step 'none')", low=0,
+                                              high=1, low_open=True, high_open=True))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the runs
@@ -134,6 +156,10 @@ def _predictor(name: str) -> Callable:
     return functools.partial(pc_sample, predictor=name, corrector="none")
 
 
+def _flow_ode(method: str, steps: int) -> FlowSpec:
+    return FlowSpec(functools.partial(flow_ode_sample, method=method), FlowGridOptions, steps)
+
+
 # --------------------------------------------------------------------------- the samplers
 
 _DPM = "DPMSolverMultistepScheduler"
@@ -160,13 +186,16 @@ register(SamplerSpec(
     latent=LatentSpec(_DPM, "linspace", run=_latent_dpm_solver, rounded_steps=True),
 ))  # fmt: skip
 register(SamplerSpec(
-    "euler", steps={"latent": _LATENT_STEPS},
+    "euler", steps={"continuous": 100, "latent": _LATENT_STEPS},
+    continuous=functools.partial(time_ode_sample, method="euler"),
     latent=LatentSpec("EulerDiscreteScheduler", "linspace", run=_latent_euler, unscaled_state=True),
+    flow=_flow_ode("euler", 50),
 ))  # fmt: skip
 register(SamplerSpec(
     "heun", steps={"discrete": 18, "continuous": 18, "latent": _LATENT_STEPS},
     options=KarrasOptions, continuous=edm_sample, on_levels=heun_steps, spacing="karras",
     latent=LatentSpec("HeunDiscreteScheduler", "linspace", default_clip=False, run=_latent_heun, unscaled_state=True),
+    flow=_flow_ode("heun", 25),
 ))  # fmt: skip
 register(SamplerSpec(
     "euler_ancestral", steps={"latent": _LATENT_STEPS},
@@ -188,7 +217,10 @@ register(SamplerSpec(
                       rounded_steps=True),
 ))  # fmt: skip
 for _name in PREDICTORS:
-    register(SamplerSpec(_name, steps={"continuous": _SDE_STEPS}, continuous=_predictor(_name)))
+    register(SamplerSpec(
+        _name, steps={"continuous": _SDE_STEPS}, continuous=_predictor(_name),
+        flow=FlowSpec(sit_sde_sample, FlowSDEOptions, 250) if _name == "euler_maruyama" else None,
+    ))  # fmt: skip
 register(SamplerSpec(
     "pc", steps={"continuous": _SDE_STEPS}, options=PCOptions, continuous=pc_sample,
 ))  # fmt: skip
@@ -198,4 +230,8 @@ register(SamplerSpec(
 register(SamplerSpec(
     "edm_stochastic", steps={"continuous": 18}, options=EDMStochasticOptions,
     continuous=edm_sample,
+))  # fmt: skip
+register(SamplerSpec(
+    "midpoint", steps={"continuous": 50}, continuous=functools.partial(time_ode_sample, method="midpoint"),
+    flow=_flow_ode("midpoint", 25),
 ))  # fmt: skip

@@ -5,6 +5,10 @@ A spec names the families the sampler runs in, with its default steps in each:
   continuous  σ-process models seen through EDM's D(x; σ) (`jaxdiff.samplers.sample_continuous`);
   latent      the Stable Diffusion path (`jaxdiff.latent`), matched to a diffusers scheduler class.
 σ is the noise level of x = x_0 + σ·n; a σ grid `levels` is decreasing, its last entry 0 (or σ_min).
+A continuous sampler may also have a run of its own on the flow processes (`FlowSpec`: the interpolants
+`flow` and `gvp` of `jaxdiff.processes`, integrated in their time t from 1 to 0), which `run_of` picks for
+such a process in place of its σ-based run; its options are then the `FlowSpec`'s, whose `config.sampling` keys
+`flow_config_options` lists.
 
 Its options (the continuous family's keyword options, `config.sampling` keys and CLI flags) are a frozen
 dataclass whose fields carry their default and what they accept (`option`); constructing it checks them.
@@ -19,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxdiff.checks import Spec
 from jaxdiff.errors import UsageError
+from jaxdiff.processes import FlowProcess
 
 FAMILIES = ("discrete", "continuous", "latent")
 
@@ -89,6 +94,29 @@ class LatentSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """How a continuous sampler runs on a flow process, in place of its σ-based `continuous` run.
+
+    run      `(denoiser, process, x_T, noise_key, steps, **options) -> (x̂_0, nfe)`, in the time t of the
+             interpolant from t = 1 (x_T) to t = 0;
+    options  its options dataclass (a subclass of `Options`);
+    steps    its default steps.
+    """
+
+    run: Callable
+    options: type = NoOptions
+    steps: int | None = None
+
+
+class Run(NamedTuple):
+    """What `sample_continuous` runs for a sampler on a process: the run, its options dataclass, its default steps."""
+
+    run: Callable
+    options: type
+    steps: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """One sampler.
 
@@ -100,7 +128,8 @@ class SamplerSpec:
     on_levels      the σ-grid steps the discrete family runs through `processes.from_schedule`:
                    `(denoiser, x, levels, noise_key, *, every, ...) -> x̂_0` (None: DDPM's ancestral steps);
     spacing        the discrete family's default timestep spacing;
-    latent         the latent family's `LatentSpec`.
+    latent         the latent family's `LatentSpec`;
+    flow           its own run on the flow processes (`FlowSpec`; None: the continuous run serves them too).
     """
 
     name: str
@@ -110,6 +139,7 @@ class SamplerSpec:
     on_levels: Callable | None = None
     spacing: str = "uniform"
     latent: LatentSpec | None = None
+    flow: FlowSpec | None = None
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -128,8 +158,11 @@ def register(spec: SamplerSpec) -> SamplerSpec:
         raise UsageError(f"sampler {spec.name!r}: unknown families {unknown}; expected some of {FAMILIES}")
     missing = [family for family, part in (("continuous", spec.continuous), ("latent", spec.latent))
                if family in spec.steps and part is None]  # fmt: skip
-    if missing or not issubclass(spec.options, Options):
-        raise UsageError(f"sampler {spec.name!r}: needs an Options subclass and the run of {missing}")
+    if spec.flow is not None and "continuous" not in spec.steps:
+        missing.append("continuous (a flow run is one of a continuous sampler)")
+    options = [spec.options] + ([spec.flow.options] if spec.flow else [])
+    if missing or not all(issubclass(kind, Options) for kind in options):
+        raise UsageError(f"sampler {spec.name!r}: needs Options subclasses and the run of {missing}")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -154,10 +187,24 @@ def default_steps(family: str) -> dict[str, int]:
     return {name: REGISTRY[name].steps[family] for name in samplers_for(family) if REGISTRY[name].steps[family]}
 
 
-def check_options(name: str, options: Mapping[str, Any]) -> dict:
-    """`options` of sampler `name` checked, with the defaults of those not given: a UsageError in one line
-    naming an unknown option or a bad value and what is allowed."""
-    known = sampler_spec(name).options
+def run_of(name: str, process) -> Run:
+    """The `Run` of continuous sampler `name` on `process`: its `FlowSpec`'s on a flow process when it has one,
+    else its continuous run (a UsageError naming the choices for an unknown name)."""
+    spec = sampler_spec(name, "continuous")
+    if spec.flow is not None and isinstance(process, FlowProcess):
+        return Run(spec.flow.run, spec.flow.options, spec.flow.steps)
+    return Run(spec.continuous, spec.options, spec.steps["continuous"])
+
+
+def _options_of(name: str, process) -> type:
+    """The options dataclass of sampler `name`: on `process` when given (`run_of`), else its own."""
+    return sampler_spec(name).options if process is None else run_of(name, process).options
+
+
+def check_options(name: str, options: Mapping[str, Any], process=None) -> dict:
+    """`options` of sampler `name` (on `process`, when given: see `run_of`) checked, with the defaults of those not
+    given: a UsageError in one line naming an unknown option or a bad value and what is allowed."""
+    known = _options_of(name, process)
     allowed = sorted(field.name for field in dataclasses.fields(known))
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -168,16 +215,27 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict:
 def config_options() -> dict[str, tuple[Any, Spec, tuple[str, ...]]]:
     """The options that are `config.sampling` keys and CLI flags: name -> (default, spec, the samplers that take
     it), in registry order. An option shared by several samplers has one default and spec."""
+    return _config_fields((name, spec.options) for name, spec in REGISTRY.items())
+
+
+def flow_config_options() -> dict[str, tuple[Any, Spec, tuple[str, ...]]]:
+    """The options of the samplers' flow runs (`FlowSpec`) that are `config.sampling` keys, as `config_options`."""
+    return _config_fields((name, spec.flow.options) for name, spec in REGISTRY.items() if spec.flow)
+
+
+def _config_fields(options) -> dict[str, tuple[Any, Spec, tuple[str, ...]]]:
+    """name -> (default, spec, users) of the config fields of the (sampler, options dataclass) pairs `options`."""
     found = {}
-    for name, spec in REGISTRY.items():
-        for field in dataclasses.fields(spec.options):
+    for name, kind in options:
+        for field in dataclasses.fields(kind):
             if field.metadata["config"]:
                 default, option_spec, users = found.get(field.name, (field.default, field.metadata["spec"], ()))
                 found[field.name] = (default, option_spec, users + (name,))
     return found
 
 
-def options_from_config(name: str, sampling_config) -> dict:
-    """The options of sampler `name` that `config.sampling` holds (its config keys), read from it."""
-    return {field.name: sampling_config[field.name] for field in dataclasses.fields(sampler_spec(name).options)
+def options_from_config(name: str, sampling_config, process=None) -> dict:
+    """The options of sampler `name` (on `process`, when given: see `run_of`) that `config.sampling` holds (its
+    config keys), read from it."""
+    return {field.name: sampling_config[field.name] for field in dataclasses.fields(_options_of(name, process))
             if field.metadata["config"]}  # fmt: skip

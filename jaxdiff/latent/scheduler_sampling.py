@@ -1,0 +1,126 @@
+"""`SchedulerSampling`: a class-conditional model of the discrete schedule sampled step for step as a diffusers
+pipeline's scheduler steps it (DiTPipeline: its folder's `scheduler/scheduler_config.json`, read by
+`jaxdiff.diffusion.scheduler_config.scheduler_settings`).
+
+The samplers are the latent ones (`jaxdiff.latent.schedulers.LATENT_SAMPLERS`, each as the diffusers scheduler class
+it names, made `from_config` of the folder's config); the default is the folder's own scheduler class. The denoiser is
+the model family's (classifier-free guidance included); the scheduler sees only its first C output channels, as
+DiTPipeline splits off a learned σ before `scheduler.step`. The initial latents are N(0, I) noise [B, h, w, C]
+(scaled by diffusers' `init_noise_sigma` for the σ-grid samplers); the run returns the final latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings
+from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.latent.schedulers import (
+    KARRAS_SAMPLERS,
+    LATENT_SAMPLERS,
+    ROUNDED_STEP_SAMPLERS,
+    SIGMA_SAMPLERS,
+    check_multistep_config,
+    denoise,
+    denoise_on_levels,
+    initial_scale,
+    sampler_levels,
+    sampler_scheduler,
+    sigma_denoiser,
+    step_plan,
+    visited_timesteps,
+)
+from jaxdiff.samplers.registry import REGISTRY
+
+Array = jax.Array
+
+DEFAULT_STEPS = 50  # DiTPipeline's num_inference_steps
+SDE_ALGORITHM = "sde-dpmsolver++"  # DPMSolverMultistepScheduler's algorithm_type of dpm_solver++_sde
+
+
+def folder_sampler(scheduler: SchedulerSettings, source: str) -> str:
+    """The latent sampler that steps as the config's `_class_name` (DPMSolverMultistepScheduler with algorithm_type
+    sde-dpmsolver++: dpm_solver++_sde); a WeightsError for a class no sampler is."""
+    kind = scheduler.config.get("_class_name")
+    names = [name for name in LATENT_SAMPLERS if REGISTRY[name].latent.scheduler_class == kind]
+    if not names:
+        classes = sorted({REGISTRY[name].latent.scheduler_class for name in LATENT_SAMPLERS})
+        raise WeightsError(f"{source}: unsupported scheduler _class_name={kind!r}; supported: {', '.join(classes)}")
+    return names[-1] if len(names) > 1 and scheduler.algorithm_type == SDE_ALGORITHM else names[0]
+
+
+class SchedulerSampling:
+    """The sampling methods of a `jaxdiff.families.Family` (`samplers`, `default_sampler`, `sampling_settings`,
+    `model_calls`, `sampler_fn`) for a discrete-schedule `family` stepped by a diffusers scheduler (module
+    docstring). `source` names the folder in messages."""
+
+    draws_trajectories = False
+    samplers = LATENT_SAMPLERS
+
+    def __init__(self, scheduler: SchedulerSettings, family, source: str):
+        self.scheduler = scheduler
+        self.family = family
+        self.default_sampler = folder_sampler(scheduler, source)
+
+    def sampling_settings(self, sampler, steps, *, eta=0.0, spacing=None, **options) -> tuple[str, int, dict]:
+        """(sampler, steps, {}) checked before any work: `sampler` None is the folder's, `steps` None is
+        DiTPipeline's 50; the scheduler config sets the timestep spacing, so `spacing` may only be "karras" (the
+        Karras σ grid, `use_karras_sigmas`, for KARRAS_SAMPLERS); no eta or other options."""
+        sampler = sampler or self.default_sampler
+        if sampler not in self.samplers:
+            raise UsageError(f"unknown sampler {sampler!r}; a diffusers pipeline folder steps as one of "
+                             f"{self.samplers}")  # fmt: skip
+        if eta:
+            raise UsageError(f"eta={eta}: the scheduler samplers take none (ddim is DDIMScheduler's η = 0)")
+        if spacing not in (None, "karras") or (spacing == "karras" and sampler not in KARRAS_SAMPLERS):
+            raise UsageError(f"spacing={spacing!r}: the folder's scheduler config sets the timestep spacing; only "
+                             f"'karras' (Karras σ) may be given, for {KARRAS_SAMPLERS}")  # fmt: skip
+        if options:
+            raise UsageError(f"sampler options {sorted(options)} are for continuous-time models")
+        steps = DEFAULT_STEPS if steps is None else steps
+        self._points(sampler, steps, spacing == "karras")
+        return sampler, steps, {}
+
+    def model_calls(self, sampler: str, steps: int, options: dict) -> int:
+        """Model evaluations of one batch: `steps`, 2·steps − 1 for heun (HeunDiscreteScheduler's last step is
+        Euler's)."""
+        return 2 * steps - 1 if sampler == "heun" else steps
+
+    def _points(self, sampler: str, steps: int, karras: bool) -> np.ndarray:
+        """The decreasing training steps (ddim, ddpm) or noise levels ending at 0 (SIGMA_SAMPLERS) of a run,
+        after checking `steps` and the scheduler config's settings for `sampler`."""
+        scheduler = sampler_scheduler(self.scheduler, sampler)
+        check_multistep_config(scheduler, sampler)
+        timesteps = visited_timesteps(scheduler, steps)
+        if sampler in SIGMA_SAMPLERS:
+            return sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
+        return timesteps
+
+    def sampler_fn(self, model, shape: tuple[int, ...], *, guidance: float = 0.0, wrap: Callable | None = None,
+                   sampler: str, steps: int, spacing: str | None, **_) -> Callable:  # fmt: skip
+        """draw(params, rng, labels, noise=None) -> the final latents `shape` of the run; the family's denoiser
+        of `model`, wrapped by `wrap` when given. `rng` splits into the noise's key and the sampler's."""
+        points = self._points(sampler, steps, spacing == "karras")  # concrete, outside jit
+        scheduler = sampler_scheduler(self.scheduler, sampler)
+        on_levels, channels = sampler in SIGMA_SAMPLERS, shape[-1]
+        plan = None if on_levels else step_plan(scheduler, points)
+
+        def draw(params, rng, labels, noise=None):
+            fn = self.family.denoiser(model, params, labels=labels, guidance=guidance)
+            fn = wrap(fn) if wrap else fn
+            model_fn = lambda x, t: fn(x, t)[..., :channels]  # noqa: E731 - the learned σ split off
+            noise_key, loop_key = jax.random.split(rng)
+            noise = jax.random.normal(noise_key, shape, jnp.float32) if noise is None else noise
+            if on_levels:
+                denoiser = sigma_denoiser(model_fn, self.scheduler, rounded=sampler in ROUNDED_STEP_SAMPLERS)
+                x_start = noise * initial_scale(scheduler, sampler, float(points[0]))
+                return denoise_on_levels(denoiser, points, x_start, sampler=sampler, scheduler=scheduler,
+                                         rng=loop_key)  # fmt: skip
+            increasing = jnp.asarray(points[::-1].copy(), jnp.int32)
+            return denoise(lambda x, i: model_fn(x, increasing[i]), plan, noise, loop_key, sampler=sampler)
+
+        return draw
