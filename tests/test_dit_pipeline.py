@@ -6,7 +6,6 @@ DiT run configs validated, trained in pixel space, and their label dropout actin
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -238,8 +237,8 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
          "config='cifar10': DiT weights carry their own config"),
         (lambda: load_weights(pipeline_folder), UsageError, "is a DiT pipeline folder"),
     ]
-    sit = save(torch, {"ema": dit_file[1], "args": argparse.Namespace(model="SiT-XL/2")}, tmp_path / "sit.pt")
-    cases.append((lambda: read_dit_run(sit, num_heads=HEADS), WeightsError, "a SiT checkpoint"))
+    cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, variant="sit"), UsageError,
+                  "variant='sit' tells a DiT from a SiT checkpoint (.pt)"))  # fmt: skip
     settings = json.loads((pipeline_folder / "scheduler" / "scheduler_config.json").read_text())
     for change, message in [({"thresholding": True}, "thresholding=True"), ({"shift": 3.0}, "shift=3.0"),
                             ({"_class_name": "PNDMScheduler"}, "unsupported scheduler _class_name='PNDMScheduler'")]:
@@ -256,6 +255,17 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
 # --------------------------------------------------------------------------- the `sample` verb
 
 
+def assert_sample_refusals(capsys, tmp_path, refused) -> None:
+    """Each (flags, message) of `refused`: `jaxdiff sample` with those flags exits 2 with one line holding the
+    message, and writes nothing."""
+    for flags, message in refused:
+        target = tmp_path / "refused.png"
+        assert main(["sample", *flags, "--num", "1", "--out", str(target)]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not target.exists()
+
+
 @pytest.mark.timeout(120)
 def test_sample_verb_on_the_tiny_files(capsys, tmp_path, dit_file, vae_folder, pipeline_folder, tiny_size):
     out = tmp_path / "grid.png"
@@ -270,9 +280,9 @@ def test_sample_verb_on_the_tiny_files(capsys, tmp_path, dit_file, vae_folder, p
     capsys.readouterr()
     refused = [
         (["--pretrained", dit_file[0]], "give --vae FOLDER"),
-        (["--pretrained", str(pipeline_folder), "--vae", str(vae_folder[0])], "--vae: the autoencoder of a DiT "
-         "checkpoint (.pt); a DiTPipeline folder has its own vae/"),
-        (["--workdir", str(tmp_path), "--vae", str(vae_folder[0])], "--vae: the autoencoder of a DiT checkpoint"),
+        (["--pretrained", str(pipeline_folder), "--vae", str(vae_folder[0])], "--vae: the autoencoder and variant "
+         "of a DiT/SiT checkpoint (.pt); a DiTPipeline folder has its own vae/"),
+        (["--workdir", str(tmp_path), "--vae", str(vae_folder[0])], "--vae: the autoencoder and variant of a DiT"),
         (["--pretrained", dit_file[0], "--vae", str(vae_folder[0]), "--prompt", "a cat"], "--vae: the autoencoder"),
         (["--pretrained", dit_file[0], "--vae", str(tmp_path / "none")], "--vae"),
         (["--pretrained", dit_file[0], "--vae", str(vae_folder[0]), "--config", "cifar10"], "--config 'cifar10'"),
@@ -282,12 +292,7 @@ def test_sample_verb_on_the_tiny_files(capsys, tmp_path, dit_file, vae_folder, p
         (["--pretrained", str(pipeline_folder), "--spacing", "quadratic"], "spacing='quadratic'"),
         (["--pretrained", str(pipeline_folder), "--trajectory", str(tmp_path / "t.png")], "--trajectory"),
     ]
-    for flags, message in refused:
-        target = tmp_path / "refused.png"
-        assert main(["sample", *flags, "--num", "1", "--out", str(target)]) == 2, flags
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-        assert not target.exists()
+    assert_sample_refusals(capsys, tmp_path, refused)
     assert main(["convert", dit_file[0], str(tmp_path / "converted")]) == 2
     assert "is a DiT checkpoint" in capsys.readouterr().err
 

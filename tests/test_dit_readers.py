@@ -194,7 +194,8 @@ def test_checkpoint_refusals(torch, tmp_path):
             archive.writestr(name, data[:-4] if name == storage else data)
     with pytest.raises(WeightsError) as err:
         read_dit_checkpoint(tmp_path / "e.pt", num_heads=HEADS)
-    assert f"{storage} holds {len(members[storage]) - 4} bytes, but its tensors declare" in str(err.value)
+    key = storage.rsplit("/", 1)[1]
+    assert f"storage '{key}' holds {len(members[storage]) - 4} bytes, but its tensors declare" in str(err.value)
     with pytest.raises(WeightsError, match="unsupported DiT: hidden_size=16 does not split into num_heads=3 heads"):
         read_dit_checkpoint(tmp_path / "a.pt", num_heads=3)
 

@@ -58,15 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", help="also write a noise-to-image strip (.png) or animation (.gif)")
     sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance: class-conditional models w >= 0 "
-                        "(default 0); --pretrained diffusers' scale (default 7.5)")
+                        "(default: the model's config.sampling.guidance; a SiT .pt 3, its cfg_scale 4); --prompt "
+                        "diffusers' scale (default 7.5)")  # fmt: skip
     sample.add_argument("--pretrained", help="released weights: a Stable Diffusion folder or .safetensors file, a "
                         "score_sde checkpoint_N, an EDM network-snapshot-*.pkl, a diffusers folder (a DiTPipeline "
-                        "folder too), a DiT .pt (with --vae)")  # fmt: skip
+                        "folder too), a DiT or SiT .pt (with --vae)")  # fmt: skip
     sample.add_argument("--config", help="--pretrained score_sde / EDM / diffusers weights: their recipe (score_sde: "
                         "its training config, e.g. sde_ve_ncsnpp_continuous or ve/ncsnpp_continuous)")  # fmt: skip
     sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs")
-    sample.add_argument("--vae", help="--pretrained DiT checkpoint (.pt): its autoencoder, a diffusers AutoencoderKL "
-                        "folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
+    sample.add_argument("--vae", help="--pretrained DiT/SiT checkpoint (.pt): its autoencoder, a diffusers "
+                        "AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
+    sample.add_argument("--variant", choices=("dit", "sit"), help="--pretrained .pt: DiT's diffusion or SiT's flow "
+                        "matching (default: train.py's args.model, else SiT for a file named SiT-*, else DiT)")
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
     sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it")

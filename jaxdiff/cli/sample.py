@@ -17,14 +17,16 @@ from jaxdiff.cli.paths import (
     load_pipeline,
     reading_weights,
 )
-from jaxdiff.cli.sampler_flags import SAMPLER_OPTIONS, sampler_settings
+from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_settings
 
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
 TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder")
-PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS)
-# Read on the pixel-space path for an original DiT checkpoint (--pretrained X.pt) only, refused by name elsewhere.
-DIT_CHECKPOINT_FLAGS = ("vae",)
+PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS, *FLOW_OPTIONS)
+# Read on the pixel-space path for an original DiT or SiT checkpoint (--pretrained X.pt) only, refused by name
+# elsewhere.
+DIT_CHECKPOINT_FLAGS = ("vae", "variant")
+DIT_CHECKPOINT_WHAT = "the autoencoder and variant of a DiT/SiT checkpoint (.pt)"
 DEFAULT_SHARD_SIZE = 1000
 
 
@@ -71,8 +73,7 @@ def _sample_pretrained(args) -> int:
     if args.prompt is None:
         raise UsageError('text-to-image weights need --prompt (--prompt "" draws unconditional samples)')
     _refuse(args, PIXEL_FLAGS, "options of pixel-space sampling; text-to-image (--prompt) does not take them")
-    _refuse(args, DIT_CHECKPOINT_FLAGS, "the autoencoder of a DiT checkpoint (.pt); text-to-image weights carry "
-            "their own")  # fmt: skip
+    _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; text-to-image weights carry their own")
     if args.spacing not in (None, "karras"):
         raise UsageError(f"--spacing {args.spacing!r}: text-to-image takes only 'karras' (Karras σ); its scheduler "
                          "config sets the timestep spacing")  # fmt: skip
@@ -128,7 +129,7 @@ def _dit_pipeline(args):
     fmt = detect_format(args.pretrained)
     if fmt != "dit":
         why = "a DiTPipeline folder has its own vae/" if fmt == "dit_pipeline" else f"{fmt!r} weights draw no latents"
-        _refuse(args, DIT_CHECKPOINT_FLAGS, f"the autoencoder of a DiT checkpoint (.pt); {why}")
+        _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; {why}")
     elif args.vae is None:
         raise UsageError(f"--pretrained {args.pretrained!r} is a DiT checkpoint, which holds only the network: give "
                          "--vae FOLDER (a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
@@ -144,7 +145,7 @@ def _dit_pipeline(args):
     from jaxdiff.sampling.pipeline import Pipeline
 
     with reading_weights(args.pretrained):
-        return Pipeline.from_pretrained(args.pretrained, vae=args.vae)
+        return Pipeline.from_pretrained(args.pretrained, vae=args.vae, variant=args.variant)
 
 
 def run_sample(args, extra) -> int:
@@ -179,8 +180,7 @@ def run_sample(args, extra) -> int:
         check_output_file(args.trajectory, "--trajectory")
     if args.workdir:
         check_weights(args.workdir)
-        _refuse(args, DIT_CHECKPOINT_FLAGS, "the autoencoder of a DiT checkpoint (--pretrained X.pt); a workdir "
-                "has its own config")  # fmt: skip
+        _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; a workdir has its own config")
 
     import jax
 
@@ -199,7 +199,7 @@ def run_sample(args, extra) -> int:
         raise UsageError("--trajectory is for the discrete family's own samplers; this model is continuous-time or "
                          "steps as a diffusers scheduler")  # fmt: skip
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta or 0.0, spacing=args.spacing,
-                    class_label=args.class_label, guidance=args.guidance or 0.0)  # fmt: skip
+                    class_label=args.class_label, guidance=args.guidance)  # fmt: skip
     if to_dir:
         shards = sample_to_shards(pipe, args.out, num_images=args.num, shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
                                   seed=args.seed,

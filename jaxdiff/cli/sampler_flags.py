@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 
 from jaxdiff.cli.errors import UsageError
-from jaxdiff.samplers.registry import config_options, samplers_for
+from jaxdiff.samplers.registry import config_options, flow_config_options, samplers_for
 
 # Options of the continuous samplers, from the sampler registry: flag attribute -> config.sampling key. (eta, which
 # the discrete schedule takes too, is `sample`'s --eta, declared with --spacing in `parser`.)
 SAMPLER_OPTIONS = {name: name for name in config_options() if name != "eta"}
+# Options of those samplers' runs on the flow processes (shift; SiT's SDE settings), read by the flow family only.
+FLOW_OPTIONS = {name: name for name in flow_config_options()}
+FLOW_FAMILY = "flow"
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -19,27 +22,36 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="; ".join(f"{who}: {' | '.join(samplers_for(family))} (default: {default})"
                                                     for who, (family, default) in families.items()))  # fmt: skip
     parser.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim; the sampler's)")
-    options = config_options()
-    for name in SAMPLER_OPTIONS:
-        _, spec, users = options[name]
+    declared = [(name, config_options()[name], "") for name in SAMPLER_OPTIONS]
+    declared += [(name, flow_config_options()[name], "flow processes, ") for name in FLOW_OPTIONS]
+    for name, (_, spec, users), where in declared:
         what = " | ".join(spec.choices) if spec.choices else spec.meaning
-        parser.add_argument("--" + name.replace("_", "-"), type=spec.type, help=f"{', '.join(users)}: {what}")
+        parser.add_argument("--" + name.replace("_", "-"), type=spec.type, help=f"{where}{', '.join(users)}: {what}")
 
 
 def sampler_settings(pipe, args) -> str:
-    """The sampler to use; the continuous sampler options given as flags become the model's sampling settings.
+    """The sampler to use; the continuous sampler options given as flags (the flow processes' ones for a model of
+    the flow family) become the model's sampling settings.
 
     Every setting is checked here, before any work (a bad one is a ValueError).
     """
-    options = {key: getattr(args, flag) for flag, key in SAMPLER_OPTIONS.items() if getattr(args, flag) is not None}
+    flags = {**SAMPLER_OPTIONS, **FLOW_OPTIONS}
+    options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     users = config_options()  # config key -> (default, spec, the samplers that take it)
     refused = [flag for flag, key in SAMPLER_OPTIONS.items()
                if key in options and not set(users[key][2]) & set(pipe.family.samplers)]  # fmt: skip
-    if refused:
-        flags = ", ".join("--" + flag.replace("_", "-") for flag in refused)
-        raise UsageError(f"{flags}: options of the continuous-time samplers; no sampler of this model's family "
-                         f"({pipe.family.name}) takes them")  # fmt: skip
+    _refuse(refused, "options of the continuous-time samplers", pipe)
+    refused = [flag for flag, key in FLOW_OPTIONS.items() if key in options and pipe.family.name != FLOW_FAMILY]
+    _refuse(refused, "options of the flow processes' samplers (flow, gvp)", pipe)
     sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", None) or 0.0,
                                            spacing=getattr(args, "spacing", None), **options)  # fmt: skip
     pipe.config.sampling.update(options)
     return sampler
+
+
+def _refuse(flags: list[str], what: str, pipe) -> None:
+    """A UsageError naming the `flags` (attribute names) given, when there are any: `what` they are, which no
+    sampler of this model's family takes."""
+    if flags:
+        given = ", ".join("--" + flag.replace("_", "-") for flag in flags)
+        raise UsageError(f"{given}: {what}; no sampler of this model's family ({pipe.family.name}) takes them")

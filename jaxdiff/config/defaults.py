@@ -101,6 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.p_std = 1.2
     # Flow matching (process flow | gvp, loss_type flow_matching; jaxdiff.diffusion.flow).
     c.diffusion.time_scale = 1000.0  # flow/gvp: the network's time input is t·time_scale (SiT 1, SD3/Flux 1000)
+    c.diffusion.time_reversed = False  # flow/gvp: the network runs in SiT's time 1 − t (0 noise), velocity negated
     c.diffusion.t_sampling = "uniform"  # flow_matching: training t uniform | logit_normal | mode (SD3's)
     c.diffusion.logit_mean = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
     c.diffusion.logit_std = 1.0

@@ -151,6 +151,8 @@ SPECS: dict[str, Spec] = {
     "diffusion.p_mean": Spec(float, "edm: mean of ln σ in training"),
     "diffusion.p_std": Spec(float, "edm: standard deviation of ln σ in training", low=0, low_open=True),
     "diffusion.time_scale": Spec(float, "flow/gvp: the network's time input is t·time_scale", low=0, low_open=True),
+    "diffusion.time_reversed": Spec(bool, "flow/gvp: the network sees (1 − t)·time_scale and predicts the velocity "
+                                          "in that time (SiT's: t = 0 noise, 1 data)"),
     "diffusion.t_sampling": Spec(str, "flow_matching: distribution of the training t", choices=T_SAMPLINGS),
     "diffusion.logit_mean": Spec(float, "flow_matching, logit_normal: mean m of logit t"),
     "diffusion.logit_std": Spec(float, "flow_matching, logit_normal: standard deviation s of logit t", low=0,

@@ -160,21 +160,20 @@ def _check_dit(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_guidance_channels(config: ml_collections.ConfigDict) -> None:
-    """sampling.guidance_channels (the discrete schedule's guidance only) fits the model's channels."""
+    """sampling.guidance_channels fits the model's channels."""
     channels = config.sampling.guidance_channels
     if channels > config.model.in_channels:
         raise ConfigError(f"config sampling.guidance_channels={channels} exceeds model.in_channels="
                           f"{config.model.in_channels}")  # fmt: skip
-    if channels and config.diffusion.process != "discrete":
-        raise ConfigError(f"config sampling.guidance_channels={channels} is read by the discrete schedule's guidance "
-                          f"only; diffusion.process={config.diffusion.process!r} guides every channel (set "
-                          "0)")  # fmt: skip
 
 
 def _check_process(config: ml_collections.ConfigDict) -> None:
     """The loss, network and sampler suit the process; a continuous process's parameters are consistent."""
     dc, sc = config.diffusion, config.sampling
     _check_flow_sampling(sc, dc.process)
+    if dc.time_reversed and dc.process not in FLOW_PROCESSES:
+        raise ConfigError(f"config diffusion.time_reversed=True is a setting of the flow processes {FLOW_PROCESSES}; "
+                          f"diffusion.process={dc.process!r} takes only False")  # fmt: skip
     if dc.process == "discrete":
         if not config.data.centered:
             raise ConfigError("config data.centered=False needs a continuous diffusion.process; the discrete schedule "

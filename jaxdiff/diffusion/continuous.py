@@ -5,7 +5,10 @@
   score  a score model: labels σ, output divided by σ (score_sde's NCSN++ cont. with scale_by_sigma);
   edm    EDM's preconditioning with config.diffusion.sigma_data: labels c_noise = ln(σ)/4;
 and on the flow processes (flow, gvp) a `jaxdiff.diffusion.flow.FlowModel` of the network, which sees the state
-x_t and labels t·config.diffusion.time_scale and predicts velocity, x0, eps or v (`flow_output`).
+x_t and labels t·config.diffusion.time_scale and predicts velocity, x0, eps or v (`flow_output`). With
+config.diffusion.time_reversed the network runs in SiT's time τ = 1 − t (τ = 0 noise, 1 data; the same state
+x_t = α(t)·x_0 + σ(t)·ε): it sees labels (1 − t)·time_scale and its velocity is dx/dτ = −dx/dt, so a velocity
+prediction is negated (x0, eps and v do not depend on the direction of time) (`flow_network`).
 
 The model's data are images in [-1, 1], or in [0, 1] with `config.data.centered` False (score_sde's
 uncentered data, e.g. diffusers' ScoreSdeVePipeline models): D, its noise levels and its samples are in
@@ -78,8 +81,7 @@ def network_denoiser(net_fn, diffusion_config: ml_collections.ConfigDict, proces
     process the `FlowModel` of net_fn(x_t, t·time_scale)."""
     kind = diffusion_config.parameterization
     if isinstance(process, FlowProcess):
-        scale = diffusion_config.time_scale
-        return FlowModel(lambda x_t, t: net_fn(x_t, scale * t), process, kind)
+        return FlowModel(flow_network(net_fn, diffusion_config), process, kind)
     if kind == "eps":
         return continuous_eps_denoiser(net_fn, process)
     if kind == "score":
@@ -115,14 +117,25 @@ def network_fn(model, params, class_labels, *, train: bool = False, dropout_rng:
     return net_fn
 
 
+def flow_network(net_fn, diffusion_config: ml_collections.ConfigDict) -> Callable:
+    """`output(x_t, t)`: the prediction (config.diffusion.parameterization) in the flow processes' time t (float32
+    [B], 1 = noise) of `net_fn(x_t, labels)`: net_fn(x_t, t·time_scale), or with time_reversed (SiT's time τ =
+    1 − t) net_fn(x_t, (1 − t)·time_scale), negated for a velocity (module docstring)."""
+    scale = diffusion_config.time_scale
+    if not diffusion_config.time_reversed:
+        return lambda x_t, t: net_fn(x_t, scale * t)
+    sign = -1.0 if diffusion_config.parameterization == "velocity" else 1.0
+    return lambda x_t, t: sign * net_fn(x_t, scale * (1.0 - t))
+
+
 def flow_output(config: ml_collections.ConfigDict, model, *, train: bool = False,
                 dropout_rng: Array | None = None) -> Callable:  # fmt: skip
     """`output(params, x_t, t, class_labels)`: the network's prediction (config.diffusion.parameterization) at the
-    state x_t [B, ...] of a flow process and its time t float32 [B], the network seeing labels t·time_scale."""
-    scale = config.diffusion.time_scale
+    state x_t [B, ...] of a flow process and its time t float32 [B] (`flow_network`)."""
 
     def output(params, x_t, t, class_labels):
-        return network_fn(model, params, class_labels, train=train, dropout_rng=dropout_rng)(x_t, scale * t)
+        net_fn = network_fn(model, params, class_labels, train=train, dropout_rng=dropout_rng)
+        return flow_network(net_fn, config.diffusion)(x_t, t)
 
     return output
 
@@ -137,7 +150,9 @@ def guided_call(config: ml_collections.ConfigDict, fn, params, *, labels=None, g
     """`call(a, b)` of `fn(params, a, b, class_labels)`, a network of `config` (e.g. a denoiser's (x, σ) or a flow
     model's (x_t, t)). Unconditional models take no labels and no guidance; class-conditional ones int labels [B]
     (None: the null label, unconditional) and a classifier-free guidance scale w >= 0 applied to the output
-    through `jaxdiff.diffusion.guidance`."""
+    through `jaxdiff.diffusion.guidance`, on its first config.sampling.guidance_channels channels (0: all; the
+    others conditional, as SiT's and DiT's forward_with_cfg guide 3 of 4 latent channels). Every prediction is
+    affine per element in any other at fixed (a, b), so guiding some channels of one guides those of all alike."""
     num_classes = config.model.num_classes
     if num_classes == 0:
         if labels is not None:
@@ -149,4 +164,5 @@ def guided_call(config: ml_collections.ConfigDict, fn, params, *, labels=None, g
         if guidance:
             raise UsageError(f"guidance={guidance} needs class labels to guide towards")
         return lambda a, b: fn(params, a, b, None)
-    return guided_denoiser(fn, params, labels, guidance=guidance, null_label=num_classes)
+    return guided_denoiser(fn, params, labels, guidance=guidance, null_label=num_classes,
+                           channels=config.sampling.guidance_channels)  # fmt: skip

@@ -13,8 +13,9 @@ t = 0, and eps gives x̂_0 = (x_t − σ·ε̂)/α, singular at t = 1: such mode
 [t_min, 1] and [0, t_max] of the process (`regular_interval`, SiT's train_eps/sample_eps for its non-velocity
 models).
 
-The network's time input is t·time_scale (`config.diffusion.time_scale`): SiT passes t in [0, 1] (1), SD3 and Flux
-t·1000 (1000, jaxdiff's default, what the U-Nets' sinusoidal embeddings are built for).
+The network's time input is t·time_scale (`config.diffusion.time_scale`): SiT passes its time in [0, 1] (1), SD3
+and Flux t·1000 (1000, jaxdiff's default, what the U-Nets' sinusoidal embeddings are built for). SiT's time runs the
+other way, τ = 1 − t (τ = 0 noise): `config.diffusion.time_reversed` (`jaxdiff.diffusion.continuous.flow_network`).
 
 `FlowModel` is what the flow family makes of a network: EDM's D(x; σ) (x = x_0 + σ·n, σ float32 [B]) for the
 σ-based samplers and the likelihood, and a velocity field u(x_t, t) evaluated in the state itself, t = 1 included,

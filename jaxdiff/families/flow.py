@@ -1,6 +1,7 @@
 """The flow family's own methods: flow matching on the interpolants `flow` and `gvp` (`jaxdiff.processes`,
 x_t = α(t)·x_0 + σ(t)·ε, t in [0, 1], 1 = noise) with a network predicting velocity, x0, eps or v and seeing its
-time as t·config.diffusion.time_scale (`jaxdiff.diffusion.flow`).
+time as t·config.diffusion.time_scale, or in SiT's reversed time as (1 − t)·time_scale with
+config.diffusion.time_reversed (`jaxdiff.diffusion.continuous.flow_network`).
 
 `FlowFamily` (`jaxdiff.families.continuous`) is `ContinuousFamily` with `FlowMethods` in front. What it keeps: the
 samplers and their settings from `config.sampling` (on a flow process `sample_continuous` runs euler, heun, midpoint
@@ -9,8 +10,9 @@ ODE likelihood, the data range, `denoise(x, σ)` as D(x; σ). What these methods
   loss_fn     `jaxdiff.diffusion.losses.flow_matching_loss` with config.diffusion's parameterization,
               t_sampling, logit_mean, logit_std, mode_scale, shift, loss_weighting (with sigma_data) and
               reduce_mean; the training time and the noise both come from `t_rng`;
-  denoiser    the `FlowModel` of the network, classifier-free guidance (`guided_call`) on its prediction
-              applied only where t in [config.sampling.guidance_t_min, guidance_t_max];
+  denoiser    the `FlowModel` of the network, classifier-free guidance (`guided_call`) on its prediction (its
+              first config.sampling.guidance_channels channels; 0: all) applied only where t in
+              [config.sampling.guidance_t_min, guidance_t_max];
   sampler_fn  a `wrap` (the pipeline's per-evaluation report) wraps the network inside the FlowModel, so that the
               flow samplers keep its velocity at t = 1.
 """

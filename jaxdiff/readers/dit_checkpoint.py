@@ -4,11 +4,16 @@
     model_config, params = read_diffusers_dit("DiT-XL-2-256/transformer")      # a DiTTransformer2DModel folder
 
 The original repositories' `.pt` files are `torch.save` zip archives of either a plain state dict (the released
-`DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`, `SiT-XL-2-256.pt`) or what their train.py saves,
+`DiT-XL-2-256x256.pt`, `DiT-XL-2-512x512.pt`, `SiT-XL-2-256x256.pt`) or what their train.py saves,
 {"model", "ema", "opt", "args"}, read as its "ema" state dict like the repositories' `find_model`. They are read
-by a subclass of `jaxdiff.weights.torch_pickle.RestrictedUnpickler` that also admits train.py's
-`argparse.Namespace`, as an inert record of its attributes; any other global (`os.system`, ...) is refused by
-name, and each storage's size is checked against the archive before it is read. The architecture
+by `jaxdiff.weights.torch_pickle.read_zip_archive` with a subclass of its `RestrictedUnpickler` that also admits
+train.py's `argparse.Namespace`, as an inert record of its attributes; any other global (`os.system`, ...) is
+refused by name, and each storage's size is checked against the archive before it is read.
+
+DiT and SiT share the network; a SiT's forward drops the σ channels of learned-σ weights. A plain state dict does
+not say which it is: the variant is the one given (`variant`, the CLI's `--variant`), else train.py's
+`args.model` (SiT-... or DiT-...), else the file name (starting with "SiT-", as the released SiT-XL-2-256x256.pt
+does: SiT; otherwise DiT). The architecture
 comes from the tensor shapes (patch size, channels, width, depth, MLP width, classes, learned σ; the input size
 from `pos_embed`, which must equal the 2-D sin-cos embedding), the number of heads from the preset of that depth
 and width, train.py's `args.model` or the `num_heads` argument. These use DiT's timestep frequencies
@@ -24,13 +29,13 @@ the per-block one. diffusers' timestep frequencies use freq_shift 1 and the MLP'
 Missing, unexpected or mis-shaped tensors raise one WeightsError listing them all (`jaxdiff.weights.matching`).
 
 For sampling, `read_dit_run` gives a `.pt`'s whole run config (`dit_run_config`: DiT's diffusion, fixed by the
-paper, and its sample.py's sampling, guidance on the first 3 latent channels) and `read_dit_autoencoder` the
-Stable Diffusion VAE it draws the latents of (`jaxdiff.sampling.pipeline.Pipeline.from_pretrained(path, vae=...)`).
+paper, and its sample.py's sampling; `sit_run_config`: SiT's flow matching in its reversed time and its sample.py's
+SDE sampling; both guide the first 3 latent channels) and `read_dit_autoencoder` the Stable Diffusion VAE it draws
+the latents of (`jaxdiff.sampling.pipeline.Pipeline.from_pretrained(path, vae=...)`).
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import pathlib
@@ -56,10 +61,16 @@ from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor
 from jaxdiff.weights.torch_layout import from_torch, torch_shape
-from jaxdiff.weights.torch_pickle import RestrictedUnpickler, ScriptObject, read_torch_file
+from jaxdiff.weights.torch_pickle import (
+    RestrictedUnpickler,
+    ScriptObject,
+    error_summary,
+    read_torch_file,
+    read_zip_archive,
+)
 
 VARIANTS = ("dit", "sit")
-MAX_INFLATION = 16  # a zip member may hold at most this many times its compressed bytes (torch stores them as is)
+SIT_FILE_PREFIX = "sit-"  # a plain state dict whose file name starts so (case aside) is read as SiT's
 POS_EMBED_TOLERANCE = 1e-5  # |stored pos_embed - the 2-D sin-cos formula|: float32 rounding is ~1e-7
 TRAIN_CHECKPOINT_KEYS = ("model", "ema", "opt", "args")
 EMBEDDER_PARTS = ("t_embedder", "y_embedder")
@@ -94,7 +105,9 @@ LEGACY_NEUTRAL = {
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", LEGACY_CLASS)
 DIT_TIMESTEPS = 1000  # DiT's diffusion: T, linear betas 1e-4..0.02 (`dit_run_config`)
 DIT_SAMPLING_STEPS = 250  # DiT's sample.py: --num-sampling-steps
-DIT_GUIDANCE_CHANNELS = 3  # DiT's forward_with_cfg guides the first 3 of the 4 latent channels
+DIT_GUIDANCE_CHANNELS = 3  # DiT's and SiT's forward_with_cfg guide the first 3 of the 4 latent channels
+SIT_SAMPLING_STEPS = 250  # SiT's sample.py SDE: --num-sampling-steps (Euler–Maruyama evaluations, the last step's too)
+SIT_GUIDANCE = 3.0  # SiT's sample.py: --cfg-scale 4.0 = 1 + w (the paper's FID 2.06: cfg 1.5, w = 0.5)
 DIT_LATENT_SCALE = 0.18215  # DiT's sample.py decodes samples / 0.18215
 DIFFUSERS_LABEL_DROPOUT = 0.1  # diffusers' LabelEmbedding always has the null row (class_dropout_prob 0.1)
 DIFFUSERS_FREQ_SHIFT = 1  # diffusers' Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
@@ -127,43 +140,6 @@ class _CheckpointUnpickler(RestrictedUnpickler):
         return super().find_class(module, name)
 
 
-def _member(archive: zipfile.ZipFile, name: str, size: int | None = None) -> bytes:
-    """A zip member's bytes, checked before it is read: `size` bytes if given, at most `MAX_INFLATION` times its
-    compressed bytes."""
-    info = archive.getinfo(name)
-    if size is not None and info.file_size != size:
-        raise WeightsError(f"{name} holds {info.file_size} bytes, but its tensors declare {size}")
-    if info.file_size > MAX_INFLATION * info.compress_size:
-        raise WeightsError(f"{name} inflates {info.compress_size} bytes to {info.file_size}")
-    return archive.read(info)
-
-
-def _read_archive(path: pathlib.Path) -> Any:
-    """The object a `torch.save` zip archive holds (tensors as NumPy views of their storages), unpickled by
-    `_CheckpointUnpickler`; each storage is read once, after its declared size is checked against the file."""
-    with zipfile.ZipFile(path) as archive:
-        names = set(archive.namelist())
-        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise WeightsError(f"not a PyTorch archive (expected one <dir>/data.pkl, found {len(pickles)})")
-        root = pickles[0][: -len("data.pkl")]
-        order = _member(archive, root + "byteorder") if root + "byteorder" in names else b"little"
-        if order not in (b"little", b"big"):
-            raise WeightsError(f"byteorder {order[:16]!r} is neither 'little' nor 'big'")
-        storages: dict[str, np.ndarray] = {}
-
-        def load_storage(key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-            if key not in storages:
-                data = _member(archive, f"{root}data/{key}", numel * dtype.itemsize)
-                stored = np.frombuffer(data, dtype.newbyteorder("<" if order == b"little" else ">"))
-                storages[key] = stored.astype(dtype, copy=False)
-            if storages[key].dtype != dtype or storages[key].size != numel:
-                raise WeightsError(f"storage {key} is declared with two sizes or dtypes")
-            return storages[key]
-
-        return _CheckpointUnpickler(io.BytesIO(_member(archive, pickles[0])), load_storage).load()
-
-
 def _load_checkpoint(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
     """(state-dict tensors by name, train.py's args or {}) of a DiT/SiT `.pt`: a plain state dict, or the "ema"
     entry of a train.py checkpoint. Files in the legacy (pre-zip) torch.save format may hold a plain state dict."""
@@ -172,11 +148,11 @@ def _load_checkpoint(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
     if not zipfile.is_zipfile(path):
         return read_torch_file(path), {}
     try:
-        obj = _read_archive(path)
+        obj = read_zip_archive(path, _CheckpointUnpickler)
     except WeightsError as err:
         raise type(err)(f"{path}: {err}") from None
     except Exception as err:  # noqa: BLE001 - whatever a damaged file makes the reader raise is the file's fault
-        raise WeightsError(f"{path}: not a readable PyTorch file ({type(err).__name__}: {err})") from err
+        raise WeightsError(f"{path}: not a readable PyTorch file ({error_summary(err)})") from err
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict or a train.py checkpoint dict, got {type(obj).__name__}")
     args = obj.get("args")
@@ -322,7 +298,8 @@ def _read_checkpoint(
     source = str(path)
     tensors, args = _load_checkpoint(path)
     if variant is None:
-        variant = "sit" if str(args.get("model", "")).startswith("SiT-") else "dit"
+        name = str(args.get("model", path.name))
+        variant = "sit" if name.lower().startswith(SIT_FILE_PREFIX) else "dit"
     section = _section_from_state_dict(tensors, source, variant=variant, num_heads=num_heads, args=args)
     _check_pos_embed(tensors, section, source)
     tensors = {n: t for n, t in tensors.items() if n != "pos_embed"}
@@ -334,8 +311,9 @@ def read_dit_checkpoint(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(`config.model`, params as float32 NumPy) of a DiT or SiT `.pt` (see the module docstring).
 
-    variant "sit" drops the σ channels of learned-σ weights from the output (SiT's forward); None takes "sit"
-    when train.py's `args.model` names a SiT model, else "dit". num_heads: for sizes other than the presets.
+    variant "sit" drops the σ channels of learned-σ weights from the output (SiT's forward); None takes it from
+    train.py's `args.model`, else from the file name (module docstring). num_heads: for sizes other than the
+    presets.
     """
     _, model_config, params = _read_checkpoint(path, variant, num_heads)
     return model_config, params
@@ -365,15 +343,34 @@ def dit_run_config(model_config: ml_collections.ConfigDict, *, guidance_channels
     return config
 
 
-def read_dit_run(path: str | os.PathLike, *, num_heads: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:
-    """(run config, params as float32 NumPy) of an original DiT `.pt` (`read_dit_checkpoint`) as DiT's sample.py
-    samples it: `dit_run_config` with guidance on the first 3 channels, improved DDPM's respacing (ADM_SPACING) and
-    its 250 steps (config.sampling.steps, what training grids use). A SiT checkpoint is refused (WeightsError)."""
-    variant, model_config, params = _read_checkpoint(path, None, num_heads)
+def sit_run_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run config of the flow family for a SiT `config.model` (`dit_model_config`, without σ channels), with
+    SiT's defaults (train_utils.py, sample.py's SDE mode): the Linear interpolant (process "flow", x_t =
+    (1 − t)·x_0 + t·ε), velocity prediction in SiT's time τ = 1 − t on [0, 1] (time_reversed, time_scale 1),
+    flow matching with uniform t; sampled by euler_maruyama (SiT's Euler–Maruyama: diffusion_form sigma, norm 1,
+    last step mean of size 0.04, the sampler's defaults) in 250 steps, x̂_0 not clipped, and class-conditional
+    models guided with w = 3 (cfg_scale 4) on the first 3 latent channels (forward_with_cfg). The DiT drops its own
+    labels in training (class_dropout_prob), so training.label_dropout stays 0."""
+    config = default_config()
+    config.model = model_config
+    dc, sc = config.diffusion, config.sampling
+    dc.process, dc.parameterization, dc.loss_type = "flow", "velocity", "flow_matching"
+    dc.time_scale, dc.time_reversed = 1.0, True
+    sc.sampler, sc.steps, sc.clip_denoised = "euler_maruyama", SIT_SAMPLING_STEPS, False
+    sc.guidance_channels = DIT_GUIDANCE_CHANNELS
+    sc.guidance = SIT_GUIDANCE if model_config.num_classes else 0.0
+    return config
+
+
+def read_dit_run(path: str | os.PathLike, *, variant: str | None = None,
+                 num_heads: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:  # fmt: skip
+    """(run config, params as float32 NumPy) of an original DiT or SiT `.pt` (`read_dit_checkpoint`, `variant`
+    and `num_heads` as there) as its sample.py samples it. DiT: `dit_run_config` with guidance on the first 3
+    channels, improved DDPM's respacing (ADM_SPACING) and its 250 steps (config.sampling.steps, what training grids
+    use). SiT: `sit_run_config`."""
+    variant, model_config, params = _read_checkpoint(path, variant, num_heads)
     if variant == "sit":
-        raise WeightsError(f"{path}: a SiT checkpoint (train.py's args.model names SiT); SiT's flow matching is not "
-                           "wired yet: its interpolant runs from noise at t = 0 to data at t = 1, which the flow "
-                           "family's settings (t = 1 noise) cannot express")  # fmt: skip
+        return sit_run_config(model_config), params
     config = dit_run_config(model_config, guidance_channels=DIT_GUIDANCE_CHANNELS)
     config.sampling.spacing, config.sampling.steps = ADM_SPACING, DIT_SAMPLING_STEPS
     return config, params

@@ -9,7 +9,8 @@ models (`config.diffusion.process` ve, vp, subvp, edm) sample with the continuou
 s_churn, s_min, s_max, s_noise) default to `config.sampling` and may be passed to `sample`.
 
 A model of the latent space of a frozen autoencoder (DiT: `Pipeline.from_pretrained("DiT-XL-2-256x256.pt",
-vae=FOLDER)`, or a diffusers DiTPipeline folder) samples its latents with the family's samplers, or step for step as
+vae=FOLDER)`, SiT: `Pipeline.from_pretrained("SiT-XL-2-256x256.pt", vae=FOLDER)`, or a diffusers DiTPipeline
+folder) samples its latents with the family's samplers, or step for step as
 its folder's diffusers scheduler (`jaxdiff.latent.scheduler_sampling`), and returns the decoded images; `denoise`
 stays in the model's space, and `latents=` is the initial noise there for every model.
 
@@ -100,24 +101,30 @@ class Pipeline(PipelineBase):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None, config: str | None = None,
-                        vae: str | os.PathLike | None = None) -> "Pipeline":  # fmt: skip
+                        vae: str | os.PathLike | None = None, variant: str | None = None) -> "Pipeline":  # fmt: skip
         """Weights in any supported format (`jaxdiff.readers`): a jaxdiff workdir, a diffusers UNet2DModel or
         ScoreSdeVePipeline folder, an official TF checkpoint, a score_sde `checkpoint_N`, an EDM
-        `network-snapshot-*.pkl`, an original DiT `.pt` with `vae` (a diffusers AutoencoderKL folder, e.g.
-        stabilityai/sd-vae-ft-ema: DiT's diffusion and sampling, `jaxdiff.readers.dit_checkpoint.read_dit_run`), a
-        diffusers DiTPipeline folder (sampled as its scheduler steps); a Stable Diffusion folder or single file
-        gives a `jaxdiff.latent.pipeline.LatentPipeline`. `config` names the recipe of weights in other formats
-        (`load_weights`' `dataset`): required for score_sde checkpoints, whose architecture it gives."""
+        `network-snapshot-*.pkl`, an original DiT or SiT `.pt` with `vae` (a diffusers AutoencoderKL folder, e.g.
+        stabilityai/sd-vae-ft-ema: DiT's diffusion and sampling, or SiT's flow matching and SDE sampling,
+        `jaxdiff.readers.dit_checkpoint.read_dit_run`), a diffusers DiTPipeline folder (sampled as its scheduler
+        steps); a Stable Diffusion folder or single file gives a `jaxdiff.latent.pipeline.LatentPipeline`. `config`
+        names the recipe of weights in other formats (`load_weights`' `dataset`): required for score_sde
+        checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
+        its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's)."""
         from jaxdiff.latent.stable_diffusion import is_stable_diffusion
         from jaxdiff.readers.formats import DIT_FORMATS, detect_format, load_weights
 
         if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
             from jaxdiff.latent.pipeline import LatentPipeline
 
-            if config is not None:
-                raise UsageError(f"config={config!r}: Stable Diffusion weights carry their own configs")
+            if config is not None or variant is not None:
+                name, value = ("config", config) if config is not None else ("variant", variant)
+                raise UsageError(f"{name}={value!r}: Stable Diffusion weights carry their own configs")
             return LatentPipeline.from_pretrained(path)
         fmt = detect_format(path)
+        if variant is not None and fmt != "dit":
+            raise UsageError(f"variant={variant!r} tells a DiT from a SiT checkpoint (.pt); {path} is {fmt!r} "
+                             "weights")  # fmt: skip
         if fmt not in DIT_FORMATS:
             if vae is not None:
                 raise UsageError(f"vae={str(vae)!r} is the autoencoder of a DiT checkpoint (.pt); {path} is "
@@ -130,11 +137,13 @@ class Pipeline(PipelineBase):
             given = "config" if config is not None else "step"
             raise UsageError(f"{given}={config if config is not None else step!r}: DiT weights carry their own "
                              "config and have no checkpoint steps")  # fmt: skip
-        return cls._from_dit(path, fmt, vae)
+        return cls._from_dit(path, fmt, vae, variant)
 
     @classmethod
-    def _from_dit(cls, path: str | os.PathLike, fmt: str, vae: str | os.PathLike | None) -> "Pipeline":
-        """A DiT `.pt` with its `vae` folder, or a diffusers DiTPipeline folder (`fmt` "dit_pipeline", no `vae`)."""
+    def _from_dit(cls, path: str | os.PathLike, fmt: str, vae: str | os.PathLike | None,
+                  variant: str | None) -> "Pipeline":  # fmt: skip
+        """A DiT or SiT `.pt` with its `vae` folder, or a diffusers DiTPipeline folder (`fmt` "dit_pipeline", no
+        `vae`)."""
         from jaxdiff.readers.dit_checkpoint import read_dit_autoencoder, read_dit_run
         from jaxdiff.readers.dit_pipeline import read_dit_pipeline
 
@@ -147,7 +156,7 @@ class Pipeline(PipelineBase):
         if vae is None:
             raise UsageError(f"{path} is a DiT checkpoint, which holds only the network: give vae= (a diffusers "
                              "AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
-        config, params = read_dit_run(path)
+        config, params = read_dit_run(path, variant=variant)
         return cls(config, params, autoencoder=read_dit_autoencoder(vae, config.model))
 
     @property
@@ -241,12 +250,12 @@ class Pipeline(PipelineBase):
 
     def sample_batch(
         self, n: int, rng: Array, *, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
-        spacing: str | None = None, class_label=None, guidance: float = 0.0, return_trajectory: bool = False,
+        spacing: str | None = None, class_label=None, guidance: float | None = None, return_trajectory: bool = False,
         on_model_call: Callable[[], None] | None = None, latents=None, **options,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
         """(uint8 [n, H, W, C] images, int32 [n] labels or None, uint8 [K, n, H, W, C] trajectory or None).
 
-        `sampler`, `steps`, `options`: see `sampling_settings`. `latents` float [n, h, w, c] (NHWC, the model's
+        `sampler`, `steps`, `options`: see `sampling_settings`; `guidance`: see `sample`. `latents` float [n, h, w, c] (NHWC, the model's
         space: its image shape, or its autoencoder's latents): the N(0, I) noise the initial state is made of,
         instead of a draw from `rng`.
         `on_model_call`, if given, runs on the host after each of the sampler's model evaluations.
@@ -256,6 +265,7 @@ class Pipeline(PipelineBase):
             raise UsageError("trajectories are drawn by the discrete family's own samplers only")
         noise = self._initial_noise(latents, n)
         labels = self._labels(class_label, n, rng)
+        guidance = self.config.sampling.guidance if guidance is None else guidance
         settings = dict(sampler=sampler, steps=steps, eta=eta, spacing=spacing, guidance=guidance,
                         return_trajectory=return_trajectory, reports=on_model_call is not None)  # fmt: skip
         self._on_model_call = on_model_call
@@ -334,14 +344,15 @@ class Pipeline(PipelineBase):
 
     def sample(
         self, num_images: int, *, sampler: str | None = None, steps: int | None = None, seed: int = 0,
-        class_label=None, guidance: float = 0.0, eta: float = 0.0, spacing: str | None = None,
+        class_label=None, guidance: float | None = None, eta: float = 0.0, spacing: str | None = None,
         batch_size: int | None = None, progress: bool = False, latents=None, **options,
     ) -> np.ndarray:  # fmt: skip
         """uint8 [num_images, H, W, C]: batches of `batch_size` (default config.sampling.batch_size).
 
         `sampler`, `steps`, `options`: see `sampling_settings`. `class_label`: one label (int, or a name of
         `class_names`) or one per image. `guidance` is w of (1 + w)·out(x, y) − w·out(x, ∅) (diffusers'
-        guidance_scale is 1 + w). `latents` float [num_images, h, w, c]: the initial N(0, I) noise in the model's
+        guidance_scale is 1 + w) on the first config.sampling.guidance_channels channels (0: all); None: the
+        model's default, config.sampling.guidance (SiT's `.pt`: 3, its sample.py's cfg_scale 4). `latents` float [num_images, h, w, c]: the initial N(0, I) noise in the model's
         space (NHWC), split over the batches like the images.
 
         `progress` shows a progress bar over the model evaluations of all batches (stderr).

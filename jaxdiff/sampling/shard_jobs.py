@@ -61,10 +61,12 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
 def sample_to_shards(
     pipe: Pipeline, out_dir: str, *, num_images: int, shard_size: int, seed: int = 0, sampler: str = "ddpm",
     steps: int | None = None, eta: float = 0.0, spacing: str | None = None, class_label=None,
-    guidance: float = 0.0, progress: bool = True,
+    guidance: float | None = None, progress: bool = True,
 ) -> list[str]:  # fmt: skip
     """Draw `num_images` into `out_dir/shard_#####.npz` (keys `images` uint8 NHWC, and `labels` for
-    conditional models); returns the paths of all shards. Finished shards are kept, not redrawn."""
+    conditional models); returns the paths of all shards. Finished shards are kept, not redrawn. `guidance` None is
+    the model's default (`config.sampling.guidance`), recorded as its value."""
+    guidance = pipe.config.sampling.guidance if guidance is None else guidance
     if num_images < 1 or shard_size < 1:
         raise UsageError(f"num_images ({num_images}) and shard_size ({shard_size}) must be >= 1")
     os.makedirs(out_dir, exist_ok=True)
