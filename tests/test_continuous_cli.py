@@ -157,7 +157,7 @@ def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_ru
         (edm, ["--sampler", "heun", "--steps", "100000000"], ["steps=100000000 must be an int in [1, 100000]"]),
         (edm, ["--sampler", "heun", "--snr", "0.2"], ["unknown option(s) ['snr'] for sampler 'heun'"]),
         (edm, ["--sampler", "ode", "--rtol", "0"], ["rtol"]),
-        (edm, ["--trajectory", str(tmp_path / "t.png")], ["--trajectory is for discrete-schedule models"]),
+        (edm, ["--trajectory", str(tmp_path / "t.png")], ["--trajectory is for the discrete family's own samplers"]),
         (ddpm, ["--sampler", "pc"], ["sampler 'pc' is for continuous-time models"]),
         (ddpm, ["--snr", "0.2"], ["--snr: options of the continuous-time samplers"]),
     ]:
