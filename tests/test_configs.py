@@ -36,9 +36,13 @@ CONTINUOUS = {
     "edm_cifar10_uncond_ve": 56.40,
     "edm_cifar10_cond_ve": None,
     "digits_edm": None,
+    "digits_flow": None,
+    "rectified_flow_cifar10": 61.80,
 }
+# Class-conditional latent transformers (configs of released weights; latent-space training is not built).
+TRANSFORMERS = {"dit_xl2_imagenet256": 674.83, "sit_xl2_imagenet256": 674.83}
 OTHER_TASKS = ("shapes_autoencoder", "shapes")  # tasks other than diffusion (tests/test_tasks.py, test_latent_training.py)
-DDPM_CONFIGS = [name for name in CONFIGS if name not in CONTINUOUS and name not in OTHER_TASKS]
+DDPM_CONFIGS = [name for name in CONFIGS if name not in {**CONTINUOUS, **TRANSFORMERS} and name not in OTHER_TASKS]
 LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 
 
@@ -110,7 +114,7 @@ def parameters_by_eval_shape(model_config) -> int:
 def test_all_expected_configs_ship():
     assert CONFIGS == sorted(
         ["cifar10", "cifar10_cond", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "tiny",
-         *CONTINUOUS, *OTHER_TASKS]
+         *CONTINUOUS, *TRANSFORMERS, *OTHER_TASKS]
     )  # fmt: skip
 
 
@@ -155,11 +159,11 @@ def test_256_recipes(name):
     assert config.data.random_flip == (name != "lsun_cat256")
 
 
-@pytest.mark.parametrize("name", [name for name, millions in CONTINUOUS.items() if millions])
+@pytest.mark.parametrize("name", [name for name, millions in {**CONTINUOUS, **TRANSFORMERS}.items() if millions])
 def test_continuous_recipes_have_the_published_parameter_counts(name):
     """Through `parameter_shapes`, the path `jaxdiff info` counts with (shapes only, nothing allocated)."""
     config = validate(get(name))
-    assert round(count_parameters(parameter_shapes(config.model)) / 1e6, 2) == CONTINUOUS[name]
+    assert round(count_parameters(parameter_shapes(config.model)) / 1e6, 2) == {**CONTINUOUS, **TRANSFORMERS}[name]
 
 
 def test_class_conditional_edm_recipes_add_the_label_embedding():
