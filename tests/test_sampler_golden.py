@@ -113,7 +113,7 @@ def _discrete_cases():
 
 
 CONTINUOUS_STEPS = {"euler_maruyama": 20, "reverse_diffusion": 20, "ancestral": 20, "pc": 10, "ode": None,
-                    "heun": 6, "edm_stochastic": 6, "dpm_solver++": 7, "ddim": 7}  # fmt: skip
+                    "heun": 6, "edm_stochastic": 6, "dpm_solver++": 7, "ddim": 7, "euler": 8, "midpoint": 6}  # fmt: skip
 CONTINUOUS_OPTIONS = {"edm_stochastic": {"s_churn": 10.0, "s_min": 0.05, "s_max": 50.0, "s_noise": 1.003},
                       "pc": {"corrector": "ald"}}  # fmt: skip
 
