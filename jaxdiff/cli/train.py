@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 from jaxdiff.cli.config_source import load_config
 from jaxdiff.cli.paths import check_output_dir
 
@@ -17,6 +21,10 @@ def run_train(args, extra) -> int:
     result = train_and_evaluate(config, args.workdir, allow_config_change=args.allow_config_change,
                                 verbose=args.verbose)  # fmt: skip
     print(result.summary)
+    if result.abandoned:  # a compilation a stop left running: exit now rather than when it ends
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -3,6 +3,10 @@ a jaxdiff workdir into a diffusers folder."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
+import logging
 import os
 import pathlib
 import shutil
@@ -23,6 +27,8 @@ from jaxdiff.training.tasks import load_run
 
 TARGET_FORMATS = ("jaxdiff", "diffusers")
 
+log = logging.getLogger(__name__)
+
 
 def _require_free(dst: pathlib.Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -42,7 +48,8 @@ def convert(
 
     Everything is read and checked before anything is written; the output is written into a
     temporary sibling of `dst` and renamed into place at the end, so on failure `dst` is not
-    created. A `dst` that exists and is not an empty folder is refused. Other formats -> jaxdiff writes
+    created; the staging folders of conversions to `dst` that were killed are removed first (with a warning).
+    A `dst` that exists and is not an empty folder is refused. Other formats -> jaxdiff writes
     a step-0 checkpoint with a fresh optimizer state (one set of weights, as diffusers, score_sde's
     params_ema and EDM's ema network are, serves as both params and EMA params); jaxdiff -> diffusers
     exports the EMA params of `step` (default: latest), as a DDPMPipeline or, for a VE model of uncentred
@@ -81,9 +88,13 @@ def convert(
         write = lambda folder: checkpoint.save_model(folder, config, params, ema_params)  # noqa: E731
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    _remove_abandoned(dst)
+    partial = dst.parent / f"{_partial_prefix(dst)}{uuid.uuid4().hex[:12]}"
     partial.mkdir()
+    owner = os.open(partial, os.O_RDONLY)
     try:
+        with contextlib.suppress(OSError):  # a file system without locks: `_remove_abandoned` cannot lock it either
+            fcntl.flock(owner, fcntl.LOCK_EX)  # held until this process ends: the folder is in use
         write(partial)
         _require_free(dst)
         if dst.exists():
@@ -92,4 +103,33 @@ def convert(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        os.close(owner)
     return dst
+
+
+def _partial_prefix(dst: pathlib.Path) -> str:
+    """The name of the folders a conversion to `dst` writes into, less their random suffix."""
+    return f".{dst.name}.partial-"
+
+
+def _remove_abandoned(dst: pathlib.Path) -> None:
+    """Remove the staging folders of conversions to `dst` that were killed (no process holds their lock;
+    a conversion holds its folder's `flock` from creating it until it is renamed), saying so."""
+    removed = []
+    for partial in sorted(dst.parent.glob(f"{glob.escape(_partial_prefix(dst))}*")):
+        try:
+            handle = os.open(partial, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a conversion to the same destination is running (or locks are not supported here)
+            continue
+        finally:
+            os.close(handle)
+        shutil.rmtree(partial, ignore_errors=True)
+        removed.append(partial.name)
+    if removed:
+        log.warning("removed %d unfinished conversion folder(s) to %s left by a stopped conversion: %s", len(removed),
+                    dst, ", ".join(removed))  # fmt: skip

@@ -16,7 +16,7 @@ def count_parameters(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def _sub_jaxprs(params: dict) -> list:
+def sub_jaxprs(params: dict) -> list:
     """Jaxprs nested in an equation's parameters (jit, custom_jvp, remat, cond branches, ...)."""
     found = []
     for value in params.values():
@@ -45,7 +45,7 @@ def matmul_flops(jaxpr: Any) -> int:
             (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2 * out_size * math.prod(lhs[d] for d in lhs_contracting)
-        total += sum(matmul_flops(sub) for sub in _sub_jaxprs(eqn.params))
+        total += sum(matmul_flops(sub) for sub in sub_jaxprs(eqn.params))
     return total
 
 

@@ -2,18 +2,27 @@
 
 Each step directory holds the train state (`state`), the resolved config
 (`config`, JSON), the input pipeline's position (`data_iterator`, JSON;
-absent from checkpoints of converted weights) and the task's extras (`extras`,
-JSON, e.g. an autoencoder's latent scaling factor; absent when it has none). Orbax writes into a temporary directory and renames it when
+absent from checkpoints of converted weights), the task's extras (`extras`,
+JSON, e.g. an autoencoder's latent scaling factor; absent when it has none) and
+the task's kept parameters (`kept`: weights the run uses without training them,
+read from elsewhere, e.g. a latent run's autoencoder; absent when it has none).
+Orbax writes into a temporary directory and renames it when
 complete, so a crash mid-save leaves the earlier steps intact. A step that is
 unreadable anyway (truncated files) is skipped in favour of the newest readable
 one, with one warning; training also moves it aside to `<step>.damaged-<n>`
-(never deleting it) so that the step can be written again.
+(never deleting it) so that the step can be written again. A write that finds
+the disk full is one `CheckpointError` naming the folder and the space needed
+(`disk_full_error`).
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
+import shutil
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -24,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from jaxdiff.config.validation import config_from_dict, validate
 from jaxdiff.errors import WeightsError
+from jaxdiff.training.memory import format_bytes
 from jaxdiff.training.step import make_optimizer, new_train_state, seed_keys
 
 CHECKPOINT_DIR = "checkpoints"
@@ -48,6 +58,7 @@ class Restored(NamedTuple):
     state: Any
     data_state: dict | None  # the data iterator's `get_state()` at the step, if saved
     extras: dict  # the task's `checkpoint_extras` saved with the step ({} if none)
+    kept: Any = None  # the task's `kept_params` saved with the step (NumPy), if asked for and saved
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -60,7 +71,52 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
         "config": ocp.JsonCheckpointHandler(),
         "data_iterator": ocp.JsonCheckpointHandler(),
         "extras": ocp.JsonCheckpointHandler(),
+        "kept": ocp.StandardCheckpointHandler(),
     }
+
+
+ORBAX_PATH = f"{os.sep}orbax{os.sep}"
+
+
+def _is_abandoned_io(unraisable) -> bool:
+    """An echo of orbax's asynchronous reads or writes that a failure (damaged file, full disk) abandoned:
+    TensorStore completing them on a closed event loop, or one of orbax's coroutines dropped unfinished."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and ORBAX_PATH in code.co_filename
+
+
+_MANAGED: set[str] = set()  # the checkpoint folders of this process's managers
+
+
+def _not_abandoned_task(record: logging.LogRecord) -> bool:
+    """False for asyncio reporting, when it is collected, a task or future whose exception no one retrieved, about
+    a checkpoint folder of this process (orbax abandoned it once a sibling's failure was reported)."""
+    if "exception was never retrieved" not in str(record.msg):
+        return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return not any(folder in text for folder in _MANAGED)
+
+
+def _quiet_abandoned_io(directory: str) -> None:
+    """Drop the echoes of orbax's abandoned reads and writes (installed once, for the process): `_is_abandoned_io`
+    from `sys.unraisablehook` (everything else goes to the previous hook) and `_not_abandoned_task` from the
+    asyncio logger. The failure itself reaches the caller as one exception, after which each abandoned read or
+    write would print a traceback, up to hundreds of them, some at interpreter exit. `directory`: a checkpoint
+    folder the process opens."""
+    _MANAGED.add(directory)
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxdiff_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_io(unraisable):
+            previous(unraisable)
+
+    hook._jaxdiff_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_abandoned_task)
 
 
 def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
@@ -74,6 +130,7 @@ def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_on
         raise CheckpointError(
             f"{workdir} {what}: train with `jaxdiff train --workdir {workdir}` or import weights with `jaxdiff convert`"
         )
+    _quiet_abandoned_io(checkpoint_dir(workdir))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if keep is None or read_only else max(1, keep),
         create=not read_only,
@@ -84,18 +141,56 @@ def make_manager(workdir: str | os.PathLike, *, keep: int | None = None, read_on
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, config: ml_collections.ConfigDict,
-         data_state: dict | None = None, extras: dict | None = None) -> None:  # fmt: skip
+         data_state: dict | None = None, extras: dict | None = None, kept: Any = None) -> None:  # fmt: skip
     """Start an asynchronous save at `step` (collective on every process).
 
     `data_state` is the data iterator's `get_state()` after the batch of step `step - 1`; `extras` the
-    task's JSON-able `checkpoint_extras` (nothing is written for None or {}).
+    task's JSON-able `checkpoint_extras` (nothing is written for None or {}); `kept` the task's
+    `kept_params`, a pytree of NumPy arrays (nothing is written for None).
     """
     items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
     if data_state is not None:
         items["data_iterator"] = ocp.args.JsonSave(data_state)
     if extras:
         items["extras"] = ocp.args.JsonSave(extras)
+    if kept is not None:
+        items["kept"] = ocp.args.StandardSave(kept)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """Whether `err` or an exception it was raised from is a full disk or quota (orbax reports TensorStore's
+    as a ValueError whose message carries the system's text)."""
+    texts = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err) for text in texts):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_error(err: BaseException, workdir: str, checkpoint_bytes: int) -> CheckpointError | None:
+    """One line for a full disk under `workdir` (None when `err` is something else): the folder, the space a
+    checkpoint of `checkpoint_bytes` needs and what is free, once the unfinished step orbax was writing (in
+    `<step>.orbax-checkpoint-tmp*`, removed here by process 0) is gone, and the newest complete step, kept."""
+    if not _is_disk_full(err):
+        return None
+    directory = checkpoint_dir(workdir)
+    if jax.process_index() == 0:
+        for partial in glob.glob(os.path.join(glob.escape(directory), "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+    free = shutil.disk_usage(workdir).free
+    kept = f"the newest complete checkpoint, step {steps[-1]}, is kept" if steps else "no checkpoint was completed"
+    return CheckpointError(
+        f"no space left on the disk of {workdir}: a checkpoint needs about {format_bytes(checkpoint_bytes)} free "
+        f"and {format_bytes(free)} is; {kept}; free {format_bytes(max(0, checkpoint_bytes - free))} or more "
+        "there and run again to resume"
+    )
 
 
 def save_model(workdir: str | os.PathLike, config: ml_collections.ConfigDict, params: Any, ema_params: Any, *,
@@ -210,9 +305,23 @@ def _set_aside(directory: str, step: int) -> str:
     return name
 
 
+def _kept_args(saved_items) -> ocp.args.StandardRestore:
+    """Restore arguments of a step's `kept` item: NumPy arrays of the saved shapes and dtypes."""
+    tree = saved_items.kept.tree
+    return ocp.args.StandardRestore(jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), tree))
+
+
+def read_kept(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The `kept` item of `step` (NumPy arrays), or None when the step has none."""
+    saved_items = manager.item_metadata(step)
+    if "kept" not in saved_items.keys():
+        return None
+    return manager.restore(step, args=ocp.args.Composite(kept=_kept_args(saved_items))).kept
+
+
 def restore_newest(
     manager: ocp.CheckpointManager, target_for: Callable[[dict], Any], *, step: int | None = None,
-    set_aside_damaged: bool = False, config: ml_collections.ConfigDict | None = None,
+    set_aside_damaged: bool = False, config: ml_collections.ConfigDict | None = None, with_kept: bool = False,
 ) -> Restored | None:  # fmt: skip
     """`step`, or the newest readable step; None when there are no steps.
 
@@ -222,6 +331,7 @@ def restore_newest(
     with `set_aside_damaged` (writers only; collective on every process), renamed to
     `<step>.damaged-<n>`. A requested `step` that is missing or unreadable is a `CheckpointError`.
     `config`, the run's, names the architecture keys changed since the save when arrays do not fit.
+    `with_kept` also reads the step's kept parameters, as saved (NumPy).
     """
     directory = os.fspath(manager.directory)
     available = sorted(manager.all_steps(), reverse=True)
@@ -250,6 +360,8 @@ def restore_newest(
             items["data_iterator"] = ocp.args.JsonRestore()
         if "extras" in saved_items.keys():
             items["extras"] = ocp.args.JsonRestore()
+        if with_kept and "kept" in saved_items.keys():
+            items["kept"] = _kept_args(saved_items)
         try:
             restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as err:
@@ -258,7 +370,7 @@ def restore_newest(
         if damaged:
             _report_damaged(manager, damaged, candidate, set_aside_damaged)
         return Restored(candidate, saved_config, restored.state, restored.get("data_iterator"),
-                        restored.get("extras") or {})  # fmt: skip
+                        restored.get("extras") or {}, restored.get("kept"))  # fmt: skip
     if damaged:
         steps = ", ".join(str(s) for s, _ in damaged)
         raise CheckpointError(
@@ -289,7 +401,8 @@ def read_params(workdir: str | os.PathLike, task_of: Callable[[ml_collections.Co
 
     `task_of(config)` gives the task whose `init_state` describes the saved state (`jaxdiff.training.tasks.make_task`
     for any run: `jaxdiff.training.tasks.load_run`); any topology may have written the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
-    over the raw ones. Reads only: damaged steps are skipped, not moved. The task's extras of the step
+    over the raw ones; the parameters the step keeps without training them are added to them (a latent run's
+    autoencoder, as "vae"). Reads only: damaged steps are skipped, not moved. The task's extras of the step
     are `read_extras(workdir, step)`.
     """
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -302,7 +415,7 @@ def read_params(workdir: str | os.PathLike, task_of: Callable[[ml_collections.Co
 
     manager = make_manager(workdir, read_only=True)
     try:
-        restored = restore_newest(manager, target_for, step=step)
+        restored = restore_newest(manager, target_for, step=step, with_kept=True)
     finally:
         manager.close()
     if restored is None:
@@ -311,4 +424,6 @@ def read_params(workdir: str | os.PathLike, task_of: Callable[[ml_collections.Co
             "or import weights with `jaxdiff convert`"
         )
     params = restored.state.ema_params if ema else restored.state.params
+    if restored.kept is not None:
+        params = {**params, **jax.device_put(restored.kept, device)}
     return validate(config_from_dict(restored.config)), restored.step, params

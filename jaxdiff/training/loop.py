@@ -8,32 +8,42 @@ step, each step at most once, also after a crash and resume), `tensorboard/`,
 `samples/` (grids from the EMA parameters) and, while a run is going,
 `train.lock`. Only process 0 writes files other than checkpoints, which every
 process writes collectively. SIGTERM or Ctrl-C saves at the next step
-boundary and stops; a second Ctrl-C exits at once.
+boundary and stops (while the run still prepares, before its first step, it
+stops at once: there is nothing to save); a second Ctrl-C exits at once.
+
+Before anything is allocated, the train step and the sample grid are traced
+on abstract inputs and a batch or grid that cannot fit in memory is refused
+in one line with the estimate (`jaxdiff.training.memory`). Checkpoints are
+written asynchronously, but each is committed before the second step after
+it starts, so a run killed at any step loses at most one checkpoint interval
+and one step. A full disk ends the run with one line naming the folder and
+the space needed (`checkpoint.disk_full_error`), the last complete
+checkpoint kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jaxdiff import data, images, sharding
 
 from jaxdiff.errors import ConfigError, TrainingDivergedError
-from jaxdiff.training import checkpoint
+from jaxdiff.training import checkpoint, memory
 from jaxdiff.training.checkpoint import CheckpointError
 from jaxdiff.config.validation import validate
 from jaxdiff.training.metrics_log import MetricsWriter
-from jaxdiff.training.stop_signals import StopSignals
+from jaxdiff.training.stop_signals import StopRequested, StopSignals
 from jaxdiff.training.tasks import configured_image_shape, make_task
 from jaxdiff.training.workdir_lock import WorkdirLock
 
@@ -50,14 +60,31 @@ class NonFiniteLossError(TrainingDivergedError):
 
 @dataclass
 class RunResult:
-    step: int  # steps completed
-    preempted: bool  # stopped by SIGTERM or SIGINT, with a checkpoint at `step`
+    step: int | None  # steps completed (None: stopped while preparing, before the workdir's checkpoints were read)
+    preempted: bool  # stopped by SIGTERM or SIGINT, with a checkpoint at `step` (or none, at step 0)
     summary: str  # one line: how the run ended and what it wrote where (the CLI's result line)
+    # Work a stop while preparing left running on worker threads (a compilation cannot be cancelled): the
+    # interpreter waits for it before exiting, which a program that is done may skip with os._exit.
+    abandoned: tuple = ()
+
+
+# orbax's advice when a save waited for the previous one: the loop waits for each save on purpose (`_Run.train`).
+ORBAX_WAIT_ADVICE = "Waiting for previous save to complete took"
+
+
+def _not_orbax_noise(record: logging.LogRecord) -> bool:
+    """False for what orbax logs that the run reports better itself: an exception a background thread hands to
+    the thread that waits for it (which reports it once; e.g. four tracebacks for one full disk), and
+    `ORBAX_WAIT_ADVICE`; True for every other record."""
+    if checkpoint.ORBAX_PATH not in record.pathname:
+        return True
+    return record.exc_info is None and not str(record.msg).startswith(ORBAX_WAIT_ADVICE)
 
 
 @contextlib.contextmanager
 def _library_logs(verbose: bool | None):
-    """Library loggers at WARNING for the duration (orbax logs ≈40 INFO lines per save), unless `verbose`.
+    """Library loggers at WARNING for the duration (orbax logs ≈40 INFO lines per save) and without orbax's
+    `_not_orbax_noise`, unless `verbose`.
 
     `verbose` None: verbose when the `jaxdiff` logger is at DEBUG (as `jaxdiff -v` sets it).
     """
@@ -70,21 +97,29 @@ def _library_logs(verbose: bool | None):
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
+        logger.addFilter(_not_orbax_noise)
     try:
         yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+            logger.removeFilter(_not_orbax_noise)
 
 
 def _write_atomically(path: str, text: str) -> None:
-    """Replace `path` by `text` in one rename, so a crash leaves the old or the new file, never a mix."""
+    """Replace `path` by `text` in one rename, so a crash leaves the old or the new file, never a mix (and an
+    exception, no staging file)."""
     staging = f"{path}.tmp-{os.getpid()}"
-    with open(staging, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    try:
+        with open(staging, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
 
 
 def truncate_metrics(workdir: str, step: int) -> None:
@@ -119,9 +154,9 @@ def fetch_replicated(tree):
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
-def _restore(manager, state, config, allow_config_change: bool) -> checkpoint.Restored | None:
-    """The newest readable checkpoint (damaged newer ones moved aside), or None for a new run."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+def _restore(manager, target, config, allow_config_change: bool) -> checkpoint.Restored | None:
+    """The newest readable checkpoint (damaged newer ones moved aside) restored into `target` (the abstract
+    state, with shardings), or None for a new run."""
 
     def check_config(saved: dict):
         differences = checkpoint.config_differences(saved, config)
@@ -140,6 +175,10 @@ def _will_sample(start: int, total: int, every: int) -> bool:
     return total // every > start // every
 
 
+def _compile(traced: jax.stages.Traced) -> jax.stages.Compiled:
+    return traced.lower().compile()
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, allow_config_change: bool = False,
     progress: bool = True, verbose: bool | None = None,
@@ -147,107 +186,196 @@ def train_and_evaluate(
     """Train `config` in `workdir`, resuming from its newest readable checkpoint; returns where the run stopped.
 
     `progress` shows a progress bar. `verbose` lets the libraries' INFO logs (orbax: dozens of lines per
-    save) through; None: when the `jaxdiff` logger is at DEBUG.
+    save) through; None: when the `jaxdiff` logger is at DEBUG. A refusal (a `JaxdiffError`) leaves a
+    workdir it created removed again.
     """
     validate(config)
     mesh = sharding.make_mesh(config.training.fsdp)  # before the lock: a bad fsdp touches no file
     workdir = os.path.abspath(os.fspath(workdir))
     with WorkdirLock(workdir) as lock, _library_logs(verbose), StopSignals(on_abort=lock.release) as stop:
-        return _run(config, workdir, mesh, allow_config_change=allow_config_change, progress=progress, stop=stop)
+        run = _Run(config, workdir, mesh, stop, progress=progress)
+        try:
+            with contextlib.ExitStack() as cleanup:  # closes, last opened first, whatever happens
+                with stop.preparing():
+                    run.prepare(cleanup, allow_config_change=allow_config_change)
+                return run.train()
+        except StopRequested:
+            where = "" if run.start is None else f", at step {run.start}"
+            summary = f"stopped by {stop.received} while preparing{where}: no step trained, nothing saved"
+            return RunResult(step=run.start, preempted=True, summary=summary, abandoned=tuple(stop.abandoned))
+        except Exception as err:
+            full = checkpoint.disk_full_error(err, workdir, run.checkpoint_bytes)
+            if full is None:
+                raise
+            raise full from None
 
 
-def _run(config, workdir: str, mesh, *, allow_config_change: bool, progress: bool, stop: StopSignals) -> RunResult:
-    """The run itself on `mesh`, with the workdir locked and the stop signals handled."""
-    tc = config.training
-    image_shape = configured_image_shape(config)  # folder images of latent runs: model.image_size
-    source = data.load_dataset(config.data, image_shape_for_synthetic=image_shape,
-                               image_size=image_shape[0] if image_shape else config.model.image_size)  # fmt: skip
-    task = make_task(config, source)
-    task.check_source(source)
-    check_batch_layout(config, mesh.devices.size)
+class _Run:
+    """One run on `mesh` with the workdir locked and the stop signals handled: `prepare` (everything before the
+    first step: the data, the task, the memory check, the state, compilation), then `train`."""
 
-    with contextlib.ExitStack() as cleanup:  # closes, last opened first, whatever happens
-        manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)
-        cleanup.callback(manager.close)
-        state_sharding = sharding.state_sharding(mesh, jax.eval_shape(task.init_state))  # everywhere below
-        state = jax.jit(task.init_state, out_shardings=state_sharding)()
-        restored = _restore(manager, state, config, allow_config_change)
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, mesh, stop: StopSignals, *, progress: bool):
+        self.config, self.workdir, self.mesh, self.stop, self.progress = config, workdir, mesh, stop, progress
+        self.start: int | None = None  # the step the run starts (or resumes) at, once known
+        self.checkpoint_bytes = 0  # the size of one checkpoint's arrays, once known
+
+    def prepare(self, cleanup: contextlib.ExitStack, *, allow_config_change: bool) -> None:
+        config, mesh, tc = self.config, self.mesh, self.config.training
+        image_shape = configured_image_shape(config)  # folder images of latent runs: model.image_size
+        source = data.load_dataset(config.data, image_shape_for_synthetic=image_shape,
+                                   image_size=image_shape[0] if image_shape else config.model.image_size)  # fmt: skip
+        task = self.task = make_task(config, source, workdir=self.workdir)
+        task.check_source(source)
+        check_batch_layout(config, mesh.devices.size)
+
+        programs = trace_programs(task, source, config, mesh)  # compiled below, once no check refuses the run
+        check_memory(programs, config)
+        self.kept = task.kept_params()
+        self.checkpoint_bytes = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+                                    for leaf in jax.tree.leaves((programs.state, self.kept)))  # fmt: skip
+
+        self.manager = checkpoint.make_manager(self.workdir, keep=tc.keep_checkpoints)
+        cleanup.callback(self.manager.close)
+        restored = _restore(self.manager, programs.state, config, allow_config_change)
         if restored is not None:
             task.check_resumed(restored.extras)
-        state = state if restored is None else restored.state
-        start = step = int(fetch_replicated(state.step))
-        main_process = jax.process_index() == 0
-        if main_process:
-            truncate_metrics(workdir, start)
+            self.state = restored.state
+        else:
+            self.state = self.stop.run(jax.jit(task.init_state, out_shardings=programs.state_sharding))
+        self.start = int(fetch_replicated(self.state.step))
+        self.main_process = jax.process_index() == 0
+        if self.main_process:
+            truncate_metrics(self.workdir, self.start)
             config_text = json.dumps(config.to_dict(), indent=2, default=str)
-            _write_atomically(os.path.join(workdir, "config.json"), config_text)
-            log.info("%s at step %d in %s", "resuming" if restored is not None else "starting", start, workdir)
+            _write_atomically(os.path.join(self.workdir, "config.json"), config_text)
+            log.info("%s at step %d in %s", "resuming" if restored is not None else "starting", self.start,
+                     self.workdir)  # fmt: skip
 
-        batches = data.iterate_batches(
-            source, seed=config.seed, start_step=start, global_batch_size=tc.batch_size,
+        self.batches = data.iterate_batches(
+            source, seed=config.seed, start_step=self.start, global_batch_size=tc.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
-        cleanup.callback(batches.close)
+        cleanup.callback(self.batches.close)
         if restored is not None and restored.data_state is not None:
-            batches.set_state(restored.data_state)
-        writer = MetricsWriter(workdir)
-        cleanup.callback(writer.close)
-        compile_start = time.perf_counter()
-        global_batches = (sharding.global_batch(task.host_batch(b), mesh) for b in batches)
-        first_batch = next(global_batches)
-        replicated = sharding.replicated_sharding(mesh)
-        train_step = jax.jit(
-            task.train_step,
-            in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=0,
-        ).lower(state, first_batch).compile()
-        sample_fn = None
-        if _will_sample(start, tc.num_train_steps, tc.sample_every_steps):
-            sample_fn = jax.jit(task.sample_grid, out_shardings=replicated).lower(
-                state.ema_params, jax.random.PRNGKey(0)
-            ).compile()
-        if main_process:
+            self.batches.set_state(restored.data_state)
+        compile_start = time.perf_counter()  # the first batches load meanwhile
+        self.train_step = self.stop.run(_compile, programs.step)
+        self.sample_fn = None
+        if _will_sample(self.start, tc.num_train_steps, tc.sample_every_steps):
+            self.sample_fn = self.stop.run(_compile, programs.sample)
+        if self.main_process:
             log.info("compiled in %.1f s", time.perf_counter() - compile_start)
+        self.writer = MetricsWriter(self.workdir)
+        cleanup.callback(self.writer.close)
+        self.bar = ProgressBar(self.start, tc.num_train_steps, enabled=self.main_process and self.progress)
+        cleanup.callback(self.bar.close)
 
-        bar = ProgressBar(start, tc.num_train_steps, enabled=progress and main_process)
-        cleanup.callback(bar.close)
-        global_batches = itertools.chain([first_batch], global_batches)
+    def _save(self, step: int) -> None:
+        checkpoint.save(self.manager, step, self.state, self.config, self.batches.get_state(),
+                        self.task.checkpoint_extras(self.state), self.kept)  # fmt: skip
+
+    def train(self) -> RunResult:
+        """Steps from `start` until `training.num_train_steps` or an agreed stop, then the last checkpoint."""
+        tc, task, stop, workdir = self.config.training, self.task, self.stop, self.workdir
+        global_batches = (sharding.global_batch(task.host_batch(b), self.mesh) for b in self.batches)
         pending: list[dict] = []
-        saved_steps, sampled = [], False
-        last_time, last_step, paused = time.perf_counter(), start, 0.0  # paused: seconds spent sampling
+        saved_steps, sampled, writing = [], False, None  # writing: the step of a save not yet waited for
+        step = last_step = self.start
+        last_time, paused = time.perf_counter(), 0.0  # paused: seconds spent sampling
         while step < tc.num_train_steps and not stop.agreed():
-            state, metrics = train_step(state, next(global_batches))
+            self.state, metrics = self.train_step(self.state, next(global_batches))
             pending.append(metrics)
             step += 1
+            if writing is not None:  # the save after the previous step is committed before the next step starts
+                self.manager.wait_until_finished()
+                writing = None
             if step % tc.log_every_steps == 0 or step == tc.num_train_steps:
                 now = time.perf_counter()
                 summary = _summarise(pending, steps=step - last_step, seconds=now - last_time - paused,
                                      batch=tc.batch_size)  # fmt: skip
                 pending, last_time, last_step, paused = [], now, step, 0.0
-                writer.write(step, summary)
-                bar.update(step, summary)
+                self.writer.write(step, summary)
+                self.bar.update(step, summary)
                 _raise_if_diverged(summary, step, tc.max_consecutive_nonfinite)
             if step % tc.checkpoint_every_steps == 0:
-                checkpoint.save(manager, step, state, config, batches.get_state(), task.checkpoint_extras(state))
+                self._save(step)
                 saved_steps.append(step)
+                writing = step
             if step % tc.sample_every_steps == 0:
                 sampling_start = time.perf_counter()
-                samples = sample_fn(state.ema_params, jax.random.PRNGKey(step))
+                samples = self.sample_fn(self.state.ema_params, jax.random.PRNGKey(step))
                 _write_samples(workdir, step, samples, task.grid_captions)
                 paused += time.perf_counter() - sampling_start
                 sampled = True
-        if step > start and manager.latest_step() != step:
-            checkpoint.save(manager, step, state, config, batches.get_state(), task.checkpoint_extras(state))
+        if step > self.start and self.manager.latest_step() != step:
+            self._save(step)
             saved_steps.append(step)
-        manager.wait_until_finished()
-    outcome = f"stopped by {stop.received}" if stop.received else "finished"
-    wrote = f"checkpoints {saved_steps} to {manager.directory}, " if saved_steps else ""
-    samples = f", sample grids to {os.path.join(workdir, 'samples')}" if sampled else ""
-    summary = f"{outcome} at step {step}: wrote {wrote}metrics to {os.path.join(workdir, METRICS_FILE)}{samples}"
-    if main_process:
-        log.debug(summary)
-    return RunResult(step=step, preempted=stop.received is not None, summary=summary)
+        self.manager.wait_until_finished()
+        outcome = f"stopped by {stop.received}" if stop.received else "finished"
+        wrote = f"checkpoints {saved_steps} to {self.manager.directory}, " if saved_steps else ""
+        samples = f", sample grids to {os.path.join(workdir, 'samples')}" if sampled else ""
+        summary = f"{outcome} at step {step}: wrote {wrote}metrics to {os.path.join(workdir, METRICS_FILE)}{samples}"
+        if self.main_process:
+            log.debug(summary)
+        return RunResult(step=step, preempted=stop.received is not None, summary=summary)
+
+
+@dataclass
+class Programs:
+    """A run's programs traced on abstract inputs (`jax.ShapeDtypeStruct`s with their shardings)."""
+
+    state: Any  # the train state
+    state_sharding: Any
+    batch: dict  # the global batch
+    host_bytes: int  # this process's part of the batch as read on the host
+    step: jax.stages.Traced  # the train step on (state, batch)
+    sample: jax.stages.Traced | None  # the sample grid on the EMA parameters, when the run draws one
+    devices: int  # of the mesh
+
+
+def trace_programs(task, source, config: ml_collections.ConfigDict, mesh) -> Programs:
+    """The train step of `task` on `mesh` and (when `config` samples during the run) its sample grid, traced:
+    shapes only, nothing allocated, ready to be checked (`check_memory`) and compiled."""
+    tc = config.training
+    state_shapes = jax.eval_shape(task.init_state)
+    state_sharding = sharding.state_sharding(mesh, state_shapes)
+    state = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), state_shapes,
+                         state_sharding)  # fmt: skip
+    batch, host_bytes = _abstract_batch(task, source, config, mesh)
+    replicated = sharding.replicated_sharding(mesh)
+    step = jax.jit(
+        task.train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated), donate_argnums=0,
+    ).trace(state, batch)  # fmt: skip
+    sample = None
+    if _will_sample(0, tc.num_train_steps, tc.sample_every_steps):
+        sample = jax.jit(task.sample_grid, out_shardings=replicated).trace(state.ema_params, jax.random.PRNGKey(0))
+    return Programs(state, state_sharding, batch, host_bytes, step, sample, mesh.devices.size)
+
+
+def check_memory(programs: Programs, config: ml_collections.ConfigDict) -> None:
+    """ConfigError naming training.batch_size (or training.num_sample_images) with the estimate when a program
+    cannot fit in this machine's memory (`jaxdiff.training.memory`)."""
+    tc = config.training
+    floor = memory.program_floor(programs.step, (programs.state, programs.batch), devices=programs.devices,
+                                 host_bytes=programs.host_bytes)  # fmt: skip
+    memory.check_fits(floor, f"training.batch_size={tc.batch_size}", what="one training step")
+    if programs.sample is not None:
+        floor = memory.program_floor(programs.sample, programs.state.ema_params, devices=programs.devices)
+        memory.check_fits(floor, f"training.num_sample_images={tc.num_sample_images}", what="a sample grid")
+
+
+def _abstract_batch(task, source, config: ml_collections.ConfigDict, mesh) -> tuple[dict, int]:
+    """(the global batch `task.train_step` takes, as `jax.ShapeDtypeStruct`s sharded over `mesh`; the bytes of this
+    process's host-side part), from one example of `source` through `task.host_batch`."""
+    example = task.host_batch(data.batch_for_step(source, seed=config.seed, step=0, global_batch_size=1,
+                                                  process_index=0, process_count=1))  # fmt: skip
+    batch_size, batch_sharding = config.training.batch_size, sharding.batch_sharding(mesh)
+    batch = {name: jax.ShapeDtypeStruct((batch_size, *np.shape(value)[1:]), np.asarray(value).dtype,
+                                        sharding=batch_sharding)
+             for name, value in example.items()}  # fmt: skip
+    host_bytes = sum(np.asarray(value).nbytes for value in example.values()) * (batch_size // jax.process_count())
+    return batch, host_bytes
 
 
 COUNTERS = ("skipped_updates", "nonfinite_streak")  # metrics that are running counts: logged as their last value

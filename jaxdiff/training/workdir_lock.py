@@ -71,18 +71,44 @@ def _remove_stale(path: str, holder: dict) -> bool:
     return True
 
 
+def _make_folders(path: str) -> str | None:
+    """Create folder `path` and its missing parents; returns the outermost one created (None: it existed)."""
+    missing = None
+    parent = path
+    while not os.path.exists(parent):
+        missing, parent = parent, os.path.dirname(parent)
+    os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def _remove_if_empty(path: str, outermost: str) -> None:
+    """Remove the folder tree `path` if it holds no file, then its parents up to `outermost` while empty."""
+    if any(files for _, _, files in os.walk(path)):
+        return
+    with contextlib.suppress(OSError):
+        for folder, _, _ in os.walk(path, topdown=False):
+            os.rmdir(folder)
+        while path != outermost:
+            path = os.path.dirname(path)
+            os.rmdir(path)
+
+
 class WorkdirLock:
     """`workdir/train.lock`: one training job per workdir, taken before any work and released on exit.
 
     Process 0 creates the file atomically with {"pid", "host", "job"}; the job's other processes accept
     it when it holds the job id process 0 broadcast. The lock of a process that is gone (same host,
     pid not running) is taken over. Creating the lock also checks that the workdir is writable.
+
+    The folders the lock creates (the workdir and any missing parents) are removed again on release when the
+    run left no file in them, so a run refused after taking the lock leaves nothing behind.
     """
 
     def __init__(self, workdir: str):
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_FILE)
         self._record: dict | None = None
+        self._created: str | None = None  # the outermost folder the lock created
 
     def __enter__(self):
         record, error = None, None
@@ -94,6 +120,7 @@ class WorkdirLock:
         if jax.process_count() > 1:
             self._agree_on_job(record)
         if error is not None:
+            self.release()
             raise error
         self._record = record
         return self
@@ -103,7 +130,7 @@ class WorkdirLock:
             raise CheckpointError(f"workdir {self.workdir} is a file, not a directory")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "job": uuid.uuid4().hex}
         try:
-            os.makedirs(self.workdir, exist_ok=True)
+            self._created = _make_folders(self.workdir)
             for _ in range(3):
                 if _create_exclusive(self.path, record):
                     return record
@@ -135,12 +162,15 @@ class WorkdirLock:
             raise CheckpointError(f"lock {self.path} is not this job's (it holds {holder}); is the workdir shared?")
 
     def release(self) -> None:
-        """Remove the lock if this process created it and still holds it."""
+        """Remove the lock if this process created it and still holds it, and the folders it created if empty."""
         if self._record is not None:
             with contextlib.suppress(OSError, CheckpointError):
                 if _read_lock(self.path) == self._record:
                     os.unlink(self.path)
             self._record = None
+        if self._created is not None:
+            _remove_if_empty(self.workdir, self._created)
+            self._created = None
 
     def __exit__(self, *exc_info):
         self.release()

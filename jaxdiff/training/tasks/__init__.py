@@ -6,6 +6,7 @@ metrics, progress, signals, sample grids); `make_task(config, source)` picks the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import ml_collections
@@ -19,18 +20,19 @@ from jaxdiff.training.tasks.diffusion import DiffusionTask
 from jaxdiff.training.tasks.latent import LatentTask
 
 
-def make_task(config: ml_collections.ConfigDict, source=None) -> Task:
+def make_task(config: ml_collections.ConfigDict, source=None, *, workdir: str | os.PathLike | None = None) -> Task:
     """The task `config.task` names, training on `source` (a `jaxdiff.data` source).
 
     `source` None builds a task only to describe its state (`init_state` under `jax.eval_shape`, as
-    checkpoint readers do); the other methods may then need a source the task does not have.
+    checkpoint readers do); the other methods may then need a source the task does not have. `workdir`, the
+    run's, lets a task use what its checkpoints keep (`Task.kept_params`) instead of reading it elsewhere.
     """
     if config.task == "diffusion":
         return DiffusionTask(config)
     if config.task == "autoencoder":
         return AutoencoderTask(config, source)
     if config.task == "latent":
-        return LatentTask(config, source)
+        return LatentTask(config, source, None if workdir is None else os.fspath(workdir))
     raise ConfigError(f"config task={config.task!r} is not one of {TASKS}")
 
 
@@ -47,5 +49,6 @@ def configured_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int,
 
 def load_run(workdir: str | os.PathLike, *, step: int | None = None, ema: bool = True):
     """(config, step, params) of a `jaxdiff train` workdir of any task: `checkpoint.read_params` with the state
-    `make_task(config)` describes; the newest readable step unless `step`; EMA parameters unless `ema` False."""
-    return checkpoint.read_params(workdir, make_task, step=step, ema=ema)
+    `make_task(config, workdir=workdir)` describes; the newest readable step unless `step`; EMA parameters
+    unless `ema` False, with the parameters the step keeps (a latent run's autoencoder, "vae")."""
+    return checkpoint.read_params(workdir, functools.partial(make_task, workdir=workdir), step=step, ema=ema)

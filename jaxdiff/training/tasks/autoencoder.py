@@ -86,5 +86,8 @@ class AutoencoderTask:
         rng = jax.random.PRNGKey(self.config.seed)
         return {"scaling_factor": estimate_scaling_factor(self._encode, params, self._scaling_images, rng)}
 
+    def kept_params(self) -> None:
+        """None: the autoencoder (and its discriminator) read nothing they do not train."""
+
     def check_resumed(self, extras: dict) -> None:
         """Nothing: the scaling factor is re-estimated at every checkpoint."""

@@ -37,6 +37,11 @@ class Task(Protocol):
     def checkpoint_extras(self, state) -> dict:
         """JSON-able values saved with each checkpoint (read back by `jaxdiff.training.checkpoint.read_extras`); {} if none."""
 
+    def kept_params(self) -> Any:
+        """Weights the task uses without training them, read from elsewhere (a latent run's autoencoder), as a
+        pytree of NumPy arrays saved with each checkpoint, so that the run stays usable whatever becomes of their
+        source; None if none. `jaxdiff.training.checkpoint.read_params` adds them to the parameters it reads."""
+
     def check_resumed(self, extras: dict) -> None:
         """ValueError when the extras of the checkpoint a run resumes from do not fit this run (e.g. latent
         diffusion trained on another autoencoder)."""

@@ -73,5 +73,8 @@ class DiffusionTask:
     def checkpoint_extras(self, state: TrainState) -> dict:
         return {}
 
+    def kept_params(self) -> None:
+        """None: the model reads nothing it does not train."""
+
     def check_resumed(self, extras: dict) -> None:
         """Nothing: a diffusion checkpoint has no extras."""

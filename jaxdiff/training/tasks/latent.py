@@ -3,8 +3,10 @@
 The parts, from `config.latent`:
 - `autoencoder`: an autoencoder run's workdir (the EMA parameters of its newest checkpoint, the latent
   scaling factor saved with it) or a Stable Diffusion folder (its `vae/`). Which one — path, checkpoint
-  step (None for a folder) and scaling factor — is saved with every checkpoint; resuming or sampling against
-  another autoencoder is refused, naming both.
+  step (None for a folder) and scaling factor — is saved with every checkpoint, and so are its config (in
+  the extras) and weights (the checkpoint's kept parameters): the run resumes and samples with that copy,
+  whatever becomes of the autoencoder run later (continued, its steps deleted, removed). Resuming against
+  another autoencoder path is refused, naming both.
 - the text encoder: by default a CLIP-architecture transformer (`latent.text`) trained jointly with the
   U-Net on a word-level vocabulary of the dataset's captions (`WordTokenizer`, saved with every checkpoint;
   prompt words outside it are an error naming them); or `text_encoder`, a Stable Diffusion folder: its
@@ -20,6 +22,7 @@ examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts"
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from collections.abc import Callable
@@ -31,7 +34,7 @@ import numpy as np
 from jaxdiff.errors import ConfigError, DataError, WeightsError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
-from jaxdiff.models.autoencoder import autoencoder_model_config
+from jaxdiff.models.autoencoder import OPTION_DEFAULTS, autoencoder_model_config
 from jaxdiff.config.validation import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
 from jaxdiff.weights.files import load_json
@@ -76,26 +79,79 @@ SCHEDULE_KEYS = ("schedule", "num_timesteps", "beta_start", "beta_end", "mean_ty
 
 
 class FrozenAutoencoder:
-    """The autoencoder at `path`: `config` (its `autoencoder_config`, scaling_factor included) and `identity`
-    {"path": absolute path, "step": checkpoint step or None for a Stable Diffusion folder, "scaling_factor"}.
-    `step` picks a checkpoint of an autoencoder run (default: the newest). Weights are read by `params()`."""
+    """An autoencoder latent diffusion trains on: `config` (its `autoencoder_config`, scaling_factor included),
+    `identity` {"path": absolute path, "step": checkpoint step or None for a Stable Diffusion folder,
+    "scaling_factor"}, and its (EMA) parameters, read by `params()`. `at(path, step)` reads it where it
+    lives; `kept_in(workdir)` gives the copy a latent run's checkpoints keep."""
 
-    def __init__(self, path: str, step: int | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, identity: dict, read_params: Callable[[], dict]):
+        self.config, self.identity, self._read_params = config, identity, read_params
+
+    @classmethod
+    def at(cls, path: str, step: int | None = None) -> "FrozenAutoencoder":
+        """The autoencoder at `path`: a Stable Diffusion folder, or checkpoint `step` (default: the newest) of
+        an autoencoder run."""
         path = os.path.abspath(path)
         if is_autoencoder_folder(path):
-            self.config = read_config(component_folder(path, "vae"), autoencoder_config)
-            step = None
+            config = read_config(component_folder(path, "vae"), autoencoder_config)
+            step, read = None, lambda: read_autoencoder(component_folder(path, "vae"))[1]
         else:
             run_config, step, scaling_factor = _autoencoder_run(path, step)
-            self.config = autoencoder_model_config(run_config.autoencoder)
-            self.config.scaling_factor = scaling_factor
-        self.identity = {"path": path, "step": step, "scaling_factor": float(self.config.scaling_factor)}
+            config = autoencoder_model_config(run_config.autoencoder)
+            config.scaling_factor = scaling_factor
+            read = lambda: checkpoint.read_params(path, AutoencoderTask, step=step)[2]  # noqa: E731
+        return cls(config, {"path": path, "step": step, "scaling_factor": float(config.scaling_factor)}, read)
+
+    @classmethod
+    def kept_in(cls, workdir: str) -> "FrozenAutoencoder | None":
+        """The autoencoder kept by the newest readable checkpoint of the latent run at `workdir` (every step of a
+        run keeps the same one); None when it has no checkpoint, or only checkpoints from before copies were kept."""
+        if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+            return None
+        manager = checkpoint.make_manager(workdir, read_only=True)
+        try:
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    extras = checkpoint.read_extras(manager, step)
+                except Exception:  # noqa: BLE001 - a damaged step: restoring reports it
+                    continue
+                if KEPT_CONFIG not in extras:
+                    return None
+                identity = extras["autoencoder"]
+                return cls(config_of_kept(extras), identity, functools.partial(_read_kept, workdir, identity))
+            return None
+        finally:
+            manager.close()
 
     def params(self) -> dict:
         """The autoencoder's (EMA) parameters."""
-        if self.identity["step"] is None:
-            return read_autoencoder(component_folder(self.identity["path"], "vae"))[1]
-        return checkpoint.read_params(self.identity["path"], AutoencoderTask, step=self.identity["step"])[2]
+        return self._read_params()
+
+
+KEPT_CONFIG = "autoencoder_config"  # the extras' entry holding the autoencoder's config
+
+
+def config_of_kept(extras: dict) -> ml_collections.ConfigDict:
+    """The `autoencoder_config` a latent checkpoint's extras keep."""
+    saved = extras[KEPT_CONFIG]
+    options = {key: saved[key] for key in OPTION_DEFAULTS}
+    return autoencoder_config({key: value for key, value in saved.items() if key not in OPTION_DEFAULTS}, **options)
+
+
+def _read_kept(workdir: str, identity: dict) -> dict:
+    """The autoencoder parameters kept by the newest step of the latent run at `workdir` that reads (damaged
+    steps skipped: restoring reports them)."""
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return checkpoint.read_kept(manager, step)["vae"]
+            except Exception:  # noqa: BLE001 - orbax raises many types for damaged files
+                continue
+    finally:
+        manager.close()
+    raise checkpoint.CheckpointError(f"no checkpoint in {manager.directory} keeps a readable copy of the autoencoder "
+                                     f"{describe_autoencoder(identity)}")  # fmt: skip
 
 
 def is_autoencoder_folder(path: str) -> bool:
@@ -257,11 +313,13 @@ class LatentTask:
 
     name = "latent"
 
-    def __init__(self, config: ml_collections.ConfigDict, source=None):
+    def __init__(self, config: ml_collections.ConfigDict, source=None, workdir: str | None = None):
         check_latent_config(config)
         self.config = config
         lc = config.latent
-        self.autoencoder = FrozenAutoencoder(lc.autoencoder)
+        kept = FrozenAutoencoder.kept_in(workdir) if workdir is not None else None
+        same = kept is not None and kept.identity["path"] == os.path.abspath(lc.autoencoder)
+        self.autoencoder = kept if same else FrozenAutoencoder.at(lc.autoencoder)
         vae_config = self.autoencoder.config
         self.factor = 2 ** (len(vae_config.block_out_channels) - 1)
         image_size = source.image_shape[0] if source is not None else vae_config.sample_size
@@ -275,7 +333,7 @@ class LatentTask:
         )  # fmt: skip
         self.tx = make_optimizer(config.training)
         self.scheduler = run_scheduler(config.diffusion)
-        self.tokenize = self.word_tokenizer = self.grid_captions = self.networks = None
+        self.tokenize = self.word_tokenizer = self.grid_captions = self.networks = self._kept = None
         if source is not None:
             self._read_captions(source)
             self.networks = self.modules._replace(frozen=self._frozen_params())
@@ -341,10 +399,17 @@ class LatentTask:
         return self._sample(ema_params, rng)
 
     def checkpoint_extras(self, state: TrainState) -> dict:
-        extras = {"autoencoder": self.autoencoder.identity, "sample_prompts": self.grid_captions}
+        extras = {"autoencoder": self.autoencoder.identity, KEPT_CONFIG: self.autoencoder.config.to_dict(),
+                  "sample_prompts": self.grid_captions}  # fmt: skip
         if self.word_tokenizer is not None:
             extras["tokenizer"] = self.word_tokenizer.to_json()
         return extras
+
+    def kept_params(self) -> dict:
+        """{"vae": the autoencoder's parameters} (NumPy), so that the run never depends on the autoencoder's path."""
+        if self._kept is None:
+            self._kept = {"vae": jax.tree.map(np.asarray, self.networks.frozen["vae"])}
+        return self._kept
 
     def check_resumed(self, extras: dict) -> None:
         """ValueError when a checkpoint's extras do not fit this run: another autoencoder (naming both) or
@@ -359,16 +424,20 @@ class LatentTask:
 
 def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dict) -> LatentPipeline:
     """`LatentPipeline` (text_to_image, image_to_image, inpaint) of a latent run's (EMA) `params` and the
-    checkpoint's `extras`: its autoencoder (the checkpoint step it was trained on, refused if that is not
-    what the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`)."""
+    checkpoint's `extras`: its autoencoder (the copy the checkpoint keeps, `params["vae"]`, as `load_run` gives
+    it; for a checkpoint without one, the step it was trained on where it lives, refused if that is not what
+    the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`)."""
     recorded = extras["autoencoder"]
-    try:
-        autoencoder = FrozenAutoencoder(recorded["path"], recorded["step"])
-    except ValueError as err:
-        raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
-                         f"which cannot be read now: {err}") from None  # fmt: skip
-    check_same_autoencoder(recorded, autoencoder.identity)
-    vae_config = autoencoder.config
+    if "vae" in params and KEPT_CONFIG in extras:
+        vae_config, vae_params = config_of_kept(extras), params["vae"]
+    else:
+        try:
+            autoencoder = FrozenAutoencoder.at(recorded["path"], recorded["step"])
+        except ValueError as err:
+            raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
+                             f"which cannot be read now: {err}") from None  # fmt: skip
+        check_same_autoencoder(recorded, autoencoder.identity)
+        vae_config, vae_params = autoencoder.config, autoencoder.params()
     text_config, _ = text_encoder_config(config)
     factor = 2 ** (len(vae_config.block_out_channels) - 1)
     unet = unet_config(config, vae_config.latent_channels, vae_config.sample_size // factor, text_config.hidden_size)
@@ -378,7 +447,7 @@ def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dic
     else:
         text_params, tokenizer = params["text"], WordTokenizer.from_json(extras["tokenizer"]).encode
     return LatentPipeline(LatentModels(
-        unet_config=unet, unet_params=params["unet"], vae_config=vae_config, vae_params=autoencoder.params(),
+        unet_config=unet, unet_params=params["unet"], vae_config=vae_config, vae_params=vae_params,
         text_config=text_config, text_params=text_params, tokenizer=tokenizer,
         scheduler=run_scheduler(config.diffusion),
     ))
