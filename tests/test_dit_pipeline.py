@@ -160,6 +160,9 @@ def test_original_checkpoint_samples_as_dit_sample_py(torch, tiny_size, dit_file
     pipe = Pipeline.from_pretrained(path, vae=vae_folder[0])
     assert (pipe.image_shape, pipe.config.sampling.guidance_channels, pipe.config.sampling.spacing) == (IMAGE, 3, "adm")
     assert validate(pipe.config) is pipe.config
+    # sample.py's defaults: 250 steps, cfg scale 4 (w = 3); another sampler takes its own default steps.
+    assert (pipe.sampling_settings(), pipe.config.sampling.guidance) == (("ddpm", 250, {}), 3.0)
+    assert pipe.sampling_settings("ddim") == ("ddim", None, {})
     latents = np.random.default_rng(1).standard_normal((3, *LATENT)).astype(np.float32)
     labels, w, steps, seed = np.array([1, 4, 2]), 2.0, 7, 5  # 7 steps: ADM's rounding differs from "uniform"
     ours = pipe.sample(3, class_label=labels, guidance=w, latents=latents, steps=steps, seed=seed)
@@ -379,3 +382,12 @@ def test_dit_config_refusals_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(load_config(TINY_CONFIG, dit_overrides(**overrides)))
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_bits_per_dim_of_a_latent_space_model_is_refused(tiny_size, dit_file, vae_folder, tmp_path):
+    from jaxdiff.evaluation.evaluate import evaluate
+
+    pipe = Pipeline.from_pretrained(dit_file[0], vae=vae_folder[0])
+    with pytest.raises(UsageError, match=r"^bits/dim is the likelihood of a pixel-space model; .* use fid, is or pr$"):
+        evaluate(pipe, str(tmp_path), metrics=("bpd",), progress=False)
+    assert not list(tmp_path.iterdir())

@@ -61,7 +61,8 @@ def test_family_of_the_flow_processes():
 @pytest.mark.parametrize("diffusion", [
     dict(parameterization="velocity"),
     dict(process="gvp", parameterization="x0", t_sampling="logit_normal", logit_std=0.5, shift=3.0, reduce_mean=False),
-    dict(parameterization="eps", t_sampling="mode", loss_weighting="edm", sigma_data=0.6, time_scale=1.0),
+    dict(parameterization="eps", t_sampling="mode", loss_weighting="edm", sigma_data=0.6, time_scale=1.0,
+         train_t_max=0.9),
 ])  # fmt: skip
 def test_loss_is_the_flow_matching_loss_of_the_network(diffusion):
     """The train step's family loss is flow_matching_loss of the network seeing (x_t, t·time_scale), labels dropped
@@ -79,7 +80,7 @@ def test_loss_is_the_flow_matching_loss_of_the_network(diffusion):
 
     want = flow_matching_loss(apply_fn, params, family_of(config).process, x_start, t_rng,
                               parameterization=dc.parameterization, t_sampling=dc.t_sampling, logit_mean=dc.logit_mean,
-                              logit_std=dc.logit_std, mode_scale=dc.mode_scale, shift=dc.shift,
+                              logit_std=dc.logit_std, mode_scale=dc.mode_scale, shift=dc.shift, t_max=dc.train_t_max,
                               weighting=dc.loss_weighting, sigma_data=dc.sigma_data, reduce_mean=dc.reduce_mean)  # fmt: skip
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)  # two programs (train=True vs False) round apart
 

@@ -225,6 +225,8 @@ PARAMS = {"w": jnp.float32(0.7), "b": jnp.float32(-0.3)}
         ("flow", "x0", {"weighting": "edm", "sigma_data": 0.5}),
         ("gvp", "eps", {"weights": [1.0, 0.5, 2.0, 0.0]}),
         ("flow", "v", {"weighting": "edm", "sigma_data": 0.3, "shift": 0.5}),
+        ("flow", "velocity", {"t_max": 0.999}),  # RectifiedFlow's τ = 1 − t ~ U[1e-3, 1]
+        ("gvp", "eps", {"t_max": 0.5}),
     ],
 )
 def test_loss_against_numpy(name, kind, options):
@@ -240,6 +242,7 @@ def test_loss_against_numpy(name, kind, options):
     draw = {key: options[key] for key in ("t_sampling", "logit_mean", "logit_std", "mode_scale", "shift") if key in options}
     t = np.asarray(flow.sample_t(t_key, 4, **draw), np.float64)
     low, high = {"x0": (process.t_min, 1.0), "eps": (0.0, process.t_max)}.get(kind, (0.0, 1.0))
+    high = min(high, options.get("t_max", 1.0))
     t = low + (high - low) * t
     eps = np.asarray(jax.random.normal(noise_key, x0.shape, jnp.float32), np.float64)
     a, s, da, ds = (v.reshape(4, 1, 1, 1) for v in coefficients64(name, t))
@@ -302,6 +305,10 @@ def test_velocity_loss_of_the_exact_velocity_is_the_conditional_variance():
                                         "'eps', 'v')"),
         ({"weighting": "sigma_sqrt"}, "unknown flow loss weighting 'sigma_sqrt'; expected one of ('none', 'edm')"),
         ({"weighting": "edm", "sigma_data": 0.0}, "sigma_data=0.0 must be a number > 0"),
+        ({"t_max": 0.0}, "t_max=0.0 must be a number in (0, 1]"),
+        ({"t_max": 1.5}, "t_max=1.5 must be a number in (0, 1]"),
+        ({"t_max": 0.0005, "parameterization": "x0"}, "t_max=0.0005 leaves no training times above the 'x0' model's "
+                                                      "t_min=0.001"),
     ],
 )
 def test_bad_loss_settings_are_one_line_usage_errors(kwargs, message):

@@ -107,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.logit_std = 1.0
     c.diffusion.mode_scale = 1.29  # mode: SD3's scale, in [-1, 2/(π − 2)]
     c.diffusion.shift = 1.0  # flow_matching: training t shifted to s·t/(1 + (s − 1)·t); 1: none
+    c.diffusion.train_t_max = 1.0  # flow_matching: training t mapped onto [0, train_t_max] (RectifiedFlow: 0.999)
     c.diffusion.loss_weighting = "none"  # flow_matching: none | edm (EDM's λ(σ/α) with sigma_data)
 
     # task "autoencoder": the KL autoencoder in diffusers' AutoencoderKL keys (one DownEncoderBlock2D /

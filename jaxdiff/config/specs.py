@@ -158,6 +158,8 @@ SPECS: dict[str, Spec] = {
     "diffusion.logit_std": Spec(float, "flow_matching, logit_normal: standard deviation s of logit t", low=0,
                                 low_open=True),  # fmt: skip
     "diffusion.mode_scale": Spec(float, "flow_matching, mode: SD3's scale", low=-1, high=MODE_SCALE_MAX),
+    "diffusion.train_t_max": Spec(float, "flow_matching: the drawn training t mapped onto [0, train_t_max]", low=0,
+                                  high=1, low_open=True),  # fmt: skip
     "diffusion.shift": Spec(float, "flow_matching: shift s of the training t, s·t/(1 + (s − 1)·t); 1: none", low=0,
                             low_open=True),  # fmt: skip
     "diffusion.loss_weighting": Spec(str, "flow_matching: per-example weight", choices=FLOW_WEIGHTINGS),

@@ -92,23 +92,31 @@ FLOW_WEIGHTINGS = ("none", "edm")
 def flow_matching_loss(
     apply_fn, params, process, x0: Array, rng: Array, *, parameterization: str = "velocity",
     t_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
-    shift: float = 1.0, weighting: str = "none", sigma_data: float = 0.5, reduce_mean: bool = True,
-    weights: Array | None = None,
+    shift: float = 1.0, t_max: float = 1.0, weighting: str = "none", sigma_data: float = 0.5,
+    reduce_mean: bool = True, weights: Array | None = None,
 ) -> Array:  # fmt: skip
     """Conditional flow matching of x0 [B, ...] on flow process `process` (module docstring): a scalar.
 
     apply_fn(params, x_t, t) -> the network's prediction of kind `parameterization`, t float32 [B] in [0, 1]
-    (the network's time scale applied inside); `weights`: optional float [B] per-example weights.
+    (the network's time scale applied inside); `weights`: optional float [B] per-example weights. The drawn
+    times (`flow.sample_t`) are mapped affinely onto [low, min(high, t_max)], [low, high] the parameterization's
+    `flow.regular_interval` (RectifiedFlow: t_max = 0.999, its training τ = 1 − t ~ U[1e-3, 1]).
     """
     flow.check_flow_process(process, "flow_matching_loss")
     flow.check_parameterization(parameterization)
     flow.check_time_sampling(t_sampling, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
+    if not (is_real(t_max, finite=True) and 0 < t_max <= 1):
+        raise UsageError(f"t_max={t_max!r} must be a number in (0, 1]")
     if weighting not in FLOW_WEIGHTINGS:
         raise UsageError(f"unknown flow loss weighting {weighting!r}; expected one of {FLOW_WEIGHTINGS}")
     if weighting == "edm" and not (is_real(sigma_data, finite=True) and sigma_data > 0):
         raise UsageError(f"sigma_data={sigma_data!r} must be a number > 0")
     t_key, noise_key = jax.random.split(rng)
     low, high = flow.regular_interval(parameterization, process)
+    high = min(high, t_max)
+    if high <= low:
+        raise UsageError(f"t_max={t_max!r} leaves no training times above the {parameterization!r} model's "
+                         f"t_min={low}")  # fmt: skip
     t = low + (high - low) * flow.sample_t(t_key, x0.shape[0], t_sampling=t_sampling, logit_mean=logit_mean,
                                            logit_std=logit_std, mode_scale=mode_scale, shift=shift)  # fmt: skip
     eps = jax.random.normal(noise_key, x0.shape, jnp.float32)

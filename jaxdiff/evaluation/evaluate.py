@@ -132,8 +132,12 @@ def evaluate(
 ) -> dict:  # fmt: skip
     """Score `pipe` on `metrics` and write `workdir/eval_<step>.json`; returns its content.
 
-    Bits/dim is measured on `bpd_split` (default "test", the held-out split) of the model's dataset.
+    Bits/dim is measured on `bpd_split` (default "test", the held-out split) of the model's dataset, for
+    pixel-space models only: a model of an autoencoder's latents has no likelihood of the images.
     """
+    if "bpd" in metrics and pipe.autoencoder is not None:
+        raise UsageError(f"bits/dim is the likelihood of a pixel-space model; the model at {workdir!r} draws an "
+                         "autoencoder's latents (its images have no likelihood): use fid, is or pr")  # fmt: skip
     bpd_split = bpd_split or "test"
     results: dict = {}
     settings = dict(metrics=list(metrics), checkpoint_step=pipe.step, dataset=pipe.config.data.dataset)

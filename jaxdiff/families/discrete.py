@@ -98,7 +98,8 @@ class DiscreteFamily(Family):
         return jnp.asarray(x), jnp.asarray(values, jnp.int32)
 
     def sampling_settings(self, sampler, steps, *, eta=0.0, spacing=None, **options):
-        """The discrete samplers take no options beyond `eta` and `spacing` (passed to `run_sampler` as given)."""
+        """The discrete samplers take no options beyond `eta` and `spacing` (passed to `run_sampler` as given);
+        `steps` None means config.sampling.steps for the config's own sampler (0 there: the sampler's default)."""
         sampler = sampler or self.default_sampler
         if sampler in samplers.CONTINUOUS_SAMPLERS and sampler not in self.samplers:
             raise UsageError(f"sampler {sampler!r} is for continuous-time models; this model has the discrete "
@@ -106,6 +107,8 @@ class DiscreteFamily(Family):
         if options:
             raise UsageError(f"sampler options {sorted(options)} are for continuous-time models; "
                              "this model has the discrete schedule")  # fmt: skip
+        if steps is None and sampler == self.config.sampling.sampler:
+            steps = self.config.sampling.steps or None
         return sampler, steps, {}
 
     def configured_sampling(self):

@@ -40,7 +40,8 @@ class FlowMethods:
                 lambda p, x_t, t: output(p, x_t, t, labels), params, self.process,
                 to_model_range(x_start, config.data), t_rng, parameterization=dc.parameterization,
                 t_sampling=dc.t_sampling, logit_mean=dc.logit_mean, logit_std=dc.logit_std,
-                mode_scale=dc.mode_scale, shift=dc.shift, weighting=dc.loss_weighting, sigma_data=dc.sigma_data,
+                mode_scale=dc.mode_scale, shift=dc.shift, t_max=dc.train_t_max, weighting=dc.loss_weighting,
+                sigma_data=dc.sigma_data,
                 reduce_mean=dc.reduce_mean,
             )  # fmt: skip
 

@@ -107,6 +107,7 @@ DIT_TIMESTEPS = 1000  # DiT's diffusion: T, linear betas 1e-4..0.02 (`dit_run_co
 DIT_SAMPLING_STEPS = 250  # DiT's sample.py: --num-sampling-steps
 DIT_GUIDANCE_CHANNELS = 3  # DiT's and SiT's forward_with_cfg guide the first 3 of the 4 latent channels
 SIT_SAMPLING_STEPS = 250  # SiT's sample.py SDE: --num-sampling-steps (Euler–Maruyama evaluations, the last step's too)
+DIT_GUIDANCE = 3.0  # DiT's sample.py: --cfg-scale 4.0 = 1 + w (the paper's FID 2.27: cfg 1.5, w = 0.5)
 SIT_GUIDANCE = 3.0  # SiT's sample.py: --cfg-scale 4.0 = 1 + w (the paper's FID 2.06: cfg 1.5, w = 0.5)
 DIT_LATENT_SCALE = 0.18215  # DiT's sample.py decodes samples / 0.18215
 DIFFUSERS_LABEL_DROPOUT = 0.1  # diffusers' LabelEmbedding always has the null row (class_dropout_prob 0.1)
@@ -366,13 +367,14 @@ def read_dit_run(path: str | os.PathLike, *, variant: str | None = None,
                  num_heads: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:  # fmt: skip
     """(run config, params as float32 NumPy) of an original DiT or SiT `.pt` (`read_dit_checkpoint`, `variant`
     and `num_heads` as there) as its sample.py samples it. DiT: `dit_run_config` with guidance on the first 3
-    channels, improved DDPM's respacing (ADM_SPACING) and its 250 steps (config.sampling.steps, what training grids
-    use). SiT: `sit_run_config`."""
+    channels, improved DDPM's respacing (ADM_SPACING), its 250 steps (config.sampling.steps) and, class-conditional,
+    its cfg scale 4 (w = 3, config.sampling.guidance): the defaults of `Pipeline.sample`. SiT: `sit_run_config`."""
     variant, model_config, params = _read_checkpoint(path, variant, num_heads)
     if variant == "sit":
         return sit_run_config(model_config), params
     config = dit_run_config(model_config, guidance_channels=DIT_GUIDANCE_CHANNELS)
     config.sampling.spacing, config.sampling.steps = ADM_SPACING, DIT_SAMPLING_STEPS
+    config.sampling.guidance = DIT_GUIDANCE if model_config.num_classes else 0.0
     return config, params
 
 
