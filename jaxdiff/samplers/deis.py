@@ -13,11 +13,10 @@ step that changes nothing); the result is x at that level.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.special import xlogy
 
-from jaxdiff.samplers.grids import batch
+from jaxdiff.samplers.grids import batch, scan_steps
 
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers' DEIS takes its last step first order only for fewer steps than this
 
@@ -50,11 +49,11 @@ def deis_steps(denoiser, x, levels, noise_key=None):
     levels = jnp.asarray(levels, jnp.float32)
     c0, c1 = deis_coefficients(levels)
 
-    def body(carry, row):
+    def step(carry, row):
         x, eps_prev = carry
         eps = (x - denoiser(x, batch(row["sigma"], x))) / row["sigma"]
-        return (x + row["c0"] * eps + row["c1"] * eps_prev, eps), None
+        return x + row["c0"] * eps + row["c1"] * eps_prev, eps
 
     rows = {"sigma": levels[:-1], "c0": c0, "c1": c1}
-    (x_last, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), rows)
+    (x_last, _), _ = scan_steps(step, (x, jnp.zeros_like(x)), rows)
     return x_last

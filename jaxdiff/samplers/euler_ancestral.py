@@ -9,11 +9,10 @@ The last step, to σ' = 0, has σ_up = σ_down = 0 and lands on x̂_0 = D(x; σ)
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from jaxdiff.errors import UsageError
-from jaxdiff.samplers.grids import batch, step_noise
+from jaxdiff.samplers.grids import batch, scan_steps, step_noise
 
 
 def euler_ancestral_steps(denoiser, x, levels, noise_key=None):
@@ -22,7 +21,8 @@ def euler_ancestral_steps(denoiser, x, levels, noise_key=None):
     (standard normal, shaped like x); noise_key may be None only when every step adds none (N = 1)."""
     steps = levels.shape[0] - 1
 
-    def body(x, row):
+    def step(carry, row):
+        (x,) = carry
         sigma, sigma_next = row["sigma"], row["sigma_next"]
         sigma_up = jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
         sigma_down = jnp.sqrt(sigma_next**2 - sigma_up**2)
@@ -30,10 +30,9 @@ def euler_ancestral_steps(denoiser, x, levels, noise_key=None):
         x = x + (sigma_down - sigma) * slope
         if noise_key is not None:
             x = x + sigma_up * step_noise(noise_key, row["i"], x)
-        return x, None
+        return (x,)
 
     if noise_key is None and steps > 1:
         raise UsageError("euler_ancestral adds noise at every step but the last: it needs a noise_key")
-    rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "i": jnp.arange(steps)}
-    x0, _ = jax.lax.scan(body, x, rows)
+    ((x0,), _) = scan_steps(step, (x,), {"sigma": levels[:-1], "sigma_next": levels[1:]})
     return x0

@@ -10,12 +10,11 @@ The coefficients are exact integrals of these polynomials, computed in float64 N
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from jaxdiff.samplers.grids import batch
+from jaxdiff.samplers.grids import batch, scan_steps
 
 DEFAULT_LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step default
 
@@ -45,12 +44,12 @@ def lms_steps(denoiser, x, levels, noise_key=None, *, coefficients):
     coefficients = jnp.asarray(coefficients, jnp.float32)
     order = coefficients.shape[1]
 
-    def body(carry, row):
+    def step(carry, row):
         x, slopes = carry  # slopes [order, B, ...]: d_{i−1}, d_{i−2}, … (zeros before the first step)
         slope = (x - denoiser(x, batch(row["sigma"], x))) / row["sigma"]
         slopes = jnp.concatenate([slope[None], slopes[:-1]])
-        return (x + jnp.tensordot(row["c"], slopes, axes=1), slopes), None
+        return x + jnp.tensordot(row["c"], slopes, axes=1), slopes
 
     rows = {"sigma": jnp.asarray(levels[:-1], jnp.float32), "c": coefficients}
-    (x_last, _), _ = jax.lax.scan(body, (x, jnp.zeros((order, *x.shape), x.dtype)), rows)
+    (x_last, _), _ = scan_steps(step, (x, jnp.zeros((order, *x.shape), x.dtype)), rows)
     return x_last

@@ -16,10 +16,9 @@ The last level may be 0 (the last step then lands on x̂_0 = D_{N−1}) or posit
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from jaxdiff.samplers.grids import batch
+from jaxdiff.samplers.grids import batch, scan_steps
 
 
 def unipc_coefficients(levels):
@@ -49,7 +48,7 @@ def unipc_steps(denoiser, x, levels, noise_key=None):
     levels = jnp.asarray(levels, jnp.float32)
     p, a, b = unipc_coefficients(levels)
 
-    def body(carry, row):
+    def step(carry, row):
         x_pred, x_prev, d_prev, d_prev2 = carry  # x̃_i, x_{i−1}, D_{i−1}, D_{i−2}
         d = denoiser(x_pred, batch(row["sigma"], x_pred))
         r_in = row["sigma"] / row["sigma_prev"]  # of the step i − 1 that arrived here
@@ -57,10 +56,10 @@ def unipc_steps(denoiser, x, levels, noise_key=None):
         x = r_in * x_prev + (1.0 - r_in) * (d_prev + row["a"] * (d_prev2 - d_prev) + row["b"] * (d - d_prev))
         r = row["sigma_next"] / row["sigma"]
         x_next = r * x + (1.0 - r) * (d + row["p"] * (d - d_prev))
-        return (x_next, x, d, d_prev), None
+        return x_next, x, d, d_prev
 
     rows = {"sigma": levels[:-1], "sigma_next": levels[1:], "sigma_prev": jnp.concatenate([levels[:1], levels[:-2]]),
             "p": p, "a": a, "b": b}  # fmt: skip
     zeros = jnp.zeros_like(x)
-    (x_last, _, _, _), _ = jax.lax.scan(body, (x, x, zeros, zeros), rows)
+    (x_last, _, _, _), _ = scan_steps(step, (x, x, zeros, zeros), rows)
     return x_last
