@@ -166,6 +166,24 @@ def schedule_from_betas(betas) -> Schedule:
     return Schedule(**{k: jax.numpy.asarray(v, dtype=np.float32) for k, v in tables.items()})
 
 
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+    """Betas [T] rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1), float64: sqrt(ᾱ_t) shifted so
+    sqrt(ᾱ_{T-1}) = 0 and scaled so sqrt(ᾱ_0) keeps its value; the last beta becomes 1."""
+    root = np.sqrt(np.cumprod(1.0 - np.asarray(betas, dtype=np.float64)))
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas_cumprod = root**2
+    return 1.0 - np.append(alphas_cumprod[0], alphas_cumprod[1:] / alphas_cumprod[:-1])
+
+
+def with_last_alpha_bar(betas, alpha_bar: float) -> np.ndarray:
+    """Betas [T] with the last one set so that ᾱ_{T-1} = `alpha_bar` (in (0, ᾱ_{T-2}]), float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    previous = float(np.prod(1.0 - betas[:-1]))
+    if not 0.0 < alpha_bar <= previous:
+        raise ConfigError(f"the last ᾱ must lie in (0, {previous}] (ᾱ of the step before), got {alpha_bar}")
+    return np.append(betas[:-1], 1.0 - alpha_bar / previous)
+
+
 def make_schedule(name: str, num_timesteps: int, **kwargs) -> Schedule:
     """The `Schedule` of a named beta schedule (see `beta_schedule`)."""
     return schedule_from_betas(beta_schedule(name, num_timesteps, **kwargs))
@@ -202,10 +220,15 @@ _SCHEDULE_ARGS = {
 }
 
 
-def schedule_from_config(diffusion_config) -> Schedule:
-    """The schedule of a config's `diffusion` section (schedule, num_timesteps, beta_start, beta_end)."""
+def betas_from_config(diffusion_config) -> np.ndarray:
+    """The float64 betas [T] of a config's `diffusion` section (schedule, num_timesteps, beta_start, beta_end)."""
     name = diffusion_config.schedule
     if name not in _SCHEDULE_ARGS:
         raise ConfigError(f"unknown beta schedule {name!r}; expected one of {sorted(BETA_SCHEDULES)}")
     kwargs = {key: diffusion_config[key] for key in _SCHEDULE_ARGS[name]}
-    return make_schedule(name, diffusion_config.num_timesteps, **kwargs)
+    return beta_schedule(name, diffusion_config.num_timesteps, **kwargs)
+
+
+def schedule_from_config(diffusion_config) -> Schedule:
+    """The schedule of a config's `diffusion` section (`betas_from_config`)."""
+    return schedule_from_betas(betas_from_config(diffusion_config))

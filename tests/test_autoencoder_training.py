@@ -179,6 +179,7 @@ BATCH = 8
 MAX_ERROR_RATIO = 0.2  # measured on the held-out batch: 0.916 at step 0, 0.112 after 150 steps (0.12)
 
 
+@pytest.mark.slow
 def test_training_on_shapes_lowers_the_reconstruction_error(model):
     settings = {"reconstruction_loss": "l1", "kl_weight": 1e-6}
     training = training_section()

@@ -121,6 +121,7 @@ def statistics_error(samples, data):
     return mean_error, distances.min(1).mean()
 
 
+@pytest.mark.slow
 def test_a_tiny_edm_model_learns_the_digits():
     """300 steps on the 8×8 digits lower the loss, and Heun samples match the data's statistics better."""
     config = tiny_digits()

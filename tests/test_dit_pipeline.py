@@ -243,7 +243,7 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
     cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, variant="sit"), UsageError,
                   "variant='sit' tells a DiT from a SiT checkpoint (.pt)"))  # fmt: skip
     settings = json.loads((pipeline_folder / "scheduler" / "scheduler_config.json").read_text())
-    for change, message in [({"thresholding": True}, "thresholding=True"), ({"shift": 3.0}, "shift=3.0"),
+    for change, message in [({"use_beta_sigmas": True}, "use_beta_sigmas=True"), ({"shift": 3.0}, "shift=3.0"),
                             ({"_class_name": "PNDMScheduler"}, "unsupported scheduler _class_name='PNDMScheduler'")]:
         folder = tmp_path / f"folder_{len(cases)}"
         shutil.copytree(pipeline_folder, folder)

@@ -23,6 +23,7 @@ def workdir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fid_and_is_of_the_sampled_shards(workdir, tmp_path):
     params = random_params()

@@ -71,6 +71,7 @@ def test_retention_never_deletes_the_newest_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["220"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_damaged_latest_is_skipped_by_readers_and_moved_aside_by_training(tmp_path, caplog):
     config = tiny(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=1)
@@ -243,6 +244,7 @@ def wait_for(condition, proc, seconds=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigint_saves_at_the_next_step_and_exits_cleanly(tmp_path):
     proc = start_training(tmp_path, 100_000, "--config.training.log_every_steps=1",
@@ -343,6 +345,7 @@ def console_lines(text: str) -> list[str]:
     return [line.split("\r")[-1] for line in text.split("\n") if line.split("\r")[-1].strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_training_prints_a_few_lines_and_one_progress_bar(tmp_path):
     args = train_args(tmp_path, 8, "--config.training.checkpoint_every_steps=2",

@@ -257,6 +257,7 @@ def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencode
     ]
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
     from jaxdiff.training.tasks import load_run
 

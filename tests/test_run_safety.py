@@ -183,6 +183,7 @@ def test_latent_run_keeps_its_autoencoder_when_the_autoencoder_run_moves_on(tmp_
 # ---------------------------------------------------------------- 7. absurd sizes refused before work
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_batch_that_cannot_fit_is_refused_before_any_allocation(tmp_path):
     workdir = tmp_path / "run"
@@ -260,6 +261,7 @@ def test_floor_against_available_memory(monkeypatch):
 # ---------------------------------------------------------------- 7. signals while preparing
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_while_compiling_stops_at_once_without_a_lock(tmp_path):
     workdir = tmp_path / "run"
@@ -290,6 +292,7 @@ SLOW_DATA = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigint_while_reading_data_stops_at_once_from_the_python_api(tmp_path):
     workdir = tmp_path / "run"

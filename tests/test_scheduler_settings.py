@@ -73,8 +73,7 @@ def test_settings_read_from_the_config():
 
 NO_EFFECT = dict(
     _class_name="PNDMScheduler", _diffusers_version="0.30.0", _use_default_values=["beta_end"], skip_prk_steps=True, trained_betas=None,
-    variance_type=None, clip_sample_range=2.0, thresholding=False, dynamic_thresholding_ratio=0.9,
-    sample_max_value=3.0, rescale_betas_zero_snr=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+    variance_type=None, use_exponential_sigmas=False, use_beta_sigmas=False,
     use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=3.0, use_dynamic_shifting=False,
     time_shift_type="exponential", interpolation_type="linear", timestep_type="discrete", sigma_min=None,
     sigma_max=None, lambda_min_clipped=-5.1, predict_x0=True, disable_corrector=[], solver_p=None,
@@ -97,9 +96,9 @@ def test_keys_accepted_without_effect_leave_every_grid_as_diffusers(sampler):
 
 
 REFUSED = [
-    ("solver_order", 3), ("algorithm_type", "dpmsolver"), ("algorithm_type", "sde-dpmsolver"),
+    ("solver_order", 4), ("algorithm_type", "dpmsolver"), ("algorithm_type", "sde-dpmsolver"),
     ("final_sigmas_type", "sigma_max"), ("solver_type", "bh3"), ("lower_order_final", "yes"),
-    ("thresholding", True), ("rescale_betas_zero_snr", True), ("use_exponential_sigmas", True),
+    ("thresholding", 1), ("rescale_betas_zero_snr", "yes"), ("use_exponential_sigmas", True),
     ("use_beta_sigmas", True), ("use_lu_lambdas", True), ("use_flow_sigmas", True), ("interpolation_type", "log_linear"),
     ("timestep_type", "continuous"), ("sigma_min", 0.1), ("sigma_max", 10.0), ("lambda_min_clipped", -1.0),
     ("variance_type", "learned_range"), ("variance_type", "fixed_large"), ("trained_betas", [0.1, 0.2]),
@@ -122,13 +121,12 @@ def test_unknown_keys_are_refused_naming_them():
         scheduler_settings(dict(SD1_SCHEDULER, zoom="x", shift=2.0), "f.json")
 
 
-def test_clip_sample_is_refused_for_samplers_that_do_not_clip():
-    """DDIMScheduler clips x̂_0 by default (clip_sample absent) and so would HeunDiscreteScheduler if asked;
-    jaxdiff implements the clipping for ddpm only. The σ-grid samplers without the key ignore it, as diffusers."""
+def test_clip_sample_is_each_class_default():
+    """DDIMScheduler clips x̂_0 by default (clip_sample absent), HeunDiscreteScheduler when asked; the σ-grid
+    samplers without the key ignore it, as diffusers."""
     absent = scheduler_settings({k: v for k, v in SD1_SCHEDULER.items() if k != "clip_sample"}, "test")
-    for settings, sampler in ((absent, "ddim"), (scheduler_settings(dict(SD1_SCHEDULER, clip_sample=True), "t"), "heun")):
-        with pytest.raises(WeightsError, match=rf"^unsupported setting clip_sample=True for sampler '{sampler}' "):
-            sampler_scheduler(settings, sampler)
+    assert sampler_scheduler(absent, "ddim").clip_sample is True
+    assert sampler_scheduler(scheduler_settings(dict(SD1_SCHEDULER, clip_sample=True), "t"), "heun").clip_sample
     assert sampler_scheduler(absent, "ddpm").clip_sample is True
     assert sampler_scheduler(absent, "euler").clip_sample is False
 
@@ -142,7 +140,11 @@ def with_config(sd1_pair, sampler, options):
     pipe, ours = sd1_pair
     if not hasattr(pipe, "folder_scheduler"):
         pipe.folder_scheduler = pipe.scheduler
-    config = {**pipe.folder_scheduler.config, **options}
+    # the folder's keys without those diffusers defaulted (`_use_default_values`, which from_config would also
+    # apply to `options`): each class then takes its own default for them, as from the folder's file
+    folder = pipe.folder_scheduler.config
+    defaulted = {"_use_default_values", *folder.get("_use_default_values", [])}
+    config = {**{k: v for k, v in folder.items() if k not in defaulted}, **options}
     pipe.scheduler = their_scheduler(sampler, config)
     settings = scheduler_settings({**ours.scheduler.config, **options}, "test")
     return pipe, LatentPipeline(dataclasses.replace(ours.model, scheduler=settings))

@@ -279,13 +279,13 @@ def test_folder_missing_a_component_is_refused(sd1, tmp_path):
         LatentPipeline.from_pretrained(tmp_path / "pipe")
 
 
-def test_sdxl_unet_is_not_supported_yet(sd1, tmp_path):
+def test_sdxl_unet_in_an_sd_folder_is_refused(sd1, tmp_path):
     shutil.copytree(sd1[1], tmp_path / "pipe")
     config_file = tmp_path / "pipe" / "unet" / "config.json"
     settings = json.loads(config_file.read_text())
     settings.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=2816)
     config_file.write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match=r"not supported yet.*addition_embed_type='text_time'"):
+    with pytest.raises(ValueError, match=r"addition_embed_type='text_time'; a StableDiffusionPipeline U-Net has none"):
         LatentPipeline.from_pretrained(tmp_path / "pipe")
 
 
@@ -293,8 +293,8 @@ def test_other_pipelines_and_mismatched_components_are_refused(sd1, tmp_path):
     shutil.copytree(sd1[1], tmp_path / "pipe")
     index_file = tmp_path / "pipe" / "model_index.json"
     index = json.loads(index_file.read_text())
-    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline")))
-    with pytest.raises(ValueError, match=r"_class_name='StableDiffusionXLPipeline'; supported pipelines: "):
+    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionXLInpaintPipeline")))
+    with pytest.raises(ValueError, match=r"_class_name='StableDiffusionXLInpaintPipeline'; supported pipelines: "):
         LatentPipeline.from_pretrained(tmp_path / "pipe")
     index_file.write_text(json.dumps(index))
     config_file = tmp_path / "pipe" / "unet" / "config.json"

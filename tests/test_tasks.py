@@ -111,6 +111,7 @@ def test_autoencoder_run_writes_checkpoints_grids_metrics_and_the_scaling_factor
         Pipeline.from_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_autoencoder_resume_is_bitwise_exact(tmp_path):
     common = ["--config.training.checkpoint_every_steps=3", "--config.training.sample_every_steps=1000"]

@@ -68,6 +68,7 @@ def metrics_lines(workdir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_end_to_end_on_mock_cifar10(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
@@ -107,6 +108,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # resumed at 3: steps 4-6 logged once
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     env = {**SUBPROCESS_ENV, "XLA_FLAGS": xla_flags(1)}
@@ -144,6 +146,7 @@ print(json.dumps([jax.device_count(), [line for line in open({workdir!r} + "/met
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_eight_devices_match_one(tmp_path):
     results = {}
@@ -159,6 +162,7 @@ def test_eight_devices_match_one(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fsdp_run_matches_the_replicated_run_and_resumes(tmp_path):
     """training.fsdp=4 on 8 devices (state split over a ('data', 'fsdp') mesh), stopped and resumed, ends
     where the replicated 8-device run does; Adam's eps keeps rounding-noise gradients from deciding updates."""
@@ -182,6 +186,7 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused_before_any_file(tmp_pa
     assert result.stderr.strip().count("\n") == 0 and "fsdp=3" in result.stderr and "8 devices" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_hosts_match_one_host_and_resume_collectively(tmp_path):
     common = ["--config.training.log_every_steps=1", "--config.training.checkpoint_every_steps=2"]

@@ -201,13 +201,13 @@ def test_heads_per_level():
 
 
 def test_unsupported_settings_are_named():
-    sdxl_like = dict(SD15_UNET, addition_embed_type="text_time", transformer_layers_per_block=[1, 2, 10, 10])
+    kandinsky_like = dict(SD15_UNET, encoder_hid_dim_type="text_proj", encoder_hid_dim=1024)
     with pytest.raises(ValueError, match=r"not supported yet") as info:
-        config_from_diffusers(sdxl_like)
-    assert "addition_embed_type='text_time'" in str(info.value)
-    assert "transformer_layers_per_block=[1, 2, 10, 10]" in str(info.value)
-    with pytest.raises(ValueError, match=r"class_embed_type='timestep'"):
-        config_from_diffusers(dict(SD15_UNET, class_embed_type="timestep"))
+        config_from_diffusers(kandinsky_like)
+    assert "encoder_hid_dim_type='text_proj'" in str(info.value)
+    assert "encoder_hid_dim=1024" in str(info.value)
+    with pytest.raises(ValueError, match=r"class_embed_type='simple_projection'"):
+        config_from_diffusers(dict(SD15_UNET, class_embed_type="simple_projection"))
     with pytest.raises(ValueError, match=r"unknown keys \['made_up_key'\]"):
         config_from_diffusers(dict(SD15_UNET, made_up_key=1))
     with pytest.raises(ValueError, match=r"only UNet2DConditionModel"):
@@ -261,9 +261,9 @@ def test_tensor_names():
 
 
 def test_unsupported_config_file_is_refused_before_reading_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dict(SD15_UNET, addition_embed_type="text_time")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(SD15_UNET, addition_embed_type="text_image")))
     safetensors.numpy.save_file({"x": np.zeros(1, np.float32)}, tmp_path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"config.json: .*not supported yet.*addition_embed_type"):
+    with pytest.raises(ValueError, match=r"config.json: .*addition_embed_type='text_image' is not supported yet"):
         read_unet_condition(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(INPAINT_TINY))
     with pytest.raises(ValueError, match=r"no diffusion_pytorch_model.fp16.safetensors \(variant='fp16'\)"):

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = verb("sample", "draw images from a trained model (EMA parameters)")
     sample.add_argument("--workdir", help="a `jaxdiff train` workdir (or any format `jaxdiff convert` reads)")
     sample.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    sample.add_argument("--num", type=int, default=64, help="number of images")
+    sample.add_argument("--num", type=int, help="number of images (default 64; an x4 upscaler: 1)")
     add_sampler_flags(sample)
     sample.add_argument("--eta", type=float, help="DDIM noise scale (default 0)")
     sample.add_argument("--spacing", help="uniform | quadratic | karras | adm (improved DDPM's respacing) (default: "
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class-label", type=int, help="class to draw (conditional models; default: random)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance: class-conditional models w >= 0 "
                         "(default: the model's config.sampling.guidance; a SiT .pt 3, its cfg_scale 4); --prompt "
-                        "diffusers' scale (default 7.5)")  # fmt: skip
+                        "diffusers' scale (default 7.5; an x4 upscaler 9)")  # fmt: skip
     sample.add_argument("--pretrained", help="released weights: a Stable Diffusion folder or .safetensors file, a "
                         "score_sde checkpoint_N, an EDM network-snapshot-*.pkl, a diffusers folder (a DiTPipeline "
                         "folder too), a DiT or SiT .pt (with --vae)")  # fmt: skip
@@ -72,11 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "matching (default: train.py's args.model, else SiT for a file named SiT-*, else DiT)")
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
-    sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it")
+    sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it; an "
+                        "x4 upscaler: the low-resolution image to upscale")  # fmt: skip
     sample.add_argument("--strength", type=float, help="--init-image: in (0, 1] (default 0.8; 1 with --mask)")
     sample.add_argument("--mask", help="--init-image: repaint where this image is white")
     sample.add_argument("--height", type=int, help="--pretrained text-to-image height (default: the model's)")
     sample.add_argument("--width", type=int, help="--pretrained text-to-image width (default: the model's)")
+    sample.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="--prompt: a LoRA file (or a folder "
+                        "with pytorch_lora_weights.safetensors) at SCALE (default 1); repeat for several")  # fmt: skip
+    sample.add_argument("--noise-level", type=int, help="--pretrained x4 upscaler: the noise level added to "
+                        "--init-image, in [0, the folder's max_noise_level] (default 20)")  # fmt: skip
     sample.set_defaults(run=run_sample)
 
     evaluate = verb("eval", "FID / IS / precision-recall / bits-per-dim of a trained model")
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--from", dest="source_format",
                          choices=("tf", "diffusers", "jaxdiff", "score_sde", "edm", "score_sde_ve"),
                          help="source format (default: detected)")  # fmt: skip
-    convert.add_argument("--to", dest="target_format", choices=("jaxdiff", "diffusers"), default="jaxdiff")
+    convert.add_argument("--to", dest="target_format", choices=("jaxdiff", "diffusers", "diffusers-lora"),
+                         default="jaxdiff")
     convert.add_argument("--step", type=int, help="jaxdiff source: checkpoint step (default: latest)")
     convert.add_argument("--dataset", help="training recipe for the converted config (default: the matching release)")
     convert.add_argument("src")
@@ -120,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="", help="TFDS data_dir (default: TFDS' ~/tensorflow_datasets)")
     data.set_defaults(run=run_data)
 
-    info = verb("info", "parameter count and forward GFLOPs per image of a config's model")
-    info.add_argument("--config", required=True, help=config_help)
+    info = verb("info", "parameter count and forward GFLOPs per image of a config's model, or the parameter "
+                        "count of a Stable Diffusion folder's U-Net")  # fmt: skip
+    source = info.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help=config_help)
+    source.add_argument("--pretrained", help="a diffusers Stable Diffusion / SDXL folder (or its unet/ folder): "
+                                             "its U-Net's parameters, counted from config.json alone")  # fmt: skip
     info.set_defaults(run=run_info)
     return parser

@@ -1,7 +1,7 @@
 """The `sample` verb: images from a trained model or released weights (a .png grid, an .npz file or
 resumable .npz shards, optionally with a noise-to-image trajectory), and with `--prompt` text-to-image,
-image-to-image or inpainting from Stable Diffusion weights or a latent run; the image files it reads and
-writes."""
+image-to-image or inpainting from Stable Diffusion weights or a latent run, or the x4 upscale of `--init-image`
+from an upscaler folder; the image files it reads and writes."""
 
 from __future__ import annotations
 
@@ -21,13 +21,18 @@ from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_set
 
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
-TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder")
+TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder",
+              "lora")
 PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS, *FLOW_OPTIONS)
 # Read on the pixel-space path for an original DiT or SiT checkpoint (--pretrained X.pt) only, refused by name
 # elsewhere.
 DIT_CHECKPOINT_FLAGS = ("vae", "variant")
 DIT_CHECKPOINT_WHAT = "the autoencoder and variant of a DiT/SiT checkpoint (.pt)"
+# Read by the x4 upscaler only (refused by name elsewhere), and the text-to-image flags the upscaler refuses.
+UPSCALE_FLAGS = ("noise_level",)
+NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora")
 DEFAULT_SHARD_SIZE = 1000
+DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)
 
 
 def _refuse(args, names, why: str) -> None:
@@ -65,20 +70,55 @@ def _read_image(path: str, what: str, mode: str) -> np.ndarray:
         raise UsageError(f"{what} {path!r} is not an image file") from None
 
 
-def _sample_pretrained(args) -> int:
+def _lora_flags(args) -> list[tuple[str, float]]:
+    """(path, scale) of each `--lora FILE[:SCALE]` (scale 1 without one), checked before any work."""
+    from jaxdiff.latent.lora import check_lora_scale
+
+    loras = []
+    for value in args.lora or ():
+        path, scale = value, 1.0
+        head, colon, tail = value.rpartition(":")
+        if colon and not os.path.exists(value):
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                raise UsageError(f"--lora {value!r}: SCALE (after the last ':') must be a number") from None
+        check_weights(path, "--lora")
+        loras.append((path, check_lora_scale(scale)))
+    return loras
+
+
+def _sample_pretrained(args, upscaler: bool = False) -> int:
     """`sample --pretrained`, or `--workdir` of a latent run with `--prompt`: text-to-image, image-to-image
-    (--init-image) or inpainting (--mask)."""
+    (--init-image) or inpainting (--mask); with `upscaler` (an x4 upscaler folder) the upscale of --init-image
+    (--num copies, each with its own noise)."""
     if args.config:
         raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
     if args.prompt is None:
         raise UsageError('text-to-image weights need --prompt (--prompt "" draws unconditional samples)')
     _refuse(args, PIXEL_FLAGS, "options of pixel-space sampling; text-to-image (--prompt) does not take them")
     _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; text-to-image weights carry their own")
+    if upscaler:
+        _refuse(args, NOT_UPSCALE_FLAGS, "options of text-to-image, image-to-image and inpainting; the x4 upscaler "
+                                         "does not take them")  # fmt: skip
+        if args.init_image is None:
+            raise UsageError("the x4 upscaler needs --init-image (the low-resolution image to upscale)")
+    num = (1 if upscaler else DEFAULT_NUM) if args.num is None else args.num
+    if num < 1:
+        raise UsageError(f"--num {num}: give at least one image")
     if args.spacing not in (None, "karras"):
         raise UsageError(f"--spacing {args.spacing!r}: text-to-image takes only 'karras' (Karras σ); its scheduler "
                          "config sets the timestep spacing")  # fmt: skip
     if (args.mask or args.strength is not None) and not args.init_image:
         raise UsageError("--mask and --strength need --init-image")
+    from jaxdiff.latent.sdxl import sdxl_refiner
+
+    refiner = sdxl_refiner(args.pretrained) if args.pretrained else None
+    if refiner is not None:
+        _refuse(args, ["mask"], "SDXL inpainting (StableDiffusionXLInpaintPipeline) is not implemented")
+        if refiner and not args.init_image:
+            raise UsageError(f"{args.pretrained!r} is an SDXL refiner (requires_aesthetics_score): it needs "
+                             "--init-image (image-to-image)")  # fmt: skip
     if args.init_image and (args.height or args.width):
         raise UsageError("--height/--width are for text-to-image; with --init-image the image sets the size")
     if not args.out.lower().endswith(".png"):
@@ -86,34 +126,49 @@ def _sample_pretrained(args) -> int:
     check_output_file(args.out, "--out")
     init = _read_image(args.init_image, "--init-image", "RGB") if args.init_image else None
     mask = _read_image(args.mask, "--mask", "L") if args.mask else None
+    loras = _lora_flags(args)
 
     from jaxdiff import images
-    from jaxdiff.latent.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, LatentPipeline
+    from jaxdiff.latent import pipeline, upscale
+    from jaxdiff.latent.pipeline import LatentPipeline
 
     if args.pretrained:
         if args.step is not None:
             raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
         with reading_weights(args.pretrained):
-            pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+            if upscaler:
+                pipe = upscale.UpscalePipeline.from_pretrained(args.pretrained)
+            else:
+                pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
     else:
         check_weights(args.workdir)
         pipe = load_pipeline(args.workdir, args.step)
         if not isinstance(pipe, LatentPipeline):
             raise UsageError(f"--prompt needs a text-conditioned model; {args.workdir!r} is not a latent run")
-    prompts = [args.prompt] * args.num
-    settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * args.num,
-                    steps=DEFAULT_STEPS if args.steps is None else args.steps, sampler=args.sampler or "ddim",
-                    seed=args.seed,
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
+    prompts = [args.prompt] * num
+    defaults = upscale if upscaler else pipeline
+    settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * num,
+                    steps=defaults.DEFAULT_STEPS if args.steps is None else args.steps, seed=args.seed,
+                    sampler=args.sampler or (None if upscaler else "ddim"),
                     karras=args.spacing == "karras",
-                    guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+                    guidance=defaults.DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+    if upscaler:
+        noise_level = upscale.DEFAULT_NOISE_LEVEL if args.noise_level is None else args.noise_level
+        samples = pipe.upscale(np.repeat(init[None], num, 0), prompts, noise_level=noise_level, **settings)
+        images.save_png(samples[0] if num == 1 else images.make_grid(samples), args.out)
+        print(f"{num} {'image' if num == 1 else 'images'} of {init.shape[0]}×{init.shape[1]} upscaled to "
+              f"{samples.shape[1]}×{samples.shape[2]} -> {args.out}")
+        return 0
     if init is None:
         samples = pipe.text_to_image(prompts, height=args.height, width=args.width, **settings)
     elif mask is None:
         strength = 0.8 if args.strength is None else args.strength
-        samples = pipe.image_to_image(np.repeat(init[None], args.num, 0), prompts, strength=strength, **settings)
+        samples = pipe.image_to_image(np.repeat(init[None], num, 0), prompts, strength=strength, **settings)
     else:
         strength = 1.0 if args.strength is None else args.strength
-        samples = pipe.inpaint(np.repeat(init[None], args.num, 0), np.repeat(mask[None], args.num, 0), prompts,
+        samples = pipe.inpaint(np.repeat(init[None], num, 0), np.repeat(mask[None], num, 0), prompts,
                                strength=strength, **settings)  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     images.save_png(images.make_grid(samples), args.out)
@@ -158,12 +213,16 @@ def run_sample(args, extra) -> int:
         raise UsageError("--config names the recipe of --pretrained weights; a --workdir has its own config")
     if args.pretrained:
         check_weights(args.pretrained, "--pretrained")
-        from jaxdiff.latent.stable_diffusion import is_stable_diffusion
+        from jaxdiff.latent.stable_diffusion import is_stable_diffusion, is_upscaler
 
-        if is_stable_diffusion(args.pretrained):
-            return _sample_pretrained(args)
+        if is_upscaler(args.pretrained):
+            return _sample_pretrained(args, upscaler=True)
+    _refuse(args, UPSCALE_FLAGS, "for an x4 upscaler (--pretrained of a StableDiffusionUpscalePipeline folder)")
+    if args.pretrained and is_stable_diffusion(args.pretrained):
+        return _sample_pretrained(args)
     if args.prompt is not None:  # text-to-image from a latent run
         return _sample_pretrained(args)
+    args.num = DEFAULT_NUM if args.num is None else args.num
     _refuse(args, TEXT_FLAGS, "options of text-to-image, which needs --prompt")
     to_dir = args.out.endswith(os.sep) or os.path.isdir(args.out)
     if to_dir:

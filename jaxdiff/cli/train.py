@@ -8,6 +8,7 @@ import os
 import sys
 
 from jaxdiff.cli.config_source import load_config
+from jaxdiff.cli.errors import UsageError, reject_extra
 from jaxdiff.cli.paths import check_output_dir
 
 
@@ -31,9 +32,31 @@ def run_train(args, extra) -> int:
 def run_info(args, extra) -> int:
     from jaxdiff.models.summary import model_summary
 
+    if args.pretrained:
+        return _unet_info(args.pretrained, extra)
     config = load_config(args.config, extra)
     summary = model_summary(config.model)
     print(f"parameters: {summary['parameters']:,}")
     print(f"forward GFLOPs per image: {summary['gflops']:.2f} (every multiply-add of convolutions and matmuls)")
     print(f"XLA cost analysis GFLOPs: {summary['xla_gflops']:.2f} (omits convolution taps on zero padding)")
+    return 0
+
+
+def _unet_info(path: str, extra) -> int:
+    """The parameter count of the U-Net of the diffusers folder `path` (or of `path` itself, a unet/ folder), from
+    its config.json through `jax.eval_shape`: nothing is allocated and no weights are read."""
+    import math
+    import pathlib
+
+    from jaxdiff.latent.component_weights import CONFIG_FILE, read_config
+    from jaxdiff.latent.unet_weights import unet_condition_shapes
+    from jaxdiff.models.unet_condition_config import config_from_diffusers
+
+    reject_extra(extra)
+    folder = pathlib.Path(path)
+    folder = folder / "unet" if (folder / "unet" / CONFIG_FILE).is_file() else folder
+    if not (folder / CONFIG_FILE).is_file():
+        raise UsageError(f"--pretrained {path!r} holds neither unet/{CONFIG_FILE} nor {CONFIG_FILE}")
+    shapes = unet_condition_shapes(read_config(folder, config_from_diffusers))
+    print(f"U-Net parameters: {sum(math.prod(shape) for shape in shapes.values()):,}")
     return 0

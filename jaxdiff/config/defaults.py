@@ -1,5 +1,5 @@
 """The schema's keys and their defaults: `default_config()` (the DDPM CIFAR-10 recipe, locked) and the names
-`data.dataset` and `task` may take (`DATASETS`, `TASKS`)."""
+`data.dataset`, `task` and `training.lora.base_dtype` may take (`DATASETS`, `TASKS`, `LORA_BASE_DTYPES`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ DATASETS = (
     "folder",
 )  # fmt: skip
 TASKS = ("diffusion", "autoencoder", "latent")
+LORA_BASE_DTYPES = ("float32", "bfloat16")  # training.lora.base_dtype
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -170,6 +171,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.keep_checkpoints = 3
     c.training.sample_every_steps = 50_000
     c.training.num_sample_images = 64
+    # task "latent" with latent.unet_init: LoRA adapters of that U-Net trained, the U-Net frozen (training.latent_step).
+    c.training.lora = ml_collections.ConfigDict()
+    c.training.lora.rank = 0  # r of each adapter; 0: no adapters, every U-Net weight is trained
+    c.training.lora.alpha = 0.0  # adapters added as (alpha / r)·up @ down; 0: alpha = r
+    c.training.lora.target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated suffixes of diffusers module names
+    c.training.lora.base_dtype = "float32"  # storage dtype of the frozen U-Net: float32 | bfloat16
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"

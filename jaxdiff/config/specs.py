@@ -9,7 +9,7 @@ import difflib
 import ml_collections
 
 from jaxdiff.checks import Spec
-from jaxdiff.config.defaults import DATASETS, RECONSTRUCTION_LOSSES, TASKS, default_config
+from jaxdiff.config.defaults import DATASETS, LORA_BASE_DTYPES, RECONSTRUCTION_LOSSES, TASKS, default_config
 from jaxdiff.diffusion.continuous import CONTINUOUS_LOSSES, FLOW_LOSSES, PARAMETERIZATIONS
 from jaxdiff.diffusion.flow import MODE_SCALE_MAX, PARAMETERIZATIONS as FLOW_PARAMETERIZATIONS, T_SAMPLINGS
 from jaxdiff.diffusion.losses import FLOW_WEIGHTINGS
@@ -219,6 +219,12 @@ SPECS: dict[str, Spec] = {
     "training.keep_checkpoints": _positive_int("checkpoints kept in the workdir"),
     "training.sample_every_steps": _positive_int("steps between sample grids"),
     "training.num_sample_images": _positive_int("images in each sample grid"),
+    "training.lora.rank": Spec(int, "latent.unet_init: rank of the LoRA adapters trained on its frozen U-Net; 0: off",
+                               low=0),  # fmt: skip
+    "training.lora.alpha": Spec(float, "LoRA: adapters scaled by alpha / rank; 0: alpha = rank", low=0),
+    "training.lora.target_modules": Spec(str, "LoRA: comma-separated suffixes of the diffusers names of the U-Net "
+                                              "modules adapted (peft's target_modules)"),  # fmt: skip
+    "training.lora.base_dtype": Spec(str, "LoRA: storage dtype of the frozen U-Net", choices=LORA_BASE_DTYPES),
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),

@@ -50,6 +50,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         spec = spec_of(key, defaults[key])
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"config {key}={value!r} is not allowed: expected {spec.allowed()} ({spec.meaning})")
+    if config.task != "latent" and config.training.lora.rank:
+        raise ConfigError(f"config training.lora.rank={config.training.lora.rank}: LoRA trains adapters of a latent "
+                          f"run's latent.unet_init U-Net; task {config.task!r} has none")  # fmt: skip
     if config.task == "autoencoder":
         _check_autoencoder(config.autoencoder)
         return config

@@ -1,5 +1,5 @@
 """Converting weights between formats (`convert`): any format `jaxdiff.readers` reads into a jaxdiff workdir,
-a jaxdiff workdir into a diffusers folder."""
+a jaxdiff workdir into a diffusers folder, a LoRA run's adapters into a diffusers LoRA folder."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.convert.diffusers_export import save_export, to_diffusers
+from jaxdiff.convert.lora_export import lora_export, save_lora_export
 from jaxdiff.convert.score_sde_ve_export import save_score_sde_ve_export, score_sde_ve_export
 from jaxdiff.diffusion.continuous import is_continuous
 from jaxdiff.errors import UsageError
@@ -25,7 +26,7 @@ from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks import load_run
 
-TARGET_FORMATS = ("jaxdiff", "diffusers")
+TARGET_FORMATS = ("jaxdiff", "diffusers", "diffusers-lora")
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def convert(
     a step-0 checkpoint with a fresh optimizer state (one set of weights, as diffusers, score_sde's
     params_ema and EDM's ema network are, serves as both params and EMA params); jaxdiff -> diffusers
     exports the EMA params of `step` (default: latest), as a DDPMPipeline or, for a VE model of uncentred
-    data, a ScoreSdeVePipeline (`score_sde_ve_export`). `source_format` overrides detection (e.g. "edm"
+    data, a ScoreSdeVePipeline (`score_sde_ve_export`); "diffusers-lora" exports a LoRA run's EMA adapters as
+    `pytorch_lora_weights.safetensors` (`lora_export`). `source_format` overrides detection (e.g. "edm"
     for a pickle not named network-snapshot-*.pkl); `dataset` as in `jaxdiff.readers.formats.load_weights`.
     """
     dst = pathlib.Path(dst)
@@ -65,6 +67,8 @@ def convert(
         raise UsageError(f"{src} is already in the {fmt!r} format")
     if fmt in CONTINUOUS_FORMATS and target_format != "jaxdiff":
         raise UsageError(f"target_format={target_format!r}: {fmt} weights convert to 'jaxdiff' only")
+    if target_format == "diffusers-lora" and fmt != "jaxdiff":
+        raise UsageError(f"target_format='diffusers-lora' exports a jaxdiff LoRA run's adapters; {src} is {fmt!r}")
 
     if fmt == "tf":
         config, params, ema_params = read_official_checkpoint(src, dataset=dataset)
@@ -77,7 +81,10 @@ def convert(
     else:
         config, _, ema_params = load_run(src, step=step)
 
-    if target_format == "diffusers" and is_continuous(config.diffusion):
+    if target_format == "diffusers-lora":
+        lora = lora_export(config, ema_params, src)
+        write = lambda folder: save_lora_export(lora, folder)  # noqa: E731
+    elif target_format == "diffusers" and is_continuous(config.diffusion):
         ve_export = score_sde_ve_export(config, ema_params)
         write = lambda folder: save_score_sde_ve_export(ve_export, folder)  # noqa: E731
     elif target_format == "diffusers":

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.diffusion.limits import DenoisedLimit, limit_denoised
 from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.schedule import Schedule
 
@@ -170,19 +171,18 @@ def p_mean_variance(
     *,
     mean_type: str = "eps",
     var_type: str = "fixedlarge",
-    clip_denoised: bool = True,
+    clip_denoised: bool | DenoisedLimit = True,
 ) -> tuple[Array, Array, Array, Array]:
     """(mean, variance, log_variance, pred_x_start) of p(x_{t-1} | x_t).
 
     x̂_0 is computed from the model output, clipped to [-1, 1] when
-    `clip_denoised`, and the mean is the posterior mean of (x̂_0, x_t).
+    `clip_denoised` is True (limited by it when a `jaxdiff.diffusion.limits.DenoisedLimit`),
+    and the mean is the posterior mean of (x̂_0, x_t).
     """
     _check_images(schedule, x_t, t)
     mean_output, var_output = split_model_output(model_output, x_t, var_type)
     variance, log_variance = p_variance(schedule, var_output, t, var_type)
-    pred_x_start = predict_start(schedule, mean_output, x_t, t, mean_type)
-    if clip_denoised:
-        pred_x_start = jnp.clip(pred_x_start, -1.0, 1.0)
+    pred_x_start = limit_denoised(predict_start(schedule, mean_output, x_t, t, mean_type), clip_denoised)
     mean, _, _ = q_posterior_mean_variance(schedule, pred_x_start, x_t, t)
     return mean, variance, log_variance, pred_x_start
 

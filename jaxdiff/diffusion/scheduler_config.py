@@ -1,7 +1,8 @@
 """diffusers scheduler configs (`scheduler_config.json` dicts) read into jaxdiff's diffusion settings.
 
 `apply_scheduler_config` sets a run config's `diffusion` (and `sampling.clip_denoised`) from a `DDPMScheduler`
-or `DDIMScheduler` config; `scheduler_settings` gives the `SchedulerSettings` a latent pipeline steps with: the
+or `DDIMScheduler` config (the pixel-space pipelines: thresholding, rescale_betas_zero_snr and a clip_sample_range
+other than 1 are refused there); `scheduler_settings` gives the `SchedulerSettings` a latent pipeline steps with: the
 training schedule plus how diffusers' schedulers step on it. Every key of the config is implemented, accepted
 without effect (`ACCEPTED_WITHOUT_EFFECT`) or refused with one line naming the key and value (`WeightsError`: a bad
 scheduler config is a bad weights folder); unknown keys are refused. Pure functions of dicts: no files.
@@ -17,7 +18,13 @@ import numpy as np
 
 from jaxdiff.checks import is_int, is_real
 from jaxdiff.errors import WeightsError
-from jaxdiff.schedule import Schedule, schedule_from_config
+from jaxdiff.schedule import (
+    Schedule,
+    betas_from_config,
+    rescale_zero_terminal_snr,
+    schedule_from_betas,
+    with_last_alpha_bar,
+)
 
 DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "quad": "scaled_linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}
 DIFFUSERS_VAR_TYPES = {
@@ -65,9 +72,10 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
     s = {key: settings.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
     for key in ("trained_betas", "thresholding", "rescale_betas_zero_snr"):
         if s[key] not in (None, False):
-            raise unsupported_setting(source, key, s[key], "DDPM sampling uses no such option")
+            raise unsupported_setting(source, key, s[key], "jaxdiff's pixel-space samplers do not implement it")
     if s["clip_sample"] and s["clip_sample_range"] != 1.0:
-        raise unsupported_setting(source, "clip_sample_range", s["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
+        raise unsupported_setting(source, "clip_sample_range", s["clip_sample_range"],
+                                  "jaxdiff's pixel-space samplers clip to [-1, 1]")  # fmt: skip
     if not is_int(s["num_train_timesteps"], numpy=False) or s["num_train_timesteps"] < 2:
         raise unsupported_setting(source, "num_train_timesteps", s["num_train_timesteps"], "an int >= 2")
     d = config.diffusion
@@ -87,8 +95,11 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
 #
 # Implemented (read into `SchedulerSettings`; the samplers that read each are in `jaxdiff.latent.schedulers`):
 #   num_train_timesteps, beta_start, beta_end, beta_schedule, prediction_type (epsilon | v_prediction | sample),
-#   timestep_spacing, steps_offset, set_alpha_to_one, clip_sample (ddpm), final_sigmas_type (zero | sigma_min),
-#   lower_order_final, euler_at_final, solver_order (1 | 2), algorithm_type (dpmsolver++ | sde-dpmsolver++;
+#   timestep_spacing, steps_offset, set_alpha_to_one, clip_sample and clip_sample_range (ddim, ddpm, heun),
+#   thresholding, dynamic_thresholding_ratio and sample_max_value (ddim, ddpm, dpm_solver++, dpm_solver++_sde,
+#   unipc, deis), rescale_betas_zero_snr (ddim, ddpm: ᾱ_{T-1} = 0; dpm_solver++, dpm_solver++_sde, euler,
+#   euler_ancestral, unipc: ᾱ_{T-1} = 2**-24), final_sigmas_type (zero | sigma_min),
+#   lower_order_final, euler_at_final, solver_order (1 | 2 | 3), algorithm_type (dpmsolver++ | sde-dpmsolver++;
 #   "deis", which DPMSolverMultistepScheduler reads as dpmsolver++), solver_type (midpoint | heun; "logrho",
 #   "bh1", "bh2", which it reads as midpoint), use_karras_sigmas.
 # Accepted without effect (each only with the values listed, which leave every step as without the key):
@@ -99,11 +110,6 @@ ACCEPTED_WITHOUT_EFFECT = {
     "skip_prk_steps": "any: PNDMScheduler only, not a jaxdiff sampler",
     "trained_betas": "null",
     "variance_type": "null (no learned variance) or fixed_small (what ddpm does)",
-    "clip_sample_range": "1.0, or any when clip_sample is false",
-    "thresholding": "false",
-    "dynamic_thresholding_ratio": "any when thresholding is false",
-    "sample_max_value": "any when thresholding is false",
-    "rescale_betas_zero_snr": "false",
     "use_exponential_sigmas": "false",
     "use_beta_sigmas": "false",
     "use_lu_lambdas": "false",
@@ -123,8 +129,8 @@ ACCEPTED_WITHOUT_EFFECT = {
 }
 # Every other value of these keys is refused, as are keys not named here (one line naming the key and value).
 NO_EFFECT_VALUES = {
-    "trained_betas": (None,), "variance_type": (None, "fixed_small"), "thresholding": (False,),
-    "rescale_betas_zero_snr": (False,), "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,),
+    "trained_betas": (None,), "variance_type": (None, "fixed_small"), "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
     "use_lu_lambdas": (False,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "sigma_min": (None,), "sigma_max": (None,),
     "predict_x0": (True,), "disable_corrector": ([],), "solver_p": (None,), "shift_terminal": (None,),
@@ -135,16 +141,21 @@ DPM_DEFAULTS = {"final_sigmas_type": "zero", "lower_order_final": True, "euler_a
                 "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "use_karras_sigmas": False}  # fmt: skip
 DPM_VALUES = {
     "final_sigmas_type": {"zero": "zero", "sigma_min": "sigma_min"},
-    "solver_order": {1: 1, 2: 2},
+    "solver_order": {1: 1, 2: 2, 3: 3},
     "algorithm_type": {"dpmsolver++": "dpmsolver++", "sde-dpmsolver++": "sde-dpmsolver++", "deis": "dpmsolver++"},
     "solver_type": {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
 }  # fmt: skip
 DPM_REFUSED_WHY = {
-    "solver_order": "third-order DPM-Solver++ is not implemented; use 1 or 2",
     "algorithm_type": "dpmsolver and sde-dpmsolver (deprecated in diffusers) are not implemented; use dpmsolver++ "
                       "or sde-dpmsolver++",
 }  # fmt: skip
-KNOWN_KEYS = {*SCHEDULER_DEFAULTS, *SAMPLING_DEFAULTS, *ACCEPTED_WITHOUT_EFFECT, *DPM_DEFAULTS}
+# How the classes that take them limit x̂_0 (`jaxdiff.diffusion.limits.DenoisedLimit`), and their defaults.
+LIMIT_DEFAULTS = {"clip_sample_range": 1.0, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+                  "sample_max_value": 1.0}  # fmt: skip
+KNOWN_KEYS = {*SCHEDULER_DEFAULTS, *SAMPLING_DEFAULTS, *ACCEPTED_WITHOUT_EFFECT, *DPM_DEFAULTS, *LIMIT_DEFAULTS}
+# ᾱ_{T-1} after rescale_betas_zero_snr in the classes that keep σ_{T-1} finite (Euler, DPM-Solver, UniPC); DDIM
+# and DDPM keep ᾱ_{T-1} = 0.
+FINITE_ZERO_SNR_LAST = 2.0**-24
 
 
 class SchedulerSettings(NamedTuple):
@@ -153,12 +164,17 @@ class SchedulerSettings(NamedTuple):
     mean_type: what the U-Net predicts, "eps", "v" or "x_start". timestep_spacing: "leading", "trailing" or
     "linspace"; steps_offset: added to "leading" steps; set_alpha_to_one: whether DDIM's last step goes to
     ᾱ = 1 (else to ᾱ of step 0). `config` is the scheduler_config.json dict, kept for export. The rest are the
-    config's values, or the diffusers defaults where it has none: clip_sample (x̂_0 clipped to [-1, 1] by
-    DDPMScheduler; None where the config has no such key: each class then takes its own default); final_sigmas_type ("zero":
+    config's values, or the diffusers defaults where it has none: clip_sample (x̂_0 clipped by DDIMScheduler,
+    DDPMScheduler and HeunDiscreteScheduler; None where the config has no such key: each class then takes its own
+    default); final_sigmas_type ("zero":
     the last noise level is σ = 0; "sigma_min": σ of training step 0, where the run ends without a last
-    denoising), lower_order_final, euler_at_final, solver_order (1 or 2), algorithm_type ("dpmsolver++" or
+    denoising), lower_order_final, euler_at_final, solver_order (1, 2 or 3), algorithm_type ("dpmsolver++" or
     "sde-dpmsolver++"), solver_type ("midpoint" or "heun"): DPMSolverMultistepScheduler's; use_karras_sigmas:
-    the Karras grid for dpm_solver++, euler and heun.
+    the Karras grid for dpm_solver++, euler and heun; clip_sample_range (x̂_0 clipped to ±range with
+    clip_sample), thresholding, dynamic_thresholding_ratio, sample_max_value (Imagen's dynamic thresholding of
+    x̂_0, see `jaxdiff.diffusion.limits`). With rescale_betas_zero_snr, `schedule` is rescaled to zero terminal
+    SNR (ᾱ_{T-1} = 0, as DDIMScheduler and DDPMScheduler) and `unrescaled_betas` are the float64 betas before
+    the rescale (None without it), from which `class_schedule` gives each class's schedule.
     """
 
     schedule: Schedule
@@ -175,6 +191,21 @@ class SchedulerSettings(NamedTuple):
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     use_karras_sigmas: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    unrescaled_betas: np.ndarray | None = None
+
+
+def class_schedule(unrescaled_betas: np.ndarray, zero_snr_last: float | None) -> Schedule:
+    """The schedule a diffusers scheduler class builds with rescale_betas_zero_snr from the float64 betas
+    [T]: rescaled to zero terminal SNR with ᾱ_{T-1} = `zero_snr_last` (0, or FINITE_ZERO_SNR_LAST where the class
+    keeps σ finite); None: a class without the key, which `from_config` drops: the betas as they are."""
+    if zero_snr_last is None:
+        return schedule_from_betas(unrescaled_betas)
+    rescaled = rescale_zero_terminal_snr(unrescaled_betas)
+    return schedule_from_betas(with_last_alpha_bar(rescaled, zero_snr_last) if zero_snr_last > 0 else rescaled)
 
 
 def _refuse(source: str, key: str, value: Any, need: str) -> WeightsError:
@@ -190,9 +221,7 @@ def _check_keys(config: dict, source: str, schedule: Schedule) -> None:
     for key, allowed in NO_EFFECT_VALUES.items():
         if key in config and not any(config[key] == value and type(config[key]) is type(value) for value in allowed):
             raise _refuse(source, key, config[key], f"only {ACCEPTED_WITHOUT_EFFECT[key]} is supported")
-    if config.get("clip_sample", True) and config.get("clip_sample_range", 1.0) != 1.0:
-        raise _refuse(source, "clip_sample_range", config["clip_sample_range"], "jaxdiff's samplers clip to [-1, 1]")
-    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)
+    alphas_cumprod = np.asarray(schedule.alphas_cumprod, np.float64)  # no ᾱ = 0: `class_schedule`'s finite view
     least_lambda = 0.5 * float(np.min(np.log(alphas_cumprod / (1.0 - alphas_cumprod))))
     clipped = config.get("lambda_min_clipped", -math.inf)
     if not is_real(clipped) or clipped > least_lambda:
@@ -213,18 +242,40 @@ def _dpm_settings(config: dict, source: str) -> dict:
     return settings
 
 
+def _limit_settings(config: dict, source: str) -> dict:
+    """The x̂_0 limit settings of `config` (LIMIT_DEFAULTS), checked where they can act."""
+    settings = {key: config.get(key, default) for key, default in LIMIT_DEFAULTS.items()}
+    if not isinstance(settings["thresholding"], bool):
+        raise _refuse(source, "thresholding", settings["thresholding"], "true or false")
+    rules = {"clip_sample_range": (config.get("clip_sample") is not False, lambda v: v > 0, "a finite number > 0"),
+             "sample_max_value": (settings["thresholding"], lambda v: v > 0, "a finite number > 0"),
+             "dynamic_thresholding_ratio": (settings["thresholding"], lambda v: 0 <= v <= 1, "a number in [0, 1]")}
+    for key, (acts, allowed, need) in rules.items():
+        value = settings[key]
+        if acts and not (is_real(value, finite=True) and allowed(value)):
+            raise _refuse(source, key, value, need)
+        if is_real(value, finite=True):
+            settings[key] = float(value)
+    return settings
+
+
 def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
     """`SchedulerSettings` of a diffusers scheduler config dict; every key is implemented, accepted without
     effect (`ACCEPTED_WITHOUT_EFFECT`) or refused: unknown keys and unsupported values raise
     `jaxdiff.errors.WeightsError` (a ValueError) naming them."""
     run_config = ml_collections.ConfigDict({"diffusion": {}, "sampling": {}})
+    implemented = {"clip_sample": False, "thresholding": False, "rescale_betas_zero_snr": False,
+                   "_class_name": "DDIMScheduler"}  # checked below  # fmt: skip
     checked = {key: value for key, value in config.items() if key not in NO_EFFECT_VALUES}  # checked below
     try:
-        apply_scheduler_config(run_config, {**checked, "clip_sample": False, "_class_name": "DDIMScheduler"}, source)
+        apply_scheduler_config(run_config, {**checked, **implemented}, source)
     except ValueError as err:
         raise WeightsError(str(err)) from None
-    schedule = schedule_from_config(run_config.diffusion)
-    _check_keys(config, source, schedule)
+    zero_snr = config.get("rescale_betas_zero_snr", False)
+    if not isinstance(zero_snr, bool):
+        raise _refuse(source, "rescale_betas_zero_snr", zero_snr, "true or false")
+    betas = betas_from_config(run_config.diffusion)
+    _check_keys(config, source, class_schedule(betas, FINITE_ZERO_SNR_LAST if zero_snr else None))
     s = {key: config.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}
     if s["timestep_spacing"] not in TIMESTEP_SPACINGS:
         raise _refuse(source, "timestep_spacing", s["timestep_spacing"], f"supported: {', '.join(TIMESTEP_SPACINGS)}")
@@ -234,6 +285,8 @@ def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
     for key in ("set_alpha_to_one", "clip_sample"):
         if key in config and not isinstance(config[key], bool):
             raise _refuse(source, key, config[key], "true or false")
-    return SchedulerSettings(schedule, run_config.diffusion.mean_type, s["timestep_spacing"], offset,
-                             s["set_alpha_to_one"], dict(config), config.get("clip_sample"),
-                             **_dpm_settings(config, source))  # fmt: skip
+    return SchedulerSettings(class_schedule(betas, 0.0 if zero_snr else None), run_config.diffusion.mean_type,
+                             s["timestep_spacing"], offset, s["set_alpha_to_one"], dict(config),
+                             config.get("clip_sample"), **_dpm_settings(config, source),
+                             **_limit_settings(config, source),
+                             unrescaled_betas=betas if zero_snr else None)  # fmt: skip

@@ -4,7 +4,12 @@ grids its samplers step on, and its tokenizers.
 - `bundle`: `LatentModels` (U-Net, autoencoder, text encoder, tokenizer, their configs and parameters) and
   `SchedulerSettings` (the training schedule and the step placement a diffusers scheduler config asks for).
 - `schedulers`: which training steps or noise levels a run visits and how each sampler steps through them.
-- `pipeline`: `LatentPipeline`: text_to_image, image_to_image, inpaint.
+- `pipeline`: `LatentPipeline`: text_to_image, image_to_image, inpaint (SD 1.x / 2.x and SDXL).
+- `prompt_conditioning`: prompts -> the U-Net's conditioning (context, SDXL's added conditioning and time ids).
+- `sdxl`: reading SDXL base and refiner folders.
+- `upscale`: `UpscalePipeline`, the x4 upscaler (StableDiffusionUpscalePipeline folders): upscale.
+- `tiled_decode`: decoding latents tile by tile with blended seams (diffusers' `AutoencoderKL.tiled_decode`).
+- `lora`: LoRA adapters on its U-Net and text encoder (load, scale, fuse, unfuse).
 - `clip_tokenizer`, `word_tokenizer`: CLIP's BPE tokenizer (from a folder's files) and the word-level tokenizer
   of models trained here.
 """

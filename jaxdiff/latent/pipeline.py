@@ -1,5 +1,8 @@
 """Stable Diffusion in JAX: text-to-image, image-to-image (SDEdit) and inpainting, step for step as diffusers'
-`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`.
+`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`; SDXL base and
+refiner text-to-image and image-to-image as `StableDiffusionXLPipeline` and `StableDiffusionXLImg2ImgPipeline`
+(the prompts become the U-Net's `Conditioning` through `jaxdiff.latent.prompt_conditioning`), with the base ->
+refiner hand-off (`denoising_end` / `denoising_start`).
 
     pipe = LatentPipeline.from_pretrained("stable-diffusion-v1-5")   # a diffusers Stable Diffusion folder
     images = pipe.text_to_image(["a photo of a cat"], steps=50, guidance=7.5)   # uint8 [1, 512, 512, 3]
@@ -24,8 +27,16 @@ import numpy as np
 
 from jaxdiff.checks import is_int, is_real, prompt_list
 from jaxdiff.errors import UsageError
-from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.bundle import PIPELINE_CLASSES, SDXL_PIPELINE_CLASSES, LatentModels
+from jaxdiff.latent.lora import LoraAdapters
 from jaxdiff.latent.pipeline_base import PipelineBase
+from jaxdiff.latent.prompt_conditioning import (
+    Conditioning,
+    PromptEncoder,
+    check_fraction,
+    cutoff_step,
+    rescale_guided,
+)
 from jaxdiff.latent.stable_diffusion import read_pretrained
 from jaxdiff.latent.schedulers import (
     DPM_SAMPLERS,
@@ -45,46 +56,56 @@ from jaxdiff.latent.schedulers import (
     sampler_scheduler,
     sigma_denoiser,
     step_plan,
+    training_sigmas,
     visited_timesteps,
 )
 from jaxdiff.models.autoencoder import create_autoencoder
-from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
 
 Array = jax.Array
-UNetFn = Callable[[Array, Array, Array], Array]  # (latents [B,h,w,C_in], timesteps [B], context [B,L,D]) -> output
+UNetFn = Callable[[Array, Array, Conditioning | Array], Array]  # (latents [B,h,w,C_in], timesteps [B], conditioning) -> output
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 7.5
-OUTPUT_TYPES = ("uint8", "float")
+OUTPUT_TYPES = ("uint8", "float", "latent")
+# The samplers whose run can stop at denoising_end and resume at denoising_start (the base -> refiner hand-off):
+# one-step samplers whose state is the unscaled x = x_0 + σ·n in both diffusers and jaxdiff, so the latents carry
+# over as they are. Left out: heun (diffusers' cut of its doubled timesteps is not reproduced) and lms (diffusers'
+# LMSDiscreteScheduler resumed at a begin index takes its full order's coefficients with one derivative).
+HANDOFF_SAMPLERS = ("euler", "euler_ancestral")
 
 
 # --------------------------------------------------------------------------- pure pieces
 
 
-def guided_unet(unet: UNetFn, cond: Array, uncond: Array, guidance: float,
-                condition: Array | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
+def guided_unet(unet: UNetFn, cond: Conditioning | Array, uncond: Conditioning | Array, guidance: float,
+                condition: Array | None = None, rescale: float = 0.0) -> Callable[[Array, Array], Array]:  # fmt: skip
     """`fn(x, t)`: the U-Net output at latents x [B,h,w,C] and training steps t [B] (int or real), guided as
-    diffusers does: uncond + guidance·(cond − uncond) from one forward pass on [x; x] with contexts
-    [uncond; cond] (only the conditional pass when guidance <= 1). `condition` [B,h,w,C'] (the inpainting
-    U-Net's mask and masked-image latents) is appended to x's channels."""
+    diffusers does: uncond + guidance·(cond − uncond) from one forward pass on [x; x] with conditionings
+    [uncond; cond] (pytrees `unet` takes: `Conditioning`s, or context arrays [B,L,D]; concatenated leaf by leaf)
+    (only the conditional pass when guidance <= 1), then with rescale > 0 `rescale_guided`
+    (guidance_rescale). `condition` [B,h,w,C'] (the inpainting U-Net's mask and masked-image latents) is appended
+    to x's channels."""
 
     def fn(x: Array, t: Array) -> Array:
         x_in = x if condition is None else jnp.concatenate([x, condition], axis=-1)
         if guidance <= 1:
             return unet(x_in, t, cond)
-        both = unet(jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), jnp.concatenate([uncond, cond]))
+        both_cond = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+        both = unet(jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), both_cond)
         out_uncond, out_cond = jnp.split(both, 2)
-        return out_uncond + guidance * (out_cond - out_uncond)
+        guided = out_uncond + guidance * (out_cond - out_uncond)
+        return guided if rescale <= 0 else rescale_guided(guided, out_cond, rescale)
 
     return fn
 
 
-def guided_latent_denoiser(unet: UNetFn, cond: Array, uncond: Array, guidance: float, timesteps: Array,
-                           condition: Array | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
+def guided_latent_denoiser(unet: UNetFn, cond: Conditioning | Array, uncond: Conditioning | Array, guidance: float,
+                           timesteps: Array, condition: Array | None = None,
+                           rescale: float = 0.0) -> Callable[[Array, Array], Array]:  # fmt: skip
     """`denoise_fn(x, i)` for the discrete samplers: `guided_unet` at step index i [B] into `timesteps`
     (increasing training steps)."""
-    fn = guided_unet(unet, cond, uncond, guidance, condition)
+    fn = guided_unet(unet, cond, uncond, guidance, condition, rescale)
     return lambda x, i: fn(x, timesteps[i])
 
 
@@ -167,24 +188,30 @@ def _mask_array(masks, image_shape: tuple[int, ...]) -> np.ndarray:
 # --------------------------------------------------------------------------- the pipeline
 
 
-class LatentPipeline(PipelineBase):
+class LatentPipeline(LoraAdapters, PipelineBase):
     """A loaded Stable Diffusion model: `text_to_image`, `image_to_image`, `inpaint` (see the module docstring);
+    LoRA adapters: `load_lora`, `set_lora_scale`, `fuse_lora`, `unfuse_lora` (`jaxdiff.latent.lora`);
     `sample` and `denoise` raise `UsageError` (`PipelineBase`): unconditional samples are `text_to_image([""] * n)`."""
 
     loaded = "a text-to-image latent model"
+    pipeline_classes = (*PIPELINE_CLASSES, *SDXL_PIPELINE_CLASSES)  # the diffusers pipelines whose folders it runs
 
     def __init__(self, model: LatentModels):
+        if model.pipeline_class not in self.pipeline_classes:
+            raise UsageError(f"{type(self).__name__} does not run {model.pipeline_class} weights (it runs "
+                             f"{', '.join(self.pipeline_classes)}); load them with jaxdiff.Pipeline.from_pretrained")
         self.model = model
         self.scheduler = model.scheduler
         self.unet = create_unet_condition(model.unet_config)
         self.vae = create_autoencoder(model.vae_config)
-        self.text_encoder = create_clip_text(model.text_config)
-        self.params = jax.device_put({"unet": model.unet_params, "vae": model.vae_params, "text": model.text_params})
+        self.prompt_encoder = PromptEncoder(model)
+        self.text_encoder = self.prompt_encoder.encoders[0][1]  # the first text encoder's module (a refiner's: its only)
+        self.params = jax.device_put({"unet": model.unet_params, "vae": model.vae_params, **self.prompt_encoder.params})
         self.latent_factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
         self.latent_channels = model.vae_config.latent_channels
         self.inpainting_unet = model.unet_config.in_channels == 2 * self.latent_channels + 1
         self._compiled: dict[tuple, Callable] = {}
-        self._encode_text = jax.jit(lambda p, ids: self.text_encoder.apply({"params": p}, ids).last_hidden_state)
+        self._init_lora()
         self._decode = jax.jit(self._decode_latents)
         self._encode_image = jax.jit(self._encode_latents)
 
@@ -206,11 +233,14 @@ class LatentPipeline(PipelineBase):
         """Images in [0, 1] -> latents drawn from the posterior, in the U-Net's scale."""
         return encode_to_latents(self.vae, self.model.vae_config, vae_params, images * 2.0 - 1.0, rng)
 
-    def _loop(self, points: np.ndarray, sampler: str, guidance: float, mode: str) -> Callable:
+    def _loop(self, points: np.ndarray, sampler: str, guidance: float, mode: str, rescale: float = 0.0) -> Callable:
         """The compiled denoising loop for these static settings: `points` are the run's decreasing training
         steps (ddim, ddpm) or noise levels (SIGMA_SAMPLERS, see `_run_points`); mode: "plain", "condition"
-        (9-channel inpainting) or "blend" (4-channel inpainting)."""
-        key = (tuple(points.tolist()), sampler, guidance, mode)
+        (`condition` channels appended to the latents: 9-channel inpainting, the upscaler's low-resolution image)
+        or "blend" (4-channel inpainting); `rescale` guidance_rescale. `cond`, `uncond` are `Conditioning`s;
+        `class_label` (an int scalar, or None for none) is every U-Net call's class label (the upscaler's noise
+        level)."""
+        key = (tuple(points.tolist()), sampler, guidance, mode, rescale)
         if key in self._compiled:
             return self._compiled[key]
         on_levels = sampler in SIGMA_SAMPLERS
@@ -218,16 +248,18 @@ class LatentPipeline(PipelineBase):
         increasing = None if on_levels else jnp.asarray(points[::-1].copy(), jnp.int32)
         plan = None if on_levels else step_plan(scheduler, points)  # concrete tables, outside jit
 
-        def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise):
-            def unet(x, t, context):
-                return self.unet.apply({"params": unet_params}, x, t, context)
+        def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise, class_label=None):
+            def unet(x, t, conditioning):
+                labels = None if class_label is None else jnp.full(x.shape[:1], class_label, jnp.int32)
+                return self.unet.apply({"params": unet_params}, x, t, conditioning.context, class_labels=labels,
+                                       added_cond=conditioning.added_cond)  # fmt: skip
 
             extra_channels = condition if mode == "condition" else None
             if on_levels:
-                fn = sigma_denoiser(guided_unet(unet, cond, uncond, guidance, extra_channels), self.scheduler,
+                fn = sigma_denoiser(guided_unet(unet, cond, uncond, guidance, extra_channels, rescale), scheduler,
                                     rounded=sampler in ROUNDED_STEP_SAMPLERS)  # fmt: skip
             else:
-                fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing, extra_channels)
+                fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing, extra_channels, rescale)
             if mode == "blend":
                 def noised(i):
                     if on_levels:  # i is the noise level σ of the unscaled latents
@@ -296,70 +328,134 @@ class LatentPipeline(PipelineBase):
                 raise UsageError(f"{name}={value!r} must be a multiple of the autoencoder's factor {self.latent_factor}")
         return height, width
 
-    def _embeddings(self, prompts: list[str], negative_prompts) -> tuple[Array, Array]:
-        negative = [""] * len(prompts) if negative_prompts is None else prompt_list(negative_prompts, "negative_prompts")
-        if len(negative) != len(prompts):
-            raise UsageError(f"{len(negative)} negative_prompts for {len(prompts)} prompts; give one per prompt")
-        ids = self.model.tokenizer(prompts + negative).input_ids
-        both = self._encode_text(self.params["text"], jnp.asarray(ids))
-        return both[: len(prompts)], both[len(prompts) :]
+    def _embeddings(self, prompts: list[str], negative_prompts, *, clip_skip: int = 0,
+                    time_ids: tuple | None = None) -> tuple[Conditioning, Conditioning]:  # fmt: skip
+        """(cond, uncond) of the prompts (`PromptEncoder.encode`) with the weights the pipeline runs with."""
+        return self.prompt_encoder.encode(self._run_params, prompts, negative_prompts, clip_skip=clip_skip,
+                                          time_ids=time_ids)  # fmt: skip
 
-    def _noise(self, latents, shape: tuple[int, ...], rng: Array) -> Array:
+    def _cut_points(self, levels: np.ndarray, sampler: str, steps: int, karras: bool, fraction, name: str,
+                    *, end: bool) -> np.ndarray:  # fmt: skip
+        """The noise levels of a run cut where diffusers' SDXL pipelines cut it: `levels` ([steps + 1], from
+        `_run_points`) kept up to denoising_end (`end`: the steps at training steps t >= `cutoff_step`, then the
+        level they step to) or from denoising_start (the steps at t < `cutoff_step`). t are the scheduler's
+        timesteps: the visited steps, or on the Karras grid diffusers' `_sigma_to_t` of each level."""
+        fraction = check_fraction(name, fraction)
+        if sampler not in HANDOFF_SAMPLERS:
+            raise UsageError(f"{name} needs a sampler in {HANDOFF_SAMPLERS} (whose state carries over between "
+                             f"pipelines as diffusers'), not {sampler!r}")  # fmt: skip
+        scheduler = sampler_scheduler(self.scheduler, sampler)
+        num_train = scheduler.schedule.num_timesteps
+        if (karras or scheduler.use_karras_sigmas) and sampler != "euler_ancestral":
+            sigmas = training_sigmas(scheduler)
+            timesteps = np.interp(np.log(levels[:-1].astype(np.float64)), np.log(sigmas), np.arange(num_train))
+        elif scheduler.timestep_spacing == "linspace":
+            timesteps = np.linspace(0.0, num_train - 1.0, steps)[::-1]
+        else:
+            timesteps = visited_timesteps(scheduler, steps)
+        cutoff = cutoff_step(num_train, fraction)
+        count = int(np.sum(timesteps >= cutoff if end else timesteps < cutoff))
+        if count == 0:
+            raise UsageError(f"{name}={fraction} leaves none of the {steps} steps (the cut is at training step "
+                             f"{cutoff})")  # fmt: skip
+        return levels[: count + 1] if end else levels[len(levels) - 1 - count :]
+
+    def _noise(self, latents, shape: tuple[int, ...], rng: Array, name: str = "latents") -> Array:
+        """N(0, I) noise of `shape`: `latents` (the argument called `name`) as float32, or drawn from `rng`."""
         if latents is None:
             return jax.random.normal(rng, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != shape:
-            raise UsageError(f"latents have shape {latents.shape}; expected {shape} (NHWC latents)")
+            raise UsageError(f"{name} of shape {latents.shape}; expected {shape} (NHWC)")
         return latents
 
     def _finish(self, latents: Array, output_type: str) -> np.ndarray:
+        if output_type == "latent":
+            return np.asarray(latents)
         images = np.asarray(self._decode(self.params["vae"], latents))
         return images if output_type == "float" else to_uint8(images)
 
     # ------------------------------------------------------------------ public API
 
     def text_to_image(self, prompts, *, negative_prompts=None, steps: int = DEFAULT_STEPS,
-                      guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", karras: bool = False,
-                      seed: int = 0, height: int | None = None, width: int | None = None, latents=None,
-                      output_type: str = "uint8") -> np.ndarray:  # fmt: skip
-        """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float").
+                      guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                      karras: bool = False, seed: int = 0, height: int | None = None, width: int | None = None,
+                      latents=None, clip_skip: int = 0, denoising_end: float | None = None,
+                      output_type: str = "uint8", **micro_conditioning) -> np.ndarray:  # fmt: skip
+        """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float", or the
+        final latents [B, height/f, width/f, C] with output_type="latent").
         `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`); `karras` puts the KARRAS_SAMPLERS
         (all σ-grid samplers but euler_ancestral) on the Karras grid. `latents` [B, height/f, width/f, C] is the
-        initial noise, N(0, I) (default: drawn from `seed`)."""
+        initial noise, N(0, I) (default: drawn from `seed`). `guidance_rescale` in [0, 1]: `rescale_guided`.
+        `clip_skip`: the text encoders' layer (`jaxdiff.latent.prompt_conditioning`). SDXL: `denoising_end` in
+        (0, 1) stops the run where diffusers' StableDiffusionXLPipeline does (with output_type="latent", the state
+        a refiner's image_to_image(denoising_start=...) continues from; HANDOFF_SAMPLERS only);
+        `micro_conditioning`: the keywords of `MICRO_CONDITIONING` (original_size, crops_coords_top_left,
+        target_size, their negative_ versions)."""
         if self.inpainting_unet:
             raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
+        if self.model.requires_aesthetics_score:
+            raise UsageError("text_to_image(): this SDXL folder is a refiner (requires_aesthetics_score): it runs "
+                             "image_to_image()")  # fmt: skip
         prompts = prompt_list(prompts, "prompts")
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
+        rescale = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, low_open=False)
+        clip_skip = self.prompt_encoder.check_clip_skip(clip_skip)
         height, width = self._check_size(height, width)
+        time_ids = self.prompt_encoder.time_ids((height, width), micro_conditioning, image_to_image=False)
         shape = (len(prompts), height // self.latent_factor, width // self.latent_factor, self.latent_channels)
         noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed))
         points = self._run_points(sampler, steps, karras)
+        if denoising_end is not None:
+            points = self._cut_points(points, sampler, steps, karras, denoising_end, "denoising_end", end=True)
         x_start = self._start(sampler, points, self._noise(latents, shape, noise_rng))
-        cond, uncond = self._embeddings(prompts, negative_prompts)
-        run = self._loop(points, sampler, guidance, "plain")
-        return self._finish(run(self.params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
+        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids)
+        run = self._loop(points, sampler, guidance, "plain", rescale)
+        return self._finish(run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
-    def image_to_image(self, images, prompts, *, strength: float, negative_prompts=None, steps: int = DEFAULT_STEPS,
-                       guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim", karras: bool = False,
-                       seed: int = 0, latents=None, output_type: str = "uint8") -> np.ndarray:  # fmt: skip
+    def image_to_image(self, images, prompts, *, strength: float | None = None, negative_prompts=None,
+                       steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                       sampler: str = "ddim", karras: bool = False, seed: int = 0, latents=None, clip_skip: int = 0,
+                       denoising_start: float | None = None, output_type: str = "uint8",
+                       **micro_conditioning) -> np.ndarray:  # fmt: skip
         """SDEdit: encode `images` [B, H, W, 3], noise them to the step where diffusers starts for `strength` in
         (0, 1] (the last int(steps·strength) steps are run), denoise. `latents` is the noise added (default:
-        drawn from `seed`)."""
+        drawn from `seed`). SDXL's hand-off: with `denoising_start` in (0, 1), `images` are latents
+        [B, h, w, C] from text_to_image(denoising_end=..., output_type="latent"), continued from where diffusers'
+        StableDiffusionXLImg2ImgPipeline starts (no strength, no noise added). `guidance_rescale`, `clip_skip`
+        and `micro_conditioning` (MICRO_CONDITIONING; aesthetic_score and negative_aesthetic_score for a refiner)
+        as in `text_to_image`."""
         if self.inpainting_unet:
             raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = prompt_list(prompts, "prompts")
-        strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
-        pixels = self._checked_images(images, len(prompts))
-        points = self._run_points(sampler, steps, karras, strength)
+        rescale = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, low_open=False)
+        clip_skip = self.prompt_encoder.check_clip_skip(clip_skip)
         encode_rng, noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-        image_latents = self._encode_image(self.params["vae"], jnp.asarray(pixels), encode_rng)
-        noise = self._noise(latents, tuple(image_latents.shape), noise_rng)
-        cond, uncond = self._embeddings(prompts, negative_prompts)
-        x_start = self._start(sampler, points, noise, image_latents)
-        run = self._loop(points, sampler, guidance, "plain")
-        return self._finish(run(self.params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
+        if denoising_start is None:
+            if strength is None:
+                raise UsageError("image_to_image() needs strength in (0, 1] (or denoising_start with latents)")
+            strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
+            pixels = self._checked_images(images, len(prompts))
+            time_ids = self.prompt_encoder.time_ids(pixels.shape[1:3], micro_conditioning, image_to_image=True)
+            points = self._run_points(sampler, steps, karras, strength)
+            image_latents = self._encode_image(self.params["vae"], jnp.asarray(pixels), encode_rng)
+            noise = self._noise(latents, tuple(image_latents.shape), noise_rng)
+            x_start = self._start(sampler, points, noise, image_latents)
+        else:
+            for name, value in (("strength", strength), ("latents", latents)):
+                if value is not None:
+                    raise UsageError(f"{name} does not apply with denoising_start (the run continues the latents "
+                                     "given as images from the cut)")  # fmt: skip
+            x_start = self._checked_latents(images, len(prompts))
+            size = (x_start.shape[1] * self.latent_factor, x_start.shape[2] * self.latent_factor)
+            time_ids = self.prompt_encoder.time_ids(size, micro_conditioning, image_to_image=True)
+            points = self._cut_points(self._run_points(sampler, steps, karras), sampler, steps, karras,
+                                      denoising_start, "denoising_start", end=False)  # fmt: skip
+        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids)
+        run = self._loop(points, sampler, guidance, "plain", rescale)
+        return self._finish(run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
     def inpaint(self, images, masks, prompts, *, strength: float = 1.0, negative_prompts=None,
@@ -370,7 +466,10 @@ class LatentPipeline(PipelineBase):
         U-Net gets the latent mask and the masked image's latents as extra input channels; a 4-channel U-Net
         keeps the image's latents (noised to the current step) outside the mask after every step. `latents` is
         the initial noise (default: drawn from `seed`); with strength < 1 the run starts from the image noised
-        with it, as image_to_image."""
+        with it, as image_to_image. Not for SDXL models."""
+        if self.prompt_encoder.sdxl:
+            raise UsageError("inpaint() runs SD 1.x / 2.x models; SDXL inpainting (StableDiffusionXLInpaintPipeline) "
+                             "is not implemented")  # fmt: skip
         prompts = prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
@@ -389,12 +488,23 @@ class LatentPipeline(PipelineBase):
             masked = self._encode_image(self.params["vae"], jnp.asarray(masked_pixels), masked_rng)
             condition = jnp.concatenate([latent_mask, masked], axis=-1)
             run = self._loop(points, sampler, guidance, "condition")
-            latents_out = run(self.params["unet"], cond, uncond, x_start, loop_rng, condition, None, None, None)
+            latents_out = run(self._run_params["unet"], cond, uncond, x_start, loop_rng, condition, None, None, None)
         else:
             run = self._loop(points, sampler, guidance, "blend")
-            latents_out = run(self.params["unet"], cond, uncond, x_start, loop_rng, None, latent_mask,
+            latents_out = run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, latent_mask,
                               image_latents, noise)  # fmt: skip
         return self._finish(latents_out, output_type)
+
+    def _checked_latents(self, latents, batch: int) -> Array:
+        """Latents [B, h, w, C] (NHWC, float, in the U-Net's scale) for `batch` prompts, as float32."""
+        array = np.asarray(latents)
+        if array.ndim != 4 or array.shape[-1] != self.latent_channels or not np.issubdtype(array.dtype, np.floating):
+            raise UsageError(f"with denoising_start, images must be float latents [B, h, w, {self.latent_channels}] "
+                             f"(NHWC, from text_to_image(output_type='latent')), got {array.dtype} {array.shape}")
+        if array.shape[0] != batch:
+            raise UsageError(f"{array.shape[0]} latents for {batch} prompts; give one per prompt")
+        self._check_size(array.shape[1] * self.latent_factor, array.shape[2] * self.latent_factor)
+        return jnp.asarray(array, jnp.float32)
 
     def _checked_images(self, images, batch: int) -> np.ndarray:
         pixels = _image_array(images, "images")

@@ -1,5 +1,6 @@
 """`PipelineBase`: the one set of public methods of whatever `jaxdiff.Pipeline.from_pretrained` /
-`from_checkpoint` loaded — `sample`, `denoise`, `text_to_image`, `image_to_image`, `inpaint`.
+`from_checkpoint` loaded — `sample`, `denoise`, `text_to_image`, `image_to_image`, `inpaint`, `upscale`,
+and the LoRA methods `load_lora`, `set_lora_scale`, `fuse_lora`, `unfuse_lora`.
 
 A pipeline overrides the methods its model can do; the others raise `UsageError` in one line naming the method and
 what was loaded. A text-to-image model does not `sample`: it draws through `text_to_image`, unconditional samples
@@ -20,6 +21,9 @@ NEEDS = {
     "text_to_image": "a text-to-image model (a Stable Diffusion folder or file, or a latent run)",
     "image_to_image": "a text-to-image model (a Stable Diffusion folder or file, or a latent run)",
     "inpaint": "a text-to-image model (a Stable Diffusion folder or file, or a latent run)",
+    "upscale": "an x4 upscaler (a StableDiffusionUpscalePipeline folder)",
+    **dict.fromkeys(("load_lora", "set_lora_scale", "fuse_lora", "unfuse_lora"),
+                    "a text-to-image model (LoRA adapters apply to its U-Net and text encoder)"),
 }  # fmt: skip
 
 
@@ -48,3 +52,18 @@ class PipelineBase(abc.ABC):
 
     def inpaint(self, *args, **kwargs):
         raise self._unavailable("inpaint")
+
+    def upscale(self, *args, **kwargs):
+        raise self._unavailable("upscale")
+
+    def load_lora(self, *args, **kwargs):
+        raise self._unavailable("load_lora")
+
+    def set_lora_scale(self, *args, **kwargs):
+        raise self._unavailable("set_lora_scale")
+
+    def fuse_lora(self, *args, **kwargs):
+        raise self._unavailable("fuse_lora")
+
+    def unfuse_lora(self, *args, **kwargs):
+        raise self._unavailable("unfuse_lora")

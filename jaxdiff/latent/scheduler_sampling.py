@@ -116,7 +116,7 @@ class SchedulerSampling:
             noise_key, loop_key = jax.random.split(rng)
             noise = jax.random.normal(noise_key, shape, jnp.float32) if noise is None else noise
             if on_levels:
-                denoiser = sigma_denoiser(model_fn, self.scheduler, rounded=sampler in ROUNDED_STEP_SAMPLERS)
+                denoiser = sigma_denoiser(model_fn, scheduler, rounded=sampler in ROUNDED_STEP_SAMPLERS)
                 x_start = noise * initial_scale(scheduler, sampler, float(points[0]))
                 return denoise_on_levels(denoiser, points, x_start, sampler=sampler, scheduler=scheduler,
                                          rng=loop_key)  # fmt: skip

@@ -11,9 +11,9 @@ otherwise; we always step to the next visited step.)
 
 Samplers (`sampler=`), each as the diffusers scheduler named, made `from_config` of the folder's scheduler config
 (`sampler_scheduler`: where the config names no timestep_spacing, each class takes its own default):
-  ddim           DDIMScheduler (η = 0), on the steps above;
+  ddim           DDIMScheduler (η = 0), on the steps above (`ddim_denoise`);
   ddpm           DDPMScheduler (ancestral, "fixed_small" variance), on the same steps;
-  dpm_solver++   DPMSolverMultistepScheduler, with the config's algorithm_type, solver_order, solver_type,
+  dpm_solver++   DPMSolverMultistepScheduler, with the config's algorithm_type, solver_order (1, 2, 3), solver_type,
                  final_sigmas_type, lower_order_final and euler_at_final (defaults: dpmsolver++, 2, midpoint, 0);
   dpm_solver++_sde  the same with algorithm_type="sde-dpmsolver++" ("DPM++ 2M SDE"): step i adds
                  σ'·sqrt(1 − (σ'/σ)²)·z_i, z_i = `jaxdiff.samplers.grids.step_noise(rng, i, x)`;
@@ -27,6 +27,10 @@ All but ddim and ddpm (SIGMA_SAMPLERS) step on diffusers' grid of noise levels �
 σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ (`step_of_sigma`, integer for
 ROUNDED_STEP_SAMPLERS). Their initial latents are scaled by diffusers' `init_noise_sigma`. euler_ancestral draws
 the noise of step i as `jaxdiff.samplers.grids.step_noise(rng, i, x)` from the run's sampler key `rng`.
+
+Each x̂_0 is limited as the sampler's class does (`denoised_limit`): clip_sample to ±clip_sample_range (ddim, ddpm,
+heun), dynamic thresholding (ddim, ddpm, dpm_solver++, dpm_solver++_sde, unipc, deis); with rescale_betas_zero_snr
+each class steps on its own schedule (`sampler_scheduler`), ddim and ddpm from ᾱ = 0 with "trailing" steps.
 """
 
 from __future__ import annotations
@@ -40,9 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import is_int
-from jaxdiff.diffusion.scheduler_config import SchedulerSettings
+from jaxdiff.diffusion import predict_start
+from jaxdiff.diffusion.denoisers import discrete_x0_denoiser
+from jaxdiff.diffusion.limits import DenoisedLimit
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings, class_schedule
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.samplers import sample
+from jaxdiff.samplers.ddim_dpm import ddim_steps
 from jaxdiff.samplers.grids import karras_sigmas
 from jaxdiff.samplers.registry import REGISTRY, samplers_for
 from jaxdiff.schedule import Schedule, respace
@@ -96,16 +104,28 @@ def visited_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
 def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSettings:
     """`scheduler` as `sampler`'s diffusers scheduler, made `from_config` of this config, reads it: the config's
     timestep_spacing, else its class default (`CLASS_DEFAULT_SPACING`); clip_sample likewise (`CLASS_DEFAULT_CLIP`,
-    False for the classes without the key); dpm_solver++_sde sets algorithm_type="sde-dpmsolver++". Refuses
-    (WeightsError) clip_sample=True for ddim and heun, whose clipping jaxdiff does not implement."""
+    False for the classes without the key); thresholding only for the classes with the key; with
+    rescale_betas_zero_snr, the class's schedule (`class_schedule`: ᾱ_{T-1} = 0 for ddim and ddpm, 2**-24 for
+    the classes that keep σ finite, not rescaled for those without the key); dpm_solver++_sde sets
+    algorithm_type="sde-dpmsolver++"."""
+    spec = _LATENT[sampler]
     spacing = scheduler.config.get("timestep_spacing", CLASS_DEFAULT_SPACING[sampler])
     clip = CLASS_DEFAULT_CLIP.get(sampler, False) if scheduler.clip_sample is None else scheduler.clip_sample
     clip = clip and sampler in CLASS_DEFAULT_CLIP
-    if clip and sampler != "ddpm":
-        raise WeightsError(f"unsupported setting clip_sample=True for sampler {sampler!r} (jaxdiff clips x̂_0 only "
-                           "for ddpm; set clip_sample to false)")  # fmt: skip
     algorithm = "sde-dpmsolver++" if sampler == "dpm_solver++_sde" else scheduler.algorithm_type
-    return scheduler._replace(timestep_spacing=spacing, clip_sample=clip, algorithm_type=algorithm)
+    schedule = scheduler.schedule
+    if scheduler.unrescaled_betas is not None and spec.zero_snr_last != 0.0:
+        schedule = class_schedule(scheduler.unrescaled_betas, spec.zero_snr_last)
+    return scheduler._replace(timestep_spacing=spacing, clip_sample=clip, algorithm_type=algorithm, schedule=schedule,
+                              thresholding=scheduler.thresholding and spec.thresholding)  # fmt: skip
+
+
+def denoised_limit(scheduler: SchedulerSettings) -> DenoisedLimit | None:
+    """How the sampler of `scheduler` (from `sampler_scheduler`) limits each x̂_0: dynamic thresholding, else
+    clipping to ±clip_sample_range, as diffusers' schedulers; None: not at all."""
+    if scheduler.thresholding:
+        return DenoisedLimit(None, scheduler.dynamic_thresholding_ratio, scheduler.sample_max_value)
+    return DenoisedLimit(scheduler.clip_sample_range) if scheduler.clip_sample else None
 
 
 def dpm_solver_timesteps(scheduler: SchedulerSettings, steps: int) -> np.ndarray:
@@ -234,7 +254,16 @@ def denoise_on_levels(denoiser: Callable[[Array, Array], Array], levels: np.ndar
     """The final latents from the unscaled x_start at σ = levels[0], by `sampler` in SIGMA_SAMPLERS through
     `levels`: x̂_0 where levels end at 0, else the state at σ_min (DPM-Solver's VP x_t = x/sqrt(1 + σ_min²),
     Euler's unscaled x), as diffusers' schedulers end. The DPM samplers read `scheduler` (from
-    `sampler_scheduler`) and draw the SDE's noise from `rng` (the registry's `LatentSpec.run`)."""
+    `sampler_scheduler`) and draw the SDE's noise from `rng` (the registry's `LatentSpec.run`). Each x̂_0 is
+    limited as the scheduler's class does (`denoised_limit`: heun's clip_sample, the multistep classes'
+    thresholding)."""
+    limit = None if scheduler is None else denoised_limit(scheduler)
+    if limit is not None:
+        unlimited = denoiser
+
+        def denoiser(x: Array, sigma: Array) -> Array:
+            return limit(unlimited(x, sigma))
+
     return _LATENT[sampler].run(denoiser, levels, x_start, scheduler, rng)
 
 
@@ -258,39 +287,69 @@ def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int
 class StepPlan(NamedTuple):
     """The steps of one run, built outside jit: `timesteps` the decreasing training steps visited, `schedule`
     the training schedule respaced to them (index i <-> timesteps[::-1][i]), `final_alpha_bar` where DDIM's last
-    step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction, `clip_sample` whether
-x̂_0 is clipped to [-1, 1]."""
+    step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction, `limit` how each
+    x̂_0 is limited (`denoised_limit`; None: not at all), `level_schedule` the steps DDIM finds by their noise
+    level (`schedule` without its last step where that is at ᾱ = 0, which `ddim_denoise` takes by hand)."""
 
     timesteps: np.ndarray
     schedule: Schedule
     final_alpha_bar: float
     mean_type: str
-    clip_sample: bool
+    limit: DenoisedLimit | None
+    level_schedule: Schedule
 
 
 def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray) -> StepPlan:
-    """The `StepPlan` of the decreasing training steps `timesteps` under `scheduler`."""
+    """The `StepPlan` of the decreasing training steps `timesteps` under `scheduler` (from `sampler_scheduler`)."""
     alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
     final = 1.0 if scheduler.set_alpha_to_one else float(alphas_cumprod[0])
-    return StepPlan(timesteps, respace(scheduler.schedule, timesteps[::-1]), final, scheduler.mean_type,
-                    bool(scheduler.clip_sample))  # fmt: skip
+    schedule = respace(scheduler.schedule, timesteps[::-1])
+    pure_noise = len(timesteps) > 1 and alphas_cumprod[timesteps[0]] == 0
+    level_schedule = respace(schedule, np.arange(len(timesteps) - 1)) if pure_noise else schedule
+    return StepPlan(timesteps, schedule, final, scheduler.mean_type, denoised_limit(scheduler), level_schedule)
 
 
 def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start: Array, rng: Array, *,
             sampler: str) -> Array:  # fmt: skip
-    """Run `sampler` from latents `x_start` at plan.timesteps[0] through all of plan.timesteps as one scan;
-    `denoise_fn` gets step indices into plan.timesteps[::-1]. Returns the final latents: x̂_0, except for DDIM,
-    which ends at ᾱ_final: x = sqrt(ᾱ_final)·x̂_0 + sqrt(1 − ᾱ_final)·ε̂ from its last state, as diffusers'
-    DDIMScheduler does."""
-    count = len(plan.timesteps)
-    x0, frames = sample(
-        denoise_fn, plan.schedule, tuple(x_start.shape), rng, sampler=sampler, steps=count, spacing="uniform",
-        clip_denoised=plan.clip_sample, var_type="fixedsmall", mean_type=plan.mean_type,
-        return_trajectory=True, trajectory_every=max(count - 1, 1), x_T=x_start,
+    """Run `sampler` (ddim or ddpm) from latents `x_start` at plan.timesteps[0] through all of plan.timesteps as
+    one scan; `denoise_fn` gets step indices into plan.timesteps[::-1]. Returns the final latents: ddpm's x̂_0;
+    DDIM's x = sqrt(ᾱ_final)·x̂_0 + sqrt(1 − ᾱ_final)·ε̂ from its last state, as diffusers' DDIMScheduler
+    (`ddim_denoise`)."""
+    if sampler == "ddim":
+        return ddim_denoise(denoise_fn, plan, x_start)
+    return sample(
+        denoise_fn, plan.schedule, tuple(x_start.shape), rng, sampler=sampler, steps=len(plan.timesteps),
+        spacing="uniform", clip_denoised=plan.limit or False, var_type="fixedsmall", mean_type=plan.mean_type,
+        x_T=x_start,
     )  # fmt: skip
-    if sampler != "ddim":
-        return x0
-    last_state = frames[0] if count > 1 else x_start  # the state before the last step
-    alpha_bar = float(np.cumprod(1.0 - np.asarray(plan.schedule.betas, np.float64))[0])
-    eps = (last_state - math.sqrt(alpha_bar) * x0) / math.sqrt(1.0 - alpha_bar)
-    return math.sqrt(plan.final_alpha_bar) * x0 + math.sqrt(1.0 - plan.final_alpha_bar) * eps
+
+
+def ddim_denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start: Array) -> Array:
+    """diffusers' DDIMScheduler (η = 0) from the VP latents x_start [B, h, w, C] at plan.timesteps[0] to
+    ᾱ_final: `ddim_steps` in the unscaled x on σ_k = sqrt((1 − ᾱ_k)/ᾱ_k) of the visited steps, then σ of
+    ᾱ_final; ε̂ is the model's and x̂_0 is limited by plan.limit (`use_clipped_model_output` off). A first step
+    at ᾱ = 0 (zero terminal SNR, "trailing" steps) starts from pure noise: ε̂ = x_start there (exactly, for v and
+    x_0 predictions; ε-prediction gives NaN, as in diffusers) and x' = x̂_0 + σ'·x_start. Returns the VP latents
+    x·sqrt(ᾱ_final)."""
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(plan.schedule.betas, np.float64))[::-1]  # the visited steps
+    with np.errstate(divide="ignore"):
+        sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    sigma_final = math.sqrt((1.0 - plan.final_alpha_bar) / plan.final_alpha_bar)
+    levels = np.append(sigmas, sigma_final).astype(np.float32)
+
+    def predict_x0(x_t: Array, k: Array) -> Array:
+        output = jnp.asarray(denoise_fn(x_t, k), jnp.float32)
+        return predict_start(plan.schedule, output, x_t, k, plan.mean_type)
+
+    count = len(plan.timesteps)
+    if alphas_cumprod[0] > 0:
+        x = x_start / np.float32(math.sqrt(alphas_cumprod[0]))
+    else:  # pure noise: the first step by hand, the rest on the schedule without its last step
+        x0 = predict_x0(x_start, jnp.full((x_start.shape[0],), count - 1, jnp.int32))
+        x = (x0 if plan.limit is None else plan.limit(x0)) + levels[1] * x_start
+        levels = levels[1:]
+        if count == 1:
+            return x / math.sqrt(1.0 + sigma_final**2)
+    denoiser = discrete_x0_denoiser(predict_x0, plan.level_schedule)
+    x = ddim_steps(denoiser, x, jnp.asarray(levels), limit=plan.limit)
+    return x / math.sqrt(1.0 + sigma_final**2)

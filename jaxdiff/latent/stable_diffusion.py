@@ -3,7 +3,10 @@ single `.safetensors` files (`read_pretrained` reads either; `is_stable_diffusio
 
 A folder holds `model_index.json` (`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` or
 `StableDiffusionInpaintPipeline`), `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`; weights are
-read from safetensors only (never pickles), optionally a variant such as "fp16", and become float32.
+read from safetensors only (never pickles), optionally a variant such as "fp16", and become float32. An x4
+upscaler folder (`StableDiffusionUpscalePipeline`) also holds `low_res_scheduler/` and `max_noise_level`; every key
+of its model_index.json is read or refused (`upscaler_settings`). SDXL folders (`StableDiffusionXLPipeline`,
+`StableDiffusionXLImg2ImgPipeline`) are read by `jaxdiff.latent.sdxl`.
 
 The scheduler config supplies the training noise schedule (betas, prediction type) whatever its class (SD folders
 ship PNDM, DDIM, Euler, ... schedulers that share these keys), plus DDIMScheduler's sampling settings
@@ -39,15 +42,18 @@ from jaxdiff.latent.unet_weights import (
     read_unet_condition,
     unet_condition_shapes,
 )
+from jaxdiff.checks import is_int
 from jaxdiff.errors import MissingWeightsError, UsageError, WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.unet_condition_config import config_from_diffusers
-from jaxdiff.diffusion.scheduler_config import scheduler_settings
-from jaxdiff.latent.bundle import PIPELINE_CLASSES, LatentModels
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings, scheduler_settings
+from jaxdiff.latent.bundle import PIPELINE_CLASSES, SDXL_PIPELINE_CLASSES, UPSCALE_PIPELINE_CLASS, LatentModels
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
+from jaxdiff.latent.sdxl import read_sdxl
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+READ_CLASSES = (*PIPELINE_CLASSES, UPSCALE_PIPELINE_CLASS, *SDXL_PIPELINE_CLASSES)  # the pipeline folders read here
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -66,9 +72,12 @@ def _pipeline_class(folder: pathlib.Path) -> str:
     if not index_file.is_file():
         raise WeightsError(f"{folder} is not a Stable Diffusion folder: it has no {MODEL_INDEX_FILE}")
     name = load_json(index_file).get("_class_name")
-    if name not in PIPELINE_CLASSES:
-        raise WeightsError(f"{index_file}: _class_name={name!r}; supported pipelines: {', '.join(PIPELINE_CLASSES)}")
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if name not in READ_CLASSES:
+        raise WeightsError(f"{index_file}: _class_name={name!r}; supported pipelines: {', '.join(READ_CLASSES)}")
+    if name in SDXL_PIPELINE_CLASSES:
+        return name  # its components are checked by `read_sdxl`
+    components = (*COMPONENTS, "low_res_scheduler") if name == UPSCALE_PIPELINE_CLASS else COMPONENTS
+    missing = [c for c in components if not (folder / c).is_dir()]
     if missing:
         raise WeightsError(f"{folder} lacks the component folders {missing} of a Stable Diffusion pipeline")
     return name
@@ -96,13 +105,20 @@ def read_stable_diffusion(
     if not folder.is_dir():
         raise MissingWeightsError(f"{folder} is not a folder")
     pipeline_class = _pipeline_class(folder)
-    scheduler_file = folder / "scheduler" / SCHEDULER_CONFIG_FILE
-    if not scheduler_file.is_file():
-        raise WeightsError(f"{folder / 'scheduler'} has no {SCHEDULER_CONFIG_FILE}")
-    scheduler = scheduler_settings(load_json(scheduler_file), str(scheduler_file))
+    if pipeline_class in SDXL_PIPELINE_CLASSES:
+        return read_sdxl(folder, pipeline_class, variant=variant, dtype=dtype)
+    scheduler_file, scheduler_config = _scheduler_config(folder, "scheduler")
+    scheduler = scheduler_settings(scheduler_config, str(scheduler_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
     settings = _config_folder_settings(folder)
+    added = settings["unet"].get("addition_embed_type")
+    if added is not None:
+        raise WeightsError(f"{folder / 'unet' / CONFIG_FILE}: addition_embed_type={added!r}; a {pipeline_class} "
+                           "U-Net has none (SDXL U-Nets are read from StableDiffusionXLPipeline folders)")  # fmt: skip
     _check_text_width(settings, folder)
+    low_res_scheduler, max_noise_level = None, None
+    if pipeline_class == UPSCALE_PIPELINE_CLASS:
+        low_res_scheduler, max_noise_level = upscaler_settings(folder, settings)
     unet_config, unet_params = read_unet_condition(folder / "unet", variant=variant, dtype=dtype)
     vae_config, vae_params = read_autoencoder(folder / "vae", variant=variant, dtype=dtype)
     text_config, text_params = read_clip_text(folder / "text_encoder", variant=variant, dtype=dtype)
@@ -110,7 +126,78 @@ def read_stable_diffusion(
         pipeline_class=pipeline_class, unet_config=unet_config, unet_params=unet_params, vae_config=vae_config,
         vae_params=vae_params, text_config=text_config, text_params=text_params, tokenizer=tokenizer,
         tokenizer_folder=folder / "tokenizer", scheduler=scheduler, settings=settings,
+        low_res_scheduler=low_res_scheduler, max_noise_level=max_noise_level,
     )
+
+
+# --------------------------------------------------------------------------- x4 upscaler folders
+
+# The components of an upscaler's model_index.json and the classes read for each (None: the class its own config
+# names, which must agree); the optional components jaxdiff does not run (accepted only as [null, null]); the
+# other keys read.
+UPSCALER_COMPONENTS = {
+    "unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"), "scheduler": None, "low_res_scheduler": ("DDPMScheduler",),
+}  # fmt: skip
+UPSCALER_UNUSED = ("safety_checker", "feature_extractor", "watermarker")
+UPSCALER_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "max_noise_level")
+DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
+UPSCALER_SCALING_FACTOR = 0.08333  # the VAE scaling factor StableDiffusionUpscalePipeline imposes
+LOW_RES_CHANNELS = 3  # the RGB low-resolution image the U-Net sees beside the latents
+
+
+def _scheduler_config(folder: pathlib.Path, component: str) -> tuple[pathlib.Path, dict]:
+    """(path, dict) of `component`/scheduler_config.json."""
+    path = folder / component / SCHEDULER_CONFIG_FILE
+    if not path.is_file():
+        raise WeightsError(f"{folder / component} has no {SCHEDULER_CONFIG_FILE}")
+    return path, load_json(path)
+
+
+def upscaler_settings(folder: pathlib.Path, settings: dict) -> tuple[SchedulerSettings, int]:
+    """(low_res_scheduler settings, max_noise_level) of an x4 upscaler folder, after checking every key of its
+    model_index.json (components of the classes read, unused components null, max_noise_level an int in
+    [0, num_class_embeds − 1]) and that the networks fit the pipeline: the VAE's scaling_factor 0.08333, the U-Net
+    taking latent_channels + 3 input channels and the noise level as its class label. One WeightsError line each."""
+    index_file = folder / MODEL_INDEX_FILE
+    index = load_json(index_file)
+    for key, value in index.items():
+        if key in UPSCALER_COMPONENTS:
+            classes = UPSCALER_COMPONENTS[key]
+            pair = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+            if not pair or (classes is not None and value[1] not in classes):
+                raise WeightsError(f"{index_file}: {key}={value!r}; expected [library, class] with class in "
+                                   f"{classes or 'the schedulers'}")  # fmt: skip
+        elif key in UPSCALER_UNUSED:
+            if value not in (None, [None, None]):
+                raise WeightsError(f"{index_file}: {key}={value!r}; jaxdiff runs no {key.replace('_', ' ')} (it must "
+                                   "be [null, null])")  # fmt: skip
+        elif key not in UPSCALER_KEYS:
+            raise WeightsError(f"{index_file}: unknown key {key}={value!r}; jaxdiff cannot honour it")
+    for component in ("scheduler", "low_res_scheduler"):
+        path, config = _scheduler_config(folder, component)  # the low-resolution one kept for the end
+        named = index.get(component, [None, None])[1]
+        if config.get("_class_name") != named:
+            raise WeightsError(f"{path}: _class_name={config.get('_class_name')!r} but {MODEL_INDEX_FILE} names "
+                               f"{component} {named!r}")  # fmt: skip
+    unet, vae = settings["unet"], settings["vae"]
+    classes = unet.get("num_class_embeds")
+    if not is_int(classes, numpy=False) or classes < 1:
+        raise WeightsError(f"{folder / 'unet'}: num_class_embeds={classes!r}; the upscaler's U-Net takes the noise "
+                           "level as its class label (an int >= 1)")  # fmt: skip
+    level = index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)
+    if not is_int(level, numpy=False) or not 0 <= level < classes:
+        raise WeightsError(f"{index_file}: max_noise_level={level!r} must be an int in [0, {classes - 1}] (the U-Net's "
+                           f"num_class_embeds={classes} noise levels)")  # fmt: skip
+    if vae.get("scaling_factor") != UPSCALER_SCALING_FACTOR:
+        raise WeightsError(f"{folder / 'vae'}: scaling_factor={vae.get('scaling_factor')!r}; the x4 upscaler's VAE "
+                           f"has {UPSCALER_SCALING_FACTOR} (diffusers' pipeline imposes it): set it in vae/"
+                           f"{CONFIG_FILE}")  # fmt: skip
+    channels = vae.get("latent_channels", 4) + LOW_RES_CHANNELS
+    if unet.get("in_channels") != channels:
+        raise WeightsError(f"{folder / 'unet'}: in_channels={unet.get('in_channels')!r}; the upscaler's U-Net takes "
+                           f"the VAE's latent_channels + {LOW_RES_CHANNELS} = {channels}")  # fmt: skip
+    return scheduler_settings(config, str(path)), level
 
 
 # --------------------------------------------------------------------------- single-file checkpoints
@@ -155,11 +242,16 @@ def _split_name(rest: str, table: dict[str, str]) -> str:
 
 
 def unet_diffusers_name(name: str, settings: dict) -> str | None:
-    """The diffusers name of an original (LDM) U-Net tensor name without its prefix, None if it has none."""
+    """The diffusers name of an original (LDM / SGM) U-Net tensor name without its prefix, None if it has none.
+    `label_emb` is the x4 upscaler's label table (`label_emb.weight`), or `label_emb.0.0` / `label_emb.0.2` the
+    class embedding of a `class_embed_type` (SD 2.1 unCLIP) or else SDXL's add embedding."""
     per_block = settings.get("layers_per_block", 2) + 1
     up_attention = [t.startswith("CrossAttn") for t in settings["up_block_types"]]
+    label_mlp = "class_embedding" if settings.get("class_embed_type") else "add_embedding"
     fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
-             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}  # fmt: skip
+             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+             "label_emb.weight": "class_embedding.weight", "label_emb.0.0.": f"{label_mlp}.linear_1.",
+             "label_emb.0.2.": f"{label_mlp}.linear_2."}  # fmt: skip
     for old, new in fixed.items():
         if name.startswith(old):
             return new + name[len(old) :]
@@ -315,6 +407,10 @@ def read_single_file(
         scheduler = dict(SCHEDULER_PRESETS[scheduler])
     scheduler_config = scheduler_settings(scheduler, "scheduler")
     settings = _config_folder_settings(config_folder)
+    if settings["unet"].get("addition_embed_type") is not None:
+        raise WeightsError(f"{config_folder / 'unet' / CONFIG_FILE}: addition_embed_type="
+                           f"{settings['unet']['addition_embed_type']!r} (SDXL); SDXL single files, with their two "
+                           "text encoders, are not read yet (their U-Net is: read_original_tensors)")  # fmt: skip
     _check_text_width(settings, config_folder)
     tokenizer = CLIPTokenizer.from_folder(config_folder / "tokenizer")
     try:
@@ -395,8 +491,14 @@ def is_stable_diffusion(path: str | os.PathLike) -> bool:
     path = pathlib.Path(path)
     index_file = path / MODEL_INDEX_FILE
     if index_file.is_file():
-        return load_json(index_file).get("_class_name") in PIPELINE_CLASSES
+        return load_json(index_file).get("_class_name") in READ_CLASSES
     if path.is_file() and path.suffix == ".safetensors":
         with open_safetensors(path) as f:
             return any(name.startswith(UNET_PREFIX) for name in f.keys())  # noqa: SIM118 (a safe_open handle)
     return False
+
+
+def is_upscaler(path: str | os.PathLike) -> bool:
+    """Whether `path` is an x4 upscaler folder (model_index.json's `_class_name` StableDiffusionUpscalePipeline)."""
+    index_file = pathlib.Path(path) / MODEL_INDEX_FILE
+    return index_file.is_file() and load_json(index_file).get("_class_name") == UPSCALE_PIPELINE_CLASS

@@ -1,11 +1,12 @@
-"""diffusers `UNet2DConditionModel` weights (Stable Diffusion 1.x / 2.x) -> our `UNetCondition` config and parameters.
+"""diffusers `UNet2DConditionModel` weights (Stable Diffusion 1.x / 2.x, SDXL, x4 upscaler) -> our `UNetCondition`
+config and parameters.
 
 A folder (or a pipeline folder's `unet/`) holds `config.json` and `diffusion_pytorch_model[.<variant>].safetensors`
 in PyTorch layouts; they are read with `safetensors` (never pickles) and need no torch. Our parameter paths are
 diffusers' module names with the list indices written `_{i}` (`up_blocks_1/attentions_0/proj_in/kernel` <->
 `up_blocks.1.attentions.0.proj_in.weight`), so conversion is a renaming plus layout changes: conv OIHW -> HWIO
 (the 1×1 `conv_shortcut` and, without `use_linear_projection`, `proj_in`/`proj_out` included), Linear
-[out, in] -> [in, out].
+[out, in] -> [in, out], the label table (`class_embedding.weight`) unchanged.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import os
 import pathlib
 import re
 
+import flax.traverse_util
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
 from jaxdiff.weights.matching import ParamPath, Shape
-from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, param_shapes, read_weights
+from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, read_weights
 from jaxdiff.errors import WeightsError
-from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.models.unet_condition import create_unet_condition, example_inputs
 from jaxdiff.models.unet_condition_config import config_from_diffusers
 # diffusers module lists, whose index our names write as `<list>_<index>` (unlike e.g. `linear_1`, a plain name).
 MODULE_LISTS = (
@@ -41,12 +42,9 @@ def diffusers_tensor_name(path: ParamPath) -> str:
 
 def unet_condition_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, Shape]:
     """Every parameter of the U-Net of `model_config`: path -> shape (HWIO convs, [in, out] dense); none allocated."""
-    inputs = (
-        jax.ShapeDtypeStruct((1, 8, 8, model_config.in_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1, model_config.cross_attention_dim), jnp.float32),
-    )
-    return param_shapes(create_unet_condition(model_config), *inputs)
+    args, kwargs = example_inputs(model_config)
+    variables = jax.eval_shape(create_unet_condition(model_config).init, jax.random.PRNGKey(0), *args, **kwargs)
+    return {p: tuple(s.shape) for p, s in flax.traverse_util.flatten_dict(variables["params"]).items()}
 
 
 def read_unet_condition_weights(model_config: ml_collections.ConfigDict, file: str | os.PathLike) -> dict:

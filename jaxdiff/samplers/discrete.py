@@ -35,6 +35,7 @@ import numpy as np
 from jaxdiff.checks import is_int, is_real
 from jaxdiff.diffusion import MEAN_TYPES, VAR_TYPES, p_mean_variance, predict_start, split_model_output
 from jaxdiff.diffusion.denoisers import discrete_x0_denoiser
+from jaxdiff.diffusion.limits import DenoisedLimit, limit_denoised
 from jaxdiff.errors import UsageError
 from jaxdiff.samplers.grids import scan_steps
 from jaxdiff.samplers.registry import REGISTRY, default_steps, sampler_spec, samplers_for
@@ -88,7 +89,7 @@ def sample(
     steps: int | None = None,
     eta: float = 0.0,
     spacing: str | None = None,
-    clip_denoised: bool = True,
+    clip_denoised: bool | DenoisedLimit = True,
     var_type: str = "fixedlarge",
     mean_type: str = "eps",
     return_trajectory: bool = False,
@@ -114,7 +115,8 @@ def sample(
     steps: the number of steps, default T (ddpm, ddim), 20 (dpm_solver++), 18 (heun).
     spacing: `uniform`, `quadratic` or `karras`; default `uniform` for ddpm and ddim,
       `karras` (ρ = 7) for dpm_solver++ and heun.
-    clip_denoised: clip every x̂_0 to [-1, 1], also inside the ODE solvers.
+    clip_denoised: clip every x̂_0 to [-1, 1], also inside the ODE solvers; a
+      `jaxdiff.diffusion.limits.DenoisedLimit` limits each x̂_0 as it says instead.
     var_type: how ddpm reads the variance; the other samplers use only the mean channels.
     return_trajectory: also return the state x_t after steps every-1, 2·every-1, ... and
       after the last step, [ceil(steps / every), B, H, W, C] with every = `trajectory_every`
@@ -135,8 +137,7 @@ def sample(
 
     def predict_x0(x: Array, t: Array) -> Array:
         mean_output, _ = split_model_output(_call(denoise_fn, x, t), x, var_type)
-        x0 = predict_start(schedule, mean_output, x, t, mean_type)
-        return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
+        return limit_denoised(predict_start(schedule, mean_output, x, t, mean_type), clip_denoised)
 
     every = every if return_trajectory else None
     run = sampler_spec(sampler).on_levels

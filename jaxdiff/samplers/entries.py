@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.checks import Spec
+from jaxdiff.diffusion.scheduler_config import FINITE_ZERO_SNR_LAST
 from jaxdiff.errors import UsageError
 from jaxdiff.samplers.ddim_dpm import ddim_sample, ddim_steps, dpm_solver_pp_sample, dpm_solver_pp_steps
 from jaxdiff.samplers.deis import deis_steps
@@ -113,14 +114,16 @@ def _final_x_t(x, levels) -> Any:
 
 def _latent_dpm_solver(denoiser, levels, x_start, scheduler, rng):
     """DPMSolverMultistepScheduler's run: its last step is first order with euler_at_final, with
-    lower_order_final for fewer than 15 steps, or to σ = 0. (The steps counted are those run: after image-to-image
-    cuts a run of 15 or more to fewer, diffusers, counting the full run, keeps a second-order last step to σ_min.)"""
+    lower_order_final for fewer than 15 steps, or to σ = 0; with lower_order_final for fewer than 15 steps, the
+    step before it is at most second order. (The steps counted are those run: after image-to-image cuts a run of 15
+    or more to fewer, diffusers, counting the full run, keeps the higher orders.)"""
     steps, final = len(levels) - 1, float(levels[-1])
-    first_order_last = (scheduler.euler_at_final or (scheduler.lower_order_final and steps < 15) or final == 0.0)
+    short = scheduler.lower_order_final and steps < 15
+    first_order_last = scheduler.euler_at_final or short or final == 0.0
     sde = scheduler.algorithm_type == "sde-dpmsolver++"
     x = dpm_solver_pp_steps(denoiser, x_start, jnp.asarray(levels, jnp.float32), order=scheduler.solver_order,
                             solver_type=scheduler.solver_type, first_order_last=first_order_last,
-                            noise_key=rng if sde else None)  # fmt: skip
+                            second_order_second_last=short, noise_key=rng if sde else None)  # fmt: skip
     return _final_x_t(x, levels)
 
 
@@ -170,25 +173,28 @@ register(SamplerSpec(
     "ddim",
     steps={"discrete": None, "continuous": 50, "latent": _LATENT_STEPS}, options=DDIMOptions,
     continuous=ddim_sample, on_levels=ddim_steps,
-    latent=LatentSpec("DDIMScheduler", "leading", default_clip=True),
+    latent=LatentSpec("DDIMScheduler", "leading", default_clip=True, thresholding=True, zero_snr_last=0.0),
 ))  # fmt: skip
 register(SamplerSpec(
     "ddpm", steps={"discrete": None, "latent": _LATENT_STEPS},
-    latent=LatentSpec("DDPMScheduler", "leading", default_clip=True),
+    latent=LatentSpec("DDPMScheduler", "leading", default_clip=True, thresholding=True, zero_snr_last=0.0),
 ))  # fmt: skip
 register(SamplerSpec(
     "dpm_solver++", steps={"discrete": 20, "continuous": 20, "latent": _LATENT_STEPS},
     options=KarrasOptions, continuous=dpm_solver_pp_sample, on_levels=_dpm_solver_pp_ode, spacing="karras",
-    latent=LatentSpec(_DPM, "linspace", run=_latent_dpm_solver, rounded_steps=True),
+    latent=LatentSpec(_DPM, "linspace", run=_latent_dpm_solver, rounded_steps=True, thresholding=True,
+                      zero_snr_last=FINITE_ZERO_SNR_LAST),
 ))  # fmt: skip
 register(SamplerSpec(
     "dpm_solver++_sde", steps={"latent": _LATENT_STEPS},
-    latent=LatentSpec(_DPM, "linspace", run=_latent_dpm_solver, rounded_steps=True),
+    latent=LatentSpec(_DPM, "linspace", run=_latent_dpm_solver, rounded_steps=True, thresholding=True,
+                      zero_snr_last=FINITE_ZERO_SNR_LAST),
 ))  # fmt: skip
 register(SamplerSpec(
     "euler", steps={"continuous": 100, "latent": _LATENT_STEPS},
     continuous=functools.partial(time_ode_sample, method="euler"),
-    latent=LatentSpec("EulerDiscreteScheduler", "linspace", run=_latent_euler, unscaled_state=True),
+    latent=LatentSpec("EulerDiscreteScheduler", "linspace", run=_latent_euler, unscaled_state=True,
+                      zero_snr_last=FINITE_ZERO_SNR_LAST),
     flow=_flow_ode("euler", 50),
 ))  # fmt: skip
 register(SamplerSpec(
@@ -200,7 +206,7 @@ register(SamplerSpec(
 register(SamplerSpec(
     "euler_ancestral", steps={"latent": _LATENT_STEPS},
     latent=LatentSpec("EulerAncestralDiscreteScheduler", "linspace", run=_latent_euler_ancestral, grid="euler",
-                      karras=False, unscaled_state=True),
+                      karras=False, unscaled_state=True, zero_snr_last=FINITE_ZERO_SNR_LAST),
 ))  # fmt: skip
 register(SamplerSpec(
     "lms", steps={"latent": _LATENT_STEPS},
@@ -209,12 +215,12 @@ register(SamplerSpec(
 register(SamplerSpec(
     "unipc", steps={"latent": _LATENT_STEPS},
     latent=LatentSpec("UniPCMultistepScheduler", "linspace", run=_latent_unipc, grid="dpm_solver++",
-                      rounded_steps=True),
+                      rounded_steps=True, thresholding=True, zero_snr_last=FINITE_ZERO_SNR_LAST),
 ))  # fmt: skip
 register(SamplerSpec(
     "deis", steps={"latent": _LATENT_STEPS},
     latent=LatentSpec("DEISMultistepScheduler", "linspace", run=_latent_deis, grid="dpm_solver++",
-                      rounded_steps=True),
+                      rounded_steps=True, thresholding=True),
 ))  # fmt: skip
 for _name in PREDICTORS:
     register(SamplerSpec(

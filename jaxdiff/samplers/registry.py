@@ -80,7 +80,10 @@ class LatentSpec:
     grid             the sampler whose σ grid the class builds (None: its own);
     karras           whether the class has `use_karras_sigmas`;
     rounded_steps    whether the class calls the U-Net at integer steps (else at fractional ones);
-    unscaled_state   whether the class's state is the unscaled x (init_noise_sigma σ_max) rather than x_t.
+    unscaled_state   whether the class's state is the unscaled x (init_noise_sigma σ_max) rather than x_t;
+    thresholding     whether the class has `thresholding` (dynamic thresholding of x̂_0);
+    zero_snr_last    ᾱ of the last training step after the class's `rescale_betas_zero_snr` (0, or 2**-24 where
+                     the class keeps σ finite; None: the class has no such key).
     """
 
     scheduler_class: str
@@ -91,6 +94,8 @@ class LatentSpec:
     karras: bool = True
     rounded_steps: bool = False
     unscaled_state: bool = False
+    thresholding: bool = False
+    zero_snr_last: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

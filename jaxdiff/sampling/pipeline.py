@@ -107,20 +107,22 @@ class Pipeline(PipelineBase):
         `network-snapshot-*.pkl`, an original DiT or SiT `.pt` with `vae` (a diffusers AutoencoderKL folder, e.g.
         stabilityai/sd-vae-ft-ema: DiT's diffusion and sampling, or SiT's flow matching and SDE sampling,
         `jaxdiff.readers.dit_checkpoint.read_dit_run`), a diffusers DiTPipeline folder (sampled as its scheduler
-        steps); a Stable Diffusion folder or single file gives a `jaxdiff.latent.pipeline.LatentPipeline`. `config`
+        steps); a Stable Diffusion folder or single file gives a `jaxdiff.latent.pipeline.LatentPipeline`, an x4
+        upscaler folder a `jaxdiff.latent.upscale.UpscalePipeline`. `config`
         names the recipe of weights in other formats (`load_weights`' `dataset`): required for score_sde
         checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
         its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's)."""
-        from jaxdiff.latent.stable_diffusion import is_stable_diffusion
+        from jaxdiff.latent.stable_diffusion import is_stable_diffusion, is_upscaler
         from jaxdiff.readers.formats import DIT_FORMATS, detect_format, load_weights
 
-        if is_stable_diffusion(path):  # a LatentPipeline: text_to_image, image_to_image, inpaint
+        if is_stable_diffusion(path):  # a LatentPipeline (text_to_image, image_to_image, inpaint) or UpscalePipeline
             from jaxdiff.latent.pipeline import LatentPipeline
+            from jaxdiff.latent.upscale import UpscalePipeline
 
             if config is not None or variant is not None:
                 name, value = ("config", config) if config is not None else ("variant", variant)
                 raise UsageError(f"{name}={value!r}: Stable Diffusion weights carry their own configs")
-            return LatentPipeline.from_pretrained(path)
+            return (UpscalePipeline if is_upscaler(path) else LatentPipeline).from_pretrained(path)
         fmt = detect_format(path)
         if variant is not None and fmt != "dit":
             raise UsageError(f"variant={variant!r} tells a DiT from a SiT checkpoint (.pt); {path} is {fmt!r} "

@@ -12,6 +12,12 @@ The trained parameters are {"unet": ..., "text": ...} ("text" only when the text
 the autoencoder's (and a frozen text encoder's) parameters are constants of the step. Every random draw of
 step s comes from fold_in(state.rng, s); a step whose loss or gradient is not finite changes nothing and is
 counted, as in `jaxdiff.training.step`.
+
+LoRA (`networks.lora_scale` set): the U-Net is frozen too (`frozen["unet"]`, float32 or bfloat16) and the
+trained parameters are only its adapters, {"lora": {module path: {"down": [r, in(, kh, kw)], "up": [out,
+r(, 1, 1)]}}} in PyTorch layout as peft keeps them; each step runs the U-Net with every adapted kernel
+W + (alpha / r)·up @ down (`lora_unet_params`, float32). The adapters being the whole trained tree, Adam and the
+EMA see nothing else (no masking).
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import math
+import os
+import pathlib
+
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,8 +38,11 @@ import optax
 
 from jaxdiff import diffusion
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
+from jaxdiff.latent.component_weights import torch_shape
+from jaxdiff.latent.lora import COMPONENTS, factors_delta, module_table
 from jaxdiff.latent.pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
 from jaxdiff.latent.schedulers import denoise, step_plan, visited_timesteps
+from jaxdiff.latent.unet_weights import diffusers_tensor_name
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.training.step import (
     TrainState,
@@ -38,6 +52,8 @@ from jaxdiff.training.step import (
     preprocess,
     seed_keys,
 )
+from jaxdiff.weights.lora_files import LoraFile, LoraModule
+from jaxdiff.weights.matching import ParamPath
 
 Array = jax.Array
 
@@ -48,7 +64,8 @@ RUN_TIMESTEP_SPACING = "trailing"
 class LatentNetworks(NamedTuple):
     """The modules of a latent model: `vae_config` holds scaling_factor and shift_factor; `train_text` whether
     the text transformer is trained; `frozen` the parameters that are not ({"vae": ...} and, for a pretrained
-    text encoder, "text"; only the loss and the sampler read them)."""
+    text encoder, "text"; for a LoRA run "unet"; only the loss and the sampler read them); `lora_scale` alpha / r
+    of a LoRA run, None otherwise."""
 
     unet: Any
     text: Any
@@ -56,6 +73,7 @@ class LatentNetworks(NamedTuple):
     vae_config: ml_collections.ConfigDict
     train_text: bool
     frozen: dict
+    lora_scale: float | None = None
 
 
 def text_context(networks: LatentNetworks, params: dict, input_ids: Array) -> Array:
@@ -69,13 +87,21 @@ def drop_captions(input_ids: Array, empty_ids: Array, dropped: Array) -> Array:
     return jnp.where(dropped[:, None], empty_ids[None, :], input_ids)
 
 
+def unet_params(networks: LatentNetworks, params: dict) -> dict:
+    """The U-Net weights to run with: params["unet"], or for a LoRA run the frozen U-Net with the adapters
+    params["lora"] added (`lora_unet_params`)."""
+    if networks.lora_scale is None:
+        return params["unet"]
+    return lora_unet_params(networks.frozen["unet"], params["lora"], networks.lora_scale)
+
+
 def latent_loss(networks: LatentNetworks, schedule: Schedule, diffusion_config, params: dict, z_0: Array,
                 input_ids: Array, t: Array, noise: Array) -> Array:  # fmt: skip
     """Mean over the batch of the DDPM mse loss of the U-Net at z_t = q_sample(z_0, t, noise) given the
     captions' context; z_0 [B, h, w, C] latents, input_ids int32 [B, L], t int32 [B] (0-based, 0..T-1)."""
     context = text_context(networks, params, input_ids)
     z_t = diffusion.q_sample(schedule, z_0, t, noise)
-    output = networks.unet.apply({"params": params["unet"]}, z_t, t, context)
+    output = networks.unet.apply({"params": unet_params(networks, params)}, z_t, t, context)
     losses = diffusion.training_losses(
         schedule, output.astype(jnp.float32), x_start=z_0, x_t=z_t, t=t, noise=noise,
         mean_type=diffusion_config.mean_type, var_type="fixedlarge", loss_type="mse",
@@ -167,9 +193,10 @@ def make_grid_sampler(networks: LatentNetworks, scheduler: SchedulerSettings, pr
 
     def sample_grid(params: dict, rng: Array) -> Array:
         cond, uncond = text_context(networks, params, prompts), text_context(networks, params, empty)
+        weights = unet_params(networks, params)
 
         def unet(x, t, context):
-            return networks.unet.apply({"params": params["unet"]}, x, t, context)
+            return networks.unet.apply({"params": weights}, x, t, context)
 
         noise_rng, loop_rng = jax.random.split(rng)
         x_start = jax.random.normal(noise_rng, (prompts.shape[0], *latent_shape), jnp.float32)
@@ -179,3 +206,73 @@ def make_grid_sampler(networks: LatentNetworks, scheduler: SchedulerSettings, pr
         return jnp.clip(decoded.astype(jnp.float32), -1.0, 1.0)
 
     return sample_grid
+
+
+# --------------------------------------------------------------------------- LoRA adapters of a frozen U-Net
+
+
+def lora_targets(shapes: dict[ParamPath, tuple[int, ...]], target_modules: tuple[str, ...]) -> dict[ParamPath, str]:
+    """The kernels LoRA adapts, path -> diffusers module name, of a U-Net of parameter shapes `shapes` (path ->
+    shape, `unet_condition_shapes`): those whose module name is a target or ends with "." + a target (peft's
+    `target_modules` matching, e.g. "to_out.0" matches "...attn1.to_out.0")."""
+    table = module_table(flax.traverse_util.unflatten_dict(shapes), COMPONENTS["unet"][1], underscored=False)
+    return {path: name for name, path in sorted(table.items())
+            if any(is_target(name, target) for target in target_modules)}  # fmt: skip
+
+
+def is_target(name: str, target: str) -> bool:
+    """Whether the module `name` is `target` or ends with "." + `target` (peft's `target_modules` matching)."""
+    return name == target or name.endswith("." + target)
+
+
+def init_lora_params(rng: Array, shapes: dict[ParamPath, tuple[int, ...]], targets, rank: int) -> dict:
+    """Fresh adapters of the kernels `targets` (paths into a U-Net of parameter shapes `shapes`): {module path:
+    {"down": [r, in] or [r, in, kh, kw], "up": [out, r] or [out, r, 1, 1]}}, float32, PyTorch layout. As peft's
+    default: down Kaiming-uniform (torch's kaiming_uniform_ with a = √5: U(−b, b), b = 1/√(in·kh·kw)), drawn
+    from fold_in(rng, i) for the i-th path in sorted order, and up zeros, so that every ΔW is 0 at first."""
+    flat = {}
+    for index, path in enumerate(sorted(targets)):
+        out, *fan = torch_shape(path, shapes[path])
+        bound = 1.0 / math.sqrt(math.prod(fan))
+        down = jax.random.uniform(jax.random.fold_in(rng, index), (rank, *fan), jnp.float32, -bound, bound)
+        flat[(*path[:-1], "down")] = down
+        flat[(*path[:-1], "up")] = jnp.zeros((out, rank) + (1, 1) * (len(fan) == 3), jnp.float32)
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def lora_unet_params(base: dict, adapters: dict, scale: float) -> dict:
+    """The U-Net parameters `base` (float32 or bfloat16) as float32 with each adapted kernel W replaced by
+    W + scale·ΔW, ΔW = up @ down of its adapters (`init_lora_params`' tree) in our layout (`factors_delta`:
+    dense [in, out], conv HWIO); pure, for the jitted step."""
+    flat = {path: leaf.astype(jnp.float32) for path, leaf in flax.traverse_util.flatten_dict(base).items()}
+    factors = flax.traverse_util.flatten_dict(adapters)
+    for path in factors:
+        if path[-1] == "down":
+            kernel = (*path[:-1], "kernel")
+            delta = factors_delta(factors[path], factors[(*path[:-1], "up")], flat[kernel].shape)
+            flat[kernel] = flat[kernel] + scale * delta
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def init_lora_state(tx: optax.GradientTransformation, seed: int, shapes: dict[ParamPath, tuple[int, ...]], targets,
+                    rank: int) -> TrainState:  # fmt: skip
+    """A fresh LoRA `TrainState` from `seed`: params {"lora": `init_lora_params`}, the EMA a copy of them."""
+    init_rng, run_rng = seed_keys(seed)
+    params = {"lora": init_lora_params(init_rng, shapes, targets, rank)}
+    return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)
+
+
+def trained_lora(adapters: dict, scale: float, path: str | os.PathLike) -> LoraFile:
+    """A LoRA run's adapters (params["lora"]) as the contents of a LoRA file (`jaxdiff.weights.lora_files`):
+    component "unet", each module by its diffusers name, factors float32 NumPy in PyTorch layout, `scale` =
+    alpha / r, keys the peft names (`unet.<module>.lora_A.weight` / `.lora_B.weight`); `path` says where they
+    come from (the run's workdir)."""
+    factors = flax.traverse_util.flatten_dict(adapters)
+    modules = {}
+    for key in sorted(factors):
+        if key[-1] == "down":
+            name = diffusers_tensor_name((*key[:-1], "kernel")).removesuffix(".weight")
+            down, up = (np.asarray(factors[(*key[:-1], role)], np.float32) for role in ("down", "up"))
+            keys = (f"unet.{name}.lora_A.weight", f"unet.{name}.lora_B.weight")
+            modules["unet", name] = LoraModule(down, up, float(scale), keys)
+    return LoraFile(pathlib.Path(path), modules, underscored=False)

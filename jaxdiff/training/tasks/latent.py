@@ -13,6 +13,10 @@ The parts, from `config.latent`:
   frozen `text_encoder/` with its CLIP `tokenizer/`.
 - the U-Net: `latent.unet` from scratch, or `unet_init`, a Stable Diffusion folder whose U-Net is fine-tuned
   (its architecture and weights; `config.diffusion` must then be its scheduler's schedule and prediction).
+  With `training.lora.rank` > 0 that U-Net stays frozen and only LoRA adapters of its `training.lora.target_modules`
+  are trained (`jaxdiff.training.latent_step`): checkpoints hold the adapters alone, with the folder's path and
+  the SHA-256 of its U-Net weights (`lora_base` in the extras; resuming or sampling against other weights is
+  refused), and a run samples as that folder's U-Net with the adapters loaded (`LoraAdapters.load_lora`).
 
 Latents are encoded on the fly in each step. Batches are {"image": uint8 [B,H,W,C], "input_ids": int32 [B,L]}
 (`host_batch` tokenizes the captions). Grids are one image per prompt of the fixed prompt set, the captions of
@@ -23,11 +27,14 @@ examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts"
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
 from collections.abc import Callable
 
+import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -35,6 +42,7 @@ from jaxdiff.errors import ConfigError, DataError, WeightsError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 from jaxdiff.models.autoencoder import OPTION_DEFAULTS, autoencoder_model_config
+from jaxdiff.config.defaults import default_config
 from jaxdiff.config.validation import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
 from jaxdiff.weights.files import load_json
@@ -47,10 +55,14 @@ from jaxdiff.latent.component_weights import (
 )
 from jaxdiff.latent.stable_diffusion import SCHEDULER_CONFIG_FILE
 from jaxdiff.latent.bundle import LatentModels
-from jaxdiff.latent.unet_weights import read_unet_condition
+from jaxdiff.latent.unet_weights import read_unet_condition, unet_condition_shapes
 from jaxdiff.latent.pipeline import DEFAULT_STEPS, LatentPipeline
 from jaxdiff.training.latent_step import (
     LatentNetworks,
+    init_lora_state,
+    is_target,
+    lora_targets,
+    trained_lora,
     init_latent_state,
     make_grid_sampler,
     make_latent_loss_fn,
@@ -303,6 +315,74 @@ def check_latent_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config data.random_flip=True: task 'latent' takes False (captions may name left and right)")
     if lc.unet_init:
         check_schedule_of(config, lc.unet_init)
+    check_lora_config(config)
+
+
+def check_lora_config(config: ml_collections.ConfigDict) -> None:
+    """`training.lora` fits the run: adapters (rank > 0) of a `latent.unet_init` U-Net with its frozen
+    `latent.text_encoder`, target modules named; with rank 0 every other lora key at its default."""
+    lora, lc = config.training.lora, config.latent
+    if not lora.rank:
+        defaults = default_config().training.lora
+        changed = [f"training.lora.{key}={lora[key]!r}" for key in lora if lora[key] != defaults[key]]
+        if changed:
+            raise ConfigError(f"config {', '.join(changed)} without adapters (training.lora.rank=0): set the rank "
+                              "> 0 or leave training.lora at its defaults")  # fmt: skip
+        return
+    what = f"config training.lora.rank={lora.rank} trains LoRA adapters of a pretrained U-Net"
+    if not lc.unet_init:
+        raise ConfigError(f"{what}: latent.unet_init is empty (give a Stable Diffusion folder)")
+    if not lc.text_encoder:
+        raise ConfigError(f"{what} with its frozen text encoder: latent.text_encoder is empty (give the Stable "
+                          "Diffusion folder)")  # fmt: skip
+    if not all(lora_target_modules(lora)):
+        raise ConfigError(f"config training.lora.target_modules={lora.target_modules!r}: give comma-separated module "
+                          "name suffixes, e.g. 'to_q,to_k,to_v,to_out.0'")  # fmt: skip
+
+
+def lora_target_modules(lora: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The module name suffixes of `training.lora.target_modules`."""
+    return tuple(item.strip() for item in lora.target_modules.split(","))
+
+
+def lora_scale(lora: ml_collections.ConfigDict) -> float:
+    """alpha / r of `training.lora` (alpha 0: alpha = r)."""
+    return (lora.alpha or lora.rank) / lora.rank
+
+
+def check_lora_targets(config: ml_collections.ConfigDict, shapes: dict) -> dict:
+    """The kernels `training.lora.target_modules` adapts in a U-Net of parameter shapes `shapes` (`lora_targets`);
+    ConfigError naming the targets that match no module."""
+    targets = lora_target_modules(config.training.lora)
+    found = lora_targets(shapes, targets)
+    unmatched = [t for t in targets if not any(is_target(name, t) for name in found.values())]
+    if unmatched:
+        raise ConfigError(f"config training.lora.target_modules: {unmatched} match no dense or convolution module of "
+                          f"the U-Net of latent.unet_init={config.latent.unet_init!r}")  # fmt: skip
+    return found
+
+
+def weights_digest(params: dict) -> str:
+    """SHA-256 of a parameter tree's arrays (float32 bytes, in sorted path order): which weights a LoRA run adapts."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(flax.traverse_util.flatten_dict(params).items()):
+        digest.update("/".join(path).encode())
+        digest.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def check_lora_base(recorded: dict, given: dict) -> None:
+    """WeightsError naming both when the U-Net a LoRA run was trained on is not the one given."""
+    if recorded != given:
+        raise WeightsError(f"this LoRA run was trained on the U-Net of {recorded['path']} (weights sha256 "
+                           f"{recorded['sha256'][:12]}) but is given {given['path']} (sha256 {given['sha256'][:12]}); "
+                           "use the U-Net it was trained on")  # fmt: skip
+
+
+def read_lora_base(folder: str) -> tuple[dict, dict]:
+    """(U-Net params as float32 NumPy, identity {"path": absolute path, "sha256"}) of the `unet_init` folder."""
+    params = read_unet_condition(folder)[1]
+    return params, {"path": os.path.abspath(folder), "sha256": weights_digest(params)}
 
 
 # --------------------------------------------------------------------------- the task
@@ -327,9 +407,14 @@ class LatentTask:
         self.unet_config = unet_config(config, vae_config.latent_channels, image_size // self.factor,
                                        self.text_config.hidden_size)  # fmt: skip
         self.latent_shape = (self.unet_config.sample_size,) * 2 + (vae_config.latent_channels,)
+        lora = config.training.lora
+        self.unet_shapes = unet_condition_shapes(self.unet_config) if lora.rank else None
+        self.lora_targets = check_lora_targets(config, self.unet_shapes) if lora.rank else None
+        self.lora_base = None  # {"path", "sha256"} of the frozen U-Net of a LoRA run, once read
         self.modules = LatentNetworks(
             create_unet_condition(self.unet_config), create_clip_text(self.text_config),
             create_autoencoder(vae_config), vae_config, not lc.text_encoder, {},
+            lora_scale(lora) if lora.rank else None,
         )  # fmt: skip
         self.tx = make_optimizer(config.training)
         self.scheduler = run_scheduler(config.diffusion)
@@ -354,11 +439,17 @@ class LatentTask:
         self.grid_captions = [str(c) for c in source.captions(np.arange(count))]
 
     def _frozen_params(self) -> dict:
-        """The parameters that are not trained: the autoencoder's and a pretrained text encoder's."""
+        """The parameters that are not trained: the autoencoder's, a pretrained text encoder's and a LoRA run's
+        U-Net (in `training.lora.base_dtype`)."""
         frozen = {"vae": self.autoencoder.params()}
         if self.config.latent.text_encoder:
             frozen["text"] = read_clip_text(self.config.latent.text_encoder)[1]
-        return jax.device_put(frozen)
+        frozen = jax.device_put(frozen)
+        if self.modules.lora_scale is not None:
+            unet, self.lora_base = read_lora_base(self.config.latent.unet_init)
+            dtype = jnp.dtype(self.config.training.lora.base_dtype)
+            frozen["unet"] = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), unet)
+        return frozen
 
     def check_source(self, source) -> None:
         vae = self.autoencoder.config
@@ -369,6 +460,9 @@ class LatentTask:
                              f"divisible by {self.factor}")  # fmt: skip
 
     def init_state(self) -> TrainState:
+        if self.modules.lora_scale is not None:
+            return init_lora_state(self.tx, self.config.seed, self.unet_shapes, self.lora_targets,
+                                   self.config.training.lora.rank)  # fmt: skip
         unet_params = None
         if self.config.latent.unet_init:
             unet_params = read_unet_condition(self.config.latent.unet_init)[1]
@@ -403,6 +497,8 @@ class LatentTask:
                   "sample_prompts": self.grid_captions}  # fmt: skip
         if self.word_tokenizer is not None:
             extras["tokenizer"] = self.word_tokenizer.to_json()
+        if self.lora_base is not None:
+            extras["lora_base"] = self.lora_base
         return extras
 
     def kept_params(self) -> dict:
@@ -412,21 +508,31 @@ class LatentTask:
         return self._kept
 
     def check_resumed(self, extras: dict) -> None:
-        """ValueError when a checkpoint's extras do not fit this run: another autoencoder (naming both) or
-        another caption vocabulary."""
+        """ValueError when a checkpoint's extras do not fit this run: another autoencoder (naming both), another
+        caption vocabulary, or LoRA adapters of another U-Net (or adapters resumed as full fine-tuning, or back)."""
         check_same_autoencoder(extras["autoencoder"], self.autoencoder.identity)
+        if ("lora_base" in extras) != (self.lora_base is not None):
+            state = "LoRA adapters" if "lora_base" in extras else "a whole U-Net"
+            raise WeightsError(f"the checkpoint holds {state}; resume with the training.lora.rank it was trained with")
+        if self.lora_base is not None:
+            check_lora_base(extras["lora_base"], self.lora_base)
         if self.word_tokenizer is not None and extras.get("tokenizer") != self.word_tokenizer.to_json():
             raise DataError("the checkpoint's caption vocabulary differs from this dataset's; resume on the same data")
 
 
 # --------------------------------------------------------------------------- sampling a trained run
 
+LORA_NAME = "run"  # the name a LoRA run's adapters are loaded under in its pipeline (`pipe.lora_scales`)
+LORA_SOURCE = "training.lora adapters"  # what errors about them call them
+
 
 def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dict) -> LatentPipeline:
     """`LatentPipeline` (text_to_image, image_to_image, inpaint) of a latent run's (EMA) `params` and the
     checkpoint's `extras`: its autoencoder (the copy the checkpoint keeps, `params["vae"]`, as `load_run` gives
     it; for a checkpoint without one, the step it was trained on where it lives, refused if that is not what
-    the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`)."""
+    the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`). A LoRA run's
+    pipeline is the `unet_init` folder's U-Net (checked to be the one trained on) with the run's EMA adapters
+    loaded as LORA_NAME at scale 1 (`pipe.set_lora_scale`, `fuse_lora` work on them)."""
     recorded = extras["autoencoder"]
     if "vae" in params and KEPT_CONFIG in extras:
         vae_config, vae_params = config_of_kept(extras), params["vae"]
@@ -446,8 +552,17 @@ def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dic
         text_params, tokenizer = read_clip_text(folder)[1], CLIPTokenizer.from_folder(folder / "tokenizer")
     else:
         text_params, tokenizer = params["text"], WordTokenizer.from_json(extras["tokenizer"]).encode
-    return LatentPipeline(LatentModels(
-        unet_config=unet, unet_params=params["unet"], vae_config=vae_config, vae_params=vae_params,
+    lora = "lora_base" in extras
+    if lora:
+        unet_params, base = read_lora_base(extras["lora_base"]["path"])
+        check_lora_base(extras["lora_base"], base)
+    else:
+        unet_params = params["unet"]
+    pipe = LatentPipeline(LatentModels(
+        unet_config=unet, unet_params=unet_params, vae_config=vae_config, vae_params=vae_params,
         text_config=text_config, text_params=text_params, tokenizer=tokenizer,
         scheduler=run_scheduler(config.diffusion),
-    ))
+    ))  # fmt: skip
+    if lora:
+        pipe.load_lora(trained_lora(params["lora"], lora_scale(config.training.lora), LORA_SOURCE), name=LORA_NAME)
+    return pipe

@@ -1,0 +1,219 @@
+"""LoRA adapters on a Stable Diffusion pipeline's U-Net and text encoder.
+
+A LoRA file (`jaxdiff.weights.lora_files`: diffusers/peft, older diffusers and kohya formats) is matched to our
+parameters through the weight readers' own name tables — `diffusers_tensor_name` (U-Net) and `clip_names` (text
+encoder) name each of our kernels as its PyTorch module — and its factors become each kernel's change
+ΔW = up @ down in our layouts (dense [in, out], conv HWIO). With adapters i at user scales s_i and the files'
+own scales c_i (alpha / r), an adapted kernel is
+
+    W + Σ_i s_i · c_i · ΔW_i,
+
+computed once whenever the adapters or their scales change (not at each call: in float64 on the host, rounded
+once to float32), so a pipeline runs at the same speed with or without them; a scale change costs one pass over
+the adapted kernels, no recompilation. `LoraAdapters` gives `LatentPipeline` its methods:
+
+- `load_lora(path, scale=1.0, name=None)`: adds a file's adapters (checked in full first: on any refusal the
+  pipeline is unchanged).
+- `set_lora_scale(scale, name=None)`: one adapter's scale, or every adapter's.
+- `fuse_lora()`: the adapted weights become the pipeline's weights (`params`); the originals are kept, and
+  adapters can be neither added nor rescaled until `unfuse_lora()`.
+- `unfuse_lora()`: the original weights back (the very arrays, so bitwise); the adapters apply again, unfused.
+
+Unfused, `params` holds the original weights and the adapted ones are used only to run; `lora_scales` maps each
+adapter's name to its scale.
+
+kohya U-Net keys in the original LDM / sgm layout (`lora_unet_input_blocks_1_1_...`, what kohya writes for SDXL)
+are not matched: like every key no module takes, they are listed in the refusal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable
+
+import flax.traverse_util
+import jax
+import numpy as np
+
+from jaxdiff.checks import is_real
+from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.latent.component_weights import clip_names, torch_shape
+from jaxdiff.latent.unet_weights import diffusers_tensor_name
+from jaxdiff.weights.lora_files import LoraFile, LoraModule, listed, read_lora_file
+from jaxdiff.weights.matching import ParamPath
+from jaxdiff.weights.torch_layout import from_torch
+
+# A LoRA file's component -> (the pipeline's params key, the PyTorch names of our parameter at a path).
+COMPONENTS: dict[str, tuple[str, Callable[[ParamPath], tuple[str, ...]]]] = {
+    "unet": ("unet", lambda path: (diffusers_tensor_name(path),)),
+    "text_encoder": ("text", clip_names),
+    "text_encoder_2": ("text_2", clip_names),  # SDXL's second text encoder
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A LoRA file matched to a pipeline: params key ("unet", "text") -> our kernel's path -> its factors."""
+
+    path: pathlib.Path
+    modules: dict[str, dict[ParamPath, LoraModule]]
+
+
+def check_lora_scale(scale) -> float:
+    """`scale` as a float; UsageError unless it is a finite number >= 0."""
+    if not is_real(scale, finite=True) or scale < 0:
+        raise UsageError(f"LoRA scale={scale!r} must be a finite number >= 0")
+    return float(scale)
+
+
+def module_table(params: dict, names: Callable[[ParamPath], tuple[str, ...]],
+                 underscored: bool) -> dict[str, ParamPath]:  # fmt: skip
+    """Each kernel of `params` by the PyTorch names of its module (`names(path)` without `.weight`), their dots
+    written `_` when `underscored` (kohya)."""
+    table = {}
+    for path in flax.traverse_util.flatten_dict(params):
+        if path[-1] == "kernel":
+            for name in names(path):
+                module = name.removesuffix(".weight")
+                table[module.replace(".", "_") if underscored else module] = path
+    return table
+
+
+def match_lora(lora: LoraFile, params: dict) -> Adapter:
+    """`lora`'s adapters on our kernels of `params` ({"unet", "text", ...}); one WeightsError lists the keys that
+    adapt no module of the pipeline, another the adapters whose ΔW has another shape than their weight (a LoRA
+    for another base model)."""
+    tables = {}
+    modules: dict[str, dict[ParamPath, LoraModule]] = {}
+    unmatched, misfit = [], []
+    for (component, module), factors in lora.modules.items():
+        key, names = COMPONENTS.get(component, (None, None))
+        key = key if key in params else None  # a component this pipeline lacks (an SDXL refiner's text_encoder)
+        if key is not None and key not in tables:
+            tables[key] = module_table(params[key], names, lora.underscored)
+        path = None if key is None else tables[key].get(module)
+        if path is None:
+            unmatched.extend(factors.keys)
+            continue
+        shape = torch_shape(path, tuple(_leaf(params[key], path).shape))
+        if factors.delta_shape != shape:
+            misfit.append(f"{component}.{module}: ΔW {list(factors.delta_shape)}, weight {list(shape)}")
+            continue
+        modules.setdefault(key, {})[path] = factors
+    if unmatched:
+        raise WeightsError(f"{lora.path}: {len(unmatched)} keys adapt no module of this pipeline's U-Net or text "
+                           f"encoder (a LoRA for another model?): {listed(sorted(unmatched))}")  # fmt: skip
+    if misfit:
+        raise WeightsError(f"{lora.path}: {len(misfit)} adapters do not fit their weights' shapes (a LoRA for another "
+                           f"base model?): {listed(misfit)}")  # fmt: skip
+    return Adapter(lora.path, modules)
+
+
+def _leaf(tree: dict, path: ParamPath):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def factors_delta(down, up, shape: tuple[int, ...]):
+    """ΔW = up @ down over the rank in our layout of a weight of shape `shape` (dense [in, out], conv HWIO), for
+    factors in PyTorch layout (down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1]); NumPy or JAX
+    arrays, in their dtype."""
+    delta = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+    return from_torch(delta.reshape((up.shape[0], *down.shape[1:])), shape)
+
+
+def lora_delta(factors: LoraModule, shape: tuple[int, ...]) -> np.ndarray:
+    """ΔW = up @ down over the rank, float64, in our layout of a weight of shape `shape` (dense [in, out], conv
+    HWIO)."""
+    return factors_delta(factors.down.astype(np.float64), factors.up.astype(np.float64), shape)
+
+
+def adapted_params(params: dict, adapters: list[tuple[Adapter, float]]) -> dict:
+    """`params` with each adapted kernel W replaced by W + Σ s·c·ΔW over (adapter, s) in `adapters` (c: the file's
+    alpha / r), summed in float64 on the host and rounded once to W's dtype; every other leaf, and every subtree
+    no adapter touches, is the same object."""
+    changes: dict[str, dict[ParamPath, np.ndarray]] = {}
+    for adapter, scale in adapters:
+        for key, modules in adapter.modules.items():
+            for path, factors in modules.items():
+                term = (scale * factors.scale) * lora_delta(factors, _leaf(params[key], path).shape)
+                previous = changes.setdefault(key, {}).get(path)
+                changes[key][path] = term if previous is None else previous + term
+    out = dict(params)
+    for key, deltas in changes.items():
+        flat = flax.traverse_util.flatten_dict(params[key])
+        for path, delta in deltas.items():
+            weight = flat[path]
+            flat[path] = jax.device_put((np.asarray(weight, np.float64) + delta).astype(weight.dtype))
+        out[key] = flax.traverse_util.unflatten_dict(flat)
+    return out
+
+
+class LoraAdapters:
+    """The LoRA methods of a pipeline whose `params` is {"unet", "text", ...} (see the module docstring). The
+    pipeline calls `_init_lora()` in its constructor and runs its networks with `_run_params`."""
+
+    params: dict
+
+    def _init_lora(self) -> None:
+        self.lora_scales: dict[str, float] = {}
+        self._lora_adapters: dict[str, Adapter] = {}
+        self._lora_adapted: dict | None = None  # the unfused adapted weights
+        self._lora_originals: dict | None = None  # the original weights while fused
+
+    @property
+    def _run_params(self) -> dict:
+        """The weights to run with: the adapted ones while adapters apply unfused, else `params`."""
+        return self.params if self._lora_adapted is None or self._lora_originals is not None else self._lora_adapted
+
+    def _refuse_fused(self, method: str) -> None:
+        if self._lora_originals is not None:
+            raise UsageError(f"{method}(): the LoRA adapters are fused; call unfuse_lora() first")
+
+    def _set_lora(self, adapters: dict[str, Adapter], scales: dict[str, float]) -> None:
+        adapted = adapted_params(self.params, [(adapters[name], scales[name]) for name in adapters])
+        self._lora_adapters, self.lora_scales, self._lora_adapted = adapters, scales, adapted
+
+    def load_lora(self, path: str | os.PathLike | LoraFile, scale: float = 1.0, name: str | None = None) -> str:
+        """Adds the adapters of a LoRA file (or of a folder holding `pytorch_lora_weights.safetensors`, or of a
+        `LoraFile` already read) at `scale` under `name` (default: `default_<i>`, the first i not in use); returns
+        the name. The file is read and matched in full before anything changes."""
+        self._refuse_fused("load_lora")
+        scale = check_lora_scale(scale)
+        if name is None:
+            free = (f"default_{i}" for i in range(len(self.lora_scales) + 1))
+            name = next(n for n in free if n not in self.lora_scales)
+        elif not isinstance(name, str) or not name:
+            raise UsageError(f"LoRA name={name!r} must be a non-empty string")
+        elif name in self.lora_scales:
+            raise UsageError(f"a LoRA named {name!r} is already loaded; loaded: {sorted(self.lora_scales)}")
+        adapter = match_lora(path if isinstance(path, LoraFile) else read_lora_file(path), self.params)
+        self._set_lora({**self._lora_adapters, name: adapter}, {**self.lora_scales, name: scale})
+        return name
+
+    def set_lora_scale(self, scale: float, name: str | None = None) -> None:
+        """Sets the scale of the adapter `name`, or of every adapter (name=None)."""
+        self._refuse_fused("set_lora_scale")
+        scale = check_lora_scale(scale)
+        if not self.lora_scales:
+            raise UsageError("set_lora_scale(): no LoRA is loaded (load_lora first)")
+        if name is not None and name not in self.lora_scales:
+            raise UsageError(f"no LoRA named {name!r} is loaded; loaded: {sorted(self.lora_scales)}")
+        scales = {n: scale if name in (None, n) else s for n, s in self.lora_scales.items()}
+        self._set_lora(self._lora_adapters, scales)
+
+    def fuse_lora(self) -> None:
+        """Makes the adapted weights the pipeline's `params`, keeping the originals for `unfuse_lora`."""
+        if not self.lora_scales:
+            raise UsageError("fuse_lora(): no LoRA is loaded (load_lora first)")
+        self._refuse_fused("fuse_lora")
+        self._lora_originals, self.params = self.params, self._lora_adapted
+
+    def unfuse_lora(self) -> None:
+        """Puts back the original weights (bitwise); the adapters apply again, unfused, at their scales."""
+        if self._lora_originals is None:
+            raise UsageError("unfuse_lora(): the LoRA adapters are not fused (fuse_lora first)")
+        self.params, self._lora_originals = self._lora_originals, None
