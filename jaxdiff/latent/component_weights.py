@@ -144,3 +144,27 @@ def read_clip_text(
     shapes = param_shapes(create_clip_text(config), ids)
     file = weights_file(clip_dir, CLIP_WEIGHTS_STEM, variant)
     return config, read_weights(file, shapes, clip_names, ignored=CLIP_BUFFERS)
+
+
+def check_index_entry(index_file: pathlib.Path, key: str, value: Any, *, components: dict, unused: tuple[str, ...],
+                      keys: tuple[str, ...], owner: str = "", nullable: bool = False) -> str | None:  # fmt: skip
+    """One entry of a pipeline's model_index.json checked: a component (`components`: key -> the classes read, None
+    for any scheduler) must be [library, class] with class among them (null too, where `nullable`), an unused
+    component must be null, any other key must be one of `keys`. Returns the class a given component names (None
+    otherwise); a WeightsError line naming the file, key and value, `owner` (e.g. " for <class>") after the key."""
+    if key in components:
+        if nullable and value in (None, [None, None]):
+            return None
+        classes = components[key]
+        pair = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+        if not pair or (classes is not None and value[1] not in classes):
+            raise WeightsError(f"{index_file}: {key}={value!r}; expected [library, class] with class in "
+                               f"{classes or 'the schedulers'}")  # fmt: skip
+        return value[1]
+    if key in unused:
+        if value not in (None, [None, None]):
+            raise WeightsError(f"{index_file}: {key}={value!r}; jaxdiff runs no {key.replace('_', ' ')} (it must be "
+                               "[null, null])")  # fmt: skip
+    elif key not in keys:
+        raise WeightsError(f"{index_file}: unknown key {key}={value!r}{owner}; jaxdiff cannot honour it")
+    return None

@@ -22,7 +22,7 @@ from jaxdiff.diffusion.scheduler_config import scheduler_settings
 from jaxdiff.errors import WeightsError
 from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
-from jaxdiff.latent.component_weights import read_autoencoder, read_clip_text
+from jaxdiff.latent.component_weights import check_index_entry, read_autoencoder, read_clip_text
 from jaxdiff.latent.unet_weights import read_unet_condition
 from jaxdiff.models.clip_text import clip_text_config
 from jaxdiff.models.unet_condition_config import config_from_diffusers
@@ -57,22 +57,10 @@ def read_sdxl_index(folder: pathlib.Path) -> tuple[dict, bool, bool]:
     pipeline_class = index["_class_name"]
     present = {}
     for key, value in index.items():
-        if key in SDXL_COMPONENTS:
-            if value in (None, [None, None]):
-                continue
-            classes = SDXL_COMPONENTS[key]
-            pair = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
-            if not pair or (classes is not None and value[1] not in classes):
-                raise WeightsError(f"{index_file}: {key}={value!r}; expected [library, class] with class in "
-                                   f"{classes or 'the schedulers'}")  # fmt: skip
-            present[key] = value[1]
-        elif key in SDXL_UNUSED:
-            if value not in (None, [None, None]):
-                raise WeightsError(f"{index_file}: {key}={value!r}; jaxdiff runs no {key.replace('_', ' ')} (it must "
-                                   "be [null, null])")  # fmt: skip
-        elif key not in SDXL_KEYS[pipeline_class]:
-            raise WeightsError(f"{index_file}: unknown key {key}={value!r} for {pipeline_class}; jaxdiff cannot "
-                               "honour it")  # fmt: skip
+        named = check_index_entry(index_file, key, value, components=SDXL_COMPONENTS, unused=SDXL_UNUSED,
+                                  keys=SDXL_KEYS[pipeline_class], owner=f" for {pipeline_class}", nullable=True)
+        if named is not None:
+            present[key] = named
     optional = OPTIONAL_PAIR if pipeline_class == IMG2IMG_CLASS else ()
     for key in SDXL_COMPONENTS:
         if key not in present and key not in optional:

@@ -28,6 +28,7 @@ from jaxdiff.weights.torch_layout import from_torch
 from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE, load_json
 from jaxdiff.latent.component_weights import (
     CLIP_PREFIX,
+    check_index_entry,
     clip_names,
     param_shapes,
     read_autoencoder,
@@ -162,18 +163,8 @@ def upscaler_settings(folder: pathlib.Path, settings: dict) -> tuple[SchedulerSe
     index_file = folder / MODEL_INDEX_FILE
     index = load_json(index_file)
     for key, value in index.items():
-        if key in UPSCALER_COMPONENTS:
-            classes = UPSCALER_COMPONENTS[key]
-            pair = isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
-            if not pair or (classes is not None and value[1] not in classes):
-                raise WeightsError(f"{index_file}: {key}={value!r}; expected [library, class] with class in "
-                                   f"{classes or 'the schedulers'}")  # fmt: skip
-        elif key in UPSCALER_UNUSED:
-            if value not in (None, [None, None]):
-                raise WeightsError(f"{index_file}: {key}={value!r}; jaxdiff runs no {key.replace('_', ' ')} (it must "
-                                   "be [null, null])")  # fmt: skip
-        elif key not in UPSCALER_KEYS:
-            raise WeightsError(f"{index_file}: unknown key {key}={value!r}; jaxdiff cannot honour it")
+        check_index_entry(index_file, key, value, components=UPSCALER_COMPONENTS, unused=UPSCALER_UNUSED,
+                          keys=UPSCALER_KEYS)  # fmt: skip
     for component in ("scheduler", "low_res_scheduler"):
         path, config = _scheduler_config(folder, component)  # the low-resolution one kept for the end
         named = index.get(component, [None, None])[1]
