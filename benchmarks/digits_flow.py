@@ -32,9 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from benchmarks.digits_quality import CONFIDENCE, NUM_CLASSES, classifier_features, fit_classifier, train  # noqa: E402
+from benchmarks.digits_quality import (  # noqa: E402
+    CONFIDENCE,
+    NUM_CLASSES,
+    check_run_args,
+    classifier_features,
+    fit_classifier,
+    train,
+)
 from jaxdiff import Pipeline, data, images  # noqa: E402
-from jaxdiff.training import checkpoint  # noqa: E402
 
 DEFAULT_CONFIG = "digits_flow"
 DEFAULT_GUIDANCE = (0.0, 1.0, 3.0)
@@ -77,10 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--per-class must be >= 1, got {args.per_class}")
     if min(args.guidance) < 0:
         parser.error(f"--guidance scales must be >= 0, got {args.guidance}")
-    if args.config is not None and not args.train:
-        parser.error("--config is read only with --train (otherwise the run's saved config is used)")
-    if not args.train and not os.path.isdir(checkpoint.checkpoint_dir(args.workdir)):
-        parser.error(f"no run in --workdir {args.workdir} (no {checkpoint.CHECKPOINT_DIR}/); pass --train to train one")
+    check_run_args(parser, args)
     return args
 
 

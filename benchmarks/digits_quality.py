@@ -141,11 +141,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.steps is not None and args.steps < 0:
         parser.error(f"--steps must be >= 0, got {args.steps}")
+    check_run_args(parser, args)
+    return args
+
+
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--config only with --train; without --train, --workdir must hold a run."""
     if args.config is not None and not args.train:
         parser.error("--config is read only with --train (otherwise the run's saved config is used)")
     if not args.train and not os.path.isdir(checkpoint.checkpoint_dir(args.workdir)):
         parser.error(f"no run in --workdir {args.workdir} (no {checkpoint.CHECKPOINT_DIR}/); pass --train to train one")
-    return args
 
 
 def train(config_path: str, workdir: str) -> dict:
