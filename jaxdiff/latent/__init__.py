@@ -12,4 +12,7 @@ grids its samplers step on, and its tokenizers.
 - `lora`: LoRA adapters on its U-Net and text encoder (load, scale, fuse, unfuse).
 - `clip_tokenizer`, `word_tokenizer`: CLIP's BPE tokenizer (from a folder's files) and the word-level tokenizer
   of models trained here.
+- `t5_weights`, `t5_tokenizer`: a transformers `T5EncoderModel` folder (SD3's and Flux's T5 text encoder, sharded
+  or not) read into `models.t5_encoder`'s parameters, and T5's SentencePiece tokenizer.
+- `mmdit_weights`, `flux_weights`: diffusers SD3 / Flux transformer folders read into `models.mmdit` / `models.flux`.
 """

@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.errors import MissingWeightsError, WeightsError
+from jaxdiff.errors import WeightsError
 from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config, torch_name, torch_shape
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
-from jaxdiff.weights.files import load_json, weights_file
-from jaxdiff.weights.matching import MAX_LISTED, ParamPath, Shape, match_names
+from jaxdiff.weights.matching import ParamPath, Shape, match_names
 from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
+from jaxdiff.weights.shards import tensor_locations, weight_shards
 from jaxdiff.weights.torch_layout import from_torch
 
 T5_WEIGHTS_STEM = "model"  # transformers
@@ -43,56 +43,16 @@ def t5_names(path: ParamPath) -> tuple[str, ...]:
     return (re.sub(r"\.wi\.(\d)\.", r".wi_\1.", torch_name(path)),)
 
 
-def index_file(folder: pathlib.Path, variant: str | None) -> pathlib.Path:
-    """The shard index transformers writes for `variant`: model.safetensors.index[.<variant>].json."""
-    suffix = "" if variant is None else f".{variant}"
-    return folder / f"{T5_WEIGHTS_STEM}.safetensors.index{suffix}.json"
-
-
-def shard_files(folder: pathlib.Path, variant: str | None) -> tuple[list[pathlib.Path], dict[str, str], pathlib.Path]:
-    """(the safetensors files holding the weights, the index's tensor -> file map, the file errors name): the
-    shards an index names when there is one, else the one weights file (`weights_file`) with an empty map."""
-    index = index_file(folder, variant)
-    if not index.is_file():
-        file = weights_file(folder, T5_WEIGHTS_STEM, variant)
-        return [file], {}, file
-    weight_map = load_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise WeightsError(f"{index}: weight_map must be an object of tensor name -> shard file name")
-    names = sorted(set(weight_map.values()))
-    bad = [name for name in names if pathlib.PurePath(name).name != name or name in (".", "..")]
-    if bad:
-        raise WeightsError(f"{index}: shard names {bad} must be file names in {folder}")
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise MissingWeightsError(f"{index} names shards {missing} that are not in {folder}")
-    return [folder / name for name in names], weight_map, index
-
-
 def read_sharded_weights(
     files: list[pathlib.Path], weight_map: dict[str, str], source: pathlib.Path, shapes: dict[ParamPath, Shape]
 ) -> dict:
-    """The T5 encoder's parameter tree (float32 NumPy) from its safetensors files (one, or the shards of an index
-    with its tensor -> file map; `source` is the file errors name); one WeightsError listing every
-    missing, unexpected and mis-shaped tensor, or a tensor found in two shards or in another shard than the
-    index says."""
+    """The T5 encoder's parameter tree (float32 NumPy) from its safetensors files (`weight_shards`' result: one
+    file, or the shards of an index with its tensor -> file map, and the file errors name); one WeightsError
+    listing every missing, unexpected and mis-shaped tensor (`tensor_locations` checks the shards first)."""
     wanted = {path: (t5_names(path), torch_shape(path, shape)) for path, shape in shapes.items()}
+    location, available = tensor_locations(files, weight_map, source)
     with contextlib.ExitStack() as stack:
         handles = {file: stack.enter_context(open_safetensors(file)) for file in files}
-        location, available, misplaced = {}, {}, []
-        for file, handle in handles.items():
-            for name in handle.keys():
-                if name in location:
-                    misplaced.append(f"{name} in both {location[name].name} and {file.name}")
-                elif weight_map and weight_map.get(name) != file.name:
-                    misplaced.append(f"{name} in {file.name}, index: {weight_map.get(name)}")
-                location[name] = file
-                available[name] = tuple(handle.get_slice(name).get_shape())
-        misplaced += [f"{name} in no shard, index: {file}" for name, file in weight_map.items() if name not in location]
-        if misplaced:
-            shown = sorted(misplaced)[:MAX_LISTED]
-            more = f" and {len(misplaced) - len(shown)} more" if len(misplaced) > len(shown) else ""
-            raise WeightsError(f"{source}: {len(misplaced)} tensors not where the index says: {shown}{more}")
 
         def tensor(name: str) -> np.ndarray:
             return read_tensor(handles[location[name]], location[name], name)
@@ -120,4 +80,4 @@ def read_t5_encoder(
     t5_dir = component_folder(folder, subfolder)
     config = read_config(t5_dir, t5_encoder_config, **options)
     shapes = param_shapes(create_t5_encoder(config), jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    return config, read_sharded_weights(*shard_files(t5_dir, variant), shapes)
+    return config, read_sharded_weights(*weight_shards(t5_dir, T5_WEIGHTS_STEM, variant), shapes)
