@@ -62,10 +62,11 @@ def byte_level_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(bpe_tokenizer(vocab, [], "<|endoftext|>"), DEFAULT_SPECIAL_TOKENS, DEFAULT_MAX_LENGTH)
 
 
-def sd15_configs(dtype: str):
-    """(U-Net, VAE, CLIP text) ConfigDicts of SD 1.5 with compute dtype `dtype`."""
-    return (config_from_diffusers(UNET_SD15, dtype=dtype), autoencoder_config(VAE_SD15, dtype=dtype),
-            clip_text_config(CLIP_VIT_L, dtype=dtype))  # fmt: skip
+def sd15_configs(dtype: str, unet: dict = UNET_SD15, vae: dict = VAE_SD15, text: dict = CLIP_VIT_L):
+    """(U-Net, VAE, CLIP text) ConfigDicts with compute dtype `dtype`: SD 1.5's, or those of the given
+    diffusers / transformers config values."""
+    return (config_from_diffusers(unet, dtype=dtype), autoencoder_config(vae, dtype=dtype),
+            clip_text_config(text, dtype=dtype))  # fmt: skip
 
 
 def random_params(module, *inputs):
@@ -73,17 +74,19 @@ def random_params(module, *inputs):
     return jax.jit(lambda key: module.init(key, *inputs)["params"])(jax.random.PRNGKey(0))
 
 
-def random_sd15(dtype: str) -> LatentModels:
-    unet_config, vae_config, text_config = sd15_configs(dtype)
+def random_sd15(dtype: str, unet: dict = UNET_SD15, vae: dict = VAE_SD15, text: dict = CLIP_VIT_L) -> LatentModels:
+    """Random-weight SD 1.5 networks (or networks of the given configs) with SD 1.5's scheduler."""
+    unet_config, vae_config, text_config = sd15_configs(dtype, unet, vae, text)
     latent = jnp.zeros((1, 8, 8, 4))
-    unet_params = random_params(create_unet_condition(unet_config), latent, jnp.zeros((1,)), jnp.zeros((1, 77, 768)))
+    context = jnp.zeros((1, 77, unet["cross_attention_dim"]))
+    unet_params = random_params(create_unet_condition(unet_config), latent, jnp.zeros((1,)), context)
     vae_params = random_params(create_autoencoder(vae_config), jnp.zeros((1, 16, 16, 3)))
     text_params = random_params(create_clip_text(text_config), jnp.zeros((1, 77), jnp.int32))
     scheduler = scheduler_settings(SCHEDULER_PRESETS["sd1"], "SD 1.5 preset")
     return LatentModels(unet_config=unet_config, unet_params=unet_params, vae_config=vae_config, vae_params=vae_params,
                         text_config=text_config, text_params=text_params, tokenizer=byte_level_tokenizer(),
                         scheduler=scheduler,
-                        settings={"unet": UNET_SD15, "vae": VAE_SD15, "text_encoder": CLIP_VIT_L})
+                        settings={"unet": unet, "vae": vae, "text_encoder": text})
 
 
 def timed(fn, *args, **kwargs) -> float:
