@@ -16,8 +16,8 @@ Rooms, from the bottom up; each imports only from those below it:
   latent/                       the latent family's model bundle, scheduler grids, pipeline, tokenizers, SD readers
   config/, data/                run configs and recipes; datasets
   training/                     train state and steps, tasks, the loop, checkpoints
-  readers/                      weights of other pixel-space formats -> (config, params); `load_weights` of any
-  sampling/                     Pipeline and sharded sampling jobs
+  readers/                      weights of other pixel-space formats -> (config, params)
+  sampling/                     Pipeline, `load_weights` of any format, and sharded sampling jobs
   evaluation/                   Inception, FID / IS / PR, bits/dim, ODE likelihood
   convert/                      writing other formats, and the `jaxdiff convert` verb (nothing below imports it)
   cli/                          the `jaxdiff` command

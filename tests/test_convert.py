@@ -24,7 +24,8 @@ from jaxdiff.cli import load_config
 from jaxdiff.convert.diffusers_export import write_diffusers
 from jaxdiff.convert.formats import convert
 from jaxdiff.readers.diffusers_format import read_diffusers
-from jaxdiff.readers.formats import detect_format, load_weights
+from jaxdiff.readers.formats import detect_format
+from jaxdiff.sampling.pipeline import load_weights
 from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
 from jaxdiff.readers import tf_checkpoint
 from jaxdiff.readers.architecture import param_shapes

@@ -16,7 +16,8 @@ from jaxdiff import Pipeline, cli
 from jaxdiff.diffusion.continuous import model_denoiser, process_from_config
 from jaxdiff.readers import continuous_configs, edm_pickle, score_sde_checkpoint
 from jaxdiff.convert.formats import convert
-from jaxdiff.readers.formats import detect_format, load_weights
+from jaxdiff.readers.formats import detect_format
+from jaxdiff.sampling.pipeline import load_weights
 from jaxdiff.models import create_model, ncsnpp, song_unet
 from tests.test_score_converters import (  # noqa: F401 - edm_modules is a fixture
     EDM, SCORE_SDE, CallsGlobal, case_tensors, edm_modules, random_tree, tiny_ncsnpp_config,

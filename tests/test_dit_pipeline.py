@@ -22,7 +22,8 @@ from jaxdiff.families import family_of
 from jaxdiff.models import create_model, dit
 from jaxdiff.models.networks import example_inputs
 from jaxdiff.readers.dit_checkpoint import DIT_LATENT_SCALE, read_dit_run
-from jaxdiff.readers.formats import detect_format, load_weights
+from jaxdiff.readers.formats import detect_format
+from jaxdiff.sampling.pipeline import load_weights
 from jaxdiff.sampling.pipeline import Pipeline
 from jaxdiff.training.step import init_train_state, make_loss_fn, make_optimizer, make_train_step
 from tests.helpers import TINY_CONFIG
@@ -244,7 +245,7 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
                   "variant='sit' tells a DiT from a SiT checkpoint (.pt)"))  # fmt: skip
     settings = json.loads((pipeline_folder / "scheduler" / "scheduler_config.json").read_text())
     for change, message in [({"use_beta_sigmas": True}, "use_beta_sigmas=True"), ({"shift": 3.0}, "shift=3.0"),
-                            ({"_class_name": "PNDMScheduler"}, "unsupported scheduler _class_name='PNDMScheduler'")]:
+                            ({"_class_name": "KDPM2DiscreteScheduler"}, "unsupported scheduler _class_name='KDPM2DiscreteScheduler'")]:
         folder = tmp_path / f"folder_{len(cases)}"
         shutil.copytree(pipeline_folder, folder)
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**settings, **change}))

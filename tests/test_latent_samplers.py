@@ -238,7 +238,7 @@ def test_latent_blending_inpainting_on_noise_levels_matches_diffusers(tmp_path, 
 def test_sampler_names_and_karras_are_checked(sd1):
     _, ours = sd1
     assert LATENT_SAMPLERS == ("ddim", "ddpm", "dpm_solver++", "dpm_solver++_sde", "euler", "heun", "euler_ancestral",
-                               "lms", "unipc", "deis")  # fmt: skip
+                               "lms", "unipc", "deis", "pndm")  # fmt: skip
     with pytest.raises(ValueError, match=r"^unknown sampler 'plms'; expected one of \('ddim', 'ddpm', 'dpm_solver\+\+', "):
         ours.text_to_image(PROMPTS, sampler="plms", steps=2)
     with pytest.raises(ValueError, match=r"^karras=True is for the samplers .* not 'ddim'$"):
@@ -256,7 +256,7 @@ def test_spacing_is_the_configs_or_else_each_scheduler_class_default(sd1):
     spacings = {name: sampler_scheduler(ours.scheduler, name).timestep_spacing for name in LATENT_SAMPLERS}
     assert spacings == {"ddim": "leading", "ddpm": "leading", "dpm_solver++": "linspace", "euler": "linspace",
                         "heun": "linspace", "dpm_solver++_sde": "linspace", "euler_ancestral": "linspace",
-                        "lms": "linspace", "unipc": "linspace", "deis": "linspace"}  # fmt: skip
+                        "lms": "linspace", "unipc": "linspace", "deis": "linspace", "pndm": "leading"}  # fmt: skip
     leading = scheduler_settings(dict(SD1_SCHEDULER, timestep_spacing="leading"), "test")
     assert sampler_scheduler(leading, "euler").timestep_spacing == "leading"
 

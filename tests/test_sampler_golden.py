@@ -23,6 +23,7 @@ from jaxdiff.latent.schedulers import (
     denoise,
     denoise_on_levels,
     initial_scale,
+    pndm_points,
     sampler_levels,
     sampler_scheduler,
     step_plan,
@@ -154,6 +155,10 @@ def _latent_cases():
 
                 def run(sampler=sampler):
                     scheduler = sampler_scheduler(settings, sampler)
+                    if sampler == "pndm":  # the plan of PNDM's model calls (and its stride), as diffusers runs them
+                        points = pndm_points(scheduler, 5)
+                        plan = step_plan(scheduler, points, sampler)
+                        return denoise(eps_model(ac[points[::-1]]), plan, x_start, _key(11), sampler=sampler)
                     plan = step_plan(scheduler, visited_timesteps(scheduler, 5))
                     return denoise(eps_model(ac[plan.timesteps[::-1]]), plan, x_start, _key(11), sampler=sampler)
 

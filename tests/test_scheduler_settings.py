@@ -72,7 +72,7 @@ def test_settings_read_from_the_config():
 
 
 NO_EFFECT = dict(
-    _class_name="PNDMScheduler", _diffusers_version="0.30.0", _use_default_values=["beta_end"], skip_prk_steps=True, trained_betas=None,
+    _class_name="PNDMScheduler", _diffusers_version="0.30.0", _use_default_values=["beta_end"], trained_betas=None,
     variance_type=None, use_exponential_sigmas=False, use_beta_sigmas=False,
     use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=3.0, use_dynamic_shifting=False,
     time_shift_type="exponential", interpolation_type="linear", timestep_type="discrete", sigma_min=None,

@@ -22,7 +22,8 @@ from jaxdiff import Pipeline, cli, images  # noqa: E402
 from jaxdiff.diffusion.continuous import model_denoiser, process_from_config  # noqa: E402
 from jaxdiff.families.continuous import sample_in_image_range  # noqa: E402
 from jaxdiff.convert.formats import convert  # noqa: E402
-from jaxdiff.readers.formats import detect_format, load_weights  # noqa: E402
+from jaxdiff.readers.formats import detect_format
+from jaxdiff.sampling.pipeline import load_weights  # noqa: E402
 from jaxdiff.evaluation.ode_likelihood import ode_bits_per_dim  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.processes import make_process  # noqa: E402

@@ -293,8 +293,8 @@ def test_other_pipelines_and_mismatched_components_are_refused(sd1, tmp_path):
     shutil.copytree(sd1[1], tmp_path / "pipe")
     index_file = tmp_path / "pipe" / "model_index.json"
     index = json.loads(index_file.read_text())
-    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionXLInpaintPipeline")))
-    with pytest.raises(ValueError, match=r"_class_name='StableDiffusionXLInpaintPipeline'; supported pipelines: "):
+    index_file.write_text(json.dumps(dict(index, _class_name="StableDiffusionControlNetPipeline")))
+    with pytest.raises(ValueError, match=r"_class_name='StableDiffusionControlNetPipeline'; supported pipelines: "):
         LatentPipeline.from_pretrained(tmp_path / "pipe")
     index_file.write_text(json.dumps(index))
     config_file = tmp_path / "pipe" / "unet" / "config.json"

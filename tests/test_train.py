@@ -98,10 +98,12 @@ def test_gradient_accumulation_is_the_mean_over_micro_batches():
     loss_fn = make_loss_fn(config, model)
     batch = batch_of(config)
     rng = jax.random.PRNGKey(7)
-    loss, grads = _accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, 2)
+    loss, grads = jax.jit(_accumulated_grads, static_argnums=(0, 5))(
+        loss_fn, state.params, batch["image"], batch["label"], rng, 2)
     half = config.training.batch_size // 2
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))  # one compiled program for both halves
     parts = [
-        jax.value_and_grad(loss_fn)(state.params, batch["image"][i * half : (i + 1) * half],
+        grad_fn(state.params, batch["image"][i * half : (i + 1) * half],
                                     batch["label"][i * half : (i + 1) * half], jax.random.fold_in(rng, i))
         for i in range(2)
     ]  # fmt: skip

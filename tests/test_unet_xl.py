@@ -251,7 +251,7 @@ def test_sdxl_single_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "configs" / "tokenizer").mkdir()
     safetensors.numpy.save_file({"x": np.zeros(1, np.float32)}, tmp_path / "sdxl.safetensors")
     with pytest.raises(WeightsError, match=r"^\S+config.json: addition_embed_type='text_time' \(SDXL\); SDXL single "
-                       r"files, with their two text encoders, are not read yet"):  # fmt: skip
+                       r"files, with their two text encoders, are read with an SDXL pipeline folder as config folder"):  # fmt: skip
         read_single_file(tmp_path / "sdxl.safetensors", config_folder=tmp_path / "configs")
 
 

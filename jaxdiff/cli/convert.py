@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import os
 
-from jaxdiff.cli.errors import UsageError, reject_extra
+from jaxdiff.cli.errors import reject_extra
 from jaxdiff.cli.paths import check_output_dir, check_weights, reading_weights
 
 
@@ -22,12 +21,3 @@ def run_convert(args, extra) -> int:
     return 0
 
 
-def run_data(args, extra) -> int:
-    from jaxdiff.data import prepare_dataset
-
-    reject_extra(extra)
-    if args.source and not os.path.exists(args.source):
-        raise UsageError(f"--source {args.source!r} does not exist")
-    out = prepare_dataset(args.dataset, args.data_dir or None, source=args.source)
-    print(f"prepared {args.dataset} in {out}")
-    return 0

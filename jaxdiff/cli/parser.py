@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from jaxdiff.cli.convert import run_convert, run_data
+from jaxdiff.cli.convert import run_convert
+from jaxdiff.cli.data import run_data
 from jaxdiff.cli.evaluate import run_eval
 from jaxdiff.cli.sample import run_sample
 from jaxdiff.cli.sampler_flags import add_sampler_flags
@@ -65,13 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder too), a DiT or SiT .pt (with --vae)")  # fmt: skip
     sample.add_argument("--config", help="--pretrained score_sde / EDM / diffusers weights: their recipe (score_sde: "
                         "its training config, e.g. sde_ve_ncsnpp_continuous or ve/ncsnpp_continuous)")  # fmt: skip
-    sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs")
+    sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs "
+                        "(an SDXL file: an SDXL folder of its kind, base or refiner, giving its scheduler too)")
     sample.add_argument("--vae", help="--pretrained DiT/SiT checkpoint (.pt): its autoencoder, a diffusers "
                         "AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
     sample.add_argument("--variant", choices=("dit", "sit"), help="--pretrained .pt: DiT's diffusion or SiT's flow "
                         "matching (default: train.py's args.model, else SiT for a file named SiT-*, else DiT)")
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
+    sample.add_argument("--prompt-2", help="--pretrained SDXL: the prompt of the second text encoder (default --prompt)")
+    sample.add_argument("--negative-prompt-2", help="--pretrained SDXL: the negative prompt of the second text "
+                        "encoder (default --negative-prompt)")  # fmt: skip
     sample.add_argument("--init-image", help="--pretrained: image-to-image (or, with --mask, inpainting) from it; an "
                         "x4 upscaler: the low-resolution image to upscale")  # fmt: skip
     sample.add_argument("--strength", type=float, help="--init-image: in (0, 1] (default 0.8; 1 with --mask)")
@@ -119,9 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dst")
     convert.set_defaults(run=run_convert)
 
-    data = verb("data", "prepare a dataset for training and evaluation, without TensorFlow")
-    data.add_argument("action", choices=("prepare",))
-    data.add_argument("dataset", choices=("cifar10",))
+    data = verb("data", "prepare a dataset for training and evaluation, without TensorFlow; or encode a config's "
+                        "dataset into a latent cache (data.latent_cache)")  # fmt: skip
+    data.add_argument("action", choices=("prepare", "encode"))
+    data.add_argument("dataset", nargs="?", choices=("cifar10",), help="prepare: the dataset")
+    data.add_argument("--config", help=f"encode: {config_help}; its data and latent.autoencoder")
+    data.add_argument("--out", help="encode: the cache folder to write (resumes its partial .partial folder)")
+    data.add_argument("--batch-size", type=int, default=64, help="encode: images per batch (default 64)")
     data.add_argument("--source", help="cifar-10-binary.tar.gz or its extracted folder (default: download)")
     data.add_argument("--data-dir", default="", help="TFDS data_dir (default: TFDS' ~/tensorflow_datasets)")
     data.set_defaults(run=run_data)

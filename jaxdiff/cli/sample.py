@@ -21,8 +21,8 @@ from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_set
 
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
-TEXT_FLAGS = ("prompt", "negative_prompt", "init_image", "strength", "mask", "height", "width", "config_folder",
-              "lora")
+TEXT_FLAGS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "init_image", "strength", "mask",
+              "height", "width", "config_folder", "lora")
 PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS, *FLOW_OPTIONS)
 # Read on the pixel-space path for an original DiT or SiT checkpoint (--pretrained X.pt) only, refused by name
 # elsewhere.
@@ -30,7 +30,7 @@ DIT_CHECKPOINT_FLAGS = ("vae", "variant")
 DIT_CHECKPOINT_WHAT = "the autoencoder and variant of a DiT/SiT checkpoint (.pt)"
 # Read by the x4 upscaler only (refused by name elsewhere), and the text-to-image flags the upscaler refuses.
 UPSCALE_FLAGS = ("noise_level",)
-NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora")
+NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora", "prompt_2", "negative_prompt_2")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)
 
@@ -114,11 +114,13 @@ def _sample_pretrained(args, upscaler: bool = False) -> int:
     from jaxdiff.latent.sdxl import sdxl_refiner
 
     refiner = sdxl_refiner(args.pretrained) if args.pretrained else None
-    if refiner is not None:
-        _refuse(args, ["mask"], "SDXL inpainting (StableDiffusionXLInpaintPipeline) is not implemented")
-        if refiner and not args.init_image:
-            raise UsageError(f"{args.pretrained!r} is an SDXL refiner (requires_aesthetics_score): it needs "
-                             "--init-image (image-to-image)")  # fmt: skip
+    if refiner and not args.init_image:
+        raise UsageError(f"{args.pretrained!r} is an SDXL refiner (requires_aesthetics_score): it needs "
+                         "--init-image (image-to-image, or inpainting with --mask)")  # fmt: skip
+    single_file = bool(args.pretrained) and os.path.isfile(args.pretrained)  # SDXL or not: the pipeline tells
+    if refiner is not False and not single_file:
+        why = "an SDXL refiner's only text encoder reads --prompt" if refiner else "these weights are not SDXL"
+        _refuse(args, ["prompt_2", "negative_prompt_2"], f"the prompts of SDXL's second text encoder; {why}")
     if args.init_image and (args.height or args.width):
         raise UsageError("--height/--width are for text-to-image; with --init-image the image sets the size")
     if not args.out.lower().endswith(".png"):
@@ -151,9 +153,12 @@ def _sample_pretrained(args, upscaler: bool = False) -> int:
     defaults = upscale if upscaler else pipeline
     settings = dict(negative_prompts=None if args.negative_prompt is None else [args.negative_prompt] * num,
                     steps=defaults.DEFAULT_STEPS if args.steps is None else args.steps, seed=args.seed,
-                    sampler=args.sampler or (None if upscaler else "ddim"),
+                    sampler=args.sampler,  # None: the folder's scheduler class
                     karras=args.spacing == "karras",
                     guidance=defaults.DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+    for name in ("prompt_2", "negative_prompt_2"):  # SDXL's; the pipeline refuses them for other weights
+        if getattr(args, name) is not None:
+            settings[name.replace("prompt", "prompts")] = [getattr(args, name)] * num
     if upscaler:
         noise_level = upscale.DEFAULT_NOISE_LEVEL if args.noise_level is None else args.noise_level
         samples = pipe.upscale(np.repeat(init[None], num, 0), prompts, noise_level=noise_level, **settings)

@@ -18,7 +18,7 @@ FLOW_FAMILY = "flow"
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     families = {"discrete models": ("discrete", "ddpm"), "continuous models": ("continuous", "the config's"),
-                "Stable Diffusion (--pretrained, --prompt)": ("latent", "ddim")}  # fmt: skip
+                "Stable Diffusion (--pretrained, --prompt)": ("latent", "the folder's scheduler class")}  # fmt: skip
     parser.add_argument("--sampler", help="; ".join(f"{who}: {' | '.join(samplers_for(family))} (default: {default})"
                                                     for who, (family, default) in families.items()))  # fmt: skip
     parser.add_argument("--steps", type=int, help="sampling steps (default: all T for ddpm/ddim; the sampler's)")

@@ -23,9 +23,9 @@ LOSS_DEFAULTS: dict[str, Any] = {
 
 DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
-    "folder",
+    "folder", "class_folder",
 )  # fmt: skip
-TASKS = ("diffusion", "autoencoder", "latent")
+TASKS = ("diffusion", "autoencoder", "latent", "class_latent")
 LORA_BASE_DTYPES = ("float32", "bfloat16")  # training.lora.base_dtype
 
 
@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The DDPM CIFAR-10 recipe (Ho et al. 2020, official code), locked: values may change, keys may not."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent (jaxdiff.training.tasks)
+    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent | class_latent (training.tasks)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar10"
@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # TFDS data_dir; "" means TFDS' default (~/tensorflow_datasets)
     c.data.random_flip = True
     c.data.centered = True  # model data in [-1, 1]; False: [0, 1] (score_sde's data.centered), continuous only
+    c.data.latent_cache = ""  # task class_latent: a folder `jaxdiff data encode` wrote, read instead of the images
 
     c.model = ml_collections.ConfigDict()
     c.model.image_size = 32
@@ -177,6 +178,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.lora.alpha = 0.0  # adapters added as (alpha / r)·up @ down; 0: alpha = r
     c.training.lora.target_modules = "to_q,to_k,to_v,to_out.0"  # comma-separated suffixes of diffusers module names
     c.training.lora.base_dtype = "float32"  # storage dtype of the frozen U-Net: float32 | bfloat16
+    # task "latent": DreamBooth's prior preservation (jaxdiff.data.prior); class_data_dir "": off.
+    c.training.prior_preservation = ml_collections.ConfigDict()
+    c.training.prior_preservation.class_data_dir = ""  # captioned folder of class images (missing ones generated)
+    c.training.prior_preservation.class_prompt = ""  # the prompt class images are generated from
+    c.training.prior_preservation.num_class_images = 100  # class images used (the first in sorted file order)
+    c.training.prior_preservation.weight = 1.0  # loss = instance mse + weight·class mse
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"

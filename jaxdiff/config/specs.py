@@ -42,6 +42,7 @@ SPECS: dict[str, Spec] = {
     "data.data_dir": Spec(str, "TFDS data_dir; '' means TFDS' default"),
     "data.random_flip": Spec(bool, "random horizontal flips of the training images"),
     "data.centered": Spec(bool, "the model's data range: [-1, 1] (True) or [0, 1] (False; continuous processes only)"),
+    "data.latent_cache": Spec(str, "class_latent: a latent cache folder (jaxdiff data encode) read instead of images"),
     "model.image_size": _positive_int("height = width of the images, pixels"),
     "model.in_channels": _positive_int("image channels"),
     "model.out_channels": _positive_int("model output channels: in_channels, or twice that for learned variances"),
@@ -225,6 +226,11 @@ SPECS: dict[str, Spec] = {
     "training.lora.target_modules": Spec(str, "LoRA: comma-separated suffixes of the diffusers names of the U-Net "
                                               "modules adapted (peft's target_modules)"),  # fmt: skip
     "training.lora.base_dtype": Spec(str, "LoRA: storage dtype of the frozen U-Net", choices=LORA_BASE_DTYPES),
+    "training.prior_preservation.class_data_dir": Spec(str, "latent: folder of class images for DreamBooth's "
+                                                       "prior preservation (missing ones generated); '': off"),
+    "training.prior_preservation.class_prompt": Spec(str, "prior preservation: the prompt of generated class images"),
+    "training.prior_preservation.num_class_images": _positive_int("prior preservation: class images used"),
+    "training.prior_preservation.weight": Spec(float, "prior preservation: weight of the class images' loss", low=0),
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),

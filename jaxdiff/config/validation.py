@@ -38,6 +38,20 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
+def _check_prior_preservation(config: ml_collections.ConfigDict) -> None:
+    """training.prior_preservation: only for task 'latent'; its other keys only with a class_data_dir."""
+    prior, defaults = config.training.prior_preservation, default_config().training.prior_preservation
+    if prior.class_data_dir and config.task != "latent":
+        raise ConfigError(f"config training.prior_preservation.class_data_dir={prior.class_data_dir!r}: prior "
+                          f"preservation trains a text-conditioned latent run (task 'latent'); task {config.task!r} "
+                          "has no prompts")  # fmt: skip
+    changed = [f"training.prior_preservation.{key}={prior[key]!r}" for key in prior
+               if key != "class_data_dir" and prior[key] != defaults[key]]  # fmt: skip
+    if changed and not prior.class_data_dir:
+        raise ConfigError(f"config {', '.join(changed)} without training.prior_preservation.class_data_dir: give the "
+                          "class image folder or leave training.prior_preservation at its defaults")  # fmt: skip
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Check every value against its spec, then the values that must agree; returns `config`.
 
@@ -53,6 +67,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.task != "latent" and config.training.lora.rank:
         raise ConfigError(f"config training.lora.rank={config.training.lora.rank}: LoRA trains adapters of a latent "
                           f"run's latent.unet_init U-Net; task {config.task!r} has none")  # fmt: skip
+    _check_prior_preservation(config)
+    if config.data.latent_cache and config.task != "class_latent":
+        raise ConfigError(f"config data.latent_cache={config.data.latent_cache!r} holds latents for task "
+                          f"'class_latent'; task {config.task!r} reads images: set data.latent_cache=''")  # fmt: skip
     if config.task == "autoencoder":
         _check_autoencoder(config.autoencoder)
         return config

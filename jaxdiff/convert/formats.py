@@ -56,7 +56,7 @@ def convert(
     exports the EMA params of `step` (default: latest), as a DDPMPipeline or, for a VE model of uncentred
     data, a ScoreSdeVePipeline (`score_sde_ve_export`); "diffusers-lora" exports a LoRA run's EMA adapters as
     `pytorch_lora_weights.safetensors` (`lora_export`). `source_format` overrides detection (e.g. "edm"
-    for a pickle not named network-snapshot-*.pkl); `dataset` as in `jaxdiff.readers.formats.load_weights`.
+    for a pickle not named network-snapshot-*.pkl); `dataset` as in `jaxdiff.sampling.pipeline.load_weights`.
     """
     dst = pathlib.Path(dst)
     if target_format not in TARGET_FORMATS:

@@ -29,6 +29,8 @@ from jaxdiff.errors import ConfigError, DataError, MissingDataError
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")  # what PIL must find inside the files
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; its values 5-8 turn the image a quarter, swapping its sides
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # What PIL raises for a file it cannot read (DecompressionBombError: more than twice its pixel limit).
 _READ_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 
@@ -41,8 +43,11 @@ def _default_threads() -> int:
 class FolderSource:
     """Images `files` (names inside `directory`) with captions `texts`, read as uint8 [size, size, 3].
 
-    Unlabelled: labels are 0 and `num_classes` is 0; `captions(indices)` gives the captions.
-    Build it with `load_folder`, which checks the folder.
+    Unlabelled: labels are 0 and `num_classes` is 0; `captions(indices)` gives the captions and
+    `original_sizes(indices)` each image's (height, width) before cropping (EXIF orientation applied: SDXL's
+    micro-conditioning). Build it with `load_folder`, which checks the folder. With `class_examples` (prior
+    preservation), each batch also holds the class example paired with each of its examples
+    (`jaxdiff.data.prior.class_indices`, `jaxdiff.data.pipeline`).
     """
 
     directory: str
@@ -52,6 +57,9 @@ class FolderSource:
     num_threads: int = dataclasses.field(default_factory=_default_threads)
     name: str = "folder"
     num_classes: int = 0
+    sizes: tuple[tuple[int, int], ...] = ()  # each image's (height, width) as `load_folder` read it
+    # DreamBooth's class images (`jaxdiff.data.prior`): when set, each batch also holds example i's class example
+    class_examples: FolderSource | None = None
 
     def __post_init__(self):
         self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="read-folder")
@@ -85,6 +93,11 @@ class FolderSource:
         """Captions (str array [n]) of the examples `indices`."""
         indices = check_indices(indices, self.num_examples, self.name)
         return np.array([self.texts[i] for i in indices], dtype=np.str_)
+
+    def original_sizes(self, indices: np.ndarray) -> np.ndarray:
+        """(height, width) int32 [n, 2] of the examples `indices` before cropping and resizing."""
+        indices = check_indices(indices, self.num_examples, self.name)
+        return np.array([self.sizes[i] for i in indices], np.int32).reshape(-1, 2)
 
 
 def _image_files(directory: str) -> list[str]:
@@ -150,16 +163,22 @@ def _captions_from_text_files(directory: str, files: list[str]) -> list[str]:
     return texts
 
 
-def _check_image(path: str) -> None:
-    """Raises a one-line ValueError naming `path` unless PIL reads it as a PNG or JPEG (header and structure)."""
+def _check_image(path: str) -> tuple[int, int]:
+    """The image's (height, width) once its EXIF orientation is applied; a one-line ValueError naming `path`
+    unless PIL reads it as a PNG or JPEG (header and structure)."""
     try:
         with PIL.Image.open(path) as image:
             kind = image.format
             image.verify()
+        with PIL.Image.open(path) as image:  # verify() leaves the image unusable: read the header again
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+                width, height = height, width
     except _READ_ERRORS as err:
         raise DataError(f"{path}: not a readable PNG or JPEG image ({err})") from err
     if kind not in IMAGE_FORMATS:
         raise DataError(f"{path}: holds a {kind} image; the folder source reads {' and '.join(IMAGE_FORMATS)}")
+    return height, width
 
 
 def load_folder(directory: str, size: int, *, num_threads: int | None = None) -> FolderSource:
@@ -184,5 +203,5 @@ def load_folder(directory: str, size: int, *, num_threads: int | None = None) ->
         texts = _captions_from_text_files(directory, files)
     threads = num_threads or _default_threads()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(_check_image, [os.path.join(directory, name) for name in files]))
-    return FolderSource(directory, tuple(files), tuple(texts), size, num_threads=threads)
+        sizes = tuple(pool.map(_check_image, [os.path.join(directory, name) for name in files]))
+    return FolderSource(directory, tuple(files), tuple(texts), size, num_threads=threads, sizes=sizes)

@@ -18,6 +18,7 @@ import sys
 import grain
 import numpy as np
 
+from jaxdiff.data.prior import class_indices
 from jaxdiff.data.sources import Source
 from jaxdiff.errors import UsageError, WeightsError
 
@@ -61,30 +62,49 @@ def _check_batch_args(seed: int, step: int, global_batch_size: int, process_inde
 
 def _local_indices(
     step: int, *, num_examples: int, seed: int, global_batch_size: int, process_index: int, local_batch_size: int
-) -> np.ndarray:
-    """Example indices of this process's part of global batch `step`."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(example indices, the epoch of each) of this process's part of global batch `step`."""
     start = step * global_batch_size + process_index * local_batch_size
-    return example_indices(num_examples, seed=seed, start=start, stop=start + local_batch_size)
+    epochs = np.arange(start, start + local_batch_size, dtype=np.int64) // num_examples
+    return example_indices(num_examples, seed=seed, start=start, stop=start + local_batch_size), epochs
 
 
-def _read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
+def _read(source: Source, local: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """The examples of `_local_indices`' (indices, epochs), with their paired class examples if the source has
+    some (DreamBooth's prior preservation, `jaxdiff.data.prior.class_indices`)."""
+    indices, epochs = local
+    batch = _read_examples(source, indices)
+    paired = getattr(source, "class_examples", None)
+    if paired is not None:
+        paired_indices = class_indices(indices, epochs, source.num_examples, paired.num_examples)
+        class_batch = _read_examples(paired, paired_indices)
+        batch.update({f"class_{key}": class_batch[key] for key in ("image", "caption", "original_size")})
+    return batch
+
+
+def _read_examples(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
     images, labels = source.get(indices)
-    if hasattr(source, "captions"):  # captioned sources (shapes)
-        return {"image": images, "label": labels, "caption": source.captions(indices)}
-    return {"image": images, "label": labels}
+    batch = {"image": images, "label": labels}
+    if hasattr(source, "captions"):  # captioned sources (shapes, folder)
+        batch["caption"] = source.captions(indices)
+    if hasattr(source, "original_sizes"):  # the folder's sizes before cropping (SDXL's micro-conditioning)
+        batch["original_size"] = source.original_sizes(indices)
+    return batch
 
 
 def batch_for_step(
     source: Source, *, seed: int, step: int, global_batch_size: int, process_index: int, process_count: int
 ) -> dict[str, np.ndarray]:
     """This process's part of global batch `step` (0-based): image uint8 [B/P, H, W, C], label int32 [B/P],
-    and caption str [B/P] when the source has `captions(indices)`."""
+    caption str [B/P] when the source has `captions(indices)` and original_size int32 [B/P, 2] when it has
+    `original_sizes(indices)`; with a folder's `class_examples`, class_image, class_caption and class_original_size
+    of the class example paired with each (`jaxdiff.data.prior.class_indices`)."""
     local = _check_batch_args(seed, step, global_batch_size, process_index, process_count)
-    indices = _local_indices(
+    examples = _local_indices(
         step, num_examples=source.num_examples, seed=seed, global_batch_size=global_batch_size,
         process_index=process_index, local_batch_size=local,
     )  # fmt: skip
-    return _read(source, indices)
+    return _read(source, examples)
 
 
 def batch_dataset(

@@ -101,13 +101,14 @@ def apply_scheduler_config(config: ml_collections.ConfigDict, settings: dict, so
 #   euler_ancestral, unipc: ᾱ_{T-1} = 2**-24), final_sigmas_type (zero | sigma_min),
 #   lower_order_final, euler_at_final, solver_order (1 | 2 | 3), algorithm_type (dpmsolver++ | sde-dpmsolver++;
 #   "deis", which DPMSolverMultistepScheduler reads as dpmsolver++), solver_type (midpoint | heun; "logrho",
-#   "bh1", "bh2", which it reads as midpoint), use_karras_sigmas.
+#   "bh1", "bh2", which it reads as midpoint), use_karras_sigmas, skip_prk_steps (pndm: true, PLMS from the first step; false,
+#   PNDMScheduler's default, its Runge–Kutta warm-up first).
 # Accepted without effect (each only with the values listed, which leave every step as without the key):
 ACCEPTED_WITHOUT_EFFECT = {
-    "_class_name": "any: the sampler picked sets the scheduler class",
+    "_class_name": "any: the latent pipelines' sampler=None steps as it (jaxdiff.latent.schedulers.FOLDER_SAMPLERS); "
+                   "an explicit sampler sets the class",
     "_diffusers_version": "any",
     "_use_default_values": "any: diffusers' in-memory record of the keys it defaulted (not in saved files)",
-    "skip_prk_steps": "any: PNDMScheduler only, not a jaxdiff sampler",
     "trained_betas": "null",
     "variance_type": "null (no learned variance) or fixed_small (what ddpm does)",
     "use_exponential_sigmas": "false",
@@ -152,7 +153,10 @@ DPM_REFUSED_WHY = {
 # How the classes that take them limit x̂_0 (`jaxdiff.diffusion.limits.DenoisedLimit`), and their defaults.
 LIMIT_DEFAULTS = {"clip_sample_range": 1.0, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
                   "sample_max_value": 1.0}  # fmt: skip
-KNOWN_KEYS = {*SCHEDULER_DEFAULTS, *SAMPLING_DEFAULTS, *ACCEPTED_WITHOUT_EFFECT, *DPM_DEFAULTS, *LIMIT_DEFAULTS}
+# PNDMScheduler's key and default.
+PNDM_DEFAULTS = {"skip_prk_steps": False}
+KNOWN_KEYS = {*SCHEDULER_DEFAULTS, *SAMPLING_DEFAULTS, *ACCEPTED_WITHOUT_EFFECT, *DPM_DEFAULTS, *LIMIT_DEFAULTS,
+              *PNDM_DEFAULTS}  # fmt: skip
 # ᾱ_{T-1} after rescale_betas_zero_snr in the classes that keep σ_{T-1} finite (Euler, DPM-Solver, UniPC); DDIM
 # and DDPM keep ᾱ_{T-1} = 0.
 FINITE_ZERO_SNR_LAST = 2.0**-24
@@ -172,7 +176,8 @@ class SchedulerSettings(NamedTuple):
     "sde-dpmsolver++"), solver_type ("midpoint" or "heun"): DPMSolverMultistepScheduler's; use_karras_sigmas:
     the Karras grid for dpm_solver++, euler and heun; clip_sample_range (x̂_0 clipped to ±range with
     clip_sample), thresholding, dynamic_thresholding_ratio, sample_max_value (Imagen's dynamic thresholding of
-    x̂_0, see `jaxdiff.diffusion.limits`). With rescale_betas_zero_snr, `schedule` is rescaled to zero terminal
+    x̂_0, see `jaxdiff.diffusion.limits`); skip_prk_steps: PNDMScheduler's (True: PLMS from the first step). With
+    rescale_betas_zero_snr, `schedule` is rescaled to zero terminal
     SNR (ᾱ_{T-1} = 0, as DDIMScheduler and DDPMScheduler) and `unrescaled_betas` are the float64 betas before
     the rescale (None without it), from which `class_schedule` gives each class's schedule.
     """
@@ -196,6 +201,7 @@ class SchedulerSettings(NamedTuple):
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     unrescaled_betas: np.ndarray | None = None
+    skip_prk_steps: bool = False
 
 
 def class_schedule(unrescaled_betas: np.ndarray, zero_snr_last: float | None) -> Schedule:
@@ -282,11 +288,12 @@ def scheduler_settings(config: dict, source: str) -> SchedulerSettings:
     offset = s["steps_offset"]
     if not is_int(offset, numpy=False) or not 0 <= offset < run_config.diffusion.num_timesteps:
         raise _refuse(source, "steps_offset", offset, "an int in 0..num_train_timesteps-1")
-    for key in ("set_alpha_to_one", "clip_sample"):
+    for key in ("set_alpha_to_one", "clip_sample", "skip_prk_steps"):
         if key in config and not isinstance(config[key], bool):
             raise _refuse(source, key, config[key], "true or false")
     return SchedulerSettings(class_schedule(betas, 0.0 if zero_snr else None), run_config.diffusion.mean_type,
                              s["timestep_spacing"], offset, s["set_alpha_to_one"], dict(config),
                              config.get("clip_sample"), **_dpm_settings(config, source),
                              **_limit_settings(config, source),
-                             unrescaled_betas=betas if zero_snr else None)  # fmt: skip
+                             unrescaled_betas=betas if zero_snr else None,
+                             skip_prk_steps=config.get("skip_prk_steps", PNDM_DEFAULTS["skip_prk_steps"]))  # fmt: skip

@@ -13,9 +13,10 @@ from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 UPSCALE_PIPELINE_CLASS = "StableDiffusionUpscalePipeline"  # the x4 upscaler (`jaxdiff.latent.upscale`)
-# SDXL base and refiner (`jaxdiff.latent.sdxl`): two CLIP text encoders (the refiner only the second) and the
-# U-Net's added conditioning.
-SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+# SDXL base, refiner and inpainting (`jaxdiff.latent.sdxl`): two CLIP text encoders (the refiner only the second)
+# and the U-Net's added conditioning.
+SDXL_PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                         "StableDiffusionXLInpaintPipeline")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

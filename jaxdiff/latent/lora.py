@@ -22,8 +22,12 @@ the adapted kernels, no recompilation. `LoraAdapters` gives `LatentPipeline` its
 Unfused, `params` holds the original weights and the adapted ones are used only to run; `lora_scales` maps each
 adapter's name to its scale.
 
-kohya U-Net keys in the original LDM / sgm layout (`lora_unet_input_blocks_1_1_...`, what kohya writes for SDXL)
-are not matched: like every key no module takes, they are listed in the refusal.
+kohya U-Net keys in the original LDM (SD 1.x / 2.x) / sgm (SDXL) layout (`lora_unet_input_blocks_4_1_...`,
+`lora_unet_middle_block_1_...`, `lora_unet_output_blocks_...`, `time_embed_0`, `label_emb_0_0`, `out_2`: what kohya
+writes for SDXL) are renamed to diffusers' names by the single-file reader's own table
+(`jaxdiff.latent.stable_diffusion.unet_diffusers_name`), read with the U-Net's `layers_per_block` and
+`up_block_types`; like every key no module takes, a name that renames to none of our kernels is listed in the
+refusal.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 from collections.abc import Callable
 
 import flax.traverse_util
@@ -39,7 +44,9 @@ import numpy as np
 
 from jaxdiff.checks import is_real
 from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.latent.component_weights import clip_names, torch_shape
+from jaxdiff.latent.stable_diffusion import unet_diffusers_name
 from jaxdiff.latent.unet_weights import diffusers_tensor_name
 from jaxdiff.weights.lora_files import LoraFile, LoraModule, listed, read_lora_file
 from jaxdiff.weights.matching import ParamPath
@@ -51,6 +58,11 @@ COMPONENTS: dict[str, tuple[str, Callable[[ParamPath], tuple[str, ...]]]] = {
     "text_encoder": ("text", clip_names),
     "text_encoder_2": ("text_2", clip_names),  # SDXL's second text encoder
 }
+
+
+# The first module names of the original LDM / sgm U-Net, as kohya writes them (dots as `_`).
+ORIGINAL_UNET_MODULES = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+_INDEX = re.compile(r"_(\d+)(?=_|$)|(?<=\d)_")  # `_` next to a digit: input_blocks_4_1_proj_in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +93,33 @@ def module_table(params: dict, names: Callable[[ParamPath], tuple[str, ...]],
     return table
 
 
-def match_lora(lora: LoraFile, params: dict) -> Adapter:
+def original_unet_module(module: str, unet_config) -> str | None:
+    """The kohya (underscored) diffusers name of a kohya U-Net module named in the original LDM / sgm layout, e.g.
+    `input_blocks_4_1_transformer_blocks_0_attn1_to_q` -> `down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q`
+    (two resnets per level), `output_blocks_2_0_skip_connection` -> `up_blocks_0_resnets_2_conv_shortcut`; the
+    module itself if it is not in that layout; None if the layout names nothing of `unet_config` (a U-Net
+    ConfigDict in diffusers' terms: its integer `layers_per_block` and `up_block_types` place the blocks).
+    The list indices get their dots back and `unet_diffusers_name` renames the rest."""
+    if not module.startswith(ORIGINAL_UNET_MODULES):
+        return module
+    if not isinstance(unet_config.layers_per_block, int):
+        return None  # per-level block counts have no original layout
+    dotted = _INDEX.sub(lambda index: f".{index[1] or ''}", module)  # input_blocks.4.1.proj_in
+    name = unet_diffusers_name(dotted + ".weight", unet_config)
+    return None if name is None else name.removesuffix(".weight").replace(".", "_")
+
+
+def match_lora(lora: LoraFile, params: dict, unet_config=None) -> Adapter:
     """`lora`'s adapters on our kernels of `params` ({"unet", "text", ...}); one WeightsError lists the keys that
     adapt no module of the pipeline, another the adapters whose ΔW has another shape than their weight (a LoRA
-    for another base model)."""
+    for another base model). With the U-Net's `unet_config`, kohya U-Net names in the original LDM / sgm layout
+    are read too (`original_unet_module`)."""
     tables = {}
     modules: dict[str, dict[ParamPath, LoraModule]] = {}
-    unmatched, misfit = [], []
+    unmatched, misfit, twice = [], [], []
     for (component, module), factors in lora.modules.items():
+        if component == "unet" and lora.underscored and unet_config is not None:
+            module = original_unet_module(module, unet_config)
         key, names = COMPONENTS.get(component, (None, None))
         key = key if key in params else None  # a component this pipeline lacks (an SDXL refiner's text_encoder)
         if key is not None and key not in tables:
@@ -101,6 +132,9 @@ def match_lora(lora: LoraFile, params: dict) -> Adapter:
         if factors.delta_shape != shape:
             misfit.append(f"{component}.{module}: ΔW {list(factors.delta_shape)}, weight {list(shape)}")
             continue
+        if path in modules.get(key, {}):  # the same module named in two layouts
+            twice.extend(factors.keys)
+            continue
         modules.setdefault(key, {})[path] = factors
     if unmatched:
         raise WeightsError(f"{lora.path}: {len(unmatched)} keys adapt no module of this pipeline's U-Net or text "
@@ -108,6 +142,9 @@ def match_lora(lora: LoraFile, params: dict) -> Adapter:
     if misfit:
         raise WeightsError(f"{lora.path}: {len(misfit)} adapters do not fit their weights' shapes (a LoRA for another "
                            f"base model?): {listed(misfit)}")  # fmt: skip
+    if twice:
+        raise WeightsError(f"{lora.path}: {len(twice)} keys adapt a module that other keys of the file already adapt "
+                           f"(one module in two name layouts): {listed(sorted(twice))}")  # fmt: skip
     return Adapter(lora.path, modules)
 
 
@@ -153,10 +190,12 @@ def adapted_params(params: dict, adapters: list[tuple[Adapter, float]]) -> dict:
 
 
 class LoraAdapters:
-    """The LoRA methods of a pipeline whose `params` is {"unet", "text", ...} (see the module docstring). The
-    pipeline calls `_init_lora()` in its constructor and runs its networks with `_run_params`."""
+    """The LoRA methods of a pipeline whose `params` is {"unet", "text", ...} and `model.unet_config` its U-Net's
+    config (see the module docstring). The pipeline calls `_init_lora()` in its constructor and runs its networks
+    with `_run_params`."""
 
     params: dict
+    model: LatentModels
 
     def _init_lora(self) -> None:
         self.lora_scales: dict[str, float] = {}
@@ -190,7 +229,8 @@ class LoraAdapters:
             raise UsageError(f"LoRA name={name!r} must be a non-empty string")
         elif name in self.lora_scales:
             raise UsageError(f"a LoRA named {name!r} is already loaded; loaded: {sorted(self.lora_scales)}")
-        adapter = match_lora(path if isinstance(path, LoraFile) else read_lora_file(path), self.params)
+        lora = path if isinstance(path, LoraFile) else read_lora_file(path)
+        adapter = match_lora(lora, self.params, self.model.unet_config)
         self._set_lora({**self._lora_adapters, name: adapter}, {**self.lora_scales, name: scale})
         return name
 

@@ -1,6 +1,7 @@
 """Stable Diffusion in JAX: text-to-image, image-to-image (SDEdit) and inpainting, step for step as diffusers'
 `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and `StableDiffusionInpaintPipeline`; SDXL base and
-refiner text-to-image and image-to-image as `StableDiffusionXLPipeline` and `StableDiffusionXLImg2ImgPipeline`
+refiner text-to-image, image-to-image and inpainting as `StableDiffusionXLPipeline`,
+`StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (4- and 9-channel U-Nets)
 (the prompts become the U-Net's `Conditioning` through `jaxdiff.latent.prompt_conditioning`), with the base ->
 refiner hand-off (`denoising_end` / `denoising_start`).
 
@@ -50,8 +51,10 @@ from jaxdiff.latent.schedulers import (
     denoise,
     denoise_on_levels,
     dpm_solver_timesteps,
+    folder_sampler,
     img2img_timesteps,
     initial_scale,
+    pndm_points,
     sampler_levels,
     sampler_scheduler,
     sigma_denoiser,
@@ -220,7 +223,9 @@ class LatentPipeline(LoraAdapters, PipelineBase):
                         config_folder: str | os.PathLike | None = None, scheduler: str | dict = "sd1",
                         dtype: str = "float32") -> LatentPipeline:  # fmt: skip
         """A diffusers Stable Diffusion folder, or a single original-format `.safetensors` file with the configs
-        of `config_folder` and the `scheduler` preset or config (see `jaxdiff.latent.stable_diffusion`)."""
+        of `config_folder` and the `scheduler` preset or config (see `jaxdiff.latent.stable_diffusion`); with an
+        SDXL folder as `config_folder`, an SDXL single file, whose scheduler is that folder's
+        (`jaxdiff.latent.stable_diffusion.read_sdxl_single_file`)."""
         return cls(read_pretrained(path, variant=variant, config_folder=config_folder, scheduler=scheduler,
                                    dtype=dtype))  # fmt: skip
 
@@ -246,7 +251,7 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         on_levels = sampler in SIGMA_SAMPLERS
         scheduler = sampler_scheduler(self.scheduler, sampler)
         increasing = None if on_levels else jnp.asarray(points[::-1].copy(), jnp.int32)
-        plan = None if on_levels else step_plan(scheduler, points)  # concrete tables, outside jit
+        plan = None if on_levels else step_plan(scheduler, points, sampler)  # concrete tables, outside jit
 
         def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise, class_label=None):
             def unet(x, t, conditioning):
@@ -279,9 +284,12 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         return self._compiled[key]
 
     def _run_points(self, sampler: str, steps: int, karras: bool, strength: float = 1.0) -> np.ndarray:
-        """The decreasing training steps (ddim, ddpm) or noise levels, ending at 0 (SIGMA_SAMPLERS) of a run;
-        with strength < 1, only the last int(steps·strength) steps, where diffusers' image-to-image starts."""
+        """The decreasing training steps (ddim, ddpm; pndm: `pndm_points`) or noise levels, ending at 0
+        (SIGMA_SAMPLERS) of a run; with strength < 1, only the last int(steps·strength) steps, where diffusers'
+        image-to-image starts."""
         scheduler = sampler_scheduler(self.scheduler, sampler)
+        if sampler == "pndm":
+            return pndm_points(scheduler, steps, strength)
         if sampler not in SIGMA_SAMPLERS:
             return img2img_timesteps(visited_timesteps(scheduler, steps), strength)
         levels = sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
@@ -299,6 +307,15 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         return add_noise(self.scheduler, image_latents, noise, int(points[0]))
 
     # ------------------------------------------------------------------ shared steps
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler of `sampler=None`: the one stepping as the folder's scheduler class (`folder_sampler`; a
+        WeightsError naming the class where jaxdiff has none)."""
+        return folder_sampler(self.scheduler, "scheduler (sampler=None steps as the folder's class)")
+
+    def _sampler(self, sampler: str | None) -> str:
+        return self.default_sampler if sampler is None else sampler
 
     def _check_settings(self, steps, guidance, sampler, karras, output_type, seed) -> float:
         if not is_int(seed):
@@ -328,11 +345,12 @@ class LatentPipeline(LoraAdapters, PipelineBase):
                 raise UsageError(f"{name}={value!r} must be a multiple of the autoencoder's factor {self.latent_factor}")
         return height, width
 
-    def _embeddings(self, prompts: list[str], negative_prompts, *, clip_skip: int = 0,
-                    time_ids: tuple | None = None) -> tuple[Conditioning, Conditioning]:  # fmt: skip
+    def _embeddings(self, prompts: list[str], negative_prompts, *, clip_skip: int = 0, time_ids: tuple | None = None,
+                    prompts_2=None, negative_prompts_2=None) -> tuple[Conditioning, Conditioning]:  # fmt: skip
         """(cond, uncond) of the prompts (`PromptEncoder.encode`) with the weights the pipeline runs with."""
         return self.prompt_encoder.encode(self._run_params, prompts, negative_prompts, clip_skip=clip_skip,
-                                          time_ids=time_ids)  # fmt: skip
+                                          time_ids=time_ids, prompts_2=prompts_2,
+                                          negative_prompts_2=negative_prompts_2)  # fmt: skip
 
     def _cut_points(self, levels: np.ndarray, sampler: str, steps: int, karras: bool, fraction, name: str,
                     *, end: bool) -> np.ndarray:  # fmt: skip
@@ -355,7 +373,9 @@ class LatentPipeline(LoraAdapters, PipelineBase):
             timesteps = visited_timesteps(scheduler, steps)
         cutoff = cutoff_step(num_train, fraction)
         count = int(np.sum(timesteps >= cutoff if end else timesteps < cutoff))
-        if count == 0:
+        if end:  # `levels` may be the tail of the run that strength < 1 leaves: count only its steps
+            count -= steps + 1 - len(levels)
+        if count <= 0:
             raise UsageError(f"{name}={fraction} leaves none of the {steps} steps (the cut is at training step "
                              f"{cutoff})")  # fmt: skip
         return levels[: count + 1] if end else levels[len(levels) - 1 - count :]
@@ -378,26 +398,30 @@ class LatentPipeline(LoraAdapters, PipelineBase):
     # ------------------------------------------------------------------ public API
 
     def text_to_image(self, prompts, *, negative_prompts=None, steps: int = DEFAULT_STEPS,
-                      guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str = "ddim",
+                      guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0, sampler: str | None = None,
                       karras: bool = False, seed: int = 0, height: int | None = None, width: int | None = None,
                       latents=None, clip_skip: int = 0, denoising_end: float | None = None,
-                      output_type: str = "uint8", **micro_conditioning) -> np.ndarray:  # fmt: skip
+                      output_type: str = "uint8", prompts_2=None, negative_prompts_2=None,
+                      **micro_conditioning) -> np.ndarray:  # fmt: skip
         """Images [B, height, width, 3] for B prompts: uint8 (or float in [0, 1] with output_type="float", or the
         final latents [B, height/f, width/f, C] with output_type="latent").
-        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`); `karras` puts the KARRAS_SAMPLERS
+        `sampler` is one of LATENT_SAMPLERS (see `jaxdiff.latent.schedulers`), None the folder's scheduler class
+        (`default_sampler`: PNDM for SD 1.x, Euler for SDXL, ...; DDIM for a jaxdiff training run); `karras` puts the KARRAS_SAMPLERS
         (all σ-grid samplers but euler_ancestral) on the Karras grid. `latents` [B, height/f, width/f, C] is the
         initial noise, N(0, I) (default: drawn from `seed`). `guidance_rescale` in [0, 1]: `rescale_guided`.
         `clip_skip`: the text encoders' layer (`jaxdiff.latent.prompt_conditioning`). SDXL: `denoising_end` in
         (0, 1) stops the run where diffusers' StableDiffusionXLPipeline does (with output_type="latent", the state
         a refiner's image_to_image(denoising_start=...) continues from; HANDOFF_SAMPLERS only);
-        `micro_conditioning`: the keywords of `MICRO_CONDITIONING` (original_size, crops_coords_top_left,
-        target_size, their negative_ versions)."""
+        `prompts_2` / `negative_prompts_2`: what the second text encoder reads (default: `prompts` /
+        `negative_prompts`), diffusers' prompt_2 / negative_prompt_2; `micro_conditioning`: the keywords of
+        `MICRO_CONDITIONING` (original_size, crops_coords_top_left, target_size, their negative_ versions)."""
         if self.inpainting_unet:
             raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
         if self.model.requires_aesthetics_score:
             raise UsageError("text_to_image(): this SDXL folder is a refiner (requires_aesthetics_score): it runs "
-                             "image_to_image()")  # fmt: skip
+                             "image_to_image() and inpaint()")  # fmt: skip
         prompts = prompt_list(prompts, "prompts")
+        sampler = self._sampler(sampler)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         rescale = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, low_open=False)
         clip_skip = self.prompt_encoder.check_clip_skip(clip_skip)
@@ -409,26 +433,28 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         if denoising_end is not None:
             points = self._cut_points(points, sampler, steps, karras, denoising_end, "denoising_end", end=True)
         x_start = self._start(sampler, points, self._noise(latents, shape, noise_rng))
-        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids)
+        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids,
+                                        prompts_2=prompts_2, negative_prompts_2=negative_prompts_2)  # fmt: skip
         run = self._loop(points, sampler, guidance, "plain", rescale)
         return self._finish(run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
     def image_to_image(self, images, prompts, *, strength: float | None = None, negative_prompts=None,
                        steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
-                       sampler: str = "ddim", karras: bool = False, seed: int = 0, latents=None, clip_skip: int = 0,
-                       denoising_start: float | None = None, output_type: str = "uint8",
-                       **micro_conditioning) -> np.ndarray:  # fmt: skip
+                       sampler: str | None = None, karras: bool = False, seed: int = 0, latents=None,
+                       clip_skip: int = 0, denoising_start: float | None = None, output_type: str = "uint8", prompts_2=None,
+                       negative_prompts_2=None, **micro_conditioning) -> np.ndarray:  # fmt: skip
         """SDEdit: encode `images` [B, H, W, 3], noise them to the step where diffusers starts for `strength` in
         (0, 1] (the last int(steps·strength) steps are run), denoise. `latents` is the noise added (default:
         drawn from `seed`). SDXL's hand-off: with `denoising_start` in (0, 1), `images` are latents
         [B, h, w, C] from text_to_image(denoising_end=..., output_type="latent"), continued from where diffusers'
-        StableDiffusionXLImg2ImgPipeline starts (no strength, no noise added). `guidance_rescale`, `clip_skip`
-        and `micro_conditioning` (MICRO_CONDITIONING; aesthetic_score and negative_aesthetic_score for a refiner)
-        as in `text_to_image`."""
+        StableDiffusionXLImg2ImgPipeline starts (no strength, no noise added). `guidance_rescale`, `clip_skip`,
+        `prompts_2`, `negative_prompts_2` and `micro_conditioning` (MICRO_CONDITIONING; aesthetic_score and
+        negative_aesthetic_score for a refiner) as in `text_to_image`."""
         if self.inpainting_unet:
             raise UsageError("this is an inpainting U-Net (9 input channels): use inpaint()")
         prompts = prompt_list(prompts, "prompts")
+        sampler = self._sampler(sampler)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         rescale = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, low_open=False)
         clip_skip = self.prompt_encoder.check_clip_skip(clip_skip)
@@ -453,44 +479,56 @@ class LatentPipeline(LoraAdapters, PipelineBase):
             time_ids = self.prompt_encoder.time_ids(size, micro_conditioning, image_to_image=True)
             points = self._cut_points(self._run_points(sampler, steps, karras), sampler, steps, karras,
                                       denoising_start, "denoising_start", end=False)  # fmt: skip
-        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids)
+        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids,
+                                        prompts_2=prompts_2, negative_prompts_2=negative_prompts_2)  # fmt: skip
         run = self._loop(points, sampler, guidance, "plain", rescale)
         return self._finish(run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, None, None, None),
                             output_type)  # fmt: skip
 
     def inpaint(self, images, masks, prompts, *, strength: float = 1.0, negative_prompts=None,
-                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, sampler: str = "ddim",
-                karras: bool = False, seed: int = 0, latents=None,
-                output_type: str = "uint8") -> np.ndarray:  # fmt: skip
+                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                sampler: str | None = None, karras: bool = False, seed: int = 0, latents=None, clip_skip: int = 0,
+                denoising_end: float | None = None, output_type: str = "uint8", prompts_2=None,
+                negative_prompts_2=None, **micro_conditioning) -> np.ndarray:  # fmt: skip
         """Repaint `images` [B, H, W, 3] where `masks` (see the module docstring) are set. A 9-channel inpainting
         U-Net gets the latent mask and the masked image's latents as extra input channels; a 4-channel U-Net
         keeps the image's latents (noised to the current step) outside the mask after every step. `latents` is
         the initial noise (default: drawn from `seed`); with strength < 1 the run starts from the image noised
-        with it, as image_to_image. Not for SDXL models."""
-        if self.prompt_encoder.sdxl:
-            raise UsageError("inpaint() runs SD 1.x / 2.x models; SDXL inpainting (StableDiffusionXLInpaintPipeline) "
-                             "is not implemented")  # fmt: skip
+        with it, as image_to_image. SDXL folders (base, refiner or StableDiffusionXLInpaintPipeline) inpaint as
+        diffusers' StableDiffusionXLInpaintPipeline, with `micro_conditioning` as image_to_image's; `denoising_end`
+        stops the run as text_to_image's does (the latents outside the mask are then the image's, clean, as
+        diffusers'). `guidance_rescale`, `clip_skip`, `prompts_2` and `negative_prompts_2` as in `text_to_image`."""
+        if "denoising_start" in micro_conditioning:
+            raise UsageError("inpaint() takes no denoising_start (diffusers' inpainting pipeline noises the handed-off "
+                             "latents again outside the mask); continue a cut run with image_to_image()")  # fmt: skip
         prompts = prompt_list(prompts, "prompts")
         strength = _check_number("strength", strength, 0.0, 1.0, low_open=True)
+        sampler = self._sampler(sampler)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
+        rescale = _check_number("guidance_rescale", guidance_rescale, 0.0, 1.0, low_open=False)
+        clip_skip = self.prompt_encoder.check_clip_skip(clip_skip)
         pixels = self._checked_images(images, len(prompts))
         mask = _mask_array(masks, pixels.shape)
+        time_ids = self.prompt_encoder.time_ids(pixels.shape[1:3], micro_conditioning, image_to_image=True)
         points = self._run_points(sampler, steps, karras, strength)
+        if denoising_end is not None:
+            points = self._cut_points(points, sampler, steps, karras, denoising_end, "denoising_end", end=True)
         encode_rng, masked_rng, noise_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 4)
         f = self.latent_factor
         latent_mask = jnp.asarray(mask[:, ::f, ::f])  # nearest-neighbour downsampling, as torch's interpolate
         image_latents = self._encode_image(self.params["vae"], jnp.asarray(pixels), encode_rng)
         noise = self._noise(latents, tuple(image_latents.shape), noise_rng)
         x_start = self._start(sampler, points, noise, None if strength == 1.0 else image_latents)
-        cond, uncond = self._embeddings(prompts, negative_prompts)
+        cond, uncond = self._embeddings(prompts, negative_prompts, clip_skip=clip_skip, time_ids=time_ids,
+                                        prompts_2=prompts_2, negative_prompts_2=negative_prompts_2)  # fmt: skip
         if self.inpainting_unet:
             masked_pixels = np.where(mask > 0.5, 0.5, pixels)  # 0 in the autoencoder's [-1, 1], as diffusers
             masked = self._encode_image(self.params["vae"], jnp.asarray(masked_pixels), masked_rng)
             condition = jnp.concatenate([latent_mask, masked], axis=-1)
-            run = self._loop(points, sampler, guidance, "condition")
+            run = self._loop(points, sampler, guidance, "condition", rescale)
             latents_out = run(self._run_params["unet"], cond, uncond, x_start, loop_rng, condition, None, None, None)
         else:
-            run = self._loop(points, sampler, guidance, "blend")
+            run = self._loop(points, sampler, guidance, "blend", rescale)
             latents_out = run(self._run_params["unet"], cond, uncond, x_start, loop_rng, None, latent_mask,
                               image_latents, noise)  # fmt: skip
         return self._finish(latents_out, output_type)

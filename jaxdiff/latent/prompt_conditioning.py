@@ -136,22 +136,38 @@ class PromptEncoder:
             negative = positive
         return np.asarray(positive, np.float32), np.asarray(negative, np.float32)
 
-    def encode(self, params: dict, prompts, negative_prompts, *, clip_skip: int = 0,
-               time_ids: tuple | None = None) -> tuple[Conditioning, Conditioning]:  # fmt: skip
+    def encode(self, params: dict, prompts, negative_prompts, *, clip_skip: int = 0, time_ids: tuple | None = None,
+               prompts_2=None, negative_prompts_2=None) -> tuple[Conditioning, Conditioning]:  # fmt: skip
         """(cond, uncond) for `prompts` (a string or list) and `negative_prompts` (one per prompt; None: the empty
         prompt, or zeros with force_zeros_for_empty_prompt; unused without guidance), with the text encoders' `params`
-        ({"text", "text_2"} as present) and `time_ids` from `time_ids` (SDXL)."""
+        ({"text", "text_2"} as present) and `time_ids` from `time_ids` (SDXL). SDXL base: `prompts_2` and
+        `negative_prompts_2` are what text_encoder_2 reads (None: `prompts`, `negative_prompts`), as diffusers'
+        prompt_2 and negative_prompt_2; refused elsewhere (a refiner's only encoder reads `prompts`)."""
         prompts = prompt_list(prompts, "prompts")
+        for name, value in (("prompts_2", prompts_2), ("negative_prompts_2", negative_prompts_2)):
+            if value is not None and len(self.encoders) < 2:
+                what = "a refiner's only text encoder reads prompts" if self.sdxl else "this model has one text encoder"
+                raise UsageError(f"{name} is what SDXL's second text encoder reads; {what}")
         zeros = negative_prompts is None and self.force_zeros
+        if zeros and negative_prompts_2 is not None:
+            raise UsageError("negative_prompts_2 needs negative_prompts: without them this model's unconditional "
+                             "embeddings are zeros (force_zeros_for_empty_prompt), as diffusers'")  # fmt: skip
         negative = [""] * len(prompts) if negative_prompts is None else prompt_list(negative_prompts, "negative_prompts")
-        if len(negative) != len(prompts):
-            raise UsageError(f"{len(negative)} negative_prompts for {len(prompts)} prompts; give one per prompt")
+        texts = {"prompts": prompts, "negative_prompts": negative}
+        for name, value, default in (("prompts_2", prompts_2, prompts), ("negative_prompts_2", negative_prompts_2,
+                                                                          negative)):  # fmt: skip
+            texts[name] = default if value is None else prompt_list(value, name)
+        for name, value in texts.items():
+            if len(value) != len(prompts):
+                raise UsageError(f"{len(value)} {name} for {len(prompts)} prompts; give one per prompt")
         pair = []
-        for texts, skip in ((prompts, clip_skip), (negative, 0)):
-            if zeros and texts is negative:
+        for first, second, skip in (("prompts", "prompts_2", clip_skip), ("negative_prompts", "negative_prompts_2", 0)):
+            if zeros and first == "negative_prompts":
                 pair.append(jax.tree.map(jnp.zeros_like, pair[0]))
                 continue
-            ids = {key: jnp.asarray(tokenizer(texts).input_ids) for key, _, tokenizer in self.encoders}
+            # diffusers pairs the encoders with (prompt, prompt_2) in order: a refiner's only one reads prompt.
+            ids = {key: jnp.asarray(tokenizer(texts[name]).input_ids)
+                   for (key, _, tokenizer), name in zip(self.encoders, (first, second))}  # fmt: skip
             pair.append(self._encode(params, ids, clip_skip=skip))
         out = []
         for (context, pooled), ids in zip(pair, (None, None) if time_ids is None else time_ids, strict=True):

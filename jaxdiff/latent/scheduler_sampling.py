@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
-from jaxdiff.errors import UsageError, WeightsError
+from jaxdiff.errors import UsageError
 from jaxdiff.latent.schedulers import (
     KARRAS_SAMPLERS,
     LATENT_SAMPLERS,
@@ -27,30 +27,19 @@ from jaxdiff.latent.schedulers import (
     check_multistep_config,
     denoise,
     denoise_on_levels,
+    folder_sampler,
     initial_scale,
+    pndm_points,
     sampler_levels,
     sampler_scheduler,
     sigma_denoiser,
     step_plan,
     visited_timesteps,
 )
-from jaxdiff.samplers.registry import REGISTRY
 
 Array = jax.Array
 
 DEFAULT_STEPS = 50  # DiTPipeline's num_inference_steps
-SDE_ALGORITHM = "sde-dpmsolver++"  # DPMSolverMultistepScheduler's algorithm_type of dpm_solver++_sde
-
-
-def folder_sampler(scheduler: SchedulerSettings, source: str) -> str:
-    """The latent sampler that steps as the config's `_class_name` (DPMSolverMultistepScheduler with algorithm_type
-    sde-dpmsolver++: dpm_solver++_sde); a WeightsError for a class no sampler is."""
-    kind = scheduler.config.get("_class_name")
-    names = [name for name in LATENT_SAMPLERS if REGISTRY[name].latent.scheduler_class == kind]
-    if not names:
-        classes = sorted({REGISTRY[name].latent.scheduler_class for name in LATENT_SAMPLERS})
-        raise WeightsError(f"{source}: unsupported scheduler _class_name={kind!r}; supported: {', '.join(classes)}")
-    return names[-1] if len(names) > 1 and scheduler.algorithm_type == SDE_ALGORITHM else names[0]
 
 
 class SchedulerSampling:
@@ -87,18 +76,20 @@ class SchedulerSampling:
 
     def model_calls(self, sampler: str, steps: int, options: dict) -> int:
         """Model evaluations of one batch: `steps`, 2·steps − 1 for heun (HeunDiscreteScheduler's last step is
-        Euler's)."""
+        Euler's), pndm's calls (`pndm_points`: steps + 1 from 2 steps, steps + 9 with the Runge–Kutta warm-up)."""
+        if sampler == "pndm":
+            return len(pndm_points(sampler_scheduler(self.scheduler, sampler), steps)) - 1
         return 2 * steps - 1 if sampler == "heun" else steps
 
     def _points(self, sampler: str, steps: int, karras: bool) -> np.ndarray:
-        """The decreasing training steps (ddim, ddpm) or noise levels ending at 0 (SIGMA_SAMPLERS) of a run,
-        after checking `steps` and the scheduler config's settings for `sampler`."""
+        """The decreasing training steps (ddim, ddpm; pndm: `pndm_points`) or noise levels ending at 0
+        (SIGMA_SAMPLERS) of a run, after checking `steps` and the scheduler config's settings for `sampler`."""
         scheduler = sampler_scheduler(self.scheduler, sampler)
         check_multistep_config(scheduler, sampler)
         timesteps = visited_timesteps(scheduler, steps)
         if sampler in SIGMA_SAMPLERS:
             return sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
-        return timesteps
+        return pndm_points(scheduler, steps) if sampler == "pndm" else timesteps
 
     def sampler_fn(self, model, shape: tuple[int, ...], *, guidance: float = 0.0, wrap: Callable | None = None,
                    sampler: str, steps: int, spacing: str | None, **_) -> Callable:  # fmt: skip
@@ -107,7 +98,7 @@ class SchedulerSampling:
         points = self._points(sampler, steps, spacing == "karras")  # concrete, outside jit
         scheduler = sampler_scheduler(self.scheduler, sampler)
         on_levels, channels = sampler in SIGMA_SAMPLERS, shape[-1]
-        plan = None if on_levels else step_plan(scheduler, points)
+        plan = None if on_levels else step_plan(scheduler, points, sampler)
 
         def draw(params, rng, labels, noise=None):
             fn = self.family.denoiser(model, params, labels=labels, guidance=guidance)

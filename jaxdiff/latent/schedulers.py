@@ -21,7 +21,13 @@ Samplers (`sampler=`), each as the diffusers scheduler named, made `from_config`
   euler_ancestral  EulerAncestralDiscreteScheduler (Euler's grid, noise at every step; no Karras option);
   lms            LMSDiscreteScheduler (order 4, Euler's grid);
   unipc          UniPCMultistepScheduler (bh2, order 2, corrector at every step, DPM-Solver++'s grid);
-  deis           DEISMultistepScheduler (order 2, DPM-Solver++'s steps, ending at σ of step 0, not 0).
+  deis           DEISMultistepScheduler (order 2, DPM-Solver++'s steps, ending at σ of step 0, not 0);
+  pndm           PNDMScheduler (`jaxdiff.samplers.pndm`): PLMS with skip_prk_steps (the model called at DDIM's steps
+                 with the second one twice), after its Runge–Kutta warm-up without (`pndm_points`); ε or v
+                 prediction, each step to t − T // steps, the last to ᾱ = 1 or, without set_alpha_to_one (the
+                 class's default), to ᾱ of step 0.
+`sampler=None` is the folder's own class (`folder_sampler`, from the table FOLDER_SAMPLERS), read with the config's
+settings as the class reads them (algorithm_type, solver_order, use_karras_sigmas, ...).
 All but ddim and ddpm (SIGMA_SAMPLERS) step on diffusers' grid of noise levels σ = sqrt((1 − ᾱ)/ᾱ)
 (`sampler_levels`, from `sigma_levels`; `karras=True` is `use_karras_sigmas`, for KARRAS_SAMPLERS), ending at
 σ = 0 on x̂_0, with the U-Net called at diffusers' step for each σ (`step_of_sigma`, integer for
@@ -52,6 +58,7 @@ from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.samplers import sample
 from jaxdiff.samplers.ddim_dpm import ddim_steps
 from jaxdiff.samplers.grids import karras_sigmas
+from jaxdiff.samplers.pndm import pndm_calls, pndm_steps, pndm_table
 from jaxdiff.samplers.registry import REGISTRY, samplers_for
 from jaxdiff.schedule import Schedule, respace
 
@@ -78,6 +85,23 @@ UNSCALED_STATE_SAMPLERS = tuple(name for name in SIGMA_SAMPLERS if _LATENT[name]
 CLASS_DEFAULT_SPACING = {name: spec.default_spacing for name, spec in _LATENT.items()}
 # The clip_sample default of the scheduler classes that take the key (diffusers' default when the config has none).
 CLASS_DEFAULT_CLIP = {name: spec.default_clip for name, spec in _LATENT.items() if spec.default_clip is not None}
+# The set_alpha_to_one default of the classes whose default is not DDIMScheduler's True.
+CLASS_DEFAULT_ALPHA_TO_ONE = {"pndm": False}
+# diffusers scheduler class (a folder's `_class_name`) -> the sampler that steps as it: each class's first registered
+# sampler, which reads the config's settings as the class does (DPMSolverMultistepScheduler's algorithm_type
+# sde-dpmsolver++ included). A config without `_class_name` (a jaxdiff training run's) is DDIMScheduler's.
+FOLDER_SAMPLERS = {spec.scheduler_class: name for name, spec in reversed(_LATENT.items())}
+DEFAULT_SCHEDULER_CLASS = "DDIMScheduler"
+
+
+def folder_sampler(scheduler: SchedulerSettings, source: str) -> str:
+    """The latent sampler that steps as the scheduler config's `_class_name` (FOLDER_SAMPLERS); a WeightsError in
+    one line naming the class and the supported ones for a class no sampler is."""
+    kind = scheduler.config.get("_class_name", DEFAULT_SCHEDULER_CLASS)
+    if kind not in FOLDER_SAMPLERS:
+        raise WeightsError(f"{source}: unsupported scheduler _class_name={kind!r}; supported: "
+                           f"{', '.join(sorted(FOLDER_SAMPLERS))}; an explicit sampler runs on its settings")  # fmt: skip
+    return FOLDER_SAMPLERS[kind]
 
 
 # --------------------------------------------------------------------------- steps
@@ -107,7 +131,8 @@ def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSe
     False for the classes without the key); thresholding only for the classes with the key; with
     rescale_betas_zero_snr, the class's schedule (`class_schedule`: ᾱ_{T-1} = 0 for ddim and ddpm, 2**-24 for
     the classes that keep σ finite, not rescaled for those without the key); dpm_solver++_sde sets
-    algorithm_type="sde-dpmsolver++"."""
+    algorithm_type="sde-dpmsolver++"; set_alpha_to_one is the config's, else the class default
+    (CLASS_DEFAULT_ALPHA_TO_ONE)."""
     spec = _LATENT[sampler]
     spacing = scheduler.config.get("timestep_spacing", CLASS_DEFAULT_SPACING[sampler])
     clip = CLASS_DEFAULT_CLIP.get(sampler, False) if scheduler.clip_sample is None else scheduler.clip_sample
@@ -116,8 +141,12 @@ def sampler_scheduler(scheduler: SchedulerSettings, sampler: str) -> SchedulerSe
     schedule = scheduler.schedule
     if scheduler.unrescaled_betas is not None and spec.zero_snr_last != 0.0:
         schedule = class_schedule(scheduler.unrescaled_betas, spec.zero_snr_last)
+    alpha_to_one = scheduler.set_alpha_to_one
+    if "set_alpha_to_one" not in scheduler.config:
+        alpha_to_one = CLASS_DEFAULT_ALPHA_TO_ONE.get(sampler, alpha_to_one)
     return scheduler._replace(timestep_spacing=spacing, clip_sample=clip, algorithm_type=algorithm, schedule=schedule,
-                              thresholding=scheduler.thresholding and spec.thresholding)  # fmt: skip
+                              thresholding=scheduler.thresholding and spec.thresholding,
+                              set_alpha_to_one=alpha_to_one)  # fmt: skip
 
 
 def denoised_limit(scheduler: SchedulerSettings) -> DenoisedLimit | None:
@@ -199,9 +228,13 @@ def sampler_levels(scheduler: SchedulerSettings, steps: int, *, sampler: str, ka
 
 
 def check_multistep_config(scheduler: SchedulerSettings, sampler: str) -> None:
-    """Refuses (WeightsError) the config values that would make diffusers' UniPC or DEIS step otherwise than
-    jaxdiff's unipc and deis: solver_order other than 2, lower_order_final false, and for UniPC solver_type "bh1"
-    (diffusers reads midpoint, heun and logrho as bh2; DEIS reads every solver_type as logrho)."""
+    """Refuses (WeightsError) the config values that would make diffusers' UniPC, DEIS or PNDM step otherwise than
+    jaxdiff's unipc, deis and pndm: solver_order other than 2, lower_order_final false, and for UniPC solver_type
+    "bh1" (diffusers reads midpoint, heun and logrho as bh2; DEIS reads every solver_type as logrho); for PNDM,
+    prediction_type sample (which PNDMScheduler refuses)."""
+    if sampler == "pndm" and scheduler.mean_type == "x_start":
+        raise WeightsError("unsupported setting prediction_type='sample' for sampler 'pndm' (PNDMScheduler reads "
+                           "epsilon or v_prediction)")  # fmt: skip
     if sampler not in ("unipc", "deis"):
         return
     refused = {"solver_order": scheduler.solver_order != 2, "lower_order_final": not scheduler.lower_order_final,
@@ -275,6 +308,25 @@ def img2img_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
     return timesteps[len(timesteps) - kept :]
 
 
+def pndm_points(scheduler: SchedulerSettings, steps: int, strength: float = 1.0) -> np.ndarray:
+    """PNDMScheduler's run for `steps` (`scheduler` from `sampler_scheduler`): the training steps of its model
+    calls (`pndm_calls` of `visited_timesteps`, with the Runge–Kutta warm-up unless skip_prk_steps; with
+    strength < 1 the last int(steps·strength) + 1 of the PLMS calls, where diffusers' image-to-image starts), then
+    the last call's step − T // steps, from which `step_plan` reads the stride: int64 [calls + 1], the last entry
+    possibly negative. The warm-up needs steps >= 4 and strength 1 (a UsageError naming the value otherwise)."""
+    visited = visited_timesteps(scheduler, steps)
+    stride = scheduler.schedule.num_timesteps // steps
+    warm_up = not scheduler.skip_prk_steps
+    if warm_up and steps < 4:
+        raise UsageError(f"steps={steps}: PNDM's Runge–Kutta warm-up (skip_prk_steps=false) needs steps >= 4")
+    if warm_up and strength != 1.0:
+        raise UsageError(f"strength={strength}: image-to-image with PNDM's Runge–Kutta warm-up (skip_prk_steps=false) "
+                         "is not implemented; use a config with skip_prk_steps=true or another sampler")  # fmt: skip
+    calls = pndm_calls(visited, warm_up=warm_up, half=stride // 2)
+    calls = calls[-(len(img2img_timesteps(visited, strength)) + 1) :] if not warm_up else calls
+    return np.append(calls, calls[-1] - stride)
+
+
 def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int) -> Array:
     """q(z_t | z_0): sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·noise at training step t."""
     alpha_bar = scheduler.schedule.alphas_cumprod[t]
@@ -289,7 +341,9 @@ class StepPlan(NamedTuple):
     the training schedule respaced to them (index i <-> timesteps[::-1][i]), `final_alpha_bar` where DDIM's last
     step ends (1 with set_alpha_to_one, else ᾱ of step 0), `mean_type` the U-Net's prediction, `limit` how each
     x̂_0 is limited (`denoised_limit`; None: not at all), `level_schedule` the steps DDIM finds by their noise
-    level (`schedule` without its last step where that is at ᾱ = 0, which `ddim_denoise` takes by hand)."""
+    level (`schedule` without its last step where that is at ᾱ = 0, which `ddim_denoise` takes by hand). For pndm,
+    `timesteps` are the model calls' steps, `schedule` and `level_schedule` the training schedule and `pndm_rows`
+    PNDM's table (`jaxdiff.samplers.pndm.pndm_table`; None for ddim and ddpm)."""
 
     timesteps: np.ndarray
     schedule: Schedule
@@ -297,12 +351,19 @@ class StepPlan(NamedTuple):
     mean_type: str
     limit: DenoisedLimit | None
     level_schedule: Schedule
+    pndm_rows: dict | None = None
 
 
-def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray) -> StepPlan:
-    """The `StepPlan` of the decreasing training steps `timesteps` under `scheduler` (from `sampler_scheduler`)."""
+def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray, sampler: str = "ddim") -> StepPlan:
+    """The `StepPlan` of `sampler` (ddim, ddpm: the decreasing training steps `timesteps`; pndm: `pndm_points`)
+    under `scheduler` (from `sampler_scheduler`)."""
     alphas_cumprod = np.asarray(scheduler.schedule.alphas_cumprod, np.float64)
     final = 1.0 if scheduler.set_alpha_to_one else float(alphas_cumprod[0])
+    if sampler == "pndm":
+        calls = np.asarray(timesteps[:-1], np.int64)
+        rows = pndm_table(calls, int(calls[-1] - timesteps[-1]), alphas_cumprod, final,
+                          warm_up=not scheduler.skip_prk_steps)  # fmt: skip
+        return StepPlan(calls, scheduler.schedule, final, scheduler.mean_type, None, scheduler.schedule, rows)
     schedule = respace(scheduler.schedule, timesteps[::-1])
     pure_noise = len(timesteps) > 1 and alphas_cumprod[timesteps[0]] == 0
     level_schedule = respace(schedule, np.arange(len(timesteps) - 1)) if pure_noise else schedule
@@ -311,10 +372,13 @@ def step_plan(scheduler: SchedulerSettings, timesteps: np.ndarray) -> StepPlan:
 
 def denoise(denoise_fn: Callable[[Array, Array], Array], plan: StepPlan, x_start: Array, rng: Array, *,
             sampler: str) -> Array:  # fmt: skip
-    """Run `sampler` (ddim or ddpm) from latents `x_start` at plan.timesteps[0] through all of plan.timesteps as
-    one scan; `denoise_fn` gets step indices into plan.timesteps[::-1]. Returns the final latents: ddpm's x̂_0;
-    DDIM's x = sqrt(ᾱ_final)·x̂_0 + sqrt(1 − ᾱ_final)·ε̂ from its last state, as diffusers' DDIMScheduler
-    (`ddim_denoise`)."""
+    """Run `sampler` (ddim, ddpm or pndm) from latents `x_start` at plan.timesteps[0] through all of plan.timesteps
+    as one scan; `denoise_fn` gets step indices into plan.timesteps[::-1] (pndm: into `pndm_points`[::-1], call k
+    at len(plan.timesteps) − k). Returns the final latents: ddpm's x̂_0; DDIM's x = sqrt(ᾱ_final)·x̂_0 +
+    sqrt(1 − ᾱ_final)·ε̂ from its last state, as diffusers' DDIMScheduler (`ddim_denoise`); PNDM's last state."""
+    if sampler == "pndm":
+        count = len(plan.timesteps)
+        return pndm_steps(lambda x, k: denoise_fn(x, count - k), x_start, plan.pndm_rows, mean_type=plan.mean_type)
     if sampler == "ddim":
         return ddim_denoise(denoise_fn, plan, x_start)
     return sample(

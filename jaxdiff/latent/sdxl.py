@@ -1,12 +1,12 @@
-"""SDXL pipeline folders (diffusers' `StableDiffusionXLPipeline`, the base, and `StableDiffusionXLImg2ImgPipeline`,
-the refiner layout) -> `LatentModels`.
+"""SDXL pipeline folders (diffusers' `StableDiffusionXLPipeline`, the base, `StableDiffusionXLImg2ImgPipeline`, the
+refiner layout, and `StableDiffusionXLInpaintPipeline`, whose U-Net may take 9 input channels) -> `LatentModels`.
 
 A base folder holds `unet/` (an addition_embed_type "text_time" U-Net), `vae/`, `text_encoder/` (CLIPTextModel,
 CLIP ViT-L), `text_encoder_2/` (CLIPTextModelWithProjection, OpenCLIP bigG), `tokenizer/`, `tokenizer_2/` and
 `scheduler/`; a refiner folder may leave text_encoder and tokenizer null (it reads prompts with the second encoder
 only). Every key of model_index.json is read or refused (`read_sdxl_index`): the components of the classes read,
 the unused ones (feature_extractor, image_encoder) null, `force_zeros_for_empty_prompt` (default true: the
-unconditional embeddings are zeros when no negative prompt is given) and, for the img2img class,
+unconditional embeddings are zeros when no negative prompt is given) and, for the img2img and inpaint classes,
 `requires_aesthetics_score` (default false: 5 time ids ending in an aesthetic score instead of 6 ending in the
 target size). The VAE runs in float32 when its config's `force_upcast` is true (diffusers' default), whatever
 `dtype`. The configs are checked against each other (the U-Net's cross_attention_dim is the encoders' widths
@@ -17,10 +17,11 @@ are read.
 from __future__ import annotations
 
 import pathlib
+from typing import NamedTuple
 
-from jaxdiff.diffusion.scheduler_config import scheduler_settings
+from jaxdiff.diffusion.scheduler_config import SchedulerSettings, scheduler_settings
 from jaxdiff.errors import WeightsError
-from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.bundle import SDXL_PIPELINE_CLASSES, LatentModels
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 from jaxdiff.latent.component_weights import check_index_entry, read_autoencoder, read_clip_text
 from jaxdiff.latent.unet_weights import read_unet_condition
@@ -28,7 +29,7 @@ from jaxdiff.models.clip_text import clip_text_config
 from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE, load_json
 
-BASE_CLASS, IMG2IMG_CLASS = "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"
+BASE_CLASS, IMG2IMG_CLASS, INPAINT_CLASS = SDXL_PIPELINE_CLASSES
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 # The components of an SDXL model_index.json and the classes read for each (None: any scheduler, its config's
 # _class_name must agree); the optional components jaxdiff does not run (accepted only as [null, null]); the
@@ -44,7 +45,8 @@ SDXL_KEYS = {
     IMG2IMG_CLASS: ("_class_name", "_diffusers_version", "_name_or_path", "force_zeros_for_empty_prompt",
                     "requires_aesthetics_score"),
 }  # fmt: skip
-# The components an img2img (refiner) folder may leave null: the first text encoder with its tokenizer.
+SDXL_KEYS[INPAINT_CLASS] = SDXL_KEYS[IMG2IMG_CLASS]
+# The components an img2img (refiner) or inpaint folder may leave null: the first text encoder with its tokenizer.
 OPTIONAL_PAIR = ("text_encoder", "tokenizer")
 BASE_TIME_IDS, AESTHETIC_TIME_IDS = 6, 5  # (original_size, crop, target_size) or (original_size, crop, score)
 
@@ -61,7 +63,7 @@ def read_sdxl_index(folder: pathlib.Path) -> tuple[dict, bool, bool]:
                                   keys=SDXL_KEYS[pipeline_class], owner=f" for {pipeline_class}", nullable=True)
         if named is not None:
             present[key] = named
-    optional = OPTIONAL_PAIR if pipeline_class == IMG2IMG_CLASS else ()
+    optional = () if pipeline_class == BASE_CLASS else OPTIONAL_PAIR
     for key in SDXL_COMPONENTS:
         if key not in present and key not in optional:
             raise WeightsError(f"{index_file}: {key} is missing or null; {pipeline_class} needs it")
@@ -112,11 +114,25 @@ def _check_sdxl_configs(folder: pathlib.Path, settings: dict, aesthetics: bool) 
                                "latents by scaling_factor only (null)")  # fmt: skip
 
 
-def read_sdxl(folder: pathlib.Path, pipeline_class: str, *, variant: str | None = None,
-              dtype: str = "float32") -> LatentModels:  # fmt: skip
-    """The `LatentModels` of an SDXL folder whose model_index.json names `pipeline_class` (one of
-    SDXL_PIPELINE_CLASSES); `variant` and `dtype` as `read_stable_diffusion`'s. Configs and model_index.json are
-    checked before any weights are read."""
+class SdxlFolder(NamedTuple):
+    """What an SDXL folder holds besides weights (all checked): the components present (key -> class name),
+    model_index.json's flags, the scheduler settings, each network's config.json dict (settings: unet, vae,
+    text_encoder (absent in a refiner), text_encoder_2) and the tokenizers (tokenizer None in a refiner)."""
+
+    pipeline_class: str
+    present: dict
+    force_zeros_for_empty_prompt: bool
+    requires_aesthetics_score: bool
+    scheduler: SchedulerSettings
+    settings: dict
+    tokenizer: CLIPTokenizer | None
+    tokenizer_2: CLIPTokenizer
+
+
+def read_sdxl_folder(folder: pathlib.Path) -> SdxlFolder:
+    """An SDXL folder's `SdxlFolder`: model_index.json, the scheduler config and the networks' configs checked
+    against each other; one WeightsError line for the first problem."""
+    pipeline_class = load_json(folder / MODEL_INDEX_FILE)["_class_name"]
     present, force_zeros, aesthetics = read_sdxl_index(folder)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
@@ -135,30 +151,51 @@ def read_sdxl(folder: pathlib.Path, pipeline_class: str, *, variant: str | None 
             settings[component] = load_json(path)
     _check_sdxl_configs(folder, settings, aesthetics)
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer") if "tokenizer" in present else None
-    tokenizer_2 = CLIPTokenizer.from_folder(folder / "tokenizer_2")
-    unet_config, unet_params = read_unet_condition(folder / "unet", variant=variant, dtype=dtype)
-    vae_dtype = "float32" if settings["vae"].get("force_upcast", True) else dtype
-    vae_config, vae_params = read_autoencoder(folder / "vae", variant=variant, dtype=vae_dtype)
-    text_config, text_params = None, None
-    if "text_encoder" in present:
-        text_config, text_params = read_clip_text(folder / "text_encoder", variant=variant, dtype=dtype)
-    text_config_2, text_params_2 = read_clip_text(folder / "text_encoder_2", variant=variant, dtype=dtype)
+    return SdxlFolder(pipeline_class, present, force_zeros, aesthetics, scheduler, settings, tokenizer,
+                      CLIPTokenizer.from_folder(folder / "tokenizer_2"))  # fmt: skip
+
+
+def vae_dtype(configs: SdxlFolder, dtype: str) -> str:
+    """The VAE's compute dtype: float32 when its config's force_upcast is true (diffusers' default), else `dtype`."""
+    return "float32" if configs.settings["vae"].get("force_upcast", True) else dtype
+
+
+def sdxl_models(folder: pathlib.Path, configs: SdxlFolder, networks: dict) -> LatentModels:
+    """The `LatentModels` of `configs`, read from `folder`, and `networks`: component (unet, vae, text_encoder as
+    present, text_encoder_2) -> (model config, params)."""
+    text_config, text_params = networks.get("text_encoder", (None, None))
     return LatentModels(
-        pipeline_class=pipeline_class, unet_config=unet_config, unet_params=unet_params, vae_config=vae_config,
-        vae_params=vae_params, text_config=text_config, text_params=text_params, tokenizer=tokenizer,
-        tokenizer_folder=folder / "tokenizer" if tokenizer is not None else None, scheduler=scheduler,
-        settings=settings, text_config_2=text_config_2, text_params_2=text_params_2, tokenizer_2=tokenizer_2,
-        force_zeros_for_empty_prompt=force_zeros, requires_aesthetics_score=aesthetics,
+        pipeline_class=configs.pipeline_class, unet_config=networks["unet"][0], unet_params=networks["unet"][1],
+        vae_config=networks["vae"][0], vae_params=networks["vae"][1], text_config=text_config,
+        text_params=text_params, tokenizer=configs.tokenizer,
+        tokenizer_folder=folder / "tokenizer" if configs.tokenizer is not None else None, scheduler=configs.scheduler,
+        settings=configs.settings, text_config_2=networks["text_encoder_2"][0],
+        text_params_2=networks["text_encoder_2"][1], tokenizer_2=configs.tokenizer_2,
+        force_zeros_for_empty_prompt=configs.force_zeros_for_empty_prompt,
+        requires_aesthetics_score=configs.requires_aesthetics_score,
     )  # fmt: skip
+
+
+def read_sdxl(folder: pathlib.Path, *, variant: str | None = None, dtype: str = "float32") -> LatentModels:
+    """The `LatentModels` of an SDXL folder (model_index.json's _class_name one of SDXL_PIPELINE_CLASSES); `variant`
+    and `dtype` as `read_stable_diffusion`'s. Configs and model_index.json are checked before any weights are
+    read."""
+    configs = read_sdxl_folder(folder)
+    networks = {"unet": read_unet_condition(folder / "unet", variant=variant, dtype=dtype),
+                "vae": read_autoencoder(folder / "vae", variant=variant, dtype=vae_dtype(configs, dtype))}  # fmt: skip
+    for key in ("text_encoder", "text_encoder_2"):
+        if key in configs.present:
+            networks[key] = read_clip_text(folder / key, variant=variant, dtype=dtype)
+    return sdxl_models(folder, configs, networks)
 
 
 def sdxl_refiner(path) -> bool | None:
     """None unless `path` is an SDXL folder (by its model_index.json); else whether it is a refiner (an img2img
-    folder with requires_aesthetics_score true), which runs image-to-image only."""
+    folder with requires_aesthetics_score true), which runs image-to-image and inpainting only."""
     index_file = pathlib.Path(path) / MODEL_INDEX_FILE
     if not index_file.is_file():
         return None
     index = load_json(index_file)
-    if index.get("_class_name") not in (BASE_CLASS, IMG2IMG_CLASS):
+    if index.get("_class_name") not in SDXL_PIPELINE_CLASSES:
         return None
-    return index.get("requires_aesthetics_score") is True
+    return index.get("_class_name") == IMG2IMG_CLASS and index.get("requires_aesthetics_score") is True

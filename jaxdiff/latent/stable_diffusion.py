@@ -6,7 +6,8 @@ A folder holds `model_index.json` (`StableDiffusionPipeline`, `StableDiffusionIm
 read from safetensors only (never pickles), optionally a variant such as "fp16", and become float32. An x4
 upscaler folder (`StableDiffusionUpscalePipeline`) also holds `low_res_scheduler/` and `max_noise_level`; every key
 of its model_index.json is read or refused (`upscaler_settings`). SDXL folders (`StableDiffusionXLPipeline`,
-`StableDiffusionXLImg2ImgPipeline`) are read by `jaxdiff.latent.sdxl`.
+`StableDiffusionXLImg2ImgPipeline`, `StableDiffusionXLInpaintPipeline`) are read by `jaxdiff.latent.sdxl`, SDXL
+single files by `read_sdxl_single_file`.
 
 The scheduler config supplies the training noise schedule (betas, prediction type) whatever its class (SD folders
 ship PNDM, DDIM, Euler, ... schedulers that share these keys), plus DDIMScheduler's sampling settings
@@ -51,7 +52,7 @@ from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings, scheduler_settings
 from jaxdiff.latent.bundle import PIPELINE_CLASSES, SDXL_PIPELINE_CLASSES, UPSCALE_PIPELINE_CLASS, LatentModels
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
-from jaxdiff.latent.sdxl import read_sdxl
+from jaxdiff.latent.sdxl import read_sdxl, read_sdxl_folder, sdxl_models, sdxl_refiner, vae_dtype
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 READ_CLASSES = (*PIPELINE_CLASSES, UPSCALE_PIPELINE_CLASS, *SDXL_PIPELINE_CLASSES)  # the pipeline folders read here
@@ -107,7 +108,7 @@ def read_stable_diffusion(
         raise MissingWeightsError(f"{folder} is not a folder")
     pipeline_class = _pipeline_class(folder)
     if pipeline_class in SDXL_PIPELINE_CLASSES:
-        return read_sdxl(folder, pipeline_class, variant=variant, dtype=dtype)
+        return read_sdxl(folder, variant=variant, dtype=dtype)
     scheduler_file, scheduler_config = _scheduler_config(folder, "scheduler")
     scheduler = scheduler_settings(scheduler_config, str(scheduler_file))
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
@@ -203,6 +204,8 @@ SCHEDULER_PRESETS["sd2"] = dict(SCHEDULER_PRESETS["sd1"])
 SCHEDULER_PRESETS["sd2-v"] = dict(SCHEDULER_PRESETS["sd1"], prediction_type="v_prediction")
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model."}  # transformers / OpenCLIP
+# The text encoders' tensors of SD 1.x / 2.x single files: prefix -> (component, whether its names are OpenCLIP's).
+SD_TEXT_PREFIXES = {CLIP_PREFIXES["sd1"]: ("text_encoder", False), CLIP_PREFIXES["sd2"]: ("text_encoder", True)}
 # Original tensors that SD pipelines do not use: training buffers, the autoencoder's training loss, OpenCLIP's
 # projection and logit scale, CLIP's position-id buffer.
 UNUSED_ORIGINAL = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_", "log_one_minus", "posterior_",
@@ -218,11 +221,13 @@ OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj":
 
 class Source(NamedTuple):
     """Where a diffusers-named tensor lies in the single file: its original name and the rows it takes (a third
-    of OpenCLIP's fused q/k/v projection) or None for all; `squeeze` drops the 1×1 of a conv used as Linear."""
+    of OpenCLIP's fused q/k/v projection) or None for all; `squeeze` drops the 1×1 of a conv used as Linear;
+    `transpose` turns OpenCLIP's [in, out] text_projection (applied as x @ P) into PyTorch's Linear [out, in]."""
 
     name: str
     rows: tuple[int, int] | None = None
     squeeze: bool = False
+    transpose: bool = False
 
 
 def _split_name(rest: str, table: dict[str, str]) -> str:
@@ -309,6 +314,8 @@ def openclip_diffusers_names(name: str) -> list[tuple[str, tuple[int, int] | Non
         return [(CLIP_PREFIX + fixed[name], None)]
     if name.startswith("ln_final."):
         return [(CLIP_PREFIX + "final_layer_norm." + name[len("ln_final.") :], None)]
+    if name == "text_projection":  # SDXL's second encoder (CLIPTextModelWithProjection); transposed
+        return [("text_projection.weight", None)]
     parts = name.split(".", 3)
     if parts[:2] != ["transformer", "resblocks"] or len(parts) < 4:
         return None
@@ -319,16 +326,21 @@ def openclip_diffusers_names(name: str) -> list[tuple[str, tuple[int, int] | Non
     return [(layer + _split_name(parts[3], OPENCLIP_NAMES), None)]
 
 
-def single_file_sources(names: dict[str, tuple[int, ...]], settings: dict, text_layers: int) -> tuple[
+def single_file_sources(names: dict[str, tuple[int, ...]], settings: dict, text_layers: int, *,
+                        text_prefixes: dict[str, tuple[str, bool]] = SD_TEXT_PREFIXES,
+                        unused: tuple[str, ...] = UNUSED_ORIGINAL) -> tuple[
         dict[str, dict[str, tuple[Source, tuple[int, ...]]]], list[str]]:  # fmt: skip
     """Each component's diffusers tensor names -> (Source, shape) from the original names and shapes of a
-    single file, and the names that belong to none. OpenCLIP layers from `text_layers` on are unused (SD 2.x
-    takes the penultimate layer)."""
-    sources: dict[str, dict[str, tuple[Source, tuple[int, ...]]]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    single file, and the names that belong to none. The text encoders' tensors are found by `text_prefixes`
+    (prefix -> (component, OpenCLIP names)); OpenCLIP layers from `text_layers` on are unused (SD 2.x takes the
+    penultimate layer); names starting with one of `unused` are skipped."""
+    sources: dict[str, dict[str, tuple[Source, tuple[int, ...]]]] = {"unet": {}, "vae": {}}
+    sources.update({component: {} for component, _ in text_prefixes.values()})
     leftover = []
     for name, shape in names.items():
-        if name.startswith(UNUSED_ORIGINAL):
+        if name.startswith(unused):
             continue
+        text = next(((prefix, *entry) for prefix, entry in text_prefixes.items() if name.startswith(prefix)), None)
         found = None
         if name.startswith(UNET_PREFIX):
             target = unet_diffusers_name(name[len(UNET_PREFIX) :], settings["unet"])
@@ -338,18 +350,18 @@ def single_file_sources(names: dict[str, tuple[int, ...]], settings: dict, text_
             if target:
                 squeezed = shape[:2] if target[1] else shape
                 found = ("vae", [(target[0], Source(name, squeeze=target[1]), squeezed)])
-        elif name.startswith(CLIP_PREFIXES["sd1"]):
-            found = ("text_encoder", [(name[len(CLIP_PREFIXES["sd1"]) :], Source(name), shape)])
-        elif name.startswith(CLIP_PREFIXES["sd2"]):
-            rest = name[len(CLIP_PREFIXES["sd2"]) :]
+        elif text is not None and not text[2]:
+            found = (text[1], [(name[len(text[0]) :], Source(name), shape)])
+        elif text is not None:
+            rest = name[len(text[0]) :]
             if rest.startswith("transformer.resblocks.") and int(rest.split(".")[2]) >= text_layers:
                 continue
             targets = openclip_diffusers_names(rest)
             if targets:
-                third = shape[0] // 3
-                found = ("text_encoder", [
-                    (target, Source(name, rows and (rows[0] * third, rows[1] * third)),
-                     shape if rows is None else (third, *shape[1:]))
+                third, projection = shape[0] // 3, rest == "text_projection"
+                found = (text[1], [
+                    (target, Source(name, rows and (rows[0] * third, rows[1] * third), transpose=projection),
+                     shape[::-1] if projection else shape if rows is None else (third, *shape[1:]))
                     for target, rows in targets
                 ])  # fmt: skip
         if not found:
@@ -386,12 +398,7 @@ def read_single_file(
     every missing, unexpected or mis-shaped tensor (diffusers names; unexpected ones by their original name).
     """
 
-    file, config_folder = pathlib.Path(file), pathlib.Path(config_folder)
-    refuse_pickle(file)
-    if file.suffix != ".safetensors":
-        raise WeightsError(f"{file}: a single-file checkpoint must be a .safetensors file")
-    if not file.is_file():
-        raise MissingWeightsError(f"{file} does not exist")
+    file, config_folder = check_single_file(file), pathlib.Path(config_folder)
     if isinstance(scheduler, str):
         if scheduler not in SCHEDULER_PRESETS:
             raise UsageError(f"unknown scheduler preset {scheduler!r}; expected one of {sorted(SCHEDULER_PRESETS)}")
@@ -401,7 +408,8 @@ def read_single_file(
     if settings["unet"].get("addition_embed_type") is not None:
         raise WeightsError(f"{config_folder / 'unet' / CONFIG_FILE}: addition_embed_type="
                            f"{settings['unet']['addition_embed_type']!r} (SDXL); SDXL single files, with their two "
-                           "text encoders, are not read yet (their U-Net is: read_original_tensors)")  # fmt: skip
+                           "text encoders, are read with an SDXL pipeline folder as config folder "
+                           "(read_sdxl_single_file)")  # fmt: skip
     _check_text_width(settings, config_folder)
     tokenizer = CLIPTokenizer.from_folder(config_folder / "tokenizer")
     try:
@@ -411,13 +419,7 @@ def read_single_file(
     vae_config = autoencoder_config(settings["vae"], dtype=dtype)
     text_config = clip_text_config(settings["text_encoder"], dtype=dtype)
 
-    side = 2 ** (len(vae_config.block_out_channels) - 1)
-    shapes = {
-        "unet": (unet_condition_shapes(unet_config), lambda p: (diffusers_tensor_name(p),)),
-        "vae": (param_shapes(create_autoencoder(vae_config),
-                             jax.ShapeDtypeStruct((1, side, side, vae_config.in_channels), jnp.float32)), vae_names),
-        "text_encoder": (param_shapes(create_clip_text(text_config), jax.ShapeDtypeStruct((1, 1), jnp.int32)), clip_names),
-    }  # fmt: skip
+    shapes = original_shapes(unet_config, vae_config, {"text_encoder": text_config})
     params = read_original_tensors(file, shapes, settings, text_config.num_hidden_layers)
     return LatentModels(
         unet_config=unet_config, unet_params=params["unet"], vae_config=vae_config, vae_params=params["vae"],
@@ -426,13 +428,42 @@ def read_single_file(
     )
 
 
-def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text_layers: int) -> dict:
+def check_single_file(file: str | os.PathLike) -> pathlib.Path:
+    """`file` as a Path after checking it is an existing `.safetensors` file (a pickle refused by name)."""
+    file = pathlib.Path(file)
+    refuse_pickle(file)
+    if file.suffix != ".safetensors":
+        raise WeightsError(f"{file}: a single-file checkpoint must be a .safetensors file")
+    if not file.is_file():
+        raise MissingWeightsError(f"{file} does not exist")
+    return file
+
+
+def original_shapes(unet_config, vae_config, text_configs: dict) -> dict:
+    """`read_original_tensors`' shapes: component -> (our path -> shape, our path -> candidate diffusers names) of
+    the U-Net, the autoencoder and the CLIP text encoders `text_configs` (component -> config), traced without
+    allocating."""
+    side = 2 ** (len(vae_config.block_out_channels) - 1)
+    image = jax.ShapeDtypeStruct((1, side, side, vae_config.in_channels), jnp.float32)
+    shapes = {"unet": (unet_condition_shapes(unet_config), lambda p: (diffusers_tensor_name(p),)),
+              "vae": (param_shapes(create_autoencoder(vae_config), image), vae_names)}  # fmt: skip
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    for component, config in text_configs.items():
+        shapes[component] = (param_shapes(create_clip_text(config), ids), clip_names)
+    return shapes
+
+
+def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text_layers: int, *,
+                          text_prefixes: dict[str, tuple[str, bool]] = SD_TEXT_PREFIXES,
+                          unused: tuple[str, ...] = UNUSED_ORIGINAL) -> dict:  # fmt: skip
     """Each component's parameter tree (float32 NumPy, our layouts) from an original-format single file;
-    `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names)."""
+    `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names); `text_prefixes` and
+    `unused` as `single_file_sources`'."""
 
     with open_safetensors(file) as f:
         names = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118 (a safe_open handle)
-        sources, leftover = single_file_sources(names, settings, text_layers)
+        sources, leftover = single_file_sources(names, settings, text_layers, text_prefixes=text_prefixes,
+                                                unused=unused)  # fmt: skip
         found, problems = {}, []
         for component, (component_shapes, candidates) in shapes.items():
             wanted = {p: (candidates(p), torch_shape(p, s)) for p, s in component_shapes.items()}
@@ -455,10 +486,59 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
                     array = array[source.rows[0] : source.rows[1]]
                 if source.squeeze:
                     array = array.reshape(array.shape[:2])
+                if source.transpose:
+                    array = array.T
                 shape = shapes[component][0][path]
                 flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shape))
             params[component] = flax.traverse_util.unflatten_dict(flat)
     return params
+
+
+# --------------------------------------------------------------------------- single-file SDXL releases
+
+# Original single-file SDXL releases (`sd_xl_base_1.0.safetensors`, `sd_xl_refiner_1.0.safetensors`: Stability's sgm
+# layout): the U-Net under `model.diffusion_model.` (`label_emb.0.0` / `label_emb.0.2` the text_time add
+# embedding), the autoencoder under `first_stage_model.`, CLIP ViT-L under `conditioner.embedders.0.transformer.`
+# (transformers' names) and OpenCLIP bigG under `conditioner.embedders.1.model.` (open_clip's names: q/k/v fused in
+# `attn.in_proj_*`, `ln_final`, `text_projection` [width, projection] applied as x @ P); a refiner file holds bigG
+# only, under `conditioner.embedders.0.model.`. Its configs, scheduler and tokenizers come, as with diffusers'
+# `from_single_file(file, config=folder)`, from a diffusers SDXL folder of the same kind (its weights unread).
+
+# The text encoders' tensors: prefix -> (component, whether its names are OpenCLIP's), for a file with both
+# encoders (base, inpainting) and for a refiner's.
+BASE_TEXT_PREFIXES = {"conditioner.embedders.0.transformer.": ("text_encoder", False),
+                      "conditioner.embedders.1.model.": ("text_encoder_2", True)}  # fmt: skip
+REFINER_TEXT_PREFIXES = {"conditioner.embedders.0.model.": ("text_encoder_2", True)}
+# Tensors the pipelines do not use: CLIP's position-id buffer and OpenCLIP's logit scale (besides SD's).
+SDXL_UNUSED = (*UNUSED_ORIGINAL, "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+               "conditioner.embedders.1.model.logit_scale", "conditioner.embedders.0.model.logit_scale")  # fmt: skip
+
+
+def read_sdxl_single_file(file: str | os.PathLike, *, config_folder: str | os.PathLike,
+                          dtype: str = "float32") -> LatentModels:  # fmt: skip
+    """The `LatentModels` of an original-format SDXL `.safetensors` file with the configs, scheduler and tokenizers
+    of `config_folder` (a diffusers SDXL folder; base and inpainting folders take base files, refiner folders
+    refiner files); `dtype` as `read_stable_diffusion`'s. Everything but the tensors is checked first."""
+    file, config_folder = check_single_file(file), pathlib.Path(config_folder)
+    if sdxl_refiner(config_folder) is None:
+        raise UsageError(f"config_folder={str(config_folder)!r} must be a diffusers SDXL folder (model_index.json "
+                         f"naming an SDXL pipeline) for the SDXL single file {file}")  # fmt: skip
+    configs = read_sdxl_folder(config_folder)
+    settings = configs.settings
+    try:
+        unet_config = config_from_diffusers(settings["unet"], dtype=dtype)
+        vae_config = autoencoder_config(settings["vae"], dtype=vae_dtype(configs, dtype))
+        text_configs = {key: clip_text_config(settings[key], dtype=dtype)
+                        for key in ("text_encoder", "text_encoder_2") if key in settings}  # fmt: skip
+    except ValueError as err:
+        raise WeightsError(f"{config_folder}: {err}") from None
+    prefixes = BASE_TEXT_PREFIXES if "text_encoder" in text_configs else REFINER_TEXT_PREFIXES
+    shapes = original_shapes(unet_config, vae_config, text_configs)
+    params = read_original_tensors(file, shapes, settings, text_configs["text_encoder_2"].num_hidden_layers,
+                                   text_prefixes=prefixes, unused=SDXL_UNUSED)  # fmt: skip
+    networks = {"unet": (unet_config, params["unet"]), "vae": (vae_config, params["vae"]),
+                **{key: (config, params[key]) for key, config in text_configs.items()}}  # fmt: skip
+    return sdxl_models(config_folder, configs, networks)
 
 
 def read_pretrained(
@@ -466,13 +546,20 @@ def read_pretrained(
     scheduler: str | dict = "sd1", dtype: str = "float32",
 ) -> LatentModels:  # fmt: skip
     """A diffusers SD folder (`read_stable_diffusion`; `variant` applies) or an original-format single
-    `.safetensors` file (`read_single_file`; `config_folder` and `scheduler` apply)."""
+    `.safetensors` file (`read_single_file`; `config_folder` and `scheduler` apply; with an SDXL folder as
+    `config_folder`, `read_sdxl_single_file`)."""
     path = pathlib.Path(path)
     refuse_pickle(path)
     if path.is_dir():
         return read_stable_diffusion(path, variant=variant, dtype=dtype)
     if config_folder is None:
         raise UsageError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
+    if sdxl_refiner(config_folder) is not None:
+        for name, value, default in (("scheduler", scheduler, "sd1"), ("variant", variant, None)):
+            if value != default:
+                raise UsageError(f"{name}={value!r}: an SDXL single file takes its config_folder's scheduler and has "
+                                 "no variants")  # fmt: skip
+        return read_sdxl_single_file(path, config_folder=config_folder, dtype=dtype)
     return read_single_file(path, config_folder=config_folder, scheduler=scheduler, dtype=dtype)
 
 

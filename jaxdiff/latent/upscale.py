@@ -29,7 +29,6 @@ from jaxdiff.errors import UsageError
 from jaxdiff.latent.bundle import UPSCALE_PIPELINE_CLASS, LatentModels
 from jaxdiff.latent.pipeline import LatentPipeline, decode_latents, to_pixels, to_uint8
 from jaxdiff.latent.pipeline_base import PipelineBase
-from jaxdiff.latent.scheduler_sampling import folder_sampler
 from jaxdiff.latent.schedulers import add_noise
 from jaxdiff.latent.tiled_decode import decode_tiled, tile_settings
 
@@ -72,7 +71,6 @@ class UpscalePipeline(LatentPipeline):
                              "overflows in half precision)")  # fmt: skip
         self.low_res_scheduler = model.low_res_scheduler
         self.max_noise_level = model.max_noise_level
-        self.default_sampler = folder_sampler(model.scheduler, "scheduler")
         self.tiles = tile_settings(model.vae_config, self.latent_factor)
         # Low-resolution sides are multiples of the U-Net's downsampling and the VAE's factor (both powers of 2).
         self.side_multiple = max(self.latent_factor, 2 ** (len(model.unet_config.block_out_channels) - 1))
@@ -123,7 +121,7 @@ class UpscalePipeline(LatentPipeline):
                              "(max_noise_level of the folder)")  # fmt: skip
         if tiled is not None and not isinstance(tiled, bool):
             raise UsageError(f"tiled={tiled!r} must be True, False or None (by size)")
-        sampler = self.default_sampler if sampler is None else sampler
+        sampler = self._sampler(sampler)
         guidance = self._check_settings(steps, guidance, sampler, karras, output_type, seed)
         noise_rng, latent_rng, loop_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
         augmentation = self._noise(noise, pixels.shape, noise_rng, "noise")

@@ -3,7 +3,7 @@ diffusers UNet2DModel / DDPMPipeline / DDIMPipeline and ScoreSdeVePipeline folde
 snapshots. Runtime code (`Pipeline.from_pretrained`) and `jaxdiff.convert` both read through here; Stable
 Diffusion's readers live with their family (`jaxdiff.latent.stable_diffusion`).
 
-    config, ema_params = load_weights(path)  # any format, `jaxdiff.readers.formats`
+    config, ema_params = load_weights(path)  # any format, `jaxdiff.sampling.pipeline` (workdirs included)
 
 Formats: "tf" (a checkpoint prefix with a `.index` file, or a folder holding one), "diffusers"
 (a folder with `config.json` and `*.safetensors`, or a pipeline folder with them in `unet/` and the
@@ -16,5 +16,6 @@ become continuous-time jaxdiff configs (`continuous_configs`). "dit" (an origina
 `dit_checkpoint`) and "dit_pipeline" (a diffusers DiTPipeline folder, `dit_pipeline`) are latent-space models that
 `Pipeline.from_pretrained` reads whole (with a VAE folder for a `.pt`); `load_weights` and convert refuse them.
 
-`jaxdiff.readers.formats` holds `detect_format` and `load_weights`; each reader lives in its own module.
+`jaxdiff.readers.formats` holds `detect_format` and the checks of a format; each reader lives in its own module.
+`load_weights` sits in `jaxdiff.sampling.pipeline`, above the training room whose workdirs it also reads.
 """

@@ -55,7 +55,7 @@ from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import ConfigError, MissingWeightsError, UsageError, WeightsError
 from jaxdiff.families.discrete import ADM_SPACING
 from jaxdiff.latent.component_weights import read_autoencoder
-from jaxdiff.latent.frozen_autoencoder import FrozenAutoencoder
+from jaxdiff.latent.decoding_autoencoder import DecodingAutoencoder
 from jaxdiff.models import dit
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json
 from jaxdiff.weights.matching import ParamPath, match_names
@@ -378,7 +378,7 @@ def read_dit_run(path: str | os.PathLike, *, variant: str | None = None,
     return config, params
 
 
-def read_dit_autoencoder(folder: str | os.PathLike, model_config: ml_collections.ConfigDict) -> FrozenAutoencoder:
+def read_dit_autoencoder(folder: str | os.PathLike, model_config: ml_collections.ConfigDict) -> DecodingAutoencoder:
     """The autoencoder of a DiT `.pt` from a diffusers AutoencoderKL folder (stabilityai/sd-vae-ft-ema or -mse):
     DiT's sample.py decodes latents / 0.18215, so the folder's scaling_factor must be that and its shift_factor
     none; its latent channels must be the DiT's."""
@@ -387,7 +387,7 @@ def read_dit_autoencoder(folder: str | os.PathLike, model_config: ml_collections
         raise WeightsError(f"{folder}: scaling_factor={vae_config.scaling_factor}, shift_factor="
                            f"{vae_config.shift_factor}: DiT decodes its latents / {DIT_LATENT_SCALE} (the SD VAE's "
                            "scaling, no shift)")  # fmt: skip
-    autoencoder = FrozenAutoencoder(vae_config, vae_params)
+    autoencoder = DecodingAutoencoder(vae_config, vae_params)
     size = model_config.image_size
     autoencoder.check_latents((size, size, model_config.in_channels), str(folder))
     return autoencoder

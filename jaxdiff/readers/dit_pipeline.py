@@ -27,7 +27,7 @@ from jaxdiff.checks import is_int
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings, apply_scheduler_config, scheduler_settings
 from jaxdiff.errors import MissingWeightsError, WeightsError
 from jaxdiff.latent.component_weights import read_autoencoder
-from jaxdiff.latent.frozen_autoencoder import FrozenAutoencoder
+from jaxdiff.latent.decoding_autoencoder import DecodingAutoencoder
 from jaxdiff.latent.scheduler_sampling import folder_sampler
 from jaxdiff.readers.dit_checkpoint import DIFFUSERS_CLASSES, dit_run_config, read_diffusers_dit
 from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
@@ -48,7 +48,7 @@ class DiTPipelineFolder:
 
     config: ml_collections.ConfigDict
     params: dict
-    autoencoder: FrozenAutoencoder
+    autoencoder: DecodingAutoencoder
     scheduler: SchedulerSettings
     class_names: dict[str, int]
 
@@ -114,7 +114,7 @@ def read_dit_pipeline(folder: str | os.PathLike) -> DiTPipelineFolder:
     if vae_config.shift_factor:
         raise WeightsError(f"{folder / 'vae'}: shift_factor={vae_config.shift_factor}; DiTPipeline decodes latents "
                            "/ scaling_factor, with no shift")  # fmt: skip
-    autoencoder = FrozenAutoencoder(vae_config, vae_params)
+    autoencoder = DecodingAutoencoder(vae_config, vae_params)
     autoencoder.check_latents((model_config.image_size, model_config.image_size, model_config.in_channels),
                               str(folder))  # fmt: skip
     names = _class_names(index.get("id2label", {}), model_config.num_classes, str(folder / MODEL_INDEX_FILE))

@@ -1,5 +1,5 @@
-"""Which format a path holds (`detect_format`) and reading weights of any format (`load_weights`); the package
-docstring of `jaxdiff.readers` describes the formats."""
+"""Which format a path holds (`detect_format`), its checks, and reading the continuous-time formats
+(`read_continuous`); the package docstring of `jaxdiff.readers` describes the formats."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ import ml_collections
 
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks import load_run
 from jaxdiff.readers.continuous_configs import (
     check_recipe_name, continuous_config, score_sde_config_name, score_sde_recipe,
 )  # fmt: skip
-from jaxdiff.readers.diffusers_format import read_diffusers, unet_folder
+from jaxdiff.readers.diffusers_format import unet_folder
 from jaxdiff.readers.dit_pipeline import is_dit_pipeline
 from jaxdiff.readers.edm_pickle import read_edm_snapshot
 from jaxdiff.readers.score_folders import PIPELINE as SCORE_SDE_VE_PIPELINE
 from jaxdiff.readers.score_folders import read_score_sde_ve_folder
 from jaxdiff.readers.score_sde_checkpoint import read_score_sde_checkpoint
-from jaxdiff.readers.tf_checkpoint import index_files, read_official_checkpoint
+from jaxdiff.readers.tf_checkpoint import index_files
 from jaxdiff.weights.files import MODEL_INDEX_FILE
 
 FORMATS = ("tf", "diffusers", "jaxdiff", "score_sde", "edm", "score_sde_ve")
@@ -114,28 +113,3 @@ def read_continuous(path, fmt: str, dataset: str | None) -> tuple[ml_collections
     check_recipe_name(dataset)
     read = read_edm_snapshot(path) if fmt == "edm" else read_score_sde_ve_folder(path)
     return continuous_config(*read, source=source, recipe_name=dataset)
-
-
-def load_weights(
-    path: str | os.PathLike, *, step: int | None = None, dataset: str | None = None
-) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, EMA params) from weights in any format (see the module docstring).
-
-    `step` picks a jaxdiff checkpoint (default: the latest); `dataset` picks the training recipe that
-    tf and diffusers weights are given (default: the released DDPM model with their architecture), the
-    recipe EDM and ScoreSdeVePipeline weights must fit (default: the one of their network and process),
-    and names the training config of score_sde checkpoints (required: "vp/ddpmpp_continuous" or
-    jaxdiff's "sde_vp_ddpmpp_continuous", ...). Diffusers folders hold one set of weights, used as the
-    EMA params; score_sde checkpoints give their params_ema, EDM snapshots their `ema` network. Arrays
-    are on this process's first device for jaxdiff workdirs and NumPy otherwise.
-    """
-    fmt = check_source_format(path, None, step, dataset)
-    if fmt == "jaxdiff":
-        config, _, params = load_run(path, step=step)
-        return config, params
-    if fmt in CONTINUOUS_FORMATS:
-        return read_continuous(path, fmt, dataset)
-    if fmt == "diffusers":
-        return read_diffusers(path, dataset=dataset)
-    config, _, ema_params = read_official_checkpoint(path, dataset=dataset)
-    return config, ema_params

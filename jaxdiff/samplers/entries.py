@@ -222,6 +222,10 @@ register(SamplerSpec(
     latent=LatentSpec("DEISMultistepScheduler", "linspace", run=_latent_deis, grid="dpm_solver++",
                       rounded_steps=True, thresholding=True),
 ))  # fmt: skip
+register(SamplerSpec(
+    "pndm", steps={"latent": _LATENT_STEPS},
+    latent=LatentSpec("PNDMScheduler", "leading"),  # PLMS on the visited training steps (`jaxdiff.samplers.pndm`)
+))  # fmt: skip
 for _name in PREDICTORS:
     register(SamplerSpec(
         _name, steps={"continuous": _SDE_STEPS}, continuous=_predictor(_name),

@@ -76,7 +76,8 @@ class LatentSpec:
     default_spacing  the class's timestep_spacing default, which `from_config` takes when a config has none;
     default_clip     the class's clip_sample default (None: the class has no such key);
     run              the σ-grid run `(denoiser, levels [N + 1] NumPy, unscaled x_start, scheduler settings, rng)
-                     -> final latents`; None: on the respaced training steps (`jaxdiff.samplers.sample`);
+                     -> final latents`; None: on the training steps visited (ddpm: `jaxdiff.samplers.sample` on
+                     the respaced schedule; ddim, pndm: `jaxdiff.latent.schedulers.denoise`);
     grid             the sampler whose σ grid the class builds (None: its own);
     karras           whether the class has `use_karras_sigmas`;
     rounded_steps    whether the class calls the U-Net at integer steps (else at fractional ones);

@@ -39,7 +39,7 @@ from jaxdiff import images, sharding
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.families import family_of
-from jaxdiff.latent.frozen_autoencoder import FrozenAutoencoder
+from jaxdiff.latent.decoding_autoencoder import DecodingAutoencoder
 from jaxdiff.latent.pipeline import to_uint8 as pixels_to_uint8
 from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.latent.scheduler_sampling import SchedulerSampling
@@ -49,6 +49,36 @@ from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 
 Array = jax.Array
+
+
+def load_weights(
+    path: str | os.PathLike, *, step: int | None = None, dataset: str | None = None
+) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, EMA params) from pixel-space weights in any format of `jaxdiff.readers.formats`: a jaxdiff workdir
+    (its run, `jaxdiff.training.tasks.load_run`) or weights in another format (`jaxdiff.readers`).
+
+    `step` picks a jaxdiff checkpoint (default: the latest); `dataset` picks the training recipe that
+    tf and diffusers weights are given (default: the released DDPM model with their architecture), the
+    recipe EDM and ScoreSdeVePipeline weights must fit (default: the one of their network and process),
+    and names the training config of score_sde checkpoints (required: "vp/ddpmpp_continuous" or
+    jaxdiff's "sde_vp_ddpmpp_continuous", ...). Diffusers folders hold one set of weights, used as the
+    EMA params; score_sde checkpoints give their params_ema, EDM snapshots their `ema` network. Arrays
+    are on this process's first device for jaxdiff workdirs and NumPy otherwise.
+    """
+    from jaxdiff.readers.diffusers_format import read_diffusers
+    from jaxdiff.readers.formats import CONTINUOUS_FORMATS, check_source_format, read_continuous
+    from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
+
+    fmt = check_source_format(path, None, step, dataset)
+    if fmt == "jaxdiff":
+        config, _, params = load_run(path, step=step)
+        return config, params
+    if fmt in CONTINUOUS_FORMATS:
+        return read_continuous(path, fmt, dataset)
+    if fmt == "diffusers":
+        return read_diffusers(path, dataset=dataset)
+    config, _, ema_params = read_official_checkpoint(path, dataset=dataset)
+    return config, ema_params
 
 
 class Pipeline(PipelineBase):
@@ -61,7 +91,7 @@ class Pipeline(PipelineBase):
     name -> class, for `class_label` given by name."""
 
     def __init__(self, config: ml_collections.ConfigDict, params, *, step: int | None = None,
-                 autoencoder: FrozenAutoencoder | None = None, scheduler: SchedulerSettings | None = None,
+                 autoencoder: DecodingAutoencoder | None = None, scheduler: SchedulerSettings | None = None,
                  class_names: dict[str, int] | None = None):  # fmt: skip
         self.config = config
         self.step = step
@@ -88,12 +118,19 @@ class Pipeline(PipelineBase):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
         """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`); a latent run (task
-        "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder."""
+        "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder; a
+        class-conditional latent run (task "class_latent") samples latents decoded by the autoencoder it kept, its
+        classes named by the class folders it was trained on."""
         config, step, params = load_run(path, step=step)
         if config.task == "latent":
             from jaxdiff.training.tasks.latent import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
+        if config.task == "class_latent":  # the network on its autoencoder's latents, labels named by class
+            from jaxdiff.training.tasks.class_latent import class_latent_parts
+
+            model_params, autoencoder, names = class_latent_parts(params, checkpoint.read_extras(path, step))
+            return cls(config, model_params, step=step, autoencoder=autoencoder, class_names=names)
         if config.task != "diffusion":
             raise WeightsError(f"{path} is a run of task {config.task!r}, which draws no samples; give a diffusion or "
                              f"latent run's workdir (an autoencoder run serves as config.latent.autoencoder)")
@@ -113,7 +150,7 @@ class Pipeline(PipelineBase):
         checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
         its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's)."""
         from jaxdiff.latent.stable_diffusion import is_stable_diffusion, is_upscaler
-        from jaxdiff.readers.formats import DIT_FORMATS, detect_format, load_weights
+        from jaxdiff.readers.formats import DIT_FORMATS, detect_format
 
         if is_stable_diffusion(path):  # a LatentPipeline (text_to_image, image_to_image, inpaint) or UpscalePipeline
             from jaxdiff.latent.pipeline import LatentPipeline

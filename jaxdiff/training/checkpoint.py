@@ -43,6 +43,7 @@ ARCHITECTURE_SECTIONS = {
     "diffusion": ("model", "diffusion"),
     "autoencoder": ("autoencoder", "autoencoder_loss"),
     "latent": ("model", "diffusion", "latent"),
+    "class_latent": ("model", "diffusion", "latent"),
 }
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,21 @@ the autoencoder's (and a frozen text encoder's) parameters are constants of the 
 step s comes from fold_in(state.rng, s); a step whose loss or gradient is not finite changes nothing and is
 counted, as in `jaxdiff.training.step`.
 
+SDXL (`networks.sdxl` set, always with LoRA): both frozen text encoders read the captions (input_ids int32
+[B, 2, L], one row per tokenizer) and the U-Net is conditioned as diffusers' train_text_to_image_lora_sdxl.py
+conditions it (`conditioning`): the context concatenates each encoder's penultimate hidden state, and the added
+conditioning is text_encoder_2's projected pooled output with the batch's "time_ids" float32 [B, 6]
+(original_size + crops_coords_top_left + target_size, `sdxl_time_ids`).
+
 LoRA (`networks.lora_scale` set): the U-Net is frozen too (`frozen["unet"]`, float32 or bfloat16) and the
 trained parameters are only its adapters, {"lora": {module path: {"down": [r, in(, kh, kw)], "up": [out,
 r(, 1, 1)]}}} in PyTorch layout as peft keeps them; each step runs the U-Net with every adapted kernel
 W + (alpha / r)·up @ down (`lora_unet_params`, float32). The adapters being the whole trained tree, Adam and the
 EMA see nothing else (no masking).
+
+DreamBooth's prior preservation (`make_latent_train_step(..., prior_weight=w)`): the batch's B instance rows and
+its B class rows run as one batch of 2B (`with_class_half`: latents, caption dropout, t and ε drawn for all 2B),
+and the loss is mean(instance losses) + w·mean(class losses) (`prior_preservation_loss`).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 from jaxdiff.latent.component_weights import torch_shape
 from jaxdiff.latent.lora import COMPONENTS, factors_delta, module_table
 from jaxdiff.latent.pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
+from jaxdiff.latent.prompt_conditioning import Conditioning, PromptEncoder
 from jaxdiff.latent.schedulers import denoise, step_plan, visited_timesteps
 from jaxdiff.latent.unet_weights import diffusers_tensor_name
 from jaxdiff.schedule import Schedule, schedule_from_config
@@ -64,8 +75,9 @@ RUN_TIMESTEP_SPACING = "trailing"
 class LatentNetworks(NamedTuple):
     """The modules of a latent model: `vae_config` holds scaling_factor and shift_factor; `train_text` whether
     the text transformer is trained; `frozen` the parameters that are not ({"vae": ...} and, for a pretrained
-    text encoder, "text"; for a LoRA run "unet"; only the loss and the sampler read them); `lora_scale` alpha / r
-    of a LoRA run, None otherwise."""
+    text encoder, "text"; for a LoRA run "unet", for SDXL "text" and "text_2"; only the loss and the
+    sampler read them); `lora_scale` alpha / r of a LoRA run, None otherwise; `sdxl` the `PromptEncoder` of an
+    SDXL run's two frozen text encoders, None otherwise."""
 
     unet: Any
     text: Any
@@ -74,6 +86,7 @@ class LatentNetworks(NamedTuple):
     train_text: bool
     frozen: dict
     lora_scale: float | None = None
+    sdxl: PromptEncoder | None = None
 
 
 def text_context(networks: LatentNetworks, params: dict, input_ids: Array) -> Array:
@@ -82,9 +95,41 @@ def text_context(networks: LatentNetworks, params: dict, input_ids: Array) -> Ar
     return networks.text.apply({"params": text_params}, input_ids).last_hidden_state
 
 
+def conditioning(networks: LatentNetworks, params: dict, input_ids: Array,
+                 time_ids: Array | None = None) -> Array | Conditioning:  # fmt: skip
+    """What the U-Net is conditioned on: `text_context` of input_ids [B, L]; for SDXL, of input_ids [B, 2, L] (the
+    two tokenizers' ids) and time_ids float32 [B, 6], `Conditioning(context [B, L, D1 + D2], {"text_embeds":
+    [B, P], "time_ids"})` from the frozen encoders as the SDXL pipeline encodes prompts (clip_skip 0)."""
+    if networks.sdxl is None:
+        return text_context(networks, params, input_ids)
+    ids = {"text": input_ids[:, 0], "text_2": input_ids[:, 1]}
+    context, pooled = networks.sdxl._encode_ids(networks.frozen, ids, 0)
+    return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def apply_unet(networks: LatentNetworks, weights: dict, x: Array, t: Array, cond: Array | Conditioning) -> Array:
+    """The U-Net's output at latents x [B, h, w, C], steps t [B] under `conditioning`'s `cond`."""
+    if isinstance(cond, Conditioning):
+        return networks.unet.apply({"params": weights}, x, t, cond.context, added_cond=cond.added_cond)
+    return networks.unet.apply({"params": weights}, x, t, cond)
+
+
+def sdxl_time_ids(original_sizes: np.ndarray, size: int) -> np.ndarray:
+    """SDXL's time ids float32 [B, 6] of images of original (height, width) `original_sizes` int [B, 2] trained at
+    size×size, as diffusers' train_text_to_image_lora_sdxl.py computes them with its centre crop: the shorter
+    side resized to `size` (the longer to int(size·long / short), torchvision's rule), the crop's top-left
+    (round((h' − size) / 2), round((w' − size) / 2)), then original_size + crops_coords_top_left + (size, size)."""
+    sizes = np.asarray(original_sizes, np.int64)
+    short = sizes.min(axis=1, keepdims=True)
+    resized = np.where(sizes == short, size, (size * sizes) // short)
+    top_left = np.maximum(0, np.round((resized - size) / 2.0)).astype(np.int64)
+    target = np.full_like(sizes, size)
+    return np.concatenate([sizes, top_left, target], axis=1).astype(np.float32)
+
+
 def drop_captions(input_ids: Array, empty_ids: Array, dropped: Array) -> Array:
-    """input_ids [B, L] with the rows where `dropped` [B] (bool) holds replaced by the empty prompt's ids [L]."""
-    return jnp.where(dropped[:, None], empty_ids[None, :], input_ids)
+    """input_ids [B, ...] with the rows where `dropped` [B] (bool) holds replaced by the empty prompt's ids [...]."""
+    return jnp.where(dropped.reshape(-1, *(1,) * empty_ids.ndim), empty_ids[None], input_ids)
 
 
 def unet_params(networks: LatentNetworks, params: dict) -> dict:
@@ -96,27 +141,48 @@ def unet_params(networks: LatentNetworks, params: dict) -> dict:
 
 
 def latent_loss(networks: LatentNetworks, schedule: Schedule, diffusion_config, params: dict, z_0: Array,
-                input_ids: Array, t: Array, noise: Array) -> Array:  # fmt: skip
-    """Mean over the batch of the DDPM mse loss of the U-Net at z_t = q_sample(z_0, t, noise) given the
-    captions' context; z_0 [B, h, w, C] latents, input_ids int32 [B, L], t int32 [B] (0-based, 0..T-1)."""
-    context = text_context(networks, params, input_ids)
+                input_ids: Array, t: Array, noise: Array, time_ids: Array | None = None) -> Array:  # fmt: skip
+    """Mean over the batch of `latent_losses`."""
+    return jnp.mean(latent_losses(networks, schedule, diffusion_config, params, z_0, input_ids, t, noise, time_ids))
+
+
+def latent_losses(networks: LatentNetworks, schedule: Schedule, diffusion_config, params: dict, z_0: Array,
+                  input_ids: Array, t: Array, noise: Array, time_ids: Array | None = None) -> Array:  # fmt: skip
+    """The DDPM mse loss float32 [B] of each example (mean over its elements) of the U-Net at
+    z_t = q_sample(z_0, t, noise) given the captions' `conditioning`; z_0 [B, h, w, C] latents, input_ids int32
+    [B, L] (SDXL: [B, 2, L] and time_ids [B, 6]), t int32 [B] (0-based, 0..T-1)."""
+    cond = conditioning(networks, params, input_ids, time_ids)
     z_t = diffusion.q_sample(schedule, z_0, t, noise)
-    output = networks.unet.apply({"params": unet_params(networks, params)}, z_t, t, context)
+    output = apply_unet(networks, unet_params(networks, params), z_t, t, cond)
     losses = diffusion.training_losses(
         schedule, output.astype(jnp.float32), x_start=z_0, x_t=z_t, t=t, noise=noise,
         mean_type=diffusion_config.mean_type, var_type="fixedlarge", loss_type="mse",
         min_snr_gamma=diffusion_config.min_snr_gamma,
     )  # fmt: skip
-    return jnp.mean(losses)
+    return losses
 
 
 def make_latent_loss_fn(networks: LatentNetworks, schedule: Schedule, diffusion_config, *, caption_dropout: float,
                         empty_ids: np.ndarray) -> Callable:  # fmt: skip
-    """loss(params, images uint8 [B,H,W,3], input_ids int32 [B,L], rng) -> float32 scalar: the latents, the
-    caption dropout, t and ε are drawn from `rng`, then `latent_loss`."""
+    """loss(params, images uint8 [B,H,W,3], input_ids int32 [B,L] (SDXL [B,2,L]), rng, time_ids=None (SDXL
+    [B,6])) -> float32 scalar: the mean over the batch of `make_latent_losses_fn`'s losses."""
+    losses_fn = make_latent_losses_fn(networks, schedule, diffusion_config, caption_dropout=caption_dropout,
+                                      empty_ids=empty_ids)  # fmt: skip
+
+    def loss_fn(params, images, input_ids, rng, time_ids=None):
+        return jnp.mean(losses_fn(params, images, input_ids, rng, time_ids))
+
+    return loss_fn
+
+
+def make_latent_losses_fn(networks: LatentNetworks, schedule: Schedule, diffusion_config, *,
+                          caption_dropout: float, empty_ids: np.ndarray) -> Callable:  # fmt: skip
+    """losses(params, images uint8 [B,H,W,3], input_ids int32 [B,L] (SDXL [B,2,L]), rng, time_ids=None (SDXL
+    [B,6])) -> float32 [B]: the latents, the caption dropout, t and ε are drawn from `rng`, then
+    `latent_losses`; `empty_ids` [L] ([2, L]) are the empty prompt's."""
     empty = jnp.asarray(empty_ids, jnp.int32)
 
-    def loss_fn(params, images, input_ids, rng):
+    def losses_fn(params, images, input_ids, rng, time_ids=None):
         encode_rng, drop_rng, t_rng, noise_rng = jax.random.split(rng, 4)
         z_0 = encode_to_latents(networks.vae, networks.vae_config, networks.frozen["vae"], preprocess(images, None),
                                 encode_rng)  # fmt: skip
@@ -124,23 +190,52 @@ def make_latent_loss_fn(networks: LatentNetworks, schedule: Schedule, diffusion_
         dropped = jax.random.bernoulli(drop_rng, caption_dropout, (images.shape[0],))
         t = jax.random.randint(t_rng, (images.shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(noise_rng, z_0.shape, jnp.float32)
-        return latent_loss(networks, schedule, diffusion_config, params, z_0, drop_captions(input_ids, empty, dropped),
-                           t, noise)  # fmt: skip
+        return latent_losses(networks, schedule, diffusion_config, params, z_0,
+                             drop_captions(input_ids, empty, dropped), t, noise, time_ids)  # fmt: skip
 
-    return loss_fn
+    return losses_fn
 
 
-def make_latent_train_step(loss_fn: Callable, training: ml_collections.ConfigDict,
-                           tx: optax.GradientTransformation) -> Callable:  # fmt: skip
+def prior_preservation_loss(losses: Array, weight: float) -> tuple[Array, dict]:
+    """DreamBooth's loss of per-example losses [2B], the B instance examples first, then their B class examples
+    (diffusers' train_dreambooth_lora.py): (mean(instance) + weight·mean(class), {"loss_instance", "loss_prior"})."""
+    instance, prior = jnp.split(losses, 2)
+    parts = {"loss_instance": jnp.mean(instance), "loss_prior": jnp.mean(prior)}
+    return parts["loss_instance"] + weight * parts["loss_prior"], parts
+
+
+def with_class_half(batch: dict) -> tuple[Array, Array, Array | None]:
+    """(images [2B, ...], input_ids [2B, ...], time_ids [2B, 6] or None) of a prior-preservation batch: the
+    instance rows ("image", "input_ids", "time_ids") followed by the class rows ("class_" + each)."""
+    both = [None if batch.get(key) is None else jnp.concatenate([batch[key], batch["class_" + key]])
+            for key in ("image", "input_ids", "time_ids")]  # fmt: skip
+    return tuple(both)
+
+
+def make_latent_train_step(loss_fn: Callable, training: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                           *, prior_weight: float | None = None) -> Callable:  # fmt: skip
     """train_step(state: TrainState, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,3],
-    "input_ids": int32 [B,L]}. metrics: loss, grad_norm, learning_rate, skipped_updates, nonfinite_streak."""
+    "input_ids": int32 [B,L]} (SDXL: [B,2,L] and "time_ids" float32 [B,6]). metrics: loss, grad_norm, learning_rate, skipped_updates, nonfinite_streak.
+    With `prior_weight` (DreamBooth's prior preservation), `loss_fn` is `make_latent_losses_fn`'s per-example
+    losses, the batch also holds "class_image", "class_input_ids" (and "class_time_ids") [B, ...], the step
+    runs on all 2B rows (`with_class_half`) with `prior_preservation_loss`, and metrics add its two parts."""
     lr_schedule = learning_rate_schedule(training)
     decay = training.ema_decay
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["image"], batch["input_ids"], rng)
-        return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
+        if prior_weight is None:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["image"], batch["input_ids"], rng,
+                                                      batch.get("time_ids"))  # fmt: skip
+            return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
+        images, input_ids, time_ids = with_class_half(batch)
+
+        def combined(params):
+            return prior_preservation_loss(loss_fn(params, images, input_ids, rng, time_ids), prior_weight)
+
+        (loss, parts), grads = jax.value_and_grad(combined, has_aux=True)(state.params)
+        state, metrics = apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
+        return state, {**metrics, **parts}
 
     return train_step
 
@@ -180,23 +275,33 @@ def run_scheduler(diffusion_config) -> SchedulerSettings:
 
 def make_grid_sampler(networks: LatentNetworks, scheduler: SchedulerSettings, prompt_ids: np.ndarray,
                       empty_ids: np.ndarray, latent_shape: tuple[int, int, int], *, sampler: str, steps: int,
-                      guidance: float) -> Callable:  # fmt: skip
-    """sample_grid(params, rng) -> float32 [N, H, W, 3] in [-1, 1]: one image per prompt (ids [N, L]) drawn by
-    `sampler` in `steps` steps with guidance as `LatentPipeline.text_to_image` (uncond + g·(cond − uncond),
-    the conditional model alone for g <= 1), decoded by the autoencoder. The initial latents are
-    N(0, I) from the first half of split(rng), the sampler's draws from the second."""
+                      guidance: float, time_ids: np.ndarray | None = None,
+                      zero_uncond: bool = False) -> Callable:  # fmt: skip
+    """sample_grid(params, rng) -> float32 [N, H, W, 3] in [-1, 1]: one image per prompt (ids [N, L]; SDXL [N, 2, L]
+    with `time_ids` [6] for every image) drawn by `sampler` in `steps` steps with guidance as
+    `LatentPipeline.text_to_image` (uncond + g·(cond − uncond), the conditional model alone for g <= 1; the
+    unconditional context and text_embeds zeros with `zero_uncond`, SDXL's force_zeros_for_empty_prompt),
+    decoded by the autoencoder. The initial latents are N(0, I) from the first half of split(rng), the
+    sampler's draws from the second."""
     timesteps = visited_timesteps(scheduler, steps)
     plan = step_plan(scheduler, timesteps)
     increasing = jnp.asarray(timesteps[::-1].copy(), jnp.int32)
     prompts = jnp.asarray(prompt_ids, jnp.int32)
     empty = jnp.broadcast_to(jnp.asarray(empty_ids, jnp.int32), prompts.shape)
+    times = None if time_ids is None else jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32),
+                                                           (prompts.shape[0], len(time_ids)))  # fmt: skip
 
     def sample_grid(params: dict, rng: Array) -> Array:
-        cond, uncond = text_context(networks, params, prompts), text_context(networks, params, empty)
+        cond = conditioning(networks, params, prompts, times)
+        if zero_uncond:
+            uncond = Conditioning(jnp.zeros_like(cond.context), {"text_embeds": jnp.zeros_like(
+                cond.added_cond["text_embeds"]), "time_ids": times})  # fmt: skip
+        else:
+            uncond = conditioning(networks, params, empty, times)
         weights = unet_params(networks, params)
 
-        def unet(x, t, context):
-            return networks.unet.apply({"params": weights}, x, t, context)
+        def unet(x, t, c):
+            return apply_unet(networks, weights, x, t, c)
 
         noise_rng, loop_rng = jax.random.split(rng)
         x_start = jax.random.normal(noise_rng, (prompts.shape[0], *latent_shape), jnp.float32)

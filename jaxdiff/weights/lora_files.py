@@ -14,7 +14,8 @@ The formats diffusers' `load_lora_weights` reads, and no others:
   `.lora_linear_layer.down.weight` / `.up.weight`, and `<self_attn>[.processor].to_q_lora.down.weight` (-> `q_proj`,
   `k_proj`, `v_proj`, `out_proj`).
 - kohya (sd-scripts, LyCORIS LoCon): `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`), the
-  module's dots written `_`, with `.lora_down.weight`, `.lora_up.weight` and `.alpha`: scale alpha / r (kohya's
+  module's dots written `_` (U-Net modules by their diffusers names or, as kohya writes SDXL's, by the original
+  LDM / sgm ones, `lora_unet_input_blocks_4_1_...`: `jaxdiff.latent.lora` tells them apart), with `.lora_down.weight`, `.lora_up.weight` and `.alpha`: scale alpha / r (kohya's
   default alpha = r where `.alpha` is absent or 0). A LoCon conv adapter is a kh×kw down with a 1×1 up.
 
 Factors stay in PyTorch layout: down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1]; the weight's

@@ -1,4 +1,5 @@
-"""What a training run trains: the diffusion model, the autoencoder or text-conditioned latent diffusion.
+"""What a training run trains: the diffusion model, the autoencoder, text-conditioned latent diffusion or
+class-conditional latent diffusion (DiT / SiT on ImageNet-style data).
 
 `jaxdiff.training.loop` drives any `Task` through the same loop (lock, resume, data order, checkpoints,
 metrics, progress, signals, sample grids); `make_task(config, source)` picks the one `config.task` names.
@@ -16,6 +17,7 @@ from jaxdiff.errors import ConfigError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 from jaxdiff.training.tasks.base import Task
+from jaxdiff.training.tasks.class_latent import ClassLatentTask, class_latent_image_shape
 from jaxdiff.training.tasks.diffusion import DiffusionTask
 from jaxdiff.training.tasks.latent import LatentTask
 
@@ -33,17 +35,22 @@ def make_task(config: ml_collections.ConfigDict, source=None, *, workdir: str | 
         return AutoencoderTask(config, source)
     if config.task == "latent":
         return LatentTask(config, source, None if workdir is None else os.fspath(workdir))
+    if config.task == "class_latent":
+        return ClassLatentTask(config, source, None if workdir is None else os.fspath(workdir))
     raise ConfigError(f"config task={config.task!r} is not one of {TASKS}")
 
 
 def configured_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
     """(H, W, C) of the images `config.task` trains on when the config fixes it (the `synthetic` dataset is
-    drawn in it): the diffusion model's image, the autoencoder's `sample_size`; None for latent diffusion."""
+    drawn in it): the diffusion model's image, the autoencoder's `sample_size`, class-conditional latent diffusion's
+    latent size times its autoencoder's factor; None for text-conditioned latent diffusion."""
     if config.task == "diffusion":
         return (config.model.image_size, config.model.image_size, config.model.in_channels)
     if config.task == "autoencoder":
         ae = config.autoencoder
         return (ae.sample_size, ae.sample_size, ae.in_channels)
+    if config.task == "class_latent":
+        return class_latent_image_shape(config)
     return None
 
 

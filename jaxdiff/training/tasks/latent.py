@@ -17,9 +17,22 @@ The parts, from `config.latent`:
   are trained (`jaxdiff.training.latent_step`): checkpoints hold the adapters alone, with the folder's path and
   the SHA-256 of its U-Net weights (`lora_base` in the extras; resuming or sampling against other weights is
   refused), and a run samples as that folder's U-Net with the adapters loaded (`LoraAdapters.load_lora`).
+- SDXL (`latent.unet_init`, `latent.text_encoder` and `latent.autoencoder` one SDXL base folder; LoRA only: full
+  fine-tuning of SDXL is refused): both frozen text encoders read each caption, and the U-Net gets SDXL's added
+  conditioning with each image's time ids from its original size (`original_size` of the batch, which the
+  `folder` dataset gives; else the image's own size), as diffusers' train_text_to_image_lora_sdxl.py
+  (`jaxdiff.training.latent_step.sdxl_time_ids`). Grids are conditioned as the SDXL pipeline conditions
+  (the time ids of the grid's own size; zeros for the unconditional half where the folder has
+  force_zeros_for_empty_prompt); a trained run samples through the folder's SDXL `LatentPipeline`.
+- DreamBooth's prior preservation (`training.prior_preservation.class_data_dir`, with `unet_init` and
+  `text_encoder`, on a `folder` dataset): the class images (`jaxdiff.data.prior`; the missing ones generated
+  once from `class_prompt` by the `unet_init` folder's `LatentPipeline` at the training size) are attached to the
+  source, each batch holds `training.batch_size` instance examples and as many class examples ("class_image",
+  "class_input_ids"), and the step trains on both: instance mse + weight·class mse, both logged
+  (`loss_instance`, `loss_prior`), as diffusers' train_dreambooth_lora.py.
 
 Latents are encoded on the fly in each step. Batches are {"image": uint8 [B,H,W,C], "input_ids": int32 [B,L]}
-(`host_batch` tokenizes the captions). Grids are one image per prompt of the fixed prompt set, the captions of
+(SDXL: input_ids [B,2,L] and "time_ids" float32 [B,6]; `host_batch` tokenizes the captions). Grids are one image per prompt of the fixed prompt set, the captions of
 examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts" and beside each grid), drawn with
 `config.sampling` (sampler, steps, guidance) as `LatentPipeline.text_to_image` does.
 """
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 from collections.abc import Callable
@@ -39,13 +53,14 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.errors import ConfigError, DataError, WeightsError
+from jaxdiff.data.prior import add_class_images, class_image_count, load_class_examples
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 from jaxdiff.models.autoencoder import OPTION_DEFAULTS, autoencoder_model_config
 from jaxdiff.config.defaults import default_config
 from jaxdiff.config.validation import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
-from jaxdiff.weights.files import load_json
+from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
 from jaxdiff.latent.component_weights import (
     CONFIG_FILE,
     component_folder,
@@ -53,8 +68,9 @@ from jaxdiff.latent.component_weights import (
     read_clip_text,
     read_config,
 )
-from jaxdiff.latent.stable_diffusion import SCHEDULER_CONFIG_FILE
-from jaxdiff.latent.bundle import LatentModels
+from jaxdiff.latent.stable_diffusion import SCHEDULER_CONFIG_FILE, read_stable_diffusion
+from jaxdiff.latent.bundle import SDXL_PIPELINE_CLASSES, LatentModels
+from jaxdiff.latent.prompt_conditioning import PromptEncoder
 from jaxdiff.latent.unet_weights import read_unet_condition, unet_condition_shapes
 from jaxdiff.latent.pipeline import DEFAULT_STEPS, LatentPipeline
 from jaxdiff.training.latent_step import (
@@ -66,8 +82,10 @@ from jaxdiff.training.latent_step import (
     init_latent_state,
     make_grid_sampler,
     make_latent_loss_fn,
+    make_latent_losses_fn,
     make_latent_train_step,
     run_scheduler,
+    sdxl_time_ids,
 )
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
@@ -83,6 +101,8 @@ from jaxdiff.latent.word_tokenizer import (
     START_ID,
     WordTokenizer,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEDULE_KEYS = ("schedule", "num_timesteps", "beta_start", "beta_end", "mean_type")
 
@@ -251,6 +271,20 @@ def text_encoder_config(config: ml_collections.ConfigDict) -> tuple[ml_collectio
     return text_config, CLIPTokenizer.from_folder(pathlib.Path(folder) / "tokenizer").model_max_length
 
 
+def is_sdxl_folder(path: str) -> bool:
+    """Whether `path` is a diffusers folder whose model_index.json names an SDXL pipeline class."""
+    index = pathlib.Path(path) / MODEL_INDEX_FILE
+    return bool(path) and index.is_file() and load_json(index).get("_class_name") in SDXL_PIPELINE_CLASSES
+
+
+def text_width(config: ml_collections.ConfigDict, text_config: ml_collections.ConfigDict) -> int:
+    """The context width the U-Net reads: the text encoder's, or for SDXL both encoders' together."""
+    if not is_sdxl_folder(config.latent.text_encoder):
+        return text_config.hidden_size
+    second = read_config(pathlib.Path(config.latent.text_encoder) / "text_encoder_2", clip_text_config)
+    return text_config.hidden_size + second.hidden_size
+
+
 def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_size: int,
                 text_width: int) -> ml_collections.ConfigDict:  # fmt: skip
     """The U-Net of `unet_init` (checked to fit the latents and text), else the one of `config.latent.unet`."""
@@ -316,6 +350,43 @@ def check_latent_config(config: ml_collections.ConfigDict) -> None:
     if lc.unet_init:
         check_schedule_of(config, lc.unet_init)
     check_lora_config(config)
+    check_sdxl_config(config)
+    check_prior_config(config)
+
+
+def check_prior_config(config: ml_collections.ConfigDict) -> None:
+    """DreamBooth's prior preservation (`training.prior_preservation`) fine-tunes a pretrained U-Net with its
+    frozen text encoder (latent.unet_init, latent.text_encoder) on a captioned folder (data.dataset='folder')."""
+    directory = config.training.prior_preservation.class_data_dir
+    what = f"config training.prior_preservation.class_data_dir={directory!r}"
+    if directory and not (config.latent.unet_init and config.latent.text_encoder):
+        raise ConfigError(f"{what}: prior preservation fine-tunes a pretrained model: give latent.unet_init and "
+                          "latent.text_encoder (a Stable Diffusion folder)")  # fmt: skip
+    if directory and config.data.dataset != "folder":
+        raise ConfigError(f"{what}: prior preservation trains on a captioned folder (data.dataset='folder'), "
+                          f"got data.dataset={config.data.dataset!r}")  # fmt: skip
+
+
+def check_sdxl_config(config: ml_collections.ConfigDict) -> None:
+    """An SDXL folder in any of latent.unet_init / text_encoder / autoencoder must be all three, an SDXL base
+    folder with both text encoders, with LoRA adapters (training.lora.rank > 0); ConfigError naming the keys."""
+    lc = config.latent
+    given = {key: lc[key] for key in ("unet_init", "text_encoder", "autoencoder")}
+    sdxl = [key for key, value in given.items() if is_sdxl_folder(value)]
+    if not sdxl:
+        return
+    paths = {os.path.abspath(value) if value else "" for value in given.values()}
+    if len(sdxl) < 3 or len(paths) > 1:
+        raise ConfigError(f"config latent.{sdxl[0]}={given[sdxl[0]]!r} is an SDXL folder: SDXL trains with "
+                          "latent.unet_init, latent.text_encoder and latent.autoencoder all that folder; got "
+                          + ", ".join(f"latent.{key}={value!r}" for key, value in given.items()))  # fmt: skip
+    if not config.training.lora.rank:
+        raise ConfigError(f"config latent.unet_init={lc.unet_init!r} is an SDXL folder: jaxdiff trains LoRA adapters of "
+                          "SDXL (training.lora.rank > 0), not the whole U-Net (training.lora.rank=0)")  # fmt: skip
+    folder = pathlib.Path(lc.unet_init)
+    if not all((folder / part / CONFIG_FILE).is_file() for part in ("text_encoder", "text_encoder_2")):
+        raise ConfigError(f"config latent.unet_init={lc.unet_init!r}: an SDXL folder without both text_encoder/ and "
+                          "text_encoder_2/ (a refiner?); LoRA training takes an SDXL base folder")  # fmt: skip
 
 
 def check_lora_config(config: ml_collections.ConfigDict) -> None:
@@ -379,10 +450,15 @@ def check_lora_base(recorded: dict, given: dict) -> None:
                            "use the U-Net it was trained on")  # fmt: skip
 
 
+def lora_base_identity(folder: str, params: dict) -> dict:
+    """{"path": absolute path, "sha256"} of the U-Net `params` of the `unet_init` folder: what a LoRA run adapts."""
+    return {"path": os.path.abspath(folder), "sha256": weights_digest(params)}
+
+
 def read_lora_base(folder: str) -> tuple[dict, dict]:
-    """(U-Net params as float32 NumPy, identity {"path": absolute path, "sha256"}) of the `unet_init` folder."""
+    """(U-Net params as float32 NumPy, `lora_base_identity`) of the `unet_init` folder."""
     params = read_unet_condition(folder)[1]
-    return params, {"path": os.path.abspath(folder), "sha256": weights_digest(params)}
+    return params, lora_base_identity(folder, params)
 
 
 # --------------------------------------------------------------------------- the task
@@ -405,7 +481,10 @@ class LatentTask:
         image_size = source.image_shape[0] if source is not None else vae_config.sample_size
         self.text_config, self.text_length = text_encoder_config(config)
         self.unet_config = unet_config(config, vae_config.latent_channels, image_size // self.factor,
-                                       self.text_config.hidden_size)  # fmt: skip
+                                       text_width(config, self.text_config))  # fmt: skip
+        self.image_size = image_size
+        self.sdxl = is_sdxl_folder(lc.text_encoder)
+        self._zero_uncond = False  # SDXL's force_zeros_for_empty_prompt, once the folder is read
         self.latent_shape = (self.unet_config.sample_size,) * 2 + (vae_config.latent_channels,)
         lora = config.training.lora
         self.unet_shapes = unet_condition_shapes(self.unet_config) if lora.rank else None
@@ -420,18 +499,58 @@ class LatentTask:
         self.scheduler = run_scheduler(config.diffusion)
         self.tokenize = self.word_tokenizer = self.grid_captions = self.networks = self._kept = None
         if source is not None:
+            if config.training.prior_preservation.class_data_dir:
+                source.class_examples = self._class_examples()
             self._read_captions(source)
-            self.networks = self.modules._replace(frozen=self._frozen_params())
+            if self.sdxl:
+                self.networks = self._sdxl_networks()
+            else:
+                self.networks = self.modules._replace(frozen=self._frozen_params())
             self._step, self._sample = self._make_step(), self._make_sampler()
+
+    def _sdxl_networks(self) -> LatentNetworks:
+        """The networks of an SDXL LoRA run from its folder (read once: the frozen U-Net, both text encoders and
+        their tokenizers, the autoencoder); sets `tokenize` (ids [B, 2, L]) and `lora_base`."""
+        models = read_stable_diffusion(self.config.latent.unet_init)
+        self.lora_base = lora_base_identity(self.config.latent.unet_init, models.unet_params)
+        dtype = jnp.dtype(self.config.training.lora.base_dtype)
+        frozen = jax.device_put({"vae": models.vae_params, "text": models.text_params, "text_2": models.text_params_2})
+        frozen["unet"] = jax.tree.map(lambda leaf: jnp.asarray(leaf, dtype), models.unet_params)
+        self._zero_uncond = models.force_zeros_for_empty_prompt
+        tokenizers = (models.tokenizer, models.tokenizer_2)
+        self.tokenize = lambda prompts: np.stack([np.asarray(t(list(prompts)).input_ids, np.int32) for t in tokenizers],
+                                                 axis=1)  # fmt: skip
+        return self.modules._replace(frozen=frozen, sdxl=PromptEncoder(models))
+
+    def _class_examples(self):
+        """The class images of DreamBooth's prior preservation (`jaxdiff.data.prior`); the missing ones generated
+        first from `class_prompt` by the `unet_init` folder's pipeline at the training image size."""
+        prior = self.config.training.prior_preservation
+        directory, wanted = os.path.abspath(prior.class_data_dir), prior.num_class_images
+        missing = wanted - class_image_count(directory)
+        if missing > 0:
+            if not prior.class_prompt:
+                raise ConfigError(f"config training.prior_preservation.class_data_dir={prior.class_data_dir!r} has "
+                                  f"{wanted - missing} of num_class_images={wanted} images: give "
+                                  "training.prior_preservation.class_prompt to generate the rest")  # fmt: skip
+            pipe = LatentPipeline.from_pretrained(self.config.latent.unet_init)
+            chunk = self.config.training.batch_size
+            for start in range(0, missing, chunk):
+                count = min(chunk, missing - start)
+                log.info("generating class images %d-%d of %d into %s", start + 1, start + count, missing, directory)
+                images = pipe.text_to_image([prior.class_prompt] * count, seed=self.config.seed + start,
+                                            height=self.image_size, width=self.image_size)  # fmt: skip
+                add_class_images(directory, images, prior.class_prompt)
+        return load_class_examples(directory, self.image_size, wanted)
 
     def _read_captions(self, source) -> None:
         if not hasattr(source, "captions"):
             raise ConfigError(f"dataset {self.config.data.dataset!r} has no captions: task 'latent' trains on "
                              "captioned images (e.g. data.dataset='shapes')")  # fmt: skip
-        if self.config.latent.text_encoder:
+        if self.config.latent.text_encoder and not self.sdxl:  # SDXL's two: `_sdxl_networks`
             clip = CLIPTokenizer.from_folder(pathlib.Path(self.config.latent.text_encoder) / "tokenizer")
             self.tokenize = lambda prompts: np.asarray(clip(list(prompts)).input_ids, np.int32)
-        else:
+        elif not self.config.latent.text_encoder:
             captions = source.captions(np.arange(source.num_examples))
             self.word_tokenizer = caption_tokenizer(captions, self.config.latent.text)
             self.tokenize = lambda prompts: self.word_tokenizer.encode(prompts).input_ids
@@ -471,23 +590,38 @@ class LatentTask:
 
     def _make_step(self) -> Callable:
         empty = self.tokenize([""])[0]
-        loss_fn = make_latent_loss_fn(self.networks, self.scheduler.schedule, self.config.diffusion,
-                                      caption_dropout=self.config.latent.caption_dropout, empty_ids=empty)  # fmt: skip
-        return make_latent_train_step(loss_fn, self.config.training, self.tx)
+        prior = self.config.training.prior_preservation
+        make = make_latent_losses_fn if prior.class_data_dir else make_latent_loss_fn
+        loss_fn = make(self.networks, self.scheduler.schedule, self.config.diffusion,
+                       caption_dropout=self.config.latent.caption_dropout, empty_ids=empty)  # fmt: skip
+        return make_latent_train_step(loss_fn, self.config.training, self.tx,
+                                      prior_weight=prior.weight if prior.class_data_dir else None)  # fmt: skip
 
     def _make_sampler(self) -> Callable:
         s = self.config.sampling
+        time_ids = sdxl_time_ids([[self.image_size] * 2], self.image_size)[0] if self.sdxl else None
         return make_grid_sampler(self.networks, self.scheduler, self.tokenize(self.grid_captions),
                                  self.tokenize([""])[0], self.latent_shape, sampler=s.sampler,
-                                 steps=s.steps or DEFAULT_STEPS, guidance=s.guidance)  # fmt: skip
+                                 steps=s.steps or DEFAULT_STEPS, guidance=s.guidance, time_ids=time_ids,
+                                 zero_uncond=self._zero_uncond)  # fmt: skip
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self._step(state, batch)
 
     def host_batch(self, local_batch: dict) -> dict:
+        """{"image", "input_ids"(, "time_ids")}; with prior preservation also the paired class examples' as
+        "class_image", "class_input_ids"(, "class_time_ids")."""
         if "caption" not in local_batch:
             raise DataError("task 'latent' needs batches with captions")
-        return {"image": np.asarray(local_batch["image"]), "input_ids": self.tokenize(local_batch["caption"])}
+        halves = ("", "class_") if self.config.training.prior_preservation.class_data_dir else ("",)
+        batch = {}
+        for half in halves:
+            images = np.asarray(local_batch[half + "image"])
+            batch[half + "image"], batch[half + "input_ids"] = images, self.tokenize(local_batch[half + "caption"])
+            if self.sdxl:
+                sizes = local_batch.get(half + "original_size", np.tile(images.shape[1:3], (len(images), 1)))
+                batch[half + "time_ids"] = sdxl_time_ids(sizes, self.image_size)
+        return batch
 
     def sample_grid(self, ema_params, rng) -> jax.Array:
         return self._sample(ema_params, rng)
@@ -532,7 +666,14 @@ def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dic
     it; for a checkpoint without one, the step it was trained on where it lives, refused if that is not what
     the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`). A LoRA run's
     pipeline is the `unet_init` folder's U-Net (checked to be the one trained on) with the run's EMA adapters
-    loaded as LORA_NAME at scale 1 (`pipe.set_lora_scale`, `fuse_lora` work on them)."""
+    loaded as LORA_NAME at scale 1 (`pipe.set_lora_scale`, `fuse_lora` work on them); an SDXL run's, that
+    folder's SDXL pipeline with them."""
+    if is_sdxl_folder(config.latent.unet_init):
+        folder = extras["lora_base"]["path"]
+        pipe = LatentPipeline.from_pretrained(folder)
+        check_lora_base(extras["lora_base"], lora_base_identity(folder, pipe.model.unet_params))
+        pipe.load_lora(trained_lora(params["lora"], lora_scale(config.training.lora), LORA_SOURCE), name=LORA_NAME)
+        return pipe
     recorded = extras["autoencoder"]
     if "vae" in params and KEPT_CONFIG in extras:
         vae_config, vae_params = config_of_kept(extras), params["vae"]

@@ -1,4 +1,4 @@
-"""`FrozenAutoencoder`: the autoencoder a pixel-family model draws the latents of (DiT, in the Stable Diffusion VAE's
+"""`DecodingAutoencoder`: the autoencoder a pixel-family model draws the latents of (DiT, in the Stable Diffusion VAE's
 latent space), held by `jaxdiff.sampling.pipeline.Pipeline` to turn its samples into images.
 
 Latents are NHWC in the model's scale z = (vae_latent − shift_factor)·scaling_factor (`decode_latents`), the
@@ -20,7 +20,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class FrozenAutoencoder:
+class DecodingAutoencoder:
     """A diffusers `AutoencoderKL`: `config` as `jaxdiff.latent.component_weights.read_autoencoder` reads it
     (with its scaling_factor and shift_factor), `params` its float32 parameters (NumPy or device arrays)."""
 
