@@ -110,8 +110,9 @@ def read_weights(
         flat = {}
         for path, name in found.items():
             array = read_tensor(f, file, name)
-            flat[path] = array if path[-1] == "embedding" else from_torch(array, shapes[path])
-    return flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
+            # Made contiguous one tensor at a time, so the peak is the tree plus one tensor, not two trees.
+            flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shapes[path]))
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def param_shapes(model: nn.Module, *inputs: Any) -> dict[ParamPath, tuple[int, ...]]:

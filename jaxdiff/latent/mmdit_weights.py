@@ -73,7 +73,8 @@ def read_transformer_weights(
         if not error <= BUFFER_TOLERANCE:
             raise WeightsError(f"{folder}: the stored {name} differs from the one its config gives by up to "
                                f"{error:.3g} (allowed {BUFFER_TOLERANCE})")  # fmt: skip
-    params = {path: np.ascontiguousarray(from_torch(array, shapes[path])) for path, array in flat.items()}
+    # Converted one tensor at a time, each read array dropped as it goes: the peak is the tree plus one tensor.
+    params = {path: np.ascontiguousarray(from_torch(flat.pop(path), shapes[path])) for path in list(flat)}
     return flax.traverse_util.unflatten_dict(params)
 
 

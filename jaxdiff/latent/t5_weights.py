@@ -66,9 +66,9 @@ def read_sharded_weights(
         found = match_names(wanted, available, source=str(source))
         flat = {}
         for path, name in found.items():
-            array = tensor(name)
-            flat[path] = array if path[-1] == "embedding" else from_torch(array, shapes[path])
-    return flax.traverse_util.unflatten_dict({p: np.ascontiguousarray(a) for p, a in flat.items()})
+            array = tensor(name)  # made contiguous one at a time: the peak is the tree plus one tensor
+            flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shapes[path]))
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 def read_t5_encoder(
