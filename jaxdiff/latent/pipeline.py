@@ -52,10 +52,8 @@ from jaxdiff.latent.schedulers import (
     denoise_on_levels,
     dpm_solver_timesteps,
     folder_sampler,
-    img2img_timesteps,
     initial_scale,
-    pndm_points,
-    sampler_levels,
+    run_points,
     sampler_scheduler,
     sigma_denoiser,
     step_plan,
@@ -284,16 +282,8 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         return self._compiled[key]
 
     def _run_points(self, sampler: str, steps: int, karras: bool, strength: float = 1.0) -> np.ndarray:
-        """The decreasing training steps (ddim, ddpm; pndm: `pndm_points`) or noise levels, ending at 0
-        (SIGMA_SAMPLERS) of a run; with strength < 1, only the last int(steps·strength) steps, where diffusers'
-        image-to-image starts."""
-        scheduler = sampler_scheduler(self.scheduler, sampler)
-        if sampler == "pndm":
-            return pndm_points(scheduler, steps, strength)
-        if sampler not in SIGMA_SAMPLERS:
-            return img2img_timesteps(visited_timesteps(scheduler, steps), strength)
-        levels = sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
-        return np.append(img2img_timesteps(levels[:-1], strength), levels[-1])
+        """`run_points` of `sampler` under this pipeline's scheduler."""
+        return run_points(sampler_scheduler(self.scheduler, sampler), sampler, steps, karras, strength)
 
     def _start(self, sampler: str, points: np.ndarray, noise: Array, image_latents: Array | None = None) -> Array:
         """The sampler's initial state: the noise (scaled by diffusers' init_noise_sigma on σ grids), or the

@@ -30,7 +30,7 @@ from jaxdiff.latent.schedulers import (
     folder_sampler,
     initial_scale,
     pndm_points,
-    sampler_levels,
+    run_points,
     sampler_scheduler,
     sigma_denoiser,
     step_plan,
@@ -86,10 +86,8 @@ class SchedulerSampling:
         (SIGMA_SAMPLERS) of a run, after checking `steps` and the scheduler config's settings for `sampler`."""
         scheduler = sampler_scheduler(self.scheduler, sampler)
         check_multistep_config(scheduler, sampler)
-        timesteps = visited_timesteps(scheduler, steps)
-        if sampler in SIGMA_SAMPLERS:
-            return sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
-        return pndm_points(scheduler, steps) if sampler == "pndm" else timesteps
+        visited_timesteps(scheduler, steps)  # checks steps
+        return run_points(scheduler, sampler, steps, karras)
 
     def sampler_fn(self, model, shape: tuple[int, ...], *, guidance: float = 0.0, wrap: Callable | None = None,
                    sampler: str, steps: int, spacing: str | None, **_) -> Callable:  # fmt: skip

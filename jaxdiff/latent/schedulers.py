@@ -327,6 +327,20 @@ def pndm_points(scheduler: SchedulerSettings, steps: int, strength: float = 1.0)
     return np.append(calls, calls[-1] - stride)
 
 
+def run_points(
+    scheduler: SchedulerSettings, sampler: str, steps: int, karras: bool, strength: float = 1.0
+) -> np.ndarray:
+    """What `sampler` steps through in a run of `steps` (`scheduler` from `sampler_scheduler`): the decreasing
+    training steps (ddim, ddpm), `pndm_points` (pndm), or the noise levels ending at 0 (SIGMA_SAMPLERS); with
+    strength < 1 only the last int(steps·strength) steps, where diffusers' image-to-image starts."""
+    if sampler == "pndm":
+        return pndm_points(scheduler, steps, strength)
+    if sampler not in SIGMA_SAMPLERS:
+        return img2img_timesteps(visited_timesteps(scheduler, steps), strength)
+    levels = sampler_levels(scheduler, steps, sampler=sampler, karras=karras)
+    return np.append(img2img_timesteps(levels[:-1], strength), levels[-1])
+
+
 def add_noise(scheduler: SchedulerSettings, latents: Array, noise: Array, t: int) -> Array:
     """q(z_t | z_0): sqrt(ᾱ_t)·z_0 + sqrt(1 − ᾱ_t)·noise at training step t."""
     alpha_bar = scheduler.schedule.alphas_cumprod[t]
