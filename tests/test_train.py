@@ -9,7 +9,7 @@ import pytest
 from jaxdiff.cli import load_config
 from jaxdiff.models import create_model
 from jaxdiff.training.step import (
-    _accumulated_grads,
+    accumulated_grads,
     init_train_state,
     learning_rate_schedule,
     make_loss_fn,
@@ -98,7 +98,7 @@ def test_gradient_accumulation_is_the_mean_over_micro_batches():
     loss_fn = make_loss_fn(config, model)
     batch = batch_of(config)
     rng = jax.random.PRNGKey(7)
-    loss, grads = jax.jit(_accumulated_grads, static_argnums=(0, 5))(
+    loss, grads = jax.jit(accumulated_grads, static_argnums=(0, 5))(
         loss_fn, state.params, batch["image"], batch["label"], rng, 2)
     half = config.training.batch_size // 2
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))  # one compiled program for both halves

@@ -122,20 +122,20 @@ def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
     def loss_fn(params, images, labels, rng):
         flip_rng, t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 5)
         x_start = preprocess(images, flip_rng if config.data.random_flip else None)
-        y = _training_labels(labels, label_rng, num_classes, config.training.label_dropout)
+        y = training_labels(labels, label_rng, num_classes, config.training.label_dropout)
         return family_loss(params, x_start, y, t_rng, noise_rng, dropout_rng)
 
     return loss_fn
 
 
-def _training_labels(labels: Array, rng: Array, num_classes: int, dropout: float) -> Array | None:
+def training_labels(labels: Array, rng: Array, num_classes: int, dropout: float) -> Array | None:
     """Class labels with the null label `num_classes` at rate `dropout`; None for unconditional models."""
     if num_classes == 0:
         return None
     return jnp.where(jax.random.bernoulli(rng, dropout, labels.shape), num_classes, labels)
 
 
-def _accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_batches: int):
+def accumulated_grads(loss_fn: Callable, params, images, labels, rng, micro_batches: int):
     """Mean loss and gradient over `micro_batches` equal slices of the batch, scanned one at a time."""
     grad_fn = jax.value_and_grad(loss_fn)
     if micro_batches == 1:
@@ -194,7 +194,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx) -> Callable:
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = _accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, micro_batches)
+        loss, grads = accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, micro_batches)
         return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
 
     return train_step

@@ -44,13 +44,13 @@ from jaxdiff.models.autoencoder import DiagonalGaussian, create_autoencoder
 from jaxdiff.models.networks import create_model
 from jaxdiff.training.step import (
     TrainState,
-    _accumulated_grads,
-    _training_labels,
+    accumulated_grads,
     apply_gradients,
     init_train_state,
     learning_rate_schedule,
     make_optimizer,
     preprocess,
+    training_labels,
 )
 from jaxdiff.training.tasks.diffusion import sample_images
 from jaxdiff.training.tasks.latent import (
@@ -159,7 +159,7 @@ def make_class_latent_loss_fn(config: ml_collections.ConfigDict, model, vae, vae
         else:
             posterior = vae.apply({"params": vae_params}, preprocess(inputs, flip_rng), method=vae.encode)
         z_0 = jax.lax.stop_gradient(model_latents(posterior, vae_config, encode_rng))
-        y = _training_labels(labels, label_rng, num_classes, dropout)
+        y = training_labels(labels, label_rng, num_classes, dropout)
         return family_loss(params, z_0, y, t_rng, noise_rng, dropout_rng)
 
     return loss_fn
@@ -172,7 +172,7 @@ def make_class_latent_step(loss_fn: Callable, training: ml_collections.ConfigDic
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         inputs = batch["moments"] if "moments" in batch else batch["image"]
-        loss, grads = _accumulated_grads(loss_fn, state.params, inputs, batch["label"], rng, micro_batches)
+        loss, grads = accumulated_grads(loss_fn, state.params, inputs, batch["label"], rng, micro_batches)
         return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
 
     return train_step
