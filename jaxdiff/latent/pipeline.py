@@ -39,24 +39,17 @@ from jaxdiff.latent.prompt_conditioning import (
     rescale_guided,
 )
 from jaxdiff.latent.stable_diffusion import read_pretrained
+from jaxdiff.latent.scheduler_run import SchedulerRun
 from jaxdiff.latent.schedulers import (
     DPM_SAMPLERS,
     GRID_OF,
     KARRAS_SAMPLERS,
     LATENT_SAMPLERS,
-    ROUNDED_STEP_SAMPLERS,
-    SIGMA_SAMPLERS,
-    add_noise,
     check_multistep_config,
-    denoise,
-    denoise_on_levels,
     dpm_solver_timesteps,
     folder_sampler,
-    initial_scale,
     run_points,
     sampler_scheduler,
-    sigma_denoiser,
-    step_plan,
     training_sigmas,
     visited_timesteps,
 )
@@ -246,10 +239,7 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         key = (tuple(points.tolist()), sampler, guidance, mode, rescale)
         if key in self._compiled:
             return self._compiled[key]
-        on_levels = sampler in SIGMA_SAMPLERS
-        scheduler = sampler_scheduler(self.scheduler, sampler)
-        increasing = None if on_levels else jnp.asarray(points[::-1].copy(), jnp.int32)
-        plan = None if on_levels else step_plan(scheduler, points, sampler)  # concrete tables, outside jit
+        scheduler_run = SchedulerRun(self.scheduler, sampler, points)  # concrete tables, outside jit
 
         def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise, class_label=None):
             def unet(x, t, conditioning):
@@ -258,22 +248,12 @@ class LatentPipeline(LoraAdapters, PipelineBase):
                                        added_cond=conditioning.added_cond)  # fmt: skip
 
             extra_channels = condition if mode == "condition" else None
-            if on_levels:
-                fn = sigma_denoiser(guided_unet(unet, cond, uncond, guidance, extra_channels, rescale), scheduler,
-                                    rounded=sampler in ROUNDED_STEP_SAMPLERS)  # fmt: skip
-            else:
-                fn = guided_latent_denoiser(unet, cond, uncond, guidance, increasing, extra_channels, rescale)
+            model_fn = guided_unet(unet, cond, uncond, guidance, extra_channels, rescale)
+            wrap = None
             if mode == "blend":
-                def noised(i):
-                    if on_levels:  # i is the noise level σ of the unscaled latents
-                        return image_latents + i[:, None, None, None] * noise
-                    return add_noise(self.scheduler, image_latents, noise, increasing[i][:, None, None, None])
-
-                fn = blended_denoiser(fn, mask, noised, float(points[0]) if on_levels else len(points) - 1)
-            if on_levels:
-                latents = denoise_on_levels(fn, points, x_start, sampler=sampler, scheduler=scheduler, rng=rng)
-            else:
-                latents = denoise(fn, plan, x_start, rng, sampler=sampler)
+                wrap = lambda fn: blended_denoiser(  # noqa: E731
+                    fn, mask, lambda i: scheduler_run.noised(image_latents, noise, i), scheduler_run.first_index)
+            latents = scheduler_run(model_fn, x_start, rng, wrap)
             if mode == "blend":
                 latents = mask * latents + (1.0 - mask) * image_latents
             return latents
@@ -286,15 +266,8 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         return run_points(sampler_scheduler(self.scheduler, sampler), sampler, steps, karras, strength)
 
     def _start(self, sampler: str, points: np.ndarray, noise: Array, image_latents: Array | None = None) -> Array:
-        """The sampler's initial state: the noise (scaled by diffusers' init_noise_sigma on σ grids), or the
-        image latents noised to the first step (VP x_t for ddim/ddpm; x_0 + σ·noise on σ grids)."""
-        if sampler in SIGMA_SAMPLERS:
-            if image_latents is None:
-                return noise * initial_scale(sampler_scheduler(self.scheduler, sampler), sampler, float(points[0]))
-            return image_latents + float(points[0]) * noise
-        if image_latents is None:
-            return noise
-        return add_noise(self.scheduler, image_latents, noise, int(points[0]))
+        """The sampler's initial state (`SchedulerRun.start`)."""
+        return SchedulerRun(self.scheduler, sampler, points).start(noise, image_latents)
 
     # ------------------------------------------------------------------ shared steps
 

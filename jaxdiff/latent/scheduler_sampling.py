@@ -19,21 +19,15 @@ import numpy as np
 
 from jaxdiff.diffusion.scheduler_config import SchedulerSettings
 from jaxdiff.errors import UsageError
+from jaxdiff.latent.scheduler_run import SchedulerRun
 from jaxdiff.latent.schedulers import (
     KARRAS_SAMPLERS,
     LATENT_SAMPLERS,
-    ROUNDED_STEP_SAMPLERS,
-    SIGMA_SAMPLERS,
     check_multistep_config,
-    denoise,
-    denoise_on_levels,
     folder_sampler,
-    initial_scale,
     pndm_points,
     run_points,
     sampler_scheduler,
-    sigma_denoiser,
-    step_plan,
     visited_timesteps,
 )
 
@@ -93,10 +87,8 @@ class SchedulerSampling:
                    sampler: str, steps: int, spacing: str | None, **_) -> Callable:  # fmt: skip
         """draw(params, rng, labels, noise=None) -> the final latents `shape` of the run; the family's denoiser
         of `model`, wrapped by `wrap` when given. `rng` splits into the noise's key and the sampler's."""
-        points = self._points(sampler, steps, spacing == "karras")  # concrete, outside jit
-        scheduler = sampler_scheduler(self.scheduler, sampler)
-        on_levels, channels = sampler in SIGMA_SAMPLERS, shape[-1]
-        plan = None if on_levels else step_plan(scheduler, points, sampler)
+        scheduler_run = SchedulerRun(self.scheduler, sampler, self._points(sampler, steps, spacing == "karras"))
+        channels = shape[-1]
 
         def draw(params, rng, labels, noise=None):
             fn = self.family.denoiser(model, params, labels=labels, guidance=guidance)
@@ -104,12 +96,6 @@ class SchedulerSampling:
             model_fn = lambda x, t: fn(x, t)[..., :channels]  # noqa: E731 - the learned σ split off
             noise_key, loop_key = jax.random.split(rng)
             noise = jax.random.normal(noise_key, shape, jnp.float32) if noise is None else noise
-            if on_levels:
-                denoiser = sigma_denoiser(model_fn, scheduler, rounded=sampler in ROUNDED_STEP_SAMPLERS)
-                x_start = noise * initial_scale(scheduler, sampler, float(points[0]))
-                return denoise_on_levels(denoiser, points, x_start, sampler=sampler, scheduler=scheduler,
-                                         rng=loop_key)  # fmt: skip
-            increasing = jnp.asarray(points[::-1].copy(), jnp.int32)
-            return denoise(lambda x, i: model_fn(x, increasing[i]), plan, noise, loop_key, sampler=sampler)
+            return scheduler_run(model_fn, scheduler_run.start(noise), loop_key)
 
         return draw
