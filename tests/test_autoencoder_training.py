@@ -53,7 +53,7 @@ def model() -> AutoencoderKL:
 
 @pytest.fixture(scope="module")
 def params(model):
-    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
+    return jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"]
 
 
 def shapes_batch(n: int, seed: int = 0) -> np.ndarray:
@@ -73,12 +73,13 @@ def test_loss_and_kl_match_numpy(model, params, kind):
     rng = jax.random.PRNGKey(5)
     loss, aux = loss_fn(params, None, jnp.asarray(x, jnp.float32), rng, True)
 
-    posterior = model.apply({"params": params}, jnp.asarray(x, jnp.float32), method=AutoencoderKL.encode)
+    encode = jax.jit(lambda p, v: model.apply({"params": p}, v, method=AutoencoderKL.encode))
+    posterior = encode(params, jnp.asarray(x, jnp.float32))
     mean, logvar = np.asarray(posterior.mean, np.float64), np.asarray(posterior.logvar, np.float64)
     noise = np.asarray(jax.random.normal(rng, mean.shape), np.float64)
     z = mean + np.exp(0.5 * logvar) * noise
     np.testing.assert_allclose(aux["z"], z, rtol=1e-5, atol=1e-5)
-    decoded = model.apply({"params": params}, jnp.asarray(aux["z"]), method=AutoencoderKL.decode)
+    decoded = jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.decode))(params, aux["z"])
     np.testing.assert_allclose(aux["reconstruction"], decoded, rtol=1e-5, atol=1e-5)
 
     reconstruction = np.asarray(aux["reconstruction"], np.float64)
