@@ -1,8 +1,9 @@
-"""LoRA adapters on a Stable Diffusion pipeline's U-Net and text encoder.
+"""LoRA adapters on a pipeline's U-Net or transformer (SD3, Flux) and CLIP text encoders.
 
 A LoRA file (`jaxdiff.weights.lora_files`: diffusers/peft, older diffusers and kohya formats) is matched to our
-parameters through the weight readers' own name tables — `diffusers_tensor_name` (U-Net) and `clip_names` (text
-encoder) name each of our kernels as its PyTorch module — and its factors become each kernel's change
+parameters through the weight readers' own name tables — `diffusers_tensor_name` (U-Net),
+`jaxdiff.latent.mmdit_weights.diffusers_name` (SD3 / Flux transformer) and `clip_names` (text encoders) name each
+of our kernels as its PyTorch module — and its factors become each kernel's change
 ΔW = up @ down in our layouts (dense [in, out], conv HWIO). With adapters i at user scales s_i and the files'
 own scales c_i (alpha / r), an adapted kernel is
 
@@ -28,6 +29,14 @@ writes for SDXL) are renamed to diffusers' names by the single-file reader's own
 (`jaxdiff.latent.stable_diffusion.unet_diffusers_name`), read with the U-Net's `layers_per_block` and
 `up_block_types`; like every key no module takes, a name that renames to none of our kernels is listed in the
 refusal.
+
+kohya / ComfyUI Flux files name the transformer's modules as Black Forest Labs' code does
+(`lora_unet_double_blocks_0_img_attn_qkv`, `single_blocks_0_linear1`, `final_layer_adaLN_modulation_1`); the
+single-file reader's table (`jaxdiff.latent.transformer_single_file.flux_sources`) gives each original module's
+diffusers modules and the rows of its weight each takes, so a fused module's ΔW = up @ down splits by rows onto our
+q, k, v (and the single block's MLP input) kernels: each part is up[rows] @ down, at the module's alpha / r. Read
+with the transformer's Flux config (`match_lora(..., flux_config=)`, which a Flux pipeline passes through
+`LoraAdapters._lora_layouts`).
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ from jaxdiff.checks import is_real
 from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.latent.component_weights import clip_names, torch_shape
+from jaxdiff.latent.mmdit_weights import diffusers_name
 from jaxdiff.latent.stable_diffusion import unet_diffusers_name
+from jaxdiff.latent.transformer_single_file import flux_sources, original_modules
 from jaxdiff.latent.unet_weights import diffusers_tensor_name
 from jaxdiff.weights.lora_files import LoraFile, LoraModule, listed, read_lora_file
 from jaxdiff.weights.matching import ParamPath
@@ -55,6 +66,7 @@ from jaxdiff.weights.torch_layout import from_torch
 # A LoRA file's component -> (the pipeline's params key, the PyTorch names of our parameter at a path).
 COMPONENTS: dict[str, tuple[str, Callable[[ParamPath], tuple[str, ...]]]] = {
     "unet": ("unet", lambda path: (diffusers_tensor_name(path),)),
+    "transformer": ("transformer", lambda path: (diffusers_name(path),)),  # SD3, Flux
     "text_encoder": ("text", clip_names),
     "text_encoder_2": ("text_2", clip_names),  # SDXL's second text encoder
 }
@@ -109,15 +121,45 @@ def original_unet_module(module: str, unet_config) -> str | None:
     return None if name is None else name.removesuffix(".weight").replace(".", "_")
 
 
-def match_lora(lora: LoraFile, params: dict, unet_config=None) -> Adapter:
-    """`lora`'s adapters on our kernels of `params` ({"unet", "text", ...}); one WeightsError lists the keys that
-    adapt no module of the pipeline, another the adapters whose ΔW has another shape than their weight (a LoRA
-    for another base model). With the U-Net's `unet_config`, kohya U-Net names in the original LDM / sgm layout
-    are read too (`original_unet_module`)."""
+def flux_parts(module: str, factors: LoraModule,
+               modules: dict[str, list]) -> list[tuple[str, LoraModule]] | str | None:  # fmt: skip
+    """The kohya (underscored) diffusers modules a kohya Flux module in BFL's names adapts, each with its factors
+    (a fused module's up restricted to the rows of its part); `modules` is `original_modules(flux_sources(...))`
+    with underscored keys. None for a name that is not BFL's; a message (str) when a fused module's ΔW has another
+    number of rows than its weight."""
+    targets = modules.get(module)
+    if targets is None:
+        return None
+    rows = max((stop for _, ranges in targets if ranges for _, stop in ranges), default=None)
+    if rows is not None and factors.up.shape[0] != rows:
+        return f"unet.{module}: ΔW has {factors.up.shape[0]} rows, the fused weight {rows}"
+    return [(target.replace(".", "_"), factors if ranges is None else dataclasses.replace(
+                factors, up=np.concatenate([factors.up[start:stop] for start, stop in ranges])))
+            for target, ranges in targets]  # fmt: skip
+
+
+def match_lora(lora: LoraFile, params: dict, unet_config=None, flux_config=None) -> Adapter:
+    """`lora`'s adapters on our kernels of `params` ({"unet" or "transformer", "text", ...}); one WeightsError lists
+    the keys that adapt no module of the pipeline, another the adapters whose ΔW has another shape than their weight
+    (a LoRA for another base model). With the U-Net's `unet_config`, kohya U-Net names in the original LDM / sgm
+    layout are read too (`original_unet_module`); with the Flux transformer's `flux_config`, kohya Flux names in
+    BFL's layout (`flux_parts`)."""
     tables = {}
     modules: dict[str, dict[ParamPath, LoraModule]] = {}
     unmatched, misfit, twice = [], [], []
+    items = []
+    bfl = None
+    if flux_config is not None and lora.underscored:
+        bfl = {name.replace(".", "_"): targets for name, targets in original_modules(flux_sources(flux_config)).items()}
     for (component, module), factors in lora.modules.items():
+        parts = flux_parts(module, factors, bfl) if component == "unet" and bfl is not None else None
+        if isinstance(parts, str):
+            misfit.append(parts)
+        elif parts is not None:
+            items.extend(("transformer", target, part) for target, part in parts)
+        else:
+            items.append((component, module, factors))
+    for component, module, factors in items:
         if component == "unet" and lora.underscored and unet_config is not None:
             module = original_unet_module(module, unet_config)
         key, names = COMPONENTS.get(component, (None, None))
@@ -136,9 +178,10 @@ def match_lora(lora: LoraFile, params: dict, unet_config=None) -> Adapter:
             twice.extend(factors.keys)
             continue
         modules.setdefault(key, {})[path] = factors
+    unmatched = sorted(set(unmatched))  # the parts of a fused module share its keys
     if unmatched:
-        raise WeightsError(f"{lora.path}: {len(unmatched)} keys adapt no module of this pipeline's U-Net or text "
-                           f"encoder (a LoRA for another model?): {listed(sorted(unmatched))}")  # fmt: skip
+        raise WeightsError(f"{lora.path}: {len(unmatched)} keys adapt no module of this pipeline's networks (a LoRA "
+                           f"for another model?): {listed(unmatched)}")  # fmt: skip
     if misfit:
         raise WeightsError(f"{lora.path}: {len(misfit)} adapters do not fit their weights' shapes (a LoRA for another "
                            f"base model?): {listed(misfit)}")  # fmt: skip
@@ -190,9 +233,9 @@ def adapted_params(params: dict, adapters: list[tuple[Adapter, float]]) -> dict:
 
 
 class LoraAdapters:
-    """The LoRA methods of a pipeline whose `params` is {"unet", "text", ...} and `model.unet_config` its U-Net's
-    config (see the module docstring). The pipeline calls `_init_lora()` in its constructor and runs its networks
-    with `_run_params`."""
+    """The LoRA methods of a pipeline whose `params` is {"unet" or "transformer", "text", ...} (see the module
+    docstring). The pipeline calls `_init_lora()` in its constructor and runs its networks with `_run_params`;
+    `_lora_layouts` gives the matcher what reads original-layout (kohya) names."""
 
     params: dict
     model: LatentModels
@@ -207,6 +250,13 @@ class LoraAdapters:
     def _run_params(self) -> dict:
         """The weights to run with: the adapted ones while adapters apply unfused, else `params`."""
         return self.params if self._lora_adapted is None or self._lora_originals is not None else self._lora_adapted
+
+    def _lora_layouts(self) -> dict:
+        """`match_lora`'s keyword arguments for this pipeline's original-layout (kohya) names: the U-Net's config
+        where the model has one (`model.unet_config`), else none. A pipeline of other networks overrides this; a
+        Flux pipeline returns {"flux_config": its transformer's config}."""
+        unet_config = getattr(self.model, "unet_config", None)
+        return {} if unet_config is None else {"unet_config": unet_config}
 
     def _refuse_fused(self, method: str) -> None:
         if self._lora_originals is not None:
@@ -230,7 +280,7 @@ class LoraAdapters:
         elif name in self.lora_scales:
             raise UsageError(f"a LoRA named {name!r} is already loaded; loaded: {sorted(self.lora_scales)}")
         lora = path if isinstance(path, LoraFile) else read_lora_file(path)
-        adapter = match_lora(lora, self.params, self.model.unet_config)
+        adapter = match_lora(lora, self.params, **self._lora_layouts())
         self._set_lora({**self._lora_adapters, name: adapter}, {**self.lora_scales, name: scale})
         return name
 

@@ -45,6 +45,14 @@ def diffusers_name(path: ParamPath) -> str:
     return ".".join([_INDEXED.sub(r"\1.\2", part) for part in path[:-1]] + [LEAF_NAMES[path[-1]]])
 
 
+def check_buffer(source: str, name: str, stored: np.ndarray, expected: np.ndarray) -> None:
+    """WeightsError naming `source` unless the stored buffer `name` equals `expected` to `BUFFER_TOLERANCE`."""
+    error = float(np.max(np.abs(stored - expected), initial=0.0))
+    if not error <= BUFFER_TOLERANCE:
+        raise WeightsError(f"{source}: the stored {name} differs from the one its config gives by up to {error:.3g} "
+                           f"(allowed {BUFFER_TOLERANCE})")  # fmt: skip
+
+
 def read_transformer_weights(
     folder: pathlib.Path,
     shapes: Mapping[ParamPath, tuple[int, ...]],
@@ -69,10 +77,7 @@ def read_transformer_weights(
                 if location[name] == file:
                     flat[path] = read_tensor(handle, file, name)
     for name, expected in buffers.items():
-        error = float(np.max(np.abs(flat.pop(("buffer", name)) - expected), initial=0.0))
-        if not error <= BUFFER_TOLERANCE:
-            raise WeightsError(f"{folder}: the stored {name} differs from the one its config gives by up to "
-                               f"{error:.3g} (allowed {BUFFER_TOLERANCE})")  # fmt: skip
+        check_buffer(str(folder), name, flat.pop(("buffer", name)), expected)
     # Converted one tensor at a time, each read array dropped as it goes: the peak is the tree plus one tensor.
     params = {path: np.ascontiguousarray(from_torch(flat.pop(path), shapes[path])) for path in list(flat)}
     return flax.traverse_util.unflatten_dict(params)

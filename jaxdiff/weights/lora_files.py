@@ -1,12 +1,13 @@
 """LoRA files (safetensors only, never pickles) read into one form whatever wrote them: each adapted module's
-low-rank factors and the scale its trainer meant, by component (`unet`, `text_encoder`, `text_encoder_2`) and the
-module's PyTorch name inside it.
+low-rank factors and the scale its trainer meant, by component (`unet`, `transformer`, `text_encoder`,
+`text_encoder_2`) and the module's PyTorch name inside it.
 
 The formats diffusers' `load_lora_weights` reads, and no others:
 
 - diffusers / peft (`save_lora_weights`, `pytorch_lora_weights.safetensors`): `<component>.<module>.lora_A.weight`
   (down) and `.lora_B.weight` (up), e.g. `unet.down_blocks.0.attentions.0.proj_in.lora_A.weight`,
-  `text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight` (`text_model.` before `encoder` or not). The
+  `text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight` (`text_model.` before `encoder` or not), SD3's and
+  Flux's `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`. The
   scale is lora_alpha / r of the peft `LoraConfig` the header's `lora_adapter_metadata` holds (per module
   `rank_pattern` / `alpha_pattern`, matched as peft does; lora_alpha / √r with `use_rslora`), 1 without it.
 - older diffusers (scale 1): U-Net `.lora.down.weight` / `.lora.up.weight`, and attention processors'
@@ -16,7 +17,11 @@ The formats diffusers' `load_lora_weights` reads, and no others:
 - kohya (sd-scripts, LyCORIS LoCon): `lora_unet_<module>`, `lora_te_<module>` (SDXL: `lora_te1_`, `lora_te2_`), the
   module's dots written `_` (U-Net modules by their diffusers names or, as kohya writes SDXL's, by the original
   LDM / sgm ones, `lora_unet_input_blocks_4_1_...`: `jaxdiff.latent.lora` tells them apart), with `.lora_down.weight`, `.lora_up.weight` and `.alpha`: scale alpha / r (kohya's
-  default alpha = r where `.alpha` is absent or 0). A LoCon conv adapter is a kh×kw down with a 1×1 up.
+  default alpha = r where `.alpha` is absent or 0). A LoCon conv adapter is a kh×kw down with a 1×1 up. Flux's
+  kohya files name the transformer's modules as Black Forest Labs' code does (`lora_unet_double_blocks_0_img_attn_qkv`,
+  q, k, v fused), read onto our modules by `jaxdiff.latent.lora`; ComfyUI writes them dotted
+  (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`, `text_encoders.clip_l.transformer.<module>`),
+  read as the same `lora_unet_` / `lora_te_` modules.
 
 Factors stay in PyTorch layout: down [r, in] or [r, in, kh, kw], up [out, r] or [out, r, 1, 1]; the weight's
 change is ΔW = up @ down over the rank, [out, in(, kh, kw)], and the adapted weight W + scale·ΔW. DoRA
@@ -45,11 +50,17 @@ METADATA_KEY = "lora_adapter_metadata"  # the header entry holding the peft Lora
 KOHYA_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
 _KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+# ComfyUI's kohya keys with dotted module names (Flux LoRA files), read as `lora_unet_` / `lora_te_` keys.
+COMFY_COMPONENTS = {"diffusion_model": "unet", "text_encoders.clip_l.transformer": "text_encoder"}
+_COMFY_KEY = re.compile(r"^(diffusion_model|text_encoders\.clip_l\.transformer)\.(.+)\."
+                        r"(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_PREFIXES = ("lora_", *(f"{prefix}." for prefix in COMFY_COMPONENTS))
 _TEXT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up",
                   ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up"}  # fmt: skip
 # Each component's key endings -> role, and its attention processors' keys -> (pattern, module renames).
 SUFFIXES = {
     "unet": {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down", ".lora.up.weight": "up"},
+    "transformer": {".lora_A.weight": "down", ".lora_B.weight": "up"},  # SD3, Flux
     "text_encoder": _TEXT_SUFFIXES,
     "text_encoder_2": _TEXT_SUFFIXES,
 }
@@ -122,14 +133,17 @@ def _diffusers_key(key: str) -> tuple[str, str, str] | None:
     for suffix, role in SUFFIXES[component].items():
         if rest.endswith(suffix):
             return component, rest[: -len(suffix)], role
-    pattern, renames = PROCESSORS[component]
-    match = pattern.match(rest)
+    pattern, renames = PROCESSORS.get(component, (None, None))
+    match = pattern and pattern.match(rest)
     return (component, f"{match[1]}.{renames[match[2]]}", match[3]) if match else None
 
 
 def _kohya_key(key: str) -> tuple[str, str, str] | None:
     match = _KOHYA_KEY.match(key)
-    return (KOHYA_COMPONENTS[match[1]], match[2], _KOHYA_ROLES[match[3]]) if match else None
+    if match:
+        return KOHYA_COMPONENTS[match[1]], match[2], _KOHYA_ROLES[match[3]]
+    match = _COMFY_KEY.match(key)
+    return (COMFY_COMPONENTS[match[1]], match[2].replace(".", "_"), _KOHYA_ROLES[match[3]]) if match else None
 
 
 def _peft_settings(metadata: dict[str, str], path: pathlib.Path) -> dict[str, dict]:
@@ -198,11 +212,12 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     """Every adapter of a LoRA file (or of a folder holding `pytorch_lora_weights.safetensors`), checked: one
     WeightsError lists the keys no format names, another the modules lacking their down or up factor, another
     those whose factors do not make a weight change (ranks that differ, an up that is not 1×1, an alpha that is
-    not one finite number >= 0). A file whose every key starts with `lora_` is read as kohya's, as diffusers does."""
+    not one finite number >= 0). A file whose every key starts with `lora_` (or ComfyUI's `diffusion_model.` /
+    `text_encoders.clip_l.transformer.`) is read as kohya's, as diffusers does."""
     path = lora_file_path(path)
     with open_safetensors(path) as f:
         keys = list(f.keys())  # noqa: SIM118 (a safe_open handle)
-        kohya = bool(keys) and all(key.startswith("lora_") for key in keys)
+        kohya = bool(keys) and all(key.startswith(KOHYA_PREFIXES) for key in keys)
         parse = _kohya_key if kohya else _diffusers_key
         entries: dict[tuple[str, str], dict[str, str]] = {}
         unknown = []
