@@ -88,10 +88,11 @@ def _lora_flags(args) -> list[tuple[str, float]]:
     return loras
 
 
-def _sample_pretrained(args, upscaler: bool = False) -> int:
+def _sample_pretrained(args, upscaler: bool = False, flow=None) -> int:
     """`sample --pretrained`, or `--workdir` of a latent run with `--prompt`: text-to-image, image-to-image
     (--init-image) or inpainting (--mask); with `upscaler` (an x4 upscaler folder) the upscale of --init-image
-    (--num copies, each with its own noise)."""
+    (--num copies, each with its own noise); `flow` the pipeline class of an SD3 / Flux folder (its scheduler's own
+    steps: no --sampler, --spacing; --guidance unset leaves the pipeline's default)."""
     if args.config:
         raise UsageError(f"--config {args.config!r}: Stable Diffusion weights carry their own configs")
     if args.prompt is None:
@@ -103,6 +104,9 @@ def _sample_pretrained(args, upscaler: bool = False) -> int:
                                          "does not take them")  # fmt: skip
         if args.init_image is None:
             raise UsageError("the x4 upscaler needs --init-image (the low-resolution image to upscale)")
+    if flow is not None:
+        _refuse(args, ["sampler", "spacing", "config_folder", "prompt_2", "negative_prompt_2"],
+                "options of the Stable Diffusion / SDXL pipelines; an SD3 or Flux folder steps as its own scheduler")
     num = (1 if upscaler else DEFAULT_NUM) if args.num is None else args.num
     if num < 1:
         raise UsageError(f"--num {num}: give at least one image")
@@ -138,7 +142,9 @@ def _sample_pretrained(args, upscaler: bool = False) -> int:
         if args.step is not None:
             raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
         with reading_weights(args.pretrained):
-            if upscaler:
+            if flow is not None:
+                pipe = flow.from_pretrained(args.pretrained)
+            elif upscaler:
                 pipe = upscale.UpscalePipeline.from_pretrained(args.pretrained)
             else:
                 pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
@@ -156,6 +162,10 @@ def _sample_pretrained(args, upscaler: bool = False) -> int:
                     sampler=args.sampler,  # None: the folder's scheduler class
                     karras=args.spacing == "karras",
                     guidance=defaults.DEFAULT_GUIDANCE if args.guidance is None else args.guidance)  # fmt: skip
+    if flow is not None:  # the pipeline's own defaults for what was not given
+        del settings["sampler"], settings["karras"]
+        settings.update(steps=args.steps, guidance=args.guidance)
+        settings = {key: value for key, value in settings.items() if value is not None}
     for name in ("prompt_2", "negative_prompt_2"):  # SDXL's; the pipeline refuses them for other weights
         if getattr(args, name) is not None:
             settings[name.replace("prompt", "prompts")] = [getattr(args, name)] * num
@@ -225,6 +235,14 @@ def run_sample(args, extra) -> int:
     _refuse(args, UPSCALE_FLAGS, "for an x4 upscaler (--pretrained of a StableDiffusionUpscalePipeline folder)")
     if args.pretrained and is_stable_diffusion(args.pretrained):
         return _sample_pretrained(args)
+    from jaxdiff.latent.flow_pipeline import folder_pipeline_class
+    from jaxdiff.latent.flux_pipeline import FluxPipeline
+    from jaxdiff.latent.sd3 import SD3Pipeline
+
+    flow = [c for c in (SD3Pipeline, FluxPipeline) if args.pretrained and folder_pipeline_class(args.pretrained) in
+            c.pipeline_classes]  # fmt: skip
+    if flow:
+        return _sample_pretrained(args, flow=flow[0])
     if args.prompt is not None:  # text-to-image from a latent run
         return _sample_pretrained(args)
     args.num = DEFAULT_NUM if args.num is None else args.num

@@ -23,7 +23,7 @@ NEEDS = {
     "inpaint": "a text-to-image model (a Stable Diffusion folder or file, or a latent run)",
     "upscale": "an x4 upscaler (a StableDiffusionUpscalePipeline folder)",
     **dict.fromkeys(("load_lora", "set_lora_scale", "fuse_lora", "unfuse_lora"),
-                    "a text-to-image model (LoRA adapters apply to its U-Net and text encoder)"),
+                    "a text-to-image model (LoRA adapters apply to its U-Net or transformer and its CLIP text encoders)"),
 }  # fmt: skip
 
 

@@ -145,13 +145,26 @@ class Pipeline(PipelineBase):
         stabilityai/sd-vae-ft-ema: DiT's diffusion and sampling, or SiT's flow matching and SDE sampling,
         `jaxdiff.readers.dit_checkpoint.read_dit_run`), a diffusers DiTPipeline folder (sampled as its scheduler
         steps); a Stable Diffusion folder or single file gives a `jaxdiff.latent.pipeline.LatentPipeline`, an x4
-        upscaler folder a `jaxdiff.latent.upscale.UpscalePipeline`. `config`
+        upscaler folder a `jaxdiff.latent.upscale.UpscalePipeline`, an SD3 / SD3.5 or Flux.1 folder a
+        `jaxdiff.latent.sd3.SD3Pipeline` or `jaxdiff.latent.flux_pipeline.FluxPipeline` (`variant`: its weight files'
+        variant, fp16 or bf16). `config`
         names the recipe of weights in other formats (`load_weights`' `dataset`): required for score_sde
         checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
-        its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's)."""
+        its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's); for an SD3 or Flux
+        folder, the weight files' variant."""
+        from jaxdiff.latent.flow_pipeline import folder_pipeline_class
+        from jaxdiff.latent.flux_pipeline import FluxPipeline
+        from jaxdiff.latent.sd3 import SD3Pipeline
         from jaxdiff.latent.stable_diffusion import is_stable_diffusion, is_upscaler
         from jaxdiff.readers.formats import DIT_FORMATS, detect_format
 
+        flow = [c for c in (SD3Pipeline, FluxPipeline) if folder_pipeline_class(path) in c.pipeline_classes]
+        if flow:  # an SD3 / Flux folder; `variant` picks its weight files' variant (fp16, bf16, ...)
+            for name, value in (("config", config), ("vae", vae), ("step", step)):
+                if value is not None:
+                    raise UsageError(f"{name}={value!r}: an SD3 / Flux folder carries its own configs and "
+                                     "autoencoder and has no checkpoint steps")  # fmt: skip
+            return flow[0].from_pretrained(path, variant=variant)
         if is_stable_diffusion(path):  # a LatentPipeline (text_to_image, image_to_image, inpaint) or UpscalePipeline
             from jaxdiff.latent.pipeline import LatentPipeline
             from jaxdiff.latent.upscale import UpscalePipeline
