@@ -22,10 +22,9 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import safetensors
 
-from jaxdiff.weights.torch_layout import from_torch
+from jaxdiff.weights.torch_layout import param_from_torch
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor
@@ -111,7 +110,7 @@ def read_weights(
         for path, name in found.items():
             array = read_tensor(f, file, name)
             # Made contiguous one tensor at a time, so the peak is the tree plus one tensor, not two trees.
-            flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shapes[path]))
+            flat[path] = param_from_torch(path, array, shapes[path])
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -30,7 +30,7 @@ from jaxdiff.weights.files import DIFFUSERS_WEIGHTS_STEM
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
 
 # Our module names with an index suffix that diffusers writes as a list index (`to_out_0` -> `to_out.0`); others
 # (`linear_1`, `norm_added_q`) are diffusers' own names.
@@ -79,7 +79,7 @@ def read_transformer_weights(
     for name, expected in buffers.items():
         check_buffer(str(folder), name, flat.pop(("buffer", name)), expected)
     # Converted one tensor at a time, each read array dropped as it goes: the peak is the tree plus one tensor.
-    params = {path: np.ascontiguousarray(from_torch(flat.pop(path), shapes[path])) for path in list(flat)}
+    params = {path: param_from_torch(path, flat.pop(path), shapes[path]) for path in list(flat)}
     return flax.traverse_util.unflatten_dict(params)
 
 

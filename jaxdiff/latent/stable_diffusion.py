@@ -23,9 +23,8 @@ from typing import NamedTuple
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxdiff.weights.torch_layout import from_torch
+from jaxdiff.weights.torch_layout import param_from_torch
 from jaxdiff.weights.files import CONFIG_FILE, MODEL_INDEX_FILE, load_json
 from jaxdiff.latent.component_weights import (
     CLIP_PREFIX,
@@ -489,7 +488,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
                 if source.transpose:
                     array = array.T
                 shape = shapes[component][0][path]
-                flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shape))
+                flat[path] = param_from_torch(path, array, shape)
             params[component] = flax.traverse_util.unflatten_dict(flat)
     return params
 

@@ -30,7 +30,7 @@ from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
 from jaxdiff.weights.matching import ParamPath, Shape, match_names
 from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
-from jaxdiff.weights.torch_layout import from_torch
+from jaxdiff.weights.torch_layout import param_from_torch
 
 T5_WEIGHTS_STEM = "model"  # transformers
 EMBEDDING, TIED_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
@@ -67,7 +67,7 @@ def read_sharded_weights(
         flat = {}
         for path, name in found.items():
             array = tensor(name)  # made contiguous one at a time: the peak is the tree plus one tensor
-            flat[path] = np.ascontiguousarray(array if path[-1] == "embedding" else from_torch(array, shapes[path]))
+            flat[path] = param_from_torch(path, array, shapes[path])
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -49,7 +49,7 @@ from jaxdiff.models import flux, mmdit
 from jaxdiff.weights.lora_files import listed
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
 
 # Prefixes of the other components all-in-one files hold (autoencoder, text encoders).
 OTHER_COMPONENTS = ("first_stage_model.", "text_encoders.", "vae.", "conditioner.", "cond_stage_model.")
@@ -313,5 +313,5 @@ def read_transformer_single_file(
             array = cache[source.name]
             if source.rows is not None:
                 array = np.concatenate([array[start:stop] for start, stop in source.rows])
-            params[path] = np.ascontiguousarray(from_torch(array, shapes[path]))
+            params[path] = param_from_torch(path, array, shapes[path])
     return family, config, flax.traverse_util.unflatten_dict(params)

@@ -60,7 +60,7 @@ from jaxdiff.models import dit
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
 from jaxdiff.weights.torch_pickle import (
     RestrictedUnpickler,
     ScriptObject,
@@ -262,7 +262,7 @@ def _params(section: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], 
     wanted = {p: ((name_of(p),), torch_shape(p, s)) for p, s in shapes.items()}
     found = match_names(wanted, {n: t.shape for n, t in tensors.items()}, source=source)
     flat = {p: np.asarray(tensors[n], np.float32) for p, n in found.items()}
-    flat = {p: np.ascontiguousarray(a if p[-1] == "embedding" else from_torch(a, shapes[p])) for p, a in flat.items()}
+    flat = {p: param_from_torch(p, a, shapes[p]) for p, a in flat.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.checks import is_int, is_real
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
 from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
 from jaxdiff.weights.torch_pickle import collect_tensors, error_summary, read_legacy, rebuild_tensor
@@ -300,7 +300,7 @@ def params_from_edm(config: ml_collections.ConfigDict, tensors: dict[str, np.nda
         found = match_names(wanted, available, source=source)
     except ValueError as err:
         raise EdmPickleError(str(err)) from err
-    flat = {p: np.ascontiguousarray(from_torch(tensors[n].astype(np.float32), shapes[p])) for p, n in found.items()}
+    flat = {p: param_from_torch(p, tensors[n].astype(np.float32), shapes[p]) for p, n in found.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -36,3 +36,23 @@ def from_torch(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if len(shape) == 2:
         return array.reshape(shape[::-1]).T
     return array
+
+
+ALIGNMENT = 64  # bytes: XLA:CPU takes a host array this aligned as it is (`jax.device_put` makes no copy)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts at a multiple of ALIGNMENT bytes."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    return raw[offset : offset + size].view(dtype).reshape(shape)
+
+
+def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A PyTorch tensor as our parameter at `path` of shape `shape` (`from_torch`; embedding tables as they are),
+    written into a new ALIGNMENT-aligned C-contiguous array, so that a CPU device takes it without a second copy."""
+    out = aligned_empty(shape, array.dtype)
+    np.copyto(out, array if path[-1] == "embedding" else from_torch(array, shape))
+    return out
