@@ -6,7 +6,6 @@ which diffusers' `load_lora_weights` (and `jaxdiff.latent.lora`) take the scale 
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import NamedTuple
@@ -18,7 +17,7 @@ import safetensors.numpy
 from jaxdiff.errors import UsageError
 from jaxdiff.training.latent_step import trained_lora
 from jaxdiff.training.tasks.latent import lora_scale, lora_target_modules
-from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE, METADATA_KEY
+from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE, peft_file_contents
 
 
 class LoraExport(NamedTuple):
@@ -35,13 +34,9 @@ def lora_export(config: ml_collections.ConfigDict, params: dict, source: str | o
     if config.task != "latent" or not lora.rank:
         raise UsageError(f"{source} is not a LoRA run (task 'latent' with training.lora.rank > 0; it is task "
                          f"{config.task!r}, rank {lora.rank}): convert it with --to diffusers")  # fmt: skip
-    tensors = {}
-    for factors in trained_lora(params["lora"], lora_scale(lora), source).modules.values():
-        down_key, up_key = factors.keys
-        tensors[down_key], tensors[up_key] = (np.ascontiguousarray(a, np.float32) for a in (factors.down, factors.up))
-    peft_config = {"unet.r": lora.rank, "unet.lora_alpha": lora.alpha or lora.rank,
-                   "unet.target_modules": list(lora_target_modules(lora))}  # fmt: skip
-    return LoraExport(tensors, {"format": "pt", METADATA_KEY: json.dumps(peft_config, indent=2, sort_keys=True)})
+    contents = peft_file_contents(trained_lora(params["lora"], lora_scale(lora), source), "unet", lora.rank,
+                                  lora.alpha or lora.rank, lora_target_modules(lora))  # fmt: skip
+    return LoraExport(*contents)
 
 
 def save_lora_export(export: LoraExport, folder: str | os.PathLike) -> None:

@@ -53,7 +53,6 @@ from jaxdiff.latent.lora import COMPONENTS, factors_delta, module_table
 from jaxdiff.latent.pipeline import decode_latents, encode_to_latents, guided_latent_denoiser
 from jaxdiff.latent.prompt_conditioning import Conditioning, PromptEncoder
 from jaxdiff.latent.schedulers import denoise, step_plan, visited_timesteps
-from jaxdiff.latent.unet_weights import diffusers_tensor_name
 from jaxdiff.schedule import Schedule, schedule_from_config
 from jaxdiff.training.step import (
     TrainState,
@@ -316,11 +315,13 @@ def make_grid_sampler(networks: LatentNetworks, scheduler: SchedulerSettings, pr
 # --------------------------------------------------------------------------- LoRA adapters of a frozen U-Net
 
 
-def lora_targets(shapes: dict[ParamPath, tuple[int, ...]], target_modules: tuple[str, ...]) -> dict[ParamPath, str]:
-    """The kernels LoRA adapts, path -> diffusers module name, of a U-Net of parameter shapes `shapes` (path ->
-    shape, `unet_condition_shapes`): those whose module name is a target or ends with "." + a target (peft's
-    `target_modules` matching, e.g. "to_out.0" matches "...attn1.to_out.0")."""
-    table = module_table(flax.traverse_util.unflatten_dict(shapes), COMPONENTS["unet"][1], underscored=False)
+def lora_targets(shapes: dict[ParamPath, tuple[int, ...]], target_modules: tuple[str, ...],
+                 component: str = "unet") -> dict[ParamPath, str]:  # fmt: skip
+    """The kernels LoRA adapts, path -> diffusers module name, of a U-Net (with component "transformer": an SD3 /
+    Flux transformer) of parameter shapes `shapes` (path -> shape, e.g. `unet_condition_shapes`): those whose
+    module name is a target or ends with "." + a target (peft's `target_modules` matching, e.g. "to_out.0" matches
+    "...attn1.to_out.0")."""
+    table = module_table(flax.traverse_util.unflatten_dict(shapes), COMPONENTS[component][1], underscored=False)
     return {path: name for name, path in sorted(table.items())
             if any(is_target(name, target) for target in target_modules)}  # fmt: skip
 
@@ -346,9 +347,9 @@ def init_lora_params(rng: Array, shapes: dict[ParamPath, tuple[int, ...]], targe
 
 
 def lora_unet_params(base: dict, adapters: dict, scale: float) -> dict:
-    """The U-Net parameters `base` (float32 or bfloat16) as float32 with each adapted kernel W replaced by
-    W + scale·ΔW, ΔW = up @ down of its adapters (`init_lora_params`' tree) in our layout (`factors_delta`:
-    dense [in, out], conv HWIO); pure, for the jitted step."""
+    """The U-Net (or SD3 / Flux transformer) parameters `base` (float32 or bfloat16) as float32 with each adapted
+    kernel W replaced by W + scale·ΔW, ΔW = up @ down of its adapters (`init_lora_params`' tree) in our layout
+    (`factors_delta`: dense [in, out], conv HWIO); pure, for the jitted step."""
     flat = {path: leaf.astype(jnp.float32) for path, leaf in flax.traverse_util.flatten_dict(base).items()}
     factors = flax.traverse_util.flatten_dict(adapters)
     for path in factors:
@@ -367,17 +368,18 @@ def init_lora_state(tx: optax.GradientTransformation, seed: int, shapes: dict[Pa
     return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)
 
 
-def trained_lora(adapters: dict, scale: float, path: str | os.PathLike) -> LoraFile:
+def trained_lora(adapters: dict, scale: float, path: str | os.PathLike, component: str = "unet") -> LoraFile:
     """A LoRA run's adapters (params["lora"]) as the contents of a LoRA file (`jaxdiff.weights.lora_files`):
-    component "unet", each module by its diffusers name, factors float32 NumPy in PyTorch layout, `scale` =
-    alpha / r, keys the peft names (`unet.<module>.lora_A.weight` / `.lora_B.weight`); `path` says where they
-    come from (the run's workdir)."""
+    `component` ("unet", or "transformer" for SD3 / Flux), each module by its diffusers name, factors float32
+    NumPy in PyTorch layout, `scale` = alpha / r, keys the peft names (`<component>.<module>.lora_A.weight` /
+    `.lora_B.weight`); `path` says where they come from (the run's workdir)."""
+    names = COMPONENTS[component][1]
     factors = flax.traverse_util.flatten_dict(adapters)
     modules = {}
     for key in sorted(factors):
         if key[-1] == "down":
-            name = diffusers_tensor_name((*key[:-1], "kernel")).removesuffix(".weight")
+            name = names((*key[:-1], "kernel"))[0].removesuffix(".weight")
             down, up = (np.asarray(factors[(*key[:-1], role)], np.float32) for role in ("down", "up"))
-            keys = (f"unet.{name}.lora_A.weight", f"unet.{name}.lora_B.weight")
-            modules["unet", name] = LoraModule(down, up, float(scale), keys)
+            keys = (f"{component}.{name}.lora_A.weight", f"{component}.{name}.lora_B.weight")
+            modules[component, name] = LoraModule(down, up, float(scale), keys)
     return LoraFile(pathlib.Path(path), modules, underscored=False)

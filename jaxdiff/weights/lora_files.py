@@ -32,6 +32,7 @@ above names.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -258,3 +259,18 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         if bad:
             raise WeightsError(f"{path}: {len(bad)} adapters whose factors do not make a weight change: {listed(bad)}")
     return LoraFile(path, modules, underscored=kohya)
+
+
+def peft_file_contents(lora: LoraFile, component: str, rank: int, alpha: float,
+                       target_modules: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, str]]:  # fmt: skip
+    """(tensors, header metadata) of the diffusers-format file (`save_lora_weights`) holding `lora`'s adapters of
+    `component`: each module's down and up factors (float32, PyTorch layout) under its keys (the peft names,
+    `<component>.<module>.lora_A.weight` / `.lora_B.weight`), and the peft LoraConfig (`<component>.r`,
+    `.lora_alpha`, `.target_modules`) in the header's METADATA_KEY, from which readers take the scale alpha / r."""
+    tensors = {}
+    for factors in lora.modules.values():
+        down_key, up_key = factors.keys
+        tensors[down_key], tensors[up_key] = (np.ascontiguousarray(a, np.float32) for a in (factors.down, factors.up))
+    peft_config = {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                   f"{component}.target_modules": list(target_modules)}  # fmt: skip
+    return tensors, {"format": "pt", METADATA_KEY: json.dumps(peft_config, indent=2, sort_keys=True)}
