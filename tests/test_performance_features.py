@@ -13,7 +13,7 @@ import pytest
 
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
-from jaxdiff.models.layers import single_head_attention
+from jaxdiff.models.layers import multi_head_attention, single_head_attention
 from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
 
@@ -92,6 +92,29 @@ def test_attention_bfloat16_inputs_keep_float32_softmax():
     assert out.dtype == jnp.bfloat16
     rel = relative_error(out, np_attention(q, k, v))
     assert 1e-4 < rel < 2e-2  # bf16 input rounding only
+
+
+def test_chunked_attention_equals_whole_and_float64_with_its_gradient():
+    """Queries taken 8 rows at a time (4 blocks of a 32-position sequence, 2 heads, cross-attention over 24 keys)
+    give the whole computation's values and gradients; a length that is no multiple of the chunk runs whole."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(2.0 * rng.normal(size=(2, 32, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 24, 2, 16)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def grads(chunk):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(multi_head_attention(q, k, v, chunk) * cotangent),
+                                argnums=(0, 1, 2)))(q, k, v)  # fmt: skip
+
+    with jax.default_matmul_precision("highest"):
+        chunked, whole = (jax.jit(multi_head_attention, static_argnums=3)(q, k, v, c) for c in (8, None))
+        odd = jax.jit(multi_head_attention, static_argnums=3)(q[:, :30], k, v, 8)
+        for a, b in zip(grads(8), grads(None)):
+            assert relative_error(a, b) <= 1e-5
+    per_head = [np_attention(*(np.asarray(a)[:, :, h : h + 1] for a in (q, k, v))) for h in range(2)]
+    assert relative_error(chunked, np.concatenate(per_head, axis=2)) <= 1e-5
+    assert relative_error(chunked, whole) <= 1e-6
+    assert relative_error(odd, np.asarray(whole)[:, :30]) <= 1e-6
 
 
 # ---------------------------------------------------------------- remat

@@ -169,13 +169,29 @@ class ResBlock(nn.Module):
         return x + h
 
 
-def multi_head_attention(q: Array, k: Array, v: Array) -> Array:
-    """softmax(q·kᵀ / sqrt(D)) · v per head for q, k, v [B, N, heads, D] over N positions; returns [B, N, heads, D].
+QUERY_CHUNK = 512  # query rows per block of `multi_head_attention`'s chunked form
+
+
+def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = QUERY_CHUNK) -> Array:
+    """softmax(q·kᵀ / sqrt(D)) · v per head for q [B, N, heads, D] over k, v [B, M, heads, D]; returns
+    [B, N, heads, D].
 
     Logits and softmax are float32 whatever the input dtype; the output has the dtype of v.
-    `jax.nn.dot_product_attention` picks the backend's implementation (`implementation=None`).
+    `jax.nn.dot_product_attention` picks the backend's implementation (`implementation=None`). On the CPU
+    backend, where that implementation holds the whole [B, heads, N, M] score matrix, queries are taken
+    `query_chunk` rows at a time (`jax.lax.map` over the blocks, when N is a multiple of query_chunk above it):
+    the same result, with scores of [B, heads, query_chunk, M] at a time; None never chunks.
     """
-    return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation=None)
+    n = q.shape[1]
+
+    def attend(queries: Array) -> Array:
+        return jax.nn.dot_product_attention(queries, k, v, scale=q.shape[-1] ** -0.5, implementation=None)
+
+    if query_chunk is None or n <= query_chunk or n % query_chunk or jax.default_backend() != "cpu":
+        return attend(q)
+    blocks = q.reshape(q.shape[0], n // query_chunk, query_chunk, *q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(attend, blocks)
+    return out.swapaxes(0, 1).reshape(q.shape[0], n, *out.shape[3:])
 
 
 # The official DDPM attention is the one-head case ([B, N, 1, C]).
