@@ -135,11 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="", help="TFDS data_dir (default: TFDS' ~/tensorflow_datasets)")
     data.set_defaults(run=run_data)
 
-    info = verb("info", "parameter count and forward GFLOPs per image of a config's model, or the parameter "
-                        "count of a Stable Diffusion folder's U-Net")  # fmt: skip
+    info = verb("info", "parameter count and forward GFLOPs per image of a config's model, the parameter "
+                        "count of a Stable Diffusion folder's U-Net, or an SD3 / Flux folder's per-device "
+                        "memory")  # fmt: skip
     source = info.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help=config_help)
     source.add_argument("--pretrained", help="a diffusers Stable Diffusion / SDXL folder (or its unet/ folder): "
-                                             "its U-Net's parameters, counted from config.json alone")  # fmt: skip
+                                             "its U-Net's parameters, counted from config.json alone; an SD3 / "
+                                             "Flux folder: each component's parameters and per-device "
+                                             "memory")  # fmt: skip
+    info.add_argument("--devices", type=int, help="--pretrained SD3 / Flux: devices the parameters are split over "
+                                                  "(default 1)")  # fmt: skip
+    info.add_argument("--height", type=int, help="--pretrained SD3 / Flux: image height in pixels (default 1024)")
+    info.add_argument("--width", type=int, help="--pretrained SD3 / Flux: image width in pixels (default 1024)")
+    info.add_argument("--dtype", choices=("bfloat16", "float32"), help="--pretrained SD3 / Flux: parameter and "
+                                                                       "compute dtype (default bfloat16)")  # fmt: skip
     info.set_defaults(run=run_info)
     return parser

@@ -1,5 +1,6 @@
 """The verbs that run a config: `train` (a model in a workdir, resumed from its latest checkpoint) and `info`
-(the parameter count and forward GFLOPs of the config's model)."""
+(the parameter count and forward GFLOPs of the config's model; for --pretrained folders `_unet_info` and
+`jaxdiff.cli.flow_info`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def run_train(args, extra) -> int:
 def run_info(args, extra) -> int:
     from jaxdiff.models.summary import model_summary
 
+    estimates = {"devices": 1, "height": 1024, "width": 1024, "dtype": "bfloat16"}  # flags' defaults
+    given = {name: getattr(args, name) for name in estimates if getattr(args, name) is not None}
+    if args.pretrained:
+        from jaxdiff.cli.flow_info import flow_pipeline_info, flow_transformer_class
+
+        if flow_transformer_class(args.pretrained):
+            return flow_pipeline_info(args.pretrained, extra, **{**estimates, **given})
+    if given:
+        flags = ", ".join(f"--{name}" for name in given)
+        raise UsageError(f"{flags}: only for --pretrained SD3 / Flux pipeline folders (memory estimates)")
     if args.pretrained:
         return _unet_info(args.pretrained, extra)
     config = load_config(args.config, extra)
