@@ -292,3 +292,54 @@ def test_info_estimate_flags_need_a_flow_folder(tmp_path, capsys):
     assert main(["info", "--config", "tiny", "--devices", "4"]) == 2
     assert capsys.readouterr().err == ("jaxdiff: error: --devices: only for --pretrained SD3 / Flux pipeline folders "
                                        "(memory estimates)\n")  # fmt: skip
+
+
+PIPELINE_SCRIPT = """
+import pathlib
+import jax
+import numpy as np
+from jaxdiff.weights.lora_files import LoraFile, LoraModule
+from jaxdiff.latent.flux_pipeline import FluxPipeline
+from jaxdiff.latent.sd3 import SD3Pipeline
+from jaxdiff.models import param_sharding
+from jaxdiff.models.param_sharding import inference_mesh
+from tests.test_flux_pipeline import jax_flux
+from tests.test_sd3_pipeline import SIZE, T5_LENGTH, build_jax_sd3
+
+param_sharding.shard_params.__kwdefaults__["min_size"] = MIN_SIZE  # the tiny networks' leaves are all small
+mesh = inference_mesh()
+run = dict(steps=2, max_sequence_length=T5_LENGTH, output_type="float")
+for name, whole, cls in (("sd3", build_jax_sd3(), SD3Pipeline), ("flux", jax_flux(True), FluxPipeline)):
+    split = cls(whole.model, mesh)
+    large = [leaf for leaf in jax.tree.leaves(split.params["transformer"]) if leaf.size >= MIN_SIZE]
+    assert large and all(leaf.addressable_shards[0].data.size * 8 == leaf.size for leaf in large), name
+    images = np.zeros((2, SIZE, SIZE, 3), np.uint8) + np.arange(SIZE, dtype=np.uint8)[None, :, None, None] * 8
+    for call in (lambda p: p.text_to_image(["a cat", "a dog"], seed=1, height=SIZE, width=SIZE, **run),
+                 lambda p: p.image_to_image(images, ["a cat", "a dog"], strength=0.6, seed=2, **run)):
+        expected, got = call(whole), call(split)
+        error = float(np.abs(got - expected).max())
+        assert error <= 1e-5, (name, error)
+        print(name, "max difference", error)
+    d = whole.model.transformer_config.num_attention_heads * whole.model.transformer_config.attention_head_dim
+    rng = np.random.default_rng(0)
+    lora = LoraFile(pathlib.Path("peft"), {("transformer", "transformer_blocks.0.attn.to_q"): LoraModule(
+        rng.normal(size=(2, d)).astype(np.float32), rng.normal(size=(d, 2)).astype(np.float32), 0.5, ("a",))},
+        underscored=False)
+    for pipe in (whole, split):
+        pipe.load_lora(lora)
+    expected, got = (p.text_to_image(["a cat"], seed=1, height=SIZE, width=SIZE, **run) for p in (whole, split))
+    assert float(np.abs(got - expected).max()) <= 1e-5, name
+    assert split._run_params["transformer"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"].sharding == (
+        split.params["transformer"]["transformer_blocks_0"]["attn"]["to_q"]["kernel"].sharding)
+print("OK")
+""".replace("MIN_SIZE", "64")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sharded_pipelines_equal_unsharded():
+    """SD3 and Flux pipelines built with an 8-device mesh hold their parameters split (1/8 of each large leaf per
+    device; leaves of 64 elements and more here) and give the single-device pipelines' images (text-to-image and
+    image-to-image) to 1e-5, with a LoRA too (its adapted weights split as the originals)."""
+    out = run_python(PIPELINE_SCRIPT, devices=DEVICES, timeout=280)
+    assert out.strip().endswith("OK"), out

@@ -160,6 +160,11 @@ def jax_models(pipeline_class, module, transformer_config, transformer_args, enc
 
 @pytest.fixture(scope="module")
 def jax_sd3():
+    return build_jax_sd3()
+
+
+def build_jax_sd3() -> SD3Pipeline:
+    """A tiny SD3 pipeline initialised in JAX (three text encoders, word tokenizers)."""
     with_projection = dict(architectures=["CLIPTextModelWithProjection"])
     encoders = {"text": (clip_text_config(dict(CLIP_L, **with_projection)), "clip"),
                 "text_2": (clip_text_config(dict(CLIP_G, **with_projection)), "clip"),

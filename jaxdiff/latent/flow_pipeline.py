@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdiff.checks import is_int, prompt_list
 from jaxdiff.errors import UsageError, WeightsError
@@ -50,6 +51,7 @@ from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.latent.t5_tokenizer import T5Tokenizer
 from jaxdiff.latent.t5_weights import read_t5_encoder
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
+from jaxdiff.models.param_sharding import shard_params
 from jaxdiff.models.clip_text import clip_text_config
 from jaxdiff.models.t5_encoder import t5_encoder_config
 from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
@@ -182,6 +184,10 @@ class FlowPipeline(LoraAdapters, PipelineBase):
     `token_patch` (latent pixels per token side: SD3's patch_size, Flux's 2×2 packing), `default_size` and
     `pipeline_sigmas` (whether the pipeline passes linspace(1, 1/steps, steps) to the scheduler, as Flux's does),
     and gives `_velocity(params, x [B,h,w,C], timesteps [B] (σ·N), cond, embedded) -> v [B,h,w,C]`.
+    With a `mesh` (`jaxdiff.models.param_sharding.inference_mesh()`), every network's parameters are split over its
+    devices by the FSDP rule (`shard_params`: each device holds its slice of each large leaf) and the compiled runs
+    gather each weight where it is used: for models larger than one device's memory; the images equal the
+    unsharded run's up to float rounding.
     LoRA adapters (`jaxdiff.latent.lora`: `load_lora`, `set_lora_scale`, `fuse_lora`, `unfuse_lora`) apply to the
     transformer ("transformer") and the CLIP text encoders ("text", and SD3's "text_2"); the runs use
     `_run_params`."""
@@ -196,7 +202,7 @@ class FlowPipeline(LoraAdapters, PipelineBase):
     _checked_images = LatentPipeline._checked_images
     _noise = LatentPipeline._noise
 
-    def __init__(self, model: FlowModels, token_patch: int, default_size: int):
+    def __init__(self, model: FlowModels, token_patch: int, default_size: int, mesh: Mesh | None = None):
         if model.pipeline_class not in self.pipeline_classes:
             raise UsageError(f"{type(self).__name__} does not run {model.pipeline_class} folders (it runs "
                              f"{', '.join(self.pipeline_classes)}); load them with jaxdiff.Pipeline.from_pretrained")
@@ -206,8 +212,10 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         self.latent_factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
         self.latent_channels = model.vae_config.latent_channels
         self.token_patch, self.default_size = token_patch, default_size
-        self.params = jax.device_put({"transformer": model.transformer_params, "vae": model.vae_params,
-                                      **{key: params for key, (_, params) in model.encoders.items()}})  # fmt: skip
+        params = {"transformer": model.transformer_params, "vae": model.vae_params,
+                  **{key: params for key, (_, params) in model.encoders.items()}}  # fmt: skip
+        self.mesh = mesh
+        self.params = jax.device_put(params) if mesh is None else shard_params(params, mesh)
         self._init_lora()
         self._decode = jax.jit(self._decode_latents)
         self._encode_image = jax.jit(self._encode_latents)

@@ -29,6 +29,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdiff.checks import prompt_list
 from jaxdiff.errors import UsageError, WeightsError
@@ -90,9 +91,9 @@ class FluxPipeline(FlowPipeline):
     pipeline_classes = FLUX_PIPELINE_CLASSES
     pipeline_sigmas = True
 
-    def __init__(self, model: FlowModels):
+    def __init__(self, model: FlowModels, mesh: Mesh | None = None):
         factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-        super().__init__(model, PACK, DEFAULT_SAMPLE_SIZE * factor)
+        super().__init__(model, PACK, DEFAULT_SAMPLE_SIZE * factor, mesh)
         self.transformer = create_flux(model.transformer_config)
         self.guidance_embeds = model.transformer_config.guidance_embeds
         self.clip = create_clip_text(model.encoders["text"][0])
@@ -101,9 +102,10 @@ class FluxPipeline(FlowPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: str = "float32") -> FluxPipeline:  # fmt: skip
-        """A Flux folder; `variant` picks the weight files' variant (fp16, bf16, ...), `dtype` the compute dtype."""
-        return cls(read_flux(path, variant=variant, dtype=dtype))
+                        dtype: str = "float32", mesh: Mesh | None = None) -> FluxPipeline:  # fmt: skip
+        """A Flux folder; `variant` picks the weight files' variant (fp16, bf16, ...), `dtype` the compute dtype,
+        `mesh` the devices the parameters are split over (`FlowPipeline`)."""
+        return cls(read_flux(path, variant=variant, dtype=dtype), mesh)
 
     def _lora_layouts(self) -> dict:
         """kohya / ComfyUI Flux LoRA files name the transformer's modules in BFL's layout (`jaxdiff.latent.lora`)."""

@@ -227,7 +227,8 @@ def adapted_params(params: dict, adapters: list[tuple[Adapter, float]]) -> dict:
         flat = flax.traverse_util.flatten_dict(params[key])
         for path, delta in deltas.items():
             weight = flat[path]
-            flat[path] = jax.device_put((np.asarray(weight, np.float64) + delta).astype(weight.dtype))
+            placement = getattr(weight, "sharding", None)  # an adapted weight stays where (and as split as) W is
+            flat[path] = jax.device_put((np.asarray(weight, np.float64) + delta).astype(weight.dtype), placement)
         out[key] = flax.traverse_util.unflatten_dict(flat)
     return out
 

@@ -28,6 +28,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdiff.checks import is_int, prompt_list
 from jaxdiff.errors import UsageError, WeightsError
@@ -98,10 +99,10 @@ class SD3Pipeline(FlowPipeline):
     loaded = "an SD3 model"
     pipeline_classes = SD3_PIPELINE_CLASSES
 
-    def __init__(self, model: FlowModels):
+    def __init__(self, model: FlowModels, mesh: Mesh | None = None):
         config = model.transformer_config
         factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-        super().__init__(model, config.patch_size, config.sample_size * factor)
+        super().__init__(model, config.patch_size, config.sample_size * factor, mesh)
         self.transformer = create_mmdit(config)
         self.clips = [create_clip_text(model.encoders[key][0]) for key in ("text", "text_2")]
         self.t5 = create_t5_encoder(model.encoders["text_3"][0]) if "text_3" in model.encoders else None
@@ -110,9 +111,10 @@ class SD3Pipeline(FlowPipeline):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: str = "float32") -> SD3Pipeline:  # fmt: skip
-        """An SD3 folder; `variant` picks the weight files' variant (fp16, ...), `dtype` the compute dtype."""
-        return cls(read_sd3(path, variant=variant, dtype=dtype))
+                        dtype: str = "float32", mesh: Mesh | None = None) -> SD3Pipeline:  # fmt: skip
+        """An SD3 folder; `variant` picks the weight files' variant (fp16, ...), `dtype` the compute dtype, `mesh`
+        the devices the parameters are split over (`FlowPipeline`)."""
+        return cls(read_sd3(path, variant=variant, dtype=dtype), mesh)
 
     def _velocity(self, params, x, timesteps, cond, embedded):
         context, pooled = cond
