@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.errors import UsageError
+from jaxdiff.errors import UsageError, WeightsError
 from jaxdiff.latent.flow_scheduler import FlowMatchSettings
 from jaxdiff.latent.flux_pipeline import FluxPipeline
 from jaxdiff.models.clip_text import clip_text_config
@@ -260,3 +260,35 @@ def test_float16_variant_folder_through_pipeline_from_pretrained(saved, tmp_path
     assert isinstance(pipe, FluxPipeline)
     rounded = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), saved["ours"]["dev"].params)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pipe.params), rounded)
+
+
+def test_original_single_file_with_the_folder_matches_diffusers(saved, torch, diffusers, tmp_path):
+    """BFL's layout (`flux1-dev.safetensors`) with the dev folder's other components: jaxdiff's images equal those of
+    diffusers' pipeline holding the file's transformer as diffusers' own converter reads it; the schnell folder,
+    whose transformer has no guidance embedder, is refused naming the setting."""
+    from tests.test_transformer_single_file import bfl_names, diffusers_flux_from, random_state_dict, save
+
+    settings = dict(TRANSFORMER, guidance_embeds=True)
+    state = random_state_dict(bfl_names(settings), seed=7)
+    save(tmp_path / "flux1-tiny.safetensors", state)
+    _, model = diffusers_flux_from(torch, diffusers, settings, state)
+    theirs = diffusers.FluxPipeline(**{**saved["theirs"]["dev"].components, "transformer": model})
+    theirs.set_progress_bar_config(disable=True)
+    ours = FluxPipeline.from_pretrained(tmp_path / "flux1-tiny.safetensors", config_folder=saved["folder"] / "dev")
+    noise = noise_nhwc(5)
+    expected = theirs(prompt=PROMPTS, latents=packed(torch, diffusers, noise), guidance_scale=GUIDANCE, **THEIRS).images
+    got = ours.text_to_image(PROMPTS, latents=noise, guidance=GUIDANCE, height=SIZE, width=SIZE, **COMMON)
+    assert_close(got, expected)
+    from PIL import Image
+
+    from jaxdiff import images
+    from jaxdiff.cli import main
+
+    out = tmp_path / "one.png"
+    assert main(["sample", "--pretrained", str(tmp_path / "flux1-tiny.safetensors"), "--config-folder",
+                 str(saved["folder"] / "dev"), "--prompt", "a cat", "--num", "1", "--steps", "2", "--height", str(SIZE),
+                 "--width", str(SIZE), "--out", str(out)]) == 0  # fmt: skip
+    expected = ours.text_to_image(["a cat"], steps=2, height=SIZE, width=SIZE)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), images.make_grid(expected))
+    with pytest.raises(WeightsError, match=r"differs from .*schnell's: guidance_embeds=True \(folder: False\)"):
+        FluxPipeline.from_pretrained(tmp_path / "flux1-tiny.safetensors", config_folder=saved["folder"] / "schnell")

@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--config", help="--pretrained score_sde / EDM / diffusers weights: their recipe (score_sde: "
                         "its training config, e.g. sde_ve_ncsnpp_continuous or ve/ncsnpp_continuous)")  # fmt: skip
     sample.add_argument("--config-folder", help="--pretrained single file: a diffusers SD folder with its configs "
-                        "(an SDXL file: an SDXL folder of its kind, base or refiner, giving its scheduler too)")
+                        "(an SDXL file: an SDXL folder of its kind, base or refiner, giving its scheduler too; an "
+                        "original SD3 / Flux transformer file: that model's diffusers folder, giving the other "
+                        "components)")  # fmt: skip
     sample.add_argument("--vae", help="--pretrained DiT/SiT checkpoint (.pt): its autoencoder, a diffusers "
                         "AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
     sample.add_argument("--variant", choices=("dit", "sit"), help="--pretrained .pt: DiT's diffusion or SiT's flow "

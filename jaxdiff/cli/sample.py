@@ -105,7 +105,7 @@ def _sample_pretrained(args, upscaler: bool = False, flow=None) -> int:
         if args.init_image is None:
             raise UsageError("the x4 upscaler needs --init-image (the low-resolution image to upscale)")
     if flow is not None:
-        _refuse(args, ["sampler", "spacing", "config_folder", "prompt_2", "negative_prompt_2"],
+        _refuse(args, ["sampler", "spacing", "prompt_2", "negative_prompt_2"],
                 "options of the Stable Diffusion / SDXL pipelines; an SD3 or Flux folder steps as its own scheduler")
     num = (1 if upscaler else DEFAULT_NUM) if args.num is None else args.num
     if num < 1:
@@ -143,7 +143,7 @@ def _sample_pretrained(args, upscaler: bool = False, flow=None) -> int:
             raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
         with reading_weights(args.pretrained):
             if flow is not None:
-                pipe = flow.from_pretrained(args.pretrained)
+                pipe = flow.from_pretrained(args.pretrained, config_folder=args.config_folder)
             elif upscaler:
                 pipe = upscale.UpscalePipeline.from_pretrained(args.pretrained)
             else:
@@ -233,16 +233,17 @@ def run_sample(args, extra) -> int:
         if is_upscaler(args.pretrained):
             return _sample_pretrained(args, upscaler=True)
     _refuse(args, UPSCALE_FLAGS, "for an x4 upscaler (--pretrained of a StableDiffusionUpscalePipeline folder)")
-    if args.pretrained and is_stable_diffusion(args.pretrained):
-        return _sample_pretrained(args)
     from jaxdiff.latent.flow_pipeline import folder_pipeline_class
     from jaxdiff.latent.flux_pipeline import FluxPipeline
     from jaxdiff.latent.sd3 import SD3Pipeline
 
-    flow = [c for c in (SD3Pipeline, FluxPipeline) if args.pretrained and folder_pipeline_class(args.pretrained) in
-            c.pipeline_classes]  # fmt: skip
+    # An SD3 / Flux folder, or an original single-file transformer with such a folder as --config-folder.
+    folder = args.config_folder if args.pretrained and os.path.isfile(args.pretrained) else args.pretrained
+    flow = [c for c in (SD3Pipeline, FluxPipeline) if folder and folder_pipeline_class(folder) in c.pipeline_classes]
     if flow:
         return _sample_pretrained(args, flow=flow[0])
+    if args.pretrained and is_stable_diffusion(args.pretrained):
+        return _sample_pretrained(args)
     if args.prompt is not None:  # text-to-image from a latent run
         return _sample_pretrained(args)
     args.num = DEFAULT_NUM if args.num is None else args.num

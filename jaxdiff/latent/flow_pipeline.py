@@ -50,9 +50,11 @@ from jaxdiff.latent.pipeline import LatentPipeline, _check_number, _mask_array, 
 from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.latent.t5_tokenizer import T5Tokenizer
 from jaxdiff.latent.t5_weights import read_t5_encoder
+from jaxdiff.latent.transformer_single_file import read_transformer_single_file
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.param_sharding import shard_params
 from jaxdiff.models.clip_text import clip_text_config
+from jaxdiff.models.flux import CLASS_NAME as FLUX_TRANSFORMER_CLASS
 from jaxdiff.models.t5_encoder import t5_encoder_config
 from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
 
@@ -140,12 +142,40 @@ def _present_components(folder: pathlib.Path, spec: FolderSpec) -> dict[str, str
 
 
 def read_flow_folder(path: str | os.PathLike, spec: FolderSpec, check: Callable[[pathlib.Path, dict], None], *,
-                     variant: str | None = None, dtype: str = "float32") -> FlowModels:  # fmt: skip
+                     variant: str | None = None, dtype: str = "float32", config_folder: str | os.PathLike | None = None,
+                     transformer_only: bool = False) -> FlowModels:  # fmt: skip
     """The `FlowModels` of a diffusers folder of `spec`; `check(folder, configs)` checks the networks' configs
     (component -> ConfigDict) against each other before any weights are read. `variant` picks the weight files'
     variant (fp16, bf16: each reader's `variant`), `dtype` the compute dtype of the transformer and text encoders
-    (the VAE runs in float32 where its config's force_upcast is true, diffusers' default)."""
-    folder = pathlib.Path(path)
+    (the VAE runs in float32 where its config's force_upcast is true, diffusers' default).
+
+    With `config_folder`, `path` is an original single-file transformer (`jaxdiff.latent.transformer_single_file`:
+    BFL's Flux.1, Stability's SD3 / SD3.5 release; `transformer_only` skips an all-in-one file's autoencoder and
+    text encoders, which are otherwise refused) and everything else comes from `config_folder`, a diffusers folder
+    of the same model, whose transformer config must equal the one the file's tensors give (the keys that differ
+    are named in one WeightsError); its transformer weights are not read."""
+    if config_folder is None:
+        return _read_folder(pathlib.Path(path), spec, check, variant=variant, dtype=dtype)
+    family = "flux" if spec.transformer_class == FLUX_TRANSFORMER_CLASS else "sd3"
+    folder = pathlib.Path(config_folder)
+    expected = read_config(folder / "transformer", spec.transformer_config, dtype=dtype).to_dict()
+    rope = {"axes_dims_rope": tuple(expected["axes_dims_rope"])} if family == "flux" else {}
+    file_family, config, params = read_transformer_single_file(path, transformer_only=transformer_only, dtype=dtype,
+                                                               **rope)  # fmt: skip
+    if file_family != family:
+        raise WeightsError(f"{path} holds an original {file_family} transformer; {folder} is a {family} folder")
+    given = config.to_dict()
+    differ = sorted(key for key in set(given) | set(expected) if given.get(key) != expected.get(key))
+    if differ:
+        settings = ", ".join(f"{key}={given.get(key)!r} (folder: {expected.get(key)!r})" for key in differ)
+        raise WeightsError(f"{path}: the transformer its tensors give differs from {folder}'s: {settings}")
+    models = _read_folder(folder, spec, check, variant=variant, dtype=dtype, transformer=False)
+    return dataclasses.replace(models, transformer_config=config, transformer_params=params)
+
+
+def _read_folder(folder: pathlib.Path, spec: FolderSpec, check: Callable[[pathlib.Path, dict], None], *,
+                 variant: str | None, dtype: str, transformer: bool = True) -> FlowModels:  # fmt: skip
+    """`read_flow_folder` of a folder; without `transformer`, its transformer's config only (params None)."""
     present = _present_components(folder, spec)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
@@ -162,11 +192,16 @@ def read_flow_folder(path: str | os.PathLike, spec: FolderSpec, check: Callable[
                                "latents by shift_factor and scaling_factor only (null)")  # fmt: skip
     check(folder, configs)
     vae_dtype = "float32" if configs["vae"].force_upcast else dtype
-    transformer = spec.read_transformer(folder / "transformer", variant=variant, dtype=dtype)
+    if transformer:
+        transformer_config, transformer_params = spec.read_transformer(folder / "transformer", variant=variant,
+                                                                       dtype=dtype)  # fmt: skip
+    else:
+        transformer_config, transformer_params = read_config(folder / "transformer", spec.transformer_config,
+                                                             dtype=dtype), None  # fmt: skip
     vae = read_autoencoder(folder / "vae", variant=variant, dtype=vae_dtype)
     return FlowModels(
-        pipeline_class=load_json(folder / MODEL_INDEX_FILE)["_class_name"], transformer_config=transformer[0],
-        transformer_params=transformer[1], vae_config=vae[0], vae_params=vae[1],
+        pipeline_class=load_json(folder / MODEL_INDEX_FILE)["_class_name"], transformer_config=transformer_config,
+        transformer_params=transformer_params, vae_config=vae[0], vae_params=vae[1],
         encoders={e.key: ENCODER_KINDS[e.kind][2](folder / e.component, variant, dtype) for e in encoders},
         tokenizers={e.key: ENCODER_KINDS[e.kind][3].from_folder(folder / e.tokenizer) for e in encoders},
         scheduler=scheduler,

@@ -79,9 +79,12 @@ def check_flux_configs(folder: pathlib.Path, configs: dict) -> None:
                            f"d_model is {t5.d_model}")  # fmt: skip
 
 
-def read_flux(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32") -> FlowModels:
-    """The `FlowModels` of a Flux folder; configs and model_index.json are checked before any weights are read."""
-    return read_flow_folder(path, FLUX_FOLDER, check_flux_configs, variant=variant, dtype=dtype)
+def read_flux(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+             config_folder: str | os.PathLike | None = None, transformer_only: bool = False) -> FlowModels:
+    """The `FlowModels` of a Flux folder, or of an original single-file transformer with the rest of a Flux folder
+    `config_folder` (`read_flow_folder`); configs and model_index.json are checked before any weights are read."""
+    return read_flow_folder(path, FLUX_FOLDER, check_flux_configs, variant=variant, dtype=dtype,
+                            config_folder=config_folder, transformer_only=transformer_only)
 
 
 class FluxPipeline(FlowPipeline):
@@ -101,11 +104,14 @@ class FluxPipeline(FlowPipeline):
         self._encode_ids = jax.jit(self._embed)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: str = "float32", mesh: Mesh | None = None) -> FluxPipeline:  # fmt: skip
+    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+                        mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
+                        transformer_only: bool = False) -> FluxPipeline:  # fmt: skip
         """A Flux folder; `variant` picks the weight files' variant (fp16, bf16, ...), `dtype` the compute dtype,
-        `mesh` the devices the parameters are split over (`FlowPipeline`)."""
-        return cls(read_flux(path, variant=variant, dtype=dtype), mesh)
+        `mesh` the devices the parameters are split over (`FlowPipeline`); with `config_folder`, `path` is an
+        original single-file transformer (`read_flow_folder`)."""
+        return cls(read_flux(path, variant=variant, dtype=dtype, config_folder=config_folder,
+                             transformer_only=transformer_only), mesh)
 
     def _lora_layouts(self) -> dict:
         """kohya / ComfyUI Flux LoRA files name the transformer's modules in BFL's layout (`jaxdiff.latent.lora`)."""

@@ -88,9 +88,12 @@ def check_sd3_configs(folder: pathlib.Path, configs: dict) -> None:
                            f"d_model is {t5.d_model}")  # fmt: skip
 
 
-def read_sd3(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32") -> FlowModels:
-    """The `FlowModels` of an SD3 folder; configs and model_index.json are checked before any weights are read."""
-    return read_flow_folder(path, SD3_FOLDER, check_sd3_configs, variant=variant, dtype=dtype)
+def read_sd3(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+             config_folder: str | os.PathLike | None = None, transformer_only: bool = False) -> FlowModels:
+    """The `FlowModels` of an SD3 folder, or of an original single-file transformer with the rest of an SD3 folder
+    `config_folder` (`read_flow_folder`); configs and model_index.json are checked before any weights are read."""
+    return read_flow_folder(path, SD3_FOLDER, check_sd3_configs, variant=variant, dtype=dtype,
+                            config_folder=config_folder, transformer_only=transformer_only)
 
 
 class SD3Pipeline(FlowPipeline):
@@ -110,11 +113,14 @@ class SD3Pipeline(FlowPipeline):
         self._encode_ids = jax.jit(self._embed, static_argnames=("clip_skip", "t5_length"))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
-                        dtype: str = "float32", mesh: Mesh | None = None) -> SD3Pipeline:  # fmt: skip
+    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+                        mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
+                        transformer_only: bool = False) -> SD3Pipeline:  # fmt: skip
         """An SD3 folder; `variant` picks the weight files' variant (fp16, ...), `dtype` the compute dtype, `mesh`
-        the devices the parameters are split over (`FlowPipeline`)."""
-        return cls(read_sd3(path, variant=variant, dtype=dtype), mesh)
+        the devices the parameters are split over (`FlowPipeline`); with `config_folder`, `path` is an
+        original single-file transformer (`read_flow_folder`)."""
+        return cls(read_sd3(path, variant=variant, dtype=dtype, config_folder=config_folder,
+                            transformer_only=transformer_only), mesh)
 
     def _velocity(self, params, x, timesteps, cond, embedded):
         context, pooled = cond
