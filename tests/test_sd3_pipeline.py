@@ -12,6 +12,7 @@ import json
 import math
 
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -173,6 +174,17 @@ def build_jax_sd3() -> SD3Pipeline:
     module = create_mmdit(config)
     return SD3Pipeline(jax_models("StableDiffusion3Pipeline", module, config, example_inputs(module, size=2), encoders,
                                   FlowMatchSettings(shift=3.0)))  # fmt: skip
+
+
+def test_offloaded_text_encoders_stay_on_the_host_and_change_nothing(jax_sd3):
+    offloaded = SD3Pipeline(jax_sd3.model, offload_text_encoders=True)
+    for key in ("text", "text_2", "text_3"):
+        assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(offloaded.params[key])), key
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(offloaded.params["transformer"]))
+    run = dict(steps=2, seed=3, height=SIZE, width=SIZE, max_sequence_length=T5_LENGTH, guidance=2.0)
+    np.testing.assert_array_equal(offloaded.text_to_image(PROMPTS, **run), jax_sd3.text_to_image(PROMPTS, **run))
+    with pytest.raises(UsageError, match="offload_text_encoders='yes' must be True or False"):
+        SD3Pipeline(jax_sd3.model, offload_text_encoders="yes")
 
 
 def test_text_to_image_is_reproducible_from_seed(jax_sd3):

@@ -219,7 +219,10 @@ class FlowPipeline(LoraAdapters, PipelineBase):
     `token_patch` (latent pixels per token side: SD3's patch_size, Flux's 2×2 packing), `default_size` and
     `pipeline_sigmas` (whether the pipeline passes linspace(1, 1/steps, steps) to the scheduler, as Flux's does),
     and gives `_velocity(params, x [B,h,w,C], timesteps [B] (σ·N), cond, embedded) -> v [B,h,w,C]`.
-    With a `mesh` (`jaxdiff.models.param_sharding.inference_mesh()`), every network's parameters are split over its
+    With `offload_text_encoders`, the text encoders' parameters stay in host memory and go to the device only while
+    prompts are encoded (each call copies them there and frees them after): T5-XXL's 9.5 GB (bfloat16) are not held
+    beside the transformer. With a `mesh` (`jaxdiff.models.param_sharding.inference_mesh()`), every network's
+    parameters are split over its
     devices by the FSDP rule (`shard_params`: each device holds its slice of each large leaf) and the compiled runs
     gather each weight where it is used: for models larger than one device's memory; the images equal the
     unsharded run's up to float rounding.
@@ -237,7 +240,8 @@ class FlowPipeline(LoraAdapters, PipelineBase):
     _checked_images = LatentPipeline._checked_images
     _noise = LatentPipeline._noise
 
-    def __init__(self, model: FlowModels, token_patch: int, default_size: int, mesh: Mesh | None = None):
+    def __init__(self, model: FlowModels, token_patch: int, default_size: int, mesh: Mesh | None = None,
+                 offload_text_encoders: bool = False):  # fmt: skip
         if model.pipeline_class not in self.pipeline_classes:
             raise UsageError(f"{type(self).__name__} does not run {model.pipeline_class} folders (it runs "
                              f"{', '.join(self.pipeline_classes)}); load them with jaxdiff.Pipeline.from_pretrained")
@@ -247,10 +251,13 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         self.latent_factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
         self.latent_channels = model.vae_config.latent_channels
         self.token_patch, self.default_size = token_patch, default_size
-        params = {"transformer": model.transformer_params, "vae": model.vae_params,
-                  **{key: params for key, (_, params) in model.encoders.items()}}  # fmt: skip
+        if not isinstance(offload_text_encoders, bool):
+            raise UsageError(f"offload_text_encoders={offload_text_encoders!r} must be True or False")
+        networks = {"transformer": model.transformer_params, "vae": model.vae_params}
+        encoders = {key: params for key, (_, params) in model.encoders.items()}
+        place = jax.device_put if mesh is None else functools.partial(shard_params, mesh=mesh)
         self.mesh = mesh
-        self.params = jax.device_put(params) if mesh is None else shard_params(params, mesh)
+        self.params = {**place(networks), **(encoders if offload_text_encoders else place(encoders))}
         self._init_lora()
         self._decode = jax.jit(self._decode_latents)
         self._encode_image = jax.jit(self._encode_latents)

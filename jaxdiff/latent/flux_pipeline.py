@@ -94,9 +94,9 @@ class FluxPipeline(FlowPipeline):
     pipeline_classes = FLUX_PIPELINE_CLASSES
     pipeline_sigmas = True
 
-    def __init__(self, model: FlowModels, mesh: Mesh | None = None):
+    def __init__(self, model: FlowModels, mesh: Mesh | None = None, offload_text_encoders: bool = False):
         factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-        super().__init__(model, PACK, DEFAULT_SAMPLE_SIZE * factor, mesh)
+        super().__init__(model, PACK, DEFAULT_SAMPLE_SIZE * factor, mesh, offload_text_encoders)
         self.transformer = create_flux(model.transformer_config)
         self.guidance_embeds = model.transformer_config.guidance_embeds
         self.clip = create_clip_text(model.encoders["text"][0])
@@ -106,12 +106,12 @@ class FluxPipeline(FlowPipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
                         mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
-                        transformer_only: bool = False) -> FluxPipeline:  # fmt: skip
+                        transformer_only: bool = False, offload_text_encoders: bool = False) -> FluxPipeline:  # fmt: skip
         """A Flux folder; `variant` picks the weight files' variant (fp16, bf16, ...), `dtype` the compute dtype,
-        `mesh` the devices the parameters are split over (`FlowPipeline`); with `config_folder`, `path` is an
-        original single-file transformer (`read_flow_folder`)."""
+        `mesh` the devices the parameters are split over and `offload_text_encoders` (`FlowPipeline`); with
+        `config_folder`, `path` is an original single-file transformer (`read_flow_folder`)."""
         return cls(read_flux(path, variant=variant, dtype=dtype, config_folder=config_folder,
-                             transformer_only=transformer_only), mesh)
+                             transformer_only=transformer_only), mesh, offload_text_encoders)
 
     def _lora_layouts(self) -> dict:
         """kohya / ComfyUI Flux LoRA files name the transformer's modules in BFL's layout (`jaxdiff.latent.lora`)."""

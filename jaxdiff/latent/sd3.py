@@ -102,10 +102,10 @@ class SD3Pipeline(FlowPipeline):
     loaded = "an SD3 model"
     pipeline_classes = SD3_PIPELINE_CLASSES
 
-    def __init__(self, model: FlowModels, mesh: Mesh | None = None):
+    def __init__(self, model: FlowModels, mesh: Mesh | None = None, offload_text_encoders: bool = False):
         config = model.transformer_config
         factor = 2 ** (len(model.vae_config.block_out_channels) - 1)
-        super().__init__(model, config.patch_size, config.sample_size * factor, mesh)
+        super().__init__(model, config.patch_size, config.sample_size * factor, mesh, offload_text_encoders)
         self.transformer = create_mmdit(config)
         self.clips = [create_clip_text(model.encoders[key][0]) for key in ("text", "text_2")]
         self.t5 = create_t5_encoder(model.encoders["text_3"][0]) if "text_3" in model.encoders else None
@@ -115,12 +115,12 @@ class SD3Pipeline(FlowPipeline):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
                         mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
-                        transformer_only: bool = False) -> SD3Pipeline:  # fmt: skip
+                        transformer_only: bool = False, offload_text_encoders: bool = False) -> SD3Pipeline:  # fmt: skip
         """An SD3 folder; `variant` picks the weight files' variant (fp16, ...), `dtype` the compute dtype, `mesh`
         the devices the parameters are split over (`FlowPipeline`); with `config_folder`, `path` is an
         original single-file transformer (`read_flow_folder`)."""
         return cls(read_sd3(path, variant=variant, dtype=dtype, config_folder=config_folder,
-                            transformer_only=transformer_only), mesh)
+                            transformer_only=transformer_only), mesh, offload_text_encoders)
 
     def _velocity(self, params, x, timesteps, cond, embedded):
         context, pooled = cond
