@@ -91,8 +91,10 @@ def test_estimate_activation_terms_by_hand():
 
 SHARDED_SCRIPT = f"""
 import jax, jax.numpy as jnp, numpy as np
-from jaxdiff.models import flux, mmdit, param_sharding as ps
+from jaxdiff.models import flux, layers, mmdit, param_sharding as ps
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
+
+layers.QUERY_CHUNK = None  # the estimate is an accelerator's XLA attention (whole score matrices), not CPU's blocks
 
 N, MIN_SIZE, RTOL = {DEVICES}, {MIN_SIZE}, {RTOL}
 mesh = ps.inference_mesh()
@@ -159,8 +161,10 @@ MEMORY_SCRIPT = f"""
 import json
 import jax, numpy as np
 from jax.sharding import Mesh
-from jaxdiff.models import flux, mmdit, param_sharding as ps
+from jaxdiff.models import flux, layers, mmdit, param_sharding as ps
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
+
+layers.QUERY_CHUNK = None  # the estimate is an accelerator's XLA attention (whole score matrices), not CPU's blocks
 
 N = {DEVICES}
 mmdit_model = mmdit.create_mmdit(mmdit.mmdit_config(dict(sample_size=64, num_layers=3, attention_head_dim=32,

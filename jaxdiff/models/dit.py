@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxdiff.checks import is_real, require_bool, require_choice, require_int
 from jaxdiff.errors import ConfigError, UsageError
-from jaxdiff.models.layers import timestep_embedding
+from jaxdiff.models.layers import multi_head_attention, timestep_embedding
 from jaxdiff.models.score_layers import module_fields
 
 Array = jax.Array
@@ -179,7 +179,7 @@ def conditioning(t: Array, y: Array | None, *, hidden_size: int, freq_shift: int
 
 class Attention(nn.Module):
     """Multi-head self-attention x [B,N,D] -> [B,N,D]: fused `qkv` (q, k, v each D channels, head-major), softmax
-    attention with scale head_dim^-½ through `jax.nn.dot_product_attention`, then `proj`."""
+    attention with scale head_dim^-½ through `jaxdiff.models.layers.multi_head_attention`, then `proj`."""
 
     num_heads: int
     dtype: Any
@@ -190,7 +190,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = _dense(3 * d, self.dtype, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         impl = None if self.implementation == "auto" else self.implementation
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=impl)
+        out = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=impl)
         return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 

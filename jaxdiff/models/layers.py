@@ -169,29 +169,35 @@ class ResBlock(nn.Module):
         return x + h
 
 
-QUERY_CHUNK = 512  # query rows per block of `multi_head_attention`'s chunked form
+# Query rows per block of `multi_head_attention` on CPU; None: never in blocks (what an accelerator's XLA attention
+# holds, e.g. to compare memory estimates with).
+QUERY_CHUNK: int | None = 512
 
 
-def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = QUERY_CHUNK) -> Array:
+def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = None,
+                         implementation: str | None = None) -> Array:  # fmt: skip
     """softmax(q·kᵀ / sqrt(D)) · v per head for q [B, N, heads, D] over k, v [B, M, heads, D]; returns
     [B, N, heads, D].
 
     Logits and softmax are float32 whatever the input dtype; the output has the dtype of v.
-    `jax.nn.dot_product_attention` picks the backend's implementation (`implementation=None`). On the CPU
-    backend, where that implementation holds the whole [B, heads, N, M] score matrix, queries are taken
-    `query_chunk` rows at a time (`jax.lax.map` over the blocks, when N is a multiple of query_chunk above it):
-    the same result, with scores of [B, heads, query_chunk, M] at a time; None never chunks.
+    `jax.nn.dot_product_attention` runs it with `implementation` (None: the backend's choice; "cudnn": cuDNN's
+    fused kernel). On the CPU backend with implementation None, where XLA holds the whole [B, heads, N, M] score
+    matrix, queries longer than `query_chunk` (None: QUERY_CHUNK, read at trace time) are taken `query_chunk` rows at
+    a time (`jax.lax.map` over blocks; the last block padded with zero queries whose rows are dropped): the same
+    result, with scores of [B, heads, query_chunk, M] at a time.
     """
-    n = q.shape[1]
 
     def attend(queries: Array) -> Array:
-        return jax.nn.dot_product_attention(queries, k, v, scale=q.shape[-1] ** -0.5, implementation=None)
+        return jax.nn.dot_product_attention(queries, k, v, scale=q.shape[-1] ** -0.5, implementation=implementation)
 
-    if query_chunk is None or n <= query_chunk or n % query_chunk or jax.default_backend() != "cpu":
+    b, n = q.shape[:2]
+    query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
+    if query_chunk is None or n <= query_chunk or implementation is not None or jax.default_backend() != "cpu":
         return attend(q)
-    blocks = q.reshape(q.shape[0], n // query_chunk, query_chunk, *q.shape[2:]).swapaxes(0, 1)
-    out = jax.lax.map(attend, blocks)
-    return out.swapaxes(0, 1).reshape(q.shape[0], n, *out.shape[3:])
+    blocks = -(-n // query_chunk)
+    padded = jnp.pad(q, ((0, 0), (0, blocks * query_chunk - n), (0, 0), (0, 0)))
+    out = jax.lax.map(attend, padded.reshape(b, blocks, query_chunk, *q.shape[2:]).swapaxes(0, 1))
+    return out.swapaxes(0, 1).reshape(b, blocks * query_chunk, *out.shape[3:])[:, :n]
 
 
 # The official DDPM attention is the one-head case ([B, N, 1, C]).

@@ -51,6 +51,7 @@ import numpy as np
 from jaxdiff.checks import is_int, require_bool, require_choice, require_int, unsupported
 from jaxdiff.errors import ConfigError, UsageError
 from jaxdiff.models.dit import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, layer_norm, modulate, timestep_frequencies
+from jaxdiff.models.layers import multi_head_attention
 
 Array = jax.Array
 
@@ -255,9 +256,9 @@ class FeedForward(nn.Module):
 
 def attend(q: Array, k: Array, v: Array, implementation: str) -> Array:
     """Softmax attention of [B, N, heads, head_dim] queries over keys/values [B, M, heads, head_dim], scale
-    head_dim^-½, through `jax.nn.dot_product_attention`; -> [B, N, heads·head_dim]."""
+    head_dim^-½ (`jaxdiff.models.layers.multi_head_attention`: by query blocks on CPU); -> [B, N, heads·head_dim]."""
     impl = None if implementation == "auto" else implementation
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=impl)
+    out = multi_head_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=impl)
     return out.reshape(*out.shape[:2], -1)
 
 
