@@ -206,6 +206,10 @@ def test_text_to_image_is_reproducible_from_seed(jax_sd3):
     (lambda p: p.image_to_image(np.zeros((1, 16, 16, 3)), "a", strength=1.5), r"strength=1.5 must be a number"),
     (lambda p: p.inpaint(np.zeros((1, 16, 16, 3)), np.zeros((1, 8, 8)), "a"), r"masks have shape \(1, 8, 8\)"),
     (lambda p: p.set_lora_scale(1.0), r"set_lora_scale\(\): no LoRA is loaded"),
+    (lambda p: p.text_to_image("a", guidance=1.0, skip_guidance_layers=[1]), r"skip_guidance_layers need guidance > 1"),
+    (lambda p: p.text_to_image("a", skip_guidance_layers=[5]), r"skip_layers=\[5\] must be a list of block indices"),
+    (lambda p: p.text_to_image("a", skip_guidance_layers=[1], skip_layer_guidance_start=0.5,
+                               skip_layer_guidance_stop=0.2), r"_stop=0.2 must be fractions of the run"),
 ])  # fmt: skip
 def test_pipeline_refusals(jax_sd3, call, match):
     with pytest.raises(UsageError, match=match):
@@ -350,3 +354,17 @@ def test_pipeline_from_pretrained_gives_the_sd3_pipeline(saved):
     from jaxdiff import Pipeline
 
     assert isinstance(Pipeline.from_pretrained(saved["folder"] / "no_t5"), SD3Pipeline)
+
+
+def test_skip_layer_guidance_matches_diffusers(saved, torch):
+    """SD3.5's skip-layer guidance (block 1 skipped at steps 1 and 2 of 4: 0.1·4 < i < 0.8·4)."""
+    noise = noise_nhwc(3)
+    slg = dict(skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.8)
+    theirs = saved["theirs"]["full"](prompt=PROMPTS, negative_prompt=NEGATIVE, latents=nchw(torch, noise), height=SIZE,
+                                     width=SIZE, skip_guidance_layers=[1], **slg, **THEIRS).images  # fmt: skip
+    ours = saved["ours"]["full"].text_to_image(PROMPTS, negative_prompts=NEGATIVE, latents=noise, height=SIZE,
+                                               width=SIZE, skip_guidance_layers=[1], **slg, **COMMON)  # fmt: skip
+    assert_close(ours, theirs)
+    plain = saved["ours"]["full"].text_to_image(PROMPTS, negative_prompts=NEGATIVE, latents=noise, height=SIZE,
+                                                width=SIZE, **COMMON)  # fmt: skip
+    assert np.abs(plain - ours).max() > 1e-3  # the guidance changed the images

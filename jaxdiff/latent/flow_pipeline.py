@@ -261,7 +261,7 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         self._init_lora()
         self._decode = jax.jit(self._decode_latents)
         self._encode_image = jax.jit(self._encode_latents)
-        self._run = jax.jit(self._denoise, static_argnames=("guidance", "blend"))
+        self._run = jax.jit(self._denoise, static_argnames=("guidance", "blend", "skip_guidance"))
 
     # ------------------------------------------------------------------ pure pieces
 
@@ -271,21 +271,35 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         `cond` (a pytree of [B, ...] arrays); `embedded` the embedded guidance scale (Flux.1-dev) or None."""
 
     def _denoise(self, transformer_params, cond, uncond, x: Array, sigmas: Array, timesteps: Array,
-                 embedded: Array | None, image_latents: Array | None, noise: Array | None, mask: Array | None, *,
-                 guidance: float, blend: bool) -> Array:  # fmt: skip
+                 embedded: Array | None, image_latents: Array | None, noise: Array | None, mask: Array | None,
+                 skipping: Array | None = None, *, guidance: float, blend: bool,
+                 skip_guidance: tuple[tuple[int, ...], float] | None = None) -> Array:  # fmt: skip
         """The run from x at sigmas[0] through sigmas [n + 1] (timesteps [n] the network's); `embedded` the
-        embedded guidance (Flux.1-dev); with `blend`, inpainting's blending (module docstring)."""
-        velocity = guided_unet(functools.partial(self._velocity, transformer_params, embedded=embedded), cond, uncond,
-                               guidance)  # fmt: skip
+        embedded guidance (Flux.1-dev); with `blend`, inpainting's blending (module docstring); with
+        `skip_guidance` (layers, scale), skip-layer guidance at the steps where `skipping` [n] (bool) is set:
+        + scale·(v_cond − v_cond without those layers), as diffusers' SD3 pipeline."""
+        model = functools.partial(self._velocity, transformer_params, embedded=embedded)
+
+        def skip_term(out_cond, x, t, skip_on):
+            layers, scale = skip_guidance
+            return jax.lax.cond(skip_on, lambda: scale * (out_cond - model(x, t, cond, skip_layers=layers)),
+                                lambda: jnp.zeros_like(out_cond))  # fmt: skip
+
+        def velocity(x, t, skip_on):
+            term = None if skip_guidance is None else functools.partial(skip_term, skip_on=skip_on)
+            return guided_unet(model, cond, uncond, guidance, cond_term=term)(x, t)
 
         def step(x, row):
-            x_next = x + (row["sigma_next"] - row["sigma"]) * velocity(x, jnp.full(x.shape[:1], row["timestep"]))
+            t = jnp.full(x.shape[:1], row["timestep"])
+            x_next = x + (row["sigma_next"] - row["sigma"]) * velocity(x, t, row["skip"])
             if blend:
                 noised = row["sigma_next"] * noise + (1.0 - row["sigma_next"]) * image_latents
                 x_next = (1.0 - mask) * noised + mask * x_next
             return x_next, None
 
-        x, _ = jax.lax.scan(step, x, {"sigma": sigmas[:-1], "sigma_next": sigmas[1:], "timestep": timesteps})
+        skips = jnp.zeros(timesteps.shape, bool) if skipping is None else skipping
+        x, _ = jax.lax.scan(step, x, {"sigma": sigmas[:-1], "sigma_next": sigmas[1:], "timestep": timesteps,
+                                      "skip": skips})  # fmt: skip
         return x
 
     # ------------------------------------------------------------------ checks
@@ -316,10 +330,12 @@ class FlowPipeline(LoraAdapters, PipelineBase):
 
     def _generate(self, encode: Callable[[], tuple], guidance: float, embedded: float | None, *, batch: int,
                   steps, seed, latents, output_type, sampler=None, size=(None, None), images=None, masks=None,
-                  strength=None, inpainting: bool = False) -> np.ndarray:  # fmt: skip
+                  strength=None, inpainting: bool = False,
+                  skip_guidance: tuple[tuple[int, ...], float, float, float] | None = None) -> np.ndarray:  # fmt: skip
         """Text-to-image (images None), image-to-image (images) or inpainting (images, masks and `inpainting`),
         every input checked before `encode()` gives the (cond, uncond) conditioning (uncond None without
-        guidance)."""
+        guidance); `skip_guidance` (layers, scale, start, stop), checked by the caller: skip-layer guidance at the
+        steps i with start·steps < i < stop·steps (`_denoise`)."""
         if not is_int(seed):
             raise UsageError(f"seed={seed!r} must be an int")
         if not is_int(steps, numpy=False) or steps < 1:
@@ -347,6 +363,9 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         own = np.linspace(1.0, 1.0 / steps, steps) if self.pipeline_sigmas else None
         sigmas = run_sigmas(self.scheduler, steps, image_seq_len=(height // (f * p)) * (width // (f * p)),
                             sigmas=own)[start:]  # fmt: skip
+        if skip_guidance is not None:
+            index = np.arange(start, steps)
+            skipping = (index > steps * skip_guidance[2]) & (index < steps * skip_guidance[3])
         cond, uncond = encode()
         image_latents = None
         if pixels is None:
@@ -357,7 +376,9 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         out = self._run(self._run_params["transformer"], cond, uncond, x, jnp.asarray(sigmas),
                         jnp.asarray(network_timesteps(self.scheduler, sigmas[:-1])),
                         None if embedded is None else jnp.float32(embedded), image_latents, noise, mask,
-                        guidance=guidance, blend=mask is not None)  # fmt: skip
+                        None if skip_guidance is None else jnp.asarray(skipping),
+                        guidance=guidance, blend=mask is not None,
+                        skip_guidance=None if skip_guidance is None else skip_guidance[:2])  # fmt: skip
         if output_type == "latent":
             return np.asarray(out)
         decoded = np.asarray(self._decode(self.params["vae"], out))

@@ -73,13 +73,15 @@ HANDOFF_SAMPLERS = ("euler", "euler_ancestral")
 
 
 def guided_unet(unet: UNetFn, cond: Conditioning | Array, uncond: Conditioning | Array, guidance: float,
-                condition: Array | None = None, rescale: float = 0.0) -> Callable[[Array, Array], Array]:  # fmt: skip
+                condition: Array | None = None, rescale: float = 0.0,
+                cond_term: Callable[[Array, Array, Array], Array] | None = None) -> Callable[[Array, Array], Array]:  # fmt: skip
     """`fn(x, t)`: the U-Net output at latents x [B,h,w,C] and training steps t [B] (int or real), guided as
     diffusers does: uncond + guidance·(cond − uncond) from one forward pass on [x; x] with conditionings
     [uncond; cond] (pytrees `unet` takes: `Conditioning`s, or context arrays [B,L,D]; concatenated leaf by leaf)
     (only the conditional pass when guidance <= 1), then with rescale > 0 `rescale_guided`
     (guidance_rescale). `condition` [B,h,w,C'] (the inpainting U-Net's mask and masked-image latents) is appended
-    to x's channels."""
+    to x's channels. `cond_term(out_cond, x, t)`, when given, is added to the guided output (SD3's skip-layer
+    guidance)."""
 
     def fn(x: Array, t: Array) -> Array:
         x_in = x if condition is None else jnp.concatenate([x, condition], axis=-1)
@@ -89,7 +91,8 @@ def guided_unet(unet: UNetFn, cond: Conditioning | Array, uncond: Conditioning |
         both = unet(jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), both_cond)
         out_uncond, out_cond = jnp.split(both, 2)
         guided = out_uncond + guidance * (out_cond - out_uncond)
-        return guided if rescale <= 0 else rescale_guided(guided, out_cond, rescale)
+        guided = guided if rescale <= 0 else rescale_guided(guided, out_cond, rescale)
+        return guided if cond_term is None else guided + cond_term(out_cond, x, t)
 
     return fn
 

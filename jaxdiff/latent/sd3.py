@@ -43,7 +43,7 @@ from jaxdiff.latent.flow_pipeline import (
 )
 from jaxdiff.latent.mmdit_weights import read_mmdit
 from jaxdiff.models.clip_text import create_clip_text
-from jaxdiff.models.mmdit import create_mmdit, mmdit_config
+from jaxdiff.models.mmdit import check_skip_layers, create_mmdit, mmdit_config
 from jaxdiff.models.t5_encoder import create_t5_encoder
 
 Array = jax.Array
@@ -122,9 +122,9 @@ class SD3Pipeline(FlowPipeline):
         return cls(read_sd3(path, variant=variant, dtype=dtype, config_folder=config_folder,
                             transformer_only=transformer_only), mesh, offload_text_encoders)
 
-    def _velocity(self, params, x, timesteps, cond, embedded):
+    def _velocity(self, params, x, timesteps, cond, embedded, skip_layers: tuple[int, ...] = ()):
         context, pooled = cond
-        return self.transformer.apply({"params": params}, x, timesteps, context, pooled)
+        return self.transformer.apply({"params": params}, x, timesteps, context, pooled, skip_layers=skip_layers)
 
     def _embed(self, params: dict, ids: Array, ids_2: Array, ids_3: Array | None, *, clip_skip: int,
                t5_length: int) -> tuple[Array, Array]:  # fmt: skip
@@ -170,16 +170,34 @@ class SD3Pipeline(FlowPipeline):
     def text_to_image(self, prompts, *, negative_prompts=None, steps: int = DEFAULT_STEPS,
                       guidance: float = DEFAULT_GUIDANCE, height: int | None = None, width: int | None = None,
                       seed: int = 0, latents=None, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-                      clip_skip: int = 0, output_type: str = "uint8",
-                      sampler: str | None = None) -> np.ndarray:  # fmt: skip
+                      clip_skip: int = 0, output_type: str = "uint8", sampler: str | None = None,
+                      skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+                      skip_layer_guidance_start: float = 0.01,
+                      skip_layer_guidance_stop: float = 0.2) -> np.ndarray:  # fmt: skip
         """Images [B, height, width, 3] for B prompts: uint8, float in [0, 1] (output_type="float") or the final
         latents (output_type="latent"). height and width (default: the transformer's sample_size × the autoencoder's
         factor) must be multiples of factor × patch_size. `guidance` > 1 guides with `negative_prompts` (default:
         the empty prompt; refused with guidance <= 1). `latents` [B, height/f, width/f, 16] is the initial noise
-        (default: drawn from `seed`). `max_sequence_length`: T5's tokens (2..512); `clip_skip` as diffusers'."""
+        (default: drawn from `seed`). `max_sequence_length`: T5's tokens (2..512); `clip_skip` as diffusers'.
+        Skip-layer guidance (SD3.5's, diffusers' arguments; needs guidance > 1): with `skip_guidance_layers` (block
+        indices, e.g. [7, 8, 9] for SD3.5-medium), the steps i with start·steps < i < stop·steps add
+        scale·(v_cond − v_cond without those blocks)."""
         prompts, guidance, encode = self._encoder(prompts, negative_prompts, guidance, clip_skip, max_sequence_length)
+        skip_guidance = None
+        if skip_guidance_layers is not None:
+            if guidance <= 1:
+                raise UsageError("skip_guidance_layers need guidance > 1 (skip-layer guidance adds to the guided run)")
+            layers = check_skip_layers(skip_guidance_layers, self.model.transformer_config.num_layers)
+            scale = check_guidance("skip_layer_guidance_scale", skip_layer_guidance_scale)
+            start = check_guidance("skip_layer_guidance_start", skip_layer_guidance_start)
+            stop = check_guidance("skip_layer_guidance_stop", skip_layer_guidance_stop)
+            if not start < stop <= 1:
+                raise UsageError(f"skip_layer_guidance_start={start} and _stop={stop} must be fractions of the run "
+                                 "with start < stop <= 1")  # fmt: skip
+            skip_guidance = (layers, scale, start, stop)
         return self._generate(encode, guidance, None, batch=len(prompts), steps=steps, seed=seed, latents=latents,
-                              output_type=output_type, sampler=sampler, size=(height, width))  # fmt: skip
+                              output_type=output_type, sampler=sampler, size=(height, width),
+                              skip_guidance=skip_guidance)  # fmt: skip
 
     def image_to_image(self, images, prompts, *, strength: float = 0.6, negative_prompts=None,
                        steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0, latents=None,
