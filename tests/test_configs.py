@@ -41,7 +41,8 @@ CONTINUOUS = {
 }
 # Class-conditional latent transformers (configs of released weights; latent-space training is not built).
 TRANSFORMERS = {"dit_xl2_imagenet256": 674.83, "sit_xl2_imagenet256": 674.83}
-OTHER_TASKS = ("shapes_autoencoder", "shapes")  # tasks other than diffusion (tests/test_tasks.py, test_latent_training.py)
+# Tasks other than diffusion (tests/test_tasks.py, test_latent_training.py, test_flow_lora_task.py).
+OTHER_TASKS = ("shapes_autoencoder", "shapes", "flux_lora", "sd3_lora")
 DDPM_CONFIGS = [name for name in CONFIGS if name not in {**CONTINUOUS, **TRANSFORMERS} and name not in OTHER_TASKS]
 LARGE = ("celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 

@@ -372,8 +372,9 @@ def test_exporting_a_run_without_adapters_is_refused(tmp_path):
     from jaxdiff.convert.lora_export import lora_export
 
     config = default_config()
-    with pytest.raises(UsageError, match=r"^run is not a LoRA run \(task 'latent' with training.lora.rank > 0; it is "
-                                         r"task 'diffusion', rank 0\): convert it with --to diffusers$"):  # fmt: skip
+    with pytest.raises(UsageError, match=r"^run is not a LoRA run \(task 'latent' or 'flow_lora' with "
+                                         r"training.lora.rank > 0; it is task 'diffusion', rank 0\): convert it with "
+                                         r"--to diffusers$"):  # fmt: skip
         lora_export(config, {}, "run")
 
 

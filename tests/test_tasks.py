@@ -162,7 +162,8 @@ def test_resume_compares_what_each_task_trains():
         ("autoencoder_loss.reconstruction_loss", "l3",
          r"autoencoder_loss.reconstruction_loss='l3' is not allowed: expected one of \('l1', 'l2'\)"),
         ("autoencoder_loss.kl_weight", -1.0, r"autoencoder_loss.kl_weight=-1.0 is not allowed: expected a number >= 0"),
-        ("task", "vae", r"task='vae' is not allowed: expected one of \('diffusion', 'autoencoder', 'latent', 'class_latent'\)"),
+        ("task", "vae", r"task='vae' is not allowed: expected one of \('diffusion', 'autoencoder', 'latent', "
+                        r"'class_latent', 'flow_lora'\)"),
         ("autoencoder.norm_num_groups", 3, r"config autoencoder: .*norm_num_groups=3"),
         ("autoencoder.sample_size", 31, r"autoencoder.sample_size=31 must be divisible by 2\^1"),
         ("autoencoder.out_channels", 1, r"autoencoder.out_channels=1 must equal autoencoder.in_channels=3"),

@@ -25,7 +25,7 @@ DATASETS = (
     "cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256", "digits", "shapes", "synthetic",
     "folder", "class_folder",
 )  # fmt: skip
-TASKS = ("diffusion", "autoencoder", "latent", "class_latent")
+TASKS = ("diffusion", "autoencoder", "latent", "class_latent", "flow_lora")
 LORA_BASE_DTYPES = ("float32", "bfloat16")  # training.lora.base_dtype
 
 
@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The DDPM CIFAR-10 recipe (Ho et al. 2020, official code), locked: values may change, keys may not."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.task = "diffusion"  # what the run trains: diffusion | autoencoder | latent | class_latent (training.tasks)
+    c.task = "diffusion"  # diffusion | autoencoder | latent | class_latent | flow_lora (training.tasks)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar10"
@@ -184,6 +184,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.training.prior_preservation.class_prompt = ""  # the prompt class images are generated from
     c.training.prior_preservation.num_class_images = 100  # class images used (the first in sorted file order)
     c.training.prior_preservation.weight = 1.0  # loss = instance mse + weight·class mse
+
+    # task "flow_lora": LoRA adapters of an SD3 / Flux folder's frozen transformer (training.tasks.flow_lora).
+    c.flow = ml_collections.ConfigDict()
+    c.flow.pretrained = ""  # an SD3 / SD3.5 or Flux.1 diffusers folder (transformer, text encoders, VAE, scheduler)
+    c.flow.t_sampling = "logit_normal"  # training t: uniform | logit_normal | mode (diffusers' weighting_scheme)
+    c.flow.logit_mean = 0.0  # logit_normal: t = sigmoid(logit_mean + logit_std·n)
+    c.flow.logit_std = 1.0
+    c.flow.mode_scale = 1.29  # mode: SD3's scale
+    c.flow.shift = 0.0  # training t shifted to s·t/(1 + (s − 1)·t); 0: the folder scheduler's (1 if dynamic)
+    c.flow.weighting = "none"  # loss weight: none | sigma_sqrt | cosmap (diffusers' compute_loss_weighting_for_sd3)
+    c.flow.guidance = 3.5  # guidance-distilled Flux (dev): the embedded guidance scale in training
+    c.flow.caption_dropout = 0.0  # probability of training on the empty prompt
+    c.flow.max_sequence_length = 0  # T5 tokens per caption; 0: the scripts' defaults (SD3 77, Flux 512)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"

@@ -283,6 +283,33 @@ def rectified_flow_cifar10() -> ml_collections.ConfigDict:
     return config
 
 
+def flow_lora(family: str) -> ml_collections.ConfigDict:
+    """DreamBooth LoRA of an SD3 ("sd3") or Flux.1 [dev] ("flux") folder as diffusers' READMEs run
+    train_dreambooth_lora_sd3.py / train_dreambooth_lora_flux.py (task `flow_lora`; `configs/sd3_lora.py`,
+    `configs/flux_lora.py`): rank 4 adapters of to_k, to_q, to_v, to_out.0, Adam at 1e-4, constant rate without
+    warm-up, gradient norm clipped to 1, batch 1, 500 steps, t logit-normal(0, 1) with weight 1
+    (--weighting_scheme=logit_normal), no EMA (the scripts keep none), the frozen transformer in bfloat16
+    (--mixed_precision=bf16); SD3 at 1024×1024 with 77 T5 tokens, Flux at 512×512 with 512 T5 tokens and the
+    embedded guidance 1 in training (--guidance_scale=1). flow.pretrained and data.data_dir (a captioned image
+    folder) are left to give."""
+    c = default_config()
+    c.task = "flow_lora"
+    c.data.dataset, c.data.random_flip = "folder", False
+    c.model.image_size = {"sd3": 1024, "flux": 512}[family]  # --resolution
+    c.flow.t_sampling, c.flow.weighting = "logit_normal", "none"
+    c.flow.max_sequence_length = {"sd3": 77, "flux": 512}[family]
+    if family == "flux":
+        c.flow.guidance = 1.0
+    t = c.training
+    t.batch_size, t.num_train_steps, t.learning_rate, t.warmup_steps = 1, 500, 1e-4, 0
+    t.grad_clip_norm, t.ema_decay = 1.0, 0.0
+    t.lora.rank, t.lora.alpha, t.lora.target_modules = 4, 4.0, "to_k,to_q,to_v,to_out.0"
+    t.lora.base_dtype = "bfloat16"
+    t.log_every_steps, t.checkpoint_every_steps, t.sample_every_steps, t.num_sample_images = 10, 100, 500, 4
+    c.sampling.steps, c.sampling.guidance = 28, {"sd3": 7.0, "flux": 3.5}[family]
+    return c
+
+
 RELEASED = ("cifar10", "celebahq256", "lsun_church256", "lsun_bedroom256", "lsun_cat256")
 RECIPES = ("cifar10", "cifar10_cond", *_256_RUNS, "digits", *_SCORE_SDE_RUNS, *_EDM_RUNS, "digits_edm", "digits_flow",
            "rectified_flow_cifar10")

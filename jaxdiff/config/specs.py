@@ -220,8 +220,8 @@ SPECS: dict[str, Spec] = {
     "training.keep_checkpoints": _positive_int("checkpoints kept in the workdir"),
     "training.sample_every_steps": _positive_int("steps between sample grids"),
     "training.num_sample_images": _positive_int("images in each sample grid"),
-    "training.lora.rank": Spec(int, "latent.unet_init: rank of the LoRA adapters trained on its frozen U-Net; 0: off",
-                               low=0),  # fmt: skip
+    "training.lora.rank": Spec(int, "latent.unet_init / flow.pretrained: rank of the LoRA adapters of its frozen "
+                                    "network; 0: off", low=0),  # fmt: skip
     "training.lora.alpha": Spec(float, "LoRA: adapters scaled by alpha / rank; 0: alpha = rank", low=0),
     "training.lora.target_modules": Spec(str, "LoRA: comma-separated suffixes of the diffusers names of the U-Net "
                                               "modules adapted (peft's target_modules)"),  # fmt: skip
@@ -231,6 +231,18 @@ SPECS: dict[str, Spec] = {
     "training.prior_preservation.class_prompt": Spec(str, "prior preservation: the prompt of generated class images"),
     "training.prior_preservation.num_class_images": _positive_int("prior preservation: class images used"),
     "training.prior_preservation.weight": Spec(float, "prior preservation: weight of the class images' loss", low=0),
+    "flow.pretrained": Spec(str, "flow_lora: the SD3 / Flux diffusers folder whose frozen transformer gets adapters"),
+    "flow.t_sampling": Spec(str, "flow_lora: distribution of the training t", choices=T_SAMPLINGS),
+    "flow.logit_mean": Spec(float, "flow_lora, logit_normal: mean m of logit t"),
+    "flow.logit_std": Spec(float, "flow_lora, logit_normal: standard deviation s of logit t", low=0, low_open=True),
+    "flow.mode_scale": Spec(float, "flow_lora, mode: SD3's scale", low=-1, high=MODE_SCALE_MAX),
+    "flow.shift": Spec(float, "flow_lora: shift of the training t; 0: the folder scheduler's", low=0),
+    "flow.weighting": Spec(str, "flow_lora: loss weight of diffusers' compute_loss_weighting_for_sd3",
+                           choices=("none", "sigma_sqrt", "cosmap")),  # fmt: skip
+    "flow.guidance": Spec(float, "flow_lora: embedded guidance scale of a guidance-distilled Flux in training", low=0),
+    "flow.caption_dropout": _fraction("flow_lora: probability of the empty prompt in training", high_open=False),
+    "flow.max_sequence_length": Spec(int, "flow_lora: T5 tokens per caption (2..512); 0: SD3 77, Flux 512", low=0,
+                                     high=512),  # fmt: skip
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
     "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),

@@ -64,9 +64,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         spec = spec_of(key, defaults[key])
         if spec is not None and not spec.accepts(value):
             raise ConfigError(f"config {key}={value!r} is not allowed: expected {spec.allowed()} ({spec.meaning})")
-    if config.task != "latent" and config.training.lora.rank:
+    if config.task not in ("latent", "flow_lora") and config.training.lora.rank:
         raise ConfigError(f"config training.lora.rank={config.training.lora.rank}: LoRA trains adapters of a latent "
                           f"run's latent.unet_init U-Net; task {config.task!r} has none")  # fmt: skip
+    if config.task != "flow_lora":
+        changed = [f"flow.{key}={value!r}" for key, value in config.flow.items() if value != defaults[f"flow.{key}"]]
+        if changed:
+            raise ConfigError(f"config {', '.join(changed)}: the flow section is task 'flow_lora''s; task "
+                              f"{config.task!r} reads none of it")  # fmt: skip
     _check_prior_preservation(config)
     if config.data.latent_cache and config.task != "class_latent":
         raise ConfigError(f"config data.latent_cache={config.data.latent_cache!r} holds latents for task "

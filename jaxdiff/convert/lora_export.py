@@ -2,7 +2,8 @@
 `pytorch_lora_weights.safetensors` with peft's names, `unet.<module>.lora_A.weight` (down [r, in] or [r, in, kh, kw])
 and `unet.<module>.lora_B.weight` (up [out, r] or [out, r, 1, 1]), float32 in PyTorch layout, and the peft
 `LoraConfig` in the header's `lora_adapter_metadata` (`unet.r`, `unet.lora_alpha`, `unet.target_modules`), from
-which diffusers' `load_lora_weights` (and `jaxdiff.latent.lora`) take the scale alpha / r."""
+which diffusers' `load_lora_weights` (and `jaxdiff.latent.lora`) take the scale alpha / r. A flow_lora run's
+adapters (SD3 / Flux transformer) are written under `transformer.` instead of `unet.`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxdiff.errors import UsageError
+from jaxdiff.training.flow_lora_step import COMPONENT as FLOW_COMPONENT
 from jaxdiff.training.latent_step import trained_lora
 from jaxdiff.training.tasks.latent import lora_scale, lora_target_modules
 from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE, peft_file_contents
@@ -31,11 +33,12 @@ def lora_export(config: ml_collections.ConfigDict, params: dict, source: str | o
     """The LoRA file of the adapters `params["lora"]` of the LoRA run at `source` with config `config`; UsageError
     for a run that trained no adapters."""
     lora = config.training.lora
-    if config.task != "latent" or not lora.rank:
-        raise UsageError(f"{source} is not a LoRA run (task 'latent' with training.lora.rank > 0; it is task "
-                         f"{config.task!r}, rank {lora.rank}): convert it with --to diffusers")  # fmt: skip
-    contents = peft_file_contents(trained_lora(params["lora"], lora_scale(lora), source), "unet", lora.rank,
-                                  lora.alpha or lora.rank, lora_target_modules(lora))  # fmt: skip
+    if config.task not in ("latent", "flow_lora") or not lora.rank:
+        raise UsageError(f"{source} is not a LoRA run (task 'latent' or 'flow_lora' with training.lora.rank > 0; it "
+                         f"is task {config.task!r}, rank {lora.rank}): convert it with --to diffusers")  # fmt: skip
+    component = FLOW_COMPONENT if config.task == "flow_lora" else "unet"
+    contents = peft_file_contents(trained_lora(params["lora"], lora_scale(lora), source, component), component,
+                                  lora.rank, lora.alpha or lora.rank, lora_target_modules(lora))  # fmt: skip
     return LoraExport(*contents)
 
 

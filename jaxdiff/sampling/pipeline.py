@@ -118,7 +118,8 @@ class Pipeline(PipelineBase):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, step: int | None = None) -> "Pipeline":
         """The EMA parameters of a `jaxdiff train` workdir (latest step unless `step`); a latent run (task
-        "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder; a
+        "latent") gives a `jaxdiff.latent.pipeline.LatentPipeline` on its autoencoder and text encoder, an SD3 / Flux
+        LoRA run (task "flow_lora") its folder's pipeline with the adapters loaded; a
         class-conditional latent run (task "class_latent") samples latents decoded by the autoencoder it kept, its
         classes named by the class folders it was trained on."""
         config, step, params = load_run(path, step=step)
@@ -126,6 +127,10 @@ class Pipeline(PipelineBase):
             from jaxdiff.training.tasks.latent import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
+        if config.task == "flow_lora":
+            from jaxdiff.training.tasks.flow_lora import flow_lora_pipeline
+
+            return flow_lora_pipeline(config, params, checkpoint.read_extras(path, step))
         if config.task == "class_latent":  # the network on its autoencoder's latents, labels named by class
             from jaxdiff.training.tasks.class_latent import class_latent_parts
 

@@ -44,6 +44,7 @@ ARCHITECTURE_SECTIONS = {
     "autoencoder": ("autoencoder", "autoencoder_loss"),
     "latent": ("model", "diffusion", "latent"),
     "class_latent": ("model", "diffusion", "latent"),
+    "flow_lora": ("flow",),
 }
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""What a training run trains: the diffusion model, the autoencoder, text-conditioned latent diffusion or
-class-conditional latent diffusion (DiT / SiT on ImageNet-style data).
+"""What a training run trains: the diffusion model, the autoencoder, text-conditioned latent diffusion,
+class-conditional latent diffusion (DiT / SiT on ImageNet-style data) or LoRA adapters of an SD3 / Flux transformer.
 
 `jaxdiff.training.loop` drives any `Task` through the same loop (lock, resume, data order, checkpoints,
 metrics, progress, signals, sample grids); `make_task(config, source)` picks the one `config.task` names.
@@ -19,6 +19,7 @@ from jaxdiff.training.tasks.autoencoder import AutoencoderTask
 from jaxdiff.training.tasks.base import Task
 from jaxdiff.training.tasks.class_latent import ClassLatentTask, class_latent_image_shape
 from jaxdiff.training.tasks.diffusion import DiffusionTask
+from jaxdiff.training.tasks.flow_lora import FlowLoraTask
 from jaxdiff.training.tasks.latent import LatentTask
 
 
@@ -37,6 +38,8 @@ def make_task(config: ml_collections.ConfigDict, source=None, *, workdir: str | 
         return LatentTask(config, source, None if workdir is None else os.fspath(workdir))
     if config.task == "class_latent":
         return ClassLatentTask(config, source, None if workdir is None else os.fspath(workdir))
+    if config.task == "flow_lora":
+        return FlowLoraTask(config, source)
     raise ConfigError(f"config task={config.task!r} is not one of {TASKS}")
 
 
