@@ -27,7 +27,7 @@ from jaxdiff.latent.flow_scheduler import (
     run_sigmas,
     strength_start,
 )
-from jaxdiff.latent.sd3 import SD3Pipeline, read_sd3
+from jaxdiff.latent.sd3 import SD3Pipeline
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.mmdit import create_mmdit, example_inputs, mmdit_config
@@ -337,17 +337,17 @@ def test_folder_refusals(saved, tmp_path):
     settings = json.loads(scheduler.read_text())
     scheduler.write_text(json.dumps(dict(settings, use_karras_sigmas=True)))
     with pytest.raises(WeightsError, match=r"unsupported setting use_karras_sigmas=True"):
-        read_sd3(folder)
+        SD3Pipeline.read(folder)
     scheduler.write_text(json.dumps(settings))
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps(dict(index, text_encoder_3=[None, None])))
     with pytest.raises(WeightsError, match=r"text_encoder_3 and tokenizer_3 must both be given or both null"):
-        read_sd3(folder)
+        SD3Pipeline.read(folder)
     (folder / "model_index.json").write_text(json.dumps(index))
     transformer = folder / "transformer" / "config.json"
     transformer.write_text(json.dumps(dict(json.loads(transformer.read_text()), pooled_projection_dim=12)))
     with pytest.raises(WeightsError, match=r"pooled_projection_dim=12, but the CLIP encoders' projection_dim sum"):
-        read_sd3(folder)
+        SD3Pipeline.read(folder)
 
 
 def test_pipeline_from_pretrained_gives_the_sd3_pipeline(saved):

@@ -233,6 +233,8 @@ class FlowPipeline(LoraAdapters, PipelineBase):
     loaded = "a flow-matching text-to-image model (SD3 / Flux)"
     pipeline_classes: tuple[str, ...] = ()
     pipeline_sigmas = False
+    folder_spec: FolderSpec  # the family's folder (`read`)
+    check_configs: Callable[[pathlib.Path, dict], None]  # `read_flow_folder`'s check of the family's configs
     # LatentPipeline's, on this pipeline's autoencoder (self.vae, self.model.vae_config) and `_check_size`: decoding
     # to [0, 1] images, encoding [0, 1] images to posterior samples, the images' and the noise's checks.
     _decode_latents = LatentPipeline._decode_latents
@@ -262,6 +264,25 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         self._decode = jax.jit(self._decode_latents)
         self._encode_image = jax.jit(self._encode_latents)
         self._run = jax.jit(self._denoise, static_argnames=("guidance", "blend", "skip_guidance"))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+             config_folder: str | os.PathLike | None = None, transformer_only: bool = False) -> FlowModels:
+        """The `FlowModels` of a folder of this family, or of an original single-file transformer with the rest of
+        such a folder `config_folder` (`read_flow_folder`); configs and model_index.json are checked before any
+        weights are read."""
+        return read_flow_folder(path, cls.folder_spec, cls.check_configs, variant=variant, dtype=dtype,
+                                config_folder=config_folder, transformer_only=transformer_only)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
+                        mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
+                        transformer_only: bool = False, offload_text_encoders: bool = False) -> FlowPipeline:  # fmt: skip
+        """The pipeline of a folder (`read`: `variant` picks the weight files' variant, fp16, bf16, ...; `dtype` the
+        compute dtype; with `config_folder`, `path` is an original single-file transformer); `mesh` and
+        `offload_text_encoders` as the class docstring says."""
+        return cls(cls.read(path, variant=variant, dtype=dtype, config_folder=config_folder,
+                            transformer_only=transformer_only), mesh, offload_text_encoders)  # fmt: skip
 
     # ------------------------------------------------------------------ pure pieces
 

@@ -23,7 +23,6 @@ Prompts longer than a tokenizer's length are truncated with a logged warning, as
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -40,7 +39,6 @@ from jaxdiff.latent.flow_pipeline import (
     FolderSpec,
     check_guidance,
     check_max_sequence_length,
-    read_flow_folder,
 )
 from jaxdiff.latent.flux_weights import read_flux_transformer
 from jaxdiff.models.clip_text import create_clip_text
@@ -79,19 +77,13 @@ def check_flux_configs(folder: pathlib.Path, configs: dict) -> None:
                            f"d_model is {t5.d_model}")  # fmt: skip
 
 
-def read_flux(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
-             config_folder: str | os.PathLike | None = None, transformer_only: bool = False) -> FlowModels:
-    """The `FlowModels` of a Flux folder, or of an original single-file transformer with the rest of a Flux folder
-    `config_folder` (`read_flow_folder`); configs and model_index.json are checked before any weights are read."""
-    return read_flow_folder(path, FLUX_FOLDER, check_flux_configs, variant=variant, dtype=dtype,
-                            config_folder=config_folder, transformer_only=transformer_only)
-
-
 class FluxPipeline(FlowPipeline):
     """A loaded Flux.1 folder: `text_to_image`, `image_to_image`, `inpaint` (module docstring)."""
 
     loaded = "a Flux model"
     pipeline_classes = FLUX_PIPELINE_CLASSES
+    folder_spec = FLUX_FOLDER
+    check_configs = staticmethod(check_flux_configs)
     pipeline_sigmas = True
 
     def __init__(self, model: FlowModels, mesh: Mesh | None = None, offload_text_encoders: bool = False):
@@ -102,16 +94,6 @@ class FluxPipeline(FlowPipeline):
         self.clip = create_clip_text(model.encoders["text"][0])
         self.t5 = create_t5_encoder(model.encoders["text_2"][0])
         self._encode_ids = jax.jit(self._embed)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
-                        mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
-                        transformer_only: bool = False, offload_text_encoders: bool = False) -> FluxPipeline:  # fmt: skip
-        """A Flux folder; `variant` picks the weight files' variant (fp16, bf16, ...), `dtype` the compute dtype,
-        `mesh` the devices the parameters are split over and `offload_text_encoders` (`FlowPipeline`); with
-        `config_folder`, `path` is an original single-file transformer (`read_flow_folder`)."""
-        return cls(read_flux(path, variant=variant, dtype=dtype, config_folder=config_folder,
-                             transformer_only=transformer_only), mesh, offload_text_encoders)
 
     def _lora_layouts(self) -> dict:
         """kohya / ComfyUI Flux LoRA files name the transformer's modules in BFL's layout (`jaxdiff.latent.lora`)."""

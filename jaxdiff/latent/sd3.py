@@ -22,7 +22,6 @@ text, as diffusers warns.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
@@ -39,7 +38,6 @@ from jaxdiff.latent.flow_pipeline import (
     FolderSpec,
     check_guidance,
     check_max_sequence_length,
-    read_flow_folder,
 )
 from jaxdiff.latent.mmdit_weights import read_mmdit
 from jaxdiff.models.clip_text import create_clip_text
@@ -88,19 +86,13 @@ def check_sd3_configs(folder: pathlib.Path, configs: dict) -> None:
                            f"d_model is {t5.d_model}")  # fmt: skip
 
 
-def read_sd3(path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
-             config_folder: str | os.PathLike | None = None, transformer_only: bool = False) -> FlowModels:
-    """The `FlowModels` of an SD3 folder, or of an original single-file transformer with the rest of an SD3 folder
-    `config_folder` (`read_flow_folder`); configs and model_index.json are checked before any weights are read."""
-    return read_flow_folder(path, SD3_FOLDER, check_sd3_configs, variant=variant, dtype=dtype,
-                            config_folder=config_folder, transformer_only=transformer_only)
-
-
 class SD3Pipeline(FlowPipeline):
     """A loaded SD3 / SD3.5 folder: `text_to_image`, `image_to_image`, `inpaint` (module docstring)."""
 
     loaded = "an SD3 model"
     pipeline_classes = SD3_PIPELINE_CLASSES
+    folder_spec = SD3_FOLDER
+    check_configs = staticmethod(check_sd3_configs)
 
     def __init__(self, model: FlowModels, mesh: Mesh | None = None, offload_text_encoders: bool = False):
         config = model.transformer_config
@@ -111,16 +103,6 @@ class SD3Pipeline(FlowPipeline):
         self.t5 = create_t5_encoder(model.encoders["text_3"][0]) if "text_3" in model.encoders else None
         self.max_clip_skip = min(model.encoders[key][0].num_hidden_layers for key in ("text", "text_2")) - 1
         self._encode_ids = jax.jit(self._embed, static_argnames=("clip_skip", "t5_length"))
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",
-                        mesh: Mesh | None = None, config_folder: str | os.PathLike | None = None,
-                        transformer_only: bool = False, offload_text_encoders: bool = False) -> SD3Pipeline:  # fmt: skip
-        """An SD3 folder; `variant` picks the weight files' variant (fp16, ...), `dtype` the compute dtype, `mesh`
-        the devices the parameters are split over (`FlowPipeline`); with `config_folder`, `path` is an
-        original single-file transformer (`read_flow_folder`)."""
-        return cls(read_sd3(path, variant=variant, dtype=dtype, config_folder=config_folder,
-                            transformer_only=transformer_only), mesh, offload_text_encoders)
 
     def _velocity(self, params, x, timesteps, cond, embedded, skip_layers: tuple[int, ...] = ()):
         context, pooled = cond

@@ -2,7 +2,7 @@
 by flow matching on a captioned image folder, as diffusers' train_dreambooth_lora_sd3.py /
 train_dreambooth_lora_flux.py train them (the step: `jaxdiff.training.flow_lora_step`).
 
-`flow.pretrained` names the folder; it is read once (`read_sd3` / `read_flux`): the transformer, stored in
+`flow.pretrained` names the folder; it is read once (`SD3Pipeline.read` / `FluxPipeline.read`): the transformer, stored in
 `training.lora.base_dtype` and never trained, the text encoders and the autoencoder, all frozen. A folder of any
 other pipeline class is refused naming its class. Each step (jitted, nothing precomputed):
   - the images uint8 [B, H, W, 3] become latents [B, H/f, W/f, 16] in the transformer's scale
@@ -70,9 +70,9 @@ FAMILY_OF_CLASS = {**dict.fromkeys(sd3.SD3_PIPELINE_CLASSES, "sd3"),
                    **dict.fromkeys(flux_pipeline.FLUX_PIPELINE_CLASSES, "flux")}  # fmt: skip
 # family -> (pipeline class, folder reader, transformer config function, module constructor, tracing inputs)
 FAMILIES = {
-    "sd3": (sd3.SD3Pipeline, sd3.read_sd3, mmdit.mmdit_config, mmdit.create_mmdit,
+    "sd3": (sd3.SD3Pipeline, sd3.SD3Pipeline.read, mmdit.mmdit_config, mmdit.create_mmdit,
             lambda module, config: mmdit.example_inputs(module, size=config.patch_size)),
-    "flux": (flux_pipeline.FluxPipeline, flux_pipeline.read_flux, flux.flux_config, flux.create_flux,
+    "flux": (flux_pipeline.FluxPipeline, flux_pipeline.FluxPipeline.read, flux.flux_config, flux.create_flux,
              lambda module, config: flux.example_inputs(module)),
 }  # fmt: skip
 T5_KEY = {"sd3": "text_3", "flux": "text_2"}  # the T5 encoder's params / tokenizer key in each family's pipeline
