@@ -35,6 +35,7 @@ from jaxdiff.training.tasks.flow_lora import FlowLoraTask
 from jaxdiff.training.tasks.latent import weights_digest
 from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE
 from jaxdiff.weights.torch_layout import to_torch
+from tests.helpers import run_python
 from tests.test_dreambooth import write_folder
 from tests.test_flux_pipeline import SCHEDULER as FLUX_SCHEDULER, TRANSFORMER as FLUX_TRANSFORMER
 from tests.test_lora_training import END, START, _write_tokenizer, train
@@ -349,3 +350,39 @@ def test_recipes_hold_the_published_dreambooth_lora_defaults(name, size, guidanc
     assert (t.grad_clip_norm, t.ema_decay, t.lora.base_dtype) == (1.0, 0.0, "bfloat16")
     assert (t.lora.rank, t.lora.alpha, t.lora.target_modules) == (4, 4.0, "to_k,to_q,to_v,to_out.0")
     assert (c.flow.t_sampling, c.flow.weighting, c.flow.shift) == ("logit_normal", "none", 0.0)
+
+
+SHARDED_SCRIPT = """
+import pathlib, sys, tempfile
+import jax, numpy as np
+from jaxdiff.training.tasks import load_run
+from tests.test_dreambooth import write_folder
+from tests.test_flow_lora_task import flow_config, write_flow_folder
+from tests.test_lora_training import train
+
+root = pathlib.Path(tempfile.mkdtemp())
+images = write_folder(root / "images", 4, "a photo of sks", 0)
+folder = write_flow_folder(root, "flux")
+results = {}
+for fsdp in (1, 2):
+    config = flow_config(folder, images, steps=2)
+    config.training.fsdp = fsdp
+    workdir = root / f"run{fsdp}"
+    train(config, workdir)
+    results[fsdp] = load_run(workdir, ema=False)[2]
+error = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+            zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[2])))
+print("max difference", error)
+assert error <= 1e-5, error
+print("OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_fsdp_run_on_two_devices_equals_the_replicated_one():
+    """A Flux LoRA run on 2 simulated devices with training.fsdp=2 (the frozen networks and the adapters placed on
+    the ("data", "fsdp") mesh) trains the same adapters as with fsdp=1 to 1e-5. The tiny networks' leaves are all
+    below the split threshold, so this checks the run on a mesh; the split itself is tests/test_flow_sharding.py's."""
+    out = run_python(SHARDED_SCRIPT, devices=2, timeout=580)
+    assert out.strip().endswith("OK"), out

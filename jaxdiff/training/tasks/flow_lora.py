@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import sharding
 from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import ConfigError, DataError
 from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config
@@ -177,13 +178,15 @@ class FlowLoraTask:
         return None
 
     def _read_folder(self, pipeline_class) -> None:
-        """Read the folder once: the pipeline holds the frozen networks, its transformer in base_dtype; sets
-        `lora_base` and the shift."""
+        """Read the folder once: the pipeline holds the frozen networks (its transformer in base_dtype), placed on the
+        run's mesh by the FSDP rule; sets `lora_base` and the shift."""
         models = self._read(self.config.flow.pretrained)
         self.lora_base = lora_base_identity(self.config.flow.pretrained, models.transformer_params)
         dtype = jnp.dtype(self.config.training.lora.base_dtype)
         cast = jax.tree.map(lambda leaf: np.asarray(leaf, dtype), models.transformer_params)
-        self.pipe = pipeline_class(dataclasses.replace(models, transformer_params=cast))
+        # On the run's mesh (`training.fsdp`): the frozen networks split over "fsdp" as the adapters' state is.
+        mesh = sharding.make_mesh(self.config.training.fsdp)
+        self.pipe = pipeline_class(dataclasses.replace(models, transformer_params=cast), mesh)
         scheduler = self.pipe.scheduler
         shift = self.config.flow.shift or (1.0 if scheduler.use_dynamic_shifting else scheduler.shift)
         self._step = make_flow_lora_train_step(self.pipe.transformer, self.config.training, self.tx, shift=shift,
