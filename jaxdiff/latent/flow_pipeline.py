@@ -323,6 +323,15 @@ class FlowPipeline(LoraAdapters, PipelineBase):
                                       "skip": skips})  # fmt: skip
         return x
 
+    def run_levels(self, steps: int, height: int, width: int) -> np.ndarray:
+        """float32 [steps + 1]: the noise levels a run of `steps` at height × width pixels visits, then 0
+        (`flow_scheduler.run_sigmas` of the folder's scheduler; the pipeline's own linspace(1, 1/steps, steps)
+        where `pipeline_sigmas`, as Flux's)."""
+        pixels_per_token = self.latent_factor * self.token_patch
+        tokens = (height // pixels_per_token) * (width // pixels_per_token)
+        own = np.linspace(1.0, 1.0 / steps, steps) if self.pipeline_sigmas else None
+        return run_sigmas(self.scheduler, steps, image_seq_len=tokens, sigmas=own)
+
     # ------------------------------------------------------------------ checks
 
     def _check_size(self, height, width) -> tuple[int, int]:
@@ -377,13 +386,11 @@ class FlowPipeline(LoraAdapters, PipelineBase):
             if inpainting:
                 f = self.latent_factor
                 mask = jnp.asarray(_mask_array(masks, pixels.shape)[:, ::f, ::f])  # nearest, as torch's interpolate
-        f, p = self.latent_factor, self.token_patch
+        f = self.latent_factor
         shape = (batch, height // f, width // f, self.latent_channels)
         noise_rng, encode_rng = jax.random.split(jax.random.PRNGKey(seed))
         noise = self._noise(latents, shape, noise_rng)
-        own = np.linspace(1.0, 1.0 / steps, steps) if self.pipeline_sigmas else None
-        sigmas = run_sigmas(self.scheduler, steps, image_seq_len=(height // (f * p)) * (width // (f * p)),
-                            sigmas=own)[start:]  # fmt: skip
+        sigmas = self.run_levels(steps, height, width)[start:]
         if skip_guidance is not None:
             index = np.arange(start, steps)
             skipping = (index > steps * skip_guidance[2]) & (index < steps * skip_guidance[3])

@@ -44,7 +44,7 @@ from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import ConfigError, DataError
 from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config
 from jaxdiff.latent.flow_pipeline import folder_pipeline_class
-from jaxdiff.latent.flow_scheduler import network_timesteps, run_sigmas
+from jaxdiff.latent.flow_scheduler import network_timesteps
 from jaxdiff.latent import flux_pipeline, sd3
 from jaxdiff.latent.pipeline import encode_to_latents
 from jaxdiff.models import flux, mmdit
@@ -246,10 +246,8 @@ class FlowLoraTask:
         pipe, s = self.pipe, self.config.sampling
         defaults = sd3 if self.family == "sd3" else flux_pipeline  # the pipelines' DEFAULT_STEPS, DEFAULT_GUIDANCE
         steps = s.steps or defaults.DEFAULT_STEPS
-        f, p = pipe.latent_factor, pipe.token_patch
-        side = self.image_size // f
-        own = np.linspace(1.0, 1.0 / steps, steps) if pipe.pipeline_sigmas else None
-        sigmas = run_sigmas(pipe.scheduler, steps, image_seq_len=(side // p) ** 2, sigmas=own)
+        side = self.image_size // pipe.latent_factor
+        sigmas = pipe.run_levels(steps, self.image_size, self.image_size)
         timesteps = network_timesteps(pipe.scheduler, sigmas[:-1])
         cond = self._embed(self.tokenize(self.grid_captions))
         embedded, guidance, uncond = None, 1.0, None
