@@ -127,7 +127,7 @@ def streamed_params(folder: Path, dtype: str):
     params = {}
     with open_safetensors(file) as handle:
         for path, shape in unet_condition_shapes(config).items():
-            array = read_tensor(handle, file, diffusers_tensor_name(path))
+            array = read_tensor(file, diffusers_tensor_name(path))
             params[path] = jnp.asarray(array if path[-1] == "embedding" else from_torch(array, shape), dtype)
     return config, flax.traverse_util.unflatten_dict(params)
 

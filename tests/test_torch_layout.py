@@ -1,5 +1,6 @@
 """PyTorch layouts -> ours: `param_from_torch` writes `from_torch`'s values into a new 64-byte-aligned C-contiguous
-array (embedding tables untouched), which the CPU device then holds without a copy."""
+array (embedding tables untouched; layout changes in blocks of rows, checked across block edges), which the CPU
+device then holds without a copy."""
 
 import jax
 import numpy as np
@@ -14,6 +15,10 @@ from jaxdiff.weights.torch_layout import ALIGNMENT, from_torch, param_from_torch
     (("nin_shortcut", "kernel"), (6, 4, 1, 1), (4, 6)),  # a 1×1 Conv2d as a dense kernel
     (("label", "embedding"), (9, 3), (9, 3)),  # embedding tables keep [rows, dim]
     (("norm", "scale"), (5,), (5,)),
+    # more rows than one TRANSPOSE_ROWS block, the last block partial
+    (("conv", "kernel"), (300, 3, 3, 2), (3, 2, 3, 300)),
+    (("dense", "kernel"), (300, 4), (4, 300)),
+    (("nin_shortcut", "kernel"), (300, 4, 1, 1), (4, 300)),
 ])  # fmt: skip
 def test_param_from_torch_is_from_torch_aligned_and_contiguous(path, torch_shape, shape):
     array = np.random.default_rng(0).normal(size=torch_shape).astype(np.float32)

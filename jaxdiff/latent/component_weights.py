@@ -108,7 +108,7 @@ def read_weights(
         found = match_names(wanted, available, source=str(file))
         flat = {}
         for path, name in found.items():
-            array = read_tensor(f, file, name)
+            array = read_tensor(file, name)
             # Made contiguous one tensor at a time, so the peak is the tree plus one tensor, not two trees.
             flat[path] = param_from_torch(path, array, shapes[path])
     return flax.traverse_util.unflatten_dict(flat)

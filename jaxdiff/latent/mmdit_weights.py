@@ -28,7 +28,7 @@ from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, param
 from jaxdiff.models.mmdit import create_mmdit, example_inputs, mmdit_config
 from jaxdiff.weights.files import DIFFUSERS_WEIGHTS_STEM
 from jaxdiff.weights.matching import ParamPath, match_names
-from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
+from jaxdiff.weights.safetensors_reader import read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
 from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
 
@@ -71,11 +71,8 @@ def read_transformer_weights(
     location, available = tensor_locations(files, weight_map, source)
     found = match_names(wanted, available, source=f"{folder} ({', '.join(f.name for f in files)})")
     flat = {}
-    for file in files:
-        with open_safetensors(file) as handle:
-            for path, name in found.items():
-                if location[name] == file:
-                    flat[path] = read_tensor(handle, file, name)
+    for path, name in found.items():
+        flat[path] = read_tensor(location[name], name)
     for name, expected in buffers.items():
         check_buffer(str(folder), name, flat.pop(("buffer", name)), expected)
     # Converted one tensor at a time, each read array dropped as it goes: the peak is the tree plus one tensor.

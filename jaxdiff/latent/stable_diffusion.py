@@ -480,7 +480,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
             flat = {}
             for path, name in pairs.items():
                 source = sources[component][name][0]
-                array = read_tensor(f, file, source.name)
+                array = read_tensor(file, source.name)
                 if source.rows is not None:
                     array = array[source.rows[0] : source.rows[1]]
                 if source.squeeze:

@@ -12,7 +12,6 @@ the gated feed-forward's `wi_0` / `wi_1` keep their underscore.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import re
@@ -28,7 +27,7 @@ from jaxdiff.errors import WeightsError
 from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config, torch_name, torch_shape
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
 from jaxdiff.weights.matching import ParamPath, Shape, match_names
-from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
+from jaxdiff.weights.safetensors_reader import read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
 from jaxdiff.weights.torch_layout import param_from_torch
 
@@ -51,23 +50,21 @@ def read_sharded_weights(
     listing every missing, unexpected and mis-shaped tensor (`tensor_locations` checks the shards first)."""
     wanted = {path: (t5_names(path), torch_shape(path, shape)) for path, shape in shapes.items()}
     location, available = tensor_locations(files, weight_map, source)
-    with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(open_safetensors(file)) for file in files}
 
-        def tensor(name: str) -> np.ndarray:
-            return read_tensor(handles[location[name]], location[name], name)
+    def tensor(name: str) -> np.ndarray:
+        return read_tensor(location[name], name)
 
-        if EMBEDDING in available and TIED_EMBEDDING in available:
-            if available[EMBEDDING] != available[TIED_EMBEDDING] or not np.array_equal(
-                tensor(EMBEDDING), tensor(TIED_EMBEDDING)
-            ):
-                raise WeightsError(f"{source}: {TIED_EMBEDDING} differs from {EMBEDDING}; T5EncoderModel ties them")
-            del available[TIED_EMBEDDING]
-        found = match_names(wanted, available, source=str(source))
-        flat = {}
-        for path, name in found.items():
-            array = tensor(name)  # made contiguous one at a time: the peak is the tree plus one tensor
-            flat[path] = param_from_torch(path, array, shapes[path])
+    if EMBEDDING in available and TIED_EMBEDDING in available:
+        if available[EMBEDDING] != available[TIED_EMBEDDING] or not np.array_equal(
+            tensor(EMBEDDING), tensor(TIED_EMBEDDING)
+        ):
+            raise WeightsError(f"{source}: {TIED_EMBEDDING} differs from {EMBEDDING}; T5EncoderModel ties them")
+        del available[TIED_EMBEDDING]
+    found = match_names(wanted, available, source=str(source))
+    flat = {}
+    for path, name in found.items():
+        array = tensor(name)  # made contiguous one at a time: the peak is the tree plus one tensor
+        flat[path] = param_from_torch(path, array, shapes[path])
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -305,11 +305,11 @@ def read_transformer_single_file(
         expected = {**original_shapes(paths, shapes), **{name: value.shape for name, value in buffers.items()}}
         match_names({(name,): ((name,), shape) for name, shape in expected.items()}, names, source=str(file))
         for name, table in buffers.items():
-            check_buffer(str(file), name, read_tensor(handle, file, stored[name]), table)
+            check_buffer(str(file), name, read_tensor(file, stored[name]), table)
         params, cache = {}, {}
         for path, source in sorted(paths.items(), key=lambda item: item[1].name):
             if source.name not in cache:  # a fused tensor is read once for its parts, then dropped
-                cache = {source.name: read_tensor(handle, file, stored[source.name])}
+                cache = {source.name: read_tensor(file, stored[source.name])}
             array = cache[source.name]
             if source.rows is not None:
                 array = np.concatenate([array[start:stop] for start, stop in source.rows])

@@ -495,7 +495,7 @@ def _diffusers_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     file = folder / f"{DIFFUSERS_WEIGHTS_STEM}.safetensors"
     if file.is_file():
         with safetensors.safe_open(file, framework="np") as handle:
-            return {name: read_tensor(handle, file, name) for name in handle.keys()}
+            return {name: read_tensor(file, name) for name in handle.keys()}
     bin_file = folder / f"{DIFFUSERS_WEIGHTS_STEM}.bin"
     if bin_file.is_file():
         return {name: np.asarray(t, np.float32) for name, t in read_torch_file(bin_file).items()}

@@ -241,8 +241,8 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         settings = {} if kohya else _peft_settings(f.metadata() or {}, path)
         modules, bad = {}, []
         for (component, module), roles in entries.items():
-            down, up = (read_tensor(f, path, roles[role]) for role in ("down", "up"))
-            alpha = read_tensor(f, path, roles["alpha"]) if "alpha" in roles else None
+            down, up = (read_tensor(path, roles[role]) for role in ("down", "up"))
+            alpha = read_tensor(path, roles["alpha"]) if "alpha" in roles else None
             name = f"{component}.{module}"
             if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[2:] not in ((), (1, 1)):
                 bad.append(f"{name}: down {list(down.shape)} and up {list(up.shape)} are not [r, in(, kh, kw)] and "

@@ -1,5 +1,6 @@
 """Opening safetensors files with their damage answered as a `WeightsError` naming the file (`open_safetensors`,
-`load_safetensors`), and one tensor as float32 NumPy, bfloat16 included (which safetensors' NumPy reader lacks).
+`load_safetensors`), and one tensor as float32 NumPy (`read_tensor`), bfloat16 included (which safetensors' NumPy
+reader lacks).
 
 The format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
 range (`data_offsets`, relative to the end of the header), then the raw little-endian bytes.
@@ -21,6 +22,7 @@ import safetensors
 import safetensors.numpy
 
 from jaxdiff.errors import WeightsError
+from jaxdiff.weights.torch_layout import aligned_empty
 
 HEADER_LENGTH_BYTES = 8
 
@@ -44,6 +46,13 @@ def load_safetensors(file: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightsError(f"{file}: damaged or not a safetensors file ({err})") from err
 
 
+# The stored dtypes `read_tensor` reads (safetensors' names).
+STORED_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
 @functools.lru_cache(maxsize=4)
 def _header(file: str, modified_ns: int) -> tuple[int, dict]:
     """(header length, header) of a file, cached per file version."""
@@ -52,18 +61,26 @@ def _header(file: str, modified_ns: int) -> tuple[int, dict]:
         return header_length, json.loads(f.read(header_length))
 
 
-def _bfloat16_tensor(file: pathlib.Path, name: str) -> np.ndarray:
+def read_tensor(file: str | os.PathLike, name: str) -> np.ndarray:
+    """Tensor `name` of the safetensors `file` (opened once with `open_safetensors`, which checks its header) as
+    float32, in a fresh `aligned_empty` array.
+
+    The bytes are read with file reads, not through safetensors' memory map: the pages of a map count in the
+    process's resident memory for as long as the file is open, which doubled a loading reader's peak."""
+    file = pathlib.Path(file)
     header_length, header = _header(str(file), file.stat().st_mtime_ns)
     entry = header[name]
+    if entry["dtype"] not in STORED_DTYPES:
+        raise WeightsError(f"{file}: tensor {name} is stored as {entry['dtype']}; readable: {', '.join(STORED_DTYPES)}")
+    stored = aligned_empty(tuple(entry["shape"]), STORED_DTYPES[entry["dtype"]])
     start, end = entry["data_offsets"]
     with open(file, "rb") as f:
         f.seek(HEADER_LENGTH_BYTES + header_length + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, dtype=ml_dtypes.bfloat16).reshape(entry["shape"])
-
-
-def read_tensor(handle, file: pathlib.Path, name: str) -> np.ndarray:
-    """Tensor `name` of the open `safetensors.safe_open(file, framework="np")` handle, as float32."""
-    if handle.get_slice(name).get_dtype() == "BF16":
-        return _bfloat16_tensor(file, name).astype(np.float32)
-    return np.asarray(handle.get_tensor(name), np.float32)
+        read = f.readinto(stored.reshape(-1).view(np.uint8))
+    if end - start != stored.nbytes or read != stored.nbytes:
+        raise WeightsError(f"{file}: tensor {name} holds {read} of its {stored.nbytes} bytes (damaged file)")
+    if stored.dtype == np.float32:
+        return stored
+    out = aligned_empty(stored.shape, np.float32)
+    np.copyto(out, stored, casting="unsafe")
+    return out

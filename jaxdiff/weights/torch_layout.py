@@ -39,6 +39,7 @@ def from_torch(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 ALIGNMENT = 64  # bytes: XLA:CPU takes a host array this aligned as it is (`jax.device_put` makes no copy)
+TRANSPOSE_ROWS = 128  # PyTorch rows (output channels) moved per block of a layout change
 
 
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -52,7 +53,15 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A PyTorch tensor as our parameter at `path` of shape `shape` (`from_torch`; embedding tables as they are),
-    written into a new ALIGNMENT-aligned C-contiguous array, so that a CPU device takes it without a second copy."""
+    written into a new `aligned_empty` array, so that a CPU device takes it without a second copy.
+
+    Layout changes move TRANSPOSE_ROWS PyTorch rows (our last axis) at a time: one whole-array transposed copy
+    strides through memory and ran at a third to a half of the blocked copy's speed."""
     out = aligned_empty(shape, array.dtype)
-    np.copyto(out, array if path[-1] == "embedding" else from_torch(array, shape))
+    if path[-1] == "embedding" or len(shape) not in (2, 4):
+        np.copyto(out, array)
+        return out
+    for start in range(0, shape[-1], TRANSPOSE_ROWS):
+        rows = array[start : start + TRANSPOSE_ROWS]
+        np.copyto(out[..., start : start + len(rows)], from_torch(rows, shape[:-1] + (len(rows),)))
     return out
