@@ -32,11 +32,10 @@ from sampling import compile_seconds  # benchmarks/sampling.py: scripts here run
 
 from jaxdiff.diffusion.continuous import model_denoiser
 from jaxdiff.evaluation.ode_likelihood import ode_log_likelihood
-from jaxdiff.models import count_parameters, create_model
+from jaxdiff.models import count_parameters, create_model, example_inputs
 from jaxdiff.processes import make_process
 from jaxdiff.config.recipes import recipe
 from jaxdiff.samplers import sample_continuous
-from jaxdiff.training.step import dummy_inputs
 
 # (label, process, sampler, steps (None: the sampler's own), options)
 RUNS = (
@@ -57,7 +56,7 @@ def tiny_denoiser():
     """(config, parameter count, D(x; σ)) of the tiny SongUNet with EDM preconditioning (random weights)."""
     config = recipe("digits_edm")
     model = create_model(config.model)
-    params = model.init({"params": jax.random.key(0)}, *dummy_inputs(config.model), train=False)["params"]
+    params = model.init({"params": jax.random.key(0)}, *example_inputs(config.model), train=False)["params"]
     denoiser = model_denoiser(config, model, params, make_process("edm"))
     return config, count_parameters(params), denoiser
 

@@ -112,7 +112,8 @@ def measure_training(config_path: str, batch: int, steps: int) -> dict:
     from jaxdiff.cli import load_config
     from jaxdiff.config import validate
     from jaxdiff.models import create_model
-    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.diffusion_step import make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer
 
     config = validate(load_config(config_path, []))
     config.training.batch_size = batch

@@ -112,7 +112,8 @@ def part_dit(small: bool) -> dict:
 
     import dit_speed
     from jaxdiff.models import count_parameters, create_model, dit
-    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.diffusion_step import make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer
     from throughput import median_seconds, xla_flops
 
     preset, size, batch, steps = ("S/8", 8, 2, 2) if small else ("XL/2", 32, 32, 10)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 from jaxdiff import data, images  # noqa: E402
 
 from jaxdiff.training import checkpoint  # noqa: E402
-from jaxdiff.training.tasks import load_run  # noqa: E402
+from jaxdiff.training.runs import load_run  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.samplers import SAMPLERS  # noqa: E402
 from jaxdiff.families import family_of  # noqa: E402

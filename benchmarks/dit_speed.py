@@ -86,7 +86,8 @@ def run_jax(args) -> dict:
 
     from jaxdiff.families import family_of
     from jaxdiff.models import count_parameters, create_model
-    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.diffusion_step import make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer
     from jaxdiff.training.tasks.diffusion import sample_images
 
     config = jax_config(args.input_size, args.batch_size, args.sample_steps)

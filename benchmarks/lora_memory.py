@@ -95,7 +95,7 @@ def step_side(size: str, mode: str, rank: int, run: bool) -> dict:
         make_latent_train_step,
     )
     from jaxdiff.training.step import make_optimizer
-    from jaxdiff.training.tasks.latent import lora_scale, lora_target_modules
+    from jaxdiff.training.lora_base import lora_scale, lora_target_modules
 
     unet_settings, vae_settings, text_settings, side = SIZES[size]
     config = train_config(rank)

@@ -47,7 +47,8 @@ from profile_report import print_profile  # noqa: E402  (benchmarks/, this scrip
 from step_args import parse_step_args  # noqa: E402
 
 from jaxdiff.models import create_model  # noqa: E402
-from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.diffusion_step import make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer  # noqa: E402
 
 CATEGORIES = (
     "conv forward", "conv input grad", "conv weight grad", "attention", "GroupNorm", "dense",

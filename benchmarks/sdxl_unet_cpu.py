@@ -119,16 +119,15 @@ def streamed_params(folder: Path, dtype: str):
     from jaxdiff.latent.unet_weights import diffusers_tensor_name, unet_condition_shapes
     from jaxdiff.models.unet_condition_config import config_from_diffusers
     from jaxdiff.weights.files import load_json
-    from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
+    from jaxdiff.weights.safetensors_reader import read_tensor
     from jaxdiff.weights.torch_layout import from_torch
 
     config = config_from_diffusers(load_json(folder / "config.json"), dtype=dtype)
     file = folder / WEIGHTS_FILE
     params = {}
-    with open_safetensors(file) as handle:
-        for path, shape in unet_condition_shapes(config).items():
-            array = read_tensor(file, diffusers_tensor_name(path))
-            params[path] = jnp.asarray(array if path[-1] == "embedding" else from_torch(array, shape), dtype)
+    for path, shape in unet_condition_shapes(config).items():
+        array = read_tensor(file, diffusers_tensor_name(path))
+        params[path] = jnp.asarray(array if path[-1] == "embedding" else from_torch(array, shape), dtype)
     return config, flax.traverse_util.unflatten_dict(params)
 
 

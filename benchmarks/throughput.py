@@ -43,7 +43,8 @@ from jaxdiff.diffusion.denoisers import model_denoiser  # noqa: E402
 from jaxdiff.models import create_model  # noqa: E402
 from jaxdiff.models.unet import DTYPES  # noqa: E402
 from jaxdiff.schedule import schedule_from_config  # noqa: E402
-from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.diffusion_step import make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer  # noqa: E402
 
 MATMUL_SIZE = 8192  # side of the square bf16 matmul that measures the accelerator's peak
 

@@ -45,7 +45,8 @@ from step_args import parse_step_args  # noqa: E402  (benchmarks/, this script's
 
 from jaxdiff.diffusion.denoisers import model_denoiser  # noqa: E402
 from jaxdiff.models import count_parameters, create_model  # noqa: E402
-from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdiff.training.diffusion_step import make_train_step  # noqa: E402
+from jaxdiff.training.step import init_train_state, make_optimizer  # noqa: E402
 
 AUTHKEY_VARIABLE = "VS_DIFFUSERS_AUTHKEY"  # how workers learn the connection's key
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxdiff.checks import is_int
-from jaxdiff.errors import ConfigError
+from jaxdiff.errors import ConfigError, UsageError
 
 Array = jax.Array
 
@@ -206,6 +206,23 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
     kept = alphas_cumprod[timesteps]
     return schedule_from_betas(1.0 - kept / np.append(1.0, kept[:-1]))
+
+
+ADM_SPACING = "adm"  # the spacing name of improved DDPM's respacing (`adm_timesteps`), besides the samplers' own
+
+
+def adm_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """Improved DDPM's `space_timesteps(T, [steps])` (guided-diffusion's respace.py, with which DiT samples):
+    `steps` increasing 0-based steps from 0, the stride (T − 1)/(steps − 1) accumulated in float64 and each
+    position rounded half to even (Python's `round`); [0] for one step. int64."""
+    if not is_int(steps) or not 1 <= steps <= num_timesteps:
+        raise UsageError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
+    stride = 1.0 if steps == 1 else (num_timesteps - 1) / (steps - 1)
+    position, taken = 0.0, []
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return np.asarray(taken, np.int64)
 
 
 _SCHEDULE_ARGS = {

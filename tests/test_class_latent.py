@@ -26,9 +26,9 @@ from jaxdiff.latent.component_weights import VAE_WEIGHTS_STEM, torch_name
 from jaxdiff.models import dit
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.readers.dit_checkpoint import dit_model_config, dit_run_config, sit_run_config
-from jaxdiff.training.tasks import make_task
+from jaxdiff.training.runs import make_task
 from jaxdiff.training.tasks.class_latent import cache_header, encode_latent_cache, imagenet_training
-from jaxdiff.training.tasks.latent import weights_digest
+from jaxdiff.training.lora_base import weights_digest
 from tests.test_lora import VAE, _random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

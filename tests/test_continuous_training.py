@@ -12,7 +12,8 @@ from jaxdiff.models import create_model
 from jaxdiff.config.recipes import digits_edm
 from jaxdiff.samplers import sample_continuous
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.training.step import init_train_state, make_loss_fn, make_optimizer, make_train_step, preprocess
+from jaxdiff.training.diffusion_step import make_loss_fn, make_train_step
+from jaxdiff.training.step import init_train_state, make_optimizer, preprocess
 
 
 def tiny_digits(network="song_unet", **diffusion):

@@ -25,7 +25,8 @@ from jaxdiff.readers.dit_checkpoint import DIT_LATENT_SCALE, read_dit_run
 from jaxdiff.readers.formats import detect_format
 from jaxdiff.sampling.pipeline import load_weights
 from jaxdiff.sampling.pipeline import Pipeline
-from jaxdiff.training.step import init_train_state, make_loss_fn, make_optimizer, make_train_step
+from jaxdiff.training.diffusion_step import make_loss_fn, make_train_step
+from jaxdiff.training.step import init_train_state, make_optimizer
 from tests.helpers import TINY_CONFIG
 from tests.test_dit import closed_form_counts, diffusers_dit
 from tests.test_dit_readers import CLASSES, DEPTH, HEADS, D, dit_state_dict, reference_forward, save

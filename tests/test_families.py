@@ -17,7 +17,8 @@ from jaxdiff.families import ContinuousFamily, DiscreteFamily, family_of
 from jaxdiff.latent.pipeline import LatentPipeline
 from jaxdiff.models import create_model
 from jaxdiff.sampling.pipeline import Pipeline
-from jaxdiff.training.step import init_train_state, make_loss_fn, make_optimizer
+from jaxdiff.training.diffusion_step import make_loss_fn
+from jaxdiff.training.step import init_train_state, make_optimizer
 from tests.test_continuous_training import tiny_digits
 
 

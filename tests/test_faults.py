@@ -16,7 +16,7 @@ import ml_collections
 import pytest
 
 from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 
 from jaxdiff.training import loop as training_run
 from jaxdiff.training.checkpoint import CheckpointError

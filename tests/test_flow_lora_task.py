@@ -30,9 +30,9 @@ from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
 from jaxdiff.training import checkpoint
 from jaxdiff.training.latent_step import lora_unet_params
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 from jaxdiff.training.tasks.flow_lora import FlowLoraTask
-from jaxdiff.training.tasks.latent import weights_digest
+from jaxdiff.training.lora_base import weights_digest
 from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE
 from jaxdiff.weights.torch_layout import to_torch
 from tests.helpers import run_python
@@ -355,7 +355,7 @@ def test_recipes_hold_the_published_dreambooth_lora_defaults(name, size, guidanc
 SHARDED_SCRIPT = """
 import pathlib, sys, tempfile
 import jax, numpy as np
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 from tests.test_dreambooth import write_folder
 from tests.test_flow_lora_task import flow_config, write_flow_folder
 from tests.test_lora_training import train

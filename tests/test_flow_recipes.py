@@ -17,7 +17,8 @@ from jaxdiff.config.validation import validate
 from jaxdiff.diffusion.continuous import flow_network, process_from_config
 from jaxdiff.models import count_parameters, create_model
 from jaxdiff.models.summary import parameter_shapes
-from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+from jaxdiff.training.diffusion_step import make_train_step
+from jaxdiff.training.step import init_train_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FREQUENCY_CHANNELS = 256  # DiT's timestep sinusoid

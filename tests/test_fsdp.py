@@ -149,7 +149,8 @@ def train_main():
     from jaxdiff.cli import load_config
     from jaxdiff.models import create_model
     from jaxdiff.schedule import schedule_from_config
-    from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+    from jaxdiff.training.diffusion_step import make_train_step
+    from jaxdiff.training.step import init_train_state, make_optimizer
 
     # adam_eps 1e-5: gradients that vanish in exact arithmetic (a key bias under softmax) are float32
     # roundoff in either run; Adam with eps 1e-8 would normalise them into differing lr-sized updates.

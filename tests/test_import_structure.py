@@ -18,9 +18,9 @@ LAYERS = (
     "diffusion", "models", "samplers", "families", "latent", "config", "data",
     "training", "readers", "sampling", "evaluation", "convert", "cli",
 )  # fmt: skip
-# The longest import chain (package inits count as links) measured after the move into rooms; it must not grow.
-# The target is 12 (BUILD_NOTES.md, "Import structure").
-MAX_LEVELS = 22
+# The longest import chain (package inits count as links), measured after the cuts of BUILD_NOTES.md's "Layout and
+# module boundaries" (22 -> 20); it must not grow. The target is 12, not reached: the links left are real needs.
+MAX_LEVELS = 20
 
 
 def _modules() -> dict[str, pathlib.Path]:

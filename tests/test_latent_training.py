@@ -192,7 +192,7 @@ def write_autoencoder_run(workdir, *, step=AE_STEP, scaling_factor=AE_SCALING, s
     """A tiny autoencoder run's checkpoint (random weights; 32×32×3 -> 16×16×4), with its scaling factor."""
     from jaxdiff.training import checkpoint
     from jaxdiff.config import default_config
-    from jaxdiff.training.tasks import make_task
+    from jaxdiff.training.runs import make_task
 
     config = default_config()
     config.task, config.seed, config.data.dataset, config.data.random_flip = "autoencoder", seed, "shapes", False
@@ -259,7 +259,7 @@ def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencode
 
 @pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path, latent_run, autoencoder_run):
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     train(latent_run_config(autoencoder_run, steps=2), tmp_path)
     assert train(latent_run_config(autoencoder_run, steps=4), tmp_path).step == 4

@@ -171,7 +171,7 @@ def test_run_exports_what_diffusers_loads_as_jaxdiff_draws(run, saved, torch, tm
     from jaxdiff.convert.formats import convert
     from jaxdiff.latent.pipeline import LatentPipeline
     from jaxdiff.sampling.pipeline import Pipeline
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     config, workdir, _ = run
     assert set(load_run(workdir)[2]) == {"lora", "vae"}  # the adapters and the kept autoencoder

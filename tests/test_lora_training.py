@@ -226,7 +226,7 @@ def _adapted_numpy(base, adapters, scale):
 
 @pytest.mark.slow  # about 50 s on the busy 2-core CPU: two runs (one resumed), each compiling its step
 def test_checkpoints_hold_only_the_adapters_and_resume_bitwise(lora_run, folder, tmp_path):
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     config, step, params = load_run(lora_run, ema=False)
     assert step == 4 and set(params) == {"lora", "vae"}  # the autoencoder kept, the U-Net not
@@ -265,7 +265,7 @@ def test_resuming_on_another_base_is_refused(lora_run, folder, tmp_path):
 
 def test_pipeline_from_checkpoint_applies_the_trained_adapters(lora_run, folder):
     from jaxdiff.sampling.pipeline import Pipeline
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     pipe = Pipeline.from_checkpoint(lora_run)
     assert isinstance(pipe, LatentPipeline) and pipe.lora_scales == {"run": 1.0}
@@ -289,7 +289,7 @@ def base_leaf(tree, path):
 
 
 def test_export_reads_back_as_the_run_s_adapters(lora_run, folder, tmp_path, capsys):
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     out = tmp_path / "exported"
     assert cli.main(["convert", "--to", "diffusers-lora", str(lora_run), str(out)]) == 0
@@ -385,7 +385,7 @@ def write_lora_run(workdir, folder, trained_run):
     """A LoRA run's checkpoint (step 0) whose adapters are drawn large enough to change the images visibly: down as
     initialised, up N(0, 0.3²); the rest (extras, the kept autoencoder) as `trained_run`'s."""
     from jaxdiff.training.step import new_train_state
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
     from jaxdiff.training.tasks.latent import LatentTask
 
     config = lora_config(folder)

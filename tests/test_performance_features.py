@@ -15,7 +15,8 @@ from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.models.layers import multi_head_attention, single_head_attention
 from jaxdiff.schedule import schedule_from_config
-from jaxdiff.training.step import init_train_state, make_optimizer, make_train_step
+from jaxdiff.training.diffusion_step import make_train_step
+from jaxdiff.training.step import init_train_state, make_optimizer
 
 # One level keeps compile times short and still has every kind of ResBlock (down, mid, up with skip concat).
 SMALL = dict(image_size=8, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 from jaxdiff.cli import main
 from jaxdiff.sampling.pipeline import Pipeline
 from jaxdiff.sampling.shard_jobs import read_shards, sample_to_shards

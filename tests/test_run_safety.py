@@ -138,7 +138,7 @@ def test_an_existing_workdir_keeps_what_it_held_after_a_refusal(tmp_path):
 @pytest.mark.timeout(600)
 def test_latent_run_keeps_its_autoencoder_when_the_autoencoder_run_moves_on(tmp_path):
     from jaxdiff.sampling.pipeline import Pipeline
-    from jaxdiff.training.tasks import load_run, make_task
+    from jaxdiff.training.runs import load_run, make_task
 
     autoencoder = write_autoencoder_run(tmp_path / "autoencoder", step=7, scaling_factor=0.8)
     workdir = tmp_path / "latent"
@@ -212,7 +212,7 @@ def test_a_sample_grid_that_cannot_fit_is_refused(tmp_path):
 def test_the_largest_recipes_pass_on_one_16_gb_accelerator(recipe, monkeypatch):
     from jaxdiff import data, sharding
     from jaxdiff.training import loop
-    from jaxdiff.training.tasks import configured_image_shape, make_task
+    from jaxdiff.training.runs import configured_image_shape, make_task
 
     config = load_config(recipe, [])
     task = make_task(config)
@@ -457,7 +457,7 @@ KILLED_CONVERSION = """
 @pytest.mark.timeout(300)
 def test_the_next_conversion_removes_what_a_killed_one_left(tmp_path, capsys):
     from jaxdiff.convert.formats import convert
-    from jaxdiff.training.tasks import load_run
+    from jaxdiff.training.runs import load_run
 
     write_workdir(tmp_path / "run")
     convert(tmp_path / "run", tmp_path / "diffusers", target_format="diffusers")

@@ -227,7 +227,7 @@ def test_pipeline_images_of_an_uncentred_model(folder):
 
 def test_training_sees_uncentred_data(monkeypatch):
     from jaxdiff.families import continuous
-    from jaxdiff.training import step as train
+    from jaxdiff.training import diffusion_step as train
 
     seen = {}
 

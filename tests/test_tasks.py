@@ -16,13 +16,13 @@ from PIL import Image
 from jaxdiff import data, images
 
 from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 from jaxdiff.training.autoencoder_step import encode_fn, estimate_scaling_factor, reconstruct
 from jaxdiff.training.checkpoint import CheckpointError, config_differences
 from jaxdiff.cli import load_config, main
 from jaxdiff.config import ConfigError
 from jaxdiff.sampling.pipeline import Pipeline
-from jaxdiff.training.tasks import make_task
+from jaxdiff.training.runs import make_task
 from jaxdiff.training.tasks.autoencoder import SCALING_IMAGES
 from jaxdiff.training.loop import _summarise, train_and_evaluate
 from tests.helpers import ROOT

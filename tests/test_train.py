@@ -8,13 +8,12 @@ import pytest
 
 from jaxdiff.cli import load_config
 from jaxdiff.models import create_model
+from jaxdiff.training.diffusion_step import make_loss_fn, make_train_step
 from jaxdiff.training.step import (
     accumulated_grads,
     init_train_state,
     learning_rate_schedule,
-    make_loss_fn,
     make_optimizer,
-    make_train_step,
     preprocess,
 )
 from tests.helpers import TINY_CONFIG

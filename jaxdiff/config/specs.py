@@ -15,15 +15,14 @@ from jaxdiff.diffusion.flow import MODE_SCALE_MAX, PARAMETERIZATIONS as FLOW_PAR
 from jaxdiff.diffusion.losses import FLOW_WEIGHTINGS
 from jaxdiff.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from jaxdiff.errors import ConfigError
-from jaxdiff.families.discrete import SPACINGS
 from jaxdiff.models.networks import NETWORKS
 from jaxdiff.models import dit, ncsnpp, song_unet
 from jaxdiff.models.autoencoder import COMPUTE_DTYPES as AUTOENCODER_DTYPES
 from jaxdiff.models.unet import DTYPES
 from jaxdiff.processes import PROCESSES
-from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS
+from jaxdiff.samplers import CONTINUOUS_SAMPLERS, SAMPLERS, SPACINGS
 from jaxdiff.samplers.registry import config_options, flow_config_options
-from jaxdiff.schedule import BETA_SCHEDULES
+from jaxdiff.schedule import ADM_SPACING, BETA_SCHEDULES
 
 
 def _positive_int(meaning: str) -> Spec:
@@ -245,7 +244,7 @@ SPECS: dict[str, Spec] = {
                                      high=512),  # fmt: skip
     "sampling.sampler": Spec(str, "sampler", choices=tuple(dict.fromkeys(SAMPLERS + CONTINUOUS_SAMPLERS))),
     "sampling.steps": Spec(int, "sampling steps; 0: all T (discrete) or the sampler's default (continuous)", low=0),
-    "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("",) + tuple(SPACINGS)),
+    "sampling.spacing": Spec(str, "timestep spacing; '': the sampler's default", choices=("", *SPACINGS, ADM_SPACING)),
     "sampling.clip_denoised": Spec(bool, "clip each predicted x_0 to [-1, 1]"),
     "sampling.guidance": Spec(float, "classifier-free guidance scale w", low=0),
     "sampling.guidance_channels": Spec(int, "guide only the first N output channels (DiT's sample.py: 3); 0: all",

@@ -24,7 +24,7 @@ from jaxdiff.readers.diffusers_format import read_diffusers
 from jaxdiff.readers.formats import CONTINUOUS_FORMATS, check_source_format, read_continuous
 from jaxdiff.readers.tf_checkpoint import read_official_checkpoint
 from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 
 TARGET_FORMATS = ("jaxdiff", "diffusers", "diffusers-lora")
 

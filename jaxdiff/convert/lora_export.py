@@ -18,7 +18,7 @@ import safetensors.numpy
 from jaxdiff.errors import UsageError
 from jaxdiff.training.flow_lora_step import COMPONENT as FLOW_COMPONENT
 from jaxdiff.training.latent_step import trained_lora
-from jaxdiff.training.tasks.latent import lora_scale, lora_target_modules
+from jaxdiff.training.lora_base import lora_scale, lora_target_modules
 from jaxdiff.weights.lora_files import LORA_WEIGHTS_FILE, peft_file_contents
 
 

@@ -1,7 +1,7 @@
 """The discrete DDPM family: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε on the tables of `config.diffusion`'s beta
 schedule, t the 0-based step index 0..T-1; the network's output is read by `mean_type` / `var_type`; samples drawn by
 `jaxdiff.samplers.sample` (ancestral DDPM by default), on the sampler's spacing of the steps or on improved DDPM's
-respacing (`ADM_SPACING`, how DiT samples); the likelihood is the variational bound in bits/dim."""
+respacing (`jaxdiff.schedule.ADM_SPACING`, how DiT samples); the likelihood is the variational bound in bits/dim."""
 
 from __future__ import annotations
 
@@ -10,32 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import samplers
-from jaxdiff.checks import is_int
 from jaxdiff.diffusion import q_sample, training_losses
 from jaxdiff.diffusion.denoisers import model_denoiser
 from jaxdiff.errors import UsageError
 from jaxdiff.families.base import Family
-from jaxdiff.schedule import respace, schedule_from_config
+from jaxdiff.schedule import ADM_SPACING, adm_timesteps, respace, schedule_from_config
 
-ADM_SPACING = "adm"  # improved DDPM's respacing (`adm_timesteps`), besides the samplers' own spacings
-SPACINGS = (*samplers.SPACINGS, ADM_SPACING)
 # Networks whose only training-time behaviour is dropping their class labels (DiT's class_dropout_prob): the
 # training step drops them instead (training.label_dropout), so these run with train=False in the loss.
 SELF_DROPPING_NETWORKS = ("dit",)
-
-
-def adm_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """Improved DDPM's `space_timesteps(T, [steps])` (guided-diffusion's respace.py, with which DiT samples):
-    `steps` increasing 0-based steps from 0, the stride (T − 1)/(steps − 1) accumulated in float64 and each
-    position rounded half to even (Python's `round`); [0] for one step. int64."""
-    if not is_int(steps) or not 1 <= steps <= num_timesteps:
-        raise UsageError(f"steps={steps!r} must be an int in [1, T={num_timesteps}]")
-    stride = 1.0 if steps == 1 else (num_timesteps - 1) / (steps - 1)
-    position, taken = 0.0, []
-    for _ in range(steps):
-        taken.append(round(position))
-        position += stride
-    return np.asarray(taken, np.int64)
 
 
 class DiscreteFamily(Family):

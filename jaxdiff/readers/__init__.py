@@ -18,4 +18,5 @@ become continuous-time jaxdiff configs (`continuous_configs`). "dit" (an origina
 
 `jaxdiff.readers.formats` holds `detect_format` and the checks of a format; each reader lives in its own module.
 `load_weights` sits in `jaxdiff.sampling.pipeline`, above the training room whose workdirs it also reads.
+`workdir_pipelines` reads the runs of the latent, flow_lora and class_latent tasks into the pipelines that sample them.
 """

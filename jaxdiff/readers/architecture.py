@@ -16,10 +16,9 @@ import ml_collections
 
 from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import WeightsError
-from jaxdiff.models.networks import create_model
+from jaxdiff.models.networks import create_model, example_inputs
 from jaxdiff.models.unet import level_resolutions
 from jaxdiff.config.recipes import RELEASED, recipe
-from jaxdiff.training.step import dummy_inputs
 from jaxdiff.weights.matching import ParamPath, Shape
 
 log = logging.getLogger(__name__)
@@ -142,6 +141,6 @@ def param_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, Sha
     Conv kernels are HWIO, dense kernels [in, out], GroupNorm leaves `scale`/`bias`.
     """
     model = create_model(model_config)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(model_config), train=False))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(model_config), train=False))
     flat = flax.traverse_util.flatten_dict(variables["params"])
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}

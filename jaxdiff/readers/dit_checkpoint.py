@@ -53,10 +53,10 @@ import safetensors
 from jaxdiff.checks import is_int, is_real
 from jaxdiff.config.defaults import default_config
 from jaxdiff.errors import ConfigError, MissingWeightsError, UsageError, WeightsError
-from jaxdiff.families.discrete import ADM_SPACING
 from jaxdiff.latent.component_weights import read_autoencoder
 from jaxdiff.latent.decoding_autoencoder import DecodingAutoencoder
 from jaxdiff.models import dit
+from jaxdiff.schedule import ADM_SPACING
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor

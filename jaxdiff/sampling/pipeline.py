@@ -44,7 +44,7 @@ from jaxdiff.latent.pipeline import to_uint8 as pixels_to_uint8
 from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.latent.scheduler_sampling import SchedulerSampling
 from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks import load_run
+from jaxdiff.training.runs import load_run
 from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 
@@ -55,7 +55,7 @@ def load_weights(
     path: str | os.PathLike, *, step: int | None = None, dataset: str | None = None
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, EMA params) from pixel-space weights in any format of `jaxdiff.readers.formats`: a jaxdiff workdir
-    (its run, `jaxdiff.training.tasks.load_run`) or weights in another format (`jaxdiff.readers`).
+    (its run, `jaxdiff.training.runs.load_run`) or weights in another format (`jaxdiff.readers`).
 
     `step` picks a jaxdiff checkpoint (default: the latest); `dataset` picks the training recipe that
     tf and diffusers weights are given (default: the released DDPM model with their architecture), the
@@ -124,15 +124,15 @@ class Pipeline(PipelineBase):
         classes named by the class folders it was trained on."""
         config, step, params = load_run(path, step=step)
         if config.task == "latent":
-            from jaxdiff.training.tasks.latent import latent_pipeline
+            from jaxdiff.readers.workdir_pipelines import latent_pipeline
 
             return latent_pipeline(config, params, checkpoint.read_extras(path, step))
         if config.task == "flow_lora":
-            from jaxdiff.training.tasks.flow_lora import flow_lora_pipeline
+            from jaxdiff.readers.workdir_pipelines import flow_lora_pipeline
 
             return flow_lora_pipeline(config, params, checkpoint.read_extras(path, step))
         if config.task == "class_latent":  # the network on its autoencoder's latents, labels named by class
-            from jaxdiff.training.tasks.class_latent import class_latent_parts
+            from jaxdiff.readers.workdir_pipelines import class_latent_parts
 
             model_params, autoencoder, names = class_latent_parts(params, checkpoint.read_extras(path, step))
             return cls(config, model_params, step=step, autoencoder=autoencoder, class_names=names)

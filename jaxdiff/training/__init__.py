@@ -1,6 +1,7 @@
 """Training: the state and its jitted step, the loop that runs it in a workdir, and what a workdir holds.
 
-- `step`: `TrainState` (params, EMA, optimizer state), the optimizer, the guarded update, the diffusion step.
+- `step`: `TrainState` (params, EMA, optimizer state), the optimizer, the guarded update every step ends with.
+- `diffusion_step`: the diffusion model's loss and step (the config's family).
 - `latent_step`, `autoencoder_step`: the steps of the latent family (text-conditioned U-Net on frozen
   autoencoder latents) and of the autoencoder itself.
 - `tasks`: the `Task` protocol the loop drives (diffusion, autoencoder, latent).

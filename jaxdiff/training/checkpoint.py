@@ -401,8 +401,8 @@ def read_params(workdir: str | os.PathLike, task_of: Callable[[ml_collections.Co
                 step: int | None = None, ema: bool = True):  # fmt: skip
     """(config, step, params) of a run's checkpoint (newest readable when `step` is None), on this process's first device.
 
-    `task_of(config)` gives the task whose `init_state` describes the saved state (`jaxdiff.training.tasks.make_task`
-    for any run: `jaxdiff.training.tasks.load_run`); any topology may have written the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
+    `task_of(config)` gives the task whose `init_state` describes the saved state (`jaxdiff.training.runs.make_task`
+    for any run: `jaxdiff.training.runs.load_run`); any topology may have written the checkpoint. `ema` picks the EMA parameters (the ones to sample and evaluate with)
     over the raw ones; the parameters the step keeps without training them are added to them (a latent run's
     autoencoder, as "vae"). Reads only: damaged steps are skipped, not moved. The task's extras of the step
     are `read_extras(workdir, step)`.

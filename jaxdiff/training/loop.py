@@ -44,7 +44,7 @@ from jaxdiff.training.checkpoint import CheckpointError
 from jaxdiff.config.validation import validate
 from jaxdiff.training.metrics_log import MetricsWriter
 from jaxdiff.training.stop_signals import StopRequested, StopSignals
-from jaxdiff.training.tasks import configured_image_shape, make_task
+from jaxdiff.training.runs import configured_image_shape, make_task
 from jaxdiff.training.workdir_lock import WorkdirLock
 
 METRICS_FILE = "metrics.jsonl"

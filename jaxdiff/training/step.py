@@ -1,15 +1,13 @@
-"""The train state and the jitted train step: pure functions of (state, batch).
+"""The train state and the update every task's step ends with: pure functions of (state, batch).
 
-One step: uint8 batch -> [-1, 1] -> random horizontal flip -> t ~ U{0..T-1},
-ε ~ N(0, I) -> q_sample -> model -> loss -> gradient (optionally accumulated
-over micro-batches) -> global-norm clip -> Adam with linear warmup -> EMA.
-The noise level, noise and loss are those of the config's family
-(`jaxdiff.families`): for a continuous process the dsm or edm loss on the
-network seen as the denoiser D(x; σ).
-Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is
-a deterministic function of (seed, data order). A step whose loss or
-gradient is not finite leaves params, EMA and optimizer state untouched and
-is counted.
+`TrainState` (params, EMA, optimizer state, per-step randomness, skipped-step counters) and a fresh one for
+`config.model`'s network, the optimizer (global-norm
+clip, then Adam with linear warmup), the guarded update (`apply_gradients`: a step whose loss or gradient is not
+finite leaves params, EMA and optimizer state untouched and is counted), gradients accumulated over micro-batches,
+the images' scaling to [-1, 1] with random flips, and class-label dropout. The diffusion model's loss and step are
+`jaxdiff.training.diffusion_step`; the other tasks' are `latent_step`, `autoencoder_step`, `flow_lora_step`.
+Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is a deterministic function of
+(seed, data order).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxdiff.families import family_of
 from jaxdiff.models.networks import example_inputs
 
 Array = jax.Array
@@ -63,11 +60,6 @@ def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransfo
     return adam
 
 
-def dummy_inputs(model_config: ml_collections.ConfigDict) -> tuple[Array, Array, Array | None]:
-    """(x, noise labels, class labels) of batch 1 for initialising the network of `config.model`."""
-    return example_inputs(model_config)
-
-
 def seed_keys(seed: int) -> tuple[Array, Array]:
     """(init_rng, run_rng) of a run: parameter initialisation and per-step randomness."""
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -100,7 +92,7 @@ def new_train_state(params, ema_params, tx: optax.GradientTransformation, rng: A
 def init_train_state(config: ml_collections.ConfigDict, model, tx: optax.GradientTransformation) -> TrainState:
     """Fresh parameters from `config.seed`; the EMA shadow starts as a copy of them."""
     init_rng, run_rng = seed_keys(config.seed)
-    params = model.init({"params": init_rng}, *dummy_inputs(config.model), train=False)["params"]
+    params = model.init({"params": init_rng}, *example_inputs(config.model), train=False)["params"]
     return new_train_state(params, jax.tree.map(jnp.copy, params), tx, run_rng)
 
 
@@ -111,21 +103,6 @@ def preprocess(images: Array, flip_rng: Array | None) -> Array:
         return x
     flip = jax.random.bernoulli(flip_rng, 0.5, (x.shape[0], 1, 1, 1))
     return jnp.where(flip, x[:, :, ::-1, :], x)
-
-
-def make_loss_fn(config: ml_collections.ConfigDict, model) -> Callable:
-    """loss(params, images uint8, labels, rng) -> mean loss over the batch (float32 scalar): the images scaled to
-    [-1, 1] and flipped, the labels dropped out, then the loss of the config's family (`jaxdiff.families`)."""
-    family_loss = family_of(config).loss_fn(model)
-    num_classes = config.model.num_classes
-
-    def loss_fn(params, images, labels, rng):
-        flip_rng, t_rng, noise_rng, dropout_rng, label_rng = jax.random.split(rng, 5)
-        x_start = preprocess(images, flip_rng if config.data.random_flip else None)
-        y = training_labels(labels, label_rng, num_classes, config.training.label_dropout)
-        return family_loss(params, x_start, y, t_rng, noise_rng, dropout_rng)
-
-    return loss_fn
 
 
 def training_labels(labels: Array, rng: Array, num_classes: int, dropout: float) -> Array | None:
@@ -183,18 +160,3 @@ def apply_gradients(
         "nonfinite_streak": new_state.nonfinite_streak,
     }
     return new_state, metrics
-
-
-def make_train_step(config: ml_collections.ConfigDict, model, tx) -> Callable:
-    """train_step(state, batch) -> (state, metrics); batch = {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
-    loss_fn = make_loss_fn(config, model)
-    lr_schedule = learning_rate_schedule(config.training)
-    decay = config.training.ema_decay
-    micro_batches = config.training.grad_accum_steps
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(state.rng, state.step)
-        loss, grads = accumulated_grads(loss_fn, state.params, batch["image"], batch["label"], rng, micro_batches)
-        return apply_gradients(state, loss, grads, tx, ema_decay=decay, lr_schedule=lr_schedule)
-
-    return train_step

@@ -38,7 +38,6 @@ from jaxdiff.config.defaults import default_config
 from jaxdiff.data.latent_cache import CacheWriter, FORMAT, VERSION, LatentCacheSource
 from jaxdiff.errors import ConfigError, DataError
 from jaxdiff.families import family_of
-from jaxdiff.latent.decoding_autoencoder import DecodingAutoencoder
 from jaxdiff.latent.pipeline import decode_latents
 from jaxdiff.models.autoencoder import DiagonalGaussian, create_autoencoder
 from jaxdiff.models.networks import create_model
@@ -53,14 +52,8 @@ from jaxdiff.training.step import (
     training_labels,
 )
 from jaxdiff.training.tasks.diffusion import sample_images
-from jaxdiff.training.tasks.latent import (
-    KEPT_CONFIG,
-    FrozenAutoencoder,
-    check_same_autoencoder,
-    config_of_kept,
-    describe_autoencoder,
-    weights_digest,
-)
+from jaxdiff.training.latent_parts import KEPT_CONFIG, FrozenAutoencoder, check_same_autoencoder, describe_autoencoder
+from jaxdiff.training.lora_base import weights_digest
 
 Array = jax.Array
 TASK = "class_latent"
@@ -352,14 +345,3 @@ def encode_latent_cache(config: ml_collections.ConfigDict, out: str, *, batch_si
             bar.update(len(indices))
     return writer.finish(), header
 
-
-# --------------------------------------------------------------------------- sampling a trained run
-
-
-def class_latent_parts(params: dict, extras: dict) -> tuple[dict, DecodingAutoencoder, dict[str, int]]:
-    """(the network's parameters, the autoencoder that decodes its samples, class name -> label) of a run's
-    parameters as `load_run` reads them (the kept autoencoder under "vae") and its checkpoint's extras: what
-    `jaxdiff.sampling.Pipeline` needs to sample it class-conditionally."""
-    model_params = {key: value for key, value in params.items() if key != "vae"}
-    autoencoder = DecodingAutoencoder(config_of_kept(extras), params["vae"])
-    return model_params, autoencoder, {name: label for label, name in enumerate(extras["class_names"])}

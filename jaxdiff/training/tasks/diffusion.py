@@ -11,7 +11,8 @@ from jaxdiff.families import Family, family_of
 from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.tasks.base import keep_entries
-from jaxdiff.training.step import TrainState, init_train_state, make_optimizer, make_train_step
+from jaxdiff.training.diffusion_step import make_train_step
+from jaxdiff.training.step import TrainState, init_train_state, make_optimizer
 
 
 def sample_images(family: Family, model, params, rng, num: int) -> jax.Array:
@@ -28,8 +29,9 @@ def sample_images(family: Family, model, params, rng, num: int) -> jax.Array:
 
 
 class DiffusionTask:
-    """Trains `config.model` as a denoiser (`jaxdiff.training.step`); grids are `training.num_sample_images` samples
-    of the EMA parameters with the config's sampler. Batches are {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
+    """Trains `config.model` as a denoiser (`jaxdiff.training.diffusion_step`); grids are
+    `training.num_sample_images` samples of the EMA parameters with the config's sampler. Batches are
+    {"image": uint8 [B,H,W,C], "label": int32 [B]}."""
 
     name = "diffusion"
     grid_captions = None

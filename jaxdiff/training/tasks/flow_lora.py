@@ -48,24 +48,16 @@ from jaxdiff.latent.flow_scheduler import network_timesteps
 from jaxdiff.latent import flux_pipeline, sd3
 from jaxdiff.latent.pipeline import encode_to_latents
 from jaxdiff.models import flux, mmdit
-from jaxdiff.training.flow_lora_step import COMPONENT, make_flow_lora_train_step
+from jaxdiff.training.flow_lora_step import make_flow_lora_train_step
 from jaxdiff.training.latent_step import (
     drop_captions,
     init_lora_state,
     is_target,
     lora_targets,
     lora_unet_params,
-    trained_lora,
 )
 from jaxdiff.training.step import TrainState, make_optimizer, preprocess
-from jaxdiff.training.tasks.latent import (
-    LORA_NAME,
-    LORA_SOURCE,
-    check_lora_base,
-    lora_base_identity,
-    lora_scale,
-    lora_target_modules,
-)
+from jaxdiff.training.lora_base import check_lora_base, lora_base_identity, lora_scale, lora_target_modules
 
 FAMILY_OF_CLASS = {**dict.fromkeys(sd3.SD3_PIPELINE_CLASSES, "sd3"),
                    **dict.fromkeys(flux_pipeline.FLUX_PIPELINE_CLASSES, "flux")}  # fmt: skip
@@ -274,13 +266,3 @@ class FlowLoraTask:
         """WeightsError naming both when the checkpoint's adapters were trained on another transformer."""
         check_lora_base(extras["lora_base"], self.lora_base)
 
-
-def flow_lora_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dict):
-    """The `SD3Pipeline` / `FluxPipeline` of a flow_lora run: its folder (checked to hold the transformer weights
-    the run was trained on) with the run's (EMA) adapters `params["lora"]` loaded as LORA_NAME at scale 1."""
-    folder = extras["lora_base"]["path"]
-    pipe = FAMILIES[extras["family"]][0].from_pretrained(folder)
-    check_lora_base(extras["lora_base"], lora_base_identity(folder, pipe.model.transformer_params))
-    adapters = trained_lora(params["lora"], lora_scale(config.training.lora), LORA_SOURCE, COMPONENT)
-    pipe.load_lora(adapters, name=LORA_NAME)
-    return pipe

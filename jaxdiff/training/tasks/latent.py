@@ -39,14 +39,11 @@ examples 0..N−1 of the dataset (saved with each checkpoint as "sample_prompts"
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 import pathlib
 from collections.abc import Callable
 
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,31 +51,28 @@ import numpy as np
 
 from jaxdiff.errors import ConfigError, DataError, WeightsError
 from jaxdiff.data.prior import add_class_images, class_image_count, load_class_examples
-from jaxdiff.training import checkpoint
-from jaxdiff.training.tasks.autoencoder import AutoencoderTask
-from jaxdiff.models.autoencoder import OPTION_DEFAULTS, autoencoder_model_config
 from jaxdiff.config.defaults import default_config
-from jaxdiff.config.validation import config_from_dict
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config
-from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
-from jaxdiff.latent.component_weights import (
-    CONFIG_FILE,
-    component_folder,
-    read_autoencoder,
-    read_clip_text,
-    read_config,
-)
+from jaxdiff.weights.files import load_json
+from jaxdiff.latent.component_weights import CONFIG_FILE, read_clip_text
 from jaxdiff.latent.stable_diffusion import SCHEDULER_CONFIG_FILE, read_stable_diffusion
-from jaxdiff.latent.bundle import SDXL_PIPELINE_CLASSES, LatentModels
 from jaxdiff.latent.prompt_conditioning import PromptEncoder
 from jaxdiff.latent.unet_weights import read_unet_condition, unet_condition_shapes
 from jaxdiff.latent.pipeline import DEFAULT_STEPS, LatentPipeline
+from jaxdiff.training.latent_parts import (
+    KEPT_CONFIG,
+    FrozenAutoencoder,
+    check_same_autoencoder,
+    is_sdxl_folder,
+    text_encoder_config,
+    text_width,
+    unet_config,
+)
 from jaxdiff.training.latent_step import (
     LatentNetworks,
     init_lora_state,
     is_target,
     lora_targets,
-    trained_lora,
     init_latent_state,
     make_grid_sampler,
     make_latent_loss_fn,
@@ -87,165 +81,27 @@ from jaxdiff.training.latent_step import (
     run_scheduler,
     sdxl_time_ids,
 )
-from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
-from jaxdiff.models.clip_text import clip_text_config, create_clip_text
+from jaxdiff.training.lora_base import (
+    check_lora_base,
+    lora_base_identity,
+    lora_scale,
+    lora_target_modules,
+    read_lora_base,
+)
+from jaxdiff.models.autoencoder import create_autoencoder
+from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.unet_condition import create_unet_condition
-from jaxdiff.models.unet_condition_config import config_from_diffusers
 from jaxdiff.samplers import SAMPLERS
 from jaxdiff.latent.clip_tokenizer import CLIPTokenizer
 from jaxdiff.training.step import TrainState, make_optimizer
-from jaxdiff.latent.word_tokenizer import (
-    END_ID,
-    PAD_ID,
-    SPECIAL_TOKENS,
-    START_ID,
-    WordTokenizer,
-)
+from jaxdiff.latent.word_tokenizer import SPECIAL_TOKENS, WordTokenizer
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_KEYS = ("schedule", "num_timesteps", "beta_start", "beta_end", "mean_type")
 
 
-# --------------------------------------------------------------------------- the frozen autoencoder
-
-
-class FrozenAutoencoder:
-    """An autoencoder latent diffusion trains on: `config` (its `autoencoder_config`, scaling_factor included),
-    `identity` {"path": absolute path, "step": checkpoint step or None for a Stable Diffusion folder,
-    "scaling_factor"}, and its (EMA) parameters, read by `params()`. `at(path, step)` reads it where it
-    lives; `kept_in(workdir)` gives the copy a latent run's checkpoints keep."""
-
-    def __init__(self, config: ml_collections.ConfigDict, identity: dict, read_params: Callable[[], dict]):
-        self.config, self.identity, self._read_params = config, identity, read_params
-
-    @classmethod
-    def at(cls, path: str, step: int | None = None) -> "FrozenAutoencoder":
-        """The autoencoder at `path`: a Stable Diffusion folder, or checkpoint `step` (default: the newest) of
-        an autoencoder run."""
-        path = os.path.abspath(path)
-        if is_autoencoder_folder(path):
-            config = read_config(component_folder(path, "vae"), autoencoder_config)
-            step, read = None, lambda: read_autoencoder(component_folder(path, "vae"))[1]
-        else:
-            run_config, step, scaling_factor = _autoencoder_run(path, step)
-            config = autoencoder_model_config(run_config.autoencoder)
-            config.scaling_factor = scaling_factor
-            read = lambda: checkpoint.read_params(path, AutoencoderTask, step=step)[2]  # noqa: E731
-        return cls(config, {"path": path, "step": step, "scaling_factor": float(config.scaling_factor)}, read)
-
-    @classmethod
-    def kept_in(cls, workdir: str) -> "FrozenAutoencoder | None":
-        """The autoencoder kept by the newest readable checkpoint of the latent run at `workdir` (every step of a
-        run keeps the same one); None when it has no checkpoint, or only checkpoints from before copies were kept."""
-        if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-            return None
-        manager = checkpoint.make_manager(workdir, read_only=True)
-        try:
-            for step in sorted(manager.all_steps(), reverse=True):
-                try:
-                    extras = checkpoint.read_extras(manager, step)
-                except Exception:  # noqa: BLE001 - a damaged step: restoring reports it
-                    continue
-                if KEPT_CONFIG not in extras:
-                    return None
-                identity = extras["autoencoder"]
-                return cls(config_of_kept(extras), identity, functools.partial(_read_kept, workdir, identity))
-            return None
-        finally:
-            manager.close()
-
-    def params(self) -> dict:
-        """The autoencoder's (EMA) parameters."""
-        return self._read_params()
-
-
-KEPT_CONFIG = "autoencoder_config"  # the extras' entry holding the autoencoder's config
-
-
-def config_of_kept(extras: dict) -> ml_collections.ConfigDict:
-    """The `autoencoder_config` a latent checkpoint's extras keep."""
-    saved = extras[KEPT_CONFIG]
-    options = {key: saved[key] for key in OPTION_DEFAULTS}
-    return autoencoder_config({key: value for key, value in saved.items() if key not in OPTION_DEFAULTS}, **options)
-
-
-def _read_kept(workdir: str, identity: dict) -> dict:
-    """The autoencoder parameters kept by the newest step of the latent run at `workdir` that reads (damaged
-    steps skipped: restoring reports them)."""
-    manager = checkpoint.make_manager(workdir, read_only=True)
-    try:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                return checkpoint.read_kept(manager, step)["vae"]
-            except Exception:  # noqa: BLE001 - orbax raises many types for damaged files
-                continue
-    finally:
-        manager.close()
-    raise checkpoint.CheckpointError(f"no checkpoint in {manager.directory} keeps a readable copy of the autoencoder "
-                                     f"{describe_autoencoder(identity)}")  # fmt: skip
-
-
-def is_autoencoder_folder(path: str) -> bool:
-    """Whether `path` is a diffusers AutoencoderKL folder or a pipeline folder with `vae/` (not a run's workdir)."""
-    if os.path.isfile(os.path.join(path, "vae", CONFIG_FILE)):
-        return True
-    file = os.path.join(path, CONFIG_FILE)
-    return os.path.isfile(file) and load_json(pathlib.Path(file)).get("_class_name") == "AutoencoderKL"
-
-
-def _autoencoder_run(path: str, step: int | None) -> tuple[ml_collections.ConfigDict, int, float]:
-    """(config, step, scaling factor) of checkpoint `step` (default: newest) of the autoencoder run at `path`."""
-    what = f"config latent.autoencoder={path!r}"
-    if not os.path.isdir(path):
-        raise WeightsError(f"{what} does not exist: give an autoencoder run's workdir or a Stable Diffusion folder")
-    try:
-        manager = checkpoint.make_manager(path, read_only=True)
-    except checkpoint.CheckpointError:
-        manager = None
-    try:
-        steps = sorted(manager.all_steps()) if manager is not None else []
-        if not steps:
-            raise WeightsError(f"{what} has no checkpoint: train the autoencoder first "
-                             f"(jaxdiff train --config configs/shapes_autoencoder.py --workdir {path})")  # fmt: skip
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise WeightsError(f"{what} has no checkpoint at step {step}; its steps: {steps}")
-        config = config_from_dict(checkpoint.restore_config(manager, step))
-        extras = checkpoint.read_extras(manager, step)
-    finally:
-        if manager is not None:
-            manager.close()
-    if config.task != "autoencoder":
-        raise WeightsError(f"{what} is a {config.task!r} run, not an autoencoder run")
-    if "scaling_factor" not in extras:
-        raise WeightsError(f"{what}: checkpoint step {step} has no latent scaling factor in its extras")
-    return config, step, float(extras["scaling_factor"])
-
-
-def describe_autoencoder(identity: dict) -> str:
-    where = "a Stable Diffusion folder" if identity["step"] is None else f"checkpoint step {identity['step']}"
-    return f"{identity['path']} ({where}, scaling factor {identity['scaling_factor']:.6g})"
-
-
-def check_same_autoencoder(recorded: dict, given: dict) -> None:
-    """ValueError naming both when the autoencoder a model was trained on is not the one given."""
-    if recorded != given:
-        raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)} but is "
-                         f"given {describe_autoencoder(given)}; use the autoencoder it was trained on")  # fmt: skip
-
-
-# --------------------------------------------------------------------------- text encoder and U-Net configs
-
-
-def trained_text_config(text: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The CLIP text config of `config.latent.text`: WordTokenizer's ids (pad 0, start 2, end 3; pooled at end)."""
-    return clip_text_config(dict(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers, num_attention_heads=text.num_attention_heads,
-        max_position_embeddings=text.max_length, hidden_act=text.hidden_act, bos_token_id=START_ID,
-        eos_token_id=END_ID, pad_token_id=PAD_ID,
-    ))  # fmt: skip
+# --------------------------------------------------------------------------- the text encoder's tokenizer and checks
 
 
 def caption_tokenizer(captions: np.ndarray, text: ml_collections.ConfigDict) -> WordTokenizer:
@@ -260,62 +116,6 @@ def caption_tokenizer(captions: np.ndarray, text: ml_collections.ConfigDict) -> 
         raise ConfigError(f"captions have up to {longest} words but config latent.text.max_length={text.max_length} "
                          f"holds {text.max_length - 2} (plus start and end)")  # fmt: skip
     return tokenizer
-
-
-def text_encoder_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, int]:
-    """(text config, prompt length in tokens) of the trained transformer or of the `text_encoder` folder."""
-    folder = config.latent.text_encoder
-    if not folder:
-        return trained_text_config(config.latent.text), config.latent.text.max_length
-    text_config = read_config(component_folder(folder, "text_encoder"), clip_text_config)
-    return text_config, CLIPTokenizer.from_folder(pathlib.Path(folder) / "tokenizer").model_max_length
-
-
-def is_sdxl_folder(path: str) -> bool:
-    """Whether `path` is a diffusers folder whose model_index.json names an SDXL pipeline class."""
-    index = pathlib.Path(path) / MODEL_INDEX_FILE
-    return bool(path) and index.is_file() and load_json(index).get("_class_name") in SDXL_PIPELINE_CLASSES
-
-
-def text_width(config: ml_collections.ConfigDict, text_config: ml_collections.ConfigDict) -> int:
-    """The context width the U-Net reads: the text encoder's, or for SDXL both encoders' together."""
-    if not is_sdxl_folder(config.latent.text_encoder):
-        return text_config.hidden_size
-    second = read_config(pathlib.Path(config.latent.text_encoder) / "text_encoder_2", clip_text_config)
-    return text_config.hidden_size + second.hidden_size
-
-
-def unet_config(config: ml_collections.ConfigDict, latent_channels: int, latent_size: int,
-                text_width: int) -> ml_collections.ConfigDict:  # fmt: skip
-    """The U-Net of `unet_init` (checked to fit the latents and text), else the one of `config.latent.unet`."""
-    if config.latent.unet_init:
-        folder = component_folder(config.latent.unet_init, "unet")
-        u = read_config(folder, config_from_diffusers)
-        if u.in_channels != latent_channels or u.out_channels != latent_channels or u.cross_attention_dim != text_width:
-            raise ConfigError(
-                f"config latent.unet_init: the U-Net of {folder} takes {u.in_channels} channels and text of width "
-                f"{u.cross_attention_dim}; the autoencoder has {latent_channels} latent channels, the text encoder "
-                f"width {text_width}"
-            )
-        return u
-    u = config.latent.unet
-    levels = len(u.block_out_channels)
-    bad = [level for level in u.attention_levels if level >= levels]
-    if bad:
-        raise ConfigError(f"config latent.unet.attention_levels={u.attention_levels}: levels {bad} do not exist "
-                         f"(latent.unet.block_out_channels has {levels})")  # fmt: skip
-    cross = [level in u.attention_levels for level in range(levels)]
-    try:
-        return config_from_diffusers(dict(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-            block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
-            cross_attention_dim=text_width, attention_head_dim=u.attention_heads, norm_num_groups=u.norm_num_groups,
-            use_linear_projection=u.use_linear_projection,
-            down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
-            up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
-        ), dtype=u.dtype)  # fmt: skip
-    except ValueError as err:
-        raise ConfigError(f"config latent.unet: {err}") from None
 
 
 def check_schedule_of(config: ml_collections.ConfigDict, folder: str) -> None:
@@ -411,16 +211,6 @@ def check_lora_config(config: ml_collections.ConfigDict) -> None:
                           "name suffixes, e.g. 'to_q,to_k,to_v,to_out.0'")  # fmt: skip
 
 
-def lora_target_modules(lora: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The module name suffixes of `training.lora.target_modules`."""
-    return tuple(item.strip() for item in lora.target_modules.split(","))
-
-
-def lora_scale(lora: ml_collections.ConfigDict) -> float:
-    """alpha / r of `training.lora` (alpha 0: alpha = r)."""
-    return (lora.alpha or lora.rank) / lora.rank
-
-
 def check_lora_targets(config: ml_collections.ConfigDict, shapes: dict) -> dict:
     """The kernels `training.lora.target_modules` adapts in a U-Net of parameter shapes `shapes` (`lora_targets`);
     ConfigError naming the targets that match no module."""
@@ -431,34 +221,6 @@ def check_lora_targets(config: ml_collections.ConfigDict, shapes: dict) -> dict:
         raise ConfigError(f"config training.lora.target_modules: {unmatched} match no dense or convolution module of "
                           f"the U-Net of latent.unet_init={config.latent.unet_init!r}")  # fmt: skip
     return found
-
-
-def weights_digest(params: dict) -> str:
-    """SHA-256 of a parameter tree's arrays (float32 bytes, in sorted path order): which weights a LoRA run adapts."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(flax.traverse_util.flatten_dict(params).items()):
-        digest.update("/".join(path).encode())
-        digest.update(np.ascontiguousarray(leaf, np.float32).tobytes())
-    return digest.hexdigest()
-
-
-def check_lora_base(recorded: dict, given: dict) -> None:
-    """WeightsError naming both when the U-Net a LoRA run was trained on is not the one given."""
-    if recorded != given:
-        raise WeightsError(f"this LoRA run was trained on the U-Net of {recorded['path']} (weights sha256 "
-                           f"{recorded['sha256'][:12]}) but is given {given['path']} (sha256 {given['sha256'][:12]}); "
-                           "use the U-Net it was trained on")  # fmt: skip
-
-
-def lora_base_identity(folder: str, params: dict) -> dict:
-    """{"path": absolute path, "sha256"} of the U-Net `params` of the `unet_init` folder: what a LoRA run adapts."""
-    return {"path": os.path.abspath(folder), "sha256": weights_digest(params)}
-
-
-def read_lora_base(folder: str) -> tuple[dict, dict]:
-    """(U-Net params as float32 NumPy, `lora_base_identity`) of the `unet_init` folder."""
-    params = read_unet_condition(folder)[1]
-    return params, lora_base_identity(folder, params)
 
 
 # --------------------------------------------------------------------------- the task
@@ -653,57 +415,3 @@ class LatentTask:
         if self.word_tokenizer is not None and extras.get("tokenizer") != self.word_tokenizer.to_json():
             raise DataError("the checkpoint's caption vocabulary differs from this dataset's; resume on the same data")
 
-
-# --------------------------------------------------------------------------- sampling a trained run
-
-LORA_NAME = "run"  # the name a LoRA run's adapters are loaded under in its pipeline (`pipe.lora_scales`)
-LORA_SOURCE = "training.lora adapters"  # what errors about them call them
-
-
-def latent_pipeline(config: ml_collections.ConfigDict, params: dict, extras: dict) -> LatentPipeline:
-    """`LatentPipeline` (text_to_image, image_to_image, inpaint) of a latent run's (EMA) `params` and the
-    checkpoint's `extras`: its autoencoder (the copy the checkpoint keeps, `params["vae"]`, as `load_run` gives
-    it; for a checkpoint without one, the step it was trained on where it lives, refused if that is not what
-    the path now holds), its text encoder and tokenizer, and its schedule (`run_scheduler`). A LoRA run's
-    pipeline is the `unet_init` folder's U-Net (checked to be the one trained on) with the run's EMA adapters
-    loaded as LORA_NAME at scale 1 (`pipe.set_lora_scale`, `fuse_lora` work on them); an SDXL run's, that
-    folder's SDXL pipeline with them."""
-    if is_sdxl_folder(config.latent.unet_init):
-        folder = extras["lora_base"]["path"]
-        pipe = LatentPipeline.from_pretrained(folder)
-        check_lora_base(extras["lora_base"], lora_base_identity(folder, pipe.model.unet_params))
-        pipe.load_lora(trained_lora(params["lora"], lora_scale(config.training.lora), LORA_SOURCE), name=LORA_NAME)
-        return pipe
-    recorded = extras["autoencoder"]
-    if "vae" in params and KEPT_CONFIG in extras:
-        vae_config, vae_params = config_of_kept(extras), params["vae"]
-    else:
-        try:
-            autoencoder = FrozenAutoencoder.at(recorded["path"], recorded["step"])
-        except ValueError as err:
-            raise WeightsError(f"this latent model was trained on the autoencoder {describe_autoencoder(recorded)}, "
-                             f"which cannot be read now: {err}") from None  # fmt: skip
-        check_same_autoencoder(recorded, autoencoder.identity)
-        vae_config, vae_params = autoencoder.config, autoencoder.params()
-    text_config, _ = text_encoder_config(config)
-    factor = 2 ** (len(vae_config.block_out_channels) - 1)
-    unet = unet_config(config, vae_config.latent_channels, vae_config.sample_size // factor, text_config.hidden_size)
-    if config.latent.text_encoder:
-        folder = pathlib.Path(config.latent.text_encoder)
-        text_params, tokenizer = read_clip_text(folder)[1], CLIPTokenizer.from_folder(folder / "tokenizer")
-    else:
-        text_params, tokenizer = params["text"], WordTokenizer.from_json(extras["tokenizer"]).encode
-    lora = "lora_base" in extras
-    if lora:
-        unet_params, base = read_lora_base(extras["lora_base"]["path"])
-        check_lora_base(extras["lora_base"], base)
-    else:
-        unet_params = params["unet"]
-    pipe = LatentPipeline(LatentModels(
-        unet_config=unet, unet_params=unet_params, vae_config=vae_config, vae_params=vae_params,
-        text_config=text_config, text_params=text_params, tokenizer=tokenizer,
-        scheduler=run_scheduler(config.diffusion),
-    ))  # fmt: skip
-    if lora:
-        pipe.load_lora(trained_lora(params["lora"], lora_scale(config.training.lora), LORA_SOURCE), name=LORA_NAME)
-    return pipe
