@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import safetensors
 
-from jaxdiff.weights.torch_layout import param_from_torch
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, param_from_torch
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor
@@ -34,7 +34,6 @@ from jaxdiff.models.clip_text import clip_text_config, create_clip_text
 
 VAE_WEIGHTS_STEM = DIFFUSERS_WEIGHTS_STEM
 CLIP_WEIGHTS_STEM = "model"  # transformers
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 LEGACY_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 CLIP_PREFIX = "text_model."
 CLIP_BUFFERS = ("embeddings.position_ids", CLIP_PREFIX + "embeddings.position_ids")  # not parameters
@@ -43,7 +42,7 @@ CLIP_BUFFERS = ("embeddings.position_ids", CLIP_PREFIX + "embeddings.position_id
 def torch_name(path: ParamPath) -> str:
     """Our parameter path as a PyTorch state-dict name: `_{i}` module suffixes become `.{i}`, leaves renamed."""
     modules = [re.sub(r"_(\d+)$", r".\1", part) for part in path[:-1]]
-    return ".".join([*modules, LEAF_NAMES[path[-1]]])
+    return ".".join([*modules, TORCH_LEAF_NAMES[path[-1]]])
 
 
 def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:

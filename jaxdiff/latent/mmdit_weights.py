@@ -24,13 +24,13 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.errors import WeightsError
-from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, param_shapes, read_config
+from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config
 from jaxdiff.models.mmdit import create_mmdit, example_inputs, mmdit_config
 from jaxdiff.weights.files import DIFFUSERS_WEIGHTS_STEM
 from jaxdiff.weights.matching import ParamPath, match_names
 from jaxdiff.weights.safetensors_reader import read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
-from jaxdiff.weights.torch_layout import param_from_torch, torch_shape
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, param_from_torch, torch_shape
 
 # Our module names with an index suffix that diffusers writes as a list index (`to_out_0` -> `to_out.0`); others
 # (`linear_1`, `norm_added_q`) are diffusers' own names.
@@ -42,7 +42,7 @@ BUFFER_TOLERANCE = 1e-3  # a float16 file rounds the table's entries in [-1, 1] 
 def diffusers_name(path: ParamPath) -> str:
     """diffusers' state-dict name of our parameter: `transformer_blocks_3/ff/net_0/proj/kernel` ->
     `transformer_blocks.3.ff.net.0.proj.weight`."""
-    return ".".join([_INDEXED.sub(r"\1.\2", part) for part in path[:-1]] + [LEAF_NAMES[path[-1]]])
+    return ".".join([_INDEXED.sub(r"\1.\2", part) for part in path[:-1]] + [TORCH_LEAF_NAMES[path[-1]]])
 
 
 def check_buffer(source: str, name: str, stored: np.ndarray, expected: np.ndarray) -> None:

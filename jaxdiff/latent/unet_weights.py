@@ -21,7 +21,8 @@ import ml_collections
 
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
 from jaxdiff.weights.matching import ParamPath, Shape
-from jaxdiff.latent.component_weights import LEAF_NAMES, component_folder, read_weights
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES
+from jaxdiff.latent.component_weights import component_folder, read_weights
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.unet_condition import create_unet_condition, example_inputs
 from jaxdiff.models.unet_condition_config import config_from_diffusers
@@ -37,7 +38,7 @@ def diffusers_tensor_name(path: ParamPath) -> str:
     """The diffusers state-dict name of our parameter, e.g. ("up_blocks_1", "attentions_0", "transformer_blocks_0",
     "attn1", "to_out_0", "kernel") -> "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"."""
     modules = [_LIST_ITEM.sub(r"\1.\2", part) for part in path[:-1]]
-    return ".".join([*modules, LEAF_NAMES[path[-1]]])
+    return ".".join([*modules, TORCH_LEAF_NAMES[path[-1]]])
 
 
 def unet_condition_shapes(model_config: ml_collections.ConfigDict) -> dict[ParamPath, Shape]:

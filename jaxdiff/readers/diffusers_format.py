@@ -37,7 +37,7 @@ from jaxdiff.readers.architecture import (
 )
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, MODEL_INDEX_FILE, load_json, weights_file
 from jaxdiff.weights.matching import match_names
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, from_torch, torch_shape
 from jaxdiff.diffusion.scheduler_config import apply_scheduler_config, unsupported_setting
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.layers import ACTIVATIONS
@@ -109,8 +109,6 @@ TOP_LAYERS = {
     ("mid", "block_2"): "mid_block.resnets.1",
 }  # fmt: skip
 RESAMPLERS = {"downsample": "downsamplers", "upsample": "upsamplers"}
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
-
 log = logging.getLogger(__name__)
 
 
@@ -140,7 +138,7 @@ def _layer_names(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
 
 def diffusers_names(path: ParamPath, num_levels: int) -> tuple[str, ...]:
     """Candidate diffusers tensor names of our parameter, best first."""
-    return tuple(f"{name}.{LEAF_NAMES[path[-1]]}" for name in _layer_names(path[:-1], num_levels))
+    return tuple(f"{name}.{TORCH_LEAF_NAMES[path[-1]]}" for name in _layer_names(path[:-1], num_levels))
 
 
 # --------------------------------------------------------------------------- reading

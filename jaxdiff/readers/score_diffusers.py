@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.readers.architecture import ParamPath
-from jaxdiff.readers.diffusers_format import ATTENTION_LAYERS, LEAF_NAMES
-from jaxdiff.weights.torch_layout import from_torch, torch_shape
+from jaxdiff.readers.diffusers_format import ATTENTION_LAYERS
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, from_torch, torch_shape
 from jaxdiff.weights.matching import match_names
 from jaxdiff.errors import WeightsError
 from jaxdiff.models import ncsnpp
@@ -129,7 +129,7 @@ def _layer_name(layer: tuple[str, ...], num_levels: int) -> tuple[str, ...]:
 def diffusers_names(path: ParamPath, num_levels: int) -> tuple[str, ...]:
     """Candidate diffusers tensor names of our parameter, best first (e.g. ("up_3", "attn", "q", "kernel")
     -> "up_blocks.0.attentions.0.to_q.weight", then the pre-0.15 "…query.weight")."""
-    leaf = "weight" if path[-1] == "W" else LEAF_NAMES[path[-1]]
+    leaf = "weight" if path[-1] == "W" else TORCH_LEAF_NAMES[path[-1]]
     return tuple(f"{name}.{leaf}" for name in _layer_name(path[:-1], num_levels))
 
 

@@ -8,6 +8,9 @@ import numpy as np
 
 from jaxdiff.weights.matching import ParamPath
 
+# PyTorch's name for the leaf of each of our parameters (a module's weight or bias).
+TORCH_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
 
 def torch_shape(path: ParamPath, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The PyTorch shape of our parameter: HWIO -> OIHW, dense [in, out] -> Linear [out, in],
