@@ -1,6 +1,7 @@
-"""`weights.safetensors_reader.read_tensor`: every stored dtype read as float32 with file reads (equal to
-safetensors' own reader; bfloat16 to ml_dtypes' rounding), into a fresh aligned array, and a damaged tensor or an
-unreadable dtype answered by a `WeightsError` naming the file and the tensor."""
+"""`weights.safetensors_reader`: `read_tensor` reads every stored dtype as float32 with file reads (equal to
+safetensors' own reader; bfloat16 to ml_dtypes' rounding) into a fresh aligned array; `read_param` reads in blocks of
+rows straight into our layout, equal to `param_from_torch` of `read_tensor`; a damaged tensor or an unreadable
+dtype is a `WeightsError` naming the file and the tensor."""
 
 import json
 import struct
@@ -11,8 +12,8 @@ import pytest
 import safetensors.numpy
 
 from jaxdiff.errors import WeightsError
-from jaxdiff.weights.safetensors_reader import open_safetensors, read_tensor
-from jaxdiff.weights.torch_layout import ALIGNMENT
+from jaxdiff.weights.safetensors_reader import open_safetensors, read_param, read_tensor
+from jaxdiff.weights.torch_layout import ALIGNMENT, from_torch, param_from_torch
 
 SHAPE = (3, 5)
 
@@ -46,7 +47,7 @@ def test_a_tensor_cut_short_is_a_weights_error_naming_it(tmp_path):
     file = tmp_path / "w.safetensors"
     safetensors.numpy.save_file({"weight": np.ones((64, 64), np.float32)}, file)
     file.write_bytes(file.read_bytes()[:-100])
-    with pytest.raises(WeightsError, match=r"w\.safetensors: tensor weight holds 16284 of its 16384 bytes"):
+    with pytest.raises(WeightsError, match=r"w\.safetensors: tensor weight is cut short: 16284 of 16384 bytes read"):
         read_tensor(file, "weight")
 
 
@@ -55,3 +56,33 @@ def test_an_unreadable_dtype_is_named(tmp_path):
     _write_raw(file, "F8_E4M3", (4,), bytes(4))
     with pytest.raises(WeightsError, match=r"tensor t is stored as F8_E4M3; readable: F64, F32, F16, BF16"):
         read_tensor(file, "t")
+
+
+@pytest.mark.parametrize("path, torch_shape, shape", [
+    (("conv", "kernel"), (300, 3, 3, 2), (3, 2, 3, 300)),  # OIHW -> HWIO, three blocks of rows, the last partial
+    (("dense", "kernel"), (300, 4), (4, 300)),
+    (("nin_shortcut", "kernel"), (130, 4, 1, 1), (4, 130)),
+    (("token", "embedding"), (260, 3), (260, 3)),  # kept as it is, in blocks
+    (("norm", "bias"), (129,), (129,)),
+    (("scalar", "value"), (), ()),
+])  # fmt: skip
+@pytest.mark.parametrize("stored", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_read_param_is_param_from_torch_of_read_tensor(tmp_path, path, torch_shape, shape, stored):
+    values = np.random.default_rng(1).normal(size=torch_shape).astype(stored)
+    file = tmp_path / "w.safetensors"
+    _write_raw(file, {np.float32: "F32", np.float16: "F16", ml_dtypes.bfloat16: "BF16"}[stored], torch_shape,
+               values.tobytes())
+    out = read_param(file, "t", path, shape)
+    np.testing.assert_array_equal(out, param_from_torch(path, read_tensor(file, "t"), shape))
+    expected = values.astype(np.float32)
+    np.testing.assert_array_equal(out, expected if len(shape) not in (2, 4) or path[-1] == "embedding"
+                                  else from_torch(expected, shape))  # fmt: skip
+    assert out.dtype == np.float32 and out.flags.c_contiguous and out.ctypes.data % ALIGNMENT == 0
+
+
+def test_read_param_of_a_tensor_cut_short_names_it(tmp_path):
+    file = tmp_path / "w.safetensors"
+    safetensors.numpy.save_file({"weight": np.ones((300, 8), np.float32)}, file)
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=r"w\.safetensors: tensor weight is cut short"):
+        read_param(file, "weight", ("dense", "kernel"), (8, 300))

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import ml_collections
 import safetensors
 
-from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, param_from_torch
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES
 from jaxdiff.weights.files import CONFIG_FILE, DIFFUSERS_WEIGHTS_STEM, load_json, weights_file
 from jaxdiff.weights.matching import ParamPath, match_names
-from jaxdiff.weights.safetensors_reader import read_tensor
+from jaxdiff.weights.safetensors_reader import read_param
 from jaxdiff.errors import WeightsError
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.models.clip_text import clip_text_config, create_clip_text
@@ -105,11 +105,8 @@ def read_weights(
     with safetensors.safe_open(file, framework="np") as f:
         available = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if n not in ignored}
         found = match_names(wanted, available, source=str(file))
-        flat = {}
-        for path, name in found.items():
-            array = read_tensor(file, name)
-            # Made contiguous one tensor at a time, so the peak is the tree plus one tensor, not two trees.
-            flat[path] = param_from_torch(path, array, shapes[path])
+    # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
+    flat = {path: read_param(file, name, path, shapes[path]) for path, name in found.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 

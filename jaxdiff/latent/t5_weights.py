@@ -27,9 +27,8 @@ from jaxdiff.errors import WeightsError
 from jaxdiff.latent.component_weights import component_folder, param_shapes, read_config, torch_name, torch_shape
 from jaxdiff.models.t5_encoder import create_t5_encoder, t5_encoder_config
 from jaxdiff.weights.matching import ParamPath, Shape, match_names
-from jaxdiff.weights.safetensors_reader import read_tensor
+from jaxdiff.weights.safetensors_reader import read_param, read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
-from jaxdiff.weights.torch_layout import param_from_torch
 
 T5_WEIGHTS_STEM = "model"  # transformers
 EMBEDDING, TIED_EMBEDDING = "shared.weight", "encoder.embed_tokens.weight"
@@ -61,10 +60,8 @@ def read_sharded_weights(
             raise WeightsError(f"{source}: {TIED_EMBEDDING} differs from {EMBEDDING}; T5EncoderModel ties them")
         del available[TIED_EMBEDDING]
     found = match_names(wanted, available, source=str(source))
-    flat = {}
-    for path, name in found.items():
-        array = tensor(name)  # made contiguous one at a time: the peak is the tree plus one tensor
-        flat[path] = param_from_torch(path, array, shapes[path])
+    # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
+    flat = {path: read_param(location[name], name, path, shapes[path]) for path, name in found.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 

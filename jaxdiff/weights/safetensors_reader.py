@@ -1,6 +1,6 @@
 """Opening safetensors files with their damage answered as a `WeightsError` naming the file (`open_safetensors`,
-`load_safetensors`), and one tensor as float32 NumPy (`read_tensor`), bfloat16 included (which safetensors' NumPy
-reader lacks).
+`load_safetensors`), and one tensor as float32 NumPy (`read_tensor`; `read_param` in our parameter layout), bfloat16
+included (which safetensors' NumPy reader lacks).
 
 The format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
 range (`data_offsets`, relative to the end of the header), then the raw little-endian bytes.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import pathlib
 import struct
@@ -22,7 +23,8 @@ import safetensors
 import safetensors.numpy
 
 from jaxdiff.errors import WeightsError
-from jaxdiff.weights.torch_layout import aligned_empty
+from jaxdiff.weights.matching import ParamPath
+from jaxdiff.weights.torch_layout import TRANSPOSE_ROWS, aligned_empty, param_from_torch, write_rows
 
 HEADER_LENGTH_BYTES = 8
 
@@ -61,6 +63,26 @@ def _header(file: str, modified_ns: int) -> tuple[int, dict]:
         return header_length, json.loads(f.read(header_length))
 
 
+def _stored(file: pathlib.Path, name: str) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(byte offset in the file, PyTorch shape, stored dtype) of tensor `name`."""
+    header_length, header = _header(str(file), file.stat().st_mtime_ns)
+    entry = header[name]
+    if entry["dtype"] not in STORED_DTYPES:
+        raise WeightsError(f"{file}: tensor {name} is stored as {entry['dtype']}; readable: {', '.join(STORED_DTYPES)}")
+    shape, dtype = tuple(entry["shape"]), np.dtype(STORED_DTYPES[entry["dtype"]])
+    start, end = entry["data_offsets"]
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise WeightsError(f"{file}: tensor {name} spans {end - start} bytes, not the {math.prod(shape)} × "
+                           f"{dtype.itemsize} of its shape {list(shape)} (damaged file)")  # fmt: skip
+    return HEADER_LENGTH_BYTES + header_length + start, shape, dtype
+
+
+def _read_into(f, file: pathlib.Path, name: str, buffer: np.ndarray) -> None:
+    read = f.readinto(buffer.reshape(-1).view(np.uint8))
+    if read != buffer.nbytes:
+        raise WeightsError(f"{file}: tensor {name} is cut short: {read} of {buffer.nbytes} bytes read (damaged file)")
+
+
 def read_tensor(file: str | os.PathLike, name: str) -> np.ndarray:
     """Tensor `name` of the safetensors `file` (opened once with `open_safetensors`, which checks its header) as
     float32, in a fresh `aligned_empty` array.
@@ -68,19 +90,32 @@ def read_tensor(file: str | os.PathLike, name: str) -> np.ndarray:
     The bytes are read with file reads, not through safetensors' memory map: the pages of a map count in the
     process's resident memory for as long as the file is open, which doubled a loading reader's peak."""
     file = pathlib.Path(file)
-    header_length, header = _header(str(file), file.stat().st_mtime_ns)
-    entry = header[name]
-    if entry["dtype"] not in STORED_DTYPES:
-        raise WeightsError(f"{file}: tensor {name} is stored as {entry['dtype']}; readable: {', '.join(STORED_DTYPES)}")
-    stored = aligned_empty(tuple(entry["shape"]), STORED_DTYPES[entry["dtype"]])
-    start, end = entry["data_offsets"]
+    offset, shape, dtype = _stored(file, name)
+    stored = aligned_empty(shape, dtype)
     with open(file, "rb") as f:
-        f.seek(HEADER_LENGTH_BYTES + header_length + start)
-        read = f.readinto(stored.reshape(-1).view(np.uint8))
-    if end - start != stored.nbytes or read != stored.nbytes:
-        raise WeightsError(f"{file}: tensor {name} holds {read} of its {stored.nbytes} bytes (damaged file)")
+        f.seek(offset)
+        _read_into(f, file, name, stored)
     if stored.dtype == np.float32:
         return stored
-    out = aligned_empty(stored.shape, np.float32)
+    out = aligned_empty(shape, np.float32)
     np.copyto(out, stored, casting="unsafe")
+    return out
+
+
+def read_param(file: str | os.PathLike, name: str, path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
+    """`param_from_torch(path, read_tensor(file, name), shape)` without a whole-tensor buffer: the stored rows are
+    read TRANSPOSE_ROWS at a time into one small buffer and written into the parameter's layout, so the only fresh
+    memory is the parameter itself (first writes to fresh memory were most of a load's time on a virtual machine)."""
+    file = pathlib.Path(file)
+    offset, stored_shape, dtype = _stored(file, name)
+    if not stored_shape:
+        return param_from_torch(path, read_tensor(file, name), shape)
+    out = aligned_empty(shape, np.float32)
+    buffer = np.empty((min(TRANSPOSE_ROWS, stored_shape[0]), *stored_shape[1:]), dtype)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        for start in range(0, stored_shape[0], TRANSPOSE_ROWS):
+            rows = buffer[: min(TRANSPOSE_ROWS, stored_shape[0] - start)]
+            _read_into(f, file, name, rows)
+            write_rows(path, out, start, rows)
     return out

@@ -56,15 +56,20 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A PyTorch tensor as our parameter at `path` of shape `shape` (`from_torch`; embedding tables as they are),
-    written into a new `aligned_empty` array, so that a CPU device takes it without a second copy.
-
-    Layout changes move TRANSPOSE_ROWS PyTorch rows (our last axis) at a time: one whole-array transposed copy
-    strides through memory and ran at a third to a half of the blocked copy's speed."""
-    out = aligned_empty(shape, array.dtype)
-    if path[-1] == "embedding" or len(shape) not in (2, 4):
+    written as float32 into a new `aligned_empty` array, so that a CPU device takes it without a second copy."""
+    out = aligned_empty(shape, np.float32)
+    if array.ndim == 0:
         np.copyto(out, array)
-        return out
-    for start in range(0, shape[-1], TRANSPOSE_ROWS):
-        rows = array[start : start + TRANSPOSE_ROWS]
-        np.copyto(out[..., start : start + len(rows)], from_torch(rows, shape[:-1] + (len(rows),)))
+    for start in range(0, len(array) if array.ndim else 0, TRANSPOSE_ROWS):
+        write_rows(path, out, start, array[start : start + TRANSPOSE_ROWS])
     return out
+
+
+def write_rows(path: ParamPath, out: np.ndarray, start: int, rows: np.ndarray) -> None:
+    """Write PyTorch rows start, start + 1, ... (`rows`, along the tensor's first axis: output channels, or the
+    entries of a vector) of our parameter at `path` into `out`, cast to its dtype. Layout changes go block by block:
+    one whole-array transposed copy strides through memory and ran at a third to a half of the blocked speed."""
+    if path[-1] == "embedding" or out.ndim not in (2, 4):
+        np.copyto(out[start : start + len(rows)], rows, casting="unsafe")
+        return
+    np.copyto(out[..., start : start + len(rows)], from_torch(rows, out.shape[:-1] + (len(rows),)), casting="unsafe")
