@@ -18,7 +18,7 @@ diffusers' `facebook/DiT-XL-2-256` folder load with `Pipeline.from_pretrained`, 
 files.
 """
 
-from jaxdiff.families.discrete import ADM_SPACING
+from jaxdiff.schedule import ADM_SPACING
 from jaxdiff.models import dit
 from jaxdiff.readers.dit_checkpoint import DIT_GUIDANCE_CHANNELS, DIT_SAMPLING_STEPS, dit_model_config, dit_run_config
 from jaxdiff.training.tasks.class_latent import imagenet_training

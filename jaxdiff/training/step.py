@@ -1,10 +1,10 @@
 """The train state and the update every task's step ends with: pure functions of (state, batch).
 
 `TrainState` (params, EMA, optimizer state, per-step randomness, skipped-step counters) and a fresh one for
-`config.model`'s network, the optimizer (global-norm
-clip, then Adam with linear warmup), the guarded update (`apply_gradients`: a step whose loss or gradient is not
-finite leaves params, EMA and optimizer state untouched and is counted), gradients accumulated over micro-batches,
-the images' scaling to [-1, 1] with random flips, and class-label dropout. The diffusion model's loss and step are
+`config.model`'s network, the optimizer (global-norm clip, then Adam with linear warmup), the guarded update
+(`apply_gradients`: a step whose loss or gradient is not finite leaves params, EMA and optimizer state untouched and
+is counted), gradients accumulated over micro-batches, the images' scaling to [-1, 1] with random flips, and
+class-label dropout. The diffusion model's loss and step are
 `jaxdiff.training.diffusion_step`; the other tasks' are `latent_step`, `autoencoder_step`, `flow_lora_step`.
 Every random draw of step s comes from `fold_in(state.rng, s)`, so a run is a deterministic function of
 (seed, data order).
