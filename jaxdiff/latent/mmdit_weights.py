@@ -28,9 +28,9 @@ from jaxdiff.latent.component_weights import component_folder, param_shapes, rea
 from jaxdiff.models.mmdit import create_mmdit, example_inputs, mmdit_config
 from jaxdiff.weights.files import DIFFUSERS_WEIGHTS_STEM
 from jaxdiff.weights.matching import ParamPath, match_names
-from jaxdiff.weights.safetensors_reader import read_tensor
+from jaxdiff.weights.safetensors_reader import read_param, read_tensor
 from jaxdiff.weights.shards import tensor_locations, weight_shards
-from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, param_from_torch, torch_shape
+from jaxdiff.weights.torch_layout import TORCH_LEAF_NAMES, torch_shape
 
 # Our module names with an index suffix that diffusers writes as a list index (`to_out_0` -> `to_out.0`); others
 # (`linear_1`, `norm_added_q`) are diffusers' own names.
@@ -70,13 +70,11 @@ def read_transformer_weights(
     wanted.update({("buffer", name): ((name,), value.shape) for name, value in buffers.items()})
     location, available = tensor_locations(files, weight_map, source)
     found = match_names(wanted, available, source=f"{folder} ({', '.join(f.name for f in files)})")
-    flat = {}
-    for path, name in found.items():
-        flat[path] = read_tensor(location[name], name)
     for name, expected in buffers.items():
-        check_buffer(str(folder), name, flat.pop(("buffer", name)), expected)
-    # Converted one tensor at a time, each read array dropped as it goes: the peak is the tree plus one tensor.
-    params = {path: param_from_torch(path, flat.pop(path), shapes[path]) for path in list(flat)}
+        check_buffer(str(folder), name, read_tensor(location[name], name), expected)
+    # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
+    params = {path: read_param(location[name], name, path, shapes[path])
+              for path, name in found.items() if path in shapes}  # fmt: skip
     return flax.traverse_util.unflatten_dict(params)
 
 
