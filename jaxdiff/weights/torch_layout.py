@@ -60,7 +60,8 @@ def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...])
     out = aligned_empty(shape, np.float32)
     if array.ndim == 0:
         np.copyto(out, array)
-    for start in range(0, len(array) if array.ndim else 0, TRANSPOSE_ROWS):
+        return out
+    for start in range(0, len(array), TRANSPOSE_ROWS):
         write_rows(path, out, start, array[start : start + TRANSPOSE_ROWS])
     return out
 
