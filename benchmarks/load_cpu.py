@@ -8,9 +8,11 @@ scheduler, and saves it with `save_pretrained` (about 4.3 GB). Then each loader 
 reports the seconds of the load (until the parameters are in device memory: jaxdiff's arrays are blocked on;
 diffusers' modules are on the CPU device when `from_pretrained` returns) and its peak resident memory
 (`ru_maxrss`, which counts the pages of memory-mapped files; `final_rss_anon_gib` is the process's own memory
-once loaded). No network is run: this measures reading, converting and placing the weights only.
+once loaded). No network is run: this measures reading, converting and placing the weights only. `--dtype
+bfloat16` loads each side in bfloat16 (diffusers' `from_pretrained(dtype=torch.bfloat16)`, jaxdiff's
+`from_pretrained(dtype="bfloat16")`: each weight rounded as it is read), from the same float32 files.
 
-    python benchmarks/load_cpu.py [--size full|tiny]
+    python benchmarks/load_cpu.py [--size full|tiny] [--dtype float32|bfloat16]
 
 Prints a table, then one line `JSON {...}`.
 """
@@ -68,7 +70,7 @@ def prepare(size: str, folder: Path) -> dict:
     return {"parameters": {"unet": count(pipe.unet), "vae": count(pipe.vae), "text_encoder": count(pipe.text_encoder)}}
 
 
-def torch_side(folder: Path) -> dict:
+def torch_side(folder: Path, dtype: str) -> dict:
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -76,13 +78,13 @@ def torch_side(folder: Path) -> dict:
     for _ in range(REPEATS):
         pipe = None  # the previous load freed; the last one kept for the final resident memory
         start = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(folder / "pipe")
+        pipe = StableDiffusionPipeline.from_pretrained(folder / "pipe", dtype=getattr(torch, dtype))
         seconds.append(time.perf_counter() - start)
     return {"version": f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}",
             "seconds": seconds[-1], "all_s": seconds, "loaded": type(pipe).__name__}  # fmt: skip
 
 
-def jax_side(folder: Path) -> dict:
+def jax_side(folder: Path, dtype: str) -> dict:
     import jax
 
     from jaxdiff import Pipeline
@@ -91,7 +93,7 @@ def jax_side(folder: Path) -> dict:
     for _ in range(REPEATS):
         pipe = None  # as torch_side
         start = time.perf_counter()
-        pipe = Pipeline.from_pretrained(folder / "pipe")
+        pipe = Pipeline.from_pretrained(folder / "pipe", dtype=dtype)
         jax.block_until_ready(pipe.params)
         seconds.append(time.perf_counter() - start)
     return {"version": f"jax {jax.__version__}", "seconds": seconds[-1], "all_s": seconds, "loaded": type(pipe).__name__}
@@ -101,17 +103,19 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="full")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     add_side_options(parser, ("prepare", "jax", "torch"))
     args = parser.parse_args(argv)
     check_side_options(parser, args)
     if args.side is not None:
         folder = Path(args.folder)
         print_result(prepare(args.size, folder) if args.side == "prepare" else
-                     (jax_side if args.side == "jax" else torch_side)(folder))  # fmt: skip
+                     (jax_side if args.side == "jax" else torch_side)(folder, args.dtype))  # fmt: skip
         return {}
-    results = {"machine": machine(), "command": " ".join(["benchmarks/load_cpu.py", *argv]), "size": args.size}
+    results = {"machine": machine(), "command": " ".join(["benchmarks/load_cpu.py", *argv]), "size": args.size,
+               "dtype": args.dtype}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="load_") as tmp:
-        common = ["--size", args.size, "--folder", tmp]
+        common = ["--size", args.size, "--dtype", args.dtype, "--folder", tmp]
         for side in ("prepare", "torch", "jax"):
             results[side] = run_side(__file__, side, common, need_gib=NEED_GIB[args.size])
     print_table(results)

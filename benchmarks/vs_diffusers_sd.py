@@ -22,9 +22,9 @@ memory-mapped files).
             floats in [0, 1]. Each side calls twice; the second call's seconds are reported (jaxdiff: compile =
             first − second), and the largest difference of the two sides' images.
 
-`--dtype bfloat16`: diffusers holds the weights and computes in bfloat16 (`from_pretrained(dtype=...)`); jaxdiff
-computes in bfloat16 with, for the U-Net alone, its parameters cast to bfloat16, and for the pipeline float32
-parameters (as `from_pretrained(dtype="bfloat16")` keeps them). `--size tiny` runs the same on narrow networks at 8²
+`--dtype bfloat16`: each side holds the weights and computes in bfloat16 (diffusers' `from_pretrained(dtype=...)`;
+jaxdiff's readers round each weight to bfloat16 as they read it, keeping the SD 1.5 VAE in bfloat16 too, as
+diffusers' StableDiffusionPipeline does). `--size tiny` runs the same on narrow networks at 8²
 latents (64² images), the smoke test.
 
     python benchmarks/vs_diffusers_sd.py [--size full|tiny] [--repeats 3] [--steps 20]
@@ -102,7 +102,7 @@ def jax_unet(folder: Path, dtype: str, repeats: int) -> dict:
 
     def load():
         config, params = read_unet_condition(folder / "pipe", dtype=dtype)
-        return config, jax.block_until_ready(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+        return config, jax.block_until_ready(jax.device_put(params))  # read in `dtype`
 
     load_seconds, (config, params) = seconds_of(load)
     unet = create_unet_condition(config)

@@ -244,6 +244,8 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
     ]
     cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, variant="sit"), UsageError,
                   "variant='sit' tells a DiT from a SiT checkpoint (.pt)"))  # fmt: skip
+    cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, dtype="bfloat16"), UsageError,
+                  "dtype='bfloat16': " + f"{pipeline_folder} is 'dit_pipeline' weights, which run in their config's"))
     settings = json.loads((pipeline_folder / "scheduler" / "scheduler_config.json").read_text())
     for change, message in [({"use_beta_sigmas": True}, "use_beta_sigmas=True"), ({"shift": 3.0}, "shift=3.0"),
                             ({"_class_name": "KDPM2DiscreteScheduler"}, "unsupported scheduler _class_name='KDPM2DiscreteScheduler'")]:

@@ -262,6 +262,47 @@ def test_float16_variant_folder_through_pipeline_from_pretrained(saved, tmp_path
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pipe.params), rounded)
 
 
+def test_bfloat16_holds_bfloat16_weights_and_is_as_close_as_diffusers_bfloat16(saved, torch, diffusers, tmp_path):
+    """`dtype="bfloat16"`: the transformer's and text encoders' weights are rounded to bfloat16 as they are read, the
+    VAE (force_upcast, diffusers' default) stays float32; the images are as far from float32 diffusers' as
+    diffusers' own bfloat16 pipeline's."""
+    import jax
+    import ml_dtypes
+
+    from jaxdiff import Pipeline
+
+    folder = saved["folder"] / "dev"
+    pipe = Pipeline.from_pretrained(folder, dtype="bfloat16")
+    exact = saved["ours"]["dev"].params
+    assert sorted(pipe.params) == sorted(exact) and "vae" in exact
+    for key, tree in exact.items():
+        dtype = np.float32 if key == "vae" else ml_dtypes.bfloat16
+        rounded = jax.tree.map(lambda a, d=dtype: np.asarray(a).astype(d).astype(np.float32), tree)
+        assert {np.dtype(a.dtype) for a in jax.tree.leaves(pipe.params[key])} == {np.dtype(dtype)}, key
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda a: np.asarray(a, np.float32),
+                                                                 pipe.params[key]), rounded)  # fmt: skip
+    noise = noise_nhwc(0)
+    exact_images = saved["theirs"]["dev"](prompt=PROMPTS, latents=packed(torch, diffusers, noise), **THEIRS,
+                                          guidance_scale=GUIDANCE).images  # fmt: skip
+    half = diffusers.FluxPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    theirs = half(prompt=PROMPTS, latents=packed(torch, diffusers, noise).to(torch.bfloat16), **THEIRS,
+                  guidance_scale=GUIDANCE).images  # fmt: skip
+    ours = pipe.text_to_image(PROMPTS, latents=noise, height=SIZE, width=SIZE, guidance=GUIDANCE, **COMMON)
+    ours_error, their_error = np.abs(ours - exact_images).mean(), np.abs(theirs - exact_images).mean()
+    assert 2e-5 < ours_error < 1.25 * their_error  # measured 4.4e-4 against diffusers' 0.016 (float32 VAE, norms)
+    from PIL import Image
+
+    from jaxdiff import images
+    from jaxdiff.cli import main
+
+    out = tmp_path / "grid.png"  # the CLI's --dtype is the same setting
+    assert main(["sample", "--pretrained", str(folder), "--prompt", "a cat", "--num", "1", "--steps", "2", "--seed",
+                 "4", "--height", str(SIZE), "--width", str(SIZE), "--dtype", "bfloat16", "--out", str(out)]) == 0
+    expected = pipe.text_to_image(["a cat"], steps=2, seed=4, height=SIZE, width=SIZE)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), images.make_grid(expected))
+
+
 def test_original_single_file_with_the_folder_matches_diffusers(saved, torch, diffusers, tmp_path):
     """BFL's layout (`flux1-dev.safetensors`) with the dev folder's other components: jaxdiff's images equal those of
     diffusers' pipeline holding the file's transformer as diffusers' own converter reads it; the schnell folder,

@@ -319,6 +319,7 @@ def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
          "--eta, --class-label, --snr: options of pixel-space sampling; text-to-image (--prompt) does not take them"),
         (["--prompt", "a red square", "--trajectory", "t.png"], "--trajectory: options of pixel-space sampling"),
         (["--prompt", "a red square", "--spacing", "quadratic"], "--spacing 'quadratic': text-to-image takes only"),
+        (["--prompt", "a red square", "--dtype", "bfloat16"], "--dtype: the dtype of released weights (--pretrained)"),
     ],
 )  # fmt: skip
 def test_every_sample_flag_on_a_latent_run_is_honoured_or_refused(latent_run, tmp_path, capsys, flags, line):

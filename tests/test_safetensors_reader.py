@@ -78,6 +78,12 @@ def test_read_param_is_param_from_torch_of_read_tensor(tmp_path, path, torch_sha
     np.testing.assert_array_equal(out, expected if len(shape) not in (2, 4) or path[-1] == "embedding"
                                   else from_torch(expected, shape))  # fmt: skip
     assert out.dtype == np.float32 and out.flags.c_contiguous and out.ctypes.data % ALIGNMENT == 0
+    for dtype in (ml_dtypes.bfloat16, np.float16):  # inference: each value rounded to nearest, as torch's .to(dtype)
+        rounded = read_param(file, "t", path, shape, dtype)
+        assert rounded.dtype == dtype and rounded.flags.c_contiguous and rounded.ctypes.data % ALIGNMENT == 0
+        np.testing.assert_array_equal(rounded.view(np.uint16), out.astype(dtype).view(np.uint16))
+        direct = param_from_torch(path, values, shape, dtype)
+        np.testing.assert_array_equal(rounded.view(np.uint16), direct.view(np.uint16))
 
 
 def test_read_param_of_a_tensor_cut_short_names_it(tmp_path):

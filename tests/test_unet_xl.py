@@ -239,7 +239,7 @@ def test_original_names_read_as_the_folder(torch, diffusers, tmp_path, settings)
 
     safetensors.numpy.save_file(original, tmp_path / "model.safetensors")
     config, folder_params = read_unet_condition(tmp_path / "unet")
-    shapes = {"unet": (unet_condition_shapes(config), lambda path: (diffusers_tensor_name(path),))}
+    shapes = {"unet": (unet_condition_shapes(config), lambda path: (diffusers_tensor_name(path),), "float32")}
     params = read_original_tensors(tmp_path / "model.safetensors", shapes, {"unet": settings}, 0)["unet"]
     jax.tree.map(np.testing.assert_array_equal, params, folder_params)
 

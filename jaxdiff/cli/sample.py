@@ -22,7 +22,7 @@ from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_set
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
 TEXT_FLAGS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "init_image", "strength", "mask",
-              "height", "width", "config_folder", "lora")
+              "height", "width", "config_folder", "lora", "dtype")
 PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS, *FLOW_OPTIONS)
 # Read on the pixel-space path for an original DiT or SiT checkpoint (--pretrained X.pt) only, refused by name
 # elsewhere.
@@ -141,14 +141,16 @@ def _sample_pretrained(args, upscaler: bool = False, flow=None) -> int:
     if args.pretrained:
         if args.step is not None:
             raise UsageError(f"--step {args.step}: released weights have no checkpoint steps (it is for --workdir)")
+        dtype = args.dtype or "float32"
         with reading_weights(args.pretrained):
             if flow is not None:
-                pipe = flow.from_pretrained(args.pretrained, config_folder=args.config_folder)
+                pipe = flow.from_pretrained(args.pretrained, config_folder=args.config_folder, dtype=dtype)
             elif upscaler:
-                pipe = upscale.UpscalePipeline.from_pretrained(args.pretrained)
+                pipe = upscale.UpscalePipeline.from_pretrained(args.pretrained, dtype=dtype)
             else:
-                pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder)
+                pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder, dtype=dtype)
     else:
+        _refuse(args, ["dtype"], "the dtype of released weights (--pretrained); a workdir's run config sets its own")
         check_weights(args.workdir)
         pipe = load_pipeline(args.workdir, args.step)
         if not isinstance(pipe, LatentPipeline):

@@ -2,7 +2,8 @@
 
 A diffusers `AutoencoderKL` folder (`vae/`: config.json, diffusion_pytorch_model[.<variant>].safetensors) and
 a transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folder (`text_encoder/`: config.json,
-model[.<variant>].safetensors) are read from safetensors only; tensors become float32. Our parameter paths
+model[.<variant>].safetensors) are read from safetensors only; parameters are stored in the networks' compute
+dtype (float32, or bfloat16 for inference: no float32 copy is made). Our parameter paths
 mirror the PyTorch module names (`down_blocks_0/resnets_1/conv1/kernel` <-> `down_blocks.0.resnets.1.conv1.weight`),
 so conversion is that renaming plus layout changes: conv OIHW -> HWIO, Linear [out, in] -> [in, out],
 embeddings unchanged. The VAE attention is found under its current names (`to_q`, `to_k`, `to_v`, `to_out.0`)
@@ -98,15 +99,16 @@ def read_weights(
     names: Callable[[ParamPath], tuple[str, ...]],
     *,
     ignored: tuple[str, ...] = (),
+    dtype="float32",
 ) -> dict:
-    """Our parameter tree (float32 NumPy) from a safetensors file; one ValueError lists every missing,
+    """Our parameter tree (NumPy arrays of `dtype`) from a safetensors file; one WeightsError lists every missing,
     unexpected (other than `ignored`) and mis-shaped tensor by name."""
     wanted = {path: (names(path), torch_shape(path, shape)) for path, shape in shapes.items()}
     with safetensors.safe_open(file, framework="np") as f:
         available = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if n not in ignored}
         found = match_names(wanted, available, source=str(file))
     # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
-    flat = {path: read_param(file, name, path, shapes[path]) for path, name in found.items()}
+    flat = {path: read_param(file, name, path, shapes[path], dtype) for path, name in found.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -120,26 +122,28 @@ def read_autoencoder(
     folder: str | os.PathLike, *, variant: str | None = None, **options: Any
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a diffusers `AutoencoderKL` folder (or a pipeline folder with `vae/`); `variant` picks
-    `diffusion_pytorch_model.<variant>.safetensors`; `options` are `autoencoder_config`'s (dtype, remat)."""
+    `diffusion_pytorch_model.<variant>.safetensors`; `options` are `autoencoder_config`'s (dtype: also the
+    parameters' dtype; remat)."""
     vae_dir = component_folder(folder, "vae")
     config = read_config(vae_dir, autoencoder_config, **options)
     side = 2 ** (len(config.block_out_channels) - 1)
     image = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
     shapes = param_shapes(create_autoencoder(config), image)
-    return config, read_weights(weights_file(vae_dir, VAE_WEIGHTS_STEM, variant), shapes, vae_names)
+    return config, read_weights(weights_file(vae_dir, VAE_WEIGHTS_STEM, variant), shapes, vae_names, dtype=config.dtype)
 
 
 def read_clip_text(
     folder: str | os.PathLike, *, variant: str | None = None, **options: Any
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a transformers CLIP text encoder folder (or a pipeline folder with `text_encoder/`);
-    `variant` picks `model.<variant>.safetensors`; `options` are `clip_text_config`'s (dtype, remat)."""
+    `variant` picks `model.<variant>.safetensors`; `options` are `clip_text_config`'s (dtype: also the parameters'
+    dtype; remat)."""
     clip_dir = component_folder(folder, "text_encoder")
     config = read_config(clip_dir, clip_text_config, **options)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = param_shapes(create_clip_text(config), ids)
     file = weights_file(clip_dir, CLIP_WEIGHTS_STEM, variant)
-    return config, read_weights(file, shapes, clip_names, ignored=CLIP_BUFFERS)
+    return config, read_weights(file, shapes, clip_names, ignored=CLIP_BUFFERS, dtype=config.dtype)
 
 
 def check_index_entry(index_file: pathlib.Path, key: str, value: Any, *, components: dict, unused: tuple[str, ...],

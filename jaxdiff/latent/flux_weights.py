@@ -19,8 +19,10 @@ def read_flux_transformer(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a diffusers FluxTransformer2DModel folder (or a pipeline folder with `transformer/`);
     `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (or its index); `options` are `flux_config`'s
-    (dtype, remat, attention). Bad settings or tensors raise WeightsError naming the file."""
+    (dtype: also the parameters' dtype; remat, attention). Bad settings or tensors raise WeightsError naming the
+    file."""
     folder = component_folder(folder, "transformer")
     config = read_config(folder, flux_config, **options)
     model = create_flux(config)
-    return config, read_transformer_weights(folder, param_shapes(model, *example_inputs(model)), variant=variant)
+    return config, read_transformer_weights(folder, param_shapes(model, *example_inputs(model)), variant=variant,
+                                            dtype=config.dtype)  # fmt: skip

@@ -59,8 +59,10 @@ def read_transformer_weights(
     *,
     variant: str | None = None,
     buffers: Mapping[str, np.ndarray] | None = None,
+    dtype="float32",
 ) -> dict:
-    """Our parameter tree (float32 NumPy) from a folder's safetensors file or shards; `shapes` are our parameters'.
+    """Our parameter tree (NumPy arrays of `dtype`) from a folder's safetensors file or shards; `shapes` are our
+    parameters'.
     `buffers` (diffusers name -> expected float array) are stored tensors that are not parameters: each must be
     present and equal its expected value to `BUFFER_TOLERANCE`. One WeightsError lists every missing, unexpected
     or mis-shaped tensor (`tensor_locations` first checks the shards against their index)."""
@@ -73,7 +75,7 @@ def read_transformer_weights(
     for name, expected in buffers.items():
         check_buffer(str(folder), name, read_tensor(location[name], name), expected)
     # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
-    params = {path: read_param(location[name], name, path, shapes[path])
+    params = {path: read_param(location[name], name, path, shapes[path], dtype)
               for path, name in found.items() if path in shapes}  # fmt: skip
     return flax.traverse_util.unflatten_dict(params)
 
@@ -83,11 +85,12 @@ def read_mmdit(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a diffusers SD3Transformer2DModel folder (or a pipeline folder with `transformer/`);
     `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (or its index); `options` are `mmdit_config`'s
-    (dtype, remat, attention). Bad settings or tensors raise WeightsError naming the file."""
+    (dtype: also the parameters' dtype; remat, attention). Bad settings or tensors raise WeightsError naming the
+    file."""
     folder = component_folder(folder, "transformer")
     config = read_config(folder, mmdit_config, **options)
     model = create_mmdit(config)
     table = model.pos_table().astype(np.float32)[None]
-    params = read_transformer_weights(folder, param_shapes(model, *example_inputs(model, size=config.patch_size)),
-                                      variant=variant, buffers={POS_EMBED_BUFFER: table})  # fmt: skip
-    return config, params
+    shapes = param_shapes(model, *example_inputs(model, size=config.patch_size))
+    return config, read_transformer_weights(folder, shapes, variant=variant, buffers={POS_EMBED_BUFFER: table},
+                                            dtype=config.dtype)  # fmt: skip

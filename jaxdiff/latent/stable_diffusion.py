@@ -99,7 +99,8 @@ def read_stable_diffusion(
     folder: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32"
 ) -> LatentModels:
     """Read a diffusers Stable Diffusion folder; `variant` (e.g. "fp16") picks `<weights>.<variant>.safetensors`,
-    `dtype` is the networks' compute dtype ("float32" or "bfloat16"; parameters stay float32). Configs are
+    `dtype` is the networks' compute dtype and their parameters' ("float32", or "bfloat16" for inference: half the
+    memory; an SDXL VAE whose config says force_upcast stays float32). Configs are
     checked before any weights are read; one ValueError lists every missing, unexpected or mis-shaped tensor."""
     folder = pathlib.Path(folder)
     refuse_pickle(folder)
@@ -439,24 +440,24 @@ def check_single_file(file: str | os.PathLike) -> pathlib.Path:
 
 
 def original_shapes(unet_config, vae_config, text_configs: dict) -> dict:
-    """`read_original_tensors`' shapes: component -> (our path -> shape, our path -> candidate diffusers names) of
-    the U-Net, the autoencoder and the CLIP text encoders `text_configs` (component -> config), traced without
-    allocating."""
+    """`read_original_tensors`' shapes: component -> (our path -> shape, our path -> candidate diffusers names,
+    the parameters' dtype: the network's compute dtype) of the U-Net, the autoencoder and the CLIP text encoders
+    `text_configs` (component -> config), traced without allocating."""
     side = 2 ** (len(vae_config.block_out_channels) - 1)
     image = jax.ShapeDtypeStruct((1, side, side, vae_config.in_channels), jnp.float32)
-    shapes = {"unet": (unet_condition_shapes(unet_config), lambda p: (diffusers_tensor_name(p),)),
-              "vae": (param_shapes(create_autoencoder(vae_config), image), vae_names)}  # fmt: skip
+    shapes = {"unet": (unet_condition_shapes(unet_config), lambda p: (diffusers_tensor_name(p),), unet_config.dtype),
+              "vae": (param_shapes(create_autoencoder(vae_config), image), vae_names, vae_config.dtype)}  # fmt: skip
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     for component, config in text_configs.items():
-        shapes[component] = (param_shapes(create_clip_text(config), ids), clip_names)
+        shapes[component] = (param_shapes(create_clip_text(config), ids), clip_names, config.dtype)
     return shapes
 
 
 def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text_layers: int, *,
                           text_prefixes: dict[str, tuple[str, bool]] = SD_TEXT_PREFIXES,
                           unused: tuple[str, ...] = UNUSED_ORIGINAL) -> dict:  # fmt: skip
-    """Each component's parameter tree (float32 NumPy, our layouts) from an original-format single file;
-    `shapes` maps component -> (our path -> shape, our path -> candidate diffusers names); `text_prefixes` and
+    """Each component's parameter tree (NumPy, our layouts) from an original-format single file; `shapes` maps
+    component -> (our path -> shape, our path -> candidate diffusers names, dtype); `text_prefixes` and
     `unused` as `single_file_sources`'."""
 
     with open_safetensors(file) as f:
@@ -464,7 +465,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
         sources, leftover = single_file_sources(names, settings, text_layers, text_prefixes=text_prefixes,
                                                 unused=unused)  # fmt: skip
         found, problems = {}, []
-        for component, (component_shapes, candidates) in shapes.items():
+        for component, (component_shapes, candidates, _) in shapes.items():
             wanted = {p: (candidates(p), torch_shape(p, s)) for p, s in component_shapes.items()}
             available = {name: shape for name, (_, shape) in sources[component].items()}
             try:
@@ -487,8 +488,8 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
                     array = array.reshape(array.shape[:2])
                 if source.transpose:
                     array = array.T
-                shape = shapes[component][0][path]
-                flat[path] = param_from_torch(path, array, shape)
+                component_shapes, _, dtype = shapes[component]
+                flat[path] = param_from_torch(path, array, component_shapes[path], dtype)
             params[component] = flax.traverse_util.unflatten_dict(flat)
     return params
 
@@ -553,11 +554,12 @@ def read_pretrained(
         return read_stable_diffusion(path, variant=variant, dtype=dtype)
     if config_folder is None:
         raise UsageError(f"{path}: a single-file checkpoint needs config_folder (a diffusers SD folder's configs)")
+    if variant is not None:
+        raise UsageError(f"variant={variant!r}: {path} is a single file, which has no variants (a variant picks a "
+                         "folder's weight files)")  # fmt: skip
     if sdxl_refiner(config_folder) is not None:
-        for name, value, default in (("scheduler", scheduler, "sd1"), ("variant", variant, None)):
-            if value != default:
-                raise UsageError(f"{name}={value!r}: an SDXL single file takes its config_folder's scheduler and has "
-                                 "no variants")  # fmt: skip
+        if scheduler != "sd1":
+            raise UsageError(f"scheduler={scheduler!r}: an SDXL single file takes its config_folder's scheduler")
         return read_sdxl_single_file(path, config_folder=config_folder, dtype=dtype)
     return read_single_file(path, config_folder=config_folder, scheduler=scheduler, dtype=dtype)
 

@@ -42,10 +42,11 @@ def t5_names(path: ParamPath) -> tuple[str, ...]:
 
 
 def read_sharded_weights(
-    files: list[pathlib.Path], weight_map: dict[str, str], source: pathlib.Path, shapes: dict[ParamPath, Shape]
+    files: list[pathlib.Path], weight_map: dict[str, str], source: pathlib.Path, shapes: dict[ParamPath, Shape],
+    dtype="float32",
 ) -> dict:
-    """The T5 encoder's parameter tree (float32 NumPy) from its safetensors files (`weight_shards`' result: one
-    file, or the shards of an index with its tensor -> file map, and the file errors name); one WeightsError
+    """The T5 encoder's parameter tree (NumPy arrays of `dtype`) from its safetensors files (`weight_shards`' result:
+    one file, or the shards of an index with its tensor -> file map, and the file errors name); one WeightsError
     listing every missing, unexpected and mis-shaped tensor (`tensor_locations` checks the shards first)."""
     wanted = {path: (t5_names(path), torch_shape(path, shape)) for path, shape in shapes.items()}
     location, available = tensor_locations(files, weight_map, source)
@@ -61,7 +62,7 @@ def read_sharded_weights(
         del available[TIED_EMBEDDING]
     found = match_names(wanted, available, source=str(source))
     # Each tensor read in blocks of rows straight into its parameter: the peak is the tree and one small buffer.
-    flat = {path: read_param(location[name], name, path, shapes[path]) for path, name in found.items()}
+    flat = {path: read_param(location[name], name, path, shapes[path], dtype) for path, name in found.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -70,8 +71,9 @@ def read_t5_encoder(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params) of a transformers T5EncoderModel folder, or of a pipeline folder with it in `subfolder`
     (SD3: "text_encoder_3", Flux: "text_encoder_2"); `variant` picks `model.<variant>.safetensors` or its shard
-    index; `options` are `t5_encoder_config`'s (dtype, remat). The config is checked before any weights are read."""
+    index; `options` are `t5_encoder_config`'s (dtype: also the parameters' dtype; remat). The config is checked
+    before any weights are read."""
     t5_dir = component_folder(folder, subfolder)
     config = read_config(t5_dir, t5_encoder_config, **options)
     shapes = param_shapes(create_t5_encoder(config), jax.ShapeDtypeStruct((1, 1), jnp.int32))
-    return config, read_sharded_weights(*weight_shards(t5_dir, T5_WEIGHTS_STEM, variant), shapes)
+    return config, read_sharded_weights(*weight_shards(t5_dir, T5_WEIGHTS_STEM, variant), shapes, config.dtype)

@@ -49,10 +49,11 @@ def unet_condition_shapes(model_config: ml_collections.ConfigDict) -> dict[Param
 
 
 def read_unet_condition_weights(model_config: ml_collections.ConfigDict, file: str | os.PathLike) -> dict:
-    """Our parameter tree (float32 NumPy) from a diffusers `UNet2DConditionModel` safetensors file; one ValueError
-    lists every missing, unexpected and mis-shaped tensor by name before any tensor is read."""
+    """Our parameter tree (NumPy, in the config's compute dtype) from a diffusers `UNet2DConditionModel` safetensors
+    file; one WeightsError lists every missing, unexpected and mis-shaped tensor by name before any tensor is read."""
     shapes = unet_condition_shapes(model_config)
-    return read_weights(pathlib.Path(file), shapes, lambda path: (diffusers_tensor_name(path),))
+    return read_weights(pathlib.Path(file), shapes, lambda path: (diffusers_tensor_name(path),),
+                        dtype=model_config.dtype)  # fmt: skip
 
 
 def read_unet_condition(
@@ -60,7 +61,8 @@ def read_unet_condition(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(model config, params) of a diffusers `UNet2DConditionModel` folder, or of a pipeline folder with `unet/`.
 
-    `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (e.g. "fp16"); tensors become float32.
+    `variant` picks `diffusion_pytorch_model.<variant>.safetensors` (e.g. "fp16"); `dtype` is the compute dtype and
+    the parameters' ("float32", or "bfloat16" for inference).
     Unsupported config settings raise ValueError before the weights are opened.
     """
     unet_dir = component_folder(folder, "unet")

@@ -143,7 +143,8 @@ class Pipeline(PipelineBase):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, step: int | None = None, config: str | None = None,
-                        vae: str | os.PathLike | None = None, variant: str | None = None) -> "Pipeline":  # fmt: skip
+                        vae: str | os.PathLike | None = None, variant: str | None = None,
+                        dtype: str = "float32") -> "Pipeline":  # fmt: skip
         """Weights in any supported format (`jaxdiff.readers`): a jaxdiff workdir, a diffusers UNet2DModel or
         ScoreSdeVePipeline folder, an official TF checkpoint, a score_sde `checkpoint_N`, an EDM
         `network-snapshot-*.pkl`, an original DiT or SiT `.pt` with `vae` (a diffusers AutoencoderKL folder, e.g.
@@ -155,8 +156,10 @@ class Pipeline(PipelineBase):
         variant, fp16 or bf16). `config`
         names the recipe of weights in other formats (`load_weights`' `dataset`): required for score_sde
         checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
-        its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's); for an SD3 or Flux
-        folder, the weight files' variant."""
+        its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's); for a Stable
+        Diffusion, SD3 or Flux folder, the weight files' variant. `dtype` ("float32" | "bfloat16"), for Stable
+        Diffusion, SD3 and Flux weights only: the networks' compute dtype and the dtype their parameters are held in
+        (bfloat16: half the memory; a VAE whose config says force_upcast stays float32 where diffusers upcasts it)."""
         from jaxdiff.latent.flow_pipeline import folder_pipeline_class
         from jaxdiff.latent.flux_pipeline import FluxPipeline
         from jaxdiff.latent.sd3 import SD3Pipeline
@@ -169,16 +172,19 @@ class Pipeline(PipelineBase):
                 if value is not None:
                     raise UsageError(f"{name}={value!r}: an SD3 / Flux folder carries its own configs and "
                                      "autoencoder and has no checkpoint steps")  # fmt: skip
-            return flow[0].from_pretrained(path, variant=variant)
+            return flow[0].from_pretrained(path, variant=variant, dtype=dtype)
         if is_stable_diffusion(path):  # a LatentPipeline (text_to_image, image_to_image, inpaint) or UpscalePipeline
             from jaxdiff.latent.pipeline import LatentPipeline
             from jaxdiff.latent.upscale import UpscalePipeline
 
-            if config is not None or variant is not None:
-                name, value = ("config", config) if config is not None else ("variant", variant)
-                raise UsageError(f"{name}={value!r}: Stable Diffusion weights carry their own configs")
-            return (UpscalePipeline if is_upscaler(path) else LatentPipeline).from_pretrained(path)
+            if config is not None:
+                raise UsageError(f"config={config!r}: Stable Diffusion weights carry their own configs")
+            pipeline_class = UpscalePipeline if is_upscaler(path) else LatentPipeline
+            return pipeline_class.from_pretrained(path, variant=variant, dtype=dtype)
         fmt = detect_format(path)
+        if dtype != "float32":
+            raise UsageError(f"dtype={dtype!r}: {path} is {fmt!r} weights, which run in their config's dtype (dtype "
+                             "is for Stable Diffusion, SD3 and Flux weights)")  # fmt: skip
         if variant is not None and fmt != "dit":
             raise UsageError(f"variant={variant!r} tells a DiT from a SiT checkpoint (.pt); {path} is {fmt!r} "
                              "weights")  # fmt: skip

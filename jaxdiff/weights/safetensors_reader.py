@@ -1,6 +1,6 @@
 """Opening safetensors files with their damage answered as a `WeightsError` naming the file (`open_safetensors`,
-`load_safetensors`), and one tensor as float32 NumPy (`read_tensor`; `read_param` in our parameter layout), bfloat16
-included (which safetensors' NumPy reader lacks).
+`load_safetensors`), and one tensor as float32 NumPy (`read_tensor`; `read_param` in our parameter layout and a
+chosen dtype), bfloat16 included (which safetensors' NumPy reader lacks).
 
 The format: an 8-byte little-endian header length, a JSON header giving each tensor's dtype, shape and byte
 range (`data_offsets`, relative to the end of the header), then the raw little-endian bytes.
@@ -102,16 +102,19 @@ def read_tensor(file: str | os.PathLike, name: str) -> np.ndarray:
     return out
 
 
-def read_param(file: str | os.PathLike, name: str, path: ParamPath, shape: tuple[int, ...]) -> np.ndarray:
-    """`param_from_torch(path, read_tensor(file, name), shape)` without a whole-tensor buffer: the stored rows are
-    read TRANSPOSE_ROWS at a time into one small buffer and written into the parameter's layout, so the only fresh
-    memory is the parameter itself (first writes to fresh memory were most of a load's time on a virtual machine)."""
+def read_param(
+    file: str | os.PathLike, name: str, path: ParamPath, shape: tuple[int, ...], dtype=np.float32
+) -> np.ndarray:
+    """`param_from_torch(path, read_tensor(file, name), shape, dtype)` without a whole-tensor buffer: the stored
+    rows are read TRANSPOSE_ROWS at a time into one small buffer and written into the parameter's layout in `dtype`,
+    so the only fresh memory is the parameter itself (first writes to fresh memory were most of a load's time on a
+    virtual machine) and a bfloat16 parameter never has a float32 copy."""
     file = pathlib.Path(file)
-    offset, stored_shape, dtype = _stored(file, name)
+    offset, stored_shape, stored_dtype = _stored(file, name)
     if not stored_shape:
-        return param_from_torch(path, read_tensor(file, name), shape)
-    out = aligned_empty(shape, np.float32)
-    buffer = np.empty((min(TRANSPOSE_ROWS, stored_shape[0]), *stored_shape[1:]), dtype)
+        return param_from_torch(path, read_tensor(file, name), shape, dtype)
+    out = aligned_empty(shape, dtype)
+    buffer = np.empty((min(TRANSPOSE_ROWS, stored_shape[0]), *stored_shape[1:]), stored_dtype)
     with open(file, "rb") as f:
         f.seek(offset)
         for start in range(0, stored_shape[0], TRANSPOSE_ROWS):

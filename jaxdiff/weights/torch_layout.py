@@ -54,10 +54,11 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return raw[offset : offset + size].view(dtype).reshape(shape)
 
 
-def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def param_from_torch(path: ParamPath, array: np.ndarray, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """A PyTorch tensor as our parameter at `path` of shape `shape` (`from_torch`; embedding tables as they are),
-    written as float32 into a new `aligned_empty` array, so that a CPU device takes it without a second copy."""
-    out = aligned_empty(shape, np.float32)
+    written in `dtype` (float32, or bfloat16 / float16 for inference) into a new `aligned_empty` array, so that a
+    CPU device takes it without a second copy; each block is rounded to `dtype` as it is written."""
+    out = aligned_empty(shape, dtype)
     if array.ndim == 0:
         np.copyto(out, array)
         return out
