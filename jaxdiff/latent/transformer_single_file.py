@@ -282,9 +282,9 @@ def read_transformer_single_file(
 ) -> tuple[str, ml_collections.ConfigDict, dict]:
     """(family "flux" | "sd3", config, params) of an original-format Flux.1 or SD3 / SD3.5 `.safetensors` file (see
     the module docstring): the config as `flux.flux_config` / `mmdit.mmdit_config` build it from the settings the
-    tensors give, with `options` (dtype, remat, attention); params NumPy in our layouts, in the compute dtype. `transformer_only`
-    skips the tensors of an all-in-one file's autoencoder and text encoders; `axes_dims_rope` sets Flux's rotary
-    axes (default Flux.1's). Every problem with the tensors is one WeightsError naming the file."""
+    tensors give, with `options` (dtype, remat, attention); params NumPy in our layouts, in the compute dtype.
+    `transformer_only` skips the tensors of an all-in-one file's autoencoder and text encoders; `axes_dims_rope` sets
+    Flux's rotary axes (default Flux.1's). Every problem with the tensors is one WeightsError naming the file."""
     file = check_single_file(file)
     with open_safetensors(file) as handle:
         stored = _file_names(file, handle, transformer_only)
