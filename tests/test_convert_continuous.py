@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import Pipeline, cli
+from jaxdiff.errors import UsageError
 from jaxdiff.diffusion.continuous import model_denoiser, process_from_config
 from jaxdiff.readers import continuous_configs, edm_pickle, score_sde_checkpoint
 from jaxdiff.convert.formats import convert
@@ -241,6 +242,8 @@ def test_pipeline_from_pretrained_checks_an_edm_recipe_name(tmp_path, edm_module
         Pipeline.from_pretrained(src, config="edm_cifar10_uncond_vp")
     with pytest.raises(ValueError, match=r"dataset='edm_cifar' is not a jaxdiff recipe"):
         Pipeline.from_pretrained(src, config="edm_cifar")
+    with pytest.raises(UsageError, match=r"^dtype='bfloat16': .* is 'edm' weights, which run in their config's dtype"):
+        Pipeline.from_pretrained(src, dtype="bfloat16")
 
 
 def test_cli_sample_pretrained_score_sde(tmp_path, capsys, score_sde_checkpoint_dir):
@@ -253,10 +256,12 @@ def test_cli_sample_pretrained_score_sde(tmp_path, capsys, score_sde_checkpoint_
     assert out.is_file() and capsys.readouterr().out.startswith("2 images -> ")
     assert "needs the config it was trained with" in cli_error(capsys, [*argv, str(tmp_path / "b.png")])
     assert "'vp/ddpmpp_continuous'" in cli_error(capsys, [*argv, str(tmp_path / "c.png"), "--config", "vp/ddpmp"])
+    assert "--dtype: the dtype of Stable Diffusion, SD3, Flux and DiT / SiT weights; 'score_sde' weights run" in \
+        cli_error(capsys, [*argv, str(tmp_path / "e.png"), "--config", "ve/ncsnpp_continuous", "--dtype", "bfloat16"])
     assert "--config names the recipe of --pretrained weights" in cli_error(
         capsys, ["sample", "--workdir", str(src), "--out", str(tmp_path / "d.png"), "--config", "x"]
     )  # fmt: skip
-    assert not any((tmp_path / name).exists() for name in ("b.png", "c.png", "d.png"))
+    assert not any((tmp_path / name).exists() for name in ("b.png", "c.png", "d.png", "e.png"))
 
 
 # --------------------------------------------------------------------------- jaxdiff convert

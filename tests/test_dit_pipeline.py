@@ -179,6 +179,27 @@ def test_original_checkpoint_samples_as_dit_sample_py(torch, tiny_size, dit_file
                   .astype(float) - expected).max() > 5  # fmt: skip
 
 
+def test_bfloat16_holds_bfloat16_weights_and_samples_near_float32(tiny_size, dit_file, vae_folder, pipeline_folder):
+    """`dtype="bfloat16"`: the transformer's weights rounded to bfloat16 as they are read (a `.pt` and a DiTPipeline
+    folder), the VAE float32; the images stay near the float32 pipeline's."""
+    import jax
+    import ml_dtypes
+
+    for path, options in ((dit_file[0], dict(vae=vae_folder[0])), (pipeline_folder, {})):
+        exact, half = (Pipeline.from_pretrained(path, dtype=dtype, **options) for dtype in ("float32", "bfloat16"))
+        assert half.config.model.dit.dtype == "bfloat16"
+        rounded = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), exact.params)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16)),
+                     half.params, rounded)  # fmt: skip
+        assert {np.dtype(a.dtype) for a in jax.tree.leaves(half.autoencoder.params)} == {np.dtype(np.float32)}
+    latents = np.random.default_rng(1).standard_normal((3, *LATENT)).astype(np.float32)
+    draw = dict(class_label=[1, 4, 2], guidance=2.0, latents=latents, steps=5, seed=5)
+    ours, reference = (Pipeline.from_pretrained(dit_file[0], vae=vae_folder[0], dtype=dtype).sample(3, **draw)
+                       for dtype in ("bfloat16", "float32"))  # fmt: skip
+    error = np.abs(ours.astype(float) - reference).mean()
+    assert 0 < error < 3.0, error  # mean over uint8 levels
+
+
 @pytest.mark.parametrize(("sampler", "guidance", "steps"), [("ddim", 1.5, 5), ("dpm_solver++", 0.0, 4)])
 def test_pipeline_folder_matches_diffusers(torch, diffusers, pipeline_folder, sampler, guidance, steps):
     pipe = Pipeline.from_pretrained(pipeline_folder)
@@ -244,8 +265,8 @@ def test_loading_refusals(dit_file, vae_folder, pipeline_folder, tiny_size, torc
     ]
     cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, variant="sit"), UsageError,
                   "variant='sit' tells a DiT from a SiT checkpoint (.pt)"))  # fmt: skip
-    cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, dtype="bfloat16"), UsageError,
-                  "dtype='bfloat16': " + f"{pipeline_folder} is 'dit_pipeline' weights, which run in their config's"))
+    cases.append((lambda: Pipeline.from_pretrained(pipeline_folder, dtype="float16"), UsageError,
+                  "dtype='float16' is not one of ('float32', 'bfloat16')"))
     settings = json.loads((pipeline_folder / "scheduler" / "scheduler_config.json").read_text())
     for change, message in [({"use_beta_sigmas": True}, "use_beta_sigmas=True"), ({"shift": 3.0}, "shift=3.0"),
                             ({"_class_name": "KDPM2DiscreteScheduler"}, "unsupported scheduler _class_name='KDPM2DiscreteScheduler'")]:
@@ -282,7 +303,7 @@ def test_sample_verb_on_the_tiny_files(capsys, tmp_path, dit_file, vae_folder, p
     assert np.asarray(Image.open(out)).shape[-1] == 3 and out.stat().st_size > 0
     out_folder = tmp_path / "g.png"
     assert main(["sample", "--pretrained", str(pipeline_folder), "--class-label", "207", "--steps", "2", "--num", "2",
-                 "--out", str(out_folder)]) == 0, capsys.readouterr().err  # fmt: skip
+                 "--dtype", "bfloat16", "--out", str(out_folder)]) == 0, capsys.readouterr().err  # fmt: skip
     assert out_folder.is_file()
     capsys.readouterr()
     refused = [
@@ -290,6 +311,7 @@ def test_sample_verb_on_the_tiny_files(capsys, tmp_path, dit_file, vae_folder, p
         (["--pretrained", str(pipeline_folder), "--vae", str(vae_folder[0])], "--vae: the autoencoder and variant "
          "of a DiT/SiT checkpoint (.pt); a DiTPipeline folder has its own vae/"),
         (["--workdir", str(tmp_path), "--vae", str(vae_folder[0])], "--vae: the autoencoder and variant of a DiT"),
+        (["--workdir", str(tmp_path), "--dtype", "bfloat16"], "--dtype: the dtype of released weights (--pretrained)"),
         (["--pretrained", dit_file[0], "--vae", str(vae_folder[0]), "--prompt", "a cat"], "--vae: the autoencoder"),
         (["--pretrained", dit_file[0], "--vae", str(tmp_path / "none")], "--vae"),
         (["--pretrained", dit_file[0], "--vae", str(vae_folder[0]), "--config", "cifar10"], "--config 'cifar10'"),

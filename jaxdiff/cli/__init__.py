@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
     sample.add_argument("--variant", choices=("dit", "sit"), help="--pretrained .pt: DiT's diffusion or SiT's flow "
                         "matching (default: train.py's args.model, else SiT for a file named SiT-*, else DiT)")
-    sample.add_argument("--dtype", choices=("float32", "bfloat16"), help="--pretrained text-to-image weights (SD, "
-                        "SDXL, x4 upscaler, SD3, Flux): the networks' compute dtype and the one their weights are "
-                        "held in (default float32; bfloat16 halves the weights' memory)")  # fmt: skip
+    sample.add_argument("--dtype", choices=("float32", "bfloat16"), help="--pretrained SD, SDXL, x4 upscaler, SD3, "
+                        "Flux or DiT / SiT weights: the networks' compute dtype and the one their weights are held in "
+                        "(default float32; bfloat16 halves the weights' memory on GPU / TPU)")  # fmt: skip
     sample.add_argument("--prompt", help="--pretrained: the text prompt")
     sample.add_argument("--negative-prompt", help="--pretrained: the negative prompt")
     sample.add_argument("--prompt-2", help="--pretrained SDXL: the prompt of the second text encoder (default --prompt)")

@@ -22,7 +22,7 @@ from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_set
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
 TEXT_FLAGS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2", "init_image", "strength", "mask",
-              "height", "width", "config_folder", "lora", "dtype")
+              "height", "width", "config_folder", "lora")
 PIXEL_FLAGS = ("eta", "trajectory", "class_label", "batch_size", "shard_size", *SAMPLER_OPTIONS, *FLOW_OPTIONS)
 # Read on the pixel-space path for an original DiT or SiT checkpoint (--pretrained X.pt) only, refused by name
 # elsewhere.
@@ -31,6 +31,8 @@ DIT_CHECKPOINT_WHAT = "the autoencoder and variant of a DiT/SiT checkpoint (.pt)
 # Read by the x4 upscaler only (refused by name elsewhere), and the text-to-image flags the upscaler refuses.
 UPSCALE_FLAGS = ("noise_level",)
 NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora", "prompt_2", "negative_prompt_2")
+# Why --dtype is refused where it does not apply: released weights other than these run in their config's dtype.
+DTYPE_WORKDIR = "the dtype of released weights (--pretrained); a workdir's run config sets its own"
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)
 
@@ -150,7 +152,7 @@ def _sample_pretrained(args, upscaler: bool = False, flow=None) -> int:
             else:
                 pipe = LatentPipeline.from_pretrained(args.pretrained, config_folder=args.config_folder, dtype=dtype)
     else:
-        _refuse(args, ["dtype"], "the dtype of released weights (--pretrained); a workdir's run config sets its own")
+        _refuse(args, ["dtype"], DTYPE_WORKDIR)
         check_weights(args.workdir)
         pipe = load_pipeline(args.workdir, args.step)
         if not isinstance(pipe, LatentPipeline):
@@ -206,6 +208,8 @@ def _dit_pipeline(args):
         raise UsageError(f"--pretrained {args.pretrained!r} is a DiT checkpoint, which holds only the network: give "
                          "--vae FOLDER (a diffusers AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
     if fmt not in DIT_FORMATS:
+        _refuse(args, ["dtype"], f"the dtype of Stable Diffusion, SD3, Flux and DiT / SiT weights; {fmt!r} weights "
+                                 "run in their config's dtype")  # fmt: skip
         return None
     if args.config:
         raise UsageError(f"--config {args.config!r}: DiT weights carry their own config")
@@ -217,7 +221,8 @@ def _dit_pipeline(args):
     from jaxdiff.sampling.pipeline import Pipeline
 
     with reading_weights(args.pretrained):
-        return Pipeline.from_pretrained(args.pretrained, vae=args.vae, variant=args.variant)
+        return Pipeline.from_pretrained(args.pretrained, vae=args.vae, variant=args.variant,
+                                        dtype=args.dtype or "float32")  # fmt: skip
 
 
 def run_sample(args, extra) -> int:
@@ -266,6 +271,7 @@ def run_sample(args, extra) -> int:
     if args.workdir:
         check_weights(args.workdir)
         _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; a workdir has its own config")
+        _refuse(args, ["dtype"], DTYPE_WORKDIR)
 
     import jax
 

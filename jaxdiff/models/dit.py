@@ -25,8 +25,9 @@ Parameter tree (DiT's state-dict names, `blocks.3.adaLN_modulation.1` as `blocks
 
 With per_block_embedders (diffusers' `DiTTransformer2DModel`) there is no top-level t_embedder / y_embedder:
 each block holds its own (`blocks_{i}/t_embedder`, `blocks_{i}/y_embedder`) and the final layer is conditioned
-by block 0's. Dense kernels are [in, out]. Parameters are float32; `dtype` is the compute dtype of the matmuls
-and convolution, while layer norms, modulation, the residual stream and the attention softmax stay float32.
+by block 0's. Dense kernels are [in, out]. Initialised parameters are float32 (the readers hold read ones in
+`dtype`); `dtype` is the compute dtype of the matmuls and convolution, while layer norms, modulation, the residual
+stream and the attention softmax stay float32.
 """
 
 from __future__ import annotations

@@ -253,7 +253,8 @@ def dit_model_config(section: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def _params(section: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], name_of: Callable[[ParamPath], str],
             source: str) -> dict:  # fmt: skip
-    """Our params (float32 NumPy, nested) of the network of `section` from PyTorch-layout tensors by name."""
+    """Our params (NumPy, nested, in the section's compute dtype) of the network of `section` from PyTorch-layout
+    tensors by name."""
     model = dit.create_dit(section)
     size, channels = section.input_size, section.in_channels
     abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, channels)), jnp.ones((1,)),
@@ -262,7 +263,7 @@ def _params(section: ml_collections.ConfigDict, tensors: dict[str, np.ndarray], 
     wanted = {p: ((name_of(p),), torch_shape(p, s)) for p, s in shapes.items()}
     found = match_names(wanted, {n: t.shape for n, t in tensors.items()}, source=source)
     flat = {p: np.asarray(tensors[n], np.float32) for p, n in found.items()}
-    flat = {p: param_from_torch(p, a, shapes[p]) for p, a in flat.items()}
+    flat = {p: param_from_torch(p, a, shapes[p], section.dtype) for p, a in flat.items()}
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -287,8 +288,16 @@ def _check_pos_embed(tensors: dict[str, np.ndarray], section: ml_collections.Con
                            f"up to {error:.3g}; only DiT's fixed embedding is supported")  # fmt: skip
 
 
+def _with_dtype(section: ml_collections.ConfigDict, dtype: str, source: str) -> ml_collections.ConfigDict:
+    """`section` computing in `dtype`, the dtype its parameters are read in too (UsageError for another dtype)."""
+    if dtype not in dit.COMPUTE_DTYPES:
+        raise UsageError(f"dtype={dtype!r} is not one of {dit.COMPUTE_DTYPES}")
+    section.dtype = dtype
+    return section
+
+
 def _read_checkpoint(
-    path: str | os.PathLike, variant: str | None, num_heads: int | None
+    path: str | os.PathLike, variant: str | None, num_heads: int | None, dtype: str
 ) -> tuple[str, ml_collections.ConfigDict, dict]:
     """(the variant, `config.model`, params) of `read_dit_checkpoint`."""
     if variant is not None and variant not in VARIANTS:
@@ -302,21 +311,22 @@ def _read_checkpoint(
         name = str(args.get("model", path.name))
         variant = "sit" if name.lower().startswith(SIT_FILE_PREFIX) else "dit"
     section = _section_from_state_dict(tensors, source, variant=variant, num_heads=num_heads, args=args)
+    section = _with_dtype(section, dtype, source)
     _check_pos_embed(tensors, section, source)
     tensors = {n: t for n, t in tensors.items() if n != "pos_embed"}
     return variant, dit_model_config(section), _params(section, tensors, state_dict_name, source)
 
 
 def read_dit_checkpoint(
-    path: str | os.PathLike, *, variant: str | None = None, num_heads: int | None = None
+    path: str | os.PathLike, *, variant: str | None = None, num_heads: int | None = None, dtype: str = "float32"
 ) -> tuple[ml_collections.ConfigDict, dict]:
-    """(`config.model`, params as float32 NumPy) of a DiT or SiT `.pt` (see the module docstring).
+    """(`config.model`, params as NumPy) of a DiT or SiT `.pt` (see the module docstring).
 
     variant "sit" drops the σ channels of learned-σ weights from the output (SiT's forward); None takes it from
     train.py's `args.model`, else from the file name (module docstring). num_heads: for sizes other than the
-    presets.
+    presets. dtype ("float32" | "bfloat16"): the network's compute dtype and its parameters'.
     """
-    _, model_config, params = _read_checkpoint(path, variant, num_heads)
+    _, model_config, params = _read_checkpoint(path, variant, num_heads, dtype)
     return model_config, params
 
 
@@ -363,13 +373,13 @@ def sit_run_config(model_config: ml_collections.ConfigDict) -> ml_collections.Co
     return config
 
 
-def read_dit_run(path: str | os.PathLike, *, variant: str | None = None,
-                 num_heads: int | None = None) -> tuple[ml_collections.ConfigDict, dict]:  # fmt: skip
-    """(run config, params as float32 NumPy) of an original DiT or SiT `.pt` (`read_dit_checkpoint`, `variant`
-    and `num_heads` as there) as its sample.py samples it. DiT: `dit_run_config` with guidance on the first 3
+def read_dit_run(path: str | os.PathLike, *, variant: str | None = None, num_heads: int | None = None,
+                 dtype: str = "float32") -> tuple[ml_collections.ConfigDict, dict]:  # fmt: skip
+    """(run config, params as NumPy) of an original DiT or SiT `.pt` (`read_dit_checkpoint`, `variant`,
+    `num_heads` and `dtype` as there) as its sample.py samples it. DiT: `dit_run_config` with guidance on the first 3
     channels, improved DDPM's respacing (ADM_SPACING), its 250 steps (config.sampling.steps) and, class-conditional,
     its cfg scale 4 (w = 3, config.sampling.guidance): the defaults of `Pipeline.sample`. SiT: `sit_run_config`."""
-    variant, model_config, params = _read_checkpoint(path, variant, num_heads)
+    variant, model_config, params = _read_checkpoint(path, variant, num_heads, dtype)
     if variant == "sit":
         return sit_run_config(model_config), params
     config = dit_run_config(model_config, guidance_channels=DIT_GUIDANCE_CHANNELS)
@@ -503,14 +513,15 @@ def _diffusers_tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     raise MissingWeightsError(f"{folder}: no {file.name} or {bin_file.name}; the folder holds {present}")
 
 
-def read_diffusers_dit(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict]:
-    """(`config.model`, params as float32 NumPy) of a diffusers DiTTransformer2DModel folder (see the module
-    docstring); shared embedders when every block's equal block 0's, per-block ones otherwise."""
+def read_diffusers_dit(folder: str | os.PathLike, *, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, dict]:
+    """(`config.model`, params as NumPy) of a diffusers DiTTransformer2DModel folder (see the module docstring);
+    shared embedders when every block's equal block 0's, per-block ones otherwise; `dtype` as
+    `read_dit_checkpoint`'s."""
     folder = pathlib.Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise MissingWeightsError(f"{folder}: no {CONFIG_FILE} (expected a diffusers DiTTransformer2DModel folder)")
     source = f"diffusers folder {folder}"
-    section = dit_section_from_diffusers_config(load_json(folder / CONFIG_FILE), source)
+    section = _with_dtype(dit_section_from_diffusers_config(load_json(folder / CONFIG_FILE), source), dtype, source)
     tensors = _fuse_qkv(_diffusers_tensors(folder))
     if _shared_embedders(tensors, section.depth):
         section.per_block_embedders = False

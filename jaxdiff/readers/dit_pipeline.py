@@ -94,8 +94,9 @@ def _index(folder: pathlib.Path, scheduler_class: str | None) -> dict:
     return index
 
 
-def read_dit_pipeline(folder: str | os.PathLike) -> DiTPipelineFolder:
-    """A diffusers DiTPipeline folder (module docstring); bad or missing files raise WeightsError naming them."""
+def read_dit_pipeline(folder: str | os.PathLike, *, dtype: str = "float32") -> DiTPipelineFolder:
+    """A diffusers DiTPipeline folder (module docstring), its transformer computing in `dtype` and held in it (the
+    VAE in float32); bad or missing files raise WeightsError naming them."""
     folder = pathlib.Path(folder)
     scheduler_file = folder / "scheduler" / SCHEDULER_FILE
     if not scheduler_file.is_file():
@@ -104,7 +105,7 @@ def read_dit_pipeline(folder: str | os.PathLike) -> DiTPipelineFolder:
     scheduler = scheduler_settings(settings, str(scheduler_file))
     folder_sampler(scheduler, str(scheduler_file))  # a class jaxdiff steps as
     index = _index(folder, settings.get("_class_name"))
-    model_config, params = read_diffusers_dit(folder / "transformer")
+    model_config, params = read_diffusers_dit(folder / "transformer", dtype=dtype)
     config = dit_run_config(model_config, guidance_channels=0)
     var_type = config.diffusion.var_type  # what the network's σ channels are, whatever the scheduler reads
     apply_scheduler_config(config, {key: settings[key] for key in SCHEDULE_KEYS if key in settings},

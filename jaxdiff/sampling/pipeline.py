@@ -158,8 +158,9 @@ class Pipeline(PipelineBase):
         checkpoints, whose architecture it gives. `variant` ("dit" | "sit"), for a `.pt` only: which of the two
         its state dict is (None: from train.py's args, else the file name, "SiT-..." being SiT's); for a Stable
         Diffusion, SD3 or Flux folder, the weight files' variant. `dtype` ("float32" | "bfloat16"), for Stable
-        Diffusion, SD3 and Flux weights only: the networks' compute dtype and the dtype their parameters are held in
-        (bfloat16: half the memory; a VAE whose config says force_upcast stays float32 where diffusers upcasts it)."""
+        Diffusion, SD3, Flux and DiT / SiT weights only: the networks' compute dtype and the dtype their parameters
+        are held in (bfloat16: half the memory; a VAE whose config says force_upcast stays float32 where diffusers
+        upcasts it, and a DiT's VAE runs in float32)."""
         from jaxdiff.latent.flow_pipeline import folder_pipeline_class
         from jaxdiff.latent.flux_pipeline import FluxPipeline
         from jaxdiff.latent.sd3 import SD3Pipeline
@@ -182,9 +183,9 @@ class Pipeline(PipelineBase):
             pipeline_class = UpscalePipeline if is_upscaler(path) else LatentPipeline
             return pipeline_class.from_pretrained(path, variant=variant, dtype=dtype)
         fmt = detect_format(path)
-        if dtype != "float32":
+        if dtype != "float32" and fmt not in DIT_FORMATS:
             raise UsageError(f"dtype={dtype!r}: {path} is {fmt!r} weights, which run in their config's dtype (dtype "
-                             "is for Stable Diffusion, SD3 and Flux weights)")  # fmt: skip
+                             "is for Stable Diffusion, SD3, Flux and DiT / SiT weights)")  # fmt: skip
         if variant is not None and fmt != "dit":
             raise UsageError(f"variant={variant!r} tells a DiT from a SiT checkpoint (.pt); {path} is {fmt!r} "
                              "weights")  # fmt: skip
@@ -200,26 +201,26 @@ class Pipeline(PipelineBase):
             given = "config" if config is not None else "step"
             raise UsageError(f"{given}={config if config is not None else step!r}: DiT weights carry their own "
                              "config and have no checkpoint steps")  # fmt: skip
-        return cls._from_dit(path, fmt, vae, variant)
+        return cls._from_dit(path, fmt, vae, variant, dtype)
 
     @classmethod
-    def _from_dit(cls, path: str | os.PathLike, fmt: str, vae: str | os.PathLike | None,
-                  variant: str | None) -> "Pipeline":  # fmt: skip
+    def _from_dit(cls, path: str | os.PathLike, fmt: str, vae: str | os.PathLike | None, variant: str | None,
+                  dtype: str) -> "Pipeline":  # fmt: skip
         """A DiT or SiT `.pt` with its `vae` folder, or a diffusers DiTPipeline folder (`fmt` "dit_pipeline", no
-        `vae`)."""
+        `vae`); the transformer in `dtype`."""
         from jaxdiff.readers.dit_checkpoint import read_dit_autoencoder, read_dit_run
         from jaxdiff.readers.dit_pipeline import read_dit_pipeline
 
         if fmt == "dit_pipeline":
             if vae is not None:
                 raise UsageError(f"vae={str(vae)!r}: the DiTPipeline folder {path} has its own vae/")
-            folder = read_dit_pipeline(path)
+            folder = read_dit_pipeline(path, dtype=dtype)
             return cls(folder.config, folder.params, autoencoder=folder.autoencoder, scheduler=folder.scheduler,
                        class_names=folder.class_names)  # fmt: skip
         if vae is None:
             raise UsageError(f"{path} is a DiT checkpoint, which holds only the network: give vae= (a diffusers "
                              "AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema)")  # fmt: skip
-        config, params = read_dit_run(path, variant=variant)
+        config, params = read_dit_run(path, variant=variant, dtype=dtype)
         return cls(config, params, autoencoder=read_dit_autoencoder(vae, config.model))
 
     @property
