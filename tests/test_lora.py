@@ -176,6 +176,27 @@ def test_kohya_fused_weights_match_numpy(tmp_path, pipe, models):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, originals, strict=True))
 
 
+def test_bfloat16_weights_stay_bfloat16_rounded_once(tmp_path, models):
+    """A pipeline read in bfloat16 (`from_pretrained(dtype="bfloat16")`): each adapted kernel is W + s·ΔW computed
+    in float64 from the bfloat16 W and rounded once to bfloat16, the dtype the pipeline holds its weights in."""
+    import dataclasses
+
+    import ml_dtypes
+
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(ml_dtypes.bfloat16), (models.unet_params, models.text_params))
+    half = dataclasses.replace(models, unet_params=rounded[0], text_params=rounded[1])
+    pipe = LatentPipeline(half)
+    expected = write_kohya(tmp_path / "k.safetensors", models)
+    pipe.load_lora(tmp_path / "k.safetensors", scale=0.7)
+    pipe.fuse_lora()
+    for path, (down, up, file_scale) in expected.items():
+        weight = _leaf({"unet": half.unet_params, "text": half.text_params}, path)
+        want = _expected(weight, down, up, 0.7 * file_scale).astype(ml_dtypes.bfloat16)
+        got = np.asarray(_leaf(pipe.params, path))
+        assert got.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 def test_unfused_runs_with_the_adapted_weights(tmp_path, pipe, models):
     """Unfused, the pipeline's own params stay the originals and it runs with W + s·c·ΔW: its images equal those of
     a pipeline built on the NumPy-merged weights; at scale 0 they are bitwise the base images."""
