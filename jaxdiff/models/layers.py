@@ -170,9 +170,8 @@ class ResBlock(nn.Module):
 
 
 # Query rows per block of `multi_head_attention` on CPU; None: never in blocks (what an accelerator's XLA attention
-# holds, e.g. to compare memory estimates with). 128: SD 1.5's U-Net step (batch 2, 64×64) holds 0.32 GiB of XLA
-# temporaries against 0.48 GiB in blocks of 512, and ran 0.94× the time (BUILD_NOTES.md, "Memory and loading").
-QUERY_CHUNK: int | None = 128
+# holds, e.g. to compare memory estimates with).
+QUERY_CHUNK: int | None = 512
 
 
 def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = None,
