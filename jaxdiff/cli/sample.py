@@ -31,7 +31,7 @@ DIT_CHECKPOINT_WHAT = "the autoencoder and variant of a DiT/SiT checkpoint (.pt)
 # Read by the x4 upscaler only (refused by name elsewhere), and the text-to-image flags the upscaler refuses.
 UPSCALE_FLAGS = ("noise_level",)
 NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora", "prompt_2", "negative_prompt_2")
-# Why --dtype is refused where it does not apply: released weights other than these run in their config's dtype.
+# Why --dtype is refused with --workdir (it is read for released weights only).
 DTYPE_WORKDIR = "the dtype of released weights (--pretrained); a workdir's run config sets its own"
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)

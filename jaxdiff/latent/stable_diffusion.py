@@ -478,6 +478,7 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
             raise WeightsError(f"{file} does not fit the models:\n" + "\n".join(problems))
         params = {}
         for component, pairs in found.items():
+            component_shapes, _, dtype = shapes[component]
             flat = {}
             for path, name in pairs.items():
                 source = sources[component][name][0]
@@ -488,7 +489,6 @@ def read_original_tensors(file: pathlib.Path, shapes: dict, settings: dict, text
                     array = array.reshape(array.shape[:2])
                 if source.transpose:
                     array = array.T
-                component_shapes, _, dtype = shapes[component]
                 flat[path] = param_from_torch(path, array, component_shapes[path], dtype)
             params[component] = flax.traverse_util.unflatten_dict(flat)
     return params

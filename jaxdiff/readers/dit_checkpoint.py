@@ -288,12 +288,10 @@ def _check_pos_embed(tensors: dict[str, np.ndarray], section: ml_collections.Con
                            f"up to {error:.3g}; only DiT's fixed embedding is supported")  # fmt: skip
 
 
-def _with_dtype(section: ml_collections.ConfigDict, dtype: str, source: str) -> ml_collections.ConfigDict:
-    """`section` computing in `dtype`, the dtype its parameters are read in too (UsageError for another dtype)."""
+def _check_dtype(dtype: str) -> None:
+    """UsageError unless `dtype` is one the DiT computes in (and its parameters are read in): before any reading."""
     if dtype not in dit.COMPUTE_DTYPES:
         raise UsageError(f"dtype={dtype!r} is not one of {dit.COMPUTE_DTYPES}")
-    section.dtype = dtype
-    return section
 
 
 def _read_checkpoint(
@@ -304,6 +302,7 @@ def _read_checkpoint(
         raise UsageError(f"variant={variant!r} is not one of {VARIANTS} (or None: from the checkpoint)")
     if num_heads is not None and (not is_int(num_heads, numpy=False) or num_heads < 1):
         raise UsageError(f"num_heads={num_heads!r} must be an int >= 1 (or None: from the preset)")
+    _check_dtype(dtype)
     path = pathlib.Path(path)
     source = str(path)
     tensors, args = _load_checkpoint(path)
@@ -311,7 +310,7 @@ def _read_checkpoint(
         name = str(args.get("model", path.name))
         variant = "sit" if name.lower().startswith(SIT_FILE_PREFIX) else "dit"
     section = _section_from_state_dict(tensors, source, variant=variant, num_heads=num_heads, args=args)
-    section = _with_dtype(section, dtype, source)
+    section.dtype = dtype
     _check_pos_embed(tensors, section, source)
     tensors = {n: t for n, t in tensors.items() if n != "pos_embed"}
     return variant, dit_model_config(section), _params(section, tensors, state_dict_name, source)
@@ -517,11 +516,13 @@ def read_diffusers_dit(folder: str | os.PathLike, *, dtype: str = "float32") -> 
     """(`config.model`, params as NumPy) of a diffusers DiTTransformer2DModel folder (see the module docstring);
     shared embedders when every block's equal block 0's, per-block ones otherwise; `dtype` as
     `read_dit_checkpoint`'s."""
+    _check_dtype(dtype)
     folder = pathlib.Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise MissingWeightsError(f"{folder}: no {CONFIG_FILE} (expected a diffusers DiTTransformer2DModel folder)")
     source = f"diffusers folder {folder}"
-    section = _with_dtype(dit_section_from_diffusers_config(load_json(folder / CONFIG_FILE), source), dtype, source)
+    section = dit_section_from_diffusers_config(load_json(folder / CONFIG_FILE), source)
+    section.dtype = dtype
     tensors = _fuse_qkv(_diffusers_tensors(folder))
     if _shared_embedders(tensors, section.depth):
         section.per_block_embedders = False
