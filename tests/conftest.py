@@ -7,6 +7,8 @@ this process and in the processes they start, so a persistent compilation cache 
 
 import os
 import tempfile
+import types
+
 import pytest
 
 # One cache folder per pytest-xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...; unset without xdist): JAX writes
@@ -20,7 +22,9 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), "jaxdiff-test-xla-cache" + (f"-{_worker}" if _worker else "")),
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Programs that compile in under a second (the op-by-op programs of eager reference loops: hundreds per module)
+# cost more to write to and read from the folder than to compile again; the train steps and samplers are cached.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
@@ -34,3 +38,32 @@ def torch():
 @pytest.fixture(scope="session")
 def diffusers(torch):
     return pytest.importorskip("diffusers")
+
+
+# The tests that need PyTorch (parity with the original implementations) carry the `torch` marker, set here:
+# those using the `torch` fixture (or one built on it), those of a module that imports torch with
+# `pytest.importorskip` at its top, and those marked by hand (an `importorskip` inside the test or a fixture).
+# CI runs each slow test once: the ones marked `torch` on the Python that has PyTorch, the others on the
+# newest Python (see .ci/run).
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module_torch = getattr(item.module, "torch", None)
+        if "torch" in item.fixturenames or (isinstance(module_torch, types.ModuleType) and module_torch.__name__ == "torch"):
+            item.add_marker(pytest.mark.torch)
+
+
+_NEEDS_TORCH = tuple(f"could not import {name!r}" for name in ("torch", "diffusers", "peft", "accelerate"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A slow test skipped for want of PyTorch without the `torch` marker fails: CI would run it on neither Python."""
+    report = yield
+    if report.skipped and item.get_closest_marker("slow") and not item.get_closest_marker("torch"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if any(needs in reason for needs in _NEEDS_TORCH):
+            report.outcome = "failed"
+            report.longrepr = f"{item.nodeid} needs PyTorch ({reason}): mark it @pytest.mark.torch"
+    return report

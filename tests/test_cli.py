@@ -82,6 +82,7 @@ def _screen_lines(text: str) -> list[str]:
     return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n") if line.strip()]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sample_prints_a_progress_bar_and_one_result_line(tmp_path):
     write_workdir(tmp_path / "run")

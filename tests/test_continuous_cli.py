@@ -210,6 +210,7 @@ def test_info_counts_the_network_of_the_config(capsys):
     assert expected != count_parameters(parameter_shapes(load_config("digits", []).model))
 
 
+@pytest.mark.slow
 def test_train_cli_runs_resumes_and_samples_a_continuous_model(tmp_path, capsys):
     """A few steps of the EDM digits demo through `jaxdiff train`: checkpoints, a sample grid, then a resume."""
     overrides = [

@@ -200,6 +200,7 @@ def test_missing_class_images_are_generated_once(sd, tmp_path):
                                                process_count=1))["class_input_ids"].shape == (2, 77)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_tiny_run_logs_both_loss_parts(sd, tmp_path):
     instance = write_folder(tmp_path / "sks", 3, "sks", 0)

@@ -162,6 +162,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_training_moves_only_the_adapters(runs, folders, family):
     straight, _ = runs[family]
@@ -181,6 +182,7 @@ def test_training_moves_only_the_adapters(runs, folders, family):
     assert extras["family"] == family and extras["sample_prompts"] == ["a photo of sks 0", "a photo of sks 1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_resume_after_2_steps_equals_4_steps_bitwise(runs, family):
     straight, resumed = runs[family]
@@ -229,6 +231,7 @@ def test_step_encodes_as_the_pipeline_does(folders, family, dropout):
     np.testing.assert_allclose(seen["pooled"], pooled, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_converted_lora_loads_and_changes_the_pipeline_as_the_adapted_weights(runs, folders, family, tmp_path):
     """`jaxdiff convert --to diffusers-lora` of the run, loaded by `pipe.load_lora`, gives the pipeline of the

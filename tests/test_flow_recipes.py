@@ -118,6 +118,7 @@ def test_xl2_configs_build_the_papers_network(name, process, sampler, steps):
 # ---------------------------------------------------------------- the digits demo learns
 
 
+@pytest.mark.slow
 def test_a_few_digits_flow_steps_lower_the_loss():
     """digits_flow's network, 25 steps at batch 32 (2 warm-up steps): the loss falls (≈ 1.7 -> 1.4)."""
     config = recipe("digits_flow")

@@ -241,6 +241,7 @@ def latent_run(tmp_path_factory, autoencoder_run):
     return workdir
 
 
+@pytest.mark.slow
 def test_run_checkpoints_grids_and_what_it_was_trained_on(latent_run, autoencoder_run):
     from jaxdiff.training import checkpoint
 
@@ -275,6 +276,7 @@ def pipe(latent_run):
     return Pipeline.from_checkpoint(latent_run)
 
 
+@pytest.mark.slow
 def test_text_to_image_guidance_matches_a_numpy_ddim_loop(pipe):
     prompts = ["a small blue triangle in the bottom right", "a large red circle in the top left"]
     tokenize = lambda p: jnp.asarray(pipe.model.tokenizer(p).input_ids)  # noqa: E731
@@ -292,11 +294,13 @@ def test_text_to_image_guidance_matches_a_numpy_ddim_loop(pipe):
     assert np.max(np.abs(images[3.0] - images[1.0])) > 1e-3
 
 
+@pytest.mark.slow
 def test_prompt_words_outside_the_vocabulary_are_named(pipe):
     with pytest.raises(ValueError, match=r"outside the vocabulary: \['hexagon', 'purple'\]"):
         pipe.text_to_image(["a purple hexagon in the top left"], steps=2)
 
 
+@pytest.mark.slow
 def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
     from PIL import Image
 
@@ -309,6 +313,7 @@ def test_sample_cli_draws_a_grid_of_the_prompt(latent_run, tmp_path):
     assert np.asarray(Image.open(out)).std() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, line",
     [
@@ -331,6 +336,7 @@ def test_every_sample_flag_on_a_latent_run_is_honoured_or_refused(latent_run, tm
     assert line in err and "\n" not in err and not out.exists(), err
 
 
+@pytest.mark.slow
 def test_the_empty_prompt_draws_unconditional_samples(latent_run, tmp_path):
     from jaxdiff.cli import main
 
@@ -340,6 +346,7 @@ def test_the_empty_prompt_draws_unconditional_samples(latent_run, tmp_path):
     assert out.exists()
 
 
+@pytest.mark.slow
 def test_eval_of_a_latent_run_is_refused_in_one_line(latent_run, capsys):
     from jaxdiff.cli import main
 
@@ -348,6 +355,7 @@ def test_eval_of_a_latent_run_is_refused_in_one_line(latent_run, capsys):
     assert "eval scores pixel-space models" in err and "text-to-image model" in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_resuming_against_another_autoencoder_is_refused(latent_run, autoencoder_run, tmp_path):
     from jaxdiff.training.checkpoint import CheckpointError
 

@@ -488,6 +488,7 @@ def _diffusers_images(reference, torch, noise, steps=3):
 
 
 @pytest.mark.slow  # about 35 s on a busy 2-core CPU, most of it compiling the pipeline
+@pytest.mark.torch  # its fixture imports PyTorch and peft itself (pytest.importorskip)
 def test_matches_diffusers_load_lora_weights(diffusers_lora):
     folder, torch, diffusers = diffusers_lora
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)

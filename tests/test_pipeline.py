@@ -173,6 +173,7 @@ print(jax.local_device_count(), int(x.astype(np.int64).sum()))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_batch_split_over_devices_gives_the_same_images(workdir):
     one = run_python(SHARDED.format(workdir=str(workdir)), devices=1).split()[-2:]

@@ -67,6 +67,7 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_autoencoder_run_writes_checkpoints_grids_metrics_and_the_scaling_factor(tmp_path):
     assert main(ae_args(tmp_path, 4, "--config.training.checkpoint_every_steps=2",

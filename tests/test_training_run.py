@@ -90,6 +90,7 @@ def test_end_to_end_on_mock_cifar10(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["data"]["dataset"] == "cifar10"
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_exact(tmp_path):
     """Stopped at step 3 and resumed to 6: the state and every logged loss equal an uninterrupted run's (in one
     process, as the CLI runs it; the CLI's own resume is `test_sigterm_saves_and_exits_cleanly_then_resumes`)."""
@@ -237,6 +238,7 @@ def test_dataset_image_size_must_fit_the_model(tmp_path):
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_workdir_of_a_different_config_is_refused(tmp_path):
     config = load_config(TINY_CONFIG, ["--config.training.num_train_steps=1"])
@@ -248,6 +250,7 @@ def test_workdir_of_a_different_config_is_refused(tmp_path):
     assert result.step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint(tmp_path):
     stable = load_config(TINY_CONFIG, ["--config.training.num_train_steps=2", "--config.training.checkpoint_every_steps=2"])
