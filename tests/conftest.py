@@ -41,8 +41,8 @@ def diffusers(torch):
 
 
 # The tests that need PyTorch (parity with the original implementations) carry the `torch` marker, set here:
-# those using the `torch` fixture (or one built on it), those of a module that imports torch with
-# `pytest.importorskip` at its top, and those marked by hand (an `importorskip` inside the test or a fixture).
+# those using the `torch` fixture (or one built on it, as `diffusers`) and those of a module that imports torch
+# with `pytest.importorskip` at its top. A test that imports PyTorch itself takes the fixture instead.
 # CI runs each slow test once: the ones marked `torch` on the Python that has PyTorch, the others on the
 # newest Python (see .ci/run).
 
@@ -50,7 +50,8 @@ def diffusers(torch):
 def pytest_collection_modifyitems(items):
     for item in items:
         module_torch = getattr(item.module, "torch", None)
-        if "torch" in item.fixturenames or (isinstance(module_torch, types.ModuleType) and module_torch.__name__ == "torch"):
+        imports_torch = isinstance(module_torch, types.ModuleType) and module_torch.__name__ == "torch"
+        if "torch" in item.fixturenames or imports_torch:
             item.add_marker(pytest.mark.torch)
 
 

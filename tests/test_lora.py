@@ -440,15 +440,13 @@ def test_cli_lora_flag_refusals(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def diffusers_lora(tmp_path_factory):
+def diffusers_lora(tmp_path_factory, torch):
     """A tiny SD pipeline saved by diffusers, and two LoRA files saved by its `save_lora_weights`: "a" with peft
     adapters on the U-Net (dense, 1×1 and 3×3 convs; lora_alpha 8 over r 4, in the metadata) and text encoder,
     "b" on the U-Net's attention only, without metadata."""
-    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from peft.utils import get_peft_model_state_dict
 
-    import torch
     from tests.test_stable_diffusion import components, diffusers, save
 
     folder = tmp_path_factory.mktemp("lora")
@@ -488,7 +486,6 @@ def _diffusers_images(reference, torch, noise, steps=3):
 
 
 @pytest.mark.slow  # about 35 s on a busy 2-core CPU, most of it compiling the pipeline
-@pytest.mark.torch  # its fixture imports PyTorch and peft itself (pytest.importorskip)
 def test_matches_diffusers_load_lora_weights(diffusers_lora):
     folder, torch, diffusers = diffusers_lora
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)

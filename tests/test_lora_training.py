@@ -405,10 +405,7 @@ def write_lora_run(workdir, folder, trained_run):
 
 
 @pytest.mark.slow  # about 40 s on the busy 2-core CPU, most of it compiling the pipelines
-@pytest.mark.torch  # it imports PyTorch and diffusers itself (pytest.importorskip)
-def test_exported_adapters_load_in_diffusers_as_in_jaxdiff(lora_run, folder, tmp_path):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+def test_exported_adapters_load_in_diffusers_as_in_jaxdiff(lora_run, folder, tmp_path, torch, diffusers):
     from jaxdiff.sampling.pipeline import Pipeline
 
     run = write_lora_run(tmp_path / "run", folder, lora_run)
