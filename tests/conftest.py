@@ -6,6 +6,8 @@ this process and in the processes they start, so a persistent compilation cache 
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 import types
 
@@ -26,7 +28,21 @@ os.environ.setdefault(
 # cost more to write to and read from the folder than to compile again; the train steps and samplers are cached.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# XLA:CPU's older loop emitters compile the thousands of one-operation programs of eager code (parameter
+# initialisers, reference loops) in about 0.6x the time of its fusion emitters, and a test module's cold run in
+# about 0.8x (BUILD_NOTES.md, "Test-suite time"). jaxlib 0.10 has the switch; later ones dropped it, and XLA aborts
+# on a flag it does not know, so a child process tries it once. The test workers and the processes tests start
+# inherit the flags the first pytest process sets.
+_LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_SET = "JAXDIFF_TEST_XLA_FLAGS_SET"
+if _SET not in os.environ:
+    os.environ[_SET] = "1"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    _flags = f"{os.environ['XLA_FLAGS']} {_LEGACY_EMITTERS}"
+    _probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env={**os.environ, "XLA_FLAGS": _flags},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
+    if _probe.returncode == 0:
+        os.environ["XLA_FLAGS"] = _flags
 
 
 @pytest.fixture(scope="session")

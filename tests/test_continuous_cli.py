@@ -146,7 +146,13 @@ def one_line_error(capsys, argv, *fragments):
     assert len(err.splitlines()) == 1 and all(f in err for f in fragments), err
 
 
-def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_run, tmp_path, capsys):
+def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_run, tmp_path, capsys, monkeypatch):
+    """Refused on the workdir's saved config, before its parameters are read (a read here fails the test)."""
+
+    def read_params(*args, **kwargs):
+        raise AssertionError("the parameters were read before the flags were checked")
+
+    monkeypatch.setattr(checkpoint, "read_params", read_params)
     edm, ddpm = str(edm_run[0]), str(ddpm_run)
     for workdir, flags, fragments in [
         (edm, ["--sampler", "ddpm"], ["sampler 'ddpm' is for discrete-schedule models", "process is 'edm'"]),

@@ -151,11 +151,11 @@ def reference_ddim(networks, params, scheduler, steps, cond_ids, uncond_ids, gui
     timesteps = (np.round(np.arange(T, 0, -T / steps)) - 1).astype(int)
     cond = networks.text.apply({"params": params["text"]}, cond_ids).last_hidden_state
     uncond = networks.text.apply({"params": params["text"]}, uncond_ids).last_hidden_state
+    unet = jax.jit(networks.unet.apply)  # the network alone, one program; the steps are the NumPy below
     x = np.asarray(x_start, np.float64)
     for i, t in enumerate(timesteps):
         def eps(context, x=x, t=t):
-            out = networks.unet.apply({"params": params["unet"]}, jnp.asarray(x, jnp.float32), jnp.full(len(x), t),
-                                      context)  # fmt: skip
+            out = unet({"params": params["unet"]}, jnp.asarray(x, jnp.float32), jnp.full(len(x), t), context)
             return np.asarray(out, np.float64)
 
         e = eps(cond) if guidance <= 1 else eps(uncond) + guidance * (eps(cond) - eps(uncond))

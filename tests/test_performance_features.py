@@ -14,7 +14,6 @@ import pytest
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.models.layers import multi_head_attention, single_head_attention
-from jaxdiff.schedule import schedule_from_config
 from jaxdiff.training.diffusion_step import make_train_step
 from jaxdiff.training.step import init_train_state, make_optimizer
 

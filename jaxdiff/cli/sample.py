@@ -17,7 +17,7 @@ from jaxdiff.cli.paths import (
     load_pipeline,
     reading_weights,
 )
-from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, sampler_settings
+from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, checked_sampler, sampler_settings
 
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
@@ -33,6 +33,9 @@ UPSCALE_FLAGS = ("noise_level",)
 NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora", "prompt_2", "negative_prompt_2")
 # Why --dtype is refused with --workdir (it is read for released weights only).
 DTYPE_WORKDIR = "the dtype of released weights (--pretrained); a workdir's run config sets its own"
+# The tasks whose workdirs `Pipeline.from_checkpoint` samples with the family's own samplers (their flags are checked
+# on the saved config, before the parameters are read).
+FAMILY_SAMPLED_TASKS = ("diffusion", "class_latent")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)
 
@@ -225,6 +228,33 @@ def _dit_pipeline(args):
                                         dtype=args.dtype or "float32")  # fmt: skip
 
 
+def _not_text_to_image(model: str) -> UsageError:
+    """The refusal of sampling a text-to-image `model` (its path) without --prompt."""
+    return UsageError(f"{model!r} is a text-to-image model: give --prompt (--prompt \"\" draws unconditional samples)")
+
+
+def _check_trajectory(args, source) -> None:
+    if args.trajectory and not source.draws_trajectories:
+        raise UsageError("--trajectory is for the discrete family's own samplers; this model is continuous-time or "
+                         "steps as a diffusers scheduler")  # fmt: skip
+
+
+def _check_workdir_flags(args) -> None:
+    """The sampler flags and --trajectory checked on `--workdir`'s saved config, before its parameters are read."""
+    from jaxdiff.families import family_of
+    from jaxdiff.training.runs import run_config
+
+    config = run_config(args.workdir, step=args.step)
+    if config is None:  # no readable step: loading says why
+        return
+    if config.task == "latent":
+        raise _not_text_to_image(args.workdir)
+    if config.task in FAMILY_SAMPLED_TASKS:
+        family = family_of(config)
+        checked_sampler(family, family, args)
+        _check_trajectory(args, family)
+
+
 def run_sample(args, extra) -> int:
     reject_extra(extra)
     if args.workdir and args.pretrained:
@@ -272,6 +302,7 @@ def run_sample(args, extra) -> int:
         check_weights(args.workdir)
         _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; a workdir has its own config")
         _refuse(args, ["dtype"], DTYPE_WORKDIR)
+        _check_workdir_flags(args)
 
     import jax
 
@@ -283,12 +314,9 @@ def run_sample(args, extra) -> int:
     if pipe is None:
         pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     if isinstance(pipe, LatentPipeline):
-        raise UsageError(f"{args.workdir or args.pretrained!r} is a text-to-image model: give --prompt "
-                         '(--prompt "" draws unconditional samples)')  # fmt: skip
+        raise _not_text_to_image(args.workdir or args.pretrained)
     sampler = sampler_settings(pipe, args)
-    if args.trajectory and not pipe.draws_trajectories:
-        raise UsageError("--trajectory is for the discrete family's own samplers; this model is continuous-time or "
-                         "steps as a diffusers scheduler")  # fmt: skip
+    _check_trajectory(args, pipe)
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta or 0.0, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance)  # fmt: skip
     if to_dir:

@@ -35,23 +35,31 @@ def sampler_settings(pipe, args) -> str:
 
     Every setting is checked here, before any work (a bad one is a ValueError).
     """
-    flags = {**SAMPLER_OPTIONS, **FLOW_OPTIONS}
-    options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
-    users = config_options()  # config key -> (default, spec, the samplers that take it)
-    refused = [flag for flag, key in SAMPLER_OPTIONS.items()
-               if key in options and not set(users[key][2]) & set(pipe.family.samplers)]  # fmt: skip
-    _refuse(refused, "options of the continuous-time samplers", pipe)
-    refused = [flag for flag, key in FLOW_OPTIONS.items() if key in options and pipe.family.name != FLOW_FAMILY]
-    _refuse(refused, "options of the flow processes' samplers (flow, gvp)", pipe)
-    sampler, _, _ = pipe.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", None) or 0.0,
-                                           spacing=getattr(args, "spacing", None), **options)  # fmt: skip
+    sampler, options = checked_sampler(pipe.sampler_source, pipe.family, args)
     pipe.config.sampling.update(options)
     return sampler
 
 
-def _refuse(flags: list[str], what: str, pipe) -> None:
+def checked_sampler(source, family, args) -> tuple[str, dict]:
+    """(the sampler, the config.sampling options given as flags) for a model of `family` whose samplers `source`
+    checks (`sampling_settings`: the family itself, or a diffusers scheduler's steps); a bad flag is a ValueError.
+    Needs no parameters, so it runs before a model is read as well."""
+    flags = {**SAMPLER_OPTIONS, **FLOW_OPTIONS}
+    options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
+    users = config_options()  # config key -> (default, spec, the samplers that take it)
+    refused = [flag for flag, key in SAMPLER_OPTIONS.items()
+               if key in options and not set(users[key][2]) & set(family.samplers)]  # fmt: skip
+    _refuse(refused, "options of the continuous-time samplers", family)
+    refused = [flag for flag, key in FLOW_OPTIONS.items() if key in options and family.name != FLOW_FAMILY]
+    _refuse(refused, "options of the flow processes' samplers (flow, gvp)", family)
+    sampler, _, _ = source.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", None) or 0.0,
+                                             spacing=getattr(args, "spacing", None), **options)  # fmt: skip
+    return sampler, options
+
+
+def _refuse(flags: list[str], what: str, family) -> None:
     """A UsageError naming the `flags` (attribute names) given, when there are any: `what` they are, which no
-    sampler of this model's family takes."""
+    sampler of the model's `family` takes."""
     if flags:
         given = ", ".join("--" + flag.replace("_", "-") for flag in flags)
-        raise UsageError(f"{given}: {what}; no sampler of this model's family ({pipe.family.name}) takes them")
+        raise UsageError(f"{given}: {what}; no sampler of this model's family ({family.name}) takes them")

@@ -213,6 +213,23 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> dict:
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
 
+def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default: the newest step whose config reads) of a run's workdir, as a plain
+    dict, without its arrays; None when there is no such step or no config reads (`read_params` says why). Reads
+    only."""
+    manager = make_manager(workdir, read_only=True)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+        for candidate in steps if step is None else [step] if step in steps else []:
+            try:
+                return restore_config(manager, candidate)
+            except Exception:  # orbax raises many types for damaged files; read_params reports them
+                continue
+        return None
+    finally:
+        manager.close()
+
+
 def read_extras(workdir_or_manager: str | os.PathLike | ocp.CheckpointManager, step: int | None = None) -> dict:
     """The task's extras saved with `step` (default: the newest step) of a run; {} when that step has none.
 

@@ -1,6 +1,7 @@
 """A run's task and its workdir, whatever the task: `make_task(config, source)` builds the task `config.task` names
 (`jaxdiff.training.tasks`), `configured_image_shape(config)` the image shape a config fixes, and `load_run(workdir)`
-reads a `jaxdiff train` workdir's config, step and parameters with the state its task describes.
+reads a `jaxdiff train` workdir's config, step and parameters with the state its task describes (`run_config(workdir)`
+its config alone).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import ml_collections
 
 from jaxdiff.config.defaults import TASKS
+from jaxdiff.config.validation import config_from_dict, validate
 from jaxdiff.errors import ConfigError
 from jaxdiff.training import checkpoint
 from jaxdiff.training.tasks.autoencoder import AutoencoderTask
@@ -60,3 +62,10 @@ def load_run(workdir: str | os.PathLike, *, step: int | None = None, ema: bool =
     `make_task(config, workdir=workdir)` describes; the newest readable step unless `step`; EMA parameters
     unless `ema` False, with the parameters the step keeps (a latent run's autoencoder, "vae")."""
     return checkpoint.read_params(workdir, functools.partial(make_task, workdir=workdir), step=step, ema=ema)
+
+
+def run_config(workdir: str | os.PathLike, *, step: int | None = None) -> ml_collections.ConfigDict | None:
+    """The validated config of a `jaxdiff train` workdir (saved with `step`, default the newest readable one), read
+    without the parameters: for checks before a load; None when no step's config reads (`load_run` then says why)."""
+    saved = checkpoint.read_saved_config(workdir, step)
+    return None if saved is None else validate(config_from_dict(saved))
