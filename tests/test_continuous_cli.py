@@ -146,13 +146,17 @@ def one_line_error(capsys, argv, *fragments):
     assert len(err.splitlines()) == 1 and all(f in err for f in fragments), err
 
 
-def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_run, tmp_path, capsys, monkeypatch):
-    """Refused on the workdir's saved config, before its parameters are read (a read here fails the test)."""
+def no_parameter_reads(monkeypatch):
+    """Reading a checkpoint's parameters fails the test: flags are checked on the saved config before that."""
 
     def read_params(*args, **kwargs):
         raise AssertionError("the parameters were read before the flags were checked")
 
     monkeypatch.setattr(checkpoint, "read_params", read_params)
+
+
+def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_run, tmp_path, capsys, monkeypatch):
+    no_parameter_reads(monkeypatch)
     edm, ddpm = str(edm_run[0]), str(ddpm_run)
     for workdir, flags, fragments in [
         (edm, ["--sampler", "ddpm"], ["sampler 'ddpm' is for discrete-schedule models", "process is 'edm'"]),
@@ -170,6 +174,19 @@ def test_sampler_mistakes_are_one_line_errors_before_any_output(edm_run, ddpm_ru
         out = tmp_path / "x" / "grid.png"
         one_line_error(capsys, ["sample", "--workdir", workdir, "--num", "2", *flags, "--out", str(out)], *fragments)
         assert not out.parent.exists()
+
+
+def test_eval_flag_mistakes_are_one_line_errors_before_the_parameters_are_read(edm_run, ddpm_run, capsys,
+                                                                             monkeypatch):  # fmt: skip
+    no_parameter_reads(monkeypatch)
+    edm, ddpm = str(edm_run[0]), str(ddpm_run)
+    for workdir, flags, fragments in [
+        (edm, ["--sampler", "nope"], ["unknown sampler 'nope'"]),
+        (edm, ["--sampler", "heun", "--snr", "0.2"], ["unknown option(s) ['snr'] for sampler 'heun'"]),
+        (edm, ["--bpd-num-t", "10"], ["--bpd-num-t is for discrete-schedule models"]),
+        (ddpm, ["--sampler", "pc"], ["sampler 'pc' is for continuous-time models"]),
+    ]:
+        one_line_error(capsys, ["eval", "--workdir", workdir, "--metrics", "bpd", *flags], *fragments)
 
 
 def test_eval_bpd_of_a_continuous_model_is_the_ode_bits_per_dim(edm_run, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxdiff.cli.errors import UsageError, reject_extra
 from jaxdiff.cli.paths import check_output_dir, check_weights, load_pipeline
-from jaxdiff.cli.sampler_flags import sampler_settings
+from jaxdiff.cli.sampler_flags import checked_sampler, saved_run
 from jaxdiff.samplers.registry import config_options
 
 # The ODE bits/dim's tolerances, which `--rtol` / `--atol` set (also those of the `ode` sampler where it draws).
@@ -24,17 +24,33 @@ def _inception(path: str | None):
     return load_inception_params(found), file_sha256(found)
 
 
-def _likelihood_tolerances(pipe, args, metrics) -> dict:
+def _likelihood_tolerances(family, args, metrics) -> dict:
     """The `--rtol` / `--atol` given for the ODE bits/dim of a continuous model. They are taken off `args` where the
     sampler does not take them, so its check does not refuse them; elsewhere they stay the sampler's too."""
-    if "bpd" not in metrics or pipe.family.likelihood != "ode":
+    if "bpd" not in metrics or family.likelihood != "ode":
         return {}
     given = {name: getattr(args, name) for name in LIKELIHOOD_FLAGS if getattr(args, name) is not None}
-    sampler = args.sampler or pipe.family.default_sampler
+    sampler = args.sampler or family.default_sampler
     for name in given:
         if sampler not in config_options()[name][2]:
             setattr(args, name, None)
     return given
+
+
+def _checked_flags(args, metrics, family, source) -> tuple[str, dict]:
+    """(the sampler, the config.sampling settings the flags give) for a model of `family` whose samplers `source`
+    checks; a bad flag is a ValueError."""
+    likelihood = _likelihood_tolerances(family, args, metrics)
+    sampler, options = checked_sampler(source, family, args)
+    if args.bpd_num_t and family.likelihood != "vlb":
+        raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
+    return sampler, {**options, **likelihood}
+
+
+def _not_pixel_space(workdir: str) -> UsageError:
+    """The refusal of evaluating a text-to-image run (`workdir`)."""
+    return UsageError(f"eval scores pixel-space models; {workdir!r} is a text-to-image model (sample it with jaxdiff "
+                      "sample --prompt)")  # fmt: skip
 
 
 def run_eval(args, extra) -> int:
@@ -59,15 +75,15 @@ def run_eval(args, extra) -> int:
     check_output_dir(args.workdir, "--workdir")
     if args.samples:
         check_output_dir(args.samples, "--samples")
+    task, family = saved_run(args.workdir, args.step)  # the flags are checked before the parameters are read
+    if task == "latent":
+        raise _not_pixel_space(args.workdir)
+    checked = None if family is None else _checked_flags(args, metrics, family, family)
     pipe = load_pipeline(args.workdir, args.step)
     if isinstance(pipe, LatentPipeline):
-        raise UsageError(f"eval scores pixel-space models; {args.workdir!r} is a text-to-image model (sample it "
-                         "with jaxdiff sample --prompt)")  # fmt: skip
-    likelihood = _likelihood_tolerances(pipe, args, metrics)
-    sampler = sampler_settings(pipe, args)
-    pipe.config.sampling.update(likelihood)
-    if args.bpd_num_t and pipe.family.likelihood != "vlb":
-        raise UsageError("--bpd-num-t is for discrete-schedule models; continuous-time ones use the ODE likelihood")
+        raise _not_pixel_space(args.workdir)
+    sampler, settings = checked or _checked_flags(args, metrics, pipe.family, pipe.sampler_source)
+    pipe.config.sampling.update(settings)
     params, sha = _inception(args.inception_weights) if set(metrics) - {"bpd"} else (None, None)
     report = evaluate(
         pipe, args.workdir, metrics=metrics, num_samples=args.num_samples, sampler=sampler, steps=args.steps,

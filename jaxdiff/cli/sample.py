@@ -17,7 +17,13 @@ from jaxdiff.cli.paths import (
     load_pipeline,
     reading_weights,
 )
-from jaxdiff.cli.sampler_flags import FLOW_OPTIONS, SAMPLER_OPTIONS, checked_sampler, sampler_settings
+from jaxdiff.cli.sampler_flags import (
+    FLOW_OPTIONS,
+    SAMPLER_OPTIONS,
+    checked_sampler,
+    sampler_settings,
+    saved_run,
+)
 
 # The flags only one kind of sampling reads (their parser default is None): text-to-image (`--prompt`) refuses the
 # pixel-space ones by name, and pixel-space sampling the text ones, so no flag is silently dropped.
@@ -33,9 +39,6 @@ UPSCALE_FLAGS = ("noise_level",)
 NOT_UPSCALE_FLAGS = ("strength", "mask", "height", "width", "config_folder", "lora", "prompt_2", "negative_prompt_2")
 # Why --dtype is refused with --workdir (it is read for released weights only).
 DTYPE_WORKDIR = "the dtype of released weights (--pretrained); a workdir's run config sets its own"
-# The tasks whose workdirs `Pipeline.from_checkpoint` samples with the family's own samplers (their flags are checked
-# on the saved config, before the parameters are read).
-FAMILY_SAMPLED_TASKS = ("diffusion", "class_latent")
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_NUM = 64  # images drawn by default (an upscaler: 1, the upscale of --init-image)
 
@@ -241,16 +244,10 @@ def _check_trajectory(args, source) -> None:
 
 def _check_workdir_flags(args) -> None:
     """The sampler flags and --trajectory checked on `--workdir`'s saved config, before its parameters are read."""
-    from jaxdiff.families import family_of
-    from jaxdiff.training.runs import run_config
-
-    config = run_config(args.workdir, step=args.step)
-    if config is None:  # no readable step: loading says why
-        return
-    if config.task == "latent":
+    task, family = saved_run(args.workdir, args.step)
+    if task == "latent":
         raise _not_text_to_image(args.workdir)
-    if config.task in FAMILY_SAMPLED_TASKS:
-        family = family_of(config)
+    if family is not None:
         checked_sampler(family, family, args)
         _check_trajectory(args, family)
 

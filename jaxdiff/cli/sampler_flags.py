@@ -4,6 +4,7 @@ the sampler and the model's sampling settings, checked before any work."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from jaxdiff.cli.errors import UsageError
 from jaxdiff.samplers.registry import config_options, flow_config_options, samplers_for
@@ -14,6 +15,9 @@ SAMPLER_OPTIONS = {name: name for name in config_options() if name != "eta"}
 # Options of those samplers' runs on the flow processes (shift; SiT's SDE settings), read by the flow family only.
 FLOW_OPTIONS = {name: name for name in flow_config_options()}
 FLOW_FAMILY = "flow"
+# The tasks whose workdirs `Pipeline.from_checkpoint` samples with the family's own samplers, so that their flags
+# can be checked on the saved config before the parameters are read.
+FAMILY_SAMPLED_TASKS = ("diffusion", "class_latent")
 
 
 def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,23 @@ def checked_sampler(source, family, args) -> tuple[str, dict]:
     sampler, _, _ = source.sampling_settings(args.sampler, args.steps, eta=getattr(args, "eta", None) or 0.0,
                                              spacing=getattr(args, "spacing", None), **options)  # fmt: skip
     return sampler, options
+
+
+def saved_run(workdir: str, step: int | None) -> tuple[str | None, object | None]:
+    """(task, family) of a jaxdiff workdir from its saved config alone, before its parameters are read: the family
+    for the tasks sampled with their family's own samplers (`FAMILY_SAMPLED_TASKS`), else None; (None, None) for
+    weights of other formats and when no step's config reads (loading then says why)."""
+    from jaxdiff.families import family_of
+    from jaxdiff.readers.formats import detect_format
+    from jaxdiff.training.checkpoint import checkpoint_dir
+    from jaxdiff.training.runs import run_config
+
+    if not os.path.isdir(checkpoint_dir(workdir)) or detect_format(workdir) != "jaxdiff":
+        return None, None  # not a workdir, or weights of another format: loading reads or refuses them
+    config = run_config(workdir, step=step)
+    if config is None:
+        return None, None
+    return config.task, family_of(config) if config.task in FAMILY_SAMPLED_TASKS else None
 
 
 def _refuse(flags: list[str], what: str, family) -> None:
