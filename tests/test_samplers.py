@@ -247,7 +247,8 @@ def test_trajectory_default_and_clipping(schedule):
     np.testing.assert_array_equal(trajectory[-1], samples)
     unclipped = sample(fn, schedule, shape, rng, sampler="heun", clip_denoised=False)
     assert np.any(np.asarray(unclipped) > 1)
-    np.testing.assert_array_equal(samples, np.clip(unclipped, -1, 1))
+    # Two compiled programs: equal up to how XLA:CPU's code generators round them.
+    np.testing.assert_allclose(samples, np.clip(unclipped, -1, 1), rtol=0, atol=1e-6)
 
 
 def test_ddim_eta_one_is_ddpm_with_posterior_variance(schedule):

@@ -220,7 +220,7 @@ def read_saved_config(workdir: str | os.PathLike, step: int | None = None) -> di
     manager = make_manager(workdir, read_only=True)
     try:
         steps = sorted(manager.all_steps(), reverse=True)
-        for candidate in steps if step is None else [step] if step in steps else []:
+        for candidate in steps if step is None else [s for s in steps if s == step]:
             try:
                 return restore_config(manager, candidate)
             except Exception:  # orbax raises many types for damaged files; read_params reports them
