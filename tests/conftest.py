@@ -39,9 +39,12 @@ if _SET not in os.environ:
     os.environ[_SET] = "1"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     _flags = f"{os.environ['XLA_FLAGS']} {_LEGACY_EMITTERS}"
-    _probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env={**os.environ, "XLA_FLAGS": _flags},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)  # fmt: skip
-    if _probe.returncode == 0:
+    try:
+        _probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], timeout=300,
+                                env={**os.environ, "XLA_FLAGS": _flags}, capture_output=True).returncode  # fmt: skip
+    except subprocess.TimeoutExpired:
+        _probe = None
+    if _probe == 0:
         os.environ["XLA_FLAGS"] = _flags
 
 
