@@ -15,10 +15,9 @@ from shapes alone, not the SDXL LoRA training of `jaxdiff.training.tasks.latent`
 with both encoders and the time ids.
 
 `--size small` (a narrow SD 1.5 layout at 256²) and `--size tiny` (two wide levels at 32², the tests' size) also run
-the step twice with real arrays in each mode, and reports
-the process's peak RSS (VmHWM, restarted once every program is compiled) over its RSS then, before the state and
-the frozen networks are allocated, to check the estimate. Each (size, mode) is its
-own process (`sequential_sides`), one at a time.
+the step twice with real arrays in each mode, and report the process's peak RSS (VmHWM, restarted once every
+program is compiled) over its RSS then, before the state and the frozen networks are allocated, to check the
+estimate. Each (size, mode) is its own process (`sequential_sides`), one at a time.
 
     python benchmarks/lora_memory.py [--size tiny --size small --size sd15 --size sdxl] [--rank 16]
 
@@ -55,7 +54,8 @@ TINY_UNET = dict(UNET_SD15, block_out_channels=[128, 256], down_block_types=["Cr
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1, attention_head_dim=8,
                  cross_attention_dim=128, sample_size=16)  # fmt: skip
 TINY_VAE = dict(VAE_SD15, block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=16, sample_size=32)  # fmt: skip
+                up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=16,
+                sample_size=32)  # fmt: skip
 TINY_TEXT = dict(SMALL_TEXT, hidden_size=128, intermediate_size=512, num_hidden_layers=2, projection_dim=128)
 SIZES = {  # (U-Net, VAE, text encoder, image side)
     "tiny": (TINY_UNET, TINY_VAE, TINY_TEXT, 32),
@@ -63,9 +63,10 @@ SIZES = {  # (U-Net, VAE, text encoder, image side)
     "sd15": (UNET_SD15, VAE_SD15, CLIP_VIT_L, 512),
     "sdxl": (SDXL_UNET, VAE_SD15, SDXL_TEXT, 1024),
 }
-NEED_GIB = {"tiny": 1.0, "small": 2.0, "sd15": 8.0, "sdxl": 12.0}  # host memory available before a side starts (compiling)
-MODES = ("lora", "full")
+DEFAULT_SIZES = ("small", "sd15", "sdxl")
 RUN_SIZES = ("tiny", "small")  # also run the step with real arrays
+NEED_GIB = {"tiny": 1.0, "small": 2.0, "sd15": 8.0, "sdxl": 12.0}  # host memory free before a side starts (compiling)
+MODES = ("lora", "full")
 
 
 def train_config(rank: int):
@@ -177,7 +178,8 @@ def step_side(size: str, mode: str, rank: int, run: bool) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", action="append", choices=tuple(SIZES),
-                        help="repeatable; default: small, sd15, sdxl (tiny and small also run the step)")  # fmt: skip
+                        help=f"repeatable; default: {', '.join(DEFAULT_SIZES)} ({' and '.join(RUN_SIZES)} also "
+                             "run the step)")  # fmt: skip
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--side", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,7 +187,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--rank={args.rank} must be >= 1")
     if args.side is not None and (args.size is None or len(args.size) != 1):
         parser.error("--side needs exactly one --size")
-    args.size = args.size or [size for size in SIZES if size != "tiny"]
+    args.size = args.size or list(DEFAULT_SIZES)
     return args
 
 

@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # XLA:CPU's older loop emitters compile the thousands of one-operation programs of eager code (parameter
 # initialisers, reference loops) in about 0.6x the time of its fusion emitters, and a test module's cold run in
-# about 0.8x (BUILD_NOTES.md, "Test-suite time"). jaxlib 0.10 has the switch; later ones dropped it, and XLA aborts
+# about 0.8x (BUILD_NOTES.md, "Test suite and CI"). jaxlib 0.10 has the switch; later ones dropped it, and XLA aborts
 # on a flag it does not know, so a child process tries it once. The test workers and the processes tests start
 # inherit the flags the first pytest process sets.
 _LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"

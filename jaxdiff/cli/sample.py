@@ -21,7 +21,6 @@ from jaxdiff.cli.sampler_flags import (
     FLOW_OPTIONS,
     SAMPLER_OPTIONS,
     checked_sampler,
-    sampler_settings,
     saved_run,
 )
 
@@ -242,14 +241,17 @@ def _check_trajectory(args, source) -> None:
                          "steps as a diffusers scheduler")  # fmt: skip
 
 
-def _check_workdir_flags(args) -> None:
-    """The sampler flags and --trajectory checked on `--workdir`'s saved config, before its parameters are read."""
+def _check_workdir_flags(args) -> tuple[str, dict] | None:
+    """(the sampler, the config.sampling options the flags give), with --trajectory, checked on `--workdir`'s saved
+    config before its parameters are read; None where only the loaded model tells (its flags are checked then)."""
     task, family = saved_run(args.workdir, args.step)
     if task == "latent":
         raise _not_text_to_image(args.workdir)
-    if family is not None:
-        checked_sampler(family, family, args)
-        _check_trajectory(args, family)
+    if family is None:
+        return None
+    checked = checked_sampler(family, family, args)
+    _check_trajectory(args, family)
+    return checked
 
 
 def run_sample(args, extra) -> int:
@@ -299,7 +301,7 @@ def run_sample(args, extra) -> int:
         check_weights(args.workdir)
         _refuse(args, DIT_CHECKPOINT_FLAGS, f"{DIT_CHECKPOINT_WHAT}; a workdir has its own config")
         _refuse(args, ["dtype"], DTYPE_WORKDIR)
-        _check_workdir_flags(args)
+    checked = _check_workdir_flags(args) if args.workdir else None
 
     import jax
 
@@ -312,8 +314,11 @@ def run_sample(args, extra) -> int:
         pipe = load_pipeline(args.workdir or args.pretrained, args.step, args.config)
     if isinstance(pipe, LatentPipeline):
         raise _not_text_to_image(args.workdir or args.pretrained)
-    sampler = sampler_settings(pipe, args)
-    _check_trajectory(args, pipe)
+    if checked is None:
+        checked = checked_sampler(pipe.sampler_source, pipe.family, args)
+        _check_trajectory(args, pipe)
+    sampler, options = checked
+    pipe.config.sampling.update(options)
     settings = dict(sampler=sampler, steps=args.steps, eta=args.eta or 0.0, spacing=args.spacing,
                     class_label=args.class_label, guidance=args.guidance)  # fmt: skip
     if to_dir:

@@ -33,21 +33,11 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), type=spec.type, help=f"{where}{', '.join(users)}: {what}")
 
 
-def sampler_settings(pipe, args) -> str:
-    """The sampler to use; the continuous sampler options given as flags (the flow processes' ones for a model of
-    the flow family) become the model's sampling settings.
-
-    Every setting is checked here, before any work (a bad one is a ValueError).
-    """
-    sampler, options = checked_sampler(pipe.sampler_source, pipe.family, args)
-    pipe.config.sampling.update(options)
-    return sampler
-
-
 def checked_sampler(source, family, args) -> tuple[str, dict]:
     """(the sampler, the config.sampling options given as flags) for a model of `family` whose samplers `source`
-    checks (`sampling_settings`: the family itself, or a diffusers scheduler's steps); a bad flag is a ValueError.
-    Needs no parameters, so it runs before a model is read as well."""
+    checks (`sampling_settings`: the family itself, or a diffusers scheduler's steps); the options become the
+    model's `config.sampling`. Every setting is checked here, before any work (a bad one is a ValueError); needs no
+    parameters, so it runs before a model is read as well."""
     flags = {**SAMPLER_OPTIONS, **FLOW_OPTIONS}
     options = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag) is not None}
     users = config_options()  # config key -> (default, spec, the samplers that take it)
