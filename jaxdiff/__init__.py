@@ -8,6 +8,8 @@ family that training, sampling and evaluation ask instead of branching on the ki
 Rooms, from the bottom up; each imports only from those below it:
   errors, checks                the user-error hierarchy and the shared input checks
   schedule, processes           beta schedules (Schedule) and continuous processes (α(t), σ(t))
+  images, sharding              image conversions; device meshes and shardings
+  xla_options                   the XLA options jaxdiff's inference programs compile with
   weights/                      reading foreign weight files: safetensors, PyTorch pickles (no code run), name matching
   diffusion/                    the math: DDPM q / posterior / VLB, D(x; σ) adapters, guidance, losses
   models/                       networks only

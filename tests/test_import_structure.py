@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxdiff"
 
 # The rooms from the bottom up: a module may import modules of its own room and of the rooms below it.
 LAYERS = (
-    "errors", "checks", "schedule", "processes", "images", "sharding", "weights",
+    "errors", "checks", "schedule", "processes", "images", "sharding", "xla_options", "weights",
     "diffusion", "models", "samplers", "families", "latent", "config", "data",
     "training", "readers", "sampling", "evaluation", "convert", "cli",
 )  # fmt: skip

@@ -57,6 +57,7 @@ from jaxdiff.models.clip_text import clip_text_config
 from jaxdiff.models.flux import CLASS_NAME as FLUX_TRANSFORMER_CLASS
 from jaxdiff.models.t5_encoder import t5_encoder_config
 from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -261,9 +262,9 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         self.mesh = mesh
         self.params = {**place(networks), **(encoders if offload_text_encoders else place(encoders))}
         self._init_lora()
-        self._decode = jax.jit(self._decode_latents)
-        self._encode_image = jax.jit(self._encode_latents)
-        self._run = jax.jit(self._denoise, static_argnames=("guidance", "blend", "skip_guidance"))
+        self._decode = inference_jit(self._decode_latents)
+        self._encode_image = inference_jit(self._encode_latents)
+        self._run = inference_jit(self._denoise, static_argnames=("guidance", "blend", "skip_guidance"))
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, variant: str | None = None, dtype: str = "float32",

@@ -44,6 +44,7 @@ from jaxdiff.latent.flux_weights import read_flux_transformer
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.flux import PACK, create_flux, flux_config, latent_image_ids, pack_latents, unpack_latents
 from jaxdiff.models.t5_encoder import create_t5_encoder
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -93,7 +94,7 @@ class FluxPipeline(FlowPipeline):
         self.guidance_embeds = model.transformer_config.guidance_embeds
         self.clip = create_clip_text(model.encoders["text"][0])
         self.t5 = create_t5_encoder(model.encoders["text_2"][0])
-        self._encode_ids = jax.jit(self._embed)
+        self._encode_ids = inference_jit(self._embed)
 
     def _lora_layouts(self) -> dict:
         """kohya / ComfyUI Flux LoRA files name the transformer's modules in BFL's layout (`jaxdiff.latent.lora`)."""

@@ -55,6 +55,7 @@ from jaxdiff.latent.schedulers import (
 )
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.unet_condition import create_unet_condition
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 UNetFn = Callable[[Array, Array, Conditioning | Array], Array]  # (latents [B,h,w,C_in], timesteps [B], conditioning) -> output
@@ -209,8 +210,8 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         self.inpainting_unet = model.unet_config.in_channels == 2 * self.latent_channels + 1
         self._compiled: dict[tuple, Callable] = {}
         self._init_lora()
-        self._decode = jax.jit(self._decode_latents)
-        self._encode_image = jax.jit(self._encode_latents)
+        self._decode = inference_jit(self._decode_latents)
+        self._encode_image = inference_jit(self._encode_latents)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, variant: str | None = None,
@@ -261,7 +262,7 @@ class LatentPipeline(LoraAdapters, PipelineBase):
                 latents = mask * latents + (1.0 - mask) * image_latents
             return latents
 
-        self._compiled[key] = jax.jit(run)
+        self._compiled[key] = inference_jit(run)
         return self._compiled[key]
 
     def _run_points(self, sampler: str, steps: int, karras: bool, strength: float = 1.0) -> np.ndarray:

@@ -28,6 +28,7 @@ from jaxdiff.checks import is_int, is_real, prompt_list
 from jaxdiff.errors import UsageError
 from jaxdiff.latent.bundle import LatentModels
 from jaxdiff.models.clip_text import create_clip_text
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -73,7 +74,7 @@ class PromptEncoder:
         # clip_skip k takes hidden state −(k+1) (SD) or −(k+2) (SDXL) of every encoder.
         self.max_clip_skip = min(config.num_hidden_layers for config in (model.text_config, model.text_config_2)
                                  if config is not None) - (1 if self.sdxl else 0)  # fmt: skip
-        self._encode = jax.jit(self._encode_ids, static_argnames="clip_skip")
+        self._encode = inference_jit(self._encode_ids, static_argnames="clip_skip")
 
     def _encode_ids(self, params: dict, ids: dict, clip_skip: int) -> tuple[Array, Array | None]:
         """(context [N, L, D], pooled [N, P] or None) of token ids {params key: int [N, L]}."""

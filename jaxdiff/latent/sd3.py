@@ -43,6 +43,7 @@ from jaxdiff.latent.mmdit_weights import read_mmdit
 from jaxdiff.models.clip_text import create_clip_text
 from jaxdiff.models.mmdit import check_skip_layers, create_mmdit, mmdit_config
 from jaxdiff.models.t5_encoder import create_t5_encoder
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -102,7 +103,7 @@ class SD3Pipeline(FlowPipeline):
         self.clips = [create_clip_text(model.encoders[key][0]) for key in ("text", "text_2")]
         self.t5 = create_t5_encoder(model.encoders["text_3"][0]) if "text_3" in model.encoders else None
         self.max_clip_skip = min(model.encoders[key][0].num_hidden_layers for key in ("text", "text_2")) - 1
-        self._encode_ids = jax.jit(self._embed, static_argnames=("clip_skip", "t5_length"))
+        self._encode_ids = inference_jit(self._embed, static_argnames=("clip_skip", "t5_length"))
 
     def _velocity(self, params, x, timesteps, cond, embedded, skip_layers: tuple[int, ...] = ()):
         context, pooled = cond

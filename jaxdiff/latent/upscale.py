@@ -31,6 +31,7 @@ from jaxdiff.latent.pipeline import LatentPipeline, decode_latents, to_pixels, t
 from jaxdiff.latent.pipeline_base import PipelineBase
 from jaxdiff.latent.schedulers import add_noise
 from jaxdiff.latent.tiled_decode import decode_tiled, tile_settings
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -74,7 +75,7 @@ class UpscalePipeline(LatentPipeline):
         self.tiles = tile_settings(model.vae_config, self.latent_factor)
         # Low-resolution sides are multiples of the U-Net's downsampling and the VAE's factor (both powers of 2).
         self.side_multiple = max(self.latent_factor, 2 ** (len(model.unet_config.block_out_channels) - 1))
-        self._decode_tile = jax.jit(lambda params, z: decode_latents(self.vae, model.vae_config, params, z))
+        self._decode_tile = inference_jit(lambda params, z: decode_latents(self.vae, model.vae_config, params, z))
 
     def _check_size(self, height, width) -> tuple[int, int]:
         """Low-resolution sides: multiples of `side_multiple`, at most MAX_LOW_RES_PIXELS per image."""

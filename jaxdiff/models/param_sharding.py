@@ -48,6 +48,7 @@ from jaxdiff.models.autoencoder import AutoencoderKL
 from jaxdiff.models.clip_text import CLIPTextTransformer
 from jaxdiff.models.dit import COMPUTE_DTYPES
 from jaxdiff.models.t5_encoder import T5Encoder
+from jaxdiff.xla_options import inference_jit
 
 FLOAT32_BYTES = 4
 SD3_TEXT_TOKENS = 77 + 256  # CLIP's 77 tokens joined with T5's 256 (SD3 pipelines' max_sequence_length)
@@ -110,7 +111,7 @@ def sharded_forward(model: nn.Module, mesh: Mesh, *, batch_argnums: Sequence[int
     """forward(params, *inputs) = model.apply({"params": params}, *inputs) (or its `method`), jitted, with params as
     placed (`shard_params`); input i split along its leading (batch) axis over all the mesh's devices when i is in
     `batch_argnums` (its batch must divide evenly), otherwise replicated; None inputs stay None."""
-    apply = jax.jit(lambda params, *inputs: model.apply({"params": params}, *inputs, method=method))
+    apply = inference_jit(lambda params, *inputs: model.apply({"params": params}, *inputs, method=method))
 
     def forward(params: Any, *inputs: Any) -> Any:
         placed = [
@@ -300,8 +301,8 @@ def compiled_memory(model: nn.Module, mesh: Mesh, *, batch: int = 1, height: int
     split = batch_argnums(model) if batch_sharded else ()
     input_shardings = [None if x is None else sharding.batch_sharding(mesh) if i in split
                        else sharding.replicated_sharding(mesh) for i, x in enumerate(inputs)]  # fmt: skip
-    apply = jax.jit(lambda params, *args: model.apply({"params": params}, *args, method=method),
-                    in_shardings=(param_shardings, *input_shardings))
+    apply = inference_jit(lambda params, *args: model.apply({"params": params}, *args, method=method),
+                          in_shardings=(param_shardings, *input_shardings))
     analysis = apply.lower(shapes, *inputs).compile().memory_analysis()
     sizes = {name: int(getattr(analysis, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp", "alias")}
     return {**sizes, "total": sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]}

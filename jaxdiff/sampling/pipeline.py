@@ -47,6 +47,7 @@ from jaxdiff.training import checkpoint
 from jaxdiff.training.runs import load_run
 from jaxdiff.models.networks import create_model
 from jaxdiff.schedule import schedule_from_config
+from jaxdiff.xla_options import inference_jit
 
 Array = jax.Array
 
@@ -265,7 +266,7 @@ class Pipeline(PipelineBase):
         key = ("denoise", labels is not None)
         if key not in self._compiled:
             denoise = lambda params, x, t, y: self.family.denoiser(self.model, params, labels=y)(x, t)  # noqa: E731
-            self._compiled[key] = jax.jit(denoise)
+            self._compiled[key] = inference_jit(denoise)
         return self._compiled[key](self.params, x, t, labels)
 
     def _labels(self, class_label, n: int, rng: Array | None = None) -> Array | None:
@@ -378,7 +379,7 @@ class Pipeline(PipelineBase):
         if return_trajectory:
             trajectory = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "data"))
             out = (out, trajectory if n % self.mesh.devices.size == 0 else out)
-        return jax.jit(run, out_shardings=out)
+        return inference_jit(run, out_shardings=out)
 
     def _output_sharding(self, n: int):
         """Batch-sharded over this process's devices when they divide n, else replicated."""

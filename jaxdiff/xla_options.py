@@ -1,0 +1,27 @@
+"""How jaxdiff compiles its inference programs: `inference_jit` is `jax.jit` with XLA options for the backend.
+
+On the CPU backend the programs are scheduled by XLA's memory-optimised scheduler
+(`xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`) instead of its default, which orders
+operations for concurrency and keeps more buffers alive at once. Only the order of operations changes, so the
+outputs are bitwise those of the default schedule. Measured on SD 1.5's sizes (BUILD_NOTES.md, "Speed and
+memory"): the temporaries of the VAE decode at 512² fall from 0.875 to 0.625 GiB and those of the U-Net at batch
+2, 64² latents from 0.484 to 0.338 GiB, at the same speed. Other backends compile with their defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+CPU_INFERENCE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def inference_options() -> dict[str, Any] | None:
+    """The XLA options of inference programs on the default backend (None: XLA's defaults)."""
+    return dict(CPU_INFERENCE_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
+def inference_jit(fn: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` compiled with `inference_options()`."""
+    return jax.jit(fn, compiler_options=inference_options(), **jit_kwargs)
