@@ -7,15 +7,15 @@ PNDM with skip_prk_steps; float32 safetensors, about 4.3 GB). Then each side run
 diffusers first (`sequential_sides`), and reports its peak resident memory (`ru_maxrss`, which counts the pages of
 memory-mapped files).
 
-  unet      only the U-Net is loaded (jaxdiff: `read_unet_condition`, `create_unet_condition`, the apply jitted;
-            diffusers: `UNet2DConditionModel.from_pretrained`, eval, `torch.inference_mode`, one torch thread per
-            core) and run on the inputs of one guided step: latents N(0, I) [2, 64, 64, 4] (NHWC; NCHW for
-            diffusers), t = 500 for both rows, text context N(0, I) [2, 77, 768], from NumPy seed 0. Reported: the
-            load seconds (until the parameters are in device memory), the first call's seconds (jaxdiff: compile +
-            run), the best of --repeats forwards after it, and max |jaxdiff − diffusers| / max |diffusers| of the
-            outputs (ε, [2, 64, 64, 4]). diffusers' load maps the safetensors file (its parameters are the file's
-            pages, already in the page cache after prepare): its reading is paid by the first forward's page faults,
-            while jaxdiff's load reads and lays out every tensor.
+  unet      only the U-Net is loaded (jaxdiff: `read_unet_condition`, `create_unet_condition`, the apply compiled by
+            `inference_jit`, as the pipelines compile it; diffusers: `UNet2DConditionModel.from_pretrained`, eval,
+            `torch.inference_mode`, one torch thread per core) and run on the inputs of one guided step: latents
+            N(0, I) [2, 64, 64, 4] (NHWC; NCHW for diffusers), t = 500 for both rows, text context N(0, I) [2, 77,
+            768], from NumPy seed 0. Reported: the load seconds (until the parameters are in device memory), the first
+            call's seconds (jaxdiff: compile + run), the best of --repeats forwards after it, and
+            max |jaxdiff − diffusers| / max |diffusers| of the outputs (ε, [2, 64, 64, 4]). diffusers' load maps the
+            safetensors file (its parameters are the file's pages, already in the page cache after prepare): its
+            reading is paid by the first forward's page faults, while jaxdiff's load reads and lays out every tensor.
   pipeline  the whole folder (jaxdiff: `LatentPipeline.from_pretrained`; diffusers: `StableDiffusionPipeline.
             from_pretrained`, no safety checker): one prompt, guidance 7.5 (2 U-Net rows per step), the folder's
             PNDM, 512², --steps steps, the same initial latents N(0, I) [1, 64, 64, 4] from NumPy seed 1, images as
@@ -99,6 +99,7 @@ def jax_unet(folder: Path, dtype: str, repeats: int) -> dict:
 
     from jaxdiff.latent.unet_weights import read_unet_condition
     from jaxdiff.models.unet_condition import create_unet_condition
+    from jaxdiff.xla_options import inference_jit
 
     def load():
         config, params = read_unet_condition(folder / "pipe", dtype=dtype)
@@ -106,7 +107,7 @@ def jax_unet(folder: Path, dtype: str, repeats: int) -> dict:
 
     load_seconds, (config, params) = seconds_of(load)
     unet = create_unet_condition(config)
-    forward = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
+    forward = inference_jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))  # as the pipelines compile it
     inputs = [jnp.asarray(a) for a in unet_inputs(folder).values()]
     run = lambda: jax.block_until_ready(forward(params, *inputs))  # noqa: E731
     first_seconds, out = seconds_of(run)

@@ -10,7 +10,7 @@ import numpy as np
 
 import jaxdiff
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
-from jaxdiff.xla_options import CPU_INFERENCE_OPTIONS, inference_jit, inference_options
+from jaxdiff.xla_options import CPU_INFERENCE_OPTIONS, inference_jit, inference_options, per_step_params
 
 TINY_DECODER = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4, "latent_channels": 4,
                 "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}  # fmt: skip
@@ -43,3 +43,33 @@ def test_the_inference_rooms_compile_through_inference_jit():
               for path in files for node in ast.walk(ast.parse(path.read_text()))
               if isinstance(node, ast.Attribute) and node.attr == "jit" and getattr(node.value, "id", None) == "jax"]
     assert direct == []
+
+
+def _conv_loop(tie: bool):
+    """Three steps of six 3×3 convolutions whose bfloat16 kernels are converted to float32 where they are used."""
+
+    def run(kernels, x):
+        def body(x, _):
+            for kernel in per_step_params(kernels, x) if tie else kernels:
+                x = jnp.tanh(jax.lax.conv_general_dilated(x, kernel.astype(jnp.float32), (1, 1), "SAME",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+            return x, None
+
+        return jax.lax.scan(body, x, None, length=3)[0]
+
+    return run
+
+
+def test_a_loop_over_bfloat16_weights_converts_each_where_it_is_used():
+    rng = np.random.default_rng(0)
+    kernels = [jnp.asarray(0.05 * rng.standard_normal((3, 3, 64, 64)), jnp.bfloat16) for _ in range(6)]
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 64)), jnp.float32)
+    hoisted, tied = (inference_jit(_conv_loop(tie)).lower(kernels, x).compile() for tie in (False, True))
+    one_kernel = 3 * 3 * 64 * 64 * 4  # float32 bytes of one converted kernel
+    # XLA hoists the six converts out of the loop and holds their float32 copies through it (901,188 bytes of
+    # temporaries); tied to the loop's state, one converted kernel is alive at a time (163,908).
+    assert hoisted.memory_analysis().temp_size_in_bytes >= 6 * one_kernel
+    assert tied.memory_analysis().temp_size_in_bytes < 2 * one_kernel
+    np.testing.assert_array_equal(np.asarray(tied(kernels, x)), np.asarray(hoisted(kernels, x)))
+    assert per_step_params(kernels, x)[0] is not kernels[0]  # passed through the barrier on the CPU backend
+    np.testing.assert_array_equal(np.asarray(per_step_params(kernels, x)[0]), np.asarray(kernels[0]))

@@ -57,7 +57,7 @@ from jaxdiff.models.clip_text import clip_text_config
 from jaxdiff.models.flux import CLASS_NAME as FLUX_TRANSFORMER_CLASS
 from jaxdiff.models.t5_encoder import t5_encoder_config
 from jaxdiff.weights.files import MODEL_INDEX_FILE, load_json
-from jaxdiff.xla_options import inference_jit
+from jaxdiff.xla_options import inference_jit, per_step_params
 
 Array = jax.Array
 
@@ -300,15 +300,15 @@ class FlowPipeline(LoraAdapters, PipelineBase):
         embedded guidance (Flux.1-dev); with `blend`, inpainting's blending (module docstring); with
         `skip_guidance` (layers, scale), skip-layer guidance at the steps where `skipping` [n] (bool) is set:
         + scale·(v_cond − v_cond without those layers), as diffusers' SD3 pipeline."""
-        model = functools.partial(self._velocity, transformer_params, embedded=embedded)
 
-        def skip_term(out_cond, x, t, skip_on):
+        def skip_term(model, out_cond, x, t, skip_on):
             layers, scale = skip_guidance
             return jax.lax.cond(skip_on, lambda: scale * (out_cond - model(x, t, cond, skip_layers=layers)),
                                 lambda: jnp.zeros_like(out_cond))  # fmt: skip
 
         def velocity(x, t, skip_on):
-            term = None if skip_guidance is None else functools.partial(skip_term, skip_on=skip_on)
+            model = functools.partial(self._velocity, per_step_params(transformer_params, x), embedded=embedded)
+            term = None if skip_guidance is None else functools.partial(skip_term, model, skip_on=skip_on)
             return guided_unet(model, cond, uncond, guidance, cond_term=term)(x, t)
 
         def step(x, row):

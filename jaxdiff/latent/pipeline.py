@@ -55,7 +55,7 @@ from jaxdiff.latent.schedulers import (
 )
 from jaxdiff.models.autoencoder import create_autoencoder
 from jaxdiff.models.unet_condition import create_unet_condition
-from jaxdiff.xla_options import inference_jit
+from jaxdiff.xla_options import inference_jit, per_step_params
 
 Array = jax.Array
 UNetFn = Callable[[Array, Array, Conditioning | Array], Array]  # (latents [B,h,w,C_in], timesteps [B], conditioning) -> output
@@ -248,8 +248,8 @@ class LatentPipeline(LoraAdapters, PipelineBase):
         def run(unet_params, cond, uncond, x_start, rng, condition, mask, image_latents, noise, class_label=None):
             def unet(x, t, conditioning):
                 labels = None if class_label is None else jnp.full(x.shape[:1], class_label, jnp.int32)
-                return self.unet.apply({"params": unet_params}, x, t, conditioning.context, class_labels=labels,
-                                       added_cond=conditioning.added_cond)  # fmt: skip
+                return self.unet.apply({"params": per_step_params(unet_params, x)}, x, t, conditioning.context,
+                                       class_labels=labels, added_cond=conditioning.added_cond)  # fmt: skip
 
             extra_channels = condition if mode == "condition" else None
             model_fn = guided_unet(unet, cond, uncond, guidance, extra_channels, rescale)
