@@ -3,9 +3,9 @@
 On the CPU backend the programs are scheduled by XLA's memory-optimised scheduler
 (`xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`) instead of its default, which orders
 operations for concurrency and keeps more buffers alive at once. Only the order of operations changes, so the
-outputs are bitwise those of the default schedule. Measured on SD 1.5's sizes (BUILD_NOTES.md, "Speed and
-memory"): the temporaries of the VAE decode at 512² fall from 0.875 to 0.625 GiB and those of the U-Net at batch
-2, 64² latents from 0.484 to 0.338 GiB, at the same speed. Other backends compile with their defaults.
+outputs are bitwise those of the default schedule. Measured on SD 1.5's sizes (BUILD_NOTES.md,
+"Memory and loading"): the temporaries of the VAE decode at 512² fall from 0.875 to 0.625 GiB and those of the
+U-Net at batch 2, 64² latents from 0.484 to 0.338 GiB, at the same speed. Other backends compile with their defaults.
 
 Inside a compiled loop (a sampler's `lax.scan`), XLA hoists whatever depends only on the parameters out of the
 loop: on the CPU backend, which has no bfloat16 convolution or matmul kernel, that is a float32 copy of every

@@ -1,5 +1,6 @@
-"""`jaxdiff.xla_options`: inference programs compile with XLA:CPU's memory-optimised scheduler, which keeps fewer
-temporaries alive at once and leaves the outputs bitwise unchanged."""
+"""`jaxdiff.xla_options`: inference programs compile with XLA:CPU's memory-optimised scheduler, and loops take
+their parameters through `per_step_params`; both keep fewer temporaries alive and leave the outputs bitwise
+unchanged."""
 
 import ast
 import pathlib
