@@ -13,7 +13,8 @@ import pytest
 
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
-from jaxdiff.models.layers import multi_head_attention, single_head_attention
+from jaxdiff.models import layers
+from jaxdiff.models.layers import multi_head_attention, single_head_attention, whole_attention
 from jaxdiff.training.diffusion_step import make_train_step
 from jaxdiff.training.step import init_train_state, make_optimizer
 
@@ -115,6 +116,38 @@ def test_chunked_attention_equals_whole_and_float64_with_its_gradient():
     assert relative_error(chunked, np.concatenate(per_head, axis=2)) <= 1e-5
     assert relative_error(chunked, whole) <= 1e-6
     assert relative_error(odd, np.asarray(whole)[:, :30]) <= 1e-6
+
+
+def test_cpu_attention_by_head_equals_the_accelerators_formulation_in_less_memory():
+    """On CPU, attention runs one head at a time with queries in blocks; `whole_attention` gives XLA's whole
+    computation (jax.nn.dot_product_attention, as on accelerators). Values and gradients agree; the blocked program's
+    temporaries are a fraction of the whole [B, heads, N, M] scores (2·4·200·150 floats, 0.9 MiB), and the
+    module's setting is restored after the context, also when it raises."""
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(2.0 * rng.normal(size=(2, 200, 4, 8)), jnp.float32)  # 200 queries: blocks of 64, the last padded
+    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 150, 4, 8)), jnp.float32) for _ in range(2))
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def run(chunk):
+        forward = jax.jit(lambda q, k, v: multi_head_attention(q, k, v, chunk))
+        loss = lambda q, k, v: jnp.sum(multi_head_attention(q, k, v, chunk) * cotangent)  # noqa: E731
+        temp = forward.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+        return forward(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v), temp
+
+    with jax.default_matmul_precision("highest"):
+        blocked, blocked_grads, blocked_temp = run(64)
+        with whole_attention():
+            whole, whole_grads, whole_temp = run(None)
+    per_head = [np_attention(*(np.asarray(a)[:, :, h : h + 1] for a in (q, k, v))) for h in range(4)]
+    assert relative_error(blocked, np.concatenate(per_head, axis=2)) <= 1e-6
+    assert relative_error(blocked, whole) <= 1e-6
+    for a, b in zip(blocked_grads, whole_grads):
+        assert relative_error(a, b) <= 1e-5
+    assert whole_temp >= 2 * 4 * 200 * 150 * 4 > 4 * blocked_temp
+    assert layers.QUERY_CHUNK == 512
+    with pytest.raises(RuntimeError), whole_attention():
+        raise RuntimeError
+    assert layers.QUERY_CHUNK == 512
 
 
 # ---------------------------------------------------------------- remat

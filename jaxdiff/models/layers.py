@@ -10,7 +10,8 @@ Every option defaults to the official DDPM behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -169,8 +170,8 @@ class ResBlock(nn.Module):
         return x + h
 
 
-# Query rows per block of `multi_head_attention` on CPU; None: never in blocks (what an accelerator's XLA attention
-# holds, e.g. to compare memory estimates with).
+# Query rows per block of `multi_head_attention` on CPU; None: XLA's whole attention on CPU too (what an accelerator's
+# XLA attention holds, e.g. to compare memory estimates with).
 QUERY_CHUNK: int | None = 512
 
 
@@ -179,25 +180,51 @@ def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None =
     """softmax(q·kᵀ / sqrt(D)) · v per head for q [B, N, heads, D] over k, v [B, M, heads, D]; returns
     [B, N, heads, D].
 
-    Logits and softmax are float32 whatever the input dtype; the output has the dtype of v.
-    `jax.nn.dot_product_attention` runs it with `implementation` (None: the backend's choice; "cudnn": cuDNN's
-    fused kernel). On the CPU backend with implementation None, where XLA holds the whole [B, heads, N, M] score
-    matrix, queries longer than `query_chunk` (None: QUERY_CHUNK, read at trace time) are taken `query_chunk` rows at
-    a time (`jax.lax.map` over blocks; the last block padded with zero queries whose rows are dropped): the same
-    result, with scores of [B, heads, query_chunk, M] at a time.
+    Logits and softmax are float32 whatever the input dtype; the probabilities are cast to v's dtype for the
+    product with v, whose dtype the output has. `jax.nn.dot_product_attention` runs it with `implementation`
+    (None: the backend's choice; "cudnn": cuDNN's fused kernel). On the CPU backend with implementation None it
+    runs one head at a time instead (`jax.lax.map` over the B·heads pairs, each two 2-D matrix products), queries
+    longer than `query_chunk` (None: QUERY_CHUNK, read at trace time) taken `query_chunk` rows at a time (the last
+    block padded with zero queries whose rows are dropped): XLA:CPU runs the products batched over heads 2-4x
+    slower than one head's and holds the whole [B, heads, N, M] score matrix (BUILD_NOTES.md, "Memory and
+    loading"). With both chunk sizes None, the CPU computes the whole attention at once, as accelerators do.
     """
-
-    def attend(queries: Array) -> Array:
-        return jax.nn.dot_product_attention(queries, k, v, scale=q.shape[-1] ** -0.5, implementation=implementation)
-
-    b, n = q.shape[:2]
     query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
-    if query_chunk is None or n <= query_chunk or implementation is not None or jax.default_backend() != "cpu":
-        return attend(q)
+    scale = q.shape[-1] ** -0.5
+    if query_chunk is None or implementation is not None or jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+
+    def one_head(queries: Array, keys: Array, values: Array) -> Array:  # [n, D], [M, D], [M, D_v] -> [n, D_v]
+        logits = jnp.einsum("nd,md->nm", queries, keys, preferred_element_type=jnp.float32) * scale
+        return jnp.dot(jax.nn.softmax(logits, axis=-1).astype(values.dtype), values)
+
+    b, n, heads = q.shape[:3]
     blocks = -(-n // query_chunk)
-    padded = jnp.pad(q, ((0, 0), (0, blocks * query_chunk - n), (0, 0), (0, 0)))
-    out = jax.lax.map(attend, padded.reshape(b, blocks, query_chunk, *q.shape[2:]).swapaxes(0, 1))
-    return out.swapaxes(0, 1).reshape(b, blocks * query_chunk, *out.shape[3:])[:, :n]
+
+    def head(qkv: tuple[Array, Array, Array]) -> Array:
+        queries, keys, values = qkv
+        if blocks == 1:
+            return one_head(queries, keys, values)
+        padded = jnp.pad(queries, ((0, blocks * query_chunk - n), (0, 0))).reshape(blocks, query_chunk, -1)
+        out = jax.lax.map(lambda block: one_head(block, keys, values), padded)
+        return out.reshape(blocks * query_chunk, -1)[:n]
+
+    by_head = (a.transpose(0, 2, 1, 3).reshape(b * heads, a.shape[1], a.shape[3]) for a in (q, k, v))
+    out = jax.lax.map(head, tuple(by_head))
+    return out.reshape(b, heads, n, out.shape[-1]).transpose(0, 2, 1, 3)
+
+
+@contextlib.contextmanager
+def whole_attention() -> Iterator[None]:
+    """Within it, `multi_head_attention` traces the whole attention on the CPU backend too (QUERY_CHUNK None), as
+    accelerators compute it: for figures that should not depend on the CPU's loops (XLA's FLOP count of a forward,
+    memory estimates of an accelerator's program)."""
+    global QUERY_CHUNK
+    saved, QUERY_CHUNK = QUERY_CHUNK, None
+    try:
+        yield
+    finally:
+        QUERY_CHUNK = saved
 
 
 # The official DDPM attention is the one-head case ([B, N, 1, C]).

@@ -256,7 +256,8 @@ class FeedForward(nn.Module):
 
 def attend(q: Array, k: Array, v: Array, implementation: str) -> Array:
     """Softmax attention of [B, N, heads, head_dim] queries over keys/values [B, M, heads, head_dim], scale
-    head_dim^-½ (`jaxdiff.models.layers.multi_head_attention`: by query blocks on CPU); -> [B, N, heads·head_dim]."""
+    head_dim^-½ (`jaxdiff.models.layers.multi_head_attention`: one head at a time on CPU); -> [B, N,
+    heads·head_dim]."""
     impl = None if implementation == "auto" else implementation
     out = multi_head_attention(q, k.astype(q.dtype), v.astype(q.dtype), implementation=impl)
     return out.reshape(*out.shape[:2], -1)

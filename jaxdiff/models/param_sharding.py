@@ -14,10 +14,11 @@ the compute dtype (parameters cast for inference), the inputs, and the activatio
 forward's token count. The peak of a transformer block is its float32 residual stream (input and output) plus the
 larger of its attention temporaries (normed input, q, k, v and output in the compute dtype, and with the XLA
 attention the float32 logits, their float32 exponentials and the probabilities in the compute dtype, [B, heads,
-S, S]; cuDNN's flash attention keeps no S×S array; on the CPU backend jaxdiff takes queries in blocks,
-`jaxdiff.models.layers.QUERY_CHUNK`, so XLA:CPU holds less than this estimate of an accelerator's) and its MLP temporaries (input and output, hidden activation
-before and after the nonlinearity; three hidden arrays for T5's gated MLP). Flux's single-stream block holds its
-attention and its MLP at once. With several devices the weights of one block are gathered in full while it runs.
+S, S]; cuDNN's flash attention keeps no S×S array; on the CPU backend jaxdiff takes one head and a block of
+queries at a time, `jaxdiff.models.layers.multi_head_attention`, so XLA:CPU holds less than this estimate of an
+accelerator's) and its MLP temporaries (input and output, hidden activation before and after the nonlinearity;
+three hidden arrays for T5's gated MLP). Flux's single-stream block holds its attention and its MLP at once. With
+several devices the weights of one block are gathered in full while it runs.
 The VAE's decode: the larger of its mid-block attention at latent resolution and four float32 activations at full
 resolution with the first block's width. With `batch_sharded` each device holds batch / devices rows of every
 activation (FSDP); with replicated inputs the whole batch's activations are counted on every device, an upper
