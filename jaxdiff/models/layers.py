@@ -173,6 +173,9 @@ class ResBlock(nn.Module):
 # Query rows per block of `multi_head_attention` on CPU; None: XLA's whole attention on CPU too (what an accelerator's
 # XLA attention holds, e.g. to compare memory estimates with).
 QUERY_CHUNK: int | None = 512
+# The smallest score matrix of one head (queries × keys) that `multi_head_attention` computes one head at a time on
+# CPU: below it the loop's per-head cost outweighs what it saves (64-token DiT blocks, the tests' tiny networks).
+CPU_HEAD_LOOP_MIN_SCORES = 256 * 256
 
 
 def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = None,
@@ -182,23 +185,25 @@ def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None =
 
     Logits and softmax are float32 whatever the input dtype; the probabilities are cast to v's dtype for the
     product with v, whose dtype the output has. `jax.nn.dot_product_attention` runs it with `implementation`
-    (None: the backend's choice; "cudnn": cuDNN's fused kernel). On the CPU backend with implementation None it
-    runs one head at a time instead (`jax.lax.map` over the B·heads pairs, each two 2-D matrix products), queries
-    longer than `query_chunk` (None: QUERY_CHUNK, read at trace time) taken `query_chunk` rows at a time (the last
-    block padded with zero queries whose rows are dropped): XLA:CPU runs the products batched over heads 2-4x
-    slower than one head's and holds the whole [B, heads, N, M] score matrix (BUILD_NOTES.md, "Memory and
-    loading"). With both chunk sizes None, the CPU computes the whole attention at once, as accelerators do.
+    (None: the backend's choice; "cudnn": cuDNN's fused kernel). On the CPU backend with implementation None and
+    N·M of at least CPU_HEAD_LOOP_MIN_SCORES it runs one head at a time instead (`jax.lax.map` over the B·heads
+    pairs, each two 2-D matrix products), queries longer than `query_chunk` (None: QUERY_CHUNK, read at trace time)
+    taken `query_chunk` rows at a time (the last block padded with zero queries whose rows are dropped): XLA:CPU
+    runs the products batched over heads 2-4x slower than one head's and holds the whole [B, heads, N, M] score
+    matrix (BUILD_NOTES.md, "Memory and loading"). With both chunk sizes None (`whole_attention`), the CPU computes
+    the whole attention at once, as accelerators do.
     """
     query_chunk = QUERY_CHUNK if query_chunk is None else query_chunk
     scale = q.shape[-1] ** -0.5
-    if query_chunk is None or implementation is not None or jax.default_backend() != "cpu":
+    b, n, heads = q.shape[:3]
+    whole = query_chunk is None or n * k.shape[1] < CPU_HEAD_LOOP_MIN_SCORES
+    if whole or implementation is not None or jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
     def one_head(queries: Array, keys: Array, values: Array) -> Array:  # [n, D], [M, D], [M, D_v] -> [n, D_v]
         logits = jnp.einsum("nd,md->nm", queries, keys, preferred_element_type=jnp.float32) * scale
         return jnp.dot(jax.nn.softmax(logits, axis=-1).astype(values.dtype), values)
 
-    b, n, heads = q.shape[:3]
     blocks = -(-n // query_chunk)
 
     def head(qkv: tuple[Array, Array, Array]) -> Array:
@@ -218,7 +223,8 @@ def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None =
 def whole_attention() -> Iterator[None]:
     """Within it, `multi_head_attention` traces the whole attention on the CPU backend too (QUERY_CHUNK None), as
     accelerators compute it: for figures that should not depend on the CPU's loops (XLA's FLOP count of a forward,
-    memory estimates of an accelerator's program)."""
+    memory estimates of an accelerator's program). Only what is traced within it: a jitted function already
+    traced for the same arguments keeps its compiled program."""
     global QUERY_CHUNK
     saved, QUERY_CHUNK = QUERY_CHUNK, None
     try:
