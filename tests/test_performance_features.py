@@ -96,13 +96,13 @@ def test_attention_bfloat16_inputs_keep_float32_softmax():
 
 
 def test_chunked_attention_equals_whole_and_float64_with_its_gradient():
-    """Queries taken 8 rows at a time (36 blocks of a 288-position sequence, 2 heads, cross-attention over 240 keys:
+    """Queries taken 8 rows at a time (72 blocks of a 576-position sequence, 2 heads, cross-attention over 480 keys:
     score matrices above CPU_HEAD_LOOP_MIN_SCORES) give the whole computation's values and gradients, also for a
     length that is no multiple of the chunk."""
     rng = np.random.default_rng(4)
-    q = jnp.asarray(2.0 * rng.normal(size=(2, 288, 2, 16)), jnp.float32)
-    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 240, 2, 16)), jnp.float32) for _ in range(2))
-    assert 286 * 240 >= layers.CPU_HEAD_LOOP_MIN_SCORES
+    q = jnp.asarray(2.0 * rng.normal(size=(2, 576, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 480, 2, 16)), jnp.float32) for _ in range(2))
+    assert 574 * 480 >= layers.CPU_HEAD_LOOP_MIN_SCORES
     cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
     def grads(chunk):
@@ -111,24 +111,24 @@ def test_chunked_attention_equals_whole_and_float64_with_its_gradient():
 
     with jax.default_matmul_precision("highest"):
         chunked, whole = (jax.jit(multi_head_attention, static_argnums=3)(q, k, v, c) for c in (8, 10**6))
-        odd = jax.jit(multi_head_attention, static_argnums=3)(q[:, :286], k, v, 8)  # the last block padded
+        odd = jax.jit(multi_head_attention, static_argnums=3)(q[:, :574], k, v, 8)  # the last block padded
         for a, b in zip(grads(8), grads(10**6)):
             assert relative_error(a, b) <= 1e-5
     per_head = [np_attention(*(np.asarray(a)[:, :, h : h + 1] for a in (q, k, v))) for h in range(2)]
     assert relative_error(chunked, np.concatenate(per_head, axis=2)) <= 1e-5
     assert relative_error(chunked, whole) <= 1e-6
-    assert relative_error(odd, np.asarray(whole)[:, :286]) <= 1e-6
+    assert relative_error(odd, np.asarray(whole)[:, :574]) <= 1e-6
 
 
 def test_cpu_attention_by_head_equals_the_accelerators_formulation_in_less_memory():
     """On CPU, attention runs one head at a time with queries in blocks; `whole_attention` gives XLA's whole
     computation (jax.nn.dot_product_attention, as on accelerators). Values and gradients agree; the blocked program's
-    temporaries are a fraction of the whole [B, heads, N, M] scores (2·4·200·400 floats, 2.4 MiB), and the
+    temporaries are a fraction of the whole [B, heads, N, M] scores (2·4·600·500 floats, 9.2 MiB), and the
     module's setting is restored after the context, also when it raises. Score matrices smaller than
     CPU_HEAD_LOOP_MIN_SCORES are computed whole."""
     rng = np.random.default_rng(7)
-    q = jnp.asarray(2.0 * rng.normal(size=(2, 200, 4, 8)), jnp.float32)  # 200 queries: blocks of 64, the last padded
-    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 400, 4, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(2.0 * rng.normal(size=(2, 600, 4, 8)), jnp.float32)  # 600 queries: blocks of 64, the last padded
+    k, v = (jnp.asarray(2.0 * rng.normal(size=(2, 500, 4, 8)), jnp.float32) for _ in range(2))
     cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
     def run(chunk):
@@ -146,8 +146,8 @@ def test_cpu_attention_by_head_equals_the_accelerators_formulation_in_less_memor
     assert relative_error(blocked, whole) <= 1e-6
     for a, b in zip(blocked_grads, whole_grads):
         assert relative_error(a, b) <= 1e-5
-    assert whole_temp >= 2 * 4 * 200 * 400 * 4 > 4 * blocked_temp
-    short = jax.make_jaxpr(lambda q, k, v: multi_head_attention(q, k, v, 64))(q, k[:, :300], v[:, :300])
+    assert whole_temp >= 2 * 4 * 600 * 500 * 4 > 4 * blocked_temp
+    short = jax.make_jaxpr(lambda q, k, v: multi_head_attention(q, k, v, 64))(q, k[:, :400], v[:, :400])
     assert "scan" not in str(short) and "scan" in str(jax.make_jaxpr(multi_head_attention)(q, k, v))
     assert layers.QUERY_CHUNK == 512
     with pytest.raises(RuntimeError), whole_attention():

@@ -174,8 +174,9 @@ class ResBlock(nn.Module):
 # XLA attention holds, e.g. to compare memory estimates with).
 QUERY_CHUNK: int | None = 512
 # The smallest score matrix of one head (queries × keys) that `multi_head_attention` computes one head at a time on
-# CPU: below it the loop's per-head cost outweighs what it saves (64-token DiT blocks, the tests' tiny networks).
-CPU_HEAD_LOOP_MIN_SCORES = 256 * 256
+# CPU: below it the loop's per-head cost can outweigh what it saves (a DiT-XL/2 block's 256 tokens, 16 heads: 1.7x
+# slower a head at a time; the tests' tiny networks).
+CPU_HEAD_LOOP_MIN_SCORES = 512 * 512
 
 
 def multi_head_attention(q: Array, k: Array, v: Array, query_chunk: int | None = None,
