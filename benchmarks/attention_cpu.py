@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jaxdiff.models.layers import multi_head_attention, whole_attention  # noqa: E402
 from jaxdiff.xla_options import inference_jit  # noqa: E402
+from timing import timed_calls  # noqa: E402  (benchmarks/)
 
 SHAPES = {
     "SD 1.5 attn1, 64² latents": (2, 4096, 4096, 8, 40),
@@ -39,16 +41,6 @@ SHAPES = {
     "Flux / SD3 joint, 1024²": (2, 4429, 4429, 24, 64),
     "DiT-XL/2 block, 256²": (2, 256, 256, 16, 72),
 }
-
-
-def best_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def compiled(grad: bool, q, k, v):
@@ -67,14 +59,7 @@ def torch_seconds(arrays: list[np.ndarray], repeats: int) -> float | None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     q, k, v = (torch.from_numpy(a.copy()).permute(0, 2, 1, 3) for a in arrays)  # [B, heads, N, D]
     with torch.inference_mode():
-        run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return min(times)
+        return min(timed_calls(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeats))
 
 
 def measure(shape: tuple[int, ...], dtype: str, grad: bool, repeats: int) -> dict:
@@ -87,8 +72,8 @@ def measure(shape: tuple[int, ...], dtype: str, grad: bool, repeats: int) -> dic
         whole = compiled(grad, q, k, v)
     reference = np.asarray(jax.tree_util.tree_leaves(whole(q, k, v))[0], np.float32)
     difference = np.max(np.abs(np.asarray(jax.tree_util.tree_leaves(ours(q, k, v))[0], np.float32) - reference))
-    seconds = {"jaxdiff": best_seconds(lambda: ours(q, k, v), repeats),
-               "xla_whole": best_seconds(lambda: whole(q, k, v), repeats)}  # fmt: skip
+    seconds = {name: min(timed_calls(lambda: jax.block_until_ready(program(q, k, v)), repeats))
+               for name, program in (("jaxdiff", ours), ("xla_whole", whole))}  # fmt: skip
     if not grad and dtype == "float32":
         seconds["torch_sdpa"] = torch_seconds(arrays, repeats)
     return {"shape": list(shape), "seconds": seconds,

@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+from timing import timed_calls  # noqa: E402  (benchmarks/, this script's folder)
+
 PRESET = "B/4"
 LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
@@ -47,13 +49,7 @@ PAPER_XL2_GMACS = 118.6
 
 def median_seconds(fn, repeats: int) -> float:
     """Median wall seconds of `repeats` calls of fn after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_calls(fn, repeats))
 
 
 def jax_config(input_size: int, batch_size: int, sample_steps: int):

@@ -35,13 +35,13 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from load_cpu import SIZES, prepare  # noqa: E402  (benchmarks/)
 from sequential_sides import add_side_options, check_side_options, machine, print_result, run_side  # noqa: E402
+from timing import timed_calls  # noqa: E402
 from vs_diffusers_sd import NEED_GIB, unet_inputs  # noqa: E402
 
 PARTS = ("convolution", "attention core", "attention proj", "feed-forward", "GroupNorm", "LayerNorm", "other")
@@ -83,12 +83,7 @@ def jax_side(folder: Path, repeats: int) -> dict:
     inputs = [jnp.asarray(a) for a in unet_inputs(folder).values()]
     compiled = forward.lower(params, *inputs).compile()
     instructions = hlo_instructions(compiled.as_text())
-    jax.block_until_ready(compiled(params, *inputs))
-    wall = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, *inputs))
-        wall.append(time.perf_counter() - start)
+    wall = timed_calls(lambda: jax.block_until_ready(compiled(params, *inputs)), repeats)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         for _ in range(repeats):
@@ -134,12 +129,7 @@ def torch_side(folder: Path, repeats: int) -> dict:
         with torch.inference_mode():
             return unet(sample, timesteps, context).sample
 
-    run()
-    wall = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        wall.append(time.perf_counter() - start)
+    wall = timed_calls(run, repeats)
     for name, module in unet.named_modules():
         if name:
             wrap(name, module)
