@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.errors import ConfigError, UsageError
-from jaxdiff.models import dit
+from jaxdiff.models import dit, layers
 from jaxdiff.models.networks import create_model
 from jaxdiff.models.summary import count_parameters, matmul_flops, model_summary, parameter_shapes
 from jaxdiff.readers.dit_checkpoint import dit_model_config, read_diffusers_dit
@@ -111,6 +111,17 @@ def test_forward_macs_match_the_paper(preset):
     _, macs = closed_form_counts(config.depth, config.hidden_size, config.num_heads, config.patch_size)
     assert flops == 2 * macs
     assert macs / 1e9 == pytest.approx(PAPER_TABLE[preset][1], abs=0.015)  # the table's rounding and ~0.01% more
+
+
+def test_matmul_flops_count_a_loop_of_heads_as_the_whole_attention():
+    """Attention of 1,024 tokens runs a head at a time on CPU (`lax.map`): its scan bodies count once per
+    iteration, so the count equals the whole attention's, 2 products × 2·N·M·D per head."""
+    q = jnp.ones((2, 1024, 3, 8))
+    looped = jax.make_jaxpr(lambda q: layers.multi_head_attention(q, q, q))(q)
+    with layers.whole_attention():  # a function of its own: JAX reuses the jaxpr of one it has traced
+        whole = jax.make_jaxpr(lambda q: layers.multi_head_attention(q, q, q))(q)
+    assert "scan" in str(looped) and "scan" not in str(whole)
+    assert matmul_flops(looped) == matmul_flops(whole) == 2 * 3 * 2 * (2 * 1024 * 1024 * 8)
 
 
 def test_diffusers_layout_parameter_count():
