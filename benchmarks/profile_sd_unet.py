@@ -82,17 +82,18 @@ def jax_side(folder: Path, repeats: int) -> dict:
     forward = inference_jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c))
     inputs = [jnp.asarray(a) for a in unet_inputs(folder).values()]
     compiled = forward.lower(params, *inputs).compile()
-    instructions = hlo_instructions(compiled.as_text())
+    hlo = compiled.as_text()
+    instructions = hlo_instructions(hlo)
     wall = timed_calls(lambda: jax.block_until_ready(compiled(params, *inputs)), repeats)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         for _ in range(repeats):
             jax.block_until_ready(compiled(params, *inputs))
         jax.profiler.stop_trace()
-        per_op, events = thunk_seconds(trace_dir, compiled.as_text().split()[1].rstrip(","))
+        per_op, events = thunk_seconds(trace_dir, hlo.split()[1].rstrip(","))
     # A loop's thunk lasts as long as the thunks of its body, which are counted themselves (attention on CPU runs
     # in `lax.map` loops).
-    loops = set(re.findall(r"^\s*%(\S+) = .* while\(", compiled.as_text(), flags=re.MULTILINE))
+    loops = set(re.findall(r"^\s*%(\S+) = .* while\(", hlo, flags=re.MULTILINE))
     seconds = dict.fromkeys(PARTS, 0.0)
     for name, total in per_op.items():
         if name in loops:
