@@ -1,7 +1,15 @@
-"""XLA's convolution weight gradient against `jaxdiff.models.cpu_conv`'s shifted GEMMs on this CPU.
+"""XLA's convolutions against `jaxdiff.models.cpu_conv`'s GEMMs on this CPU: the forward of SD 1.5's U-Net
+convolutions (`--forward`), the weight gradient of the CIFAR-10 U-Net's.
 
+    python benchmarks/conv_cpu.py --forward [--repeats 5]
     python benchmarks/conv_cpu.py [--batch-size 32] [--repeats 7] [--train-config configs/cifar10.py]
         [--train-batch-size 32] [--train-steps 3] [--xla-flags="FLAGS;FLAGS;..."] [--rounds 2]
+
+--forward: every distinct 3×3 and 1×1 convolution of SD 1.5's U-Net on one guided step (batch 2, 64×64 latents,
+   the input's size, channels in and out, stride, and how many the forward holds), XLA's convolution and
+   `cpu_conv.im2col_conv`, each jitted, called round-robin --repeats times after a warm-up and checked equal; min
+   milliseconds, the ratio, which one `cpu_conv.gemm_on_cpu` picks, and the totals over the forward (counts
+   applied). Nothing else runs.
 
 1. Operations, one process: for each 3×3 convolution of the CIFAR-10 U-Net (32×32×128, 16×16×256,
    8×8×256, 4×4×256, stride 1 "SAME"; and the stride-2 downsample at 32×32×128) the forward, XLA's
@@ -41,6 +49,20 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 SHAPES = (("32x32x128", 32, 128, 1), ("16x16x256", 16, 256, 1), ("8x8x256", 8, 256, 1), ("4x4x256", 4, 256, 1),
           ("32x32x128/2", 32, 128, 2))  # fmt: skip
 OPS = ("forward", "input grad", "weight grad XLA", "weight grad GEMMs")
+# (input size, channels in, channels out, kernel, stride, count) of SD 1.5's U-Net forward at 64×64 latents: the
+# resnets' 3×3 convolutions down, middle and up (the up blocks' inputs concatenate skips), the down- and upsamplers'
+# (the upsampler's at its output size), the transformers' 1×1 proj_in / proj_out and the resnets' 1×1 shortcuts.
+SD15_CONVOLUTIONS = (
+    (64, 320, 320, 3, 1, 7), (64, 320, 320, 3, 2, 1), (32, 320, 640, 3, 1, 1), (32, 640, 640, 3, 1, 6),
+    (32, 640, 640, 3, 2, 1), (16, 640, 1280, 3, 1, 1), (16, 1280, 1280, 3, 1, 7), (16, 1280, 1280, 3, 2, 1),
+    (8, 1280, 1280, 3, 1, 11), (8, 2560, 1280, 3, 1, 3), (16, 2560, 1280, 3, 1, 2), (16, 1920, 1280, 3, 1, 1),
+    (32, 1280, 1280, 3, 1, 1), (32, 1920, 640, 3, 1, 1), (32, 1280, 640, 3, 1, 1), (32, 960, 640, 3, 1, 1),
+    (64, 640, 640, 3, 1, 1), (64, 960, 320, 3, 1, 1),
+    (64, 640, 320, 3, 1, 2), (64, 320, 320, 1, 1, 10), (32, 640, 640, 1, 1, 10), (16, 1280, 1280, 1, 1, 10),
+    (8, 1280, 1280, 1, 1, 2), (32, 320, 640, 1, 1, 1), (16, 640, 1280, 1, 1, 1), (8, 2560, 1280, 1, 1, 3),
+    (16, 2560, 1280, 1, 1, 2), (16, 1920, 1280, 1, 1, 1), (32, 1920, 640, 1, 1, 1), (32, 1280, 640, 1, 1, 1),
+    (32, 960, 640, 1, 1, 1), (64, 960, 320, 1, 1, 1), (64, 640, 320, 1, 1, 2),
+)  # fmt: skip
 
 
 def load() -> float:
@@ -72,6 +94,44 @@ def operation_fns(batch: int, size: int, channels: int, stride: int):
     if error > 1e-4:
         raise AssertionError(f"weight gradients differ at {size}x{size}x{channels}/{stride}: {error:.1e} relative")
     return fns
+
+
+def measure_forward(repeats: int, batch: int = 2) -> dict:
+    """{"rows": [{shape, count, xla_ms, gemm_ms, picked}], "totals": {...}} for SD15_CONVOLUTIONS."""
+    before, rows = load(), []
+    for size, c_in, c_out, k, stride, count in SD15_CONVOLUTIONS:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((batch, size, size, c_in), np.float32))
+        kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out), np.float32) * 0.05)
+        pads = ((k // 2, k // 2),) * 2
+        fns = {
+            "xla": (jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (stride,) * 2, pads, dimension_numbers=NHWC)),
+                    (x, kernel)),
+            "gemm": (jax.jit(lambda x, w: cpu_conv.im2col_conv(x, w, (stride,) * 2, pads)), (x, kernel)),
+        }  # fmt: skip
+        xla, gemm = (np.asarray(fn(*args)) for fn, args in fns.values())
+        error = np.abs(xla - gemm).max() / np.abs(xla).max()
+        if error > 1e-5:
+            raise AssertionError(f"the GEMM differs from XLA's convolution at {x.shape} k{k}/{stride}: {error:.1e}")
+        times = time_round_robin(fns, repeats)
+        picked = "gemm" if cpu_conv.gemm_on_cpu(x.shape, kernel.shape, (stride,) * 2, pads) else "xla"
+        milliseconds = {f"{name}_ms": min(seconds) * 1e3 for name, seconds in times.items()}
+        rows.append({"shape": [batch, size, size, c_in, c_out, k, stride], "count": count, **milliseconds,
+                     "picked": picked})  # fmt: skip
+    totals = {name: sum(r["count"] * r[f"{name}_ms"] for r in rows) / 1e3 for name in ("xla", "gemm")}
+    totals["picked"] = sum(r["count"] * r[f"{r['picked']}_ms"] for r in rows) / 1e3
+    return {"load": [before, load()], "rows": rows, "totals_s": totals}
+
+
+def print_forward(measured: dict) -> None:
+    print(f"SD 1.5 U-Net convolutions, forward (load {measured['load'][0]:.1f} -> {measured['load'][1]:.1f}); min ms")
+    print(f"{'B,H,W,Cin,Cout,k,stride':<30}{'count':>6}{'XLA':>10}{'GEMM':>10}{'XLA/GEMM':>10}{'picked':>8}")
+    for r in measured["rows"]:
+        print(f"{','.join(map(str, r['shape'])):<30}{r['count']:>6}{r['xla_ms']:>10.1f}{r['gemm_ms']:>10.1f}"
+              f"{r['xla_ms'] / r['gemm_ms']:>10.2f}{r['picked']:>8}")  # fmt: skip
+    t = measured["totals_s"]
+    print(f"per forward: all XLA {t['xla']:.2f} s, all GEMM {t['gemm']:.2f} s, as picked {t['picked']:.2f} s "
+          f"(XLA / picked {t['xla'] / t['picked']:.2f}x)")  # fmt: skip
 
 
 def time_round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -159,6 +219,7 @@ def measure_flags(flag_sets: list[str], batch: int, repeats: int, rounds: int) -
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forward", action="store_true", help="SD 1.5's U-Net convolutions, forward only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--train-config", default=str(ROOT / "configs" / "cifar10.py"))
@@ -176,6 +237,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.forward:
+        forward = measure_forward(args.repeats)
+        print(f"jax {jax.__version__}, {os.cpu_count()} CPUs")
+        print_forward(forward)
+        print("JSON " + json.dumps({"jax": jax.__version__, "forward": forward}))
+        return
     operations = measure_operations(args.batch_size, args.repeats)
     if args.operations_json:
         print(json.dumps(operations))

@@ -1,6 +1,8 @@
-"""The CPU shifted-GEMM weight gradient (`jaxdiff.models.cpu_conv`) against a float64 NumPy convolution
-and against XLA's own VJP, at the strides and paddings the U-Nets use."""
+"""The CPU convolutions of `jaxdiff.models.cpu_conv` (small ones as one im2col GEMM, and the optional shifted-GEMM
+weight gradient) against a float64 NumPy convolution and against XLA's own convolution and VJP, at the strides and
+paddings the U-Nets use."""
 
+import math
 import re
 
 import flax.linen as nn
@@ -12,6 +14,7 @@ from jax import lax
 
 from jaxdiff.models import cpu_conv
 from jaxdiff.models.layers import Downsample, ResBlock
+from jaxdiff.models.summary import matmul_flops
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -39,8 +42,10 @@ def numpy_conv_and_grads(x, kernel, g, strides, pads):
 
 
 CASES = [
-    # (x shape, kernel shape, strides, padding as nn.Conv passes it)
+    # (x shape, kernel shape, strides, padding as nn.Conv passes it); all but the 20×20 one are GEMMs on CPU
     ((2, 8, 8, 3), (3, 3, 3, 5), (1, 1), "SAME"),
+    ((2, 20, 20, 3), (3, 3, 3, 4), (1, 1), "SAME"),  # 800 output rows: XLA's convolution
+    ((2, 9, 7, 6), (1, 1, 6, 5), (1, 1), "VALID"),  # 1×1: a matmul over channels
     ((2, 8, 8, 4), (3, 3, 4, 4), (2, 2), "SAME"),  # TF SAME: pad 0 before, 1 after
     ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),  # PyTorch padding 1
     ((3, 7, 5, 2), (3, 3, 2, 3), (2, 2), "SAME"),  # odd sizes
@@ -48,8 +53,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("shifted_weight_gradient", ["0", "1"])
 @pytest.mark.parametrize("x_shape, kernel_shape, strides, padding", CASES)
-def test_values_and_gradients_match_float64_and_xla(x_shape, kernel_shape, strides, padding):
+def test_values_and_gradients_match_float64_and_xla(x_shape, kernel_shape, strides, padding, shifted_weight_gradient,
+                                                    monkeypatch):  # fmt: skip
+    monkeypatch.setenv(cpu_conv.ENV_VAR, shifted_weight_gradient)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     kernel = rng.standard_normal(kernel_shape).astype(np.float32)
@@ -73,24 +81,59 @@ def test_values_and_gradients_match_float64_and_xla(x_shape, kernel_shape, strid
         np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=1e-5 * np.abs(dx_ref).max())
 
 
-def test_the_cpu_weight_gradient_is_gemms_not_a_convolution():
-    """On CPU the gradient program holds one convolution (the input gradient) besides the forward."""
-    x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+def _convolutions(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, strides, gemm",
+    [
+        ((2, 16, 16, 4), (3, 3, 4, 4), (1, 1), True),  # 512 output rows
+        ((3, 16, 16, 4), (3, 3, 4, 4), (1, 1), False),  # 768
+        ((2, 32, 32, 4), (3, 3, 4, 4), (2, 2), True),  # stride 2: 2 · 16 · 16 = 512 output rows
+        ((8, 32, 32, 4), (1, 1, 4, 4), (1, 1), True),  # 1×1 at any size
+        ((8, 32, 32, 4), (1, 1, 4, 4), (2, 2), False),  # 1×1 with a stride: 2,048 rows
+    ],
+)
+def test_the_cpu_backend_takes_the_gemm_for_small_outputs_and_1x1(x_shape, kernel_shape, strides, gemm):
+    x, kernel = jnp.ones(x_shape), jnp.ones(kernel_shape)
+
+    def conv(x, k):
+        return cpu_conv.conv_general_dilated(x, k, strides, "SAME", dimension_numbers=NHWC)
+
+    assert _convolutions(conv, x, kernel) == (0 if gemm else 1)
+    with cpu_conv.xla_convolutions():
+        assert _convolutions(lambda x, k: conv(x, k), x, kernel) == 1  # a fresh function: traced anew
+    assert cpu_conv.GEMM_MAX_ROWS == 512
+    with pytest.raises(RuntimeError), cpu_conv.xla_convolutions():
+        raise RuntimeError
+    assert cpu_conv.GEMM_MAX_ROWS == 512
+    flops = matmul_flops(jax.make_jaxpr(conv)(x, kernel))  # the CPU's GEMM or the accelerators' convolution: one
+    out = conv(x, kernel)
+    assert flops == 2 * out.size * math.prod(kernel_shape[:3])
+
+
+def test_the_cpu_weight_gradient_is_gemms_not_a_convolution(monkeypatch):
+    """With the switch on, the gradient program holds one convolution (the input gradient) besides the forward,
+    at outputs of 8×8 pixels whose 16 images are too many rows for the forward GEMM."""
+    x, kernel = jnp.ones((16, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "1")
 
     def loss(conv, k):
         return jnp.sum(conv(x, k, (1, 1), "SAME", dimension_numbers=NHWC) ** 2)
 
     def convolutions(conv):
-        return jax.jit(jax.grad(lambda k: loss(conv, k))).lower(kernel).as_text().count("stablehlo.convolution")
+        return _convolutions(jax.grad(lambda k: loss(conv, k)), kernel)
 
     assert convolutions(lax.conv_general_dilated) == 2  # forward + weight gradient
     assert convolutions(cpu_conv.conv_general_dilated) == 1  # forward; weight gradient by dot_general
     assert "dot_general" in jax.jit(jax.grad(lambda k: loss(cpu_conv.conv_general_dilated, k))).lower(kernel).as_text()
 
 
-def test_large_maps_keep_xla_weight_gradient_and_forward_mode_works():
+def test_large_maps_keep_xla_weight_gradient_and_forward_mode_works(monkeypatch):
+    monkeypatch.setenv(cpu_conv.ENV_VAR, "1")
     rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.standard_normal((1, 16, 16, 2)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((3, 16, 16, 2)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 2, 3)), jnp.float32)
     conv = lambda k: cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
     native = lambda k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
@@ -104,7 +147,9 @@ def test_large_maps_keep_xla_weight_gradient_and_forward_mode_works():
     np.testing.assert_allclose(jax.jvp(small, (kernel,), (direction,))[1], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_weight_gradient():
+@pytest.mark.parametrize("shifted_weight_gradient", ["0", "1"])
+def test_bfloat16_weight_gradient(shifted_weight_gradient, monkeypatch):
+    monkeypatch.setenv(cpu_conv.ENV_VAR, shifted_weight_gradient)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     kernel = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
@@ -152,8 +197,9 @@ class _Blocks(nn.Module):
 
 
 def test_the_switched_layers_have_the_same_parameters_and_gradients(monkeypatch):
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
-    temb = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+    """16 images of 8×8: the ResBlock's convolutions are XLA's (1,024 rows), the 4×4 Downsample's a GEMM."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 8, 8, 4))
+    temb = jax.random.normal(jax.random.PRNGKey(2), (16, 16))
 
     @jax.jit
     def params_and_grads():
@@ -171,7 +217,7 @@ def test_the_switched_layers_have_the_same_parameters_and_gradients(monkeypatch)
     monkeypatch.setenv(cpu_conv.ENV_VAR, "1")
     params_and_grads.clear_cache()
     params_switched, grads_switched = params_and_grads()
-    assert convolutions() == native_convolutions - 3  # three weight gradients became GEMMs
+    assert convolutions() == native_convolutions - 2  # the two weight gradients became GEMMs
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_switched)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_switched)
     for native, switched in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_switched)):

@@ -31,7 +31,7 @@ import ml_collections
 
 from jaxdiff.checks import is_int, unsupported
 from jaxdiff.errors import ConfigError, UsageError
-from jaxdiff.models.layers import Downsample, Upsample, conv3x3, dense, group_norm, single_head_attention
+from jaxdiff.models.layers import Downsample, Upsample, conv1x1, conv3x3, dense, group_norm, single_head_attention
 
 _unsupported = functools.partial(unsupported, "AutoencoderKL config")
 
@@ -141,10 +141,6 @@ def posterior_from_moments(moments: Array) -> DiagonalGaussian:
     return DiagonalGaussian(mean, jnp.clip(logvar, *LOGVAR_RANGE))
 
 
-def conv1x1(features: int, dtype: Any, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
 class ResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D without a time embedding: x [B,H,W,C] -> [B,H,W,out_ch],
     h = conv2(silu(norm2(conv1(silu(norm1(x)))))); returns conv_shortcut(x) + h (1×1, only when C != out_ch)."""
@@ -158,7 +154,7 @@ class ResnetBlock(nn.Module):
         h = conv3x3(self.out_ch, self.dtype, name="conv1")(nn.silu(group_norm(x, name="norm1", num_groups=self.groups)))
         h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(group_norm(h, name="norm2", num_groups=self.groups)))
         if x.shape[-1] != self.out_ch:
-            x = conv1x1(self.out_ch, self.dtype, "conv_shortcut")(x)
+            x = conv1x1(self.out_ch, self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -301,9 +297,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(latent_channels=self.latent_channels, **shared)
         self.decoder = Decoder(out_channels=self.out_channels, **shared)
         if self.use_quant_conv:
-            self.quant_conv = conv1x1(2 * self.latent_channels, dtype, "quant_conv")
+            self.quant_conv = conv1x1(2 * self.latent_channels, dtype, name="quant_conv")
         if self.use_post_quant_conv:
-            self.post_quant_conv = conv1x1(self.latent_channels, dtype, "post_quant_conv")
+            self.post_quant_conv = conv1x1(self.latent_channels, dtype, name="post_quant_conv")
 
     def encode(self, x: Array) -> DiagonalGaussian:
         """x [B,H,W,in_channels] in [-1, 1], H and W divisible by 2^(L-1) -> posterior q(z | x)."""

@@ -1,24 +1,33 @@
-"""A 2-D convolution whose weight gradient on the CPU backend is computed as shifted GEMMs for small maps.
+"""2-D convolutions for the CPU backend: small ones as GEMMs, and an optional GEMM weight gradient.
 
-XLA-CPU computes a convolution's weight gradient as a second convolution over the batch·pixel axis.
-The same gradient is exactly Σ over kernel offsets (i, j) of one GEMM each, contracting that axis:
+XLA:CPU's convolution kernel is slow when the output has few rows (batch · Ho · Wo) and many channels: a
+3×3 convolution 8×8×1280, batch 2, took 124 ms here where the same sum written as one GEMM over its im2col
+windows, [B·Ho·Wo, kh·kw·C] · [kh·kw·C, O], took 37 ms (PyTorch's oneDNN 87–103 ms); at 16×16 the GEMM took
+0.6–0.85× XLA's time, at 32×32 and above 1.1–2.6× (`benchmarks/conv_cpu.py --forward` measures them). So on the
+CPU backend `conv_general_dilated` computes convolutions with at most GEMM_MAX_ROWS output rows, and every 1×1
+convolution (a plain matmul over channels, 0.6–0.8× XLA's time at every size measured), as that GEMM; larger
+ones keep XLA's kernel. `lax.platform_dependent` makes the choice when the program is lowered, so GPUs and TPUs
+keep XLA's native convolution; `xla_convolutions()` makes the CPU trace it too (for figures that should not
+depend on the CPU's formulation, such as XLA's FLOP count of a forward).
+
+The weight gradient. XLA-CPU computes a convolution's weight gradient as a second convolution over the
+batch·pixel axis. The same gradient is exactly Σ over kernel offsets (i, j) of one GEMM each, contracting that axis:
     ∂L/∂k[i, j, c, o] = Σ_{b,p,q} x_pad[b, s_h·p + i, s_w·q + j, c] · ∂L/∂y[b, p, q, o].
-`conv_general_dilated` is a `jax.custom_jvp` whose tangent in the kernel is that sum of shifted GEMMs,
-so reverse mode transposes it into the GEMMs above (and forward mode still works); the forward value
-and the input gradient are XLA's own convolutions. Which weight gradient is faster depends on the map
-size and the CPU (`benchmarks/conv_cpu.py` measures both in one process): on a loaded 2-core AMD EPYC
-(Zen 5) the GEMMs took 0.3–1.5× XLA's time at 8×8 and 4×4 outputs and 1.1–3× at 16×16 and 32×32, so they
-are used for outputs of at most GEMM_MAX_OUTPUT_PIXELS pixels. `lax.platform_dependent` picks them only when the computation runs on
-the CPU: GPUs and TPUs keep XLA's native weight gradient. The U-Nets' 3×3 convolutions use this when the
-environment variable JAXDIFF_CPU_CONV_WGRAD=1 is set as a model is built; it is off by default because
-whole training steps measured no steady gain (1.11× and 0.92× for the digits model in two loaded runs).
+With the environment variable JAXDIFF_CPU_CONV_WGRAD=1 (read when a convolution is traced),
+`conv_general_dilated` is a `jax.custom_jvp` whose tangent in the kernel is that sum of shifted GEMMs for outputs
+of at most GEMM_MAX_OUTPUT_PIXELS pixels (Ho·Wo), so reverse mode transposes it into the GEMMs above (and forward
+mode still works). On a loaded 2-core AMD EPYC (Zen 5) the GEMMs took 0.3–1.5× XLA's time at 8×8 and 4×4 outputs
+and 1.1–3× at 16×16 and 32×32; whole training steps measured no steady gain (1.11× and 0.92× for the digits
+model in two loaded runs), so it is off by default. Without it, gradients are the automatic ones of the forward
+above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +40,8 @@ Array = jax.Array
 ENV_VAR = "JAXDIFF_CPU_CONV_WGRAD"
 # Output maps of at most this many pixels (Ho·Wo) take the shifted-GEMM weight gradient on CPU.
 GEMM_MAX_OUTPUT_PIXELS = 64
+# Convolutions with at most this many output rows (batch · Ho · Wo) run as one im2col GEMM on CPU; None: none do.
+GEMM_MAX_ROWS: int | None = 512
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -46,24 +57,49 @@ def _native(x: Array, kernel: Array, strides, pads, precision) -> Array:
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC, precision=precision)
 
 
+def _windows(x: Array, kernel_shape: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> list:
+    """The kh·kw windows of x [B, H, W, C] that meet kernel offsets (i, j), row-major: each [B, Ho, Wo, C].
+
+    `pads` are lax's ((lo, hi), (lo, hi)) (negative crops); no dilation."""
+    kh, kw = kernel_shape[:2]
+    (sh, sw) = strides
+    if all(p == (0, 0) for p in pads):
+        x_pad = x
+    else:
+        x_pad = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    ho, wo = (x_pad.shape[1] - kh) // sh + 1, (x_pad.shape[2] - kw) // sw + 1
+    if (kh, kw, ho, wo) == (1, 1, *x_pad.shape[1:3]):
+        return [x_pad]
+    return [
+        lax.slice(x_pad, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+                  (1, sh, sw, 1))  # fmt: skip
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def im2col_conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]],
+                precision: Any = None) -> Array:  # fmt: skip
+    """conv(x, kernel) [B, Ho, Wo, O] as one GEMM: [windows of x side by side] · kernel as [kh·kw·C, O].
+
+    x [B, H, W, C] NHWC, kernel [kh, kw, C, O] HWIO, no dilation; `pads` as `_windows` takes them."""
+    windows = _windows(x, kernel.shape, strides, pads)
+    columns = windows[0] if len(windows) == 1 else jnp.concatenate(windows, axis=-1)
+    matrix = kernel.reshape(-1, kernel.shape[-1])
+    return lax.dot_general(columns, matrix, (((3,), (0,)), ((), ())), precision=precision)
+
+
 def shifted_gemm_conv(x: Array, kernel: Array, strides: Sequence[int], pads: Sequence[tuple[int, int]]) -> Array:
     """conv(x, kernel) [B, Ho, Wo, O] as Σ_{i,j} window_ij(x) · kernel[i, j]: one GEMM per kernel offset.
 
     x [B, H, W, C] NHWC, kernel [kh, kw, C, O] HWIO, no dilation; `pads` are lax's ((lo, hi), (lo, hi))
     (negative crops). Linear in `kernel`: its transpose is `shifted_gemm_weight_grad`.
     """
-    kh, kw, channels, _ = kernel.shape
-    (sh, sw) = strides
-    x_pad = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    ho, wo = (x_pad.shape[1] - kh) // sh + 1, (x_pad.shape[2] - kw) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            limit = (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, channels)
-            window = lax.slice(x_pad, (0, i, j, 0), limit, (1, sh, sw, 1))
-            term = lax.dot_general(window, kernel[i, j], (((3,), (0,)), ((), ())))
-            out = term if out is None else out + term
-    return out
+    kh, kw = kernel.shape[:2]
+    windows = _windows(x, kernel.shape, strides, pads)
+    terms = [lax.dot_general(windows[i * kw + j], kernel[i, j], (((3,), (0,)), ((), ()))) for i in range(kh)
+             for j in range(kw)]  # fmt: skip
+    return sum(terms[1:], terms[0])
 
 
 def shifted_gemm_weight_grad(
@@ -76,9 +112,47 @@ def shifted_gemm_weight_grad(
     return grad
 
 
+def gemm_on_cpu(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                pads: Sequence[tuple[int, int]]) -> bool:  # fmt: skip
+    """Whether the CPU backend computes this convolution as `im2col_conv`: a 1×1 kernel at stride 1 without
+    padding (a matmul over channels), or at most GEMM_MAX_ROWS output rows (batch · Ho · Wo)."""
+    if GEMM_MAX_ROWS is None:
+        return False
+    if tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and all(p == (0, 0) for p in pads):
+        return True
+    (kh, kw), (sh, sw) = kernel_shape[:2], strides
+    ho = (x_shape[1] + sum(pads[0]) - kh) // sh + 1
+    wo = (x_shape[2] + sum(pads[1]) - kw) // sw + 1
+    return x_shape[0] * ho * wo <= GEMM_MAX_ROWS
+
+
+def _forward(x: Array, kernel: Array, strides, pads, precision) -> Array:
+    """XLA's convolution, or on the CPU backend `im2col_conv` where `gemm_on_cpu` says so."""
+    if not gemm_on_cpu(x.shape, kernel.shape, strides, pads):
+        return _native(x, kernel, strides, pads, precision)
+    return lax.platform_dependent(
+        x, kernel,
+        cpu=lambda x, k: im2col_conv(x, k, strides, pads, precision),
+        default=lambda x, k: _native(x, k, strides, pads, precision),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Within it, `conv_general_dilated` traces XLA's convolution on the CPU backend too (GEMM_MAX_ROWS None), as
+    accelerators compute it. Only what is traced within it: a jitted function already traced for the same
+    arguments keeps its compiled program."""
+    global GEMM_MAX_ROWS
+    saved, GEMM_MAX_ROWS = GEMM_MAX_ROWS, None
+    try:
+        yield
+    finally:
+        GEMM_MAX_ROWS = saved
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _conv(x: Array, kernel: Array, strides, pads, precision) -> Array:
-    return _native(x, kernel, strides, pads, precision)
+    return _forward(x, kernel, strides, pads, precision)
 
 
 def _conv_jvp(strides, pads, precision, primals, tangents):
@@ -86,13 +160,13 @@ def _conv_jvp(strides, pads, precision, primals, tangents):
     tangents (symbolic) are skipped, so no convolution is spent on an input that is not differentiated."""
     x, kernel = primals
     x_dot, kernel_dot = tangents
-    y = _native(x, kernel, strides, pads, precision)
+    y = _forward(x, kernel, strides, pads, precision)
     terms = []
     if not isinstance(x_dot, jax.custom_derivatives.SymbolicZero):
-        terms.append(_native(x_dot, kernel, strides, pads, precision))
+        terms.append(_forward(x_dot, kernel, strides, pads, precision))
     if not isinstance(kernel_dot, jax.custom_derivatives.SymbolicZero):
         if y.shape[1] * y.shape[2] > GEMM_MAX_OUTPUT_PIXELS:
-            terms.append(_native(x, kernel_dot, strides, pads, precision))
+            terms.append(_forward(x, kernel_dot, strides, pads, precision))
         else:
             terms.append(
                 lax.platform_dependent(
@@ -119,7 +193,8 @@ def conv_general_dilated(
     precision: Any = None,
 ) -> Array:
     """`lax.conv_general_dilated` for 2-D NHWC·HWIO convolutions without dilation or groups (what
-    `flax.linen.Conv(conv_general_dilated=...)` calls), with the shifted-GEMM weight gradient on CPU."""
+    `flax.linen.Conv(conv_general_dilated=...)` calls): small ones as a GEMM on the CPU backend, and with
+    JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient there."""
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     if lhs.ndim != 4 or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != expected:
         raise ValueError(f"cpu_conv supports 2-D NHWC·HWIO convolutions only, got dimension_numbers={dimension_numbers}")
@@ -135,4 +210,4 @@ def conv_general_dilated(
     else:
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return _conv(lhs, rhs, strides, pads, precision)
+    return (_conv if enabled() else _forward)(lhs, rhs, strides, pads, precision)

@@ -78,8 +78,8 @@ def conv3x3(
 ) -> nn.Conv:
     """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME").
 
-    With JAXDIFF_CPU_CONV_WGRAD=1 its weight gradient on CPU for small maps is `cpu_conv`'s shifted GEMMs
-    (same parameters, same values to rounding)."""
+    Computed by `cpu_conv.conv_general_dilated`: XLA's convolution, on the CPU backend one GEMM for small outputs
+    (and with JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient); same parameters, same values to rounding."""
     return nn.Conv(
         features,
         (3, 3),
@@ -88,9 +88,16 @@ def conv3x3(
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=fan_avg_uniform(scale),
-        conv_general_dilated=cpu_conv.conv_general_dilated if cpu_conv.enabled() else None,
+        conv_general_dilated=cpu_conv.conv_general_dilated,
         name=name,
     )
+
+
+def conv1x1(features: int, dtype: Any, *, name: str) -> nn.Conv:
+    """1×1 convolution with flax's default initialisers (diffusers' `conv_shortcut`, `proj_in` / `proj_out`,
+    `quant_conv`): a matmul over channels, which `cpu_conv` computes as one on the CPU backend."""
+    return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+                   conv_general_dilated=cpu_conv.conv_general_dilated, name=name)  # fmt: skip
 
 
 def group_norm(x: Array, *, name: str, num_groups: int = NUM_GROUPS, eps: float = GROUP_NORM_EPS) -> Array:

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxdiff.models.cpu_conv import xla_convolutions
 from jaxdiff.models.layers import whole_attention
 from jaxdiff.models.networks import create_model, example_inputs
 
@@ -34,7 +35,7 @@ def matmul_flops(jaxpr: Any) -> int:
     Convolutions count every kernel tap, zero padding included (the usual convention, and the one
     behind the DDPM paper's 6.222 GMAC); elementwise ops are not counted. A scan's body (`lax.scan`,
     `lax.map`: attention on the CPU backend runs one head at a time) counts once per iteration; a while loop's
-    body, whose trip count the jaxpr does not hold, counts once.
+    body, whose trip count the jaxpr does not hold, counts once; a `cond` counts its costliest branch.
     """
     total = 0
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
@@ -47,8 +48,11 @@ def matmul_flops(jaxpr: Any) -> int:
             (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2 * out_size * math.prod(lhs[d] for d in lhs_contracting)
-        iterations = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        total += iterations * sum(matmul_flops(sub) for sub in sub_jaxprs(eqn.params))
+        inner = [matmul_flops(sub) for sub in sub_jaxprs(eqn.params)]
+        if eqn.primitive.name == "cond":  # one branch runs: `lax.platform_dependent`'s CPU and default forms
+            total += max(inner, default=0)
+        else:
+            total += (eqn.params["length"] if eqn.primitive.name == "scan" else 1) * sum(inner)
     return total
 
 
@@ -70,9 +74,10 @@ def model_summary(model_config: ml_collections.ConfigDict) -> dict:
 
     Returns `{"parameters": int, "gflops": float, "xla_gflops": float}`: `gflops` counts every
     convolution and matmul (padding taps included, multiply-add = 2; DDPM CIFAR-10: 12.44);
-    `xla_gflops` is XLA's cost analysis of the compiled forward (attention traced whole, as accelerators run
-    it: `layers.whole_attention`), which skips taps that fall on zero padding and adds elementwise ops (DDPM
-    CIFAR-10: about 11.7). Parameters come from `jax.eval_shape` of init, so nothing is allocated.
+    `xla_gflops` is XLA's cost analysis of the compiled forward (attention and convolutions traced as
+    accelerators run them: `layers.whole_attention`, `cpu_conv.xla_convolutions`), which skips taps that fall on
+    zero padding and adds elementwise ops (DDPM CIFAR-10: about 11.7). Parameters come from `jax.eval_shape` of
+    init, so nothing is allocated.
     """
     model = create_model(model_config)
     x, labels, y = example_inputs(model_config)
@@ -81,7 +86,7 @@ def model_summary(model_config: ml_collections.ConfigDict) -> dict:
     def forward(params, x, labels, y):
         return model.apply({"params": params}, x, labels, y)
 
-    with whole_attention():  # XLA's cost analysis counts a loop's body once
+    with whole_attention(), xla_convolutions():  # not the CPU's loops and GEMMs: accelerators' programs
         return {
             "parameters": count_parameters(params),
             "gflops": matmul_flops(jax.make_jaxpr(forward)(params, x, labels, y)) / 1e9,

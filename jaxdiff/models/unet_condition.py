@@ -40,7 +40,14 @@ import ml_collections
 import numpy as np
 
 from jaxdiff.errors import UsageError
-from jaxdiff.models.layers import Downsample, conv3x3, group_norm, multi_head_attention, timestep_embedding
+from jaxdiff.models.layers import (
+    Downsample,
+    conv1x1,
+    conv3x3,
+    group_norm,
+    multi_head_attention,
+    timestep_embedding,
+)
 from jaxdiff.models.unet_condition_config import DOWN_BLOCKS, UP_BLOCKS, check_config, num_heads_per_level, per_level
 
 ADDED_COND_KEYS = ("text_embeds", "time_ids")  # added_cond of an addition_embed_type "text_time" U-Net
@@ -146,10 +153,6 @@ def _dense(features: int, dtype: Any, name: str, *, use_bias: bool = True) -> nn
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _conv1x1(features: int, dtype: Any, name: str) -> nn.Conv:
-    return nn.Conv(features, (1, 1), dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
 def _layer_norm(x: Array, name: str) -> Array:
     """LayerNorm (eps 1e-5, PyTorch's default) as a submodule `name`, computed in float32."""
     norm = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, name=name)
@@ -175,7 +178,7 @@ class ResnetBlock(nn.Module):
         h = h + _dense(self.out_ch, self.dtype, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
         h = conv3x3(self.out_ch, self.dtype, name="conv2")(nn.silu(norm(h, "norm2")))
         if x.shape[-1] != self.out_ch:
-            x = _conv1x1(self.out_ch, self.dtype, "conv_shortcut")(x)
+            x = conv1x1(self.out_ch, self.dtype, name="conv_shortcut")(x)
         return x + h
 
 
@@ -278,7 +281,7 @@ def _resnet(s: BlockSettings, out_ch: int, name: str) -> nn.Module:
 def _projection(features: int, s: BlockSettings, name: str) -> nn.Module:
     """A transformer's proj_in/proj_out over channels: dense with `use_linear_projection`, else a 1×1 convolution
     (the same map; the weights differ only in layout)."""
-    return _dense(features, s.dtype, name) if s.use_linear_projection else _conv1x1(features, s.dtype, name)
+    return _dense(features, s.dtype, name) if s.use_linear_projection else conv1x1(features, s.dtype, name=name)
 
 
 class SpatialTransformer(nn.Module):
