@@ -1,15 +1,16 @@
 """XLA's convolutions against `jaxdiff.models.cpu_conv`'s GEMMs on this CPU: the forward of SD 1.5's U-Net
 convolutions (`--forward`), the weight gradient of the CIFAR-10 U-Net's.
 
-    python benchmarks/conv_cpu.py --forward [--repeats 5]
+    python benchmarks/conv_cpu.py --forward [--vae] [--repeats 5]
     python benchmarks/conv_cpu.py [--batch-size 32] [--repeats 7] [--train-config configs/cifar10.py]
         [--train-batch-size 32] [--train-steps 3] [--xla-flags="FLAGS;FLAGS;..."] [--rounds 2]
 
---forward: every distinct 3×3 and 1×1 convolution of SD 1.5's U-Net on one guided step (batch 2, 64×64 latents,
-   the input's size, channels in and out, stride, and how many the forward holds), XLA's convolution and
-   `cpu_conv.im2col_conv`, each jitted, called round-robin --repeats times after a warm-up and checked equal; min
-   milliseconds, the ratio, which one `cpu_conv.gemm_on_cpu` picks, and the totals over the forward (counts
-   applied). Nothing else runs.
+--forward: every distinct 3×3 and 1×1 convolution of SD 1.5's U-Net on one guided step (batch 2, 64×64 latents;
+   with --vae: of SD 1.5's VAE decoder, one 64×64 latent to 512×512), by the input's size, channels in and out,
+   kernel, stride, and how many the forward holds: XLA's convolution, `cpu_conv.im2col_conv` and, where it
+   applies (3×3, stride 1, rows a multiple of the band), `cpu_conv.winograd_conv`, each jitted, called round-robin
+   --repeats times after a warm-up and checked against XLA's; min milliseconds, which form `cpu_conv.cpu_form`
+   picks, and the totals over the forward (counts applied). Nothing else runs.
 
 1. Operations, one process: for each 3×3 convolution of the CIFAR-10 U-Net (32×32×128, 16×16×256,
    8×8×256, 4×4×256, stride 1 "SAME"; and the stride-2 downsample at 32×32×128) the forward, XLA's
@@ -63,6 +64,14 @@ SD15_CONVOLUTIONS = (
     (16, 2560, 1280, 1, 1, 2), (16, 1920, 1280, 1, 1, 1), (32, 1920, 640, 1, 1, 1), (32, 1280, 640, 1, 1, 1),
     (32, 960, 640, 1, 1, 1), (64, 960, 320, 1, 1, 1), (64, 640, 320, 1, 1, 2),
 )  # fmt: skip
+# The same for SD 1.5's VAE decoder (batch 1, 64² latent to 512²): the middle and up blocks' resnets, the
+# upsamplers' convolutions (at their output size), the 1×1 shortcuts where the width halves; conv_in / conv_out
+# (4 and 3 channels) left out.
+SD15_VAE_DECODER_CONVOLUTIONS = (
+    (64, 512, 512, 3, 1, 10), (128, 512, 512, 3, 1, 7), (256, 512, 512, 3, 1, 1), (256, 512, 256, 3, 1, 1),
+    (256, 256, 256, 3, 1, 5), (512, 256, 256, 3, 1, 1), (512, 256, 128, 3, 1, 1), (512, 128, 128, 3, 1, 5),
+    (256, 512, 256, 1, 1, 1), (512, 256, 128, 1, 1, 1),
+)  # fmt: skip
 
 
 def load() -> float:
@@ -96,39 +105,43 @@ def operation_fns(batch: int, size: int, channels: int, stride: int):
     return fns
 
 
-def measure_forward(repeats: int, batch: int = 2) -> dict:
-    """{"rows": [{shape, count, xla_ms, gemm_ms, picked}], "totals": {...}} for SD15_CONVOLUTIONS."""
+def measure_forward(shapes, batch: int, repeats: int) -> dict:
+    """{"rows": [{shape, count, xla_ms, gemm_ms, winograd_ms (None where it does not apply), picked}], "totals_s"}
+    for `shapes` ((size, channels in, channels out, kernel, stride, count), as SD15_CONVOLUTIONS)."""
     before, rows = load(), []
-    for size, c_in, c_out, k, stride, count in SD15_CONVOLUTIONS:
+    for size, c_in, c_out, k, stride, count in shapes:
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((batch, size, size, c_in), np.float32))
         kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out), np.float32) * 0.05)
-        pads = ((k // 2, k // 2),) * 2
+        strides, pads = (stride, stride), ((k // 2, k // 2),) * 2
         fns = {
-            "xla": (jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (stride,) * 2, pads, dimension_numbers=NHWC)),
-                    (x, kernel)),
-            "gemm": (jax.jit(lambda x, w: cpu_conv.im2col_conv(x, w, (stride,) * 2, pads)), (x, kernel)),
-        }  # fmt: skip
-        xla, gemm = (np.asarray(fn(*args)) for fn, args in fns.values())
-        error = np.abs(xla - gemm).max() / np.abs(xla).max()
-        if error > 1e-5:
-            raise AssertionError(f"the GEMM differs from XLA's convolution at {x.shape} k{k}/{stride}: {error:.1e}")
-        times = time_round_robin(fns, repeats)
-        picked = "gemm" if cpu_conv.gemm_on_cpu(x.shape, kernel.shape, (stride,) * 2, pads) else "xla"
-        milliseconds = {f"{name}_ms": min(seconds) * 1e3 for name, seconds in times.items()}
+            "xla": jax.jit(lambda x, w: lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)),
+            "gemm": jax.jit(lambda x, w: cpu_conv.im2col_conv(x, w, strides, pads)),
+        }
+        if (k, stride) == (3, 1) and size % cpu_conv.WINOGRAD_BAND_ROWS == 0:
+            fns["winograd"] = jax.jit(cpu_conv.winograd_conv)
+        reference = np.asarray(fns["xla"](x, kernel))
+        for name, fn in fns.items():
+            error = np.abs(np.asarray(fn(x, kernel)) - reference).max() / np.abs(reference).max()
+            if error > 1e-5:
+                raise AssertionError(f"{name} differs from XLA's convolution at {x.shape} k{k}/{stride}: {error:.1e}")
+        times = time_round_robin({name: (fn, (x, kernel)) for name, fn in fns.items()}, repeats)
+        milliseconds = {f"{name}_ms": min(times[name]) * 1e3 if name in times else None
+                        for name in ("xla", "gemm", "winograd")}  # fmt: skip
         rows.append({"shape": [batch, size, size, c_in, c_out, k, stride], "count": count, **milliseconds,
-                     "picked": picked})  # fmt: skip
+                     "picked": cpu_conv.cpu_form(x.shape, kernel.shape, strides, pads)})  # fmt: skip
     totals = {name: sum(r["count"] * r[f"{name}_ms"] for r in rows) / 1e3 for name in ("xla", "gemm")}
     totals["picked"] = sum(r["count"] * r[f"{r['picked']}_ms"] for r in rows) / 1e3
     return {"load": [before, load()], "rows": rows, "totals_s": totals}
 
 
-def print_forward(measured: dict) -> None:
-    print(f"SD 1.5 U-Net convolutions, forward (load {measured['load'][0]:.1f} -> {measured['load'][1]:.1f}); min ms")
-    print(f"{'B,H,W,Cin,Cout,k,stride':<30}{'count':>6}{'XLA':>10}{'GEMM':>10}{'XLA/GEMM':>10}{'picked':>8}")
+def print_forward(title: str, measured: dict) -> None:
+    print(f"{title}, forward (load {measured['load'][0]:.1f} -> {measured['load'][1]:.1f}); min ms")
+    print(f"{'B,H,W,Cin,Cout,k,stride':<30}{'count':>6}{'XLA':>10}{'GEMM':>10}{'Winograd':>10}{'picked':>10}")
     for r in measured["rows"]:
+        winograd = "-" if r["winograd_ms"] is None else f"{r['winograd_ms']:.1f}"
         print(f"{','.join(map(str, r['shape'])):<30}{r['count']:>6}{r['xla_ms']:>10.1f}{r['gemm_ms']:>10.1f}"
-              f"{r['xla_ms'] / r['gemm_ms']:>10.2f}{r['picked']:>8}")  # fmt: skip
+              f"{winograd:>10}{r['picked']:>10}")  # fmt: skip
     t = measured["totals_s"]
     print(f"per forward: all XLA {t['xla']:.2f} s, all GEMM {t['gemm']:.2f} s, as picked {t['picked']:.2f} s "
           f"(XLA / picked {t['xla'] / t['picked']:.2f}x)")  # fmt: skip
@@ -220,6 +233,7 @@ def measure_flags(flag_sets: list[str], batch: int, repeats: int, rounds: int) -
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forward", action="store_true", help="SD 1.5's U-Net convolutions, forward only")
+    parser.add_argument("--vae", action="store_true", help="with --forward: SD 1.5's VAE decoder's instead")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--train-config", default=str(ROOT / "configs" / "cifar10.py"))
@@ -238,9 +252,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.forward:
-        forward = measure_forward(args.repeats)
+        shapes, batch, title = ((SD15_VAE_DECODER_CONVOLUTIONS, 1, "SD 1.5 VAE decoder convolutions") if args.vae
+                                else (SD15_CONVOLUTIONS, 2, "SD 1.5 U-Net convolutions"))  # fmt: skip
+        forward = measure_forward(shapes, batch, args.repeats)
         print(f"jax {jax.__version__}, {os.cpu_count()} CPUs")
-        print_forward(forward)
+        print_forward(title, forward)
         print("JSON " + json.dumps({"jax": jax.__version__, "forward": forward}))
         return
     operations = measure_operations(args.batch_size, args.repeats)

@@ -104,13 +104,53 @@ def test_the_cpu_backend_takes_the_gemm_for_small_outputs_and_1x1(x_shape, kerne
     assert _convolutions(conv, x, kernel) == (0 if gemm else 1)
     with cpu_conv.xla_convolutions():
         assert _convolutions(lambda x, k: conv(x, k), x, kernel) == 1  # a fresh function: traced anew
-    assert cpu_conv.GEMM_MAX_ROWS == 512
+    assert cpu_conv.CPU_FORMS is True
     with pytest.raises(RuntimeError), cpu_conv.xla_convolutions():
         raise RuntimeError
-    assert cpu_conv.GEMM_MAX_ROWS == 512
+    assert cpu_conv.CPU_FORMS is True
     flops = matmul_flops(jax.make_jaxpr(conv)(x, kernel))  # the CPU's GEMM or the accelerators' convolution: one
     out = conv(x, kernel)
     assert flops == 2 * out.size * math.prod(kernel_shape[:3])
+
+
+@pytest.mark.parametrize("x_shape, band_rows", [((2, 8, 6, 3), 8), ((2, 24, 10, 4), 8), ((1, 12, 4, 5), 4)])
+def test_winograd_matches_float64_and_xla_with_gradients(x_shape, band_rows):
+    """F(2×2, 3×3) in one band and in several (lax.map), values against float64 and gradients against XLA's VJP."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, x_shape[3], 5)).astype(np.float32)
+    g = rng.standard_normal((*x_shape[:3], 5)).astype(np.float32)
+    y_ref, dx_ref, dk_ref = numpy_conv_and_grads(x, kernel, g, (1, 1), ((1, 1), (1, 1)))
+    y, vjp = jax.vjp(lambda x_, k_: cpu_conv.winograd_conv(x_, k_, band_rows), x, kernel)
+    dx, dk = vjp(g)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-6 * np.abs(y_ref).max())
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=2e-6 * np.abs(dx_ref).max())
+    np.testing.assert_allclose(dk, dk_ref, rtol=0, atol=2e-6 * np.abs(dk_ref).max())
+    with pytest.raises(ValueError, match="winograd_conv needs a 3x3 kernel"):
+        cpu_conv.winograd_conv(x, kernel, band_rows=5)
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, strides, padding, form",
+    [
+        ((1, 128, 128, 256), (3, 3, 256, 8), (1, 1), "SAME", "winograd"),  # 16,384 rows, 256 channels
+        ((2, 96, 96, 256), (3, 3, 256, 8), (1, 1), ((1, 1), (1, 1)), "winograd"),
+        ((1, 128, 128, 128), (3, 3, 128, 8), (1, 1), "SAME", "xla"),  # too few channels
+        ((1, 64, 64, 512), (3, 3, 512, 8), (1, 1), "SAME", "xla"),  # too few rows
+        ((1, 136, 136, 256), (3, 3, 256, 8), (1, 1), "SAME", "xla"),  # rows not a multiple of the band
+        ((1, 256, 256, 256), (3, 3, 256, 8), (2, 2), "SAME", "xla"),  # stride 2
+        ((1, 16, 16, 256), (3, 3, 256, 8), (1, 1), "SAME", "gemm"),
+    ],
+)
+def test_the_cpu_form_of_each_convolution(x_shape, kernel_shape, strides, padding, form):
+    """`cpu_form`'s choice, and the lowered CPU program holds a convolution only where it is XLA's (shapes only)."""
+    pads = lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding) if isinstance(padding, str) else padding
+    assert cpu_conv.cpu_form(x_shape, kernel_shape, strides, pads) == form
+    with cpu_conv.xla_convolutions():
+        assert cpu_conv.cpu_form(x_shape, kernel_shape, strides, pads) == "xla"
+    shapes = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
+    conv = lambda x, k: cpu_conv.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+    assert _convolutions(conv, *shapes) == (1 if form == "xla" else 0)
 
 
 def test_the_cpu_weight_gradient_is_gemms_not_a_convolution(monkeypatch):

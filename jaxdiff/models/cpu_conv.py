@@ -1,14 +1,20 @@
-"""2-D convolutions for the CPU backend: small ones as GEMMs, and an optional GEMM weight gradient.
+"""2-D convolutions for the CPU backend: small ones as one GEMM, large 3×3 ones by Winograd's F(2×2, 3×3), and an
+optional GEMM weight gradient.
 
 XLA:CPU's convolution kernel is slow when the output has few rows (batch · Ho · Wo) and many channels: a
 3×3 convolution 8×8×1280, batch 2, took 124 ms here where the same sum written as one GEMM over its im2col
 windows, [B·Ho·Wo, kh·kw·C] · [kh·kw·C, O], took 37 ms (PyTorch's oneDNN 87–103 ms); at 16×16 the GEMM took
 0.6–0.85× XLA's time, at 32×32 and above 1.1–2.6× (`benchmarks/conv_cpu.py --forward` measures them). So on the
 CPU backend `conv_general_dilated` computes convolutions with at most GEMM_MAX_ROWS output rows, and every 1×1
-convolution (a plain matmul over channels, 0.6–0.8× XLA's time at every size measured), as that GEMM; larger
-ones keep XLA's kernel. `lax.platform_dependent` makes the choice when the program is lowered, so GPUs and TPUs
-keep XLA's native convolution; `xla_convolutions()` makes the CPU trace it too (for figures that should not
-depend on the CPU's formulation, such as XLA's FLOP count of a forward).
+convolution (a plain matmul over channels, 0.6–0.8× XLA's time at every size measured), as that GEMM. It is slow
+too on large maps with many channels (a 128×128×512 3×3 convolution at 70 GFLOP/s where 64×64×512 runs at 108):
+there 3×3 convolutions at stride 1 with "same" padding, at least WINOGRAD_MIN_ROWS output rows and
+WINOGRAD_MIN_CHANNELS input channels take Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray, 2016: 16
+multiplications per 2×2 outputs instead of 36, as 16 GEMMs over channels), in bands of WINOGRAD_BAND_ROWS output
+rows so that the transformed tiles stay small: 1.3–2.2× XLA's speed on the SD VAE decoder's 128², 256² levels
+(`benchmarks/conv_cpu.py --forward --vae`). Everything else keeps XLA's kernel. `lax.platform_dependent` makes the
+choice when the program is lowered, so GPUs and TPUs keep XLA's native convolution; `xla_convolutions()` makes the
+CPU trace it too (for figures that should not depend on the CPU's formulation, such as XLA's FLOP count).
 
 The weight gradient. XLA-CPU computes a convolution's weight gradient as a second convolution over the
 batch·pixel axis. The same gradient is exactly Σ over kernel offsets (i, j) of one GEMM each, contracting that axis:
@@ -31,6 +37,7 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxdiff.errors import ConfigError
@@ -40,8 +47,20 @@ Array = jax.Array
 ENV_VAR = "JAXDIFF_CPU_CONV_WGRAD"
 # Output maps of at most this many pixels (Ho·Wo) take the shifted-GEMM weight gradient on CPU.
 GEMM_MAX_OUTPUT_PIXELS = 64
-# Convolutions with at most this many output rows (batch · Ho · Wo) run as one im2col GEMM on CPU; None: none do.
-GEMM_MAX_ROWS: int | None = 512
+# Convolutions with at most this many output rows (batch · Ho · Wo) run as one im2col GEMM on CPU.
+GEMM_MAX_ROWS = 512
+# 3×3 "same" convolutions at stride 1 with at least this many output rows and input channels run by Winograd's
+# F(2×2, 3×3) on CPU, WINOGRAD_BAND_ROWS output rows of every image at a time. Measured here: 1 × 128² × 512 1.5–1.8×
+# XLA's speed, 1 × 256² × 256 1.3–1.5×, 1 × 256² × 512 2.1×, 1 × 64² × 512 (4,096 rows) 0.93×, 1 × 512² × 128 1.0×.
+WINOGRAD_MIN_ROWS = 16384
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_BAND_ROWS = 32
+# False within `xla_convolutions()`: the CPU traces XLA's convolution, as accelerators run it.
+CPU_FORMS = True
+# F(2×2, 3×3): Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 4×4 input tile d, a 3×3 filter g and a 2×2 output tile Y.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -112,42 +131,97 @@ def shifted_gemm_weight_grad(
     return grad
 
 
-def gemm_on_cpu(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
-                pads: Sequence[tuple[int, int]]) -> bool:  # fmt: skip
-    """Whether the CPU backend computes this convolution as `im2col_conv`: a 1×1 kernel at stride 1 without
-    padding (a matmul over channels), or at most GEMM_MAX_ROWS output rows (batch · Ho · Wo)."""
-    if GEMM_MAX_ROWS is None:
-        return False
+def _combine(coefficients: Sequence[float], terms: Sequence[Array]) -> Array:
+    """Σ c·t over the nonzero coefficients (±1 as additions and subtractions)."""
+    out = None
+    for c, term in zip(coefficients, terms):
+        if c == 0:
+            continue
+        term = term if c == 1 else -term if c == -1 else c * term
+        out = term if out is None else out + term
+    return out
+
+
+def _winograd_valid(x_pad: Array, filters: Array) -> Array:
+    """F(2×2, 3×3) of x_pad [B, H + 2, W + 2, C] (H, W even) with transformed filters [16, C, O]: [B, H, W, O]."""
+    b, h, w, c = x_pad.shape[0], x_pad.shape[1] - 2, x_pad.shape[2] - 2, x_pad.shape[3]
+    h2, w2 = h // 2, w // 2
+    # d[i][j] [B, h2, w2, C]: input pixel (i, j) of every 4×4 tile (tiles overlap by 2)
+    d = [[lax.slice(x_pad, (0, i, j, 0), (b, i + 2 * h2 - 1, j + 2 * w2 - 1, c), (1, 2, 2, 1)) for j in range(4)]
+         for i in range(4)]  # fmt: skip
+    rows = [[_combine(_WINOGRAD_BT[a], [d[i][j] for i in range(4)]) for j in range(4)] for a in range(4)]
+    tiles = jnp.stack([_combine(_WINOGRAD_BT[e], rows[a]) for a in range(4) for e in range(4)])  # Bᵀ d B
+    products = jnp.einsum("knc,kco->kno", tiles.reshape(16, b * h2 * w2, c), filters)
+    products = products.reshape(4, 4, b, h2, w2, -1)
+    half = [[_combine(_WINOGRAD_AT[r], [products[a][e] for a in range(4)]) for e in range(4)] for r in range(2)]
+    out = jnp.stack([jnp.stack([_combine(_WINOGRAD_AT[q], half[r]) for q in range(2)], axis=3) for r in range(2)],
+                    axis=2)  # fmt: skip  [B, h2, 2 (r), w2, 2 (q), O]
+    return out.reshape(b, h, w, -1)
+
+
+def winograd_conv(x: Array, kernel: Array, band_rows: int = WINOGRAD_BAND_ROWS) -> Array:
+    """The 3×3 convolution of x [B, H, W, C] with kernel [3, 3, C, O] (HWIO) at stride 1, zero padding 1 on every
+    side, by F(2×2, 3×3), `band_rows` output rows of every image at a time (`lax.map`): [B, H, W, O].
+
+    H must be a multiple of `band_rows` (even) and W even. Computed in float32, returned in x's dtype."""
+    b, h, w, c = x.shape
+    if kernel.shape[:2] != (3, 3) or h % band_rows or band_rows % 2 or w % 2:
+        raise ValueError(f"winograd_conv needs a 3x3 kernel, H a multiple of an even band and W even; got x {x.shape},"
+                         f" kernel {kernel.shape}, band_rows {band_rows}")  # fmt: skip
+    g = np.asarray(_WINOGRAD_G, np.float32)
+    filters = jnp.einsum("ai,ijco,ej->aeco", g, kernel.astype(jnp.float32), g).reshape(16, c, -1)  # G g Gᵀ
+    x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    bands = h // band_rows
+    if bands == 1:
+        return _winograd_valid(x_pad, filters).astype(x.dtype)
+    rows = np.arange(bands)[:, None] * band_rows + np.arange(band_rows + 2)[None, :]  # [bands, band_rows + 2]
+    out = lax.map(lambda band: _winograd_valid(band, filters), jnp.moveaxis(x_pad[:, rows], 1, 0))
+    return jnp.moveaxis(out, 0, 1).reshape(b, h, w, -1).astype(x.dtype)
+
+
+def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+             pads: Sequence[tuple[int, int]]) -> str:  # fmt: skip
+    """How the CPU backend computes this convolution: "gemm" (`im2col_conv`: a 1×1 kernel at stride 1 without
+    padding, or at most GEMM_MAX_ROWS output rows), "winograd" (`winograd_conv`: see WINOGRAD_MIN_ROWS) or "xla"."""
+    if not CPU_FORMS:
+        return "xla"
     if tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and all(p == (0, 0) for p in pads):
-        return True
+        return "gemm"
     (kh, kw), (sh, sw) = kernel_shape[:2], strides
     ho = (x_shape[1] + sum(pads[0]) - kh) // sh + 1
     wo = (x_shape[2] + sum(pads[1]) - kw) // sw + 1
-    return x_shape[0] * ho * wo <= GEMM_MAX_ROWS
+    if x_shape[0] * ho * wo <= GEMM_MAX_ROWS:
+        return "gemm"
+    winograd = (
+        (kh, kw, sh, sw) == (3, 3, 1, 1) and tuple(pads) == ((1, 1), (1, 1)) and x_shape[3] >= WINOGRAD_MIN_CHANNELS
+        and x_shape[0] * ho * wo >= WINOGRAD_MIN_ROWS and ho % WINOGRAD_BAND_ROWS == 0 and wo % 2 == 0
+    )  # fmt: skip
+    return "winograd" if winograd else "xla"
 
 
 def _forward(x: Array, kernel: Array, strides, pads, precision) -> Array:
-    """XLA's convolution, or on the CPU backend `im2col_conv` where `gemm_on_cpu` says so."""
-    if not gemm_on_cpu(x.shape, kernel.shape, strides, pads):
+    """XLA's convolution, or on the CPU backend `im2col_conv` or `winograd_conv` where `cpu_form` says so."""
+    form = cpu_form(x.shape, kernel.shape, strides, pads)
+    if form == "xla":
         return _native(x, kernel, strides, pads, precision)
-    return lax.platform_dependent(
-        x, kernel,
-        cpu=lambda x, k: im2col_conv(x, k, strides, pads, precision),
-        default=lambda x, k: _native(x, k, strides, pads, precision),
-    )  # fmt: skip
+    if form == "gemm":
+        cpu = lambda x, k: im2col_conv(x, k, strides, pads, precision)  # noqa: E731
+    else:
+        cpu = winograd_conv
+    return lax.platform_dependent(x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, strides, pads, precision))
 
 
 @contextlib.contextmanager
 def xla_convolutions() -> Iterator[None]:
-    """Within it, `conv_general_dilated` traces XLA's convolution on the CPU backend too (GEMM_MAX_ROWS None), as
+    """Within it, `conv_general_dilated` traces XLA's convolution on the CPU backend too (CPU_FORMS False), as
     accelerators compute it. Only what is traced within it: a jitted function already traced for the same
     arguments keeps its compiled program."""
-    global GEMM_MAX_ROWS
-    saved, GEMM_MAX_ROWS = GEMM_MAX_ROWS, None
+    global CPU_FORMS
+    saved, CPU_FORMS = CPU_FORMS, False
     try:
         yield
     finally:
-        GEMM_MAX_ROWS = saved
+        CPU_FORMS = saved
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
@@ -193,7 +267,8 @@ def conv_general_dilated(
     precision: Any = None,
 ) -> Array:
     """`lax.conv_general_dilated` for 2-D NHWC·HWIO convolutions without dilation or groups (what
-    `flax.linen.Conv(conv_general_dilated=...)` calls): small ones as a GEMM on the CPU backend, and with
+    `flax.linen.Conv(conv_general_dilated=...)` calls): on the CPU backend small ones as a GEMM and large 3×3 ones by
+    Winograd's F(2×2, 3×3) (`cpu_form`), and with
     JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient there."""
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     if lhs.ndim != 4 or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != expected:
