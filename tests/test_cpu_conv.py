@@ -133,10 +133,10 @@ def test_winograd_matches_float64_and_xla_with_gradients(x_shape, band_rows):
 @pytest.mark.parametrize(
     "x_shape, kernel_shape, strides, padding, form",
     [
-        ((1, 128, 128, 256), (3, 3, 256, 8), (1, 1), "SAME", "winograd"),  # 16,384 rows, 256 channels
-        ((2, 96, 96, 256), (3, 3, 256, 8), (1, 1), ((1, 1), (1, 1)), "winograd"),
-        ((1, 128, 128, 128), (3, 3, 128, 8), (1, 1), "SAME", "xla"),  # too few channels
-        ((1, 64, 64, 512), (3, 3, 512, 8), (1, 1), "SAME", "xla"),  # too few rows
+        ((1, 64, 64, 256), (3, 3, 256, 8), (1, 1), "SAME", "winograd"),  # 4,096 pixels, 2^20 input values
+        ((2, 96, 96, 128), (3, 3, 128, 8), (1, 1), ((1, 1), (1, 1)), "winograd"),
+        ((4, 64, 64, 128), (3, 3, 128, 8), (1, 1), "SAME", "xla"),  # too few values per image
+        ((64, 32, 32, 1024), (3, 3, 1024, 8), (1, 1), "SAME", "xla"),  # too few pixels per image
         ((1, 136, 136, 256), (3, 3, 256, 8), (1, 1), "SAME", "xla"),  # rows not a multiple of the band
         ((1, 256, 256, 256), (3, 3, 256, 8), (2, 2), "SAME", "xla"),  # stride 2
         ((1, 16, 16, 256), (3, 3, 256, 8), (1, 1), "SAME", "gemm"),
@@ -151,6 +151,24 @@ def test_the_cpu_form_of_each_convolution(x_shape, kernel_shape, strides, paddin
     shapes = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
     conv = lambda x, k: cpu_conv.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC)  # noqa: E731
     assert _convolutions(conv, *shapes) == (1 if form == "xla" else 0)
+
+
+def test_winograd_forward_keeps_xla_convolutions_for_its_gradients():
+    """A Winograd-sized convolution: the forward holds no convolution, its gradient program XLA's two (input and
+    weight gradients), and the gradients equal XLA's own (shapes small enough to run: 2 × 64 × 64 × 256)."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((1, 64, 64, 256)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 256, 4)) * 0.05, jnp.float32)
+    assert cpu_conv.cpu_form(x.shape, kernel.shape, (1, 1), ((1, 1), (1, 1))) == "winograd"
+
+    def loss(conv, x, k):
+        return jnp.sum(jnp.sin(conv(x, k, (1, 1), "SAME", dimension_numbers=NHWC)))
+
+    ours = jax.grad(lambda x, k: loss(cpu_conv.conv_general_dilated, x, k), argnums=(0, 1))
+    theirs = jax.grad(lambda x, k: loss(lax.conv_general_dilated, x, k), argnums=(0, 1))
+    assert _convolutions(ours, x, kernel) == 2 and _convolutions(theirs, x, kernel) == 3
+    for a, b in zip(jax.jit(ours)(x, kernel), jax.jit(theirs)(x, kernel)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
 
 
 def test_the_cpu_weight_gradient_is_gemms_not_a_convolution(monkeypatch):

@@ -8,11 +8,12 @@ windows, [B·Ho·Wo, kh·kw·C] · [kh·kw·C, O], took 37 ms (PyTorch's oneDNN 
 CPU backend `conv_general_dilated` computes convolutions with at most GEMM_MAX_ROWS output rows, and every 1×1
 convolution (a plain matmul over channels, 0.6–0.8× XLA's time at every size measured), as that GEMM. It is slow
 too on large maps with many channels (a 128×128×512 3×3 convolution at 70 GFLOP/s where 64×64×512 runs at 108):
-there 3×3 convolutions at stride 1 with "same" padding, at least WINOGRAD_MIN_ROWS output rows and
-WINOGRAD_MIN_CHANNELS input channels take Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray, 2016: 16
+there 3×3 convolutions at stride 1 with "same" padding, at least WINOGRAD_MIN_PIXELS output pixels per image and
+WINOGRAD_MIN_VALUES input values per image take Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray, 2016: 16
 multiplications per 2×2 outputs instead of 36, as 16 GEMMs over channels), in bands of WINOGRAD_BAND_ROWS output
-rows so that the transformed tiles stay small: 1.3–2.2× XLA's speed on the SD VAE decoder's 128², 256² levels
-(`benchmarks/conv_cpu.py --forward --vae`). Everything else keeps XLA's kernel. `lax.platform_dependent` makes the
+rows so that the transformed tiles stay small: 1.4–2.5× XLA's speed on the SD VAE decoder's 128² to 512² levels
+and 1.0–1.3× on the U-Net's 64² level (`benchmarks/conv_cpu.py --forward [--vae]`); its tangents, and so training's
+gradients, stay XLA's convolutions. Everything else keeps XLA's kernel. `lax.platform_dependent` makes the
 choice when the program is lowered, so GPUs and TPUs keep XLA's native convolution; `xla_convolutions()` makes the
 CPU trace it too (for figures that should not depend on the CPU's formulation, such as XLA's FLOP count).
 
@@ -49,12 +50,15 @@ ENV_VAR = "JAXDIFF_CPU_CONV_WGRAD"
 GEMM_MAX_OUTPUT_PIXELS = 64
 # Convolutions with at most this many output rows (batch · Ho · Wo) run as one im2col GEMM on CPU.
 GEMM_MAX_ROWS = 512
-# 3×3 "same" convolutions at stride 1 with at least this many output rows and input channels run by Winograd's
-# F(2×2, 3×3) on CPU, WINOGRAD_BAND_ROWS output rows of every image at a time. Measured here: 1 × 128² × 512 1.5–1.8×
-# XLA's speed, 1 × 256² × 256 1.3–1.5×, 1 × 256² × 512 2.1×, 1 × 64² × 512 (4,096 rows) 0.93×, 1 × 512² × 128 1.0×.
-WINOGRAD_MIN_ROWS = 16384
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_BAND_ROWS = 32
+# 3×3 "same" convolutions at stride 1 whose outputs have at least WINOGRAD_MIN_PIXELS pixels per image and whose
+# input holds at least WINOGRAD_MIN_VALUES values per image (C · H · W) run by Winograd's F(2×2, 3×3) on CPU,
+# WINOGRAD_BAND_ROWS output rows of every image at a time. XLA's time / Winograd's here (min of 3): 2 × 64² × 320
+# 1.33, 2 × 128² × 320 1.76, 1 × 128² × 512 1.97, 1 × 256² × 256 2.47, 1 × 256² × 128 1.22, 1 × 512² × 128 1.40,
+# 1 × 64² × 512 1.01; below the bounds 2 × 64² × 128 0.57, 32 × 32² × 128 0.65, 32 × 16² × 256 0.80, 128 × 16² × 256
+# 0.92, 2 × 32² × 640 0.79.
+WINOGRAD_MIN_PIXELS = 64 * 64
+WINOGRAD_MIN_VALUES = 2**20
+WINOGRAD_BAND_ROWS = 16
 # False within `xla_convolutions()`: the CPU traces XLA's convolution, as accelerators run it.
 CPU_FORMS = True
 # F(2×2, 3×3): Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 4×4 input tile d, a 3×3 filter g and a 2×2 output tile Y.
@@ -161,7 +165,8 @@ def _winograd_valid(x_pad: Array, filters: Array) -> Array:
 
 def winograd_conv(x: Array, kernel: Array, band_rows: int = WINOGRAD_BAND_ROWS) -> Array:
     """The 3×3 convolution of x [B, H, W, C] with kernel [3, 3, C, O] (HWIO) at stride 1, zero padding 1 on every
-    side, by F(2×2, 3×3), `band_rows` output rows of every image at a time (`lax.map`): [B, H, W, O].
+    side, by F(2×2, 3×3), `band_rows` output rows of every image at a time (a `fori_loop` writing each band of the
+    output in place, so the temporaries are one band's): [B, H, W, O].
 
     H must be a multiple of `band_rows` (even) and W even. Computed in float32, returned in x's dtype."""
     b, h, w, c = x.shape
@@ -170,19 +175,48 @@ def winograd_conv(x: Array, kernel: Array, band_rows: int = WINOGRAD_BAND_ROWS) 
                          f" kernel {kernel.shape}, band_rows {band_rows}")  # fmt: skip
     g = np.asarray(_WINOGRAD_G, np.float32)
     filters = jnp.einsum("ai,ijco,ej->aeco", g, kernel.astype(jnp.float32), g).reshape(16, c, -1)  # G g Gᵀ
-    x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
-    bands = h // band_rows
-    if bands == 1:
-        return _winograd_valid(x_pad, filters).astype(x.dtype)
-    rows = np.arange(bands)[:, None] * band_rows + np.arange(band_rows + 2)[None, :]  # [bands, band_rows + 2]
-    out = lax.map(lambda band: _winograd_valid(band, filters), jnp.moveaxis(x_pad[:, rows], 1, 0))
-    return jnp.moveaxis(out, 0, 1).reshape(b, h, w, -1).astype(x.dtype)
+    dtype, x = x.dtype, x.astype(jnp.float32)
+    pad_columns = ((0, 0), (0, 0), (1, 1), (0, 0))
+    if h == band_rows:
+        return _winograd_valid(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), filters).astype(dtype)
+
+    def band(index: Array, out: Array) -> Array:
+        """Output rows [index·band_rows, +band_rows) in place, from input rows index·band_rows − 1 to +band_rows + 1
+        (zero beyond the image), without a padded copy of the whole input."""
+        wanted = index * band_rows - 1
+        start = jnp.clip(wanted, 0, h - band_rows - 2)  # the first band starts one row early, the last one late
+        rows = jnp.pad(lax.dynamic_slice_in_dim(x, start, band_rows + 2, axis=1), ((0, 0), (1, 1), (0, 0), (0, 0)))
+        rows = jnp.pad(lax.dynamic_slice_in_dim(rows, 1 + wanted - start, band_rows + 2, axis=1), pad_columns)
+        return lax.dynamic_update_slice_in_dim(out, _winograd_valid(rows, filters), index * band_rows, axis=1)
+
+    out = lax.fori_loop(0, h // band_rows, band, jnp.zeros((b, h, w, kernel.shape[3]), jnp.float32))
+    return out.astype(dtype)
+
+
+@jax.custom_jvp
+def _winograd_with_xla_tangents(x: Array, kernel: Array) -> Array:
+    """`winograd_conv`, differentiated as XLA's convolution: its tangents (and so the gradients of training) are
+    XLA's own convolutions, as they were before the CPU took Winograd's forward."""
+    return winograd_conv(x, kernel)
+
+
+def _winograd_jvp(primals, tangents):
+    (x, kernel), (x_dot, kernel_dot) = primals, tangents
+    same = functools.partial(_native, strides=(1, 1), pads=((1, 1), (1, 1)), precision=None)
+    terms = [same(x_dot, kernel)] if not isinstance(x_dot, jax.custom_derivatives.SymbolicZero) else []
+    if not isinstance(kernel_dot, jax.custom_derivatives.SymbolicZero):
+        terms.append(same(x, kernel_dot))
+    y = winograd_conv(x, kernel)
+    return y, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y)
+
+
+_winograd_with_xla_tangents.defjvp(_winograd_jvp, symbolic_zeros=True)
 
 
 def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
              pads: Sequence[tuple[int, int]]) -> str:  # fmt: skip
     """How the CPU backend computes this convolution: "gemm" (`im2col_conv`: a 1×1 kernel at stride 1 without
-    padding, or at most GEMM_MAX_ROWS output rows), "winograd" (`winograd_conv`: see WINOGRAD_MIN_ROWS) or "xla"."""
+    padding, or at most GEMM_MAX_ROWS output rows), "winograd" (`winograd_conv`: see WINOGRAD_MIN_PIXELS) or "xla"."""
     if not CPU_FORMS:
         return "xla"
     if tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and all(p == (0, 0) for p in pads):
@@ -193,8 +227,8 @@ def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seque
     if x_shape[0] * ho * wo <= GEMM_MAX_ROWS:
         return "gemm"
     winograd = (
-        (kh, kw, sh, sw) == (3, 3, 1, 1) and tuple(pads) == ((1, 1), (1, 1)) and x_shape[3] >= WINOGRAD_MIN_CHANNELS
-        and x_shape[0] * ho * wo >= WINOGRAD_MIN_ROWS and ho % WINOGRAD_BAND_ROWS == 0 and wo % 2 == 0
+        (kh, kw, sh, sw) == (3, 3, 1, 1) and tuple(pads) == ((1, 1), (1, 1)) and ho * wo >= WINOGRAD_MIN_PIXELS
+        and x_shape[3] * ho * wo >= WINOGRAD_MIN_VALUES and ho % WINOGRAD_BAND_ROWS == 0 and wo % 2 == 0
     )  # fmt: skip
     return "winograd" if winograd else "xla"
 
@@ -207,7 +241,7 @@ def _forward(x: Array, kernel: Array, strides, pads, precision) -> Array:
     if form == "gemm":
         cpu = lambda x, k: im2col_conv(x, k, strides, pads, precision)  # noqa: E731
     else:
-        cpu = winograd_conv
+        cpu = _winograd_with_xla_tangents
     return lax.platform_dependent(x, kernel, cpu=cpu, default=lambda x, k: _native(x, k, strides, pads, precision))
 
 
