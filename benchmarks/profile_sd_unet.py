@@ -44,6 +44,8 @@ from sequential_sides import add_side_options, check_side_options, machine, prin
 from timing import timed_calls  # noqa: E402
 from vs_diffusers_sd import NEED_GIB, unet_inputs  # noqa: E402
 
+# The U-Net's convolution layers (SD 1.5's proj_in / proj_out are 1×1 convolutions), as jaxdiff names them.
+CONVOLUTION_LAYERS = ("conv", "conv1", "conv2", "conv_in", "conv_out", "conv_shortcut", "proj_in", "proj_out")
 PARTS = ("convolution", "attention core", "attention proj", "feed-forward", "GroupNorm", "LayerNorm", "other")
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
 
@@ -100,7 +102,10 @@ def jax_side(folder: Path, repeats: int) -> dict:
             continue
         record = instructions.get(name, {"op_name": "", "ops": set()})
         path = record["op_name"].split("/")
-        seconds[part_of(path, "convolution" in record["ops"])] += total / repeats
+        # On CPU small convolutions run as GEMMs and large ones by Winograd (`cpu_conv.cpu_form`): their ops are
+        # found by the layer around them.
+        is_convolution = "convolution" in record["ops"] or any(part in CONVOLUTION_LAYERS for part in path)
+        seconds[part_of(path, is_convolution)] += total / repeats
     return {"version": f"jax {jax.__version__}", "forward_s": min(wall), "thunks": events / repeats,
             "seconds": seconds}  # fmt: skip
 
