@@ -10,10 +10,11 @@ in bfloat16 on both sides (jaxdiff: parameters cast to bfloat16 and the config's
 `.to(torch.bfloat16)` on the model and inputs, no autocast).
 
 Each side is its own process (`sequential_sides`), one at a time, bfloat16 first: jaxdiff reports the load
-(read + convert) seconds, the compile seconds (`jit(...).lower(...).compile()`) and the median seconds of
---repeats forwards after one untimed one; diffusers the load seconds, the first forward's seconds and the median
-of --repeats after it. Each side's peak RSS, after loading and at the end. The outputs of the two sides are
-compared (max |jaxdiff − diffusers| / max |diffusers|) to show they ran the same network. `--size tiny` runs the
+(read + convert) seconds, the compile seconds (`xla_options.inference_jit(...).lower(...).compile()`, as the
+pipelines compile) and the median seconds of --repeats forwards after one untimed one; diffusers the load
+seconds, the first forward's seconds and the median of --repeats after it. Each side's peak RSS, after
+loading and at the end. The outputs of the two sides are compared (max |jaxdiff − diffusers| / max |diffusers|)
+to show they ran the same network. `--size tiny` runs the
 same on a narrow SDXL-shaped U-Net at 16² latents (its smoke test). `--analyze` runs neither side: XLA's memory
 analysis of jaxdiff's compiled forward per dtype, the parameters abstract (arguments, output, temporaries), which
 says before any run what jaxdiff's side will hold (on CPU the bfloat16 forward's temporaries are about a float32
@@ -137,6 +138,7 @@ def jax_side(settings: dict, folder: Path, dtype: str, repeats: int) -> dict:
     import jax.numpy as jnp
 
     from jaxdiff.models.unet_condition import create_unet_condition
+    from jaxdiff.xla_options import inference_jit
 
     start = time.perf_counter()
     config, params = streamed_params(folder, dtype)
@@ -146,7 +148,7 @@ def jax_side(settings: dict, folder: Path, dtype: str, repeats: int) -> dict:
     arrays = {name: jnp.asarray(a) for name, a in shared_inputs(settings).items()}
     cond = {"text_embeds": arrays["text_embeds"], "time_ids": arrays["time_ids"]}
     unet = create_unet_condition(config)
-    forward = jax.jit(lambda p, x, t, c, cond: unet.apply({"params": p}, x, t, c, added_cond=cond))
+    forward = inference_jit(lambda p, x, t, c, cond: unet.apply({"params": p}, x, t, c, added_cond=cond))
     args = (params, arrays["sample"], arrays["timesteps"], arrays["context"], cond)
     start = time.perf_counter()
     compiled = forward.lower(*args).compile()
@@ -168,6 +170,7 @@ def analyze_side(settings: dict, dtype: str) -> dict:
 
     from jaxdiff.models.unet_condition import create_unet_condition, example_inputs
     from jaxdiff.models.unet_condition_config import config_from_diffusers
+    from jaxdiff.xla_options import inference_jit
 
     config = config_from_diffusers(settings, dtype=dtype)
     unet = create_unet_condition(config)
@@ -175,7 +178,7 @@ def analyze_side(settings: dict, dtype: str) -> dict:
     params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype)), shapes["params"])
     arrays = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in shared_inputs(settings).items()}
     cond = {"text_embeds": arrays["text_embeds"], "time_ids": arrays["time_ids"]}
-    forward = jax.jit(lambda p, x, t, c, cond: unet.apply({"params": p}, x, t, c, added_cond=cond))
+    forward = inference_jit(lambda p, x, t, c, cond: unet.apply({"params": p}, x, t, c, added_cond=cond))
     start = time.perf_counter()
     analysis = forward.lower(params, arrays["sample"], arrays["timesteps"], arrays["context"], cond).compile(
     ).memory_analysis()  # fmt: skip
