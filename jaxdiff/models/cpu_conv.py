@@ -135,13 +135,13 @@ def shifted_gemm_weight_grad(
     return grad
 
 
-def _combine(coefficients: Sequence[float], terms: Sequence[Array]) -> Array:
-    """Σ c·t over the nonzero coefficients (±1 as additions and subtractions)."""
+def _combine(coefficients: Sequence[int], terms: Sequence[Array]) -> Array:
+    """Σ c·t for coefficients of 0 or ±1 (Bᵀ's and Aᵀ's entries): additions and subtractions only."""
     out = None
     for c, term in zip(coefficients, terms):
         if c == 0:
             continue
-        term = term if c == 1 else -term if c == -1 else c * term
+        term = term if c == 1 else -term
         out = term if out is None else out + term
     return out
 
@@ -305,8 +305,7 @@ def conv_general_dilated(
 ) -> Array:
     """`lax.conv_general_dilated` for 2-D NHWC·HWIO convolutions without dilation or groups (what
     `flax.linen.Conv(conv_general_dilated=...)` calls): on the CPU backend small ones as a GEMM and large 3×3 ones by
-    Winograd's F(2×2, 3×3) (`cpu_form`), and with
-    JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient there."""
+    Winograd's F(2×2, 3×3) (`cpu_form`), and with JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient there."""
     expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
     if lhs.ndim != 4 or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != expected:
         raise ValueError(f"cpu_conv supports 2-D NHWC·HWIO convolutions only, got dimension_numbers={dimension_numbers}")

@@ -78,8 +78,9 @@ def conv3x3(
 ) -> nn.Conv:
     """3×3 convolution, fan_avg-uniform kernel, zero bias; padding as `nn.Conv` takes it (default TF "SAME").
 
-    Computed by `cpu_conv.conv_general_dilated`: XLA's convolution, on the CPU backend one GEMM for small outputs
-    (and with JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient); same parameters, same values to rounding."""
+    Computed by `cpu_conv.conv_general_dilated`: XLA's convolution, on the CPU backend one GEMM for small outputs and
+    Winograd's F(2×2, 3×3) for large maps (and with JAXDIFF_CPU_CONV_WGRAD=1 the shifted-GEMM weight gradient); same
+    parameters, same values to rounding."""
     return nn.Conv(
         features,
         (3, 3),
