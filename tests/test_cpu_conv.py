@@ -19,6 +19,13 @@ from jaxdiff.models.summary import matmul_flops
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.fixture(autouse=True)
+def forms_at_every_size(monkeypatch):
+    """The CPU forms at shapes small enough to run here: below CPU_FORM_MIN_MACS they would keep XLA's kernel
+    (`test_small_convolutions_keep_xla_below_the_floor` tests the floor itself)."""
+    monkeypatch.setattr(cpu_conv, "CPU_FORM_MIN_MACS", 0)
+
+
 def numpy_conv_and_grads(x, kernel, g, strides, pads):
     """float64 (y, ∂L/∂x, ∂L/∂kernel) of y = conv(x, kernel) and L = Σ y·g, by explicit window sums."""
     x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
@@ -151,6 +158,33 @@ def test_the_cpu_form_of_each_convolution(x_shape, kernel_shape, strides, paddin
     shapes = (jax.ShapeDtypeStruct(x_shape, jnp.float32), jax.ShapeDtypeStruct(kernel_shape, jnp.float32))
     conv = lambda x, k: cpu_conv.conv_general_dilated(x, k, strides, padding, dimension_numbers=NHWC)  # noqa: E731
     assert _convolutions(conv, *shapes) == (1 if form == "xla" else 0)
+
+
+# SD 1.5's U-Net at 512² (batch 2, the guided step): its least costly convolutions, the 1×1 ones at 8×8, and the
+# 3×3 ones there; the VAE decoder's 3×3 at 64² (batch 1). (size, channels in, channels out, kernel, batch)
+SD15_SMALLEST = [(8, 1280, 1280, 1, 2), (8, 1280, 1280, 3, 2), (8, 2560, 1280, 1, 2), (64, 512, 512, 3, 1)]
+
+
+def test_small_convolutions_keep_xla_below_the_floor(monkeypatch):
+    """At the default floor a tiny model's convolutions are XLA's on CPU, and SD 1.5's least costly ones take the
+    form they take without a floor (so the floor costs SD nothing)."""
+    monkeypatch.undo()
+    assert cpu_conv.CPU_FORM_MIN_MACS == 10**8
+    tiny = [((2, 16, 16, 64), (3, 3, 64, 64)), ((2, 8, 8, 128), (1, 1, 128, 128)), ((8, 4, 4, 256), (3, 3, 256, 256))]
+    for x_shape, kernel_shape in tiny:
+        assert cpu_conv.cpu_form(x_shape, kernel_shape, (1, 1), ((1, 1),) * 2) == "xla"
+        x, kernel = jnp.ones(x_shape), jnp.ones(kernel_shape)
+        conv = lambda x, k: cpu_conv.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=NHWC)  # noqa: E731
+        assert _convolutions(conv, x, kernel) == 1
+    picked = {}
+    for floor in (cpu_conv.CPU_FORM_MIN_MACS, 0):
+        monkeypatch.setattr(cpu_conv, "CPU_FORM_MIN_MACS", floor)
+        picked[floor] = [
+            cpu_conv.cpu_form((batch, size, size, c_in), (k, k, c_in, c_out), (1, 1), ((k // 2, k // 2),) * 2)
+            for size, c_in, c_out, k, batch in SD15_SMALLEST
+        ]
+    assert picked[10**8] == picked[0] == ["gemm", "gemm", "gemm", "winograd"]
+    assert 2 * 8 * 8 * 1280 * 1280 >= 2 * cpu_conv.CPU_FORM_MIN_MACS  # the least costly: twice the floor
 
 
 def test_winograd_forward_keeps_xla_convolutions_for_its_gradients():

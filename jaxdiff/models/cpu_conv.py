@@ -13,7 +13,8 @@ WINOGRAD_MIN_VALUES input values per image take Winograd's minimal filtering F(2
 multiplications per 2×2 outputs instead of 36, as 16 GEMMs over channels), in bands of WINOGRAD_BAND_ROWS output
 rows so that the transformed tiles stay small: 1.4–2.5× XLA's speed on the SD VAE decoder's 128² to 512² levels
 and 1.0–1.3× on the U-Net's 64² level (`benchmarks/conv_cpu.py --forward [--vae]`); its tangents, and so training's
-gradients, stay XLA's convolutions. Everything else keeps XLA's kernel. `lax.platform_dependent` makes the
+gradients, stay XLA's convolutions. Everything else keeps XLA's kernel, and so does every convolution of fewer than
+CPU_FORM_MIN_MACS multiply-adds (a tiny model's: it compiles faster). `lax.platform_dependent` makes the
 choice when the program is lowered, so GPUs and TPUs keep XLA's native convolution; `xla_convolutions()` makes the
 CPU trace it too (for figures that should not depend on the CPU's formulation, such as XLA's FLOP count).
 
@@ -59,6 +60,11 @@ GEMM_MAX_ROWS = 512
 WINOGRAD_MIN_PIXELS = 64 * 64
 WINOGRAD_MIN_VALUES = 2**20
 WINOGRAD_BAND_ROWS = 16
+# Convolutions of fewer multiply-adds (B·Ho·Wo · kh·kw·C · O) keep XLA's kernel on CPU too: they take a few
+# milliseconds either way (SD 1.5's smallest, its 1×1 convolutions at 8×8×1280 and batch 2, have 2.1·10⁸), and XLA
+# compiles its one operation faster than the GEMM's windows or Winograd's bands (tiny U-Nets' tests: 12% slower
+# with the forms).
+CPU_FORM_MIN_MACS = 10**8
 # False within `xla_convolutions()`: the CPU traces XLA's convolution, as accelerators run it.
 CPU_FORMS = True
 # F(2×2, 3×3): Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 4×4 input tile d, a 3×3 filter g and a 2×2 output tile Y.
@@ -219,14 +225,15 @@ _winograd_with_xla_tangents.defjvp(_winograd_jvp, symbolic_zeros=True)
 def cpu_form(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
              pads: Sequence[tuple[int, int]]) -> str:  # fmt: skip
     """How the CPU backend computes this convolution: "gemm" (`im2col_conv`: a 1×1 kernel at stride 1 without
-    padding, or at most GEMM_MAX_ROWS output rows), "winograd" (`winograd_conv`: see WINOGRAD_MIN_PIXELS) or "xla"."""
-    if not CPU_FORMS:
-        return "xla"
-    if tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and all(p == (0, 0) for p in pads):
-        return "gemm"
+    padding, or at most GEMM_MAX_ROWS output rows), "winograd" (`winograd_conv`: see WINOGRAD_MIN_PIXELS) or "xla"
+    (always below CPU_FORM_MIN_MACS multiply-adds)."""
     (kh, kw), (sh, sw) = kernel_shape[:2], strides
     ho = (x_shape[1] + sum(pads[0]) - kh) // sh + 1
     wo = (x_shape[2] + sum(pads[1]) - kw) // sw + 1
+    if not CPU_FORMS or x_shape[0] * ho * wo * kh * kw * x_shape[3] * kernel_shape[3] < CPU_FORM_MIN_MACS:
+        return "xla"
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and all(p == (0, 0) for p in pads):
+        return "gemm"
     if x_shape[0] * ho * wo <= GEMM_MAX_ROWS:
         return "gemm"
     winograd = (
