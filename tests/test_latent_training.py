@@ -379,8 +379,7 @@ def test_autoencoder_workdir_without_a_checkpoint_is_refused(tmp_path, make):
         LatentTask(latent_run_config(str(workdir)))
 
 
-def test_fine_tuning_a_stable_diffusion_unet_with_its_frozen_text_encoder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+def test_fine_tuning_a_stable_diffusion_unet_with_its_frozen_text_encoder(tmp_path, diffusers):
     from jaxdiff import data
     from jaxdiff.latent.unet_weights import read_unet_condition
     from jaxdiff.training.tasks.latent import LatentTask

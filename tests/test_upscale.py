@@ -152,11 +152,9 @@ def test_tiled_decode_matches_diffusers(diffusers, torch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def upscaler(tmp_path_factory):
+def upscaler(tmp_path_factory, diffusers):
     """(diffusers pipeline, its saved folder, our UpscalePipeline of it) of tiny random components; the VAE's
     posterior is unused (the upscaler only decodes)."""
-    pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     from tests.test_clip_text import write_tokenizer_folder
     from tests.test_stable_diffusion import CLIP, randomized
