@@ -122,7 +122,7 @@ def test_the_cpu_backend_takes_the_gemm_for_small_outputs_and_1x1(x_shape, kerne
 
 @pytest.mark.parametrize("x_shape, band_rows", [((2, 8, 6, 3), 8), ((2, 24, 10, 4), 8), ((1, 12, 4, 5), 4)])
 def test_winograd_matches_float64_and_xla_with_gradients(x_shape, band_rows):
-    """F(2×2, 3×3) in one band and in several (lax.map), values against float64 and gradients against XLA's VJP."""
+    """F(2×2, 3×3) in one band and in several (the band loop), values against float64 and gradients against XLA's VJP."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal(x_shape).astype(np.float32)
     kernel = rng.standard_normal((3, 3, x_shape[3], 5)).astype(np.float32)

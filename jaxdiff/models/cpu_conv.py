@@ -171,7 +171,7 @@ def _winograd_valid(x_pad: Array, filters: Array) -> Array:
 
 def winograd_conv(x: Array, kernel: Array, band_rows: int = WINOGRAD_BAND_ROWS) -> Array:
     """The 3×3 convolution of x [B, H, W, C] with kernel [3, 3, C, O] (HWIO) at stride 1, zero padding 1 on every
-    side, by F(2×2, 3×3), `band_rows` output rows of every image at a time (a `lax.scan` over the bands, so the
+    side, by F(2×2, 3×3), `band_rows` output rows of every image at a time (a `lax.fori_loop` over the bands, so the
     temporaries are one band's): [B, H, W, O].
 
     H must be a multiple of `band_rows` (even) and W even. Computed in float32, returned in x's dtype."""
@@ -186,19 +186,20 @@ def winograd_conv(x: Array, kernel: Array, band_rows: int = WINOGRAD_BAND_ROWS) 
     if h == band_rows:
         return _winograd_valid(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), filters).astype(dtype)
 
-    def band(carry: None, index: Array) -> tuple[None, Array]:
+    def band(index: Array, out: Array) -> Array:
         """Output rows [index·band_rows, +band_rows) from input rows index·band_rows − 1 to +band_rows + 1 (zero
         beyond the image), without a padded copy of the whole input."""
         wanted = index * band_rows - 1
         start = jnp.clip(wanted, 0, h - band_rows - 2)  # the first band starts one row early, the last one late
         rows = jnp.pad(lax.dynamic_slice_in_dim(x, start, band_rows + 2, axis=1), ((0, 0), (1, 1), (0, 0), (0, 0)))
         rows = jnp.pad(lax.dynamic_slice_in_dim(rows, 1 + wanted - start, band_rows + 2, axis=1), pad_columns)
-        return carry, _winograd_valid(rows, filters)
+        return lax.dynamic_update_slice_in_dim(out, _winograd_valid(rows, filters), index * band_rows, axis=1)
 
-    # The bands as the scan's stacked outputs [bands, B, band_rows, W, O] (for one image the reshape is free): a loop
-    # writing into a zero-initialised output instead let XLA allocate every such output at the program's start.
-    _, bands = lax.scan(band, None, jnp.arange(h // band_rows))
-    out = jnp.moveaxis(bands, 0, 1).reshape(b, h, w, -1)
+    # The output starts as a broadcast of a value read from x (zero, or NaN where x[0, 0, 0, 0] is not finite, which
+    # every band overwrites): a constant broadcast would be one buffer that XLA shares between every convolution of
+    # the same shape, live from the first to the last of them.
+    init = jnp.broadcast_to(x[0, 0, 0, 0] * 0, (b, h, w, kernel.shape[-1]))
+    out = lax.fori_loop(0, h // band_rows, band, init)
     return out.astype(dtype)
 
 
