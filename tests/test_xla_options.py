@@ -1,15 +1,17 @@
 """`jaxdiff.xla_options`: inference programs compile with XLA:CPU's memory-optimised scheduler, and loops take
 their parameters through `per_step_params`; both keep fewer temporaries alive and leave the outputs bitwise
-unchanged."""
+unchanged; a call that compiled releases the compiler's freed memory."""
 
 import ast
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxdiff
+from jaxdiff import xla_options
 from jaxdiff.models.autoencoder import autoencoder_config, create_autoencoder
 from jaxdiff.xla_options import CPU_INFERENCE_OPTIONS, inference_jit, inference_options, per_step_params
 
@@ -74,3 +76,21 @@ def test_a_loop_over_bfloat16_weights_converts_each_where_it_is_used():
     np.testing.assert_array_equal(np.asarray(tied(kernels, x)), np.asarray(hoisted(kernels, x)))
     assert per_step_params(kernels, x)[0] is not kernels[0]  # passed through the barrier on the CPU backend
     np.testing.assert_array_equal(np.asarray(per_step_params(kernels, x)[0]), np.asarray(kernels[0]))
+
+
+def test_a_call_that_compiles_releases_the_compilers_memory(monkeypatch):
+    """After a call, if XLA compiled since the last release, and only then, `release_compiler_memory` runs; the
+    function is otherwise the jitted one (its outputs, its `lower`)."""
+    released = []
+    monkeypatch.setattr(xla_options, "release_compiler_memory", lambda: released.append(True))
+    triple = inference_jit(lambda x: 3 * x + 1)
+    x, y, z = jnp.arange(5.0), jnp.arange(5.0) + 1, jnp.arange(6.0)
+    np.testing.assert_array_equal(triple(x), 3 * np.arange(5.0) + 1)
+    assert released == [True]
+    triple(y)  # the same shapes: nothing compiled
+    assert released == [True]
+    triple(z)  # a new shape compiles
+    assert released == [True, True]
+    assert "stablehlo.multiply" in triple.lower(x).as_text()
+    monkeypatch.undo()
+    assert xla_options.release_compiler_memory() is (sys.platform == "linux")  # glibc's malloc_trim on Linux
